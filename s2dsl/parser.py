@@ -72,7 +72,9 @@ class _ToIR(Transformer):
         return ir.Sink(c[0], _span(meta))
 
     def stride(self, meta, c):
-        return ir.Stride(c[0], c[1] if c[1] is not None else ir.Num(0), _span(meta))
+        # '(offset expr)?' is not a [] optional, so a missing offset leaves no placeholder
+        offset = c[1] if len(c) > 1 and c[1] is not None else ir.Num(0)
+        return ir.Stride(c[0], offset, _span(meta))
 
     def shard(self, meta, c):
         return ir.Shard(c[0], c[1], _span(meta))
@@ -81,7 +83,7 @@ class _ToIR(Transformer):
         return ir.Dense(_span(meta))
 
     def topk(self, meta, c):
-        return ir.TopK(c[0], c[1], _span(meta))
+        return ir.TopK(c[0], c[1] if len(c) > 1 else None, _span(meta))
 
     def range_span(self, meta, c):
         return (c[0], c[1])
@@ -130,7 +132,7 @@ class _ToIR(Transformer):
         return ir.LayerSpan(c[0], c[1])
 
     def sel_every(self, meta, c):
-        return ir.LayerEvery(c[0], c[1])
+        return ir.LayerEvery(c[0], c[1] if len(c) > 1 else None)
 
     def sel_rest(self, meta, c):
         return ir.LayerRest()

@@ -48,7 +48,10 @@ def format_component(c: ir.Component) -> str:
 
 def _selector(sel: ir.LayerSelector) -> str:
     if isinstance(sel, ir.LayerSpan):
-        return f"{format_expr(sel.first)}..{format_expr(sel.last)}"
+        first = format_expr(sel.first)
+        if first.startswith("-"):  # after 'layers = N' a leading '-' would read as N - ...
+            first = f"({first})"
+        return f"{first}..{format_expr(sel.last)}"
     if isinstance(sel, ir.LayerEvery):
         start = "" if sel.start is None else f" from {format_expr(sel.start)}"
         return f"every {format_expr(sel.every)}{start}"

@@ -1,0 +1,307 @@
+"""Emit the Triton prefill (forward) kernel specialised to one pattern.
+
+The generated module holds one ``@triton.jit`` kernel and a ``launch`` function. What
+the pattern fixes is written into the source: per-head numbers every head shares become
+literals, the others are loaded from a small per-head table; loops for components no
+head has are not emitted at all. Tile sizes, head dim and dtype are baked in too, so a
+source file is one specialisation and reads top to bottom without indirection.
+
+For a query tile covering query blocks I0..I1 the kernel visits, per head:
+
+* the "window range" [lo, I1], lo = I0 - max(window, 1) + 1: its first blocks (those not
+  in every row's window) and the diagonal blocks I0..I1 are masked per row, the rest not;
+* below lo, the sinks [0, min(sink, lo)) and the residue blocks j ≡ r (mod period) in
+  [sink, lo), which every row of the tile keeps, so they need no mask;
+* bidirectional patterns also visit the sinks and residue blocks after I1.
+
+Every kept block is visited once, and no block outside the pattern is loaded.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from textwrap import dedent, indent
+
+from .lower import KernelPlan
+
+CODEGEN_VERSION = "fwd-1"
+
+
+@dataclass(frozen=True)
+class Specialization:
+    """What, besides the pattern, a generated kernel is specialised to."""
+
+    dtype: str = "float16"       # torch dtype name of q, k, v
+    head_dim: int = 64
+    layout: str = "bhsd"         # bhsd, bshd or varlen (packed tokens, cu_seqlens)
+    capability: tuple = (0, 0)   # device compute capability
+    block_m: int = 64            # query rows per program
+    block_n: int = 64            # kv rows per inner step (divides the pattern block)
+    num_warps: int = 4
+    num_stages: int = 2
+
+    @property
+    def d_pad(self) -> int:
+        return max(16, 1 << (self.head_dim - 1).bit_length())
+
+
+def _at(code: str, level: int) -> str:
+    """``code`` dedented, then indented ``level`` steps; blank input gives ``pass``."""
+    code = dedent(code).strip("\n")
+    return indent(code if code.strip() else "pass", "    " * level)
+
+
+def _param(plan: KernelPlan, name: str, column: int) -> str:
+    value = plan.uniform(name)
+    if value is not None:
+        return str(value)
+    return f"tl.load(HeadTable + h * TABLE_WIDTH + {column})"
+
+
+def _outside_loops(plan: KernelPlan, lo: str, hi: str, masked: str) -> str:
+    """Loops over the sinks and residue blocks in [lo, hi): every row of the tile keeps them."""
+    code = []
+    if plan.has_sink:
+        code.append(f"""
+        for j in range({lo}, tl.minimum({hi}, sink)):
+            acc, l_i, m_i = _visit(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, j, rows, row_block,
+                                   kv_len, 0, True, qk_scale, {masked}, CAUSAL, BLOCK, BLOCK_N, HEAD_DIM, D_PAD)""")
+    if plan.max_residues:
+        start = f"tl.maximum({lo}, sink)" if plan.has_sink else lo
+        visit = f"""
+            acc, l_i, m_i = _visit(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, j, rows, row_block,
+                                   kv_len, 0, True, qk_scale, {masked}, CAUSAL, BLOCK, BLOCK_N, HEAD_DIM, D_PAD)"""
+        if plan.max_residues == 1:
+            code.append(f"""
+        start = {start}
+        # first j >= start with j % period == residue (operands kept non-negative: C-style %)
+        first = start + (residue - start % period + period) % period
+        for j in range(first, {hi}, period):{visit}""")
+        else:
+            code.append(f"""
+        start = {start}
+        for t in range(0, num_residues):
+            residue = tl.load(HeadTable + h * TABLE_WIDTH + 4 + t)
+            first = start + (residue - start % period + period) % period
+            for j in range(first, {hi}, period):{indent(visit, '    ')}""")
+    return "".join(code)
+
+
+def _full_predicate(plan: KernelPlan) -> str:
+    """Scalar: does every row keep block j because of a sink or a residue class?"""
+    terms = []
+    if plan.has_sink:
+        terms.append("(j < sink)")
+    if plan.max_residues == 1:
+        terms.append("(j % period == residue)")
+    elif plan.max_residues > 1:
+        return dedent("""\
+            full = j < sink
+            for t in range(0, num_residues):
+                full = full | (j % period == tl.load(HeadTable + h * TABLE_WIDTH + 4 + t))""")
+    return "full = " + (" | ".join(terms) if terms else "False")
+
+
+def generate_forward(plan: KernelPlan, spec: Specialization, *, name: str = "pattern", fingerprint: str = "") -> str:
+    """Source of a Python module with ``kernel`` (Triton) and ``launch`` for ``plan``."""
+    if plan.block % spec.block_n:
+        raise ValueError(f"block_n={spec.block_n} must divide the pattern block {plan.block}")
+    table_width = 4 + max(plan.max_residues, 1)
+    head_params = [
+        f"window = {_param(plan, 'window', 0)}",
+        f"sink = {_param(plan, 'sink', 1)}",
+        f"period = {_param(plan, 'period', 2)}",
+    ]
+    if plan.max_residues == 1:
+        head_params.append(f"residue = {_param(plan, 'residue', 4)}")
+    elif plan.max_residues > 1:
+        head_params.append("num_residues = tl.load(HeadTable + h * TABLE_WIDTH + 3)")
+    varlen = spec.layout == "varlen"
+    full = _full_predicate(plan)
+    window_masked = f"""
+        for j in range(lo, edge):  # first blocks of the window range: not every row's window reaches them
+{indent(full, ' ' * 12)}
+            acc, l_i, m_i = _visit(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, j, rows, row_block,
+                                   kv_len, window, full, qk_scale, True, CAUSAL, BLOCK, BLOCK_N, HEAD_DIM, D_PAD)
+        for j in range(edge, first_block):  # inside every row's window: no mask
+            acc, l_i, m_i = _visit(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, j, rows, row_block,
+                                   kv_len, window, True, qk_scale, False, CAUSAL, BLOCK, BLOCK_N, HEAD_DIM, D_PAD)
+        for j in range(first_block, last_block + 1):  # the diagonal blocks
+{indent(full, ' ' * 12)}
+            acc, l_i, m_i = _visit(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, j, rows, row_block,
+                                   kv_len, window, full, qk_scale, True, CAUSAL, BLOCK, BLOCK_N, HEAD_DIM, D_PAD)"""
+    below = _outside_loops(plan, "0", "lo", "False")
+    above = "" if plan.causal else _outside_loops(plan, "last_block + 1", "n_kv_blocks", "True")
+    if varlen:
+        locate = """
+        q_start = tl.load(CuSeqQ + b)
+        q_len = tl.load(CuSeqQ + b + 1) - q_start
+        k_start = tl.load(CuSeqK + b)
+        kv_len = tl.load(CuSeqK + b + 1) - k_start
+        q_base = Q + q_start * stride_qm + h * stride_qh
+        o_base = Out + q_start * stride_om + h * stride_oh
+        k_base = K + k_start * stride_kn + kv_h * stride_kh
+        v_base = V + k_start * stride_vn + kv_h * stride_vh
+        lse_base = Lse + h * stride_lh + q_start"""
+    else:
+        locate = """
+        q_len = q_len_all
+        kv_len = kv_len_all
+        q_base = Q + b * stride_qb + h * stride_qh
+        o_base = Out + b * stride_ob + h * stride_oh
+        k_base = K + b * stride_kb + kv_h * stride_kh
+        v_base = V + b * stride_vb + kv_h * stride_vh
+        lse_base = Lse + b * stride_lb + h * stride_lh"""
+
+    source = f'''\
+# Generated by s2dsl codegen {CODEGEN_VERSION}: forward (prefill) kernel. Do not edit.
+# pattern: {name}  fingerprint: {fingerprint}
+# block {plan.block}, heads {plan.heads}, kv_heads {plan.kv_heads}, {"causal" if plan.causal else "bidirectional"}
+# specialisation: {spec}
+import torch
+import triton
+import triton.language as tl
+
+HEADS = {plan.heads}
+GROUP = {plan.group_size}
+BLOCK = {plan.block}
+CAUSAL = {plan.causal}
+TABLE_WIDTH = {table_width}
+# per head: window, sink, period, number of residues, residues...
+HEAD_TABLE = {list(map(list, plan.table()))}
+BLOCK_M = {spec.block_m}
+BLOCK_N = {spec.block_n}
+HEAD_DIM = {spec.head_dim}
+D_PAD = {spec.d_pad}
+NUM_WARPS = {spec.num_warps}
+NUM_STAGES = {spec.num_stages}
+VARLEN = {varlen}
+
+
+@triton.jit
+def _visit(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, j, rows, row_block, kv_len,
+           window, full, qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK: tl.constexpr,
+           BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
+    """Online-softmax update of one tile of queries with kv block j."""
+    offs_d = tl.arange(0, D_PAD)
+    for s in tl.static_range(BLOCK // BLOCK_N):
+        cols = j * BLOCK + s * BLOCK_N + tl.arange(0, BLOCK_N)
+        # K is read transposed, [D_PAD, BLOCK_N]: column n is key row cols[n]
+        k_ptrs = k_base + cols[None, :] * stride_kn + offs_d[:, None]
+        if MASKED:
+            k = tl.load(k_ptrs, mask=(cols[None, :] < kv_len) & (offs_d[:, None] < HEAD_DIM), other=0.0)
+        elif HEAD_DIM != D_PAD:
+            k = tl.load(k_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+        qk = tl.dot(q, k)
+        if MASKED:
+            # per row: is block j in this row's window, or kept for every row (sink, residue)?
+            keep = ((row_block - j >= 0) & (row_block - j < window)) | full
+            keep = keep[:, None] & (cols[None, :] < kv_len)
+            if CAUSAL:
+                keep = keep & (cols[None, :] <= rows[:, None])
+            qk = tl.where(keep, qk * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            # a row with nothing kept so far keeps m = -inf; subtract 0 instead to avoid NaN
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(qk - m_safe[:, None])
+            alpha = tl.math.exp2(m_i - m_safe)
+        else:
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        v_ptrs = v_base + cols[:, None] * stride_vn + offs_d[None, :]
+        if MASKED:
+            v = tl.load(v_ptrs, mask=(cols[:, None] < kv_len) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        elif HEAD_DIM != D_PAD:
+            v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+        else:
+            v = tl.load(v_ptrs)
+        acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def kernel(Q, K, V, Out, Lse, HeadTable, CuSeqQ, CuSeqK,
+           stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+           stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om, stride_lb, stride_lh,
+           q_len_all, kv_len_all, n_tiles, qk_scale,
+           HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr, CAUSAL: tl.constexpr,
+           TABLE_WIDTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+           HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
+    # Longest work first: tiles run from the last (most kv blocks under a causal mask) down.
+    pid = tl.program_id(0)
+    tile = n_tiles - 1 - pid // HEADS
+    h = pid % HEADS
+    b = tl.program_id(1)
+    kv_h = h // GROUP
+{_at(locate, 1)}
+    past = kv_len - q_len  # the queries are the last q_len of kv_len positions
+    # absolute positions of this tile's rows; rows outside [past, kv_len) are computed but not stored
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    first_row = tl.maximum(tile * BLOCK_M, past)
+    last_row = tl.minimum(tile * BLOCK_M + BLOCK_M, kv_len) - 1
+    if first_row <= last_row:
+        row_block = rows // BLOCK
+        first_block = first_row // BLOCK
+        last_block = last_row // BLOCK
+        n_kv_blocks = (kv_len + BLOCK - 1) // BLOCK
+        # ---- this head's pattern (generated) ----
+{_at(chr(10).join(head_params), 2)}
+        valid = (rows >= past) & (rows < kv_len)
+        offs_d = tl.arange(0, D_PAD)
+        q_ptrs = q_base + (rows - past)[:, None] * stride_qm + offs_d[None, :]
+        q = tl.load(q_ptrs, mask=valid[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+        # the window range [lo, last_block]; blocks >= edge are in every row's window
+        lo = tl.maximum(first_block - tl.maximum(window, 1) + 1, 0)
+        edge = tl.minimum(tl.maximum(last_block - tl.maximum(window, 1) + 1, lo), first_block)
+        # -- sinks and residue blocks below the window range --
+{_at(below, 2)}
+        # -- the window range --
+{_at(window_masked, 2)}
+        # -- sinks and residue blocks after the diagonal (bidirectional only) --
+{_at(above, 2)}
+        # rows that kept nothing (an empty pattern row) give 0 and lse -inf, not NaN
+        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+        out = acc / l_safe[:, None]
+        o_ptrs = o_base + (rows - past)[:, None] * stride_om + offs_d[None, :]
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=valid[:, None] & (offs_d[None, :] < HEAD_DIM))
+        lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+        tl.store(lse_base + (rows - past), lse, mask=valid)
+
+
+_tables = {{}}
+
+
+def head_table(device):
+    """The per-head table on ``device`` (built once per device)."""
+    key = str(device)
+    if key not in _tables:
+        _tables[key] = torch.tensor(HEAD_TABLE, dtype=torch.int32, device=device)
+    return _tables[key]
+
+
+def launch(q, k, v, out, lse, q_strides, k_strides, v_strides, o_strides, lse_strides,
+           batch, q_len, kv_len, max_q_len, cu_seqlens_q, cu_seqlens_k, sm_scale):
+    """Run the kernel. Strides are (batch, head, token) in elements; the last dim is contiguous."""
+    max_kv_len = kv_len if cu_seqlens_k is None else int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max())
+    n_tiles = triton.cdiv(max_kv_len, BLOCK_M)  # tiles are aligned to absolute positions
+    table = head_table(q.device)
+    dummy = table  # stands in for the cu_seqlens pointers when they are unused
+    grid = (n_tiles * HEADS, batch)
+    kernel[grid](q, k, v, out, lse, table,
+                 cu_seqlens_q if cu_seqlens_q is not None else dummy,
+                 cu_seqlens_k if cu_seqlens_k is not None else dummy,
+                 *q_strides, *k_strides, *v_strides, *o_strides, *lse_strides,
+                 q_len, kv_len, n_tiles, sm_scale * 1.4426950408889634,
+                 HEADS=HEADS, GROUP=GROUP, BLOCK=BLOCK, CAUSAL=CAUSAL, TABLE_WIDTH=TABLE_WIDTH,
+                 BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, D_PAD=D_PAD,
+                 num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+'''
+    return source

@@ -1,0 +1,96 @@
+"""Lower a resolved pattern to the few integers per head a kernel needs.
+
+Every head becomes (window, sink, period, residues): it keeps kv block j for query block
+i when ``0 <= i - j < window`` or ``j < sink`` or ``j % period in residues``. A dense head
+is an unbounded window (causal) plus the residue class 0 mod 1 (bidirectional, for the
+blocks after the diagonal). The kernels enumerate kept blocks arithmetically from these
+numbers, so nothing grows with the sequence length.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+from ..pattern import Pattern
+
+# An "unbounded" window; small enough that i - UNBOUNDED + 1 never overflows int32.
+UNBOUNDED = 1 << 30
+MAX_PERIOD = 1 << 16
+
+
+@dataclass(frozen=True)
+class HeadParams:
+    window: int
+    sink: int
+    period: int
+    residues: Tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class KernelPlan:
+    block: int
+    heads: int
+    kv_heads: int
+    causal: bool
+    params: Tuple[HeadParams, ...]
+
+    @property
+    def group_size(self) -> int:
+        return self.heads // self.kv_heads
+
+    @property
+    def max_residues(self) -> int:
+        return max(len(p.residues) for p in self.params)
+
+    @property
+    def has_sink(self) -> bool:
+        return any(p.sink for p in self.params)
+
+    def uniform(self, name: str) -> Optional[int]:
+        """The value every head shares for ``name`` (window, sink, period, residue), else None."""
+        if name == "residue":
+            values = {p.residues[0] if p.residues else None for p in self.params}
+            if self.max_residues != 1 or None in values:
+                return None
+        else:
+            values = {getattr(p, name) for p in self.params}
+        return values.pop() if len(values) == 1 else None
+
+    def table(self) -> Tuple[Tuple[int, ...], ...]:
+        """One row per head: window, sink, period, number of residues, residues (padded)."""
+        width = max(self.max_residues, 1)
+        return tuple((p.window, p.sink, p.period, len(p.residues), *p.residues, *([0] * (width - len(p.residues))))
+                     for p in self.params)
+
+    def cost(self, head: int, n_blocks: int) -> int:
+        """Blocks the head attends to for the last query block of ``n_blocks``: a work estimate."""
+        p = self.params[head]
+        i = n_blocks - 1
+        window = min(p.window, i + 1)
+        rest = max(i + 1 - window, 0)
+        return window + min(p.sink, rest) + (rest * len(p.residues)) // p.period
+
+
+class UnsupportedPattern(NotImplementedError):
+    pass
+
+
+def lower(pattern: Pattern) -> KernelPlan:
+    params = []
+    for h, spec in enumerate(pattern.head_specs):
+        if spec.topk:
+            raise UnsupportedPattern(
+                f"pattern {pattern.name}: head {h} uses dynamic topk, which the generated kernels do not run yet; "
+                "use its static components only, or the reference implementation")
+        if spec.dense:
+            params.append(HeadParams(UNBOUNDED, 0, 1, () if pattern.causal else (0,)))
+            continue
+        period = spec.period
+        if period > MAX_PERIOD:
+            raise UnsupportedPattern(f"pattern {pattern.name}: head {h} has residue period {period} (lcm of its "
+                                     f"strides), above the kernels' limit {MAX_PERIOD}")
+        residues = spec.residue_set
+        if not residues:
+            period = 1
+        params.append(HeadParams(spec.window, spec.sink, period, residues))
+    return KernelPlan(pattern.block, pattern.heads, pattern.kv_heads, pattern.causal, tuple(params))

@@ -1,0 +1,1 @@
+"""Kernel cache, launchers, autograd and user-facing entry points."""

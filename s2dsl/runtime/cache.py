@@ -1,0 +1,125 @@
+"""Generated kernel modules, cached in process and on disk.
+
+Each entry is the generated Python source of one (pattern, kernel kind, specialisation).
+On disk it is written atomically (a temporary file renamed into place), so processes
+filling one cache at once never see half a file; the first line holds a checksum of the
+rest, so a corrupted entry is detected and regenerated. Triton keeps its own cache of the
+compiled binaries; this one saves the generation and keeps the source readable.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Callable, Dict, Optional
+
+CHECKSUM_PREFIX = "# s2dsl-checksum: "
+
+
+def default_cache_dir() -> Path:
+    if os.environ.get("S2DSL_CACHE_DIR"):
+        return Path(os.environ["S2DSL_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "s2dsl"
+
+
+@dataclass
+class CacheStats:
+    generated: int = 0     # sources produced by codegen
+    disk_hits: int = 0     # sources read back from disk
+    memory_hits: int = 0   # modules found already imported in this process
+    corrupted: int = 0     # disk entries whose checksum failed (then regenerated)
+
+
+def _checksum(body: str) -> str:
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+@dataclass
+class KernelCache:
+    directory: Optional[Path] = None
+    stats: CacheStats = field(default_factory=CacheStats)
+
+    def __post_init__(self):
+        self._modules: Dict[str, ModuleType] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def path(self) -> Path:
+        return Path(self.directory) if self.directory is not None else default_cache_dir()
+
+    def entry(self, key: str) -> Path:
+        return self.path / f"{key}.py"
+
+    def get(self, key: str, generate: Callable[[], str]) -> ModuleType:
+        """The module for ``key``, from memory, disk, or ``generate()`` in that order."""
+        with self._lock:
+            module = self._modules.get(key)
+            if module is not None:
+                self.stats.memory_hits += 1
+                return module
+            path = self.entry(key)
+            if not self._valid(path):
+                self._write(path, generate())
+                self.stats.generated += 1
+            else:
+                self.stats.disk_hits += 1
+            module = self._import(key, path)
+            self._modules[key] = module
+            return module
+
+    def clear_memory(self):
+        with self._lock:
+            self._modules.clear()
+
+    def _valid(self, path: Path) -> bool:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (FileNotFoundError, UnicodeDecodeError):
+            return False
+        first, _, body = text.partition("\n")
+        if first.startswith(CHECKSUM_PREFIX) and first[len(CHECKSUM_PREFIX):] == _checksum(body):
+            return True
+        self.stats.corrupted += 1
+        return False
+
+    def _write(self, path: Path, source: str):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        text = f"{CHECKSUM_PREFIX}{_checksum(source)}\n{source}"
+        fd, tmp = tempfile.mkstemp(prefix=path.stem, suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)  # atomic: readers see the old file or the whole new one
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    @staticmethod
+    def _import(key: str, path: Path) -> ModuleType:
+        spec = importlib.util.spec_from_file_location(f"s2dsl_generated_{key}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+
+_default: Optional[KernelCache] = None
+
+
+def default_cache() -> KernelCache:
+    global _default
+    if _default is None:
+        _default = KernelCache()
+    return _default
+
+
+def cache_key(*parts) -> str:
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:24]

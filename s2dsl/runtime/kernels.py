@@ -1,0 +1,48 @@
+"""Choosing a specialisation and fetching the generated kernel module for it."""
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from types import ModuleType
+from typing import Optional
+
+import torch
+
+from ..codegen import Specialization, generate_forward, lower
+from ..codegen.forward import CODEGEN_VERSION
+from ..pattern import Pattern
+from .cache import KernelCache, cache_key, default_cache
+
+_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def choose_forward(pattern: Pattern, dtype: torch.dtype, head_dim: int, layout: str,
+                   device: torch.device, tuning: Optional[dict] = None) -> Specialization:
+    """Tile sizes for the forward kernel; ``tuning`` overrides any field."""
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else (0, 0)
+    block = pattern.block
+    if device.type != "cuda":  # the interpreter: small tiles run fastest
+        block_m, block_n, warps, stages = min(block, 32), min(block, 32), 4, 1
+    else:
+        big = head_dim > 128
+        block_m = 64 if big else 128
+        block_n = min(block, 32 if big else 64)
+        warps = 4 if block_m == 64 else 8
+        stages = 2 if big else 3
+    spec = Specialization(_DTYPES[dtype], head_dim, layout, tuple(capability), block_m, block_n, warps, stages)
+    return replace(spec, **(tuning or {}))
+
+
+def forward_module(pattern: Pattern, spec: Specialization, cache: Optional[KernelCache] = None) -> ModuleType:
+    cache = cache or default_cache()
+    plan = lower(pattern)
+    key = cache_key(CODEGEN_VERSION, "fwd", plan, spec)
+    return cache.get(key, lambda: generate_forward(plan, spec, name=pattern.name, fingerprint=pattern.fingerprint()))
+
+
+def forward_source(pattern: Pattern, spec: Specialization) -> str:
+    return generate_forward(lower(pattern), spec, name=pattern.name, fingerprint=pattern.fingerprint())
