@@ -26,10 +26,10 @@ kv-head group therefore reuse the same closed forms.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from fractions import Fraction
-from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import sympy
 
@@ -235,20 +235,33 @@ def _union(specs: Sequence[HeadSpec]) -> HeadSpec:
     return HeadSpec(window, sink, tuple((modulus, r) for r in residues))
 
 
+#: Largest lcm of periods for which the union of residue classes is enumerated.  Deciding
+#: whether congruence classes cover Z is hard in general; real patterns have small periods.
+MAX_PERIOD = 1 << 24
+
+
 def _residue_union(specs: Sequence[HeadSpec]) -> Tuple[int, Tuple[int, ...]]:
-    """Union of the heads' residue sets at its smallest period (0, () when there are none)."""
+    """Union of the heads' residue sets at its smallest period (0, () when there are none).
+
+    Enumerated over one period ``L`` (lcm of the heads' periods) with bytearray slices,
+    which is exact and runs at C speed; the smallest period is the least divisor ``d`` of
+    ``L`` by which the set is invariant under rotation.
+    """
     with_res = [s for s in specs if s.residues]
     if not with_res:
         return 0, ()
     big = math.lcm(*(s.period for s in with_res))
-    union = set()
+    if big > MAX_PERIOD:
+        raise ValueError(f"the heads' strides have lcm {big} > {MAX_PERIOD}: too large to decide "
+                         f"coverage exactly; use strides with a smaller common multiple")
+    union = bytearray(big)
     for s in with_res:
         p = s.period
         for r in s.residue_set:
-            union.update(range(r, big, p))
-    for d in sorted(d for d in range(1, big + 1) if big % d == 0):  # smallest period of the union
-        if all(((x + d) % big in union) == (x in union) for x in range(big)):
-            return d, tuple(sorted(x for x in union if x < d))
+            union[r::p] = b"\x01" * len(range(r, big, p))
+    for d in sympy.divisors(big):
+        if union[d:] + union[:d] == union:
+            return d, tuple(x for x in range(d) if union[x])
     raise AssertionError("unreachable: big itself is a period")
 
 
@@ -296,7 +309,8 @@ class _Counts:
 
     With ``big=True`` the forms are those for ``N`` past every threshold, with
     ``ceiling(a)`` read as ``a``: off by O(N) in the totals, the same N^2 coefficient,
-    hence the same density limit, and a plain polynomial that ``sympy.limit`` handles.
+    hence the same density limit, and a plain polynomial (see ``_limit``).  In that mode
+    every argument must be the single, growing one (``N`` or ``N - W``).
     """
 
     def __init__(self, spec: HeadSpec, big: bool = False):
@@ -308,7 +322,8 @@ class _Counts:
 
     def _n(self, r: int, k0: int, xs):
         if self.big:  # x >> S; ceiling(a) ~ a
-            return (xs[0] - r) / sympy.Integer(self.p) - k0
+            (x,) = xs
+            return (x - r) / sympy.Integer(self.p) - k0
         return _ceil((_max(*xs, self.s) - r) / sympy.Integer(self.p)) - k0
 
     def _low(self, xs):
@@ -391,11 +406,13 @@ def _coverage(pattern: Pattern, heads: Sequence[int]) -> Tuple[bool, Optional[Co
     if modulus and len(residues) == modulus:
         periods = sorted({s.period for s in specs if s.residues})
         lcm = math.lcm(*periods)
+        lcm_of = f" (lcm of the heads' periods {', '.join(map(str, periods))})" if len(periods) > 1 else ""
         return True, None, (f"together the heads' residue classes reach every residue of j modulo "
-                            f"{lcm} (lcm of their periods {', '.join(map(str, periods))}), so every "
-                            f"kv block is kept by some head for every later query block")
+                            f"{lcm}{lcm_of}, so every kv block is kept by some head for every later "
+                            f"query block")
     modulus = modulus or 1
-    missing = tuple(r for r in range(modulus) if r not in residues)
+    present = set(residues)
+    missing = tuple(r for r in range(modulus) if r not in present)
     j = smax + (missing[0] - smax) % modulus  # smallest j >= smax with a missing residue
     i = j + wmax if (pattern.causal or j == 0) else 0
     ce = Counterexample(i, j, missing, modulus)
@@ -473,10 +490,7 @@ def analyze(pattern: Pattern, *, head_dim: int = 128, dtype_bytes: int = 2) -> P
             empty.append((h, desc))
 
     covered, ce, reason = _coverage(pattern, range(pattern.heads))
-    if not covered and ce is not None:
-        reason = f"not covered: {reason}"
-    else:
-        reason = f"covered for every sequence length: {reason}"
+    reason = f"covered for every sequence length: {reason}" if covered else f"not covered: {reason}"
 
     groups = []
     g = pattern.group_size
