@@ -115,6 +115,9 @@ class Pattern:
             raise ValueError(f"pattern {self.name}: {len(self.head_specs)} head specs for {self.heads} heads")
         if self.heads % self.kv_heads:
             raise ValueError(f"pattern {self.name}: kv_heads={self.kv_heads} does not divide heads={self.heads}")
+        # computed once: the runtime reads it on every call, also inside torch.compile'd code
+        text = repr((self.block, self.heads, self.kv_heads, self.causal, self.head_specs))
+        object.__setattr__(self, "_fingerprint", hashlib.sha256(text.encode()).hexdigest()[:16])
 
     @property
     def group_size(self) -> int:
@@ -136,8 +139,7 @@ class Pattern:
 
     def fingerprint(self) -> str:
         """Identity of the semantics (not the name): equal for patterns that attend alike."""
-        text = repr((self.block, self.heads, self.kv_heads, self.causal, self.head_specs))
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        return self._fingerprint
 
     # ------------------------------------------------------------ dense masks
     def block_mask(self, n_q_blocks: int, n_kv_blocks: Optional[int] = None, past_blocks: int = 0) -> torch.Tensor:

@@ -15,6 +15,10 @@ from ..pattern import Pattern
 
 # An "unbounded" window; small enough that i - UNBOUNDED + 1 never overflows int32.
 UNBOUNDED = 1 << 30
+# A head without residue classes, in a kernel whose other heads have one, gets this period
+# and residue NO_PERIOD - 1: its residue loop starts past every block and its residue test
+# never holds, so the kernel needs no branch for it.
+NO_PERIOD = 1 << 30
 MAX_PERIOD = 1 << 16
 
 
@@ -50,7 +54,7 @@ class KernelPlan:
         """The value every head shares for ``name`` (window, sink, period, residue), else None."""
         if name == "residue":
             values = {p.residues[0] if p.residues else None for p in self.params}
-            if self.max_residues != 1 or None in values:
+            if self.max_residues != 1 or None in values:  # some head has none: padded in the table
                 return None
         else:
             values = {getattr(p, name) for p in self.params}
@@ -59,7 +63,8 @@ class KernelPlan:
     def table(self) -> Tuple[Tuple[int, ...], ...]:
         """One row per head: window, sink, period, number of residues, residues (padded)."""
         width = max(self.max_residues, 1)
-        return tuple((p.window, p.sink, p.period, len(p.residues), *p.residues, *([0] * (width - len(p.residues))))
+        return tuple((p.window, p.sink, p.period, len(p.residues), *p.residues,
+                      *([p.period - 1] * (width - len(p.residues))))
                      for p in self.params)
 
     def cost(self, head: int, n_blocks: int) -> int:
@@ -83,7 +88,7 @@ def lower(pattern: Pattern) -> KernelPlan:
                 f"pattern {pattern.name}: head {h} uses dynamic topk, which the generated kernels do not run yet; "
                 "use its static components only, or the reference implementation")
         if spec.dense:
-            params.append(HeadParams(UNBOUNDED, 0, 1, () if pattern.causal else (0,)))
+            params.append(HeadParams(UNBOUNDED, 0, NO_PERIOD, ()) if pattern.causal else HeadParams(UNBOUNDED, 0, 1, (0,)))
             continue
         period = spec.period
         if period > MAX_PERIOD:
@@ -91,6 +96,6 @@ def lower(pattern: Pattern) -> KernelPlan:
                                      f"strides), above the kernels' limit {MAX_PERIOD}")
         residues = spec.residue_set
         if not residues:
-            period = 1
+            period = NO_PERIOD
         params.append(HeadParams(spec.window, spec.sink, period, residues))
     return KernelPlan(pattern.block, pattern.heads, pattern.kv_heads, pattern.causal, tuple(params))

@@ -17,7 +17,9 @@ class InputError(ValueError):
     """A tensor does not fit the pattern or the kernels (shape, dtype, device)."""
 
 
-def _check(q, k, v, pattern: Pattern, layout: str, cu_seqlens_q, cu_seqlens_k):
+def _check(q, k, v, pattern: Pattern, layout: str, cu_seqlens_q, cu_seqlens_k, static_only: bool = False):
+    """Refuse what the kernels cannot run; ``static_only`` skips checks that read tensor data
+    or need a real device (for fake tensors while torch.compile traces)."""
     if not isinstance(pattern, Pattern):
         raise TypeError(f"pattern must be an s2dsl.Pattern, got {type(pattern).__name__}; "
                         "load one with s2dsl.load(path)[name]")
@@ -26,7 +28,7 @@ def _check(q, k, v, pattern: Pattern, layout: str, cu_seqlens_q, cu_seqlens_k):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if not (q.device == k.device == v.device):
         raise InputError(f"q, k, v are on different devices: {q.device}, {k.device}, {v.device}")
-    if q.device.type != "cuda" and not interpreting():
+    if not static_only and q.device.type != "cuda" and not interpreting():
         raise InputError(f"s2dsl kernels run on CUDA devices; got tensors on {q.device}. "
                          "Set TRITON_INTERPRET=1 to run them (slowly) on the CPU, or use s2dsl.reference_attention")
     if not (q.dtype == k.dtype == v.dtype):
@@ -47,6 +49,7 @@ def _check(q, k, v, pattern: Pattern, layout: str, cu_seqlens_q, cu_seqlens_k):
             raise InputError("cu_seqlens_q and cu_seqlens_k describe different numbers of sequences")
         heads, kv_heads = q.shape[1], k.shape[1]
         head_dim = q.shape[2]
+    if varlen and not static_only:
         lens_q = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).tolist()
         lens_k = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).tolist()
         if any(a > b for a, b in zip(lens_q, lens_k)) or min(lens_q) < 0:

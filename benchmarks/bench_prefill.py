@@ -1,0 +1,147 @@
+"""Prefill forward: SDPA flash vs FlexAttention vs s2dsl on the DESIGN.md patterns.
+
+One GPU run checks s2dsl against the float32 reference (bf16, random inputs, poisoned
+outputs), then times every method with the median of triton.testing.do_bench. Writes a
+markdown table to stdout and JSON to --json.
+
+    python benchmarks/bench_prefill.py --seqs 8192 32768 131072 --json out.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+import torch
+import triton
+
+import s2dsl
+from s2dsl.codegen import lower
+from s2dsl.runtime.attention import forward
+from s2dsl.runtime.kernels import choose_forward, forward_module
+
+BLOCK, WINDOW, HEADS, DIM = 64, 16, 32, 128
+
+
+def pattern_for(stride: int):
+    return s2dsl.local_stride(block=BLOCK, local_blocks=WINDOW, vert_stride=stride, heads=HEADS,
+                              name=f"local16_stride{stride}")
+
+
+def computed_blocks(pattern, n_tokens: int) -> int:
+    """Block pairs (h, i, j) the pattern keeps: what any exact kernel must compute."""
+    n = math.ceil(n_tokens / pattern.block)
+    total = 0
+    for spec in pattern.head_specs:  # closed form per head for window + one residue class
+        for i in range(n):
+            w = min(spec.window, i + 1)
+            below = i + 1 - w
+            extra = 0
+            for m, r in spec.residues:
+                extra += (below - 1 - r) // m + 1 if below > r else 0
+            total += w + extra
+    return total
+
+
+def check(pattern, n: int, dtype=torch.bfloat16, tuning=None) -> float:
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, HEADS, n, DIM, device="cuda", dtype=dtype) for _ in range(3))
+    out, lse = forward(q, k, v, pattern, tuning=tuning)
+    ref = s2dsl.reference_attention(q.float(), k.float(), v.float(), pattern)
+    err = ((out.float() - ref).norm() / ref.norm()).item()
+    assert math.isfinite(err) and err < 2e-2, f"{pattern.name} n={n}: relative error {err}"
+    return err
+
+
+def flex_fn(stride: int, n: int):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        qb, kb = q_idx // BLOCK, kv_idx // BLOCK
+        return (q_idx >= kv_idx) & ((qb - kb < WINDOW) | ((kb + h) % stride == 0))
+
+    t0 = time.perf_counter()
+    mask = create_block_mask(mask_mod, 1, HEADS, n, n, device="cuda", BLOCK_SIZE=BLOCK, _compile=True)
+    torch.cuda.synchronize()
+    plan_s = time.perf_counter() - t0
+    compiled = torch.compile(flex_attention)
+    return (lambda q, k, v: compiled(q, k, v, block_mask=mask)), plan_s
+
+
+def bench(fn, *args) -> float:
+    return triton.testing.do_bench(lambda: fn(*args), warmup=50, rep=200, return_mode="median")
+
+
+def plan_cost(pattern, n: int):
+    """Host time and device memory to plan a new length (Triton's JIT excluded: warm)."""
+    spec = choose_forward(pattern, torch.bfloat16, DIM, "bhsd", torch.device("cuda"))
+    forward_module(pattern, spec)  # warm
+    t0 = time.perf_counter()
+    for _ in range(100):
+        lower(pattern)
+        spec = choose_forward(pattern, torch.bfloat16, DIM, "bhsd", torch.device("cuda"))
+        forward_module(pattern, spec)
+    return (time.perf_counter() - t0) / 100 * 1e3
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seqs", type=int, nargs="+", default=[8192, 32768, 131072])
+    ap.add_argument("--strides", type=int, nargs="+", default=[8, 32])
+    ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--variants", type=str, default="", help="json list of tuning dicts to time too")
+    ap.add_argument("--json", type=str, default="")
+    args = ap.parse_args()
+    variants = json.loads(args.variants) if args.variants else [None]
+    rows = []
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
+    for stride in args.strides:
+        pattern = pattern_for(stride)
+        for tuning in variants:
+            err = check(pattern, 2048 + 37, tuning=tuning)
+            err2 = check(pattern, 4096, torch.float16, tuning=tuning)
+            print(f"check {pattern.name} {tuning}: rel err bf16 {err:.2e}, fp16 {err2:.2e}")
+        for n in args.seqs:
+            torch.manual_seed(0)
+            q, k, v = (torch.randn(1, HEADS, n, DIM, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+            row = {"pattern": pattern.name, "seq": n}
+            with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
+                row["sdpa_flash_ms"] = bench(lambda a, b, c: torch.nn.functional.scaled_dot_product_attention(
+                    a, b, c, is_causal=True), q, k, v)
+            if not args.no_flex:
+                try:
+                    fn, plan_s = flex_fn(stride, n)
+                    row["flex_ms"] = bench(fn, q, k, v)
+                    row["flex_plan_s"] = plan_s
+                except Exception as exc:  # noqa: BLE001 - a baseline failing is a result too
+                    row["flex_error"] = f"{type(exc).__name__}: {exc}"[:200]
+            blocks = computed_blocks(pattern, n)
+            flops = blocks * 4 * BLOCK * BLOCK * DIM
+            for tuning in variants:
+                ms = bench(lambda a, b, c: forward(a, b, c, pattern, tuning=tuning), q, k, v)
+                key = "s2dsl_ms" if tuning is None else f"s2dsl_ms {json.dumps(tuning)}"
+                row[key] = ms
+                row[key.replace("_ms", "_tflops")] = flops / ms / 1e9
+            row["plan_ms"] = plan_cost(pattern, n)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            del q, k, v
+            torch.cuda.empty_cache()
+    print("\n| pattern | seq | SDPA flash ms | Flex ms | s2dsl ms | s2dsl TFLOP/s | vs FA2 | vs Flex |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        flex = r.get("flex_ms")
+        ours = r["s2dsl_ms"] if "s2dsl_ms" in r else min(v for k2, v in r.items() if k2.startswith("s2dsl_ms"))
+        tf = max(v for k2, v in r.items() if k2.startswith("s2dsl_tflops"))
+        print(f"| {r['pattern']} | {r['seq']} | {r['sdpa_flash_ms']:.2f} | {flex:.2f} | {ours:.2f} | {tf:.0f} | "
+              f"{r['sdpa_flash_ms'] / ours:.1f}x | {flex / ours:.2f}x |" if flex else
+              f"| {r['pattern']} | {r['seq']} | {r['sdpa_flash_ms']:.2f} | - | {ours:.2f} | {tf:.0f} | "
+              f"{r['sdpa_flash_ms'] / ours:.1f}x | - |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

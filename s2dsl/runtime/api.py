@@ -1,0 +1,84 @@
+"""What users call: ``attention``, the ``SparseAttention`` module and ``@sparse_attention``."""
+from __future__ import annotations
+
+import functools
+import math
+import os
+from typing import Callable, Optional, Union
+
+import torch
+
+from ..frontend import load
+from ..pattern import Pattern
+from . import ops
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, *,
+              scale: Optional[float] = None, layout: str = "bhsd",
+              cu_seqlens_q: Optional[torch.Tensor] = None, cu_seqlens_k: Optional[torch.Tensor] = None,
+              return_lse: bool = False):
+    """Sparse attention of ``q`` over ``k, v`` restricted to ``pattern``, by the generated kernels.
+
+    Layouts: ``"bhsd"`` (batch, heads, seq, dim), ``"bshd"`` (batch, seq, heads, dim), or
+    packed (total_tokens, heads, dim) when ``cu_seqlens_q``/``cu_seqlens_k`` are given
+    (int32 offsets of each sequence). ``k, v`` carry ``pattern.kv_heads`` heads. When q is
+    shorter than k, the queries are the last positions (chunked prefill). ``scale``
+    defaults to 1/sqrt(dim). Differentiable; traceable by ``torch.compile``.
+    """
+    if not isinstance(pattern, Pattern):
+        raise TypeError(f"pattern must be an s2dsl.Pattern, got {type(pattern).__name__}; "
+                        "load one with s2dsl.load(path)[name]")
+    # the inputs are checked inside the op (and by its fake implementation while tracing)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    out, lse = ops.attention_fwd(q, k, v, ops.register(pattern), scale, layout, cu_seqlens_q, cu_seqlens_k)
+    return (out, lse) if return_lse else out
+
+
+class SparseAttention(torch.nn.Module):
+    """``attention`` as a module holding its pattern."""
+
+    def __init__(self, pattern: Pattern, *, scale: Optional[float] = None, layout: str = "bhsd"):
+        super().__init__()
+        self.pattern, self.scale, self.layout = pattern, scale, layout
+
+    def forward(self, q, k, v, cu_seqlens_q=None, cu_seqlens_k=None):
+        return attention(q, k, v, self.pattern, scale=self.scale, layout=self.layout,
+                         cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+
+    def extra_repr(self) -> str:
+        return f"pattern={self.pattern.name}, heads={self.pattern.heads}, kv_heads={self.pattern.kv_heads}, " \
+               f"block={self.pattern.block}, layout={self.layout}"
+
+
+def _resolve(pattern_or_path: Union[Pattern, str, os.PathLike], name: Optional[str]) -> Pattern:
+    if isinstance(pattern_or_path, Pattern):
+        return pattern_or_path
+    patterns = load(pattern_or_path)
+    if name is not None:
+        return patterns[name]
+    if len(patterns) != 1:
+        raise ValueError(f"{pattern_or_path} defines {len(patterns)} patterns ({', '.join(patterns)}); "
+                         "pass name=... to choose one")
+    return next(iter(patterns.values()))
+
+
+def sparse_attention(pattern_or_path: Union[Pattern, str, os.PathLike], *, name: Optional[str] = None,
+                     layout: str = "bhsd") -> Callable:
+    """Decorate a dense attention definition ``fn(q, k, v, scale=None)``.
+
+    Calls go to the generated kernel for the pattern; the dense definition stays
+    reachable as ``.reference`` (for tests and debugging), the pattern as ``.pattern``.
+    """
+    pattern = _resolve(pattern_or_path, name)
+
+    def wrap(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def call(q, k, v, *, scale=None, cu_seqlens_q=None, cu_seqlens_k=None):
+            return attention(q, k, v, pattern, scale=scale, layout=layout,
+                             cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+
+        call.reference = fn
+        call.pattern = pattern
+        return call
+
+    return wrap

@@ -1,0 +1,80 @@
+"""The kernels as torch custom ops, so torch.compile traces through them and autograd
+reaches the generated backward.
+
+Custom ops take only tensors and plain values, so a pattern travels as the key of a
+process-wide registry (its semantic fingerprint).
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from ..pattern import Pattern
+from . import attention as _attention
+
+_PATTERNS: Dict[str, Pattern] = {}
+
+
+def register(pattern: Pattern) -> str:
+    key = pattern.fingerprint()
+    if key not in _PATTERNS:
+        _PATTERNS[key] = pattern
+    return key
+
+
+def _lse_shape(q: torch.Tensor, layout: str, varlen: bool, heads: int):
+    if varlen:
+        return (heads, q.shape[0])
+    if layout == "bhsd":
+        return (q.shape[0], q.shape[1], q.shape[2])
+    return (q.shape[0], q.shape[2], q.shape[1])
+
+
+@torch.library.custom_op("s2dsl::attention_fwd", mutates_args=())
+def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern_key: str, scale: float,
+                  layout: str, cu_seqlens_q: Optional[torch.Tensor],
+                  cu_seqlens_k: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    return _attention.forward(q, k, v, _PATTERNS[pattern_key], scale=scale, layout=layout,
+                              cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+
+
+@attention_fwd.register_fake
+def _(q, k, v, pattern_key, scale, layout, cu_seqlens_q, cu_seqlens_k):
+    _attention._check(q, k, v, _PATTERNS[pattern_key], layout, cu_seqlens_q, cu_seqlens_k, static_only=True)
+    varlen = cu_seqlens_q is not None
+    heads = q.shape[1] if (varlen or layout == "bhsd") else q.shape[2]
+    return torch.empty_like(q), q.new_empty(_lse_shape(q, layout, varlen, heads), dtype=torch.float32)
+
+
+@torch.library.custom_op("s2dsl::attention_bwd", mutates_args=())
+def attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                  lse: torch.Tensor, pattern_key: str, scale: float, layout: str,
+                  cu_seqlens_q: Optional[torch.Tensor],
+                  cu_seqlens_k: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from .backward import backward
+    return backward(q, k, v, out, lse, dout, _PATTERNS[pattern_key], scale=scale, layout=layout,
+                    cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+
+
+@attention_bwd.register_fake
+def _(dout, q, k, v, out, lse, pattern_key, scale, layout, cu_seqlens_q, cu_seqlens_k):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, pattern_key, scale, layout, cu_seqlens_q, cu_seqlens_k = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
+    ctx.meta = (pattern_key, scale, layout)
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+    pattern_key, scale, layout = ctx.meta
+    dq, dk, dv = attention_bwd(dout.contiguous(), q, k, v, out, lse, pattern_key, scale, layout,
+                               cu_seqlens_q, cu_seqlens_k)
+    return dq, dk, dv, None, None, None, None, None
+
+
+attention_fwd.register_autograd(_backward, setup_context=_setup_context)
