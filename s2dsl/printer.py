@@ -69,7 +69,12 @@ class _Writer:
         if span is None:
             return
         while self.comments and self.comments[0][0] < span.line:
-            self.lines.append(INDENT * depth + self.comments.pop(0)[1])
+            line, text = self.comments.pop(0)
+            self.lines.append(INDENT * depth + text)
+            if depth == 0:  # keep one blank line after a top-level comment where the source had one
+                following = self.comments[0][0] if self.comments and self.comments[0][0] < span.line else span.line
+                if following - line > 1:
+                    self.lines.append("")
 
     def emit(self, text: str, depth: int, span: Optional[ir.Span] = None, end_line: Optional[int] = None):
         self.flush_before(span, depth)

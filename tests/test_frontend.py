@@ -14,7 +14,7 @@ import s2dsl
 from s2dsl import ir
 from s2dsl.errors import S2SemanticError, S2SyntaxError
 from s2dsl.parser import parse_module
-from s2dsl.printer import format_module
+from s2dsl.printer import format_expr, format_module
 
 # --------------------------------------------------------------------------- IR strategies
 KEYWORDS = {"const", "pattern", "model", "block", "heads", "kv_heads", "causal", "bidirectional", "window",
@@ -88,7 +88,7 @@ def test_printed_expression_evaluates_alike(expr, h):
     """Parentheses and precedence survive printing: same value before and after."""
     env = {n: (hash(n) % 17) - 8 for n in ir.free_names(expr)}
     env["h"] = h
-    text = f"const x = {s2dsl.printer.format_expr(expr)}"
+    text = f"const x = {format_expr(expr)}"
     reparsed = parse_module(text).items[0].value
     try:
         want = ir.evaluate(expr, env)
@@ -460,3 +460,8 @@ def test_model_plan_first_rule_wins():
     f = s2dsl.parse(_pattern("    heads * { window 2 }") + "model m { layers = 6 0..1 -> dense every 2 -> p rest -> dense }")
     assert f.models["m"].layer_patterns == ("dense", "dense", "p", "dense", "p", "dense")
     assert f.pattern_for_layer("m", 1) is None and f.pattern_for_layer("m", 2) is f["p"]
+
+
+def test_format_keeps_blank_line_after_top_level_comments():
+    text = "# header\n#\n# more\n\nconst a = 1\n\n# about p\n\npattern p {\n    block = 64\n    heads = 1\n    causal\n    heads * {\n        dense\n    }\n}\n"
+    assert format_module(parse_module(text)) == text

@@ -1,0 +1,386 @@
+"""The ``s2dsl`` command line: ``check``, ``show``, ``fmt``.
+
+Exit codes (every subcommand): 0 success; 1 the input is valid but the answer is "no"
+(``check``: a pattern is not covered or has empty rows; ``fmt --check``: a file is not
+formatted); 2 the input is invalid (syntax or semantic error, unreadable file, unknown
+pattern) — the message goes to stderr, never a traceback.
+
+Adding a subcommand: write ``_add_NAME(subparsers)`` that creates its parser and sets
+``func=`` to a function ``(args) -> int``, and append it to ``SUBCOMMANDS``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+from . import __version__
+from .errors import S2Error
+from .pattern import HeadSpec, Pattern
+from .semantics import S2File
+
+SEQ_LENS = (8192, 32768, 131072)
+
+
+class CliError(Exception):
+    """A user-facing failure: ``message`` goes to stderr, ``code`` is the exit status."""
+
+    def __init__(self, message: str, code: int = 2):
+        super().__init__(message)
+        self.code = code
+
+
+# ------------------------------------------------------------------------ helpers
+def _read(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise CliError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise CliError(f"{path}: is a directory, not a .s2 file") from None
+    except UnicodeDecodeError as exc:
+        raise CliError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise CliError(f"{path}: cannot read: {exc.strerror or exc}") from None
+
+
+def _load(path: str) -> S2File:
+    from .frontend import parse
+    return parse(_read(path), path)  # S2Error propagates; main prints it
+
+
+def _select(f: S2File, name: Optional[str], path: str) -> List[Pattern]:
+    if name is None:
+        if not f.patterns:
+            raise CliError(f"{path}: defines no pattern")
+        return list(f.patterns.values())
+    if name not in f.patterns:
+        known = ", ".join(f.patterns) or "none"
+        raise CliError(f"{path}: no pattern named '{name}' (patterns: {known})")
+    return [f.patterns[name]]
+
+
+def _span(values: Sequence[int]) -> str:
+    """0,1,2,3,8,9 -> '0..3, 8..9'; an arithmetic progression of 3+ -> '1..31 step 2'."""
+    values = list(values)
+    if not values:
+        return "none"
+    if len(values) >= 3:
+        step = values[1] - values[0]
+        if step > 1 and all(b - a == step for a, b in zip(values, values[1:])):
+            return f"{values[0]}..{values[-1]} step {step}"
+    out, start = [], values[0]
+    for a, b in zip(values, values[1:] + [None]):
+        if b != a + 1:
+            out.append(str(start) if start == a else f"{start}..{a}")
+            start = b
+    return ", ".join(out)
+
+
+def _seq_label(n: int) -> str:
+    return f"{n // 1024}K" if n % 1024 == 0 else str(n)
+
+
+def _describe(spec: HeadSpec) -> str:
+    """A head's shape without its residue values, so heads differing only by shard group."""
+    if spec.dense:
+        parts = ["dense"]
+    else:
+        parts = []
+        if spec.window:
+            parts.append(f"window {spec.window}")
+        if spec.sink:
+            parts.append(f"sink {spec.sink}")
+        if spec.residues:
+            k, p = len(spec.residue_set), spec.period
+            parts.append(f"stride {p}" if k == 1 else f"{k}/{p} residues")
+    for t in spec.topk:
+        parts.append(f"topk {t.k}" + ("" if t.recent is None else f" recent {t.recent}"))
+    return " + ".join(parts) or "nothing"
+
+
+def _mib(nbytes) -> str:
+    """Bytes in KiB/MiB/GiB, one decimal."""
+    value = float(nbytes)
+    for unit in ("B", "KiB", "MiB"):
+        if value < 1024:
+            return f"{value:.0f} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"
+
+
+def _pct(fraction) -> str:
+    """A fraction as a percentage: one decimal, or two significant digits below 1%."""
+    value = 100 * float(fraction)
+    if value == 0 or value >= 1:
+        return f"{value:.1f}%"
+    return f"{value:.2g}%"
+
+
+def _table(rows: List[List[str]], right: Iterable[int] = ()) -> List[str]:
+    right = set(right)
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    return ["  ".join(cell.rjust(w) if c in right else cell.ljust(w)
+                      for c, (cell, w) in enumerate(zip(row, widths))).rstrip() for row in rows]
+
+
+# -------------------------------------------------------------------------- check
+def _check_text(path: str, p: Pattern, report, seq_lens: Sequence[int]) -> List[str]:
+    from .analysis import evaluate
+    mode = "causal" if p.causal else "bidirectional"
+    out = [f"{path}: pattern {p.name}: block {p.block}, {p.heads} heads, {p.kv_heads} kv heads, {mode}"]
+    verdict = "COVERED" if report.covered else "NOT COVERED"
+    reason = report.reason
+    for prefix in ("covered for every sequence length: ", "not covered: "):
+        if reason.startswith(prefix):
+            reason = reason[len(prefix):]
+    if report.covered:
+        out.append(f"  coverage      {verdict} for every sequence length: {reason}")
+    else:
+        out.append(f"  coverage      {verdict}: {reason}")
+        ce = report.counterexample
+        if ce is not None:
+            miss = _span(ce.missing_residues)
+            b = p.block
+            if ce.modulus > 1:
+                unreached = f"no head reaches kv blocks j with j mod {ce.modulus} in {{{miss}}}"
+            else:
+                unreached = "no head has a stride, shard or dense component to reach beyond its window and sinks"
+            out.append(f"                counterexample: (i, j) = ({ce.i}, {ce.j}): query tokens {ce.i * b}..{ce.i * b + b - 1} "
+                       f"never attend key tokens {ce.j * b}..{ce.j * b + b - 1}; {unreached}")
+    if report.rows_nonempty:
+        out.append("  empty rows    none: every query row of every head keeps at least one block")
+    else:
+        out.append("  empty rows    YES: softmax over nothing (NaN in naive kernels; s2dsl outputs 0):")
+        for h, desc in report.empty_rows:
+            out.append(f"                head {h}: {desc}")
+    if report.kv_efficient:
+        out.append("  kv-efficient  yes: a head never needs a kv block again once it has dropped it")
+    else:
+        bad = [c.head for c in report.heads if not c.kv_efficient]
+        out.append(f"  kv-efficient  no: heads {_span(bad)} may need a dropped kv block again")
+    if report.dynamic_heads:
+        out.append(f"  dynamic       heads {_span(report.dynamic_heads)} pick top-k blocks at run time; "
+                   f"the figures below count their static part")
+
+    # per kv group: coverage on its own and the decode cache it must hold
+    n_big = -(-max(seq_lens) // p.block)
+    dense_bytes = 2 * n_big * p.block * 128 * 2
+    alone = sum(g.covered for g in report.groups)
+    out.append(f"  kv groups     {alone}/{len(report.groups)} cover the context on their own; "
+               f"KV cache per kv head at {_seq_label(max(seq_lens))} (head dim 128, 2 bytes; dense "
+               f"{_mib(dense_bytes)}):")
+    lines: List[Tuple[Tuple[int, str, str], List[int]]] = []
+    for g in report.groups:
+        if g.covered:
+            what = "covers alone"
+        elif g.counterexample is not None and g.counterexample.modulus > 1:
+            ce = g.counterexample
+            what = f"misses {len(ce.missing_residues)} of {ce.modulus} residues mod {ce.modulus}"
+        else:
+            what = "misses everything beyond its windows and sinks"
+        size = _mib(evaluate(g.kv_bytes, N=n_big)) if getattr(g, "kv_bytes", None) is not None else "?"
+        key = (len(g.heads), what, size)
+        if lines and lines[-1][0] == key:
+            lines[-1][1].append(g.kv_head)
+        else:
+            lines.append((key, [g.kv_head]))
+    for (q, what, size), kvs in lines:
+        each = "" if len(kvs) == 1 else " each"
+        label = f"kv head {kvs[0]}" if len(kvs) == 1 else f"kv heads {_span(kvs)}"
+        out.append(f"                {label} ({q} q head{'s' if q > 1 else ''}{each}): {what}; cache {size}{each}")
+
+    # density table: consecutive heads of the same shape merged (their shards differ), with
+    # the range of their densities
+    dens = [report.density(s) for s in seq_lens]
+    header = ["heads", "components", *(_seq_label(s) for s in seq_lens), "limit"]
+    runs: List[Tuple[Tuple[str, str], List[int]]] = []
+    for h, cost in enumerate(report.heads):
+        key = (_describe(p.head_specs[h]), str(cost.density_limit))
+        if runs and runs[-1][0] == key:
+            runs[-1][1].append(h)
+        else:
+            runs.append((key, [h]))
+
+    def pct(values) -> str:
+        lo, hi = _pct(min(values)), _pct(max(values))
+        return lo if lo == hi else f"{lo[:-1]}-{hi}"
+
+    table = [header] + [[_span(hs), shape, *(pct([d["per_head"][h] for h in hs]) for d in dens), limit]
+                        for (shape, limit), hs in runs]
+    limit = getattr(report, "union_density_limit", None)
+    table.append(["union", "", *(_pct(d["union"]) for d in dens), "" if limit is None else str(limit)])
+    out.append("  density       attended fraction of the block grid (limit: N -> infinity):")
+    out += ["                " + line for line in _table(table, right=range(2, 2 + len(seq_lens)))]
+    return out
+
+
+def _model_text(f: S2File) -> List[str]:
+    out = []
+    for m in f.models.values():
+        uses: Dict[str, List[int]] = {}
+        for layer, name in enumerate(m.layer_patterns):
+            uses.setdefault(name, []).append(layer)
+        parts = "; ".join(f"{name}: layers {_span(ls)}" for name, ls in uses.items())
+        out.append(f"{f.filename}: model {m.name}: {m.layers} layers; {parts}")
+    return out
+
+
+def _check(args) -> int:
+    from .analysis import analyze
+    code = 0
+    results = []
+    for path in args.files:
+        try:
+            f = _load(path)
+            patterns = _select(f, args.pattern, path)
+        except (S2Error, CliError) as exc:
+            print(str(exc) if isinstance(exc, S2Error) else f"s2dsl: error: {exc}", file=sys.stderr)
+            code = 2
+            continue
+        for p in patterns:
+            report = analyze(p, head_dim=args.head_dim, dtype_bytes=args.dtype_bytes)
+            if not (report.covered and report.rows_nonempty):
+                code = max(code, 1)
+            if args.json:
+                obj = {"file": path, **report.to_json(SEQ_LENS)}
+                results.append(obj)
+            else:
+                print("\n".join(_check_text(path, p, report, SEQ_LENS)))
+                print()
+        if not args.json and args.pattern is None:
+            for line in _model_text(f):
+                print(line)
+            if f.models:
+                print()
+    if args.json:
+        json.dump(results, sys.stdout, indent=2)
+        print()
+    return code
+
+
+def _add_check(sub) -> None:
+    p = sub.add_parser("check", help="prove coverage, empty rows, KV-efficiency; report densities",
+                       description="Analyse every pattern of each FILE. Exit 0 when every pattern is covered "
+                                   "and has no empty rows, 1 when one is not, 2 on invalid input.")
+    p.add_argument("files", nargs="+", metavar="FILE", help=".s2 file")
+    p.add_argument("--pattern", metavar="NAME", help="only this pattern")
+    p.add_argument("--json", action="store_true",
+                   help="print a JSON list, one object per pattern (keys: file, pattern, covered, reason, "
+                        "counterexample, rows_nonempty, kv_efficient, density, ...)")
+    p.add_argument("--head-dim", type=int, default=128, help="for FLOP and KV-byte figures (default 128)")
+    p.add_argument("--dtype-bytes", type=int, default=2, help="bytes per K/V element (default 2)")
+    p.set_defaults(func=_check)
+
+
+# --------------------------------------------------------------------------- show
+def _out_paths(out: str, names: Sequence[str]) -> List[str]:
+    if len(names) == 1:
+        return [out]
+    root, ext = os.path.splitext(out)
+    return [f"{root}-{name}{ext or '.png'}" for name in names]
+
+
+def _show(args) -> int:
+    from .visualize import render_pattern
+    f = _load(args.file)
+    patterns = _select(f, args.pattern, args.file)
+    for p, out in zip(patterns, _out_paths(args.png, [p.name for p in patterns])):
+        try:
+            render_pattern(p, out, seq_len=args.seq)
+        except OSError as exc:
+            raise CliError(f"cannot write {out}: {exc.strerror or exc}") from None
+        print(f"wrote {out}")
+    return 0
+
+
+def _add_show(sub) -> None:
+    p = sub.add_parser("show", help="draw each head's block mask and the union's coverage to a PNG",
+                       description="One PNG per pattern: a panel per distinct head (titled with the heads "
+                                   "sharing it) and a union panel where uncovered causal cells are red. With "
+                                   "several patterns and no --pattern, OUT.png becomes OUT-<pattern>.png.")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--pattern", metavar="NAME", help="only this pattern")
+    p.add_argument("--png", required=True, metavar="OUT", help="output PNG path")
+    p.add_argument("--seq", type=int, default=None, metavar="N",
+                   help="sequence length in tokens (default: 64 blocks)")
+    p.set_defaults(func=_show)
+
+
+# ---------------------------------------------------------------------------- fmt
+def _fmt(args) -> int:
+    from .parser import parse_module
+    from .printer import format_module
+    code = 0
+    for path in args.files:
+        text = _read(path)
+        formatted = format_module(parse_module(text, path))
+        if args.check:
+            if formatted != text:
+                print(f"{path}: not formatted (run 's2dsl fmt --write {path}')", file=sys.stderr)
+                code = 1
+        elif args.write:
+            if formatted != text:
+                with open(path, "w", encoding="utf-8") as f:
+                    f.write(formatted)
+                print(f"formatted {path}")
+        else:
+            sys.stdout.write(formatted)
+    return code
+
+
+def _add_fmt(sub) -> None:
+    p = sub.add_parser("fmt", help="print .s2 files in canonical form (comments kept)",
+                       description="Canonical formatting. Default: print to stdout. --check exits 1 if a file "
+                                   "is not formatted; --write rewrites files in place.")
+    p.add_argument("files", nargs="+", metavar="FILE")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--check", action="store_true", help="exit 1 if a file is not canonically formatted")
+    mode.add_argument("--write", action="store_true", help="rewrite the files in place")
+    p.set_defaults(func=_fmt)
+
+
+# --------------------------------------------------------------------------- main
+SUBCOMMANDS: List[Callable] = [_add_check, _add_show, _add_fmt]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="s2dsl", description="Per-head sparse attention patterns: "
+                                     "check, draw and format .s2 files.")
+    parser.add_argument("--version", action="version", version=f"s2dsl {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for add in SUBCOMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: usage errors exit 2, --help/--version exit 0
+        return int(exc.code or 0)
+    try:
+        return args.func(args)
+    except S2Error as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    except CliError as exc:
+        print(f"s2dsl: error: {exc}", file=sys.stderr)
+        return exc.code
+    except BrokenPipeError:  # e.g. `s2dsl check ... | head`
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return 0
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
