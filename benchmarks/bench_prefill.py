@@ -85,6 +85,34 @@ def plan_cost(pattern, n: int):
     return (time.perf_counter() - t0) / 100 * 1e3
 
 
+HETERO = """
+pattern hetero {
+    block = 64  heads = 32  causal
+    heads 0..7 { dense }
+    heads 8..23 { window 16  stride 8 offset h }
+    heads 24..31 { window 4  sink 1 }
+}
+"""
+
+
+def heterogeneous(n: int, tuning):
+    """Heads with very different work in one launch: longest-first order vs a naive one."""
+    pattern = s2dsl.parse(HETERO)["hetero"]
+    check(pattern, 2048 + 37, tuning=tuning)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, HEADS, n, DIM, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    out = []
+    for order in ("naive", "longest_first"):
+        t = dict(tuning or {}, order=order)
+        out.append({"pattern": "hetero(8 dense, 16 local16/stride8, 8 window4+sink)", "seq": n, "order": order,
+                    "s2dsl_ms": bench(lambda a, b, c: forward(a, b, c, pattern, tuning=t), q, k, v)})
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
+        out.append({"pattern": "dense (SDPA flash), same shape", "seq": n,
+                    "sdpa_flash_ms": bench(lambda a, b, c: torch.nn.functional.scaled_dot_product_attention(
+                        a, b, c, is_causal=True), q, k, v)})
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seqs", type=int, nargs="+", default=[8192, 32768, 131072])
@@ -92,6 +120,7 @@ def main():
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--variants", type=str, default="", help="json list of tuning dicts to time too")
     ap.add_argument("--json", type=str, default="")
+    ap.add_argument("--hetero", type=int, default=0, help="also time a heterogeneous pattern at this length")
     args = ap.parse_args()
     variants = json.loads(args.variants) if args.variants else [None]
     rows = []
@@ -138,6 +167,11 @@ def main():
               f"{r['sdpa_flash_ms'] / ours:.1f}x | {flex / ours:.2f}x |" if flex else
               f"| {r['pattern']} | {r['seq']} | {r['sdpa_flash_ms']:.2f} | - | {ours:.2f} | {tf:.0f} | "
               f"{r['sdpa_flash_ms'] / ours:.1f}x | - |")
+    if args.hetero:
+        hetero_rows = heterogeneous(args.hetero, variants[0])
+        for r in hetero_rows:
+            print(json.dumps(r))
+        rows.extend(hetero_rows)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

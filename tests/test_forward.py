@@ -49,9 +49,11 @@ def test_matches_reference(pattern, data):
     d = data.draw(st.sampled_from([16, 24, 32]), label="head_dim")
     dtype = data.draw(st.sampled_from([torch.float32, torch.float16]), label="dtype")
     layout = data.draw(st.sampled_from(["bhsd", "bshd"]), label="layout")
-    block_m = data.draw(st.sampled_from([16, 32]), label="block_m")
+    tuning = {"block_m": data.draw(st.sampled_from([16, 32]), label="block_m"), "block_n": 16,
+              "window_span": data.draw(st.sampled_from([1, 2, 4]), label="window_span"),
+              "order": data.draw(st.sampled_from(["longest_first", "naive"]), label="order")}
     q, k, v = _inputs(2, pattern.heads, pattern.kv_heads, lq, lk, d, dtype, layout, seed=lq * 131 + lk)
-    out, lse = forward(q, k, v, pattern, layout=layout, tuning={"block_m": block_m, "block_n": 16})
+    out, lse = forward(q, k, v, pattern, layout=layout, tuning=tuning)
     _compare(out, lse, q, k, v, pattern, layout)
 
 

@@ -36,6 +36,8 @@ class Specialization:
     capability: tuple = (0, 0)   # device compute capability
     block_m: int = 64            # query rows per program
     block_n: int = 64            # kv rows per inner step (divides the pattern block)
+    window_span: int = 1         # blocks per step inside the window, where kept blocks are contiguous
+    order: str = "longest_first"  # program order: longest_first, or naive (head-major, for comparison)
     num_warps: int = 4
     num_stages: int = 2
 
@@ -64,12 +66,12 @@ def _outside_loops(plan: KernelPlan, lo: str, hi: str, masked: str) -> str:
         code.append(f"""
         for j in range({lo}, tl.minimum({hi}, sink)):
             acc, l_i, m_i = _visit(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, j, rows, row_block,
-                                   kv_len, 0, True, qk_scale, {masked}, CAUSAL, BLOCK, BLOCK_N, HEAD_DIM, D_PAD)""")
+                                   kv_len, 0, True, qk_scale, {masked}, CAUSAL, BLOCK, BLOCK, BLOCK_N, HEAD_DIM, D_PAD)""")
     if plan.max_residues:
         start = f"tl.maximum({lo}, sink)" if plan.has_sink else lo
         visit = f"""
             acc, l_i, m_i = _visit(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, j, rows, row_block,
-                                   kv_len, 0, True, qk_scale, {masked}, CAUSAL, BLOCK, BLOCK_N, HEAD_DIM, D_PAD)"""
+                                   kv_len, 0, True, qk_scale, {masked}, CAUSAL, BLOCK, BLOCK, BLOCK_N, HEAD_DIM, D_PAD)"""
         if plan.max_residues == 1:
             code.append(f"""
         start = {start}
@@ -116,19 +118,56 @@ def generate_forward(plan: KernelPlan, spec: Specialization, *, name: str = "pat
     elif plan.max_residues > 1:
         head_params.append("num_residues = tl.load(HeadTable + h * TABLE_WIDTH + 3)")
     varlen = spec.layout == "varlen"
+    # inner width of a window step: as wide as the span, but no wider than 128 rows
+    window_n = min(plan.block * spec.window_span, max(128, spec.block_n))
+    heads_by_cost = sorted(range(plan.heads), key=lambda h: -plan.cost(h, 1 << 12))
+    if spec.order == "naive":
+        order = """
+        # naive order, kept to measure the scheduling: head-major, tiles ascending
+        pid = tl.program_id(0)
+        h = pid // n_tiles
+        tile = pid % n_tiles"""
+    else:
+        if heads_by_cost == list(range(plan.heads)):
+            pick = "h = pid % HEADS"
+        else:
+            pick = f"h = tl.load(HeadTable + HEADS * TABLE_WIDTH + pid % HEADS)  # heads by cost: {heads_by_cost}"
+        order = f"""
+        # Longest work first: tiles run from the last (most kv blocks under a causal mask) down,
+        # and within a tile the heads that attend to the most blocks go first.
+        pid = tl.program_id(0)
+        tile = n_tiles - 1 - pid // HEADS
+        {pick}"""
     full = _full_predicate(plan)
+    # short loops (at most a tile's worth of blocks) are not software-pipelined: their
+    # buffers would only add shared memory to the long loops'
+    short = "tl.range({}, {}, num_stages=1)"
     window_masked = f"""
-        for j in range(lo, edge):  # first blocks of the window range: not every row's window reaches them
+        for j in {short.format("lo", "edge")}:  # first blocks of the window range: not in every row's window
 {indent(full, ' ' * 12)}
             acc, l_i, m_i = _visit(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, j, rows, row_block,
-                                   kv_len, window, full, qk_scale, True, CAUSAL, BLOCK, BLOCK_N, HEAD_DIM, D_PAD)
+                                   kv_len, window, full, qk_scale, True, CAUSAL, BLOCK, BLOCK, BLOCK_N, HEAD_DIM, D_PAD)"""
+    if spec.window_span == 1:
+        window_masked += """
         for j in range(edge, first_block):  # inside every row's window: no mask
             acc, l_i, m_i = _visit(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, j, rows, row_block,
-                                   kv_len, window, True, qk_scale, False, CAUSAL, BLOCK, BLOCK_N, HEAD_DIM, D_PAD)
-        for j in range(first_block, last_block + 1):  # the diagonal blocks
+                                   kv_len, window, True, qk_scale, False, CAUSAL, BLOCK, BLOCK, BLOCK_N, HEAD_DIM, D_PAD)"""
+    else:
+        window_masked += f"""
+        # inside every row's window: no mask; kept blocks are contiguous, so take WINDOW_SPAN at a time
+        whole = edge + (first_block - edge) // WINDOW_SPAN * WINDOW_SPAN
+        for j in range(edge, whole, WINDOW_SPAN):
+            acc, l_i, m_i = _visit(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, j, rows, row_block,
+                                   kv_len, window, True, qk_scale, False, CAUSAL, BLOCK, BLOCK * WINDOW_SPAN,
+                                   WINDOW_N, HEAD_DIM, D_PAD)
+        for j in {short.format("whole", "first_block")}:
+            acc, l_i, m_i = _visit(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, j, rows, row_block,
+                                   kv_len, window, True, qk_scale, False, CAUSAL, BLOCK, BLOCK, BLOCK_N, HEAD_DIM, D_PAD)"""
+    window_masked += f"""
+        for j in {short.format("first_block", "last_block + 1")}:  # the diagonal blocks
 {indent(full, ' ' * 12)}
             acc, l_i, m_i = _visit(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, j, rows, row_block,
-                                   kv_len, window, full, qk_scale, True, CAUSAL, BLOCK, BLOCK_N, HEAD_DIM, D_PAD)"""
+                                   kv_len, window, full, qk_scale, True, CAUSAL, BLOCK, BLOCK, BLOCK_N, HEAD_DIM, D_PAD)"""
     below = _outside_loops(plan, "0", "lo", "False")
     above = "" if plan.causal else _outside_loops(plan, "last_block + 1", "n_kv_blocks", "True")
     if varlen:
@@ -168,8 +207,12 @@ CAUSAL = {plan.causal}
 TABLE_WIDTH = {table_width}
 # per head: window, sink, period, number of residues, residues...
 HEAD_TABLE = {list(map(list, plan.table()))}
+# heads in the order programs take them, most work first (appended after the table)
+HEAD_ORDER = {heads_by_cost}
 BLOCK_M = {spec.block_m}
 BLOCK_N = {spec.block_n}
+WINDOW_SPAN = {spec.window_span}
+WINDOW_N = {window_n}
 HEAD_DIM = {spec.head_dim}
 D_PAD = {spec.d_pad}
 NUM_WARPS = {spec.num_warps}
@@ -180,10 +223,10 @@ VARLEN = {varlen}
 @triton.jit
 def _visit(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, j, rows, row_block, kv_len,
            window, full, qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK: tl.constexpr,
-           BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
-    """Online-softmax update of one tile of queries with kv block j."""
+           SPAN: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
+    """Online-softmax update of one tile of queries with the SPAN kv rows from block j on."""
     offs_d = tl.arange(0, D_PAD)
-    for s in tl.static_range(BLOCK // BLOCK_N):
+    for s in tl.static_range(SPAN // BLOCK_N):
         cols = j * BLOCK + s * BLOCK_N + tl.arange(0, BLOCK_N)
         # K is read transposed, [D_PAD, BLOCK_N]: column n is key row cols[n]
         k_ptrs = k_base + cols[None, :] * stride_kn + offs_d[:, None]
@@ -231,11 +274,8 @@ def kernel(Q, K, V, Out, Lse, HeadTable, CuSeqQ, CuSeqK,
            q_len_all, kv_len_all, n_tiles, qk_scale,
            HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr, CAUSAL: tl.constexpr,
            TABLE_WIDTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-           HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
-    # Longest work first: tiles run from the last (most kv blocks under a causal mask) down.
-    pid = tl.program_id(0)
-    tile = n_tiles - 1 - pid // HEADS
-    h = pid % HEADS
+           WINDOW_SPAN: tl.constexpr, WINDOW_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
+{_at(order, 1)}
     b = tl.program_id(1)
     kv_h = h // GROUP
 {_at(locate, 1)}
@@ -283,7 +323,8 @@ def head_table(device):
     """The per-head table on ``device`` (built once per device)."""
     key = str(device)
     if key not in _tables:
-        _tables[key] = torch.tensor(HEAD_TABLE, dtype=torch.int32, device=device)
+        flat = [x for row in HEAD_TABLE for x in row] + HEAD_ORDER
+        _tables[key] = torch.tensor(flat, dtype=torch.int32, device=device)
     return _tables[key]
 
 
@@ -301,7 +342,8 @@ def launch(q, k, v, out, lse, q_strides, k_strides, v_strides, o_strides, lse_st
                  *q_strides, *k_strides, *v_strides, *o_strides, *lse_strides,
                  q_len, kv_len, n_tiles, sm_scale * 1.4426950408889634,
                  HEADS=HEADS, GROUP=GROUP, BLOCK=BLOCK, CAUSAL=CAUSAL, TABLE_WIDTH=TABLE_WIDTH,
-                 BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, D_PAD=D_PAD,
+                 BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, WINDOW_SPAN=WINDOW_SPAN, WINDOW_N=WINDOW_N,
+                 HEAD_DIM=HEAD_DIM, D_PAD=D_PAD,
                  num_warps=NUM_WARPS, num_stages=NUM_STAGES)
 '''
     return source

@@ -8,6 +8,7 @@ compiled binaries; this one saves the generation and keeps the source readable.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import os
@@ -119,6 +120,17 @@ def default_cache() -> KernelCache:
     if _default is None:
         _default = KernelCache()
     return _default
+
+
+@functools.lru_cache(maxsize=1)
+def codegen_fingerprint() -> str:
+    """Hash of the code generator's own source: a changed generator never reuses old entries."""
+    folder = Path(__file__).resolve().parent.parent / "codegen"
+    digest = hashlib.sha256()
+    for path in sorted(folder.glob("*.py")):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def cache_key(*parts) -> str:

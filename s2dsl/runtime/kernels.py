@@ -10,6 +10,7 @@ import torch
 
 from ..codegen import Specialization, generate_forward, lower
 from ..codegen.forward import CODEGEN_VERSION
+from .cache import codegen_fingerprint
 from ..pattern import Pattern
 from .cache import KernelCache, cache_key, default_cache
 
@@ -33,14 +34,15 @@ def choose_forward(pattern: Pattern, dtype: torch.dtype, head_dim: int, layout: 
         block_n = min(block, 32 if big else 64)
         warps = 4 if block_m == 64 else 8
         stages = 2 if big else 3
-    spec = Specialization(_DTYPES[dtype], head_dim, layout, tuple(capability), block_m, block_n, warps, stages)
+    spec = Specialization(dtype=_DTYPES[dtype], head_dim=head_dim, layout=layout, capability=tuple(capability),
+                          block_m=block_m, block_n=block_n, num_warps=warps, num_stages=stages)
     return replace(spec, **(tuning or {}))
 
 
 def forward_module(pattern: Pattern, spec: Specialization, cache: Optional[KernelCache] = None) -> ModuleType:
     cache = cache or default_cache()
     plan = lower(pattern)
-    key = cache_key(CODEGEN_VERSION, "fwd", plan, spec)
+    key = cache_key(CODEGEN_VERSION, codegen_fingerprint(), "fwd", plan, spec)
     return cache.get(key, lambda: generate_forward(plan, spec, name=pattern.name, fingerprint=pattern.fingerprint()))
 
 
