@@ -102,7 +102,7 @@ def heterogeneous(n: int, tuning):
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, HEADS, n, DIM, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     out = []
-    for order in ("naive", "longest_first"):
+    for order in ("naive", "tile_major", "longest_first"):
         t = dict(tuning or {}, order=order)
         out.append({"pattern": "hetero(8 dense, 16 local16/stride8, 8 window4+sink)", "seq": n, "order": order,
                     "s2dsl_ms": bench(lambda a, b, c: forward(a, b, c, pattern, tuning=t), q, k, v)})
@@ -127,9 +127,15 @@ def main():
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
     for stride in args.strides:
         pattern = pattern_for(stride)
+        usable = []
         for tuning in variants:
-            err = check(pattern, 2048 + 37, tuning=tuning)
+            try:
+                err = check(pattern, 2048 + 37, tuning=tuning)
+            except triton.runtime.errors.OutOfResources as exc:
+                print(f"skip {tuning}: {exc}")
+                continue
             err2 = check(pattern, 4096, torch.float16, tuning=tuning)
+            usable.append(tuning)
             print(f"check {pattern.name} {tuning}: rel err bf16 {err:.2e}, fp16 {err2:.2e}")
         for n in args.seqs:
             torch.manual_seed(0)
@@ -147,7 +153,7 @@ def main():
                     row["flex_error"] = f"{type(exc).__name__}: {exc}"[:200]
             blocks = computed_blocks(pattern, n)
             flops = blocks * 4 * BLOCK * BLOCK * DIM
-            for tuning in variants:
+            for tuning in usable:
                 ms = bench(lambda a, b, c: forward(a, b, c, pattern, tuning=tuning), q, k, v)
                 key = "s2dsl_ms" if tuning is None else f"s2dsl_ms {json.dumps(tuning)}"
                 row[key] = ms

@@ -37,7 +37,7 @@ class Specialization:
     block_m: int = 64            # query rows per program
     block_n: int = 64            # kv rows per inner step (divides the pattern block)
     window_span: int = 1         # blocks per step inside the window, where kept blocks are contiguous
-    order: str = "longest_first"  # program order: longest_first, or naive (head-major, for comparison)
+    order: str = "longest_first"  # program order; naive and tile_major are kept for measurements
     num_warps: int = 4
     num_stages: int = 2
 
@@ -127,17 +127,24 @@ def generate_forward(plan: KernelPlan, spec: Specialization, *, name: str = "pat
         pid = tl.program_id(0)
         h = pid // n_tiles
         tile = pid % n_tiles"""
-    else:
-        if heads_by_cost == list(range(plan.heads)):
-            pick = "h = pid % HEADS"
-        else:
-            pick = f"h = tl.load(HeadTable + HEADS * TABLE_WIDTH + pid % HEADS)  # heads by cost: {heads_by_cost}"
-        order = f"""
-        # Longest work first: tiles run from the last (most kv blocks under a causal mask) down,
-        # and within a tile the heads that attend to the most blocks go first.
+    elif spec.order == "tile_major":
+        order = """
+        # tile-major, last tiles first, kept to measure the scheduling
         pid = tl.program_id(0)
         tile = n_tiles - 1 - pid // HEADS
-        {pick}"""
+        h = pid % HEADS"""
+    else:
+        if heads_by_cost == list(range(plan.heads)):
+            pick = "h = pid // n_tiles"
+        else:
+            pick = f"h = tl.load(HeadTable + HEADS * TABLE_WIDTH + pid // n_tiles)  # by cost: {heads_by_cost}"
+        order = f"""
+        # Longest work first, and L2-friendly: heads with the most blocks first, each head's tiles
+        # from the last (most kv blocks under a causal mask) down. Programs running together then
+        # share one head's K/V (the same window and residue blocks), which stays in L2.
+        pid = tl.program_id(0)
+        {pick}
+        tile = n_tiles - 1 - pid % n_tiles"""
     full = _full_predicate(plan)
     # short loops (at most a tile's worth of blocks) are not software-pipelined: their
     # buffers would only add shared memory to the long loops'
