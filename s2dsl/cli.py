@@ -1,4 +1,4 @@
-"""The ``s2dsl`` command line: ``check``, ``show``, ``fmt``.
+"""The ``s2dsl`` command line: ``check``, ``show``, ``fmt``, ``compile``.
 
 Exit codes (every subcommand): 0 success; 1 the input is valid but the answer is "no"
 (``check``: a pattern is not covered or has empty rows; ``fmt --check``: a file is not
@@ -343,8 +343,55 @@ def _add_fmt(sub) -> None:
     p.set_defaults(func=_fmt)
 
 
+_DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def _compile(args) -> int:
+    from dataclasses import replace
+
+    from .codegen.lower import UnsupportedPattern
+    from .runtime import kernels
+
+    f = _load(args.file)
+    (pattern,) = _select(f, args.pattern, args.file) if args.pattern or len(f.patterns) == 1 else [None]
+    if pattern is None:
+        raise CliError(f"{args.file} defines {len(f.patterns)} patterns ({', '.join(f.patterns)}); "
+                       "choose one with --pattern")
+    import torch
+    dtype = getattr(torch, _DTYPE_NAMES[args.dtype])
+    try:
+        if args.target == "gpu":  # the tiles the runtime picks on a Hopper GPU, without needing one here
+            gpu = kernels.choose_forward_for_gpu(pattern, args.head_dim)
+            spec = replace(gpu, dtype=_DTYPE_NAMES[args.dtype], layout=args.layout)
+        else:
+            spec = kernels.choose_forward(pattern, dtype, args.head_dim, args.layout, torch.device("cpu"))
+        if args.kernel == "fwd":
+            source = kernels.forward_source(pattern, spec)
+        else:
+            from .runtime.backward import backward_source
+            source = backward_source(pattern, spec)
+    except UnsupportedPattern as exc:
+        raise CliError(str(exc), code=1) from None
+    sys.stdout.write(source)
+    return 0
+
+
+def _add_compile(sub) -> None:
+    p = sub.add_parser("compile", help="print the Triton source generated for a pattern",
+                       description="Print the generated, pattern-specialised Triton kernel source.")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--pattern", help="pattern name (needed when the file has several)")
+    p.add_argument("--kernel", choices=["fwd", "bwd"], default="fwd")
+    p.add_argument("--dtype", choices=sorted(_DTYPE_NAMES), default="bf16")
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--layout", choices=["bhsd", "bshd", "varlen"], default="bhsd")
+    p.add_argument("--target", choices=["gpu", "interpreter"], default="gpu",
+                   help="tile sizes for a Hopper GPU (default) or for the CPU interpreter")
+    p.set_defaults(func=_compile)
+
+
 # --------------------------------------------------------------------------- main
-SUBCOMMANDS: List[Callable] = [_add_check, _add_show, _add_fmt]
+SUBCOMMANDS: List[Callable] = [_add_check, _add_show, _add_fmt, _add_compile]
 
 
 def build_parser() -> argparse.ArgumentParser:

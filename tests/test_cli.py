@@ -10,6 +10,8 @@ import pytest
 
 from s2dsl.cli import main
 
+from conftest import EXAMPLES
+
 COVERED = """\
 pattern good {
     block = 64
@@ -232,3 +234,13 @@ def test_fmt_invalid(capsys, write):
     code, _, err = run(capsys, "fmt", write(SYNTAX))
     assert code == 2 and ":4:25: syntax error" in err
     assert run(capsys, "fmt", "--check", "--write", write(MESSY))[0] == 2  # mutually exclusive
+
+
+def test_compile_prints_generated_triton_source(capsys):
+    assert main(["compile", str(EXAMPLES / "phi3_small.s2"), "--kernel", "fwd"]) == 0
+    source = capsys.readouterr().out
+    assert "@triton.jit" in source and "pattern: phi3_small" in source
+    compile(source, "<generated>", "exec")  # valid Python
+    # the per-head residues of Phi-3-small's kv groups are in the table
+    assert "[16, 0, 8, 1, 7]" in source
+    assert main(["compile", str(EXAMPLES / "phi3_small.s2"), "--pattern", "nope"]) == 2

@@ -98,15 +98,21 @@ def _strides(t: torch.Tensor, layout: str) -> Tuple[int, int, int]:
 
 
 def forward(q, k, v, pattern: Pattern, *, scale: Optional[float] = None, layout: str = "bhsd",
-            cu_seqlens_q=None, cu_seqlens_k=None, tuning: Optional[dict] = None):
-    """Output and log-sum-exp (float32, (batch, heads, q_len) or (heads, total_q) when packed)."""
+            cu_seqlens_q=None, cu_seqlens_k=None, tuning: Optional[dict] = None,
+            out: Optional[torch.Tensor] = None):
+    """Output and log-sum-exp (float32, (batch, heads, q_len) or (heads, total_q) when packed).
+
+    ``out``, if given, receives the output (same shape, dtype and layout as q)."""
     varlen, head_dim = _check(q, k, v, pattern, layout, cu_seqlens_q, cu_seqlens_k)
     layout = "varlen" if varlen else layout
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
     spec = choose_forward(pattern, q.dtype, head_dim, layout, q.device, tuning)
     module = forward_module(pattern, spec)
-    out = torch.empty_like(q)
+    if out is None:
+        out = torch.empty_like(q)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1:
+        raise InputError(f"out must match q (shape {tuple(q.shape)}, {q.dtype}, {q.device}, contiguous last dim)")
     if varlen:
         batch = cu_seqlens_q.numel() - 1
         lse = torch.empty(pattern.heads, q.shape[0], dtype=torch.float32, device=q.device)

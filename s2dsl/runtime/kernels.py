@@ -26,21 +26,23 @@ def choose_forward(pattern: Pattern, dtype: torch.dtype, head_dim: int, layout: 
     """Tile sizes for the forward kernel; ``tuning`` overrides any field."""
     capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else (0, 0)
     block = pattern.block
-    span = 1
     if device.type != "cuda":  # the interpreter: small tiles run fastest
-        block_m, block_n, warps, stages = min(block, 32), min(block, 32), 4, 1
+        spec = Specialization(block_m=min(block, 32), block_n=min(block, 32), num_warps=4, num_stages=1)
     else:
-        # measured on an H100 (benchmarks/RESULTS.md): 128-row tiles, 8 warps, 3 stages, and
-        # two blocks at a time inside the window beat the other shapes tried
-        span = 2 if block <= 64 else 1
-        big = head_dim > 128
-        block_m = 64 if big else 128
-        block_n = min(block, 32 if big else 64)
-        warps = 4 if block_m == 64 else 8
-        stages = 2 if big else 3
-    spec = Specialization(dtype=_DTYPES[dtype], head_dim=head_dim, layout=layout, capability=tuple(capability),
-                          block_m=block_m, block_n=block_n, window_span=span, num_warps=warps, num_stages=stages)
+        spec = choose_forward_for_gpu(pattern, head_dim)
+    spec = replace(spec, dtype=_DTYPES[dtype], head_dim=head_dim, layout=layout, capability=tuple(capability))
     return replace(spec, **(tuning or {}))
+
+
+def choose_forward_for_gpu(pattern: Pattern, head_dim: int) -> Specialization:
+    """Measured on an H100 (benchmarks/RESULTS.md): 128-row tiles, 8 warps, 3 stages and two
+    blocks at a time inside the window beat the other shapes tried at head dim 128."""
+    big = head_dim > 128
+    block_m = 64 if big else 128
+    return Specialization(head_dim=head_dim, capability=(9, 0), block_m=block_m,
+                          block_n=min(pattern.block, 32 if big else 64),
+                          window_span=2 if pattern.block <= 64 and not big else 1,
+                          num_warps=4 if block_m == 64 else 8, num_stages=2 if big else 3)
 
 
 def forward_module(pattern: Pattern, spec: Specialization, cache: Optional[KernelCache] = None) -> ModuleType:
