@@ -1,0 +1,522 @@
+"""Emit the Triton backward kernels specialised to one pattern.
+
+The generated module holds three ``@triton.jit`` kernels and a ``launch`` function:
+
+* ``preprocess_kernel``: ``delta = rowsum(dO * O)`` in float32, laid out like the lse;
+* ``dq_kernel``: one program per (query tile, q head). It visits exactly the kv blocks the
+  forward kernel visits, enumerated the same way (see ``forward.py``): the window range
+  [lo, last_block] with masked edge and diagonal blocks, the sinks and residue blocks
+  below it (unmasked: every row of the tile keeps them), and, bidirectional, the sinks
+  and residue blocks after the diagonal. It recomputes ``P = exp(QK^T * scale - lse)``,
+  ``dS = P * (dO V^T - delta)`` and accumulates ``dQ += dS K * scale``;
+* ``dkdv_kernel``: one program per (kv tile, kv head); a kv tile lies inside one pattern
+  block j. It visits the *transposed* pattern: the query blocks i that keep block j.
+  For a head with window W, sinks S and residues mod ``period`` that set is always one
+  contiguous range, derived arithmetically from j:
+
+  - j is "full" (j < S or j % period in residues): every query block keeps it, so
+    i in [j, last] (causal) or [first, last] (bidirectional);
+  - otherwise only the window keeps it: i in [j, j + W) clamped to [first, last]
+    (the window looks backwards, so this holds for bidirectional patterns too);
+
+  where [first, last] are the query blocks holding the queries (absolute positions
+  past .. kv_len - 1). The first and last block of the range are visited with masks
+  (causal diagonal, the partial first/last query block), the blocks between without.
+  With grouped-query attention the program loops over the q heads of its kv head, each
+  with its own parameters (so its own range), and accumulates their dK/dV in registers:
+  every output element is written by exactly one program, no atomics, deterministic.
+
+Nothing is a table that grows with the sequence length: the only table is the per-head
+parameter table (window, sink, period, residues), present only when heads differ.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from textwrap import dedent, indent
+
+from .forward import Specialization
+from .lower import KernelPlan
+
+BACKWARD_CODEGEN_VERSION = "bwd-1"
+
+
+@dataclass(frozen=True)
+class BackwardSpecialization(Specialization):
+    """A ``Specialization`` for the backward kernels.
+
+    ``block_m``/``block_n``/``num_warps``/``num_stages`` are the dQ kernel's (query rows
+    per program; kv rows per inner step, dividing the pattern block). The dK/dV kernel's
+    own fields fall back to them when 0: ``dkdv_block_n`` kv rows per program and
+    ``dkdv_block_m`` query rows per inner step, both dividing the pattern block.
+    ``dkdv_unroll_group`` unrolls the dK/dV kernel's loop over the q heads of a kv head.
+    """
+
+    dkdv_block_m: int = 0
+    dkdv_block_n: int = 0
+    dkdv_num_warps: int = 0
+    dkdv_num_stages: int = 0
+    dkdv_unroll_group: bool = False  # unroll the loop over a kv head's q heads (GQA): longer compile, fewer spills
+
+
+def _at(code: str, level: int) -> str:
+    """``code`` dedented, then indented ``level`` steps; blank input gives ``pass``."""
+    code = dedent(code).strip("\n")
+    return indent(code if code.strip() else "pass", "    " * level)
+
+
+def _param(plan: KernelPlan, name: str, column: int) -> str:
+    """A per-head number: a literal when every head shares it, else a load from the head table."""
+    value = plan.uniform(name)
+    if value is not None:
+        return str(value)
+    return f"tl.load(HeadTable + h * TABLE_WIDTH + {column})"
+
+
+def _full_predicate(plan: KernelPlan) -> str:
+    """Scalar ``full``: is block j kept for every query block (after the causal cut) by a sink or residue?"""
+    terms = []
+    if plan.has_sink:
+        terms.append("(j < sink)")
+    if plan.max_residues == 1:
+        terms.append("(j % period == residue)")
+    elif plan.max_residues > 1:
+        return dedent("""\
+            full = j < sink
+            for t in range(0, num_residues):
+                full = full | (j % period == tl.load(HeadTable + h * TABLE_WIDTH + 4 + t))""")
+    return "full = " + (" | ".join(terms) if terms else "False")
+
+
+def _dkdv_tiles(plan: KernelPlan, spec: Specialization):
+    """(kv rows per program, query rows per step, warps, stages) of the dK/dV kernel."""
+    block_n = getattr(spec, "dkdv_block_n", 0) or spec.block_n
+    block_m = getattr(spec, "dkdv_block_m", 0) or (spec.block_m if plan.block % spec.block_m == 0 else spec.block_n)
+    warps = getattr(spec, "dkdv_num_warps", 0) or spec.num_warps
+    stages = getattr(spec, "dkdv_num_stages", 0) or spec.num_stages
+    return block_n, block_m, warps, stages
+
+
+def _dq_call(masked: str, window: str, full: str) -> str:
+    return f"""
+    dq = _dq_visit(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, j, rows, row_block, kv_len,
+                   {window}, {full}, qk_scale, {masked}, CAUSAL, BLOCK, BLOCK_N, HEAD_DIM, D_PAD)"""
+
+
+def _dq_outside_loops(plan: KernelPlan, lo: str, hi: str, masked: str) -> str:
+    """Loops over the sinks and residue blocks in [lo, hi): every row of the tile keeps them."""
+    visit = _dq_call(masked, "0", "True")
+    code = []
+    if plan.has_sink:
+        code.append(f"""
+for j in range({lo}, tl.minimum({hi}, sink)):{visit}""")
+    if plan.max_residues:
+        start = f"tl.maximum({lo}, sink)" if plan.has_sink else lo
+        if plan.max_residues == 1:
+            code.append(f"""
+start = {start}
+# first j >= start with j % period == residue (operands kept non-negative: C-style %)
+first = start + (residue - start % period + period) % period
+for j in range(first, {hi}, period):{visit}""")
+        else:
+            code.append(f"""
+start = {start}
+for t in range(0, num_residues):
+    residue = tl.load(HeadTable + h * TABLE_WIDTH + 4 + t)
+    first = start + (residue - start % period + period) % period
+    for j in range(first, {hi}, period):{indent(visit, '    ')}""")
+    return "".join(code)
+
+
+def _head_params(plan: KernelPlan) -> str:
+    lines = [
+        f"window = {_param(plan, 'window', 0)}",
+        f"sink = {_param(plan, 'sink', 1)}",
+        f"period = {_param(plan, 'period', 2)}",
+    ]
+    if plan.max_residues == 1:
+        lines.append(f"residue = {_param(plan, 'residue', 4)}")
+    elif plan.max_residues > 1:
+        lines.append("num_residues = tl.load(HeadTable + h * TABLE_WIDTH + 3)")
+    return "\n".join(lines)
+
+
+def _query_range(plan: KernelPlan) -> str:
+    """The contiguous range [i_lo, i_hi] of query blocks that keep kv block j (this head)."""
+    has_full = plan.has_sink or plan.max_residues > 0
+    code = []
+    if has_full:
+        code.append(_full_predicate(plan))
+    window_hi = "tl.minimum(j + window - 1, last_qblock)"
+    if plan.causal:
+        code.append("i_lo = tl.maximum(j, first_qblock)")
+    elif has_full:
+        code.append("i_lo = tl.where(full, first_qblock, tl.maximum(j, first_qblock))")
+    else:
+        code.append("i_lo = tl.maximum(j, first_qblock)")
+    if has_full:
+        code.append(f"i_hi = tl.where(full, last_qblock, {window_hi})")
+    else:
+        code.append(f"i_hi = {window_hi}")
+    return "\n".join(code)
+
+
+def generate_backward(plan: KernelPlan, spec: Specialization, *, name: str = "pattern", fingerprint: str = "") -> str:
+    """Source of a Python module with the backward kernels and ``launch`` for ``plan``."""
+    dkdv_n, dkdv_m, dkdv_warps, dkdv_stages = _dkdv_tiles(plan, spec)
+    for label, value in (("block_n", spec.block_n), ("dkdv_block_n", dkdv_n), ("dkdv_block_m", dkdv_m)):
+        if value < 16 or value & (value - 1) or plan.block % value:
+            raise ValueError(f"{label}={value} must be a power of two >= 16 dividing the pattern block {plan.block}")
+    if spec.block_m < 16 or spec.block_m & (spec.block_m - 1):
+        raise ValueError(f"block_m={spec.block_m} must be a power of two >= 16")
+    table_width = 4 + max(plan.max_residues, 1)
+    unroll = getattr(spec, "dkdv_unroll_group", False) and plan.group_size > 1
+    group_loop = "tl.static_range(GROUP)" if unroll else "range(0, GROUP)"
+    varlen = spec.layout == "varlen"
+    full = _full_predicate(plan)
+
+    # ---------------------------------------------------------------- dQ enumeration
+    window_loops = f"""
+for j in range(lo, edge):  # first blocks of the window range: not every row's window reaches them
+{indent(full, '    ')}{_dq_call("True", "window", "full")}
+for j in range(edge, first_block):  # inside every row's window: no mask{_dq_call("False", "window", "True")}
+for j in range(first_block, last_block + 1):  # the diagonal blocks
+{indent(full, '    ')}{_dq_call("True", "window", "full")}"""
+    below = _dq_outside_loops(plan, "0", "lo", "False")
+    above = "" if plan.causal else _dq_outside_loops(plan, "last_block + 1", "n_kv_blocks", "True")
+
+    # ---------------------------------------------------------------- dK/dV enumeration
+    dkdv_call = """
+    dk, dv = _dkdv_visit(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, i, cols,
+                         past, kv_len, qk_scale, {masked}, CAUSAL, BLOCK, BLOCK_M, HEAD_DIM, D_PAD)"""
+    query_loops = f"""
+# the first block of the range: the causal diagonal, or the partial first query block
+for i in range(i_lo, tl.minimum(i_lo + 1, i_hi + 1)):{dkdv_call.format(masked="True")}
+# strictly inside: every row is a query, every row is after every key of the tile
+for i in range(i_lo + 1, i_hi):{dkdv_call.format(masked="False")}
+# the last block of the range: maybe the partial last query block
+for i in range(tl.maximum(i_hi, i_lo + 1), i_hi + 1):{dkdv_call.format(masked="True")}"""
+
+    if varlen:
+        locate_q = """
+q_start = tl.load(CuSeqQ + b)
+q_len = tl.load(CuSeqQ + b + 1) - q_start
+k_start = tl.load(CuSeqK + b)
+kv_len = tl.load(CuSeqK + b + 1) - k_start"""
+        q_bases = """
+q_base = Q + q_start * stride_qm + h * stride_qh
+do_base = DO + q_start * stride_dom + h * stride_doh
+lse_base = Lse + h * stride_lh + q_start
+delta_base = Delta + h * stride_lh + q_start"""
+        dq_base = "dq_base = DQ + q_start * stride_dqm + h * stride_dqh"
+        kv_bases = """
+k_base = K + k_start * stride_kn + kv_h * stride_kh
+v_base = V + k_start * stride_vn + kv_h * stride_vh"""
+        dkv_bases = """
+dk_base = DK + k_start * stride_dkn + kv_h * stride_dkh
+dv_base = DV + k_start * stride_dvn + kv_h * stride_dvh"""
+        pre_locate = """
+q_start = tl.load(CuSeqQ + b)
+q_len = tl.load(CuSeqQ + b + 1) - q_start
+o_base = Out + q_start * stride_om + h * stride_oh
+do_base = DO + q_start * stride_dom + h * stride_doh
+delta_base = Delta + h * stride_lh + q_start"""
+    else:
+        locate_q = """
+q_len = q_len_all
+kv_len = kv_len_all"""
+        q_bases = """
+q_base = Q + b * stride_qb + h * stride_qh
+do_base = DO + b * stride_dob + h * stride_doh
+lse_base = Lse + b * stride_lb + h * stride_lh
+delta_base = Delta + b * stride_lb + h * stride_lh"""
+        dq_base = "dq_base = DQ + b * stride_dqb + h * stride_dqh"
+        kv_bases = """
+k_base = K + b * stride_kb + kv_h * stride_kh
+v_base = V + b * stride_vb + kv_h * stride_vh"""
+        dkv_bases = """
+dk_base = DK + b * stride_dkb + kv_h * stride_dkh
+dv_base = DV + b * stride_dvb + kv_h * stride_dvh"""
+        pre_locate = """
+q_len = q_len_all
+o_base = Out + b * stride_ob + h * stride_oh
+do_base = DO + b * stride_dob + h * stride_doh
+delta_base = Delta + b * stride_lb + h * stride_lh"""
+
+    source = f'''\
+# Generated by s2dsl codegen {BACKWARD_CODEGEN_VERSION}: backward kernels (delta, dQ, dK/dV). Do not edit.
+# pattern: {name}  fingerprint: {fingerprint}
+# block {plan.block}, heads {plan.heads}, kv_heads {plan.kv_heads}, {"causal" if plan.causal else "bidirectional"}
+# specialisation: {spec}
+import torch
+import triton
+import triton.language as tl
+
+HEADS = {plan.heads}
+KV_HEADS = {plan.kv_heads}
+GROUP = {plan.group_size}
+BLOCK = {plan.block}
+CAUSAL = {plan.causal}
+TABLE_WIDTH = {table_width}
+# per head: window, sink, period, number of residues, residues...
+HEAD_TABLE = {list(map(list, plan.table()))}
+HEAD_DIM = {spec.head_dim}
+D_PAD = {spec.d_pad}
+VARLEN = {varlen}
+# dQ kernel: query rows per program, kv rows per inner step
+DQ_BLOCK_M = {spec.block_m}
+DQ_BLOCK_N = {spec.block_n}
+DQ_NUM_WARPS = {spec.num_warps}
+DQ_NUM_STAGES = {spec.num_stages}
+# dK/dV kernel: kv rows per program (inside one pattern block), query rows per inner step
+DKDV_BLOCK_N = {dkdv_n}
+DKDV_BLOCK_M = {dkdv_m}
+DKDV_NUM_WARPS = {dkdv_warps}
+DKDV_NUM_STAGES = {dkdv_stages}
+PRE_BLOCK = {min(spec.block_m, 64)}
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def preprocess_kernel(Out, DO, Delta, CuSeqQ, stride_ob, stride_oh, stride_om, stride_dob, stride_doh, stride_dom,
+                      stride_lb, stride_lh, q_len_all,
+                      PRE_BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
+    """delta = rowsum(dO * O), float32, one row per query."""
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+{_at(pre_locate, 1)}
+    t = pid * PRE_BLOCK + tl.arange(0, PRE_BLOCK)
+    if pid * PRE_BLOCK < q_len:
+        offs_d = tl.arange(0, D_PAD)
+        mask = (t[:, None] < q_len) & (offs_d[None, :] < HEAD_DIM)
+        o = tl.load(o_base + t[:, None] * stride_om + offs_d[None, :], mask=mask, other=0.0)
+        do = tl.load(do_base + t[:, None] * stride_dom + offs_d[None, :], mask=mask, other=0.0)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        tl.store(delta_base + t, delta, mask=t < q_len)
+
+
+@triton.jit
+def _dq_visit(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, j, rows, row_block, kv_len,
+              window, full, qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK: tl.constexpr,
+              BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
+    """dQ of one tile of queries from kv block j: dq += (P * (dO V^T - delta)) K (scaled later)."""
+    offs_d = tl.arange(0, D_PAD)
+    for s in tl.static_range(BLOCK // BLOCK_N):
+        cols = j * BLOCK + s * BLOCK_N + tl.arange(0, BLOCK_N)
+        # K and V read transposed, [D_PAD, BLOCK_N]: column n is key row cols[n]
+        kt_ptrs = k_base + cols[None, :] * stride_kn + offs_d[:, None]
+        vt_ptrs = v_base + cols[None, :] * stride_vn + offs_d[:, None]
+        if MASKED:
+            kv_mask = (cols[None, :] < kv_len) & (offs_d[:, None] < HEAD_DIM)
+            kt = tl.load(kt_ptrs, mask=kv_mask, other=0.0)
+            vt = tl.load(vt_ptrs, mask=kv_mask, other=0.0)
+        elif HEAD_DIM != D_PAD:
+            kt = tl.load(kt_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
+            vt = tl.load(vt_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
+        else:
+            kt = tl.load(kt_ptrs)
+            vt = tl.load(vt_ptrs)
+        qk = tl.dot(q, kt)
+        # lse2 is +inf on rows that are not queries or kept nothing: p = 0 there, never NaN
+        p = tl.math.exp2(qk * qk_scale - lse2[:, None])
+        if MASKED:
+            keep = ((row_block - j >= 0) & (row_block - j < window)) | full
+            keep = keep[:, None] & (cols[None, :] < kv_len)
+            if CAUSAL:
+                keep = keep & (cols[None, :] <= rows[:, None])
+            p = tl.where(keep, p, 0.0)
+        dp = tl.dot(do, vt)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq)
+    return dq
+
+
+@triton.jit
+def dq_kernel(Q, K, V, DO, DQ, Lse, Delta, HeadTable, CuSeqQ, CuSeqK,
+              stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+              stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
+              stride_dqb, stride_dqh, stride_dqm, stride_lb, stride_lh,
+              q_len_all, kv_len_all, n_tiles, qk_scale, sm_scale,
+              HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr, CAUSAL: tl.constexpr,
+              TABLE_WIDTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
+    # Longest work first: tiles run from the last (most kv blocks under a causal mask) down.
+    pid = tl.program_id(0)
+    tile = n_tiles - 1 - pid // HEADS
+    h = pid % HEADS
+    b = tl.program_id(1)
+    kv_h = h // GROUP
+{_at(locate_q, 1)}
+{_at(q_bases, 1)}
+{_at(dq_base, 1)}
+{_at(kv_bases, 1)}
+    past = kv_len - q_len  # the queries are the last q_len of kv_len positions
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    first_row = tl.maximum(tile * BLOCK_M, past)
+    last_row = tl.minimum(tile * BLOCK_M + BLOCK_M, kv_len) - 1
+    if first_row <= last_row:
+        row_block = rows // BLOCK
+        first_block = first_row // BLOCK
+        last_block = last_row // BLOCK
+        n_kv_blocks = (kv_len + BLOCK - 1) // BLOCK
+        # ---- this head's pattern (generated) ----
+{_at(_head_params(plan), 2)}
+        valid = (rows >= past) & (rows < kv_len)
+        offs_d = tl.arange(0, D_PAD)
+        io_mask = valid[:, None] & (offs_d[None, :] < HEAD_DIM)
+        q = tl.load(q_base + (rows - past)[:, None] * stride_qm + offs_d[None, :], mask=io_mask, other=0.0)
+        do = tl.load(do_base + (rows - past)[:, None] * stride_dom + offs_d[None, :], mask=io_mask, other=0.0)
+        lse = tl.load(lse_base + (rows - past), mask=valid, other=float("-inf"))
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        delta = tl.load(delta_base + (rows - past), mask=valid, other=0.0)
+        dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+        # the window range [lo, last_block]; blocks >= edge are in every row's window
+        lo = tl.maximum(first_block - tl.maximum(window, 1) + 1, 0)
+        edge = tl.minimum(tl.maximum(last_block - tl.maximum(window, 1) + 1, lo), first_block)
+        # -- sinks and residue blocks below the window range --
+{_at(below, 2)}
+        # -- the window range --
+{_at(window_loops, 2)}
+        # -- sinks and residue blocks after the diagonal (bidirectional only) --
+{_at(above, 2)}
+        dq_ptrs = dq_base + (rows - past)[:, None] * stride_dqm + offs_d[None, :]
+        tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=io_mask)
+
+
+@triton.jit
+def _dkdv_visit(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, i, cols, past, kv_len,
+                qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
+                HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
+    """dK, dV of one kv tile from the queries of query block i (which keeps the tile's block)."""
+    offs_d = tl.arange(0, D_PAD)
+    for s in tl.static_range(BLOCK // BLOCK_M):
+        rows = i * BLOCK + s * BLOCK_M + tl.arange(0, BLOCK_M)  # absolute positions
+        t = rows - past                                        # query index
+        # Q read transposed, [D_PAD, BLOCK_M]: column m is query row t[m]
+        qt_ptrs = q_base + t[None, :] * stride_qm + offs_d[:, None]
+        do_ptrs = do_base + t[:, None] * stride_dom + offs_d[None, :]
+        if MASKED:
+            valid = (rows >= past) & (rows < kv_len)
+            qt = tl.load(qt_ptrs, mask=valid[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
+            do = tl.load(do_ptrs, mask=valid[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+            lse = tl.load(lse_base + t, mask=valid, other=float("inf"))
+            delta = tl.load(delta_base + t, mask=valid, other=0.0)
+            # an empty row (lse -inf) keeps nothing: +inf makes its p exactly 0
+            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        else:
+            if HEAD_DIM != D_PAD:
+                qt = tl.load(qt_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
+                do = tl.load(do_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+            else:
+                qt = tl.load(qt_ptrs)
+                do = tl.load(do_ptrs)
+            lse2 = tl.load(lse_base + t) * 1.4426950408889634
+            delta = tl.load(delta_base + t)
+        qkt = tl.dot(k, qt)  # [BLOCK_N, BLOCK_M]
+        pt = tl.math.exp2(qkt * qk_scale - lse2[None, :])
+        if MASKED:
+            keep = valid[None, :]
+            if CAUSAL:
+                keep = keep & (cols[:, None] <= rows[None, :])
+            pt = tl.where(keep, pt, 0.0)
+        dv = tl.dot(pt.to(do.dtype), do, dv)
+        dpt = tl.dot(v, tl.trans(do))
+        dst = pt * (dpt - delta[None, :])
+        dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk)
+    return dk, dv
+
+
+@triton.jit
+def dkdv_kernel(Q, K, V, DO, DK, DV, Lse, Delta, HeadTable, CuSeqQ, CuSeqK,
+                stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
+                stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, stride_lb, stride_lh,
+                q_len_all, kv_len_all, qk_scale, sm_scale,
+                KV_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr, CAUSAL: tl.constexpr,
+                TABLE_WIDTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
+    # Early kv tiles first: under a causal mask their sinks/residues are kept by the most queries.
+    pid = tl.program_id(0)
+    tile = pid // KV_HEADS
+    kv_h = pid % KV_HEADS
+    b = tl.program_id(1)
+{_at(locate_q, 1)}
+{_at(kv_bases, 1)}
+{_at(dkv_bases, 1)}
+    past = kv_len - q_len  # the queries are the last q_len of kv_len positions
+    if tile * BLOCK_N < kv_len:
+        cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)  # kv rows of this tile, all in pattern block j
+        j = (tile * BLOCK_N) // BLOCK
+        offs_d = tl.arange(0, D_PAD)
+        kv_mask = (cols[:, None] < kv_len) & (offs_d[None, :] < HEAD_DIM)
+        k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+        dk = tl.zeros([BLOCK_N, D_PAD], tl.float32)
+        dv = tl.zeros([BLOCK_N, D_PAD], tl.float32)
+        first_qblock = past // BLOCK          # query blocks holding positions past .. kv_len - 1
+        last_qblock = (kv_len - 1) // BLOCK
+        for g in {group_loop}:  # the q heads sharing this kv head; each has its own pattern
+            h = kv_h * GROUP + g
+            # ---- this head's pattern (generated) ----
+{_at(_head_params(plan), 3)}
+{_at(q_bases, 3)}
+            # ---- the query blocks keeping kv block j: one contiguous range (generated) ----
+{_at(_query_range(plan), 3)}
+{_at(query_loops, 3)}
+        dk_ptrs = dk_base + cols[:, None] * stride_dkn + offs_d[None, :]
+        dv_ptrs = dv_base + cols[:, None] * stride_dvn + offs_d[None, :]
+        tl.store(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
+        tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+_tables = {{}}
+
+
+def head_table(device):
+    """The per-head table on ``device`` (built once per device)."""
+    key = str(device)
+    if key not in _tables:
+        _tables[key] = torch.tensor(HEAD_TABLE, dtype=torch.int32, device=device)
+    return _tables[key]
+
+
+def launch(q, k, v, out, dout, lse, dq, dk, dv, q_strides, k_strides, v_strides, o_strides, do_strides,
+           dq_strides, dk_strides, dv_strides, lse_strides, batch, q_len, kv_len, cu_seqlens_q, cu_seqlens_k,
+           sm_scale):
+    """Run delta, dQ and dK/dV. Strides are (batch, head, token) in elements, the last dim contiguous;
+    ``lse`` (and the delta made like it) has token stride 1 and (batch, head) strides ``lse_strides``."""
+    if cu_seqlens_k is not None:
+        max_q_len = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
+        max_kv_len = int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max())
+    else:
+        max_q_len, max_kv_len = q_len, kv_len
+    table = head_table(q.device)
+    dummy = table  # stands in for the cu_seqlens pointers when they are unused
+    cu_q = cu_seqlens_q if cu_seqlens_q is not None else dummy
+    cu_k = cu_seqlens_k if cu_seqlens_k is not None else dummy
+    qk_scale = sm_scale * LOG2E
+    delta = torch.empty_like(lse)
+    if max_q_len > 0:
+        preprocess_kernel[(triton.cdiv(max_q_len, PRE_BLOCK), HEADS, batch)](
+            out, dout, delta, cu_q, *o_strides, *do_strides, *lse_strides, q_len,
+            PRE_BLOCK=PRE_BLOCK, HEAD_DIM=HEAD_DIM, D_PAD=D_PAD)
+        n_tiles = triton.cdiv(max_kv_len, DQ_BLOCK_M)  # tiles are aligned to absolute positions
+        dq_kernel[(n_tiles * HEADS, batch)](
+            q, k, v, dout, dq, lse, delta, table, cu_q, cu_k,
+            *q_strides, *k_strides, *v_strides, *do_strides, *dq_strides, *lse_strides,
+            q_len, kv_len, n_tiles, qk_scale, sm_scale,
+            HEADS=HEADS, GROUP=GROUP, BLOCK=BLOCK, CAUSAL=CAUSAL, TABLE_WIDTH=TABLE_WIDTH,
+            BLOCK_M=DQ_BLOCK_M, BLOCK_N=DQ_BLOCK_N, HEAD_DIM=HEAD_DIM, D_PAD=D_PAD,
+            num_warps=DQ_NUM_WARPS, num_stages=DQ_NUM_STAGES)
+    if max_kv_len > 0:
+        n_kv_tiles = triton.cdiv(max_kv_len, DKDV_BLOCK_N)
+        dkdv_kernel[(n_kv_tiles * KV_HEADS, batch)](
+            q, k, v, dout, dk, dv, lse, delta, table, cu_q, cu_k,
+            *q_strides, *k_strides, *v_strides, *do_strides, *dk_strides, *dv_strides, *lse_strides,
+            q_len, kv_len, qk_scale, sm_scale,
+            KV_HEADS=KV_HEADS, GROUP=GROUP, BLOCK=BLOCK, CAUSAL=CAUSAL, TABLE_WIDTH=TABLE_WIDTH,
+            BLOCK_M=DKDV_BLOCK_M, BLOCK_N=DKDV_BLOCK_N, HEAD_DIM=HEAD_DIM, D_PAD=D_PAD,
+            num_warps=DKDV_NUM_WARPS, num_stages=DKDV_NUM_STAGES)
+    return delta
+'''
+    return source

@@ -1,0 +1,153 @@
+"""The generated backward: gradients of ``forward`` with respect to q, k and v."""
+from __future__ import annotations
+
+import math
+from dataclasses import fields, replace
+from types import ModuleType
+from typing import Optional
+
+import torch
+
+from ..codegen import lower
+from ..codegen.backward import BACKWARD_CODEGEN_VERSION, BackwardSpecialization, generate_backward
+from ..codegen.forward import Specialization
+from ..pattern import Pattern
+from .attention import InputError, _check, _strides
+from .cache import KernelCache, cache_key, codegen_fingerprint, default_cache
+from .kernels import _DTYPES
+
+_TILE_FIELDS = ("block_n", "dkdv_block_n", "dkdv_block_m")
+
+
+def _divisor(block: int, target: int) -> int:
+    """The largest power of two <= target dividing ``block`` (tiles must not straddle pattern blocks)."""
+    n = 1
+    while n * 2 <= target and block % (n * 2) == 0:
+        n *= 2
+    if n < 16:
+        raise InputError(f"pattern block {block} has no power-of-two divisor >= 16: the kernels' tiles "
+                         "(at least 16 rows for tl.dot) must not straddle pattern blocks")
+    return n
+
+
+def _as_backward(spec: Specialization) -> BackwardSpecialization:
+    if isinstance(spec, BackwardSpecialization):
+        return spec
+    return BackwardSpecialization(**{f.name: getattr(spec, f.name) for f in fields(Specialization)})
+
+
+def choose_backward(pattern: Pattern, dtype: torch.dtype, head_dim: int, layout: str,
+                    device: torch.device, tuning: Optional[dict] = None) -> BackwardSpecialization:
+    """Tile sizes for the backward kernels; ``tuning`` overrides any field.
+
+    Fields: ``block_m``/``block_n``/``num_warps``/``num_stages`` for the dQ kernel (query
+    rows per program, kv rows per step), ``dkdv_block_n``/``dkdv_block_m``/
+    ``dkdv_num_warps``/``dkdv_num_stages`` for the dK/dV kernel (kv rows per program,
+    query rows per step), ``dkdv_unroll_group`` (unroll the dK/dV kernel's loop over the q
+    heads of a kv head). ``block_n``, ``dkdv_block_n`` and ``dkdv_block_m`` must divide
+    the pattern block.
+    """
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else (0, 0)
+    block = pattern.block
+    if device.type != "cuda":  # the interpreter: few, small tiles run fastest
+        t = _divisor(block, 32)
+        spec = BackwardSpecialization(dtype=_DTYPES[dtype], head_dim=head_dim, layout=layout,
+                                      capability=tuple(capability), block_m=32, block_n=t, num_warps=4,
+                                      num_stages=1, dkdv_block_m=t, dkdv_block_n=t, dkdv_num_warps=4,
+                                      dkdv_num_stages=1)
+    else:  # sm_90 compiles (stack use from cuobjdump) favour wide tiles at d <= 128; GPU timings decide
+        big = head_dim > 128
+        spec = BackwardSpecialization(
+            dtype=_DTYPES[dtype], head_dim=head_dim, layout=layout, capability=tuple(capability),
+            block_m=64 if big else 128, block_n=_divisor(block, 32 if big else 64),
+            num_warps=8, num_stages=2 if big else 3,
+            dkdv_block_m=_divisor(block, 32 if big else 64), dkdv_block_n=_divisor(block, 32 if big else 64),
+            dkdv_num_warps=8, dkdv_num_stages=2 if big else 3,
+            # sm_90 compiles of the GQA dK/dV kernel spill ~10x less with the group loop unrolled
+            dkdv_unroll_group=pattern.group_size <= 8)
+    return replace(spec, **(tuning or {}))
+
+
+def backward_module(pattern: Pattern, spec: Specialization, cache: Optional[KernelCache] = None) -> ModuleType:
+    cache = cache or default_cache()
+    plan = lower(pattern)
+    spec = _as_backward(spec)
+    key = cache_key(BACKWARD_CODEGEN_VERSION, codegen_fingerprint(), "bwd", plan, spec)
+    return cache.get(key, lambda: generate_backward(plan, spec, name=pattern.name, fingerprint=pattern.fingerprint()))
+
+
+def backward_source(pattern: Pattern, spec: Optional[Specialization] = None) -> str:
+    """The generated backward module's source for ``pattern`` (for ``s2dsl`` CLI printing).
+
+    ``spec`` may be a forward ``Specialization`` (its tiles are fitted to the pattern
+    block) or a ``BackwardSpecialization``; by default, GPU-style tiles for head dim 64.
+    """
+    if spec is None:
+        spec = choose_backward(pattern, torch.float16, 64, "bhsd", torch.device("cuda")) \
+            if torch.cuda.is_available() else None
+        if spec is None:  # no device to ask: the H100 defaults
+            spec = BackwardSpecialization(capability=(9, 0), block_m=128, block_n=_divisor(pattern.block, 64),
+                                          num_warps=8, num_stages=3, dkdv_block_m=_divisor(pattern.block, 64),
+                                          dkdv_block_n=_divisor(pattern.block, 64), dkdv_num_warps=8,
+                                          dkdv_num_stages=3)
+    spec = _as_backward(spec)
+    fitted = {name: _divisor(pattern.block, getattr(spec, name)) for name in _TILE_FIELDS if getattr(spec, name)}
+    spec = replace(spec, **fitted)
+    return generate_backward(lower(pattern), spec, name=pattern.name, fingerprint=pattern.fingerprint())
+
+
+def _same_shape(name: str, t, ref: torch.Tensor):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.shape != ref.shape or t.device != ref.device:
+        raise InputError(f"{name} must match q: shape {tuple(ref.shape)} on {ref.device}; "
+                         f"got {tuple(t.shape)} on {t.device}")
+
+
+def backward(q, k, v, out, lse, dout, pattern: Pattern, *, scale: Optional[float] = None, layout: str = "bhsd",
+             cu_seqlens_q=None, cu_seqlens_k=None, tuning: Optional[dict] = None):
+    """Gradients ``(dq, dk, dv)`` of ``forward(q, k, v, pattern, ...)`` given ``dout``.
+
+    ``out`` and ``lse`` are what ``forward`` returned (lse: natural log, float32,
+    (batch, heads, q_len), or (heads, total_q) when packed). dk and dv come in k's and v's
+    shapes (kv heads), all three in the input dtype; accumulation is float32. Query rows
+    the pattern leaves empty get zero gradient.
+    """
+    varlen, head_dim = _check(q, k, v, pattern, layout, cu_seqlens_q, cu_seqlens_k)
+    layout = "varlen" if varlen else layout
+    _same_shape("out", out, q)
+    _same_shape("dout", dout, q)
+    if varlen:
+        batch = cu_seqlens_q.numel() - 1
+        lse_shape = (pattern.heads, q.shape[0])
+        q_len = kv_len = 0
+    else:
+        batch = q.shape[0]
+        sd = 2 if layout == "bhsd" else 1
+        q_len, kv_len = q.shape[sd], k.shape[sd]
+        lse_shape = (batch, pattern.heads, q_len)
+    if not isinstance(lse, torch.Tensor) or tuple(lse.shape) != lse_shape or lse.device != q.device:
+        raise InputError(f"lse must be float32 of shape {lse_shape} on {q.device} (as forward returns it); "
+                         f"got {tuple(getattr(lse, 'shape', ()))}")
+    q, k, v, out, dout = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, out, dout))
+    if out.dtype != q.dtype:
+        out = out.to(q.dtype)
+    if dout.dtype != q.dtype:
+        dout = dout.to(q.dtype)
+    lse = lse.to(torch.float32).contiguous()
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    if k.numel() == 0:
+        return dq, dk, dv
+    if q.numel() == 0:
+        return dq, dk.zero_(), dv.zero_()
+    spec = choose_backward(pattern, q.dtype, head_dim, layout, q.device, tuning)
+    module = backward_module(pattern, spec)
+    lse_strides = (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
+    module.launch(q, k, v, out, dout, lse, dq, dk, dv,
+                  _strides(q, layout), _strides(k, layout), _strides(v, layout), _strides(out, layout),
+                  _strides(dout, layout), _strides(dq, layout), _strides(dk, layout), _strides(dv, layout),
+                  lse_strides, batch, q_len, kv_len, cu_seqlens_q, cu_seqlens_k, scale)
+    return dq, dk, dv
