@@ -163,6 +163,9 @@ def main():
             row["plan_ms"] = plan_cost(pattern, n)
             rows.append(row)
             print(json.dumps(row), flush=True)
+            if args.json:  # after every row, so a run cut short keeps what it measured
+                with open(args.json, "w") as f:
+                    json.dump(rows, f, indent=1)
             del q, k, v
             torch.cuda.empty_cache()
     print("\n| pattern | seq | SDPA flash ms | Flex ms | s2dsl ms | s2dsl TFLOP/s | vs FA2 | vs Flex |")

@@ -7,6 +7,7 @@ residue classes), so two heads written differently but meaning the same compare 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
@@ -115,9 +116,13 @@ class Pattern:
             raise ValueError(f"pattern {self.name}: {len(self.head_specs)} head specs for {self.heads} heads")
         if self.heads % self.kv_heads:
             raise ValueError(f"pattern {self.name}: kv_heads={self.kv_heads} does not divide heads={self.heads}")
-        # computed once: the runtime reads it on every call, also inside torch.compile'd code
+        # computed once: the runtime reads these on every call, also inside torch.compile'd code
         text = repr((self.block, self.heads, self.kv_heads, self.causal, self.head_specs))
         object.__setattr__(self, "_fingerprint", hashlib.sha256(text.encode()).hexdigest()[:16])
+        specs = [[s.window, s.sink, [list(r) for r in s.residues], s.dense, [[t.k, t.recent] for t in s.topk]]
+                 for s in self.head_specs]
+        object.__setattr__(self, "_serialized", json.dumps(
+            [self.name, self.block, self.heads, self.kv_heads, self.causal, specs], separators=(",", ":")))
 
     @property
     def group_size(self) -> int:
@@ -136,6 +141,17 @@ class Pattern:
         if self.causal and j > i:
             return False
         return self.head_specs[h].keeps(i, j)
+
+    def serialize(self) -> str:
+        """The pattern's semantics as compact JSON; ``Pattern.deserialize`` reads it back."""
+        return self._serialized
+
+    @staticmethod
+    def deserialize(text: str) -> "Pattern":
+        name, block, heads, kv_heads, causal, specs = json.loads(text)
+        return Pattern(name, block, heads, kv_heads, causal, tuple(
+            HeadSpec(w, s, tuple(tuple(r) for r in res), dense, tuple(TopKSpec(*t) for t in topk))
+            for w, s, res, dense, topk in specs))
 
     def fingerprint(self) -> str:
         """Identity of the semantics (not the name): equal for patterns that attend alike."""

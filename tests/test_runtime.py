@@ -16,6 +16,8 @@ from s2dsl.codegen import Specialization
 from s2dsl.runtime.cache import CHECKSUM_PREFIX, KernelCache
 from s2dsl.runtime.kernels import forward_module
 
+from conftest import ROOT
+
 # CPU tests of the kernels under the Triton interpreter; tests/test_gpu.py covers the GPU
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
 DEVICE = "cpu"
@@ -141,3 +143,25 @@ def test_torch_compile_traces_without_graph_break():
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(q, k, v), f(q, k, v), atol=1e-5, rtol=1e-5)
+
+
+def test_torch_compile_in_a_fresh_process_first_call():
+    """The first call of a pattern may happen inside torch.compile (nothing registered before)."""
+    script = textwrap.dedent("""
+        import torch, s2dsl
+        p = s2dsl.local_stride(block=16, local_blocks=2, vert_stride=3, heads=2)
+        q = torch.randn(1, 2, 40, 16)
+        f = torch.compile(lambda q: s2dsl.attention(q, q, q, p), fullgraph=True, backend="aot_eager")
+        assert torch.allclose(f(q), s2dsl.reference_attention(q, q, q, p), atol=1e-5)
+        print("ok")
+    """)
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+def test_pattern_serialization_round_trips():
+    for path in (ROOT / "examples").glob("*.s2"):
+        for pattern in s2dsl.load(path).values():
+            again = s2dsl.Pattern.deserialize(pattern.serialize())
+            assert again == pattern and again.fingerprint() == pattern.fingerprint()

@@ -1,26 +1,28 @@
 """The kernels as torch custom ops, so torch.compile traces through them and autograd
 reaches the generated backward.
 
-Custom ops take only tensors and plain values, so a pattern travels as the key of a
-process-wide registry (its semantic fingerprint).
+Custom ops take only tensors and plain values, so a pattern travels as its serialized
+text (a constant in a traced graph) and is rebuilt once per process. No registry: a
+registry filled while torch.compile traces would be filled only after the graph first runs.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from functools import lru_cache
+from typing import Optional, Tuple
 
 import torch
 
 from ..pattern import Pattern
 from . import attention as _attention
 
-_PATTERNS: Dict[str, Pattern] = {}
-
-
 def register(pattern: Pattern) -> str:
-    key = pattern.fingerprint()
-    if key not in _PATTERNS:
-        _PATTERNS[key] = pattern
-    return key
+    """The op argument that stands for ``pattern``."""
+    return pattern.serialize()
+
+
+@lru_cache(maxsize=256)
+def _pattern(key: str) -> Pattern:
+    return Pattern.deserialize(key)
 
 
 def _lse_shape(q: torch.Tensor, layout: str, varlen: bool, heads: int):
@@ -35,13 +37,13 @@ def _lse_shape(q: torch.Tensor, layout: str, varlen: bool, heads: int):
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern_key: str, scale: float,
                   layout: str, cu_seqlens_q: Optional[torch.Tensor],
                   cu_seqlens_k: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-    return _attention.forward(q, k, v, _PATTERNS[pattern_key], scale=scale, layout=layout,
+    return _attention.forward(q, k, v, _pattern(pattern_key), scale=scale, layout=layout,
                               cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
 
 
 @attention_fwd.register_fake
 def _(q, k, v, pattern_key, scale, layout, cu_seqlens_q, cu_seqlens_k):
-    _attention._check(q, k, v, _PATTERNS[pattern_key], layout, cu_seqlens_q, cu_seqlens_k, static_only=True)
+    _attention._check(q, k, v, _pattern(pattern_key), layout, cu_seqlens_q, cu_seqlens_k, static_only=True)
     varlen = cu_seqlens_q is not None
     heads = q.shape[1] if (varlen or layout == "bhsd") else q.shape[2]
     return torch.empty_like(q), q.new_empty(_lse_shape(q, layout, varlen, heads), dtype=torch.float32)
@@ -53,7 +55,7 @@ def attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
                   cu_seqlens_q: Optional[torch.Tensor],
                   cu_seqlens_k: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from .backward import backward
-    return backward(q, k, v, out, lse, dout, _PATTERNS[pattern_key], scale=scale, layout=layout,
+    return backward(q, k, v, out, lse, dout, _pattern(pattern_key), scale=scale, layout=layout,
                     cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
 
 
