@@ -10,5 +10,5 @@ from .runtime.api import SparseAttention, attention, sparse_attention
 
 __all__ = ["S2Error", "S2SemanticError", "S2SyntaxError", "load", "parse", "local_stride", "HeadSpec",
            "Pattern", "reference_attention", "ModelPlan", "S2File",
-           "attention", "SparseAttention", "sparse_attention"]
+           "attention", "SparseAttention", "sparse_attention", "analyze"]
 __version__ = "0.1.0"

@@ -1,6 +1,7 @@
 """Pattern -> Triton source. Nothing here parses text or touches tensors."""
-from .lower import KernelPlan, HeadParams, lower
-from .forward import Specialization, generate_forward
 from .backward import BackwardSpecialization, generate_backward
+from .forward import Specialization, generate_forward
+from .lower import HeadParams, KernelPlan, lower
 
-__all__ = ["KernelPlan", "HeadParams", "lower", "Specialization", "generate_forward"]
+__all__ = ["KernelPlan", "HeadParams", "lower", "Specialization", "generate_forward",
+           "BackwardSpecialization", "generate_backward"]

@@ -32,10 +32,11 @@ parameter table (window, sink, period, residues), present only when heads differ
 from __future__ import annotations
 
 from dataclasses import dataclass
-from textwrap import dedent, indent
+from textwrap import indent
 
 from .forward import Specialization
 from .lower import KernelPlan
+from .snippets import at as _at, full_predicate as _full_predicate, head_param as _param
 
 BACKWARD_CODEGEN_VERSION = "bwd-1"
 
@@ -58,33 +59,10 @@ class BackwardSpecialization(Specialization):
     dkdv_unroll_group: bool = False  # unroll the loop over a kv head's q heads (GQA): longer compile, fewer spills
 
 
-def _at(code: str, level: int) -> str:
-    """``code`` dedented, then indented ``level`` steps; blank input gives ``pass``."""
-    code = dedent(code).strip("\n")
-    return indent(code if code.strip() else "pass", "    " * level)
 
 
-def _param(plan: KernelPlan, name: str, column: int) -> str:
-    """A per-head number: a literal when every head shares it, else a load from the head table."""
-    value = plan.uniform(name)
-    if value is not None:
-        return str(value)
-    return f"tl.load(HeadTable + h * TABLE_WIDTH + {column})"
 
 
-def _full_predicate(plan: KernelPlan) -> str:
-    """Scalar ``full``: is block j kept for every query block (after the causal cut) by a sink or residue?"""
-    terms = []
-    if plan.has_sink:
-        terms.append("(j < sink)")
-    if plan.max_residues == 1:
-        terms.append("(j % period == residue)")
-    elif plan.max_residues > 1:
-        return dedent("""\
-            full = j < sink
-            for t in range(0, num_residues):
-                full = full | (j % period == tl.load(HeadTable + h * TABLE_WIDTH + 4 + t))""")
-    return "full = " + (" | ".join(terms) if terms else "False")
 
 
 def _dkdv_tiles(plan: KernelPlan, spec: Specialization):

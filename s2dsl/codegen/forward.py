@@ -19,9 +19,10 @@ Every kept block is visited once, and no block outside the pattern is loaded.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from textwrap import dedent, indent
+from textwrap import indent
 
 from .lower import KernelPlan
+from .snippets import at as _at, full_predicate as _full_predicate, head_param as _param
 
 CODEGEN_VERSION = "fwd-1"
 
@@ -46,17 +47,8 @@ class Specialization:
         return max(16, 1 << (self.head_dim - 1).bit_length())
 
 
-def _at(code: str, level: int) -> str:
-    """``code`` dedented, then indented ``level`` steps; blank input gives ``pass``."""
-    code = dedent(code).strip("\n")
-    return indent(code if code.strip() else "pass", "    " * level)
 
 
-def _param(plan: KernelPlan, name: str, column: int) -> str:
-    value = plan.uniform(name)
-    if value is not None:
-        return str(value)
-    return f"tl.load(HeadTable + h * TABLE_WIDTH + {column})"
 
 
 def _outside_loops(plan: KernelPlan, lo: str, hi: str, masked: str) -> str:
@@ -88,19 +80,6 @@ def _outside_loops(plan: KernelPlan, lo: str, hi: str, masked: str) -> str:
     return "".join(code)
 
 
-def _full_predicate(plan: KernelPlan) -> str:
-    """Scalar: does every row keep block j because of a sink or a residue class?"""
-    terms = []
-    if plan.has_sink:
-        terms.append("(j < sink)")
-    if plan.max_residues == 1:
-        terms.append("(j % period == residue)")
-    elif plan.max_residues > 1:
-        return dedent("""\
-            full = j < sink
-            for t in range(0, num_residues):
-                full = full | (j % period == tl.load(HeadTable + h * TABLE_WIDTH + 4 + t))""")
-    return "full = " + (" | ".join(terms) if terms else "False")
 
 
 def generate_forward(plan: KernelPlan, spec: Specialization, *, name: str = "pattern", fingerprint: str = "") -> str:

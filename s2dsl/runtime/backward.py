@@ -55,14 +55,16 @@ def choose_backward(pattern: Pattern, dtype: torch.dtype, head_dim: int, layout:
                                       capability=tuple(capability), block_m=32, block_n=t, num_warps=4,
                                       num_stages=1, dkdv_block_m=t, dkdv_block_n=t, dkdv_num_warps=4,
                                       dkdv_num_stages=1)
-    else:  # sm_90 compiles (stack use from cuobjdump) favour wide tiles at d <= 128; GPU timings decide
+    else:
+        # d <= 128: the fastest of six tilings timed on an H100 (benchmarks/RESULTS.md);
+        # d > 128: narrower tiles so the accumulators fit (compile-time spill counts only)
         big = head_dim > 128
         spec = BackwardSpecialization(
             dtype=_DTYPES[dtype], head_dim=head_dim, layout=layout, capability=tuple(capability),
-            block_m=64 if big else 128, block_n=_divisor(block, 32 if big else 64),
-            num_warps=8, num_stages=2 if big else 3,
-            dkdv_block_m=_divisor(block, 32 if big else 64), dkdv_block_n=_divisor(block, 32 if big else 64),
-            dkdv_num_warps=8, dkdv_num_stages=2 if big else 3,
+            block_m=64, block_n=_divisor(block, 32 if big else 64),
+            num_warps=4, num_stages=2 if big else 3,
+            dkdv_block_m=_divisor(block, 32), dkdv_block_n=_divisor(block, 32 if big else 64),
+            dkdv_num_warps=4 if not big else 8, dkdv_num_stages=2 if big else 3,
             # sm_90 compiles of the GQA dK/dV kernel spill ~10x less with the group loop unrolled
             dkdv_unroll_group=pattern.group_size <= 8)
     return replace(spec, **(tuning or {}))

@@ -1,0 +1,35 @@
+"""Pieces of generated Triton source that the forward and backward kernels share."""
+from __future__ import annotations
+
+from textwrap import dedent, indent
+
+from .lower import KernelPlan
+
+
+def at(code: str, level: int) -> str:
+    """``code`` dedented, then indented ``level`` steps; blank input gives ``pass``."""
+    code = dedent(code).strip("\n")
+    return indent(code if code.strip() else "pass", "    " * level)
+
+
+def head_param(plan: KernelPlan, name: str, column: int) -> str:
+    """A per-head number: a literal when every head shares it, else a load from the head table."""
+    value = plan.uniform(name)
+    if value is not None:
+        return str(value)
+    return f"tl.load(HeadTable + h * TABLE_WIDTH + {column})"
+
+
+def full_predicate(plan: KernelPlan) -> str:
+    """Scalar ``full``: is kv block j kept for every query block by a sink or a residue class?"""
+    terms = []
+    if plan.has_sink:
+        terms.append("(j < sink)")
+    if plan.max_residues == 1:
+        terms.append("(j % period == residue)")
+    elif plan.max_residues > 1:
+        return dedent("""\
+            full = j < sink
+            for t in range(0, num_residues):
+                full = full | (j % period == tl.load(HeadTable + h * TABLE_WIDTH + 4 + t))""")
+    return "full = " + (" | ".join(terms) if terms else "False")
