@@ -51,6 +51,7 @@ def test_matches_reference(pattern, data):
     layout = data.draw(st.sampled_from(["bhsd", "bshd"]), label="layout")
     tuning = {"block_m": data.draw(st.sampled_from([16, 32]), label="block_m"), "block_n": 16,
               "window_span": data.draw(st.sampled_from([1, 2, 4]), label="window_span"),
+              "residue_span": data.draw(st.sampled_from([1, 2]), label="residue_span"),
               "order": data.draw(st.sampled_from(["longest_first", "naive", "tile_major"]), label="order")}
     q, k, v = _inputs(2, pattern.heads, pattern.kv_heads, lq, lk, d, dtype, layout, seed=lq * 131 + lk)
     out, lse = forward(q, k, v, pattern, layout=layout, tuning=tuning)

@@ -38,6 +38,7 @@ class Specialization:
     block_m: int = 64            # query rows per program
     block_n: int = 64            # kv rows per inner step (divides the pattern block)
     window_span: int = 1         # blocks per step inside the window, where kept blocks are contiguous
+    residue_span: int = 1        # residue blocks per step (1 or 2): two blocks a period apart in one tile
     order: str = "longest_first"  # program order; naive and tile_major are kept for measurements
     num_warps: int = 4
     num_stages: int = 2
@@ -51,20 +52,32 @@ class Specialization:
 
 
 
-def _outside_loops(plan: KernelPlan, lo: str, hi: str, masked: str) -> str:
+def _outside_loops(plan: KernelPlan, lo: str, hi: str, masked: str, span: int = 1) -> str:
     """Loops over the sinks and residue blocks in [lo, hi): every row of the tile keeps them."""
     code = []
     if plan.has_sink:
         code.append(f"""
         for j in range({lo}, tl.minimum({hi}, sink)):
-            acc, l_i, m_i = _visit(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, j, rows, row_block,
+            acc, l_i, m_i = _visit(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, j, 1, rows, row_block,
                                    kv_len, 0, True, qk_scale, {masked}, CAUSAL, BLOCK, BLOCK, BLOCK_N, HEAD_DIM, D_PAD)""")
     if plan.max_residues:
         start = f"tl.maximum({lo}, sink)" if plan.has_sink else lo
         visit = f"""
-            acc, l_i, m_i = _visit(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, j, rows, row_block,
+            acc, l_i, m_i = _visit(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, j, 1, rows, row_block,
                                    kv_len, 0, True, qk_scale, {masked}, CAUSAL, BLOCK, BLOCK, BLOCK_N, HEAD_DIM, D_PAD)"""
-        if plan.max_residues == 1:
+        if plan.max_residues == 1 and span == 2:
+            code.append(f"""
+        start = {start}
+        # first j >= start with j % period == residue (operands kept non-negative: C-style %)
+        first = start + (residue - start % period + period) % period
+        n_res = tl.maximum({hi} - first + period - 1, 0) // period
+        paired = first + n_res // 2 * 2 * period
+        for j in range(first, paired, 2 * period):  # two residue blocks, a period apart, per step
+            acc, l_i, m_i = _visit(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, j, period, rows,
+                                   row_block, kv_len, 0, True, qk_scale, {masked}, CAUSAL, BLOCK, 2 * BLOCK,
+                                   WIDE_N, HEAD_DIM, D_PAD)
+        for j in tl.range(paired, {hi}, period, num_stages=1):{visit}""")
+        elif plan.max_residues == 1:
             code.append(f"""
         start = {start}
         # first j >= start with j % period == residue (operands kept non-negative: C-style %)
@@ -97,8 +110,10 @@ def generate_forward(plan: KernelPlan, spec: Specialization, *, name: str = "pat
     elif plan.max_residues > 1:
         head_params.append("num_residues = tl.load(HeadTable + h * TABLE_WIDTH + 3)")
     varlen = spec.layout == "varlen"
-    # inner width of a window step: as wide as the span, but no wider than 128 rows
-    window_n = min(plan.block * spec.window_span, max(128, spec.block_n))
+    # inner width of a wide step (window or residue pair): as wide as the span, at most 128 rows
+    wide_n = min(plan.block * max(spec.window_span, spec.residue_span), max(128, spec.block_n))
+    if spec.residue_span not in (1, 2):
+        raise ValueError(f"residue_span must be 1 or 2, got {spec.residue_span}")
     heads_by_cost = sorted(range(plan.heads), key=lambda h: -plan.cost(h, 1 << 12))
     if spec.order == "naive":
         order = """
@@ -131,30 +146,30 @@ def generate_forward(plan: KernelPlan, spec: Specialization, *, name: str = "pat
     window_masked = f"""
         for j in {short.format("lo", "edge")}:  # first blocks of the window range: not in every row's window
 {indent(full, ' ' * 12)}
-            acc, l_i, m_i = _visit(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, j, rows, row_block,
+            acc, l_i, m_i = _visit(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, j, 1, rows, row_block,
                                    kv_len, window, full, qk_scale, True, CAUSAL, BLOCK, BLOCK, BLOCK_N, HEAD_DIM, D_PAD)"""
     if spec.window_span == 1:
         window_masked += """
         for j in range(edge, first_block):  # inside every row's window: no mask
-            acc, l_i, m_i = _visit(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, j, rows, row_block,
+            acc, l_i, m_i = _visit(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, j, 1, rows, row_block,
                                    kv_len, window, True, qk_scale, False, CAUSAL, BLOCK, BLOCK, BLOCK_N, HEAD_DIM, D_PAD)"""
     else:
         window_masked += f"""
         # inside every row's window: no mask; kept blocks are contiguous, so take WINDOW_SPAN at a time
         whole = edge + (first_block - edge) // WINDOW_SPAN * WINDOW_SPAN
         for j in range(edge, whole, WINDOW_SPAN):
-            acc, l_i, m_i = _visit(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, j, rows, row_block,
+            acc, l_i, m_i = _visit(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, j, 1, rows, row_block,
                                    kv_len, window, True, qk_scale, False, CAUSAL, BLOCK, BLOCK * WINDOW_SPAN,
-                                   WINDOW_N, HEAD_DIM, D_PAD)
+                                   WIDE_N, HEAD_DIM, D_PAD)
         for j in {short.format("whole", "first_block")}:
-            acc, l_i, m_i = _visit(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, j, rows, row_block,
+            acc, l_i, m_i = _visit(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, j, 1, rows, row_block,
                                    kv_len, window, True, qk_scale, False, CAUSAL, BLOCK, BLOCK, BLOCK_N, HEAD_DIM, D_PAD)"""
     window_masked += f"""
         for j in {short.format("first_block", "last_block + 1")}:  # the diagonal blocks
 {indent(full, ' ' * 12)}
-            acc, l_i, m_i = _visit(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, j, rows, row_block,
+            acc, l_i, m_i = _visit(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, j, 1, rows, row_block,
                                    kv_len, window, full, qk_scale, True, CAUSAL, BLOCK, BLOCK, BLOCK_N, HEAD_DIM, D_PAD)"""
-    below = _outside_loops(plan, "0", "lo", "False")
+    below = _outside_loops(plan, "0", "lo", "False", spec.residue_span)
     above = "" if plan.causal else _outside_loops(plan, "last_block + 1", "n_kv_blocks", "True")
     if varlen:
         locate = """
@@ -198,7 +213,7 @@ HEAD_ORDER = {heads_by_cost}
 BLOCK_M = {spec.block_m}
 BLOCK_N = {spec.block_n}
 WINDOW_SPAN = {spec.window_span}
-WINDOW_N = {window_n}
+WIDE_N = {wide_n}
 HEAD_DIM = {spec.head_dim}
 D_PAD = {spec.d_pad}
 NUM_WARPS = {spec.num_warps}
@@ -207,13 +222,15 @@ VARLEN = {varlen}
 
 
 @triton.jit
-def _visit(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, j, rows, row_block, kv_len,
+def _visit(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, j, step, rows, row_block, kv_len,
            window, full, qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK: tl.constexpr,
            SPAN: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
-    """Online-softmax update of one tile of queries with the SPAN kv rows from block j on."""
+    """Online-softmax update of one tile of queries with SPAN kv rows: the blocks j, j + step, ..."""
     offs_d = tl.arange(0, D_PAD)
     for s in tl.static_range(SPAN // BLOCK_N):
-        cols = j * BLOCK + s * BLOCK_N + tl.arange(0, BLOCK_N)
+        rel = s * BLOCK_N + tl.arange(0, BLOCK_N)
+        # the rel-th row of the span lies in its (rel // BLOCK)-th block, step blocks apart
+        cols = j * BLOCK + rel + (rel // BLOCK) * (step - 1) * BLOCK
         # K is read transposed, [D_PAD, BLOCK_N]: column n is key row cols[n]
         k_ptrs = k_base + cols[None, :] * stride_kn + offs_d[:, None]
         if MASKED:
@@ -260,7 +277,7 @@ def kernel(Q, K, V, Out, Lse, HeadTable, CuSeqQ, CuSeqK,
            q_len_all, kv_len_all, n_tiles, qk_scale,
            HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr, CAUSAL: tl.constexpr,
            TABLE_WIDTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-           WINDOW_SPAN: tl.constexpr, WINDOW_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
+           WINDOW_SPAN: tl.constexpr, WIDE_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
 {_at(order, 1)}
     b = tl.program_id(1)
     kv_h = h // GROUP
@@ -328,7 +345,7 @@ def launch(q, k, v, out, lse, q_strides, k_strides, v_strides, o_strides, lse_st
                  *q_strides, *k_strides, *v_strides, *o_strides, *lse_strides,
                  q_len, kv_len, n_tiles, sm_scale * 1.4426950408889634,
                  HEADS=HEADS, GROUP=GROUP, BLOCK=BLOCK, CAUSAL=CAUSAL, TABLE_WIDTH=TABLE_WIDTH,
-                 BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, WINDOW_SPAN=WINDOW_SPAN, WINDOW_N=WINDOW_N,
+                 BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, WINDOW_SPAN=WINDOW_SPAN, WIDE_N=WIDE_N,
                  HEAD_DIM=HEAD_DIM, D_PAD=D_PAD,
                  num_warps=NUM_WARPS, num_stages=NUM_STAGES)
 '''
