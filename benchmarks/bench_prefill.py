@@ -75,6 +75,34 @@ def bench(fn, *args) -> float:
     return triton.testing.do_bench(lambda: fn(*args), warmup=50, rep=200, return_mode="median")
 
 
+def resource_report(pattern) -> list:
+    """Registers, spills and shared memory of the compiled forward kernels (Triton's metadata)."""
+    spec = choose_forward(pattern, torch.bfloat16, DIM, "bhsd", torch.device("cuda"))
+    module = forward_module(pattern, spec)
+    report = []
+    try:
+        for caches in module.kernel.device_caches.values():
+            for compiled in caches[0].values():
+                compiled._init_handles()
+                report.append({"regs_per_thread": compiled.n_regs, "spills": compiled.n_spills,
+                               "shared_bytes": compiled.metadata.shared, "num_warps": compiled.metadata.num_warps,
+                               "num_stages": compiled.metadata.num_stages})
+    except Exception as exc:  # noqa: BLE001 - internal Triton structures: report, don't fail
+        report.append({"error": f"{type(exc).__name__}: {exc}"})
+    return report
+
+
+def plan_memory(pattern, n: int) -> int:
+    """Device bytes a call at a new length allocates beyond its output and log-sum-exp."""
+    q, k, v = (torch.randn(1, HEADS, n, DIM, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out, lse = forward(q, k, v, pattern)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base - out.numel() * out.element_size() - lse.numel() * 4
+
+
 def plan_cost(pattern, n: int):
     """Host time and device memory to plan a new length (Triton's JIT excluded: warm)."""
     spec = choose_forward(pattern, torch.bfloat16, DIM, "bhsd", torch.device("cuda"))
@@ -161,6 +189,8 @@ def main():
                 row[key] = ms
                 row[key.replace("_ms", "_tflops")] = flops / ms / 1e9
             row["plan_ms"] = plan_cost(pattern, n)
+            row["plan_extra_bytes_new_length"] = plan_memory(pattern, n + 3 * BLOCK + 5)
+            row["kernel_resources"] = resource_report(pattern)
             rows.append(row)
             print(json.dumps(row), flush=True)
             if args.json:  # after every row, so a run cut short keeps what it measured

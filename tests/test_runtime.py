@@ -165,3 +165,26 @@ def test_pattern_serialization_round_trips():
         for pattern in s2dsl.load(path).values():
             again = s2dsl.Pattern.deserialize(pattern.serialize())
             assert again == pattern and again.fingerprint() == pattern.fingerprint()
+
+
+def test_several_processes_fill_one_cache_at_once(tmp_path):
+    script = textwrap.dedent("""
+        import sys, s2dsl
+        from s2dsl.codegen import Specialization
+        from s2dsl.runtime.cache import default_cache
+        from s2dsl.runtime.kernels import forward_module
+        p = s2dsl.local_stride(block=16, local_blocks=2, vert_stride=4, heads=4, kv_heads=2)
+        for d in (16, 32, 48, 64):  # every process asks for the same four entries
+            assert forward_module(p, Specialization(head_dim=d, block_m=16, block_n=16)).HEAD_DIM == d
+        print(default_cache().stats.generated)
+    """)
+    env = dict(os.environ, S2DSL_CACHE_DIR=str(tmp_path))
+    procs = [subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    results = [p.communicate(timeout=300) + (p.returncode,) for p in procs]
+    for out, err, code in results:
+        assert code == 0, err[-2000:]
+    entries = list(tmp_path.glob("*.py"))
+    assert len(entries) == 4 and not list(tmp_path.glob("*.tmp"))
+    assert all(KernelCache(tmp_path)._valid(e) for e in entries)
+    assert KernelCache(tmp_path).stats.corrupted == 0
