@@ -72,7 +72,8 @@ def test_matches_autograd_reference(pattern, data):
     d = data.draw(st.sampled_from([16, 24, 32]), label="head_dim")
     layout = data.draw(st.sampled_from(["bhsd", "bshd"]), label="layout")
     batch = data.draw(st.integers(1, 2), label="batch")
-    tuning = {"block_m": data.draw(st.sampled_from([16, 32, 64]), label="dq_block_m")}
+    tuning = {"block_m": data.draw(st.sampled_from([16, 32, 64]), label="dq_block_m"),
+              "order": data.draw(st.sampled_from(["longest_first", "tile_major"]), label="order")}
     q, k, v, do = _inputs(batch, pattern.heads, pattern.kv_heads, lq, lk, d, torch.float32, layout, seed=lq * 131 + lk)
     _run_and_compare(pattern, q, k, v, do, layout, tuning)
 

@@ -151,6 +151,30 @@ def generate_backward(plan: KernelPlan, spec: Specialization, *, name: str = "pa
     group_loop = "tl.static_range(GROUP)" if unroll else "range(0, GROUP)"
     varlen = spec.layout == "varlen"
     full = _full_predicate(plan)
+    if spec.order == "tile_major":  # kept to measure the scheduling
+        dq_order = """
+        # tile-major: the last query tiles of every head first
+        pid = tl.program_id(0)
+        tile = n_tiles - 1 - pid // HEADS
+        h = pid % HEADS"""
+        dkdv_order = """
+        # tile-major: the first kv tiles of every kv head first
+        pid = tl.program_id(0)
+        tile = pid // KV_HEADS
+        kv_h = pid % KV_HEADS"""
+    else:
+        dq_order = """
+        # Head-major, longest first: each head's last query tiles (most kv blocks under a causal
+        # mask) first; programs running together share one head's K/V in L2.
+        pid = tl.program_id(0)
+        h = pid // n_tiles
+        tile = n_tiles - 1 - pid % n_tiles"""
+        dkdv_order = """
+        # Head-major, longest first: each kv head's first kv tiles (their sinks and residue blocks
+        # are kept by the most queries) first; programs running together share its Q and dO in L2.
+        pid = tl.program_id(0)
+        kv_h = pid // n_kv_tiles
+        tile = pid % n_kv_tiles"""
 
     # ---------------------------------------------------------------- dQ enumeration
     window_loops = f"""
@@ -318,10 +342,7 @@ def dq_kernel(Q, K, V, DO, DQ, Lse, Delta, HeadTable, CuSeqQ, CuSeqK,
               HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr, CAUSAL: tl.constexpr,
               TABLE_WIDTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
-    # Longest work first: tiles run from the last (most kv blocks under a causal mask) down.
-    pid = tl.program_id(0)
-    tile = n_tiles - 1 - pid // HEADS
-    h = pid % HEADS
+{_at(dq_order, 1)}
     b = tl.program_id(1)
     kv_h = h // GROUP
 {_at(locate_q, 1)}
@@ -409,14 +430,11 @@ def dkdv_kernel(Q, K, V, DO, DK, DV, Lse, Delta, HeadTable, CuSeqQ, CuSeqK,
                 stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                 stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
                 stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, stride_lb, stride_lh,
-                q_len_all, kv_len_all, qk_scale, sm_scale,
+                q_len_all, kv_len_all, n_kv_tiles, qk_scale, sm_scale,
                 KV_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr, CAUSAL: tl.constexpr,
                 TABLE_WIDTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
-    # Early kv tiles first: under a causal mask their sinks/residues are kept by the most queries.
-    pid = tl.program_id(0)
-    tile = pid // KV_HEADS
-    kv_h = pid % KV_HEADS
+{_at(dkdv_order, 1)}
     b = tl.program_id(1)
 {_at(locate_q, 1)}
 {_at(kv_bases, 1)}
@@ -491,7 +509,7 @@ def launch(q, k, v, out, dout, lse, dq, dk, dv, q_strides, k_strides, v_strides,
         dkdv_kernel[(n_kv_tiles * KV_HEADS, batch)](
             q, k, v, dout, dk, dv, lse, delta, table, cu_q, cu_k,
             *q_strides, *k_strides, *v_strides, *do_strides, *dk_strides, *dv_strides, *lse_strides,
-            q_len, kv_len, qk_scale, sm_scale,
+            q_len, kv_len, n_kv_tiles, qk_scale, sm_scale,
             KV_HEADS=KV_HEADS, GROUP=GROUP, BLOCK=BLOCK, CAUSAL=CAUSAL, TABLE_WIDTH=TABLE_WIDTH,
             BLOCK_M=DKDV_BLOCK_M, BLOCK_N=DKDV_BLOCK_N, HEAD_DIM=HEAD_DIM, D_PAD=D_PAD,
             num_warps=DKDV_NUM_WARPS, num_stages=DKDV_NUM_STAGES)
