@@ -1,0 +1,476 @@
+"""Emit the Triton decode kernel (paged KV cache, split-KV) specialised to one pattern.
+
+The generated module holds two ``@triton.jit`` kernels and a ``launch`` function:
+
+* ``kernel``: one program per (sequence, kv head, query tile, split). Its rows are every q
+  head of the kv head times the tile's queries (one query per sequence for plain decoding,
+  a few for speculative decoding, a tile of a chunk for chunked prefill), so each kv page
+  is loaded once per GQA group and each q head applies its own mask to it.
+* ``combine_kernel``: merges the splits' partial (output, log-sum-exp) pairs.
+
+Which kv blocks a program visits is arithmetic, as in the forward kernel, but for the
+*union* of the group's q heads (largest window ``W``, largest sink ``S``, union of the
+residue classes modulo the lcm ``P`` of the periods). For a tile whose queries lie in query
+blocks ``i0..i1`` the kept blocks, in the order the kernel numbers them, are
+
+* the sinks ``[0, min(S, lo))``, ``lo = max(i0 - max(W, 1) + 1, 0)``;
+* the residue blocks ``j`` in ``[S, lo)`` with ``j mod P`` in the union's residues;
+* the window range ``[lo, i1]`` (masked per row: window edges, the diagonal, the causal cut).
+
+Their number ``T`` and the ``k``-th of them are closed forms, so a split takes the kept
+blocks ``[s*T/n, (s+1)*T/n)`` and long contexts spread evenly over the GPU; nothing
+grows with the sequence length but the page table. Each kept block is mapped through the
+(sequence, kv head) page table to its page; pages the pattern no longer needs were freed
+by the cache (``s2dsl.runtime.kv_cache``), and the kernel never asks for them.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from textwrap import dedent, indent
+from typing import Tuple
+
+from .lower import NO_PERIOD, KernelPlan, MAX_PERIOD, UNBOUNDED, UnsupportedPattern
+
+DECODE_CODEGEN_VERSION = "dec-1"
+
+
+@dataclass(frozen=True)
+class DecodeSpecialization:
+    """What, besides the pattern, a generated decode kernel is specialised to."""
+
+    dtype: str = "float16"      # torch dtype name of q and the kv pages
+    head_dim: int = 64
+    capability: tuple = (0, 0)  # device compute capability
+    block_q: int = 1            # queries per program (times the group's q heads = rows)
+    block_n: int = 64           # kv rows per inner step (divides the pattern block = page)
+    num_warps: int = 4
+    num_stages: int = 2
+
+    @property
+    def d_pad(self) -> int:
+        return max(16, 1 << (self.head_dim - 1).bit_length())
+
+
+@dataclass(frozen=True)
+class GroupParams:
+    """The union of one kv head's q heads: what its cache must hold and its programs visit."""
+
+    window: int
+    sink: int
+    period: int
+    residues: Tuple[int, ...]
+    min_window: int = 0  # the smallest window of its q heads: blocks this close are kept by every row
+
+    def keeps(self, i: int, j: int) -> bool:
+        """Causal block verdict of the union (``j <= i`` assumed by the caller's range)."""
+        return 0 <= i - j < self.window or j < self.sink or (j % self.period) in self.residues
+
+
+def group_params(plan: KernelPlan) -> Tuple[GroupParams, ...]:
+    """Per kv head, the union of its q heads' (window, sink, residues) in kernel form."""
+    out = []
+    g = plan.group_size
+    for kv in range(plan.kv_heads):
+        members = plan.params[kv * g:(kv + 1) * g]
+        min_window = min(p.window for p in members)
+        if any(p.window >= UNBOUNDED for p in members):  # a dense (causal) head: keep everything
+            out.append(GroupParams(UNBOUNDED, 0, NO_PERIOD, (), min_window))
+            continue
+        window = max(p.window for p in members)
+        sink = max(p.sink for p in members)
+        with_res = [p for p in members if p.residues]
+        if not with_res:
+            out.append(GroupParams(window, sink, NO_PERIOD, (), min_window))
+            continue
+        period = math.lcm(*(p.period for p in with_res))
+        if period > MAX_PERIOD:
+            raise UnsupportedPattern(f"kv head {kv}: the lcm {period} of its q heads' periods is above the "
+                                     f"decode kernel's limit {MAX_PERIOD}")
+        residues = sorted({r + k * p.period for p in with_res for r in p.residues
+                           for k in range(period // p.period)})
+        if len(residues) == period:  # the residues reach every block: dense
+            out.append(GroupParams(UNBOUNDED, 0, NO_PERIOD, (), min_window))
+            continue
+        out.append(GroupParams(window, sink, period, tuple(residues), min_window))
+    return tuple(out)
+
+
+def _group_table(groups: Tuple[GroupParams, ...]) -> Tuple[Tuple[int, ...], ...]:
+    width = max(max((len(gp.residues) for gp in groups), default=0), 1)
+    return tuple((gp.window, gp.sink, gp.period, len(gp.residues), gp.min_window, *gp.residues,
+                  *([gp.period - 1] * (width - len(gp.residues)))) for gp in groups)
+
+
+def _uniform(groups, name):
+    if name == "residue":
+        values = {gp.residues[0] if len(gp.residues) == 1 else None for gp in groups}
+        if None in values:
+            return None
+    else:
+        values = {getattr(gp, name) for gp in groups}
+    return values.pop() if len(values) == 1 else None
+
+
+def _at(code: str, level: int) -> str:
+    code = dedent(code).strip("\n")
+    return indent(code if code.strip() else "pass", "    " * level)
+
+
+def generate_decode(plan: KernelPlan, spec: DecodeSpecialization, *, name: str = "pattern",
+                    fingerprint: str = "") -> str:
+    """Source of a Python module with ``kernel``, ``combine_kernel`` and ``launch`` for ``plan``."""
+    if not plan.causal:
+        raise UnsupportedPattern(f"pattern {name}: decoding runs causal patterns only (a bidirectional query "
+                                 "would see tokens not generated yet)")
+    if plan.block % spec.block_n:
+        raise ValueError(f"block_n={spec.block_n} must divide the pattern block {plan.block}")
+    groups = group_params(plan)
+    group = plan.group_size
+    rows = group * spec.block_q
+    use_dot = rows > 1
+    rows_pad = max(16, 1 << (rows - 1).bit_length()) if use_dot else 1
+    # q heads of one kv head that differ need per-row masks on every block, not only in the window range
+    homo = all(len(set(plan.params[kv * group:(kv + 1) * group])) == 1 for kv in range(plan.kv_heads))
+    gtable = _group_table(groups)
+    g_width = len(gtable[0])
+    g_max_res = max(len(gp.residues) for gp in groups)
+    h_width = 4 + max(plan.max_residues, 1)
+
+    def gparam(field, column):
+        value = _uniform(groups, field)
+        return str(value) if value is not None else f"tl.load(GroupTable + g * G_WIDTH + {column})"
+
+    union = [f"W = {gparam('window', 0)}", f"S = {gparam('sink', 1)}", f"P = {gparam('period', 2)}",
+             f"WMIN = {gparam('min_window', 4)}"]
+    if g_max_res == 1 and _uniform(groups, "residue") is not None:
+        res_mode = "one"
+        union.append(f"R = {_uniform(groups, 'residue')}")
+    elif g_max_res <= 1 and all(len(gp.residues) == 1 for gp in groups):
+        res_mode = "one"
+        union.append("R = tl.load(GroupTable + g * G_WIDTH + 5)")
+    elif g_max_res == 0:
+        res_mode = "none"
+    else:
+        res_mode = "many"
+        union.append("NR = tl.load(GroupTable + g * G_WIDTH + 3)")
+
+    # kept residue blocks in [S, lo) and the k-th of them
+    if res_mode == "none":
+        count = "n_r = 0"
+        kth = "j = 0"
+    elif res_mode == "one":
+        count = """
+        # residue blocks in [S, lo): count(x) = #{j < x : j % P == R} = (x - R + P - 1) // P
+        n_r = tl.where(lo > S, (lo - R + P - 1) // P - (S - R + P - 1) // P, 0)
+        first_r = S + (R - S % P + P) % P"""
+        kth = "j = first_r + (k - n_s) * P"
+    else:
+        count = """
+        # residue blocks in [S, lo): count(x) = (x // P) * NR + #{t : R[t] < x % P}
+        below_lo = lo * 0  # int32 tensors: loop-carried
+        below_s = lo * 0
+        for t in range(0, NR):
+            r_t = tl.load(GroupTable + g * G_WIDTH + 5 + t)
+            below_lo += (r_t < lo % P).to(tl.int32)
+            below_s += (r_t < S % P).to(tl.int32)
+        n_r = tl.where(lo > S, (lo // P) * NR + below_lo - (S // P) * NR - below_s, 0)
+        base_r = S - S % P"""
+        kth = """
+        idx = k - n_s + below_s
+        j = base_r + (idx // NR) * P + tl.load(GroupTable + g * G_WIDTH + 5 + idx % NR)"""
+
+    # per-row parameters of the rows' q heads (heterogeneous groups) or the group's own
+    if homo:
+        row_params = """
+        # the group's q heads share one pattern: the union is each row's own
+        rW = W
+        rS = S"""
+        if res_mode == "one":
+            row_special = "special = (j < rS) | (j % P == R)"
+        elif res_mode == "many":
+            row_special = """
+            special = j < rS
+            for t in range(0, NR):
+                special = special | (j % P == tl.load(GroupTable + g * G_WIDTH + 5 + t))"""
+        else:
+            row_special = "special = j < rS"
+        row_special_vec = dedent(row_special).strip()
+    else:
+        row_params = """
+        # per-row parameters of each row's own q head
+        rW = tl.load(HeadTable + h * H_WIDTH + 0, mask=hq < GROUP, other=0)
+        rS = tl.load(HeadTable + h * H_WIDTH + 1, mask=hq < GROUP, other=0)
+        rP = tl.load(HeadTable + h * H_WIDTH + 2, mask=hq < GROUP, other=1)
+        rNR = tl.load(HeadTable + h * H_WIDTH + 3, mask=hq < GROUP, other=0)"""
+        row_special_vec = "special = j < rS"
+        if plan.max_residues:
+            row_special_vec += f"""
+for t in tl.static_range({plan.max_residues}):
+    r_t = tl.load(HeadTable + h * H_WIDTH + 4 + t, mask=hq < GROUP, other=0)
+    special = special | ((t < rNR) & (j % rP == r_t))"""
+
+    visit_masked = f"""
+{row_special_vec}
+keep = (((row_block - j >= 0) & (row_block - j < rW)) | special) & row_valid
+acc, l_i, m_i = _visit(acc, l_i, m_i, q, KPages, VPages, page, j, keep, pos, kv_len, stride_page, stride_tok,
+                       qk_scale, True, USE_DOT, BLOCK, BLOCK_N, HEAD_DIM, D_PAD)"""
+    visit_full = """
+acc, l_i, m_i = _visit(acc, l_i, m_i, q, KPages, VPages, page, j, row_valid, pos, kv_len, stride_page, stride_tok,
+                       qk_scale, False, USE_DOT, BLOCK, BLOCK_N, HEAD_DIM, D_PAD)"""
+    if homo:
+        visit_special = """
+acc, l_i, m_i = _visit(acc, l_i, m_i, q, KPages, VPages, page, j, row_valid, pos, kv_len, stride_page, stride_tok,
+                       qk_scale, False, USE_DOT, BLOCK, BLOCK_N, HEAD_DIM, D_PAD)"""
+    else:
+        visit_special = f"""
+{row_special_vec}
+keep = special & row_valid
+acc, l_i, m_i = _visit(acc, l_i, m_i, q, KPages, VPages, page, j, keep, pos, kv_len, stride_page, stride_tok,
+                       qk_scale, True, USE_DOT, BLOCK, BLOCK_N, HEAD_DIM, D_PAD)"""
+    load_page = "page = tl.maximum(tl.load(table_row + j), 0)  # -1 (freed) only where no row keeps j"
+
+    loops = f"""
+        # -- sinks [0, n_s) --
+        for k in range(k_begin, tl.minimum(k_end, n_s)):
+            j = k
+            {load_page}
+{_at(visit_special, 3)}
+        # -- residue blocks in [S, lo) --
+        for k in range(tl.maximum(k_begin, n_s), tl.minimum(k_end, n_s + n_r)):
+{_at(kth, 3)}
+            {load_page}
+{_at(visit_special, 3)}
+        # -- the window range [lo, i1]: masked per row at its start and on the diagonal blocks
+        # [i0, i1]; blocks in [edge, i0) are in every row's window --
+        w_begin = lo + tl.maximum(k_begin - n_s - n_r, 0)
+        w_end = lo + (k_end - n_s - n_r)
+        edge = tl.minimum(tl.maximum(i1 - WMIN + 1, lo), i0)
+        for j in range(w_begin, tl.minimum(w_end, edge)):
+            {load_page}
+{_at(visit_masked, 3)}
+        for j in range(tl.maximum(w_begin, edge), tl.minimum(w_end, i0)):
+            {load_page}
+{_at(visit_full, 3)}
+        for j in range(tl.maximum(w_begin, i0), w_end):
+            {load_page}
+{_at(visit_masked, 3)}"""
+
+    source = f'''\
+# Generated by s2dsl codegen {DECODE_CODEGEN_VERSION}: decode kernel over a paged KV cache. Do not edit.
+# pattern: {name}  fingerprint: {fingerprint}
+# block {plan.block}, heads {plan.heads}, kv_heads {plan.kv_heads}, causal
+# specialisation: {spec}
+import torch
+import triton
+import triton.language as tl
+
+HEADS = {plan.heads}
+KV_HEADS = {plan.kv_heads}
+GROUP = {group}
+BLOCK = {plan.block}
+H_WIDTH = {h_width}
+# per q head: window, sink, period, number of residues, residues...
+HEAD_TABLE = {list(map(list, plan.table()))}
+G_WIDTH = {g_width}
+# per kv head, the union of its q heads: window, sink, period, number of residues, smallest window, residues...
+GROUP_TABLE = {list(map(list, gtable))}
+BLOCK_Q = {spec.block_q}
+ROWS = {rows_pad}
+USE_DOT = {use_dot}
+BLOCK_N = {spec.block_n}
+HEAD_DIM = {spec.head_dim}
+D_PAD = {spec.d_pad}
+NUM_WARPS = {spec.num_warps}
+NUM_STAGES = {spec.num_stages}
+
+
+@triton.jit
+def _visit(acc, l_i, m_i, q, KPages, VPages, page, j, keep, pos, kv_len, stride_page, stride_tok, qk_scale,
+           MASKED: tl.constexpr, USE_DOT: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
+           HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
+    """Online-softmax update of the rows with kv block j (one page). ``keep``: per-row verdict."""
+    offs_d = tl.arange(0, D_PAD)
+    base = page.to(tl.int64) * stride_page
+    for s in tl.static_range(BLOCK // BLOCK_N):
+        offs_n = s * BLOCK_N + tl.arange(0, BLOCK_N)
+        if USE_DOT:
+            k_ptrs = KPages + base + offs_n[None, :] * stride_tok + offs_d[:, None]
+            if HEAD_DIM != D_PAD:
+                k = tl.load(k_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
+            else:
+                k = tl.load(k_ptrs)
+            qk = tl.dot(q, k)
+        else:
+            k_ptrs = KPages + base + offs_n[:, None] * stride_tok + offs_d[None, :]
+            if HEAD_DIM != D_PAD:
+                k = tl.load(k_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+            else:
+                k = tl.load(k_ptrs)
+            qk = tl.sum(k.to(tl.float32) * q, 1)[None, :]
+        if MASKED:
+            cols = j * BLOCK + offs_n
+            # the row's own pattern keeps block j, and the causal cut (which bounds the length too)
+            ok = keep[:, None] & (cols[None, :] <= pos[:, None])
+            qk = tl.where(ok, qk * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(qk - m_safe[:, None])
+            alpha = tl.math.exp2(m_i - m_safe)
+        else:
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        v_ptrs = VPages + base + offs_n[:, None] * stride_tok + offs_d[None, :]
+        if MASKED:  # rows past the length may hold anything (a reused page): p is 0 there, v must be too
+            v = tl.load(v_ptrs, mask=(j * BLOCK + offs_n[:, None] < kv_len) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        elif HEAD_DIM != D_PAD:
+            v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+        else:
+            v = tl.load(v_ptrs)
+        if USE_DOT:
+            acc = tl.dot(p.to(v.dtype), v, acc)
+        else:
+            acc += tl.sum(tl.sum(p, 0)[:, None] * v.to(tl.float32), 0)[None, :]
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def kernel(Q, KPages, VPages, BlockTable, Slots, SeqLens, Out, Lse, OutPart, LsePart, HeadTable, GroupTable,
+           stride_qb, stride_qh, stride_qm, stride_ob, stride_oh, stride_om, stride_lb, stride_lh,
+           stride_page, stride_tok, stride_bt_slot, stride_bt_head, q_len, n_tiles, n_splits, qk_scale,
+           KV_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr, H_WIDTH: tl.constexpr,
+           G_WIDTH: tl.constexpr, BLOCK_Q: tl.constexpr, ROWS: tl.constexpr, USE_DOT: tl.constexpr,
+           BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, SPLIT: tl.constexpr):
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    tile = pid % n_tiles
+    g = (pid // n_tiles) % KV_HEADS
+    b = pid // (n_tiles * KV_HEADS)
+    kv_len = tl.load(SeqLens + b)
+    slot = tl.load(Slots + b)
+    past = kv_len - q_len  # the queries are the last q_len positions
+    # rows: (q head of the group, query of the tile), padded to ROWS
+    r = tl.arange(0, ROWS)
+    hq = r // BLOCK_Q
+    qi = tile * BLOCK_Q + r % BLOCK_Q
+    row_valid = (hq < GROUP) & (qi < q_len)
+    h = g * GROUP + tl.minimum(hq, GROUP - 1)
+    pos = past + qi
+    row_block = pos // BLOCK
+    first_pos = past + tile * BLOCK_Q
+    last_pos = tl.minimum(first_pos + BLOCK_Q, kv_len) - 1
+    i0 = first_pos // BLOCK
+    i1 = last_pos // BLOCK
+    # ---- the union of this kv head's q heads (generated) ----
+{_at(chr(10).join(union), 1)}
+{_at(row_params, 1)}
+    # ---- the kept blocks, numbered: sinks, residue blocks, window range ----
+    lo = tl.maximum(i0 - tl.maximum(W, 1) + 1, 0)
+    n_s = tl.minimum(S, lo)
+{_at(count, 1)}
+    n_total = n_s + n_r + (i1 - lo + 1)
+    k_begin = (n_total * split) // n_splits
+    k_end = (n_total * (split + 1)) // n_splits
+    table_row = BlockTable + slot.to(tl.int64) * stride_bt_slot + g * stride_bt_head
+
+    offs_d = tl.arange(0, D_PAD)
+    q_ptrs = Q + b * stride_qb + h[:, None] * stride_qh + qi[:, None] * stride_qm + offs_d[None, :]
+    q_mask = row_valid[:, None] & (offs_d[None, :] < HEAD_DIM)
+    if USE_DOT:
+        q = tl.load(q_ptrs, mask=q_mask, other=0.0)
+    else:
+        q = tl.load(q_ptrs, mask=q_mask, other=0.0).to(tl.float32)
+    m_i = tl.full([ROWS], float("-inf"), tl.float32)
+    l_i = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, D_PAD], tl.float32)
+    if first_pos <= last_pos:
+{loops}
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    if SPLIT:
+        # partials laid out (batch, head, query, split, dim) and (batch, head, query, split)
+        part = ((b * KV_HEADS * GROUP + h) * q_len + qi) * n_splits + split
+        tl.store(OutPart + part[:, None] * D_PAD + offs_d[None, :], out, mask=row_valid[:, None])
+        tl.store(LsePart + part, lse, mask=row_valid)
+    else:
+        o_ptrs = Out + b * stride_ob + h[:, None] * stride_oh + qi[:, None] * stride_om + offs_d[None, :]
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=q_mask)
+        tl.store(Lse + b * stride_lb + h * stride_lh + qi, lse, mask=row_valid)
+
+
+@triton.jit
+def combine_kernel(OutPart, LsePart, Out, Lse, stride_ob, stride_oh, stride_om, stride_lb, stride_lh,
+                   heads, q_len, n_splits, SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
+    """out = sum_s exp(lse_s - lse) * out_s with lse = logsumexp_s lse_s; empty rows give 0, -inf."""
+    row = tl.program_id(0)  # (batch, head, query)
+    qi = row % q_len
+    h = (row // q_len) % heads
+    b = row // (q_len * heads)
+    s = tl.arange(0, SPLITS)
+    offs_d = tl.arange(0, D_PAD)
+    lse_s = tl.load(LsePart + row * n_splits + s, mask=s < n_splits, other=float("-inf"))
+    m = tl.max(lse_s, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp(lse_s - m_safe)
+    total = tl.sum(w, 0)
+    parts = tl.load(OutPart + (row * n_splits + s[:, None]) * D_PAD + offs_d[None, :],
+                    mask=(s[:, None] < n_splits), other=0.0)
+    total_safe = tl.where(total == 0.0, 1.0, total)
+    out = tl.sum(parts * (w / total_safe)[:, None], 0)
+    lse = tl.where(total == 0.0, float("-inf"), m_safe + tl.log(total_safe))
+    tl.store(Out + b * stride_ob + h * stride_oh + qi * stride_om + offs_d, out.to(Out.dtype.element_ty),
+             mask=offs_d < HEAD_DIM)
+    tl.store(Lse + b * stride_lb + h * stride_lh + qi, lse)
+
+
+_tables = {{}}
+
+
+def tables(device):
+    """The per-q-head and per-kv-head tables on ``device`` (built once per device)."""
+    key = str(device)
+    if key not in _tables:
+        _tables[key] = (torch.tensor([x for row in HEAD_TABLE for x in row], dtype=torch.int32, device=device),
+                        torch.tensor([x for row in GROUP_TABLE for x in row], dtype=torch.int32, device=device))
+    return _tables[key]
+
+
+def launch(q, out, lse, k_pages, v_pages, block_table, slots, seq_lens, q_len, n_splits, sm_scale):
+    """Run the decode kernel (and the combine step when ``n_splits > 1``).
+
+    q, out: (batch, heads, q_len, dim), last dim contiguous; lse: float32 (batch, heads, q_len);
+    k_pages, v_pages: (num_pages, BLOCK, dim) contiguous; block_table: int32 (slots, kv_heads,
+    max_blocks), last dim contiguous; slots, seq_lens: int32 (batch,), seq_lens counting the
+    queries' own tokens, already in the cache.
+    """
+    batch = q.shape[0]
+    n_tiles = triton.cdiv(q_len, BLOCK_Q)
+    head_table, group_table = tables(q.device)
+    split = n_splits > 1
+    if split:
+        out_part = torch.empty(batch * HEADS * q_len * n_splits * D_PAD, dtype=torch.float32, device=q.device)
+        lse_part = torch.empty(batch * HEADS * q_len * n_splits, dtype=torch.float32, device=q.device)
+    else:
+        out_part = lse_part = lse  # unused
+    grid = (batch * KV_HEADS * n_tiles, n_splits)
+    kernel[grid](q, k_pages, v_pages, block_table, slots, seq_lens, out, lse, out_part, lse_part,
+                 head_table, group_table,
+                 q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1), out.stride(2),
+                 lse.stride(0), lse.stride(1), k_pages.stride(0), k_pages.stride(1),
+                 block_table.stride(0), block_table.stride(1), q_len, n_tiles, n_splits,
+                 sm_scale * 1.4426950408889634,
+                 KV_HEADS=KV_HEADS, GROUP=GROUP, BLOCK=BLOCK, H_WIDTH=H_WIDTH, G_WIDTH=G_WIDTH,
+                 BLOCK_Q=BLOCK_Q, ROWS=ROWS, USE_DOT=USE_DOT, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM,
+                 D_PAD=D_PAD, SPLIT=split, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+    if split:
+        combine_kernel[(batch * HEADS * q_len,)](
+            out_part, lse_part, out, lse, out.stride(0), out.stride(1), out.stride(2),
+            lse.stride(0), lse.stride(1), HEADS, q_len, n_splits,
+            SPLITS=triton.next_power_of_2(n_splits), HEAD_DIM=HEAD_DIM, D_PAD=D_PAD, num_warps=4)
+'''
+    return source

@@ -1,0 +1,1 @@
+"""Bridges from s2dsl to other libraries. Each submodule imports its library only when used."""

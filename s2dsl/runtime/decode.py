@@ -1,0 +1,209 @@
+"""Decode attention over the paged KV cache with the generated, pattern-specialised kernels.
+
+``paged_attention`` runs the decode kernel for queries whose tokens are already in the
+cache; ``cached_attention`` (also ``PagedKVCache.attend``) writes new tokens, attends and
+frees the pages the pattern no longer needs, in one call, for every phase of generation:
+
+* a first prefill (empty sequences): the prefill kernel on the contiguous tensors, then only
+  the blocks the pattern still needs are written to the cache;
+* chunked prefill, decoding (one query per sequence), speculative decoding (a few): the
+  tokens are appended, then the decode kernel reads the queries' kept blocks from the pages.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from functools import lru_cache
+from types import ModuleType
+from typing import Hashable, Optional, Sequence, Union
+
+import torch
+
+from ..codegen.decode import DECODE_CODEGEN_VERSION, DecodeSpecialization, generate_decode, group_params
+from ..codegen.lower import UnsupportedPattern, lower
+from ..pattern import Pattern
+from .attention import InputError
+from .cache import KernelCache, cache_key, codegen_fingerprint, default_cache
+from .kernels import _DTYPES, interpreting
+from .kv_cache import DecodeBatch, PagedKVCache
+
+__all__ = ["paged_attention", "cached_attention", "choose_decode", "decode_module", "decode_source",
+           "kept_blocks_for_query"]
+
+#: queries per program at most (chunked prefill is tiled by this many queries)
+MAX_BLOCK_Q = 16
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def choose_decode(pattern: Pattern, dtype: torch.dtype, head_dim: int, q_len: int, device: torch.device,
+                  tuning: Optional[dict] = None) -> DecodeSpecialization:
+    """Tile sizes for the decode kernel; ``tuning`` overrides any field."""
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else (0, 0)
+    block_q = min(_pow2(max(q_len, 1)), MAX_BLOCK_Q)
+    if device.type != "cuda":  # the interpreter: small tiles
+        block_n = min(pattern.block, 32)
+        spec = DecodeSpecialization(block_n=block_n, num_warps=4, num_stages=1)
+    else:  # one page per step; bandwidth-bound, so enough loads in flight
+        block_n = min(pattern.block, 64 if head_dim <= 128 else 32)
+        spec = DecodeSpecialization(block_n=block_n, num_warps=4, num_stages=3 if head_dim <= 128 else 2)
+    spec = replace(spec, dtype=_DTYPES[dtype], head_dim=head_dim, capability=tuple(capability), block_q=block_q)
+    return replace(spec, **(tuning or {}))
+
+
+def decode_module(pattern: Pattern, spec: DecodeSpecialization, cache: Optional[KernelCache] = None) -> ModuleType:
+    cache = cache or default_cache()
+    plan = lower(pattern)
+    key = cache_key(DECODE_CODEGEN_VERSION, codegen_fingerprint(), "decode", plan, spec)
+    return cache.get(key, lambda: generate_decode(plan, spec, name=pattern.name, fingerprint=pattern.fingerprint()))
+
+
+def decode_source(pattern: Pattern, spec: DecodeSpecialization) -> str:
+    return generate_decode(lower(pattern), spec, name=pattern.name, fingerprint=pattern.fingerprint())
+
+
+def kept_blocks_for_query(pattern: Pattern, kv_head: int, first_pos: int, last_pos: int) -> int:
+    """How many kv blocks the decode kernel visits for queries at ``first_pos..last_pos`` of
+    ``kv_head`` (the union of its q heads), by the kernel's own closed form."""
+    gp = group_params(_plan(pattern))[kv_head]
+    i0, i1 = first_pos // pattern.block, last_pos // pattern.block
+    lo = max(i0 - max(gp.window, 1) + 1, 0)
+    n_s = min(gp.sink, lo)
+    n_r = 0
+    if lo > gp.sink and gp.residues:
+        def count(x):
+            return (x // gp.period) * len(gp.residues) + sum(r < x % gp.period for r in gp.residues)
+        n_r = count(lo) - count(gp.sink)
+    return n_s + n_r + (i1 - lo + 1)
+
+
+@lru_cache(maxsize=256)
+def _plan(pattern: Pattern):
+    return lower(pattern)
+
+
+@lru_cache(maxsize=256)
+def _module(pattern: Pattern, dtype: torch.dtype, head_dim: int, q_len: int, device: torch.device):
+    """Specialisation and module per call shape, memoised: a decode step pays no codegen lookups."""
+    spec = choose_decode(pattern, dtype, head_dim, q_len, device)
+    return spec, decode_module(pattern, spec)
+
+
+@lru_cache(maxsize=4096)
+def _splits_for(pattern: Pattern, batch: int, n_tiles: int, max_blocks: int, q_len: int, sms: int) -> int:
+    # the longest sequence's kept blocks, at the start of its last block (within one block of exact)
+    max_len = max_blocks * pattern.block
+    kept = max(kept_blocks_for_query(pattern, g, max_len - q_len, max_len - 1) for g in range(pattern.kv_heads))
+    programs = batch * pattern.kv_heads * n_tiles
+    want = math.ceil(SPLIT_TARGET * sms / programs)
+    return max(1, min(want, math.ceil(kept / MIN_BLOCKS_PER_SPLIT), MAX_SPLITS))
+
+
+#: programs per SM the split count aims for; kept blocks per split at least; splits at most
+SPLIT_TARGET, MIN_BLOCKS_PER_SPLIT, MAX_SPLITS = 4, 8, 64
+
+
+def _splits(pattern: Pattern, batch: int, n_tiles: int, max_len: int, q_len: int, device: torch.device) -> int:
+    """Split the kept blocks of long contexts so that the programs fill the GPU."""
+    if device.type != "cuda" or max_len == 0:
+        return 1
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return _splits_for(pattern, batch, n_tiles, -(-max_len // pattern.block), q_len, sms)
+
+
+@lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _check_q(q, cache: PagedKVCache, n_seqs: int):
+    """Refuse queries the decode kernel cannot run against ``cache``, before anything changes."""
+    pattern = cache.pattern
+    if not isinstance(q, torch.Tensor) or q.dim() != 4:
+        raise InputError("q must be a 4-D tensor (batch, heads, q_len, dim)")
+    b, heads, q_len, d = q.shape
+    if b != n_seqs:
+        raise InputError(f"q has batch {b} but {n_seqs} sequences were given")
+    if heads != pattern.heads:
+        raise InputError(f"q has {heads} heads but pattern '{pattern.name}' has {pattern.heads}")
+    if d != cache.head_dim:
+        raise InputError(f"q has head dim {d} but the cache holds {cache.head_dim}")
+    if q.dtype != cache.dtype:
+        raise InputError(f"q is {q.dtype} but the cache holds {cache.dtype}")
+    if q.device != cache.device:
+        raise InputError(f"q is on {q.device} but the cache is on {cache.device}")
+    if q.device.type != "cuda" and not interpreting():
+        raise InputError(f"s2dsl kernels run on CUDA devices; got tensors on {q.device}. "
+                         "Set TRITON_INTERPRET=1 to run them (slowly) on the CPU")
+    try:
+        _plan(pattern)
+    except UnsupportedPattern as exc:
+        raise InputError(str(exc)) from None
+
+
+def paged_attention(q: torch.Tensor, cache: PagedKVCache, seqs: Union[Sequence[Hashable], DecodeBatch], *,
+                    scale: Optional[float] = None, n_splits: Optional[int] = None, tuning: Optional[dict] = None,
+                    return_lse: bool = False, out: Optional[torch.Tensor] = None):
+    """Attention of ``q`` (batch, heads, q_len, dim) over the cached tokens of ``seqs``.
+
+    The queries are the last ``q_len`` tokens of each sequence and must already be in the
+    cache (``cache.append``). Reads only the pages the pattern keeps for them. ``n_splits``
+    (default: chosen from the context length and the GPU) splits each (sequence, kv head)'s
+    kept blocks across programs, merged by a combine step. Returns the output in q's dtype
+    (and the float32 log-sum-exp, (batch, heads, q_len), with ``return_lse``).
+    """
+    pattern = cache.pattern
+    batch = seqs if isinstance(seqs, DecodeBatch) else cache.batch(seqs)
+    _check_q(q, cache, len(batch.seq_ids))
+    b, heads, q_len, d = q.shape
+    if q_len > batch.min_len:
+        raise InputError(f"q has {q_len} queries but a sequence holds only {batch.min_len} tokens: append the "
+                         "queries' own keys and values first")
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    if tuning:
+        spec = choose_decode(pattern, q.dtype, d, q_len, q.device, tuning)
+        module = decode_module(pattern, spec)
+    else:
+        spec, module = _module(pattern, q.dtype, d, q_len, q.device)
+    if out is None:
+        out = torch.empty_like(q)
+    lse = torch.empty(b, heads, q_len, dtype=torch.float32, device=q.device)
+    if q.numel() == 0:
+        return (out, lse) if return_lse else out
+    if n_splits is None:
+        n_splits = _splits(pattern, b, math.ceil(q_len / spec.block_q), batch.max_len, q_len, q.device)
+    module.launch(q, out, lse, cache.k_pages, cache.v_pages, cache.block_tables, batch.slots, batch.seq_lens,
+                  q_len, int(n_splits), scale)
+    return (out, lse) if return_lse else out
+
+
+def cached_attention(cache: PagedKVCache, seq_ids: Sequence[Hashable], q: torch.Tensor, k: torch.Tensor,
+                     v: torch.Tensor, *, scale: Optional[float] = None, n_splits: Optional[int] = None,
+                     tuning: Optional[dict] = None, return_lse: bool = False):
+    """Write ``k, v`` (batch, kv_heads, n, dim) into the cache and attend with ``q`` (batch, heads, n, dim).
+
+    Sequences that are all empty take the prefill kernel on the contiguous tensors and keep
+    only what the pattern needs afterwards; otherwise the tokens are appended and the decode
+    kernel reads the pages. Either way the pages the next query no longer needs are freed.
+    Raises ``OutOfPagesError`` (nothing changed) when the pool is too small.
+    """
+    seq_ids = list(seq_ids)
+    _check_q(q, cache, len(seq_ids))
+    if q.shape[2] != k.shape[2]:
+        raise InputError(f"q has {q.shape[2]} queries but k, v carry {k.shape[2]} new tokens: the queries are "
+                         "the new tokens")
+    if all(cache.seq_len(s) == 0 for s in seq_ids) and q.shape[2] > 1:
+        from .api import attention
+        cache._check_write(seq_ids, k, v)
+        result = attention(q, k, v, cache.pattern, scale=scale, return_lse=return_lse)
+        cache.append(seq_ids, k, v, only_needed=True)
+    else:
+        cache.append(seq_ids, k, v)
+        result = paged_attention(q, cache, seq_ids, scale=scale, n_splits=n_splits, tuning=tuning,
+                                 return_lse=return_lse)
+    cache.evict(seq_ids)
+    return result

@@ -1,0 +1,238 @@
+"""The paged KV cache's bookkeeping: what it keeps, frees, refuses. No kernels run here."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import s2dsl
+from s2dsl.analysis import evaluate
+from s2dsl.runtime.kv_cache import OutOfPagesError, PagedKVCache, dense_pattern
+
+from kernel_strategies import patterns
+
+D = 8
+
+
+def _pattern(text):
+    return s2dsl.parse(text)["p"]
+
+
+HETERO = _pattern("pattern p { block = 16 heads = 4 kv_heads = 2 causal "
+                  "heads 0..0 { window 1 sink 1 stride 3 offset 1 } heads 1..1 { window 2 stride 2 } "
+                  "heads 2..3 { window 3 stride 5 offset h } }")
+PHI = s2dsl.local_stride(block=16, local_blocks=2, vert_stride=4, heads=4, kv_heads=2)
+TOPK = _pattern("pattern p { block = 16 heads = 2 kv_heads = 2 causal "
+                "heads 0..0 { window 2 topk 2 } heads 1..1 { window 1 stride 3 } }")
+
+
+def _brute_needed(pattern, kv_head, length):
+    """Blocks of a sequence of ``length`` tokens that some q head of ``kv_head`` keeps for a
+    query block >= length // block (the next query), by the pattern's own verdicts."""
+    n_blocks = -(-length // pattern.block)
+    i = length // pattern.block
+    g = pattern.group_size
+    heads = range(kv_head * g, (kv_head + 1) * g)
+    return [j for j in range(n_blocks)
+            if j >= i or any(pattern.keeps(h, q, j) for h in heads for q in range(i, i + 4))]
+
+
+def _kv(n, kv_heads, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(1, kv_heads, n, D, generator=g), torch.randn(1, kv_heads, n, D, generator=g)
+
+
+def _check_tables(cache):
+    """The device page table mirrors the host's."""
+    for s in cache.sequences:
+        seq = cache._get(s)
+        for g, pages in enumerate(seq.pages):
+            row = cache.block_tables[seq.slot, g, :len(pages)].tolist()
+            assert row == pages
+            assert (cache.block_tables[seq.slot, g, len(pages):] == -1).all()
+
+
+@pytest.mark.parametrize("pattern", [HETERO, PHI], ids=["hetero", "phi3_like"])
+def test_keeps_exactly_what_the_pattern_needs(pattern):
+    """Token by token: kept blocks == brute force, and == the analyzer's kv_bytes per kv head."""
+    report = s2dsl.analyze(pattern, head_dim=D, dtype_bytes=4)
+    page = 2 * pattern.block * D * 4
+    cache = PagedKVCache(pattern, num_pages=200, head_dim=D, dtype=torch.float32)
+    s = cache.add_sequence()
+    k, v = _kv(150, pattern.kv_heads)
+    held = []
+    for n in range(150):
+        cache.append([s], k[:, :, n:n + 1], v[:, :, n:n + 1])
+        cache.evict([s])
+        length = n + 1
+        total = 0
+        for g in range(pattern.kv_heads):
+            kept = cache.kept_blocks(s, g)
+            assert kept == _brute_needed(pattern, g, length), (length, g)
+            assert kept == cache.needed_blocks(s, g)
+            total += len(kept)
+            if length % pattern.block:  # the next query is in the last block: exactly the analyzer's figure
+                n_blocks = -(-length // pattern.block)
+                assert len(kept) * page == evaluate(report.groups[g].kv_bytes, N=n_blocks)
+        assert cache.pages_in_use == total
+        held.append(total)
+    _check_tables(cache)
+    # the kept K/V are the tokens written
+    kk, vv = cache.gather(s)
+    for g in range(pattern.kv_heads):
+        for j in cache.kept_blocks(s, g):
+            sl = slice(j * pattern.block, (j + 1) * pattern.block)
+            assert torch.equal(kk[g, sl], k[0, g, sl]) and torch.equal(vv[g, sl], v[0, g, sl])
+    dense = pattern.kv_heads * -(-150 // pattern.block)
+    assert held[-1] < dense  # the cache is smaller than a dense one
+
+
+def test_pages_are_freed_and_reused():
+    cache = PagedKVCache(PHI, num_pages=20, head_dim=D, dtype=torch.float32)
+    s = cache.add_sequence()
+    k, v = _kv(400, PHI.kv_heads)
+    for n in range(0, 400, 7):  # far more blocks than pages: only eviction makes this fit
+        cache.append([s], k[:, :, n:n + 7], v[:, :, n:n + 7])
+        cache.evict([s])
+    assert cache.seq_len(s) == 400
+    used = cache.pages_in_use
+    seen = {p for g in range(PHI.kv_heads) for p in cache._get(s).pages[g] if p >= 0}
+    assert len(seen) == used
+    cache.remove_sequence(s)
+    assert cache.pages_in_use == 0 and cache.num_free_pages == 20
+    assert (cache.block_tables == -1).all()
+    t = cache.add_sequence()
+    cache.append([t], k[:, :, :40], v[:, :, :40])
+    assert cache.pages_in_use == PHI.kv_heads * 3
+    _check_tables(cache)
+
+
+def test_out_of_pages_changes_nothing():
+    cache = PagedKVCache(HETERO, num_pages=9, head_dim=D, dtype=torch.float32)
+    a, b = cache.add_sequence("a"), cache.add_sequence("b")
+    k, v = _kv(60, HETERO.kv_heads)
+    cache.append([a], k[:, :, :33], v[:, :, :33])
+    cache.append([b], k[:, :, :10], v[:, :, :10])
+    cache.evict()
+    before = (cache.num_free_pages, cache.seq_len(a), cache.seq_len(b), cache.kept_blocks(a), cache.kept_blocks(b),
+              cache.block_tables.clone(), cache.k_pages.clone(), cache.v_pages.clone(), list(cache._free))
+    kk = torch.cat([k[:, :, 33:60], k[:, :, 10:37]])
+    vv = torch.cat([v[:, :, 33:60], v[:, :, 10:37]])
+    with pytest.raises(OutOfPagesError, match="free pages"):
+        cache.append([a, b], kk, vv)
+    after = (cache.num_free_pages, cache.seq_len(a), cache.seq_len(b), cache.kept_blocks(a), cache.kept_blocks(b),
+             cache.block_tables.clone(), cache.k_pages.clone(), cache.v_pages.clone(), list(cache._free))
+    for x, y in zip(before, after):
+        assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
+    # a smaller write still fits
+    cache.append([a, b], kk[:, :, :1], vv[:, :, :1])
+    assert cache.seq_len(a) == 34 and cache.seq_len(b) == 11
+
+
+def test_continuous_batching_bookkeeping():
+    """Sequences join and leave between steps; the pool always holds the sum of their needs."""
+    cache = PagedKVCache(PHI, num_pages=64, head_dim=D, dtype=torch.float32, max_seqs=2)
+    k, v = _kv(300, PHI.kv_heads)
+    lengths = {}
+    live = []
+    schedule = {0: 2, 5: 1, 30: 2, 70: 1}  # step -> sequences to add
+    for step in range(120):
+        for _ in range(schedule.get(step, 0)):
+            s = cache.add_sequence()
+            live.append(s)
+            lengths[s] = 0
+        if step in (40, 90) and live:
+            gone = live.pop(0)
+            cache.remove_sequence(gone)
+            del lengths[gone]
+        n = 1 + step % 3
+        cache.append(live, k[:, :, :n].expand(len(live), -1, -1, -1), v[:, :, :n].expand(len(live), -1, -1, -1))
+        cache.evict(live)
+        for s in live:
+            lengths[s] += n
+        assert sum(len(b) for s in live for b in cache.kept_blocks(s)) == cache.pages_in_use
+        for s in live:
+            assert cache.seq_len(s) == lengths[s]
+            for g in range(PHI.kv_heads):
+                assert cache.kept_blocks(s, g) == _brute_needed(PHI, g, lengths[s])
+    assert cache.block_tables.shape[0] >= 3  # grew past max_seqs=2
+    _check_tables(cache)
+    for s in list(live):
+        cache.remove_sequence(s)
+    assert cache.num_free_pages == 64
+
+
+def test_only_needed_skips_dropped_blocks():
+    cache = PagedKVCache(PHI, num_pages=64, head_dim=D, dtype=torch.float32)
+    s = cache.add_sequence()
+    k, v = _kv(200, PHI.kv_heads)
+    cache.append([s], k, v, only_needed=True)
+    for g in range(PHI.kv_heads):
+        assert cache.kept_blocks(s, g) == _brute_needed(PHI, g, 200)
+    assert cache.pages_in_use == sum(len(_brute_needed(PHI, g, 200)) for g in range(PHI.kv_heads))
+    kk, _ = cache.gather(s)
+    for j in cache.kept_blocks(s, 0):
+        assert torch.equal(kk[0, j * 16:(j + 1) * 16], k[0, 0, j * 16:(j + 1) * 16])
+
+
+def test_not_kv_efficient_keeps_everything_and_warns_once():
+    with pytest.warns(UserWarning, match="not KV-efficient") as record:
+        cache = PagedKVCache(TOPK, num_pages=64, head_dim=D, dtype=torch.float32)
+        s = cache.add_sequence()
+        k, v = _kv(100, TOPK.kv_heads)
+        for n in range(0, 100, 5):
+            cache.append([s], k[:, :, n:n + 5], v[:, :, n:n + 5])
+            cache.evict([s])
+    assert len([w for w in record if "KV-efficient" in str(w.message)]) == 1
+    assert cache.kept_blocks(s, 0) == list(range(7))           # the topk head's kv head keeps all
+    assert cache.kept_blocks(s, 1) == _brute_needed(TOPK, 1, 100)  # the other one still evicts
+
+
+def test_dense_and_no_eviction_keep_everything():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dense = PagedKVCache(dense_pattern(4, 2, 16), num_pages=64, head_dim=D, dtype=torch.float32)
+        off = PagedKVCache(PHI, num_pages=64, head_dim=D, dtype=torch.float32, evict=False)
+    k, v = _kv(100, 2)
+    for cache in (dense, off):
+        s = cache.add_sequence()
+        cache.append([s], k, v)
+        cache.evict()
+        assert cache.kept_blocks(s) == [list(range(7))] * 2
+
+
+def test_refuses_bad_input():
+    cache = PagedKVCache(PHI, num_pages=8, head_dim=D, dtype=torch.float32)
+    s = cache.add_sequence("x")
+    with pytest.raises(KeyError):
+        cache.add_sequence("x")
+    with pytest.raises(KeyError, match="no sequence"):
+        cache.append(["y"], *_kv(1, 2))
+    with pytest.raises(ValueError, match="must be"):
+        cache.append([s], *_kv(1, 3))
+    with pytest.raises(ValueError, match="repeat"):
+        cache.append([s, s], torch.zeros(2, 2, 1, D), torch.zeros(2, 2, 1, D))
+    with pytest.raises(ValueError, match="bidirectional"):
+        PagedKVCache(_pattern("pattern p { block = 16 heads = 1 bidirectional heads * { window 1 } }"),
+                     num_pages=4, head_dim=D)
+    assert cache.seq_len(s) == 0 and cache.pages_in_use == 0
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(pattern=patterns(causal=True), data=st.data())
+def test_random_patterns_keep_what_they_need(pattern, data):
+    cache = PagedKVCache(pattern, num_pages=400, head_dim=D, dtype=torch.float32)
+    s = cache.add_sequence()
+    k, v = _kv(130, pattern.kv_heads)
+    n = 0
+    while n < 130:
+        step = data.draw(st.integers(1, 20), label="step")
+        cache.append([s], k[:, :, n:n + step], v[:, :, n:n + step])
+        cache.evict([s])
+        n = cache.seq_len(s)
+        for g in range(pattern.kv_heads):
+            assert cache.kept_blocks(s, g) == _brute_needed(pattern, g, n)
+    _check_tables(cache)
