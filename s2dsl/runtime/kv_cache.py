@@ -128,7 +128,9 @@ class PagedKVCache:
         self.kv_heads = pattern.kv_heads
         self.head_dim = head_dim
         self.dtype = dtype
-        self.device = torch.device(device)
+        # the pools' own device, index included ("cuda" becomes "cuda:0"), so it compares
+        # equal to the device of tensors on it
+        self.device = torch.empty(0, device=device).device
         self.num_pages = num_pages
         efficient = _kv_efficient_heads(pattern)
         self.rules = _group_rules(pattern, efficient if evict else [False] * pattern.heads)
