@@ -98,10 +98,13 @@ def _splits_for(pattern: Pattern, batch: int, n_tiles: int, max_blocks: int, q_l
     kept = max(kept_blocks_for_query(pattern, g, max_len - q_len, max_len - 1) for g in range(pattern.kv_heads))
     programs = batch * pattern.kv_heads * n_tiles
     want = math.ceil(SPLIT_TARGET * sms / programs)
-    return max(1, min(want, math.ceil(kept / MIN_BLOCKS_PER_SPLIT), MAX_SPLITS))
+    splits = max(1, min(want, math.ceil(kept / MIN_BLOCKS_PER_SPLIT), MAX_SPLITS))
+    return 1 << (splits - 1).bit_length()  # a power of two: 3 splits read 15-20% slower than 2 or 4
 
 
-#: programs per SM the split count aims for; kept blocks per split at least; splits at most
+#: programs per SM the split count aims for (before rounding up to a power of two); kept
+#: blocks per split at least; splits at most. On an H100 (batch 8, 32 kv heads, 32K-128K)
+#: 2, 4 and 8 splits read equally fast, 3 was 15-20% slower (benchmarks/RESULTS.md).
 SPLIT_TARGET, MIN_BLOCKS_PER_SPLIT, MAX_SPLITS = 4, 8, 64
 
 
