@@ -206,9 +206,9 @@ def generate_decode(plan: KernelPlan, spec: DecodeSpecialization, *, name: str =
         row_special_vec = "special = j < rS"
         if plan.max_residues:
             row_special_vec += f"""
-for t in tl.static_range({plan.max_residues}):
-    r_t = tl.load(HeadTable + h * H_WIDTH + 4 + t, mask=hq < GROUP, other=0)
-    special = special | ((t < rNR) & (j % rP == r_t))"""
+for u in tl.static_range({plan.max_residues}):  # u, not t: t is a run-time loop variable elsewhere
+    r_u = tl.load(HeadTable + h * H_WIDTH + 4 + u, mask=hq < GROUP, other=0)
+    special = special | ((u < rNR) & (j % rP == r_u))"""
 
     visit_masked = f"""
 {row_special_vec}
