@@ -34,3 +34,17 @@ def patterns(draw, max_heads: int = 4, block: int = 16, causal=None):
     mode = "causal" if is_causal else "bidirectional"
     text = f"pattern p {{ block = {block} heads = {heads} kv_heads = {kv_heads} {mode} {' '.join(bodies)} }}"
     return s2dsl.parse(text)["p"]
+
+
+def random_inputs(b, heads, kv_heads, lq, lk, d, dtype, layout="bhsd", seed=0, *, grad_out=False):
+    """Random q, k, v (and dO with ``grad_out``) on the CPU, in ``layout``, never zeros."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    shape = (lambda h, n: (b, h, n, d)) if layout == "bhsd" else (lambda h, n: (b, n, h, d))
+    q = torch.randn(shape(heads, lq), generator=g).to(dtype=dtype)
+    k = torch.randn(shape(kv_heads, lk), generator=g).to(dtype=dtype)
+    v = torch.randn(shape(kv_heads, lk), generator=g).to(dtype=dtype)
+    if not grad_out:
+        return q, k, v
+    return q, k, v, torch.randn(shape(heads, lq), generator=g).to(dtype=dtype)

@@ -17,7 +17,7 @@ import s2dsl
 from s2dsl.runtime.attention import InputError, forward
 from s2dsl.runtime.backward import backward, backward_source, choose_backward
 
-from kernel_strategies import patterns
+from kernel_strategies import patterns, random_inputs
 
 # CPU tests under the Triton interpreter; benchmarks/gpu_check_backward.py checks bf16 on the GPU
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
@@ -26,13 +26,7 @@ TOL = {torch.float32: 1e-4, torch.float16: 1.5e-2}
 
 
 def _inputs(b, heads, kv_heads, lq, lk, d, dtype, layout="bhsd", seed=0):
-    g = torch.Generator().manual_seed(seed)
-    shape = (lambda h, n: (b, h, n, d)) if layout == "bhsd" else (lambda h, n: (b, n, h, d))
-    q = torch.randn(shape(heads, lq), generator=g).to(DEVICE, dtype)
-    k = torch.randn(shape(kv_heads, lk), generator=g).to(DEVICE, dtype)
-    v = torch.randn(shape(kv_heads, lk), generator=g).to(DEVICE, dtype)
-    do = torch.randn(shape(heads, lq), generator=g).to(DEVICE, dtype)
-    return q, k, v, do
+    return random_inputs(b, heads, kv_heads, lq, lk, d, dtype, layout, seed, grad_out=True)
 
 
 def _reference_grads(q, k, v, do, pattern, scale=None):

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 import s2dsl
 from s2dsl.runtime.attention import InputError, forward
 
-from kernel_strategies import patterns
+from kernel_strategies import patterns, random_inputs
 
 # CPU tests of the kernels under the Triton interpreter; tests/test_gpu.py covers the GPU
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
@@ -23,12 +23,7 @@ TOL = {torch.float32: 2e-5, torch.float16: 2e-3}
 
 
 def _inputs(b, heads, kv_heads, lq, lk, d, dtype, layout="bhsd", seed=0):
-    g = torch.Generator().manual_seed(seed)
-    shape = (lambda h, n: (b, h, n, d)) if layout == "bhsd" else (lambda h, n: (b, n, h, d))
-    q = torch.randn(shape(heads, lq), generator=g).to(DEVICE, dtype)
-    k = torch.randn(shape(kv_heads, lk), generator=g).to(DEVICE, dtype)
-    v = torch.randn(shape(kv_heads, lk), generator=g).to(DEVICE, dtype)
-    return q, k, v
+    return random_inputs(b, heads, kv_heads, lq, lk, d, dtype, layout, seed)
 
 
 def _compare(out, lse, q, k, v, pattern, layout="bhsd"):
