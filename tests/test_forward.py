@@ -122,3 +122,14 @@ def test_dynamic_topk_is_refused_with_a_reason():
     q, k, v = _inputs(1, 1, 1, 20, 20, 16, torch.float32)
     with pytest.raises(InputError, match="topk"):
         forward(q, k, v, pattern)
+
+
+@pytest.mark.parametrize("window_span", [1, 2, 4])
+def test_residue_pairs_with_any_window_span(window_span):
+    """Regression: a residue pair's tile width must not follow a wider window step."""
+    pattern = s2dsl.parse("pattern p { block = 16 heads = 1 bidirectional heads 0..0 { stride 2 } }")["p"]
+    for lq, lk in [(1, 49), (49, 49)]:
+        q, k, v = _inputs(1, 1, 1, lq, lk, 16, torch.float32, seed=lk)
+        out, lse = forward(q, k, v, pattern, tuning={"block_m": 16, "block_n": 16, "window_span": window_span,
+                                                     "residue_span": 2})
+        _compare(out, lse, q, k, v, pattern)

@@ -75,7 +75,7 @@ def _outside_loops(plan: KernelPlan, lo: str, hi: str, masked: str, span: int = 
         for j in range(first, paired, 2 * period):  # two residue blocks, a period apart, per step
             acc, l_i, m_i = _visit(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, j, period, rows,
                                    row_block, kv_len, 0, True, qk_scale, {masked}, CAUSAL, BLOCK, 2 * BLOCK,
-                                   WIDE_N, HEAD_DIM, D_PAD)
+                                   RES_N, HEAD_DIM, D_PAD)
         for j in tl.range(paired, {hi}, period, num_stages=1):{visit}""")
         elif plan.max_residues == 1:
             code.append(f"""
@@ -111,7 +111,8 @@ def generate_forward(plan: KernelPlan, spec: Specialization, *, name: str = "pat
         head_params.append("num_residues = tl.load(HeadTable + h * TABLE_WIDTH + 3)")
     varlen = spec.layout == "varlen"
     # inner width of a wide step (window or residue pair): as wide as the span, at most 128 rows
-    wide_n = min(plan.block * max(spec.window_span, spec.residue_span), max(128, spec.block_n))
+    wide_n = min(plan.block * spec.window_span, max(128, spec.block_n))
+    res_n = min(plan.block * 2, max(128, spec.block_n))  # a residue pair spans 2 blocks
     if spec.residue_span not in (1, 2):
         raise ValueError(f"residue_span must be 1 or 2, got {spec.residue_span}")
     heads_by_cost = sorted(range(plan.heads), key=lambda h: -plan.cost(h, 1 << 12))
@@ -214,6 +215,7 @@ BLOCK_M = {spec.block_m}
 BLOCK_N = {spec.block_n}
 WINDOW_SPAN = {spec.window_span}
 WIDE_N = {wide_n}
+RES_N = {res_n}
 HEAD_DIM = {spec.head_dim}
 D_PAD = {spec.d_pad}
 NUM_WARPS = {spec.num_warps}
@@ -277,7 +279,7 @@ def kernel(Q, K, V, Out, Lse, HeadTable, CuSeqQ, CuSeqK,
            q_len_all, kv_len_all, n_tiles, qk_scale,
            HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr, CAUSAL: tl.constexpr,
            TABLE_WIDTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-           WINDOW_SPAN: tl.constexpr, WIDE_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
+           WINDOW_SPAN: tl.constexpr, WIDE_N: tl.constexpr, RES_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
 {_at(order, 1)}
     b = tl.program_id(1)
     kv_h = h // GROUP
@@ -345,7 +347,7 @@ def launch(q, k, v, out, lse, q_strides, k_strides, v_strides, o_strides, lse_st
                  *q_strides, *k_strides, *v_strides, *o_strides, *lse_strides,
                  q_len, kv_len, n_tiles, sm_scale * 1.4426950408889634,
                  HEADS=HEADS, GROUP=GROUP, BLOCK=BLOCK, CAUSAL=CAUSAL, TABLE_WIDTH=TABLE_WIDTH,
-                 BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, WINDOW_SPAN=WINDOW_SPAN, WIDE_N=WIDE_N,
+                 BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, WINDOW_SPAN=WINDOW_SPAN, WIDE_N=WIDE_N, RES_N=RES_N,
                  HEAD_DIM=HEAD_DIM, D_PAD=D_PAD,
                  num_warps=NUM_WARPS, num_stages=NUM_STAGES)
 '''
