@@ -13,7 +13,8 @@ One GPU run:
 A baseline that fails (compile error, out of memory, time budget spent) is recorded as such
 in the table and the JSON; the run goes on. Defaults (8K and 32K, both strides, Flex
 included) are meant to finish in under 8 minutes on an H100; ``--budget-s`` skips Flex for
-the rows not yet started once that many seconds have passed.
+the rows not yet started once that many seconds have passed. Flex runs last, after every
+s2dsl and SDPA row, so a run cut short keeps those.
 
     python benchmarks/bench_train.py --json bench_train.json                # 8K, 32K
     python benchmarks/bench_train.py --seqs 8192 32768 131072 --no-flex
@@ -162,9 +163,44 @@ def first_call(fn) -> float:
     return time.perf_counter() - t0
 
 
-def flex_fn(stride: int, n: int):
+def force_flex_backward_tiles(block: int) -> bool:
+    """Let Flex's backward run over ``block``-token mask blocks.
+
+    Inductor keeps only the backward configs whose tiles divide the mask's block size, and on
+    sm90 at head dim 128 its one default config is 64 x 128 / 128 x 64: with 64-token blocks
+    nothing is left ("NoValidChoicesError ... flex_attention_backward", torch 2.11). This adds
+    the same config with every tile 64 (what inductor itself uses on sm90 below head dim 64).
+    Patches ``InductorChoices.get_flex_attention_bwd_configs`` in this process only; returns
+    whether the patch is in place."""
+    import dataclasses
+    try:
+        from torch._inductor.choices import InductorChoices
+    except ImportError:
+        return False
+    orig = InductorChoices.get_flex_attention_bwd_configs
+    if getattr(orig, "_bench_train_patched", False):
+        return True
+
+    def patched(self, head_dim, dtype, *args, **kwargs):
+        confs = list(orig(self, head_dim, dtype, *args, **kwargs))
+        tiles = ("block_m1", "block_n1", "block_m2", "block_n2")
+        if confs and not any(all(block % getattr(c, t) == 0 for t in tiles) for c in confs) \
+                and dataclasses.is_dataclass(confs[0]):
+            for stages in (3, 2):
+                confs.append(dataclasses.replace(confs[0], block_m1=min(64, block), block_n1=min(64, block),
+                                                 block_m2=min(64, block), block_n2=min(64, block),
+                                                 num_stages=stages, num_warps=4))
+        return confs
+
+    patched._bench_train_patched = True
+    InductorChoices.get_flex_attention_bwd_configs = patched
+    return True
+
+
+def flex_fn(stride: int, n: int, mask_block: int = BLOCK):
     """Compiled flex_attention and its block mask (compiled create_block_mask); the mask
-    is bench_prefill.py's: DKernel local-stride, step = max(1, stride // heads) = 1."""
+    is bench_prefill.py's: DKernel local-stride, step = max(1, stride // heads) = 1. The
+    forward's tiles are 64 x 64 (``fwd_`` options, so the backward keeps its own)."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     def mask_mod(b, h, q_idx, kv_idx):
@@ -172,11 +208,11 @@ def flex_fn(stride: int, n: int):
         return (q_idx >= kv_idx) & ((qb - kb < WINDOW) | ((kb + h) % stride == 0))
 
     t0 = time.perf_counter()
-    mask = torch.compile(create_block_mask)(mask_mod, 1, HEADS, n, n, device=DEVICE, BLOCK_SIZE=BLOCK)
+    mask = torch.compile(create_block_mask)(mask_mod, 1, HEADS, n, n, device=DEVICE, BLOCK_SIZE=mask_block)
     sync()
     plan_s = time.perf_counter() - t0
     compiled = torch.compile(flex_attention)
-    options = {"BLOCK_M": BLOCK, "BLOCK_N": BLOCK}  # 64-token blocks need 64-row tiles in Flex too
+    options = {"fwd_BLOCK_M": BLOCK, "fwd_BLOCK_N": BLOCK}  # 64-token blocks need 64-row tiles in Flex too
     return (lambda q, k, v: compiled(q, k, v, block_mask=mask, kernel_options=options)), plan_s
 
 
@@ -228,14 +264,30 @@ def time_row(stride: int, pattern, n: int, variants, args) -> dict:
     except Exception as exc:  # noqa: BLE001 - a baseline failing is a result too
         record_error(row, "sdpa_flash", exc)
 
-    # FlexAttention
     if args.no_flex:
         row["flex_error"] = "skipped: --no-flex"
-    elif elapsed() > args.budget_s:
-        row["flex_error"] = "skipped: time budget spent"
-    else:
+    anchor = DKERNEL_FWD_BWD.get((stride, n))
+    if anchor is not None:
+        row["dkernel_anchor_ms"] = anchor
+        row["fa2_anchor_ms"] = FA2_FWD_BWD[(stride, n)]
+    return row  # the inputs are freed here; the caller empties the cache
+
+
+def time_flex(row: dict, stride: int, pattern, n: int, args):
+    """FlexAttention fwd+bwd for a row (after every s2dsl/SDPA row: its compiles are slow)."""
+    if elapsed() > args.budget_s:
+        row["flex_error"] = f"skipped: time budget ({args.budget_s:.0f} s) spent"
+        return
+    q, k, v, do = inputs(n)
+    qg, kg, vg = leaves(q, k, v)
+    # 64-token mask blocks (the pattern's own) with the backward's tiles forced to 64; if that
+    # fails, Flex's default 128-token mask blocks (exact too: mask_mod cuts inside the blocks)
+    row["flex_bwd_tiles_forced"] = force_flex_backward_tiles(BLOCK)
+    for mask_block in (BLOCK, 128):
+        if mask_block != BLOCK and elapsed() > args.budget_s:
+            break
         try:
-            fn, row["flex_plan_s"] = flex_fn(stride, n)
+            fn, row["flex_plan_s"] = flex_fn(stride, n, mask_block)
             t0 = time.perf_counter()
             o = fn(qg, kg, vg)
             o.backward(do)
@@ -244,15 +296,14 @@ def time_row(stride: int, pattern, n: int, variants, args) -> dict:
             with torch.no_grad():  # the same pattern? s2dsl's output vs Flex's
                 ref = forward(q, k, v, pattern)[0].float()
                 row["flex_vs_s2dsl_rel"] = ((o.detach().float() - ref).norm() / ref.norm()).item()
-            row["flex_ms"] = bench(lambda: fn(qg, kg, vg).backward(do), grads)
-        except Exception as exc:  # noqa: BLE001
+            del o
+            row["flex_ms"] = bench(lambda: fn(qg, kg, vg).backward(do), [qg, kg, vg])
+            row["flex_mask_block"] = mask_block
+            row.pop("flex_error", None)
+            return
+        except Exception as exc:  # noqa: BLE001 - a baseline failing is a result too
             record_error(row, "flex", exc)
-
-    anchor = DKERNEL_FWD_BWD.get((stride, n))
-    if anchor is not None:
-        row["dkernel_anchor_ms"] = anchor
-        row["fa2_anchor_ms"] = FA2_FWD_BWD[(stride, n)]
-    return row  # the inputs are freed here; the caller empties the cache
+            row[f"flex{mask_block}_error"] = row["flex_error"]
 
 
 def f2(x) -> str:
@@ -279,7 +330,7 @@ def print_table(rows, variants):
         ours = r.get("s2dsl_ms")
         fa, flex, dk = r.get("sdpa_flash_ms"), r.get("flex_ms"), r.get("dkernel_anchor_ms")
         print(f"| {r['pattern']} | {seq_label(r['seq'])} | {f2(fa) if fa else 'FAILED'} | "
-              f"{f2(flex) if flex else ('skipped' if 'skipped' in r.get('flex_error', '') else 'FAILED')} | "
+              f"{(f2(flex) + ('' if r.get('flex_mask_block', BLOCK) == BLOCK else ' (128-blocks)')) if flex else ('skipped' if 'skipped' in r.get('flex_error', '') else 'FAILED')} | "
               f"{f2(r.get('s2dsl_fwd_ms'))} | {f2(r.get('s2dsl_bwd_ms'))} | {f2(ours) if ours else 'FAILED'} | "
               f"{f2(dk)} | {ratio(dk, ours)} | {ratio(fa, ours)} | {ratio(flex, ours)} |")
     if variants:
@@ -364,6 +415,12 @@ def main():
             empty_cache()
             result["rows"].append(row)
             print(json.dumps(row), flush=True)
+            save()
+    if not args.no_flex:  # last: its compiles take minutes, and the numbers above are kept if cut short
+        for row, (stride, n) in zip(result["rows"], [(s_, n_) for s_ in args.strides for n_ in args.seqs]):
+            time_flex(row, stride, pattern_for(stride), n, args)
+            empty_cache()
+            print(json.dumps({k: v for k, v in row.items() if k.startswith(("pattern", "seq", "flex"))}), flush=True)
             save()
     result["total_s"] = elapsed()
     save()

@@ -12,10 +12,13 @@ value. The loss is only on the answers (predict the value after a queried key). 
 distance of a query is (query block) - (block of its pair), in blocks; the pair blocks are
 drawn uniformly, so every distance from 1 to ``seq/block - 1`` blocks is trained and tested.
 
-Patterns (``.s2`` text, parsed with ``s2dsl.parse``), H heads, window W, stride S = H:
+Patterns (``.s2`` text, parsed with ``s2dsl.parse``), H heads, window W, stride S <= H:
 
     covering:      heads 0..H-1 { window W  stride S offset h }   # head h: j = -h (mod S)
     non-covering:  heads 0..H-1 { window W  stride S }            # all heads: j = 0 (mod S)
+
+(``s2dsl.analyze`` proves the first covers every causal block pair and gives a
+counterexample for the second.)
 
 Which kv blocks can influence the last block through L layers at all is the L-th power of
 the non-covering pattern's block-level union mask (with the residual stream, a block always
@@ -25,6 +28,14 @@ in one layer and be read through the stride in the next. A pair outside that set
 (1 / n_values). The JSON and the summary report accuracy separately at visible and
 invisible distances (``direct`` = reachable in one layer, ``hop`` = only through several).
 
+Model: pre-norm decoder, token embedding plus an embedding of the previous token (a token
+shift, so one attention layer can match a key and read the value next to it), partial RoPE
+(half of each head's dims rotated, the rest match content at any distance), L x (attention
++ GELU MLP), AdamW with warm-up and cosine decay. Every run starts from the same
+initialisation and sees the same batches. The GPU config uses a length curriculum (512,
+1024, 2048 tokens, then 4096 for the last 30% of the steps; the batch grows as the length
+shrinks, so every step has the same tokens): all three runs alike, evaluated at 4096 only.
+
 Attention backends: ``kernel`` = ``s2dsl.attention`` (generated Triton kernels, forward and
 backward); ``mask`` = torch SDPA with the pattern's dense token mask (the reference
 semantics; fast on the CPU, where the Triton interpreter is too slow to train with).
@@ -32,8 +43,11 @@ semantics; fast on the CPU, where the Triton interpreter is too slow to train wi
 trains N steps both ways from the same initialisation and batches and records how far the
 losses and parameters drift apart (the CPU config does this under TRITON_INTERPRET=1).
 
-    TRITON_INTERPRET=1 python examples/train_tiny.py --config cpu --out /tmp/tt   # ~1 min, CPU
-    python examples/train_tiny.py --config gpu --out /tmp/tt_gpu                   # H100, < 6 min
+    TRITON_INTERPRET=1 python examples/train_tiny.py --config cpu --out /tmp/tt   # ~2 min CPU time
+    python examples/train_tiny.py --config gpu --out /tmp/tt_gpu                   # one H100, < 6 min
+
+The GPU config lowers its step count (for all three runs alike) if the first run's speed says
+the runs would not fit in ``train_budget_s``; ``--steps N`` fixes the count instead.
 """
 from __future__ import annotations
 
@@ -87,6 +101,16 @@ class Config:
     kernel_check_seq: int = 128
     kernel_check_batch: int = 2
     train_budget_s: float = 0.0  # > 0: fewer steps (for every run) if the runs would not fit
+    # length curriculum, "FRAC:SEQ,...": until FRAC of the steps train on SEQ-token sequences
+    # (batch scaled to keep the tokens per step), then on ``seq``; "" = always ``seq``
+    curriculum: str = ""
+
+    def seq_at(self, step: int) -> int:
+        for part in filter(None, self.curriculum.split(",")):
+            frac, seq = part.split(":")
+            if step < float(frac) * self.steps:
+                return int(seq)
+        return self.seq
 
     @property
     def stride_blocks(self) -> int:
@@ -106,12 +130,16 @@ CONFIGS: Dict[str, Config] = {
     # with the generated kernels under the Triton interpreter
     "cpu": Config(seq=128, block=16, d_model=64, heads=4, stride=2, layers=2, window=1, n_pairs=4,
                   n_queries=4, batch=32, steps=300, eval_every=100, kernel_check_steps=2),
-    # one H100: 16 x 4096 tokens a step; 8 heads of 32, stride 4 (two heads per shard: with one
-    # head per shard the S2 runs learn markedly slower), window 2 blocks
+    # one H100: 65536 tokens a step (16 x 4096 at the end of the length curriculum); 8 heads of
+    # 32, stride 4 (two heads per shard: with one head per shard the S2 runs learn markedly
+    # slower), window 2 blocks. A first run trained on 4096 tokens from the start (1500 steps,
+    # ~20 ms a step) learned nothing, dense included: too few answers among too many
+    # candidates to find the retrieval; at 512 tokens it is found in a few hundred steps.
     "gpu": Config(seq=4096, block=64, d_model=256, heads=8, stride=4, layers=2, window=2, n_filler=256,
-                  n_keys=64, n_values=64, n_pairs=16, n_queries=8, batch=16, steps=2000, lr=2e-3,
+                  n_keys=64, n_values=64, n_pairs=16, n_queries=8, batch=16, steps=3000, lr=2e-3,
                   warmup=100, eval_batches=32, eval_every=250, log_every=25, dtype="bf16",
-                  kernel_check_steps=3, kernel_check_seq=1024, kernel_check_batch=2, train_budget_s=270),
+                  kernel_check_steps=3, kernel_check_seq=1024, kernel_check_batch=2, train_budget_s=270,
+                  curriculum="0.3:512,0.5:1024,0.7:2048"),
 }
 
 
@@ -172,8 +200,9 @@ def make_batch(cfg: Config, batch: int, gen: torch.Generator, device, seq: Optio
     """Inputs [batch, T], query positions [n_queries], targets and distances [batch, n_queries]."""
     T = seq or cfg.seq
     B, nb = cfg.block, T // cfg.block
-    n_p, n_q = cfg.n_pairs, cfg.n_queries
-    assert T % B == 0 and nb - 1 >= n_p and 2 * n_q <= B and n_q <= n_p <= cfg.n_keys and B >= 3
+    n_p = min(cfg.n_pairs, nb - 1)  # shorter (curriculum) sequences hold fewer pairs
+    n_q = min(cfg.n_queries, n_p)
+    assert T % B == 0 and n_p >= 1 and 2 * n_q <= B and n_p <= cfg.n_keys and B >= 3
     toks = torch.randint(0, cfg.n_filler, (batch, T + 1), generator=gen)
     blocks = torch.rand(batch, nb - 1, generator=gen).argsort(-1)[:, :n_p]      # distinct blocks
     # key, value and the token after the value (which the token shift tells the value) in one block
@@ -345,38 +374,52 @@ def summarize(correct, dists, cfg: Config, vis: List[str]) -> dict:
     return out
 
 
-def train_run(name: str, cfg: Config, pattern, impl: str, device, eval_set, vis, plan: dict) -> dict:
-    """``plan``: shared by the runs. With ``plan["budget_s"]`` the first run times steps 10..30
-    and, if all runs would not fit in the budget, lowers the step count for every run (set
-    before the warm-up ends, so each run's schedule is still a whole schedule)."""
-    if plan.get("steps"):
-        cfg = replace(cfg, steps=plan["steps"])
+def fit_steps(cfg: Config, patterns, names, impl: str, device) -> Optional[int]:
+    """Time 10 steps of each run at the full length (after 5 warm-up steps, which also
+    compile the kernels); the step count that fits all runs in ``cfg.train_budget_s``."""
+    total = 0.0
+    gen = torch.Generator().manual_seed(cfg.seed + 99)
+    for name in names:
+        model = build(cfg, patterns.get(name), impl, device)
+        opt = make_opt(model, cfg)
+        batches = [make_batch(cfg, cfg.batch, gen, device) for _ in range(15)]
+        for i, b in enumerate(batches):
+            if i == 5:
+                if device_is_cuda(device):
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+            step_fn(model, opt, cfg, b, cfg.steps - 1, device)  # a late step: a small learning rate
+        if device_is_cuda(device):
+            torch.cuda.synchronize()
+        dt = (time.perf_counter() - t0) / 10
+        print(f"  timing {name}: {dt * 1e3:.1f} ms/step at {cfg.seq} tokens", flush=True)
+        total += dt
+    fit = int(cfg.train_budget_s / (1.15 * total))  # 15% for evaluation
+    return fit if fit < cfg.steps else None
+
+
+def train_run(name: str, cfg: Config, pattern, impl: str, device, eval_set, vis) -> dict:
     model = build(cfg, pattern, impl, device)
     opt = make_opt(model, cfg)
     gen = torch.Generator().manual_seed(cfg.seed + 1)  # the same batches for every run
     curve, evals, acc = [], [], torch.zeros((), device=device)
-    t0 = time.perf_counter()
+    t0, t30 = time.perf_counter(), None
     step = 0
     while step < cfg.steps:
-        loss = step_fn(model, opt, cfg, make_batch(cfg, cfg.batch, gen, device), step, device)
+        t_len = cfg.seq_at(step)
+        loss = step_fn(model, opt, cfg, make_batch(cfg, cfg.batch * cfg.seq // t_len, gen, device, t_len),
+                       step, device)
         acc = acc + loss
         step += 1
-        if step in (10, 30):
+        if step == 30:
             if device_is_cuda(device):
                 torch.cuda.synchronize()
-            plan[f"t{step}"] = time.perf_counter()
-        if step == 30:
-            dt = (plan["t30"] - plan["t10"]) / 20
-            print(f"  [{name}] {dt * 1e3:.1f} ms/step (steps 10-30), ~{dt * cfg.steps:.0f} s for {cfg.steps} steps",
-                  flush=True)
-            budget, n = plan.get("budget_s"), plan.get("n_runs", 1)
-            if budget and not plan.get("steps"):
-                fit = int(budget / (1.2 * n * dt))  # 20% for evaluation and slower sparse runs
-                if fit < cfg.steps and fit > max(60, cfg.warmup):
-                    print(f"  budget {budget:.0f} s for {n} runs: {fit} steps instead of {cfg.steps}", flush=True)
-                    plan["steps_requested"] = cfg.steps
-                    cfg = replace(cfg, steps=fit)
-                plan["steps"] = cfg.steps
+            dt = (time.perf_counter() - t30) / 20 if t30 else 0.0
+            print(f"  [{name}] {dt * 1e3:.1f} ms/step (steps 10-30)", flush=True)
+        if step == 10:
+            if device_is_cuda(device):
+                torch.cuda.synchronize()
+            t30 = time.perf_counter()
         if step % cfg.log_every == 0:
             curve.append((step, acc.item() / cfg.log_every))
             acc = torch.zeros((), device=device)
@@ -385,6 +428,8 @@ def train_run(name: str, cfg: Config, pattern, impl: str, device, eval_set, vis,
             evals.append((step, el, c.float().mean().item()))
             print(f"  [{name}] step {step}: train loss {curve[-1][1]:.3f}  eval loss {el:.3f}  "
                   f"acc {evals[-1][2]:.3f}", flush=True)
+    if cfg.steps % cfg.log_every:  # the last, partial interval
+        curve.append((cfg.steps, acc.item() / (cfg.steps % cfg.log_every)))
     if device_is_cuda(device):
         torch.cuda.synchronize()
     train_s = time.perf_counter() - t0
@@ -454,9 +499,16 @@ def plot(result: dict, path: Path):
     colors = {"dense": "black", "covering": "tab:blue", "not_covering": "tab:red"}
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 4.5))
     for r in runs:
+        if not r["loss_curve"]:
+            continue
         s, l = zip(*r["loss_curve"])
         a1.plot(s, l, color=colors.get(r["name"]), label=f"{r['name']} (final {r['final_train_loss']:.3f})")
     a1.axhline(math.log(cfg["n_values"]), ls=":", color="gray", label="chance (log n_values)")
+    for part in filter(None, cfg.get("curriculum", "").split(",")):
+        frac, seq = part.split(":")
+        a1.axvline(float(frac) * cfg["steps"], ls="--", lw=0.8, color="gray")
+        a1.text(float(frac) * cfg["steps"], 1.0, f" <- {seq} tok", transform=a1.get_xaxis_transform(),
+                fontsize=7, va="top", color="gray")
     a1.set_yscale("log")
     a1.set_xlabel("step")
     a1.set_ylabel("train loss (answer tokens)")
@@ -564,17 +616,21 @@ def main(argv=None) -> dict:
             result["kernel_check"] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
             print(f"  kernel check FAILED: {result['kernel_check']['error']}", flush=True)
     runs = []
-    plan = {"budget_s": cfg.train_budget_s if args.steps is None else 0.0, "n_runs": len(args.runs)}
+    if cfg.train_budget_s and args.steps is None:
+        fit = fit_steps(cfg, patterns, args.runs, impl, device)
+        if fit is not None:
+            print(f"  budget {cfg.train_budget_s:.0f} s for {len(args.runs)} runs: {fit} steps instead of "
+                  f"{cfg.steps}", flush=True)
+            result["steps_requested"] = cfg.steps
+            cfg = replace(cfg, steps=max(fit, 2 * cfg.warmup))
+    result["steps"], result["config"] = cfg.steps, asdict(cfg)
     t0 = time.perf_counter()
     for name in args.runs:
         print(f"run {name}", flush=True)
-        runs.append(train_run(name, cfg, patterns.get(name), impl, device, eval_set, vis, plan))
+        runs.append(train_run(name, cfg, patterns.get(name), impl, device, eval_set, vis))
         result["runs"] = runs
         (out / "train_tiny.json").write_text(json.dumps(result, indent=1))  # keep partial results
     result["total_s"] = time.perf_counter() - t0
-    result["steps"] = plan.get("steps") or cfg.steps
-    if plan.get("steps_requested"):
-        result["steps_requested"] = plan["steps_requested"]
     (out / "train_tiny.json").write_text(json.dumps(result, indent=1))
     plot(result, out / "train_tiny.png")
     print_summary(result)

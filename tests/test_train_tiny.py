@@ -193,3 +193,12 @@ def test_cpu_run_claim(cpu_run):
     for d, kind in enumerate(result["visibility"]):
         if d and kind == "invisible":
             assert by_d[d] < chance + 0.15, (d, by_d[d])
+
+
+def test_gpu_curriculum():
+    cfg = tt.CONFIGS["gpu"]
+    assert [cfg.seq_at(s) for s in (0, 899, 900, 1499, 1500, 2099, 2100, cfg.steps - 1)] == \
+        [512, 512, 1024, 1024, 2048, 2048, 4096, 4096]
+    x, qpos, y, dist = tt.make_batch(cfg, 4, torch.Generator().manual_seed(0), "cpu", seq=512)
+    assert x.shape == (4, 512) and y.shape == (4, 7)  # 8 blocks: at most 7 pairs, 7 queries
+    assert ((dist >= 1) & (dist <= 7)).all()
