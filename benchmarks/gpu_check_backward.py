@@ -34,15 +34,15 @@ from s2dsl.runtime.backward import backward, choose_backward
 HEADS, DIM, BLOCK = 32, 128, 64
 
 # Backward tuning variants: dQ kernel (block_m query rows / block_n kv rows per step), dK/dV
-# kernel (dkdv_block_n kv rows per program / dkdv_block_m query rows per step), warps, stages.
+# kernel (dkdv_block_n kv rows per program / dkdv_block_m query rows per step), warps, stages;
+# one_grid (dK/dV and dQ programs in one launch, with the dQ warps/stages), two_streams (dQ
+# on a second stream beside dK/dV), flat_steps (dK/dV loops over query steps, not blocks).
 VARIANTS = [
-    {},  # choose_backward's defaults (d 128: the next line with the GQA group loop unrolled)
-    dict(block_m=128, block_n=64, num_warps=8, num_stages=3, dkdv_block_n=64, dkdv_block_m=64, dkdv_num_warps=8, dkdv_num_stages=3,
-         dkdv_unroll_group=False),
-    dict(block_m=64, block_n=64, num_warps=4, num_stages=3, dkdv_block_n=64, dkdv_block_m=32, dkdv_num_warps=4, dkdv_num_stages=3),
-    dict(block_m=128, block_n=32, num_warps=8, num_stages=2, dkdv_block_n=64, dkdv_block_m=32, dkdv_num_warps=8, dkdv_num_stages=2),
-    dict(block_m=64, block_n=32, num_warps=4, num_stages=2, dkdv_block_n=64, dkdv_block_m=16, dkdv_num_warps=4, dkdv_num_stages=3),
-    dict(block_m=128, block_n=64, num_warps=8, num_stages=4, dkdv_block_n=32, dkdv_block_m=64, dkdv_num_warps=4, dkdv_num_stages=3),
+    {},  # choose_backward's defaults (d 128: one grid, 64x64 tiles, 4 warps, 2 stages, flat steps)
+    dict(one_grid=False, dkdv_block_m=32, flat_steps=False, num_stages=3, dkdv_num_stages=3),  # the 2026-11-23 default
+    dict(one_grid=False, two_streams=True, block_m=128, num_warps=8),
+    dict(dkdv_block_m=32),
+    dict(block_n=32),
 ]
 
 
@@ -52,6 +52,8 @@ def patterns():
                                               name="local16_stride8"),
         "local16/stride8 gqa8": s2dsl.local_stride(block=BLOCK, local_blocks=16, vert_stride=8, heads=HEADS,
                                                    kv_heads=8, name="local16_stride8_gqa8"),
+        "local16/stride32": s2dsl.local_stride(block=BLOCK, local_blocks=16, vert_stride=32, heads=HEADS,
+                                               name="local16_stride32"),
     }
 
 
@@ -101,6 +103,25 @@ def bench(fn) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
+def kernel_times(fn, reps: int = 5) -> dict:
+    """Milliseconds per call of each GPU kernel ``fn`` launches (torch.profiler, ``reps`` calls)."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    out = {}
+    for evt in prof.key_averages():
+        total = getattr(evt, "self_device_time_total", None)
+        if total is None:
+            total = getattr(evt, "self_cuda_time_total", 0)
+        if total > 0:
+            out[evt.key] = round(total / reps / 1e3, 4)
+    return out
+
+
 def time_pattern(name, pattern, n, variants, dtype=torch.bfloat16):
     q, k, v, do = inputs(pattern, n, dtype)
     out, lse = forward(q, k, v, pattern)
@@ -114,9 +135,10 @@ def time_pattern(name, pattern, n, variants, dtype=torch.bfloat16):
             jit_s = time.perf_counter() - t0
             t_bwd = bench(lambda: backward(q, k, v, out, lse, do, pattern, tuning=tuning))
             t_all = bench(lambda: backward(q, k, v, *forward(q, k, v, pattern), do, pattern, tuning=tuning))
-            rows.append((i, t_bwd, t_all, jit_s, ""))
+            kernels = kernel_times(lambda: backward(q, k, v, out, lse, do, pattern, tuning=tuning))
+            rows.append((i, t_bwd, t_all, jit_s, "", kernels))
         except Exception as exc:  # a variant that does not compile or fit: report, go on
-            rows.append((i, float("nan"), float("nan"), 0.0, f"{type(exc).__name__}: {str(exc)[:60]}"))
+            rows.append((i, float("nan"), float("nan"), 0.0, f"{type(exc).__name__}: {str(exc)[:60]}", {}))
     # SDPA flash, causal, MHA (kv expanded to the q heads: flash has no GQA here)
     from torch.nn.attention import SDPBackend, sdpa_kernel
     group = pattern.heads // pattern.kv_heads
@@ -133,11 +155,12 @@ def time_pattern(name, pattern, n, variants, dtype=torch.bfloat16):
         t_fa_fwd = bench(lambda: sdpa(qs, ks, vs, is_causal=True))
     t_fa = bench(fa_fwd_bwd)
     best = min((r for r in rows if not math.isnan(r[2])), key=lambda r: r[2], default=None)
-    for i, t_bwd, t_all, jit_s, err in rows:
+    for i, t_bwd, t_all, jit_s, err, kernels in rows:
         mark = " *" if best is not None and i == best[0] else ""
+        per_kernel = " ".join(f"{k.split('_kernel')[0]}={v:.3f}" for k, v in sorted(kernels.items()))
         print(f"| {name:22s} | {n:6d} | v{i}{mark:2s} | {t_fwd:7.3f} | {t_bwd:7.3f} | {t_all:7.3f} | "
               f"{t_fa_fwd:7.3f} | {t_fa:7.3f} | {t_fa / t_all if t_all == t_all else float('nan'):6.2f}x | "
-              f"{jit_s:5.1f} | {err}")
+              f"{jit_s:5.1f} | {per_kernel} {err}")
     del q, k, v, do, out, lse, qs, ks, vs
     torch.cuda.empty_cache()
     return rows
@@ -149,12 +172,14 @@ def main():
     ap.add_argument("--seqs", type=int, nargs="*", default=[4096, 8192], help="lengths to time")
     ap.add_argument("--variants", type=str, default=None, help="JSON list of tuning dicts (replaces the built-ins)")
     ap.add_argument("--json", type=str, default=None, help="write the timings here")
+    ap.add_argument("--patterns", type=str, nargs="*", default=None,
+                    help="patterns to check and time (default: all of " + ", ".join(patterns()) + ")")
     args = ap.parse_args()
     assert torch.cuda.is_available(), "needs a CUDA device"
     variants = json.loads(args.variants) if args.variants else VARIANTS
-    pats = patterns()
+    pats = {k: p for k, p in patterns().items() if args.patterns is None or k in args.patterns}
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
-    default = choose_backward(pats["local16/stride8"], torch.bfloat16, DIM, "bhsd", torch.device("cuda"))
+    default = choose_backward(next(iter(pats.values())), torch.bfloat16, DIM, "bhsd", torch.device("cuda"))
     print(f"default backward spec: {default}")
     for i, v in enumerate(variants):
         print(f"  v{i}: {v or 'defaults'}")
@@ -169,8 +194,9 @@ def main():
                 all_ok &= check(name, pattern, n, dtype)
     # a non-default tile shape too, on the smallest length
     if args.check_seqs:
-        all_ok &= check("local16/stride8 v2", pats["local16/stride8"], min(args.check_seqs), torch.bfloat16,
-                        tuning=VARIANTS[2])
+        name, pattern = next(iter(pats.items()))
+        for tuning in variants[1:]:  # the other variants, on the smallest length
+            all_ok &= check(f"{name} {tuning}"[:60], pattern, min(args.check_seqs), torch.bfloat16, tuning=tuning)
 
     print("\n## timings, bf16, batch 1, ms (median of do_bench); * = fastest fwd+bwd variant\n")
     print("| pattern                | tokens | var  | s2 fwd  | s2 bwd  | s2 f+b  | FA fwd  | FA f+b  | FA/s2   | jit s | note")
@@ -179,8 +205,8 @@ def main():
     for n in args.seqs:
         for name, pattern in pats.items():
             rows = time_pattern(name, pattern, n, variants)
-            results[f"{name}@{n}"] = [dict(variant=variants[i], bwd_ms=b, fwd_bwd_ms=a, jit_s=j, error=e)
-                                      for i, b, a, j, e in rows]
+            results[f"{name}@{n}"] = [dict(variant=variants[i], bwd_ms=b, fwd_bwd_ms=a, jit_s=j, error=e,
+                                           kernel_ms=kms) for i, b, a, j, e, kms in rows]
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     print("\ngradient check:", "PASSED" if all_ok else "FAILED")

@@ -67,7 +67,9 @@ def test_matches_autograd_reference(pattern, data):
     layout = data.draw(st.sampled_from(["bhsd", "bshd"]), label="layout")
     batch = data.draw(st.integers(1, 2), label="batch")
     tuning = {"block_m": data.draw(st.sampled_from([16, 32, 64]), label="dq_block_m"),
-              "order": data.draw(st.sampled_from(["longest_first", "tile_major"]), label="order")}
+              "order": data.draw(st.sampled_from(["longest_first", "tile_major"]), label="order"),
+              "one_grid": data.draw(st.booleans(), label="one_grid"),
+              "flat_steps": data.draw(st.booleans(), label="flat_steps")}
     q, k, v, do = _inputs(batch, pattern.heads, pattern.kv_heads, lq, lk, d, torch.float32, layout, seed=lq * 131 + lk)
     _run_and_compare(pattern, q, k, v, do, layout, tuning)
 
@@ -107,9 +109,14 @@ def test_gqa_two_groups_bidirectional_bshd():
     {"block_m": 64, "block_n": 32, "dkdv_block_n": 32, "dkdv_block_m": 16},
     {"block_m": 128, "block_n": 16, "dkdv_block_n": 16, "dkdv_block_m": 32},
     {"block_m": 32, "block_n": 32, "dkdv_block_n": 32, "dkdv_block_m": 32},
+    # dK/dV and dQ programs in one grid; dK/dV looping over query steps rather than blocks
+    {"block_m": 64, "block_n": 32, "dkdv_block_n": 16, "dkdv_block_m": 16, "one_grid": True},
+    {"block_m": 32, "block_n": 16, "dkdv_block_n": 32, "dkdv_block_m": 16, "flat_steps": True},
+    {"block_m": 16, "block_n": 16, "dkdv_block_n": 16, "dkdv_block_m": 16, "flat_steps": True, "one_grid": True},
 ])
 def test_tile_shapes_against_block(tuning):
-    """Tiles smaller than, equal to and larger than the pattern block (32) all agree."""
+    """Tiles smaller than, equal to and larger than the pattern block (32), and both launch
+    and loop shapes, all agree with the reference."""
     pattern = s2dsl.parse("pattern p { block = 32 heads = 3 kv_heads = 1 "
                           "heads 0..1 { window 2 stride 3 offset h sink 1 } heads 2..2 { dense } }")["p"]
     q, k, v, do = _inputs(1, 3, 1, 100, 150, 32, torch.float32, seed=3)

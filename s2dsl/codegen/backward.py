@@ -1,6 +1,10 @@
 """Emit the Triton backward kernels specialised to one pattern.
 
-The generated module holds three ``@triton.jit`` kernels and a ``launch`` function:
+The generated module holds ``@triton.jit`` kernels and a ``launch`` function. The dQ and
+dK/dV work are two program bodies (``_dq_program``, ``_dkdv_program``); ``launch`` runs
+them as two kernels (``dq_kernel``, ``dkdv_kernel``), or, with ``one_grid``, as one
+``backward_kernel`` whose grid holds the dK/dV programs then the dQ programs (the dQ
+programs fill the SMs that the long residue columns of dK/dV leave idle at the end):
 
 * ``preprocess_kernel``: ``delta = rowsum(dO * O)`` in float32, laid out like the lse;
 * ``dq_kernel``: one program per (query tile, q head). It visits exactly the kv blocks the
@@ -38,7 +42,7 @@ from .forward import Specialization
 from .lower import KernelPlan
 from .snippets import at as _at, full_predicate as _full_predicate, head_param as _param
 
-BACKWARD_CODEGEN_VERSION = "bwd-1"
+BACKWARD_CODEGEN_VERSION = "bwd-2"
 
 
 @dataclass(frozen=True)
@@ -57,12 +61,42 @@ class BackwardSpecialization(Specialization):
     dkdv_num_warps: int = 0
     dkdv_num_stages: int = 0
     dkdv_unroll_group: bool = False  # unroll the loop over a kv head's q heads (GQA): longer compile, fewer spills
+    flat_steps: bool = False  # dK/dV: loop over BLOCK_M-row query steps, not over query blocks
+    two_streams: bool = False  # dQ on a second CUDA stream beside dK/dV (each with its own tiles)
+    one_grid: bool = False  # dK/dV and dQ programs in one launch (with the dQ kernel's warps and stages)
 
 
+# Parameters of the two program bodies; a name starting with '*' is a tl.constexpr. The three
+# kernels (dQ alone, dK/dV alone, both in one grid) are generated from these lists.
+_COMMON = ("Lse Delta HeadTable CuSeqQ CuSeqK stride_qb stride_qh stride_qm stride_kb stride_kh stride_kn "
+           "stride_vb stride_vh stride_vn stride_dob stride_doh stride_dom").split()
+DQ_PARAMS = ("Q K V DO DQ".split() + _COMMON + "stride_dqb stride_dqh stride_dqm stride_lb stride_lh".split()
+             + "q_len_all kv_len_all n_tiles qk_scale sm_scale".split()
+             + "*HEADS *GROUP *BLOCK *CAUSAL *TABLE_WIDTH *BLOCK_M *BLOCK_N *HEAD_DIM *D_PAD".split())
+DKDV_PARAMS = ("Q K V DO DK DV".split() + _COMMON
+               + "stride_dkb stride_dkh stride_dkn stride_dvb stride_dvh stride_dvn stride_lb stride_lh".split()
+               + "q_len_all kv_len_all n_kv_tiles qk_scale sm_scale".split()
+               + "*KV_HEADS *GROUP *BLOCK *CAUSAL *TABLE_WIDTH *BLOCK_M *BLOCK_N *HEAD_DIM *D_PAD".split())
+# the one-grid kernel: both lists, each body's tile sizes under its own name
+_RENAME_DQ = {"*BLOCK_M": "*DQ_BLOCK_M", "*BLOCK_N": "*DQ_BLOCK_N"}
+_RENAME_DKDV = {"*BLOCK_M": "*DKDV_BLOCK_M", "*BLOCK_N": "*DKDV_BLOCK_N"}
+BOTH_PARAMS = ("Q K V DO DQ DK DV".split() + _COMMON
+               + "stride_dqb stride_dqh stride_dqm stride_dkb stride_dkh stride_dkn stride_dvb stride_dvh stride_dvn"
+                 " stride_lb stride_lh q_len_all kv_len_all n_tiles n_kv_tiles qk_scale sm_scale".split()
+               + "*HEADS *KV_HEADS *GROUP *BLOCK *CAUSAL *TABLE_WIDTH *DQ_BLOCK_M *DQ_BLOCK_N *DKDV_BLOCK_M"
+                 " *DKDV_BLOCK_N *HEAD_DIM *D_PAD".split())
+assert sorted(BOTH_PARAMS) == sorted(set([_RENAME_DQ.get(n, n) for n in DQ_PARAMS]
+                                         + [_RENAME_DKDV.get(n, n) for n in DKDV_PARAMS]))
 
 
+def _params(names) -> str:
+    """A jit signature's parameter list."""
+    return ", ".join(n[1:] + ": tl.constexpr" if n.startswith("*") else n for n in names)
 
 
+def _args(names, rename=None) -> str:
+    """The arguments passing ``names`` (renamed by ``rename``) on, by position."""
+    return ", ".join((rename or {}).get(n, n).lstrip("*") for n in names)
 
 
 def _dkdv_tiles(plan: KernelPlan, spec: Specialization):
@@ -154,25 +188,21 @@ def generate_backward(plan: KernelPlan, spec: Specialization, *, name: str = "pa
     if spec.order == "tile_major":  # kept to measure the scheduling
         dq_order = """
         # tile-major: the last query tiles of every head first
-        pid = tl.program_id(0)
         tile = n_tiles - 1 - pid // HEADS
         h = pid % HEADS"""
         dkdv_order = """
         # tile-major: the first kv tiles of every kv head first
-        pid = tl.program_id(0)
         tile = pid // KV_HEADS
         kv_h = pid % KV_HEADS"""
     else:
         dq_order = """
         # Head-major, longest first: each head's last query tiles (most kv blocks under a causal
         # mask) first; programs running together share one head's K/V in L2.
-        pid = tl.program_id(0)
         h = pid // n_tiles
         tile = n_tiles - 1 - pid % n_tiles"""
         dkdv_order = """
         # Head-major, longest first: each kv head's first kv tiles (their sinks and residue blocks
         # are kept by the most queries) first; programs running together share its Q and dO in L2.
-        pid = tl.program_id(0)
         kv_h = pid // n_kv_tiles
         tile = pid % n_kv_tiles"""
 
@@ -188,15 +218,21 @@ for j in range(first_block, last_block + 1):  # the diagonal blocks
 
     # ---------------------------------------------------------------- dK/dV enumeration
     dkdv_call = """
-    dk, dv = _dkdv_visit(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, i, cols,
-                         past, kv_len, qk_scale, {masked}, CAUSAL, BLOCK, BLOCK_M, HEAD_DIM, D_PAD)"""
+    dk, dv = _dkdv_visit(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, {row0}, cols,
+                         past, kv_len, qk_scale, {masked}, {steps}, CAUSAL, BLOCK_M, HEAD_DIM, D_PAD)"""
+    block_call = dict(row0="i * BLOCK", steps="BLOCK // BLOCK_M")
+    if getattr(spec, "flat_steps", False):  # one loop step per BLOCK_M query rows
+        inside = f"""
+for r in range((i_lo + 1) * BLOCK, i_hi * BLOCK, BLOCK_M):{dkdv_call.format(masked="False", row0="r", steps="1")}"""
+    else:  # one loop step per query block, its BLOCK_M-row steps unrolled
+        inside = f"""
+for i in range(i_lo + 1, i_hi):{dkdv_call.format(masked="False", **block_call)}"""
     query_loops = f"""
 # the first block of the range: the causal diagonal, or the partial first query block
-for i in range(i_lo, tl.minimum(i_lo + 1, i_hi + 1)):{dkdv_call.format(masked="True")}
-# strictly inside: every row is a query, every row is after every key of the tile
-for i in range(i_lo + 1, i_hi):{dkdv_call.format(masked="False")}
+for i in range(i_lo, tl.minimum(i_lo + 1, i_hi + 1)):{dkdv_call.format(masked="True", **block_call)}
+# strictly inside: every row is a query, every row is after every key of the tile{inside}
 # the last block of the range: maybe the partial last query block
-for i in range(tl.maximum(i_hi, i_lo + 1), i_hi + 1):{dkdv_call.format(masked="True")}"""
+for i in range(tl.maximum(i_hi, i_lo + 1), i_hi + 1):{dkdv_call.format(masked="True", **block_call)}"""
 
     if varlen:
         locate_q = """
@@ -249,6 +285,8 @@ delta_base = Delta + b * stride_lb + h * stride_lh"""
 # pattern: {name}  fingerprint: {fingerprint}
 # block {plan.block}, heads {plan.heads}, kv_heads {plan.kv_heads}, {"causal" if plan.causal else "bidirectional"}
 # specialisation: {spec}
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -274,6 +312,9 @@ DKDV_BLOCK_N = {dkdv_n}
 DKDV_BLOCK_M = {dkdv_m}
 DKDV_NUM_WARPS = {dkdv_warps}
 DKDV_NUM_STAGES = {dkdv_stages}
+# one grid for dK/dV and dQ (then with the dQ kernel's warps and stages), or two launches
+ONE_GRID = {bool(getattr(spec, "one_grid", False))}
+TWO_STREAMS = {bool(getattr(spec, "two_streams", False))}
 PRE_BLOCK = {min(spec.block_m, 64)}
 LOG2E = 1.4426950408889634
 
@@ -334,16 +375,9 @@ def _dq_visit(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, j, r
 
 
 @triton.jit
-def dq_kernel(Q, K, V, DO, DQ, Lse, Delta, HeadTable, CuSeqQ, CuSeqK,
-              stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
-              stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
-              stride_dqb, stride_dqh, stride_dqm, stride_lb, stride_lh,
-              q_len_all, kv_len_all, n_tiles, qk_scale, sm_scale,
-              HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr, CAUSAL: tl.constexpr,
-              TABLE_WIDTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
+def _dq_program(pid, b, {_params(DQ_PARAMS)}):
+    """dQ of query tile ``pid`` (ordered as below) of batch entry / sequence ``b``."""
 {_at(dq_order, 1)}
-    b = tl.program_id(1)
     kv_h = h // GROUP
 {_at(locate_q, 1)}
 {_at(q_bases, 1)}
@@ -383,13 +417,14 @@ def dq_kernel(Q, K, V, DO, DQ, Lse, Delta, HeadTable, CuSeqQ, CuSeqK,
 
 
 @triton.jit
-def _dkdv_visit(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, i, cols, past, kv_len,
-                qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
-                HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
-    """dK, dV of one kv tile from the queries of query block i (which keeps the tile's block)."""
+def _dkdv_visit(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, row0, cols, past,
+                kv_len, qk_scale, MASKED: tl.constexpr, STEPS: tl.constexpr, CAUSAL: tl.constexpr,
+                BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
+    """dK, dV of one kv tile from the STEPS * BLOCK_M queries from absolute position row0 on
+    (all in query blocks that keep the tile's block)."""
     offs_d = tl.arange(0, D_PAD)
-    for s in tl.static_range(BLOCK // BLOCK_M):
-        rows = i * BLOCK + s * BLOCK_M + tl.arange(0, BLOCK_M)  # absolute positions
+    for s in tl.static_range(STEPS):
+        rows = row0 + s * BLOCK_M + tl.arange(0, BLOCK_M)  # absolute positions
         t = rows - past                                        # query index
         # Q read transposed, [D_PAD, BLOCK_M]: column m is query row t[m]
         qt_ptrs = q_base + t[None, :] * stride_qm + offs_d[:, None]
@@ -426,16 +461,9 @@ def _dkdv_visit(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, 
 
 
 @triton.jit
-def dkdv_kernel(Q, K, V, DO, DK, DV, Lse, Delta, HeadTable, CuSeqQ, CuSeqK,
-                stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
-                stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
-                stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, stride_lb, stride_lh,
-                q_len_all, kv_len_all, n_kv_tiles, qk_scale, sm_scale,
-                KV_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr, CAUSAL: tl.constexpr,
-                TABLE_WIDTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
+def _dkdv_program(pid, b, {_params(DKDV_PARAMS)}):
+    """dK and dV of kv tile ``pid`` (ordered as below) of batch entry / sequence ``b``."""
 {_at(dkdv_order, 1)}
-    b = tl.program_id(1)
 {_at(locate_q, 1)}
 {_at(kv_bases, 1)}
 {_at(dkv_bases, 1)}
@@ -465,7 +493,38 @@ def dkdv_kernel(Q, K, V, DO, DK, DV, Lse, Delta, HeadTable, CuSeqQ, CuSeqK,
         tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
+@triton.jit
+def dq_kernel({_params(DQ_PARAMS)}):
+    _dq_program(tl.program_id(0), tl.program_id(1), {_args(DQ_PARAMS)})
+
+
+@triton.jit
+def dkdv_kernel({_params(DKDV_PARAMS)}):
+    _dkdv_program(tl.program_id(0), tl.program_id(1), {_args(DKDV_PARAMS)})
+
+
+@triton.jit
+def backward_kernel({_params(BOTH_PARAMS)}):
+    """dK/dV and dQ in one grid: the dK/dV programs first (a residue column's program runs
+    the longest), then the dQ programs, which fill the SMs the dK/dV tail leaves idle."""
+    pid = tl.program_id(0)
+    n_kv_programs = n_kv_tiles * KV_HEADS
+    if pid < n_kv_programs:
+        _dkdv_program(pid, tl.program_id(1), {_args(DKDV_PARAMS, _RENAME_DKDV)})
+    else:
+        _dq_program(pid - n_kv_programs, tl.program_id(1), {_args(DQ_PARAMS, _RENAME_DQ)})
+
+
 _tables = {{}}
+_streams = {{}}
+
+
+def _side_stream(device):
+    """The second stream the dQ kernel runs on (one per device, made once)."""
+    key = str(device)
+    if key not in _streams:
+        _streams[key] = torch.cuda.Stream(device)
+    return _streams[key]
 
 
 def head_table(device):
@@ -496,16 +555,28 @@ def launch(q, k, v, out, dout, lse, dq, dk, dv, q_strides, k_strides, v_strides,
         preprocess_kernel[(triton.cdiv(max_q_len, PRE_BLOCK), HEADS, batch)](
             out, dout, delta, cu_q, *o_strides, *do_strides, *lse_strides, q_len,
             PRE_BLOCK=PRE_BLOCK, HEAD_DIM=HEAD_DIM, D_PAD=D_PAD)
-        n_tiles = triton.cdiv(max_kv_len, DQ_BLOCK_M)  # tiles are aligned to absolute positions
-        dq_kernel[(n_tiles * HEADS, batch)](
-            q, k, v, dout, dq, lse, delta, table, cu_q, cu_k,
-            *q_strides, *k_strides, *v_strides, *do_strides, *dq_strides, *lse_strides,
-            q_len, kv_len, n_tiles, qk_scale, sm_scale,
-            HEADS=HEADS, GROUP=GROUP, BLOCK=BLOCK, CAUSAL=CAUSAL, TABLE_WIDTH=TABLE_WIDTH,
-            BLOCK_M=DQ_BLOCK_M, BLOCK_N=DQ_BLOCK_N, HEAD_DIM=HEAD_DIM, D_PAD=D_PAD,
-            num_warps=DQ_NUM_WARPS, num_stages=DQ_NUM_STAGES)
+    n_tiles = triton.cdiv(max_kv_len, DQ_BLOCK_M)  # dQ tiles are aligned to absolute positions
+    n_kv_tiles = triton.cdiv(max_kv_len, DKDV_BLOCK_N)
+    if ONE_GRID:
+        if max_kv_len > 0:
+            backward_kernel[(n_kv_tiles * KV_HEADS + n_tiles * HEADS, batch)](
+                q, k, v, dout, dq, dk, dv, lse, delta, table, cu_q, cu_k,
+                *q_strides, *k_strides, *v_strides, *do_strides, *dq_strides, *dk_strides, *dv_strides,
+                *lse_strides, q_len, kv_len, n_tiles, n_kv_tiles, qk_scale, sm_scale,
+                HEADS=HEADS, KV_HEADS=KV_HEADS, GROUP=GROUP, BLOCK=BLOCK, CAUSAL=CAUSAL, TABLE_WIDTH=TABLE_WIDTH,
+                DQ_BLOCK_M=DQ_BLOCK_M, DQ_BLOCK_N=DQ_BLOCK_N, DKDV_BLOCK_M=DKDV_BLOCK_M,
+                DKDV_BLOCK_N=DKDV_BLOCK_N, HEAD_DIM=HEAD_DIM, D_PAD=D_PAD,
+                num_warps=DQ_NUM_WARPS, num_stages=DQ_NUM_STAGES)
+        return delta
+    # TWO_STREAMS: the dK/dV kernel first on the caller's stream, dQ beside it on a second
+    # stream (each with its own tiles), joined before returning: the dQ programs fill the SMs
+    # the dK/dV kernel's long residue columns leave idle at its end
+    two = TWO_STREAMS and q.is_cuda and max_q_len > 0 and max_kv_len > 0
+    if two:
+        main = torch.cuda.current_stream(q.device)
+        side = _side_stream(q.device)
+        side.wait_stream(main)
     if max_kv_len > 0:
-        n_kv_tiles = triton.cdiv(max_kv_len, DKDV_BLOCK_N)
         dkdv_kernel[(n_kv_tiles * KV_HEADS, batch)](
             q, k, v, dout, dk, dv, lse, delta, table, cu_q, cu_k,
             *q_strides, *k_strides, *v_strides, *do_strides, *dk_strides, *dv_strides, *lse_strides,
@@ -513,6 +584,17 @@ def launch(q, k, v, out, dout, lse, dq, dk, dv, q_strides, k_strides, v_strides,
             KV_HEADS=KV_HEADS, GROUP=GROUP, BLOCK=BLOCK, CAUSAL=CAUSAL, TABLE_WIDTH=TABLE_WIDTH,
             BLOCK_M=DKDV_BLOCK_M, BLOCK_N=DKDV_BLOCK_N, HEAD_DIM=HEAD_DIM, D_PAD=D_PAD,
             num_warps=DKDV_NUM_WARPS, num_stages=DKDV_NUM_STAGES)
+    with torch.cuda.stream(side) if two else contextlib.nullcontext():
+        if max_q_len > 0:
+            dq_kernel[(n_tiles * HEADS, batch)](
+                q, k, v, dout, dq, lse, delta, table, cu_q, cu_k,
+                *q_strides, *k_strides, *v_strides, *do_strides, *dq_strides, *lse_strides,
+                q_len, kv_len, n_tiles, qk_scale, sm_scale,
+                HEADS=HEADS, GROUP=GROUP, BLOCK=BLOCK, CAUSAL=CAUSAL, TABLE_WIDTH=TABLE_WIDTH,
+                BLOCK_M=DQ_BLOCK_M, BLOCK_N=DQ_BLOCK_N, HEAD_DIM=HEAD_DIM, D_PAD=D_PAD,
+                num_warps=DQ_NUM_WARPS, num_stages=DQ_NUM_STAGES)
+    if two:
+        main.wait_stream(side)
     return delta
 '''
     return source

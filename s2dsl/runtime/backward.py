@@ -56,15 +56,17 @@ def choose_backward(pattern: Pattern, dtype: torch.dtype, head_dim: int, layout:
                                       num_stages=1, dkdv_block_m=t, dkdv_block_n=t, dkdv_num_warps=4,
                                       dkdv_num_stages=1)
     else:
-        # d <= 128: the fastest of six tilings timed on an H100 (benchmarks/RESULTS.md);
+        # d <= 128: the fastest of the tilings and launch shapes timed on an H100
+        # (benchmarks/RESULTS.md): dK/dV and dQ programs in one grid with 4 warps and 2 stages,
+        # 64x64 tiles in both, dK/dV looping over query steps (not blocks);
         # d > 128: narrower tiles so the accumulators fit (compile-time spill counts only)
         big = head_dim > 128
         spec = BackwardSpecialization(
             dtype=_DTYPES[dtype], head_dim=head_dim, layout=layout, capability=tuple(capability),
-            block_m=64, block_n=_divisor(block, 32 if big else 64),
-            num_warps=4, num_stages=2 if big else 3,
-            dkdv_block_m=_divisor(block, 32), dkdv_block_n=_divisor(block, 32 if big else 64),
-            dkdv_num_warps=4 if not big else 8, dkdv_num_stages=2 if big else 3,
+            block_m=64, block_n=_divisor(block, 32 if big else 64), num_warps=4, num_stages=2,
+            one_grid=not big, flat_steps=True,
+            dkdv_block_m=_divisor(block, 32 if big else 64), dkdv_block_n=_divisor(block, 32 if big else 64),
+            dkdv_num_warps=8 if big else 4, dkdv_num_stages=2,
             # sm_90 compiles of the GQA dK/dV kernel spill ~10x less with the group loop unrolled
             dkdv_unroll_group=pattern.group_size <= 8)
     return replace(spec, **(tuning or {}))
