@@ -368,8 +368,13 @@ def _compile(args) -> int:
         if args.kernel == "fwd":
             source = kernels.forward_source(pattern, spec)
         else:
-            from .runtime.backward import backward_source
-            source = backward_source(pattern, spec)
+            from .runtime.backward import backward_source, choose_backward, choose_backward_for_gpu
+            if args.target == "gpu":
+                bwd = replace(choose_backward_for_gpu(pattern, args.head_dim), dtype=_DTYPE_NAMES[args.dtype],
+                              layout=args.layout)
+            else:
+                bwd = choose_backward(pattern, dtype, args.head_dim, args.layout, torch.device("cpu"))
+            source = backward_source(pattern, bwd)
     except UnsupportedPattern as exc:
         raise CliError(str(exc), code=1) from None
     sys.stdout.write(source)

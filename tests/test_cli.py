@@ -244,3 +244,13 @@ def test_compile_prints_generated_triton_source(capsys):
     # the per-head residues of Phi-3-small's kv groups are in the table
     assert "[16, 0, 8, 1, 7]" in source
     assert main(["compile", str(EXAMPLES / "phi3_small.s2"), "--pattern", "nope"]) == 2
+
+
+@pytest.mark.parametrize("target,one_grid", [("gpu", True), ("interpreter", False)])
+def test_compile_backward_shows_the_tiles_the_runtime_uses(capsys, target, one_grid):
+    """``--kernel bwd`` prints the backward with the backward's own tiles for the target."""
+    assert main(["compile", str(EXAMPLES / "phi3_small.s2"), "--kernel", "bwd", "--target", target]) == 0
+    source = capsys.readouterr().out
+    compile(source, "<generated>", "exec")
+    assert "def dkdv_kernel(" in source and "def backward_kernel(" in source
+    assert f"ONE_GRID = {one_grid}" in source

@@ -56,20 +56,28 @@ def choose_backward(pattern: Pattern, dtype: torch.dtype, head_dim: int, layout:
                                       num_stages=1, dkdv_block_m=t, dkdv_block_n=t, dkdv_num_warps=4,
                                       dkdv_num_stages=1)
     else:
-        # d <= 128: the fastest of the tilings and launch shapes timed on an H100
-        # (benchmarks/RESULTS.md): dK/dV and dQ programs in one grid with 4 warps and 2 stages,
-        # 64x64 tiles in both, dK/dV looping over query steps (not blocks);
-        # d > 128: narrower tiles so the accumulators fit (compile-time spill counts only)
-        big = head_dim > 128
-        spec = BackwardSpecialization(
-            dtype=_DTYPES[dtype], head_dim=head_dim, layout=layout, capability=tuple(capability),
-            block_m=64, block_n=_divisor(block, 32 if big else 64), num_warps=4, num_stages=2,
-            one_grid=not big, flat_steps=True,
-            dkdv_block_m=_divisor(block, 32 if big else 64), dkdv_block_n=_divisor(block, 32 if big else 64),
-            dkdv_num_warps=8 if big else 4, dkdv_num_stages=2,
-            # sm_90 compiles of the GQA dK/dV kernel spill ~10x less with the group loop unrolled
-            dkdv_unroll_group=pattern.group_size <= 8)
+        spec = replace(choose_backward_for_gpu(pattern, head_dim), dtype=_DTYPES[dtype], layout=layout,
+                       capability=tuple(capability))
     return replace(spec, **(tuning or {}))
+
+
+def choose_backward_for_gpu(pattern: Pattern, head_dim: int) -> BackwardSpecialization:
+    """The backward's tiles on a Hopper GPU (also what ``s2dsl compile --target gpu`` shows).
+
+    d <= 128: the fastest of the tilings and launch shapes timed on an H100
+    (benchmarks/RESULTS.md): dK/dV and dQ programs in one grid with 4 warps and 2 stages,
+    64x64 tiles in both, dK/dV looping over query steps (not blocks). d > 128: narrower tiles
+    so the accumulators fit (compile-time spill counts only), two launches.
+    """
+    block = pattern.block
+    big = head_dim > 128
+    tile = _divisor(block, 32 if big else 64)
+    return BackwardSpecialization(
+        head_dim=head_dim, capability=(9, 0), block_m=64, block_n=tile, num_warps=4, num_stages=2,
+        one_grid=not big, flat_steps=True, dkdv_block_m=tile, dkdv_block_n=tile,
+        dkdv_num_warps=8 if big else 4, dkdv_num_stages=2,
+        # sm_90 compiles of the GQA dK/dV kernel spill ~10x less with the group loop unrolled
+        dkdv_unroll_group=pattern.group_size <= 8)
 
 
 def backward_module(pattern: Pattern, spec: Specialization, cache: Optional[KernelCache] = None) -> ModuleType:
@@ -84,16 +92,10 @@ def backward_source(pattern: Pattern, spec: Optional[Specialization] = None) -> 
     """The generated backward module's source for ``pattern`` (for ``s2dsl`` CLI printing).
 
     ``spec`` may be a forward ``Specialization`` (its tiles are fitted to the pattern
-    block) or a ``BackwardSpecialization``; by default, GPU-style tiles for head dim 64.
+    block) or a ``BackwardSpecialization``; by default, the H100 tiles for head dim 64.
     """
     if spec is None:
-        spec = choose_backward(pattern, torch.float16, 64, "bhsd", torch.device("cuda")) \
-            if torch.cuda.is_available() else None
-        if spec is None:  # no device to ask: the H100 defaults
-            spec = BackwardSpecialization(capability=(9, 0), block_m=128, block_n=_divisor(pattern.block, 64),
-                                          num_warps=8, num_stages=3, dkdv_block_m=_divisor(pattern.block, 64),
-                                          dkdv_block_n=_divisor(pattern.block, 64), dkdv_num_warps=8,
-                                          dkdv_num_stages=3)
+        spec = choose_backward_for_gpu(pattern, 64)
     spec = _as_backward(spec)
     fitted = {name: _divisor(pattern.block, getattr(spec, name)) for name in _TILE_FIELDS if getattr(spec, name)}
     spec = replace(spec, **fitted)
