@@ -19,7 +19,7 @@ from s2dsl.runtime.backward import backward, backward_source, choose_backward
 
 from kernel_strategies import patterns, random_inputs
 
-# CPU tests under the Triton interpreter; benchmarks/gpu_check_backward.py checks bf16 on the GPU
+# CPU tests under the Triton interpreter; tests/test_gpu_backward.py checks bf16/fp16 on the GPU
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
 DEVICE = "cpu"
 TOL = {torch.float32: 1e-4, torch.float16: 1.5e-2}

@@ -24,6 +24,9 @@ pattern bidir {
     block = 32  heads = 8  bidirectional
     heads 0..7 { window 4  stride 8 offset h  sink 2 }
 }""")["bidir"]
+# the patterns and head dims every GPU kernel check runs (forward here, backward in test_gpu_backward)
+REALISTIC = [PHI3, STRIDE32, HETERO, BIDIR]
+HEAD_DIMS = [64, 96, 128, 256, 40]
 
 
 def _rel_err(out, ref):
@@ -49,12 +52,12 @@ def _run(pattern, b, lq, lk, d, dtype, layout="bhsd"):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("pattern", [PHI3, STRIDE32, HETERO, BIDIR], ids=lambda p: p.name)
+@pytest.mark.parametrize("pattern", REALISTIC, ids=lambda p: p.name)
 def test_realistic_shapes(pattern, dtype):
     _run(pattern, 2, 3000, 3000, 128, dtype)
 
 
-@pytest.mark.parametrize("d", [64, 96, 128, 256, 40])
+@pytest.mark.parametrize("d", HEAD_DIMS)
 def test_head_dims(d):
     _run(HETERO, 1, 1500, 1500, d, torch.bfloat16)
 

@@ -10,7 +10,7 @@ import s2dsl
 from s2dsl.runtime.attention import forward
 from s2dsl.runtime.backward import backward
 
-from test_gpu import BIDIR, HETERO, PHI3, STRIDE32
+from test_gpu import HEAD_DIMS, HETERO, PHI3, REALISTIC
 
 pytestmark = pytest.mark.gpu
 
@@ -49,12 +49,12 @@ def _check(pattern, b, lq, lk, d, dtype, layout="bhsd", tuning=None):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("pattern", [PHI3, STRIDE32, HETERO, BIDIR], ids=lambda p: p.name)
+@pytest.mark.parametrize("pattern", REALISTIC, ids=lambda p: p.name)
 def test_realistic_shapes(pattern, dtype):
     _check(pattern, 1, 2048, 2048, 128, dtype)
 
 
-@pytest.mark.parametrize("d", [64, 96, 128, 256, 40])
+@pytest.mark.parametrize("d", HEAD_DIMS)
 def test_head_dims(d):
     _check(HETERO, 1, 1100, 1100, d, torch.bfloat16)
 

@@ -515,24 +515,25 @@ def backward_kernel({_params(BOTH_PARAMS)}):
         _dq_program(pid - n_kv_programs, tl.program_id(1), {_args(DQ_PARAMS, _RENAME_DQ)})
 
 
-_tables = {{}}
-_streams = {{}}
+_per_device = {{}}
 
 
-def _side_stream(device):
-    """The second stream the dQ kernel runs on (one per device, made once)."""
-    key = str(device)
-    if key not in _streams:
-        _streams[key] = torch.cuda.Stream(device)
-    return _streams[key]
+def _once_per_device(what, device, make):
+    """``make()``, built once per (what, device) and kept."""
+    key = (what, str(device))
+    if key not in _per_device:
+        _per_device[key] = make()
+    return _per_device[key]
 
 
 def head_table(device):
-    """The per-head table on ``device`` (built once per device)."""
-    key = str(device)
-    if key not in _tables:
-        _tables[key] = torch.tensor(HEAD_TABLE, dtype=torch.int32, device=device)
-    return _tables[key]
+    """The per-head table on ``device``."""
+    return _once_per_device("table", device, lambda: torch.tensor(HEAD_TABLE, dtype=torch.int32, device=device))
+
+
+def _side_stream(device):
+    """The second stream the dQ kernel runs on."""
+    return _once_per_device("stream", device, lambda: torch.cuda.Stream(device))
 
 
 def launch(q, k, v, out, dout, lse, dq, dk, dv, q_strides, k_strides, v_strides, o_strides, do_strides,
