@@ -8,6 +8,10 @@ class S2Error(Exception):
     """Base of every error s2dsl raises for bad input."""
 
 
+#: characters of the offending line shown around the column; the rest is cut with "..."
+EXCERPT_WIDTH = 100
+
+
 def _excerpt(text: Optional[str], line: int, column: int) -> str:
     if not text or line < 1:
         return ""
@@ -15,7 +19,14 @@ def _excerpt(text: Optional[str], line: int, column: int) -> str:
     if line > len(lines):
         return ""
     source = lines[line - 1].expandtabs(1)
-    return f"\n    {source}\n    {' ' * max(column - 1, 0)}^"
+    caret = max(column - 1, 0)
+    if len(source) > EXCERPT_WIDTH:  # a minified or generated line: show the part around the column
+        start = min(max(caret - EXCERPT_WIDTH // 2, 0), max(len(source) - EXCERPT_WIDTH, 0))
+        end = start + EXCERPT_WIDTH
+        head, tail = ("..." if start else ""), ("..." if end < len(source) else "")
+        source = head + source[start:end] + tail
+        caret = caret - start + len(head)
+    return f"\n    {source}\n    {' ' * caret}^"
 
 
 class S2SourceError(S2Error):

@@ -4,11 +4,12 @@ from __future__ import annotations
 from functools import lru_cache
 from importlib import resources
 
-from lark import Lark, Transformer, v_args
+from lark import Lark, Transformer, Tree, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
 
 from . import ir
 from .errors import S2SyntaxError
+from .limits import MAX_EXPR_DEPTH, MAX_LITERAL_DIGITS
 
 
 _comments: list = []  # filled by the lexer callback during one parse
@@ -31,7 +32,11 @@ def _span(meta) -> ir.Span | None:
 class _ToIR(Transformer):
     # expressions
     def num(self, meta, children):
-        return ir.Num(int(children[0]), _span(meta))
+        digits = str(children[0])
+        if len(digits) > MAX_LITERAL_DIGITS:  # checked before int(): converting it is quadratic
+            raise _SourceProblem(f"integer literal with {len(digits)} digits; literals have at most "
+                                 f"{MAX_LITERAL_DIGITS}", _span(meta), "no block count or head index needs more")
+        return ir.Num(int(digits), _span(meta))
 
     def var(self, meta, children):
         return ir.Var(str(children[0]), _span(meta))
@@ -118,7 +123,12 @@ class _ToIR(Transformer):
                 continue
             key, value, span = stmt
             if key in seen:
-                raise _DuplicateField(key, span)
+                if key != "mode":
+                    raise _SourceProblem(f"'{key}' is set twice in one pattern", span, "keep one of the two settings")
+                first = fields["mode"]
+                raise _SourceProblem(f"'{value}' after '{first}': a pattern is either causal or bidirectional"
+                                     if value != first else f"'{value}' is given twice", span,
+                                     "keep one of the two keywords")
             seen[key] = span
             fields[key] = value
         return ir.PatternDef(str(name), fields["block"], fields["heads"], fields["kv_heads"],
@@ -151,10 +161,30 @@ class _ToIR(Transformer):
         return ir.Module(tuple(c))
 
 
-class _DuplicateField(Exception):
-    def __init__(self, key, span):
-        super().__init__(key)
-        self.key, self.span = key, span
+class _SourceProblem(Exception):
+    """Raised inside the transformer; ``parse_module`` turns it into an ``S2SyntaxError``."""
+
+    def __init__(self, message, span, hint=""):
+        super().__init__(message)
+        self.message, self.span, self.hint = message, span, hint
+
+
+_EXPR_RULES = frozenset({"add", "sub", "mul", "floordiv", "mod", "neg", "call"})
+
+
+def _check_depth(tree: Tree) -> None:
+    """Refuse expressions nested deeper than ``MAX_EXPR_DEPTH`` before anything recursive
+    (the transformer, the evaluator, the printer) walks them. Iterative on purpose."""
+    stack = [(tree, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if node.data in _EXPR_RULES:
+            depth += 1
+            if depth > MAX_EXPR_DEPTH:
+                raise _SourceProblem(f"expression nested more than {MAX_EXPR_DEPTH} operators deep (a sum of n terms "
+                                     "nests n - 1 deep)", _span(node.meta),
+                                     "split it with constants: 'const part = ...'")
+        stack.extend((c, depth) for c in node.children if isinstance(c, Tree))
 
 
 _TOKEN_WORDS = {
@@ -183,6 +213,8 @@ def _describe_expected(expected) -> str:
 def parse_module(text: str, filename: str = "<string>") -> ir.Module:
     """Parse .s2 source into the IR; syntax errors carry file, line, column and a caret."""
     _comments.clear()
+    if text.startswith("\ufeff"):  # a UTF-8 byte order mark, as some editors write
+        text = text[1:]
     try:
         tree = _lark().parse(text)
     except UnexpectedInput as exc:
@@ -192,7 +224,8 @@ def parse_module(text: str, filename: str = "<string>") -> ir.Module:
             line, column = len(lines), len(lines[-1]) + 1
             found = "end of file"
         elif isinstance(exc, UnexpectedToken):
-            found = f"'{exc.token}'"
+            token = str(exc.token)
+            found = f"'{token}'" if len(token) <= 40 else f"'{token[:37]}...' ({len(token)} characters)"
         else:
             found = f"character {text[exc.pos_in_stream]!r}" if isinstance(exc, UnexpectedCharacters) else "input"
         expected = getattr(exc, "expected", None) or getattr(exc, "allowed", None) or set()
@@ -202,13 +235,13 @@ def parse_module(text: str, filename: str = "<string>") -> ir.Module:
         raise S2SyntaxError(message, filename=filename, text=text, line=line, column=column) from None
     comments = tuple((tok.line, str(tok).rstrip()) for tok in _comments)
     try:
+        _check_depth(tree)
         module = _ToIR().transform(tree)
         return ir.Module(module.items, comments)
     except Exception as exc:  # lark wraps transformer errors in VisitError
         inner = getattr(exc, "orig_exc", exc)
-        if isinstance(inner, _DuplicateField):
+        if isinstance(inner, _SourceProblem):
             span = inner.span
-            raise S2SyntaxError(f"'{inner.key}' is set twice in one pattern", filename=filename, text=text,
-                                line=span.line if span else 0, column=span.column if span else 0,
-                                hint="keep one of the two settings") from None
+            raise S2SyntaxError(inner.message, filename=filename, text=text, line=span.line if span else 0,
+                                column=span.column if span else 0, hint=inner.hint) from None
         raise

@@ -10,6 +10,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 from . import ir
 from .errors import S2SemanticError
+from .limits import value_problem
 from .pattern import HeadSpec, Pattern, combine_components
 
 
@@ -65,7 +66,7 @@ class _Resolver:
 
     def eval(self, expr: ir.Expr, env: Mapping[str, int], what: str, owner=None) -> int:
         try:
-            return ir.evaluate(expr, env)
+            value = ir.evaluate(expr, env)
         except ir.EvalError as exc:
             span = exc.span or getattr(expr, "span", None) or getattr(owner, "span", None)
             message = str(exc)
@@ -80,6 +81,11 @@ class _Resolver:
             head = f" for head h={env[ir.HEAD_VAR]}" if ir.HEAD_VAR in env else ""
             raise self.error(f"{message} in {what}{head}", span=span,
                              hint="make the divisor non-zero for every head, e.g. with max(1, ...)") from None
+        problem = value_problem(what, value, f" for head {env[ir.HEAD_VAR]}" if ir.HEAD_VAR in env else "")
+        if problem:  # sizes the kernels or the resolver cannot hold (limits.py)
+            raise self.error(problem[0], span=getattr(expr, "span", None) or getattr(owner, "span", None),
+                             hint=problem[1])
+        return value
 
     # ------------------------------------------------------------------ file
     def resolve(self, module: ir.Module) -> S2File:
@@ -192,8 +198,12 @@ class _Resolver:
             elif isinstance(c, ir.TopK):
                 k = self.eval(c.k, env, "topk", c)
                 recent = None if c.recent is None else self.eval(c.recent, env, "topk recent", c)
-                if k < 1 or (recent is not None and recent < 1):
-                    raise self.error(f"topk {k} recent {recent} for head {h}: both must be >= 1", c)
+                if k < 1:
+                    raise self.error(f"topk {k} for head {h}: it must pick at least one block", c,
+                                     hint="use topk K with K >= 1")
+                if recent is not None and recent < 1:
+                    raise self.error(f"topk {k} recent {recent} for head {h}: recent counts decode steps and "
+                                     "must be >= 1", c, hint="use recent R with R >= 1, or leave it out")
                 parts.append(("topk", k, recent))
         return combine_components(parts)
 
