@@ -187,3 +187,112 @@ def test_lazy_attributes_resolve_and_stay_listed():
     assert {"attention", "analyze", "reference_attention"} <= set(dir(m))
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         m.nope
+
+
+# ------------------------------------- items 2-4: every kernel entry point checks first
+import torch  # noqa: E402  (after the lazy-import tests on purpose: they run in subprocesses anyway)
+
+from s2dsl.runtime.attention import InputError, forward  # noqa: E402
+from s2dsl.runtime.backward import backward  # noqa: E402
+
+GQA = s2dsl.parse("pattern p { block = 16 heads = 2 kv_heads = 1 heads * { window 2 stride 3 offset h } }")["p"]
+
+
+@pytest.fixture
+def interpreter(monkeypatch):
+    """Validation runs before any kernel; the flag only lets CPU tensors past the device check."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def _packed(lens_q, lens_k, dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(sum(lens_q), 2, 16, generator=g, dtype=dtype)
+    k, v = (torch.randn(sum(lens_k), 1, 16, generator=g, dtype=dtype) for _ in range(2))
+    return q, k, v
+
+
+@pytest.mark.parametrize("offsets, match", [
+    ([5, 10, 20], "must start at 0"),
+    ([0, -4, 20], "non-decreasing: offset 1 is -4"),
+    ([0, 15, 10, 20], "non-decreasing: offset 2 is 10, below offset 1 = 15"),
+    ([0, 10, 19], "ends at 19 but the packed tensor has 20 tokens"),
+    ([0, 10, 2 ** 31 - 1], "ends at 2147483647"),
+])
+@pytest.mark.parametrize("which", ["q", "k"])
+def test_bad_cu_seqlens_are_refused_before_any_kernel(interpreter, offsets, match, which):
+    q, k, v = _packed([10, 10], [10, 10])
+    good = torch.tensor([0, 10, 20], dtype=torch.int32)
+    bad = torch.tensor(offsets, dtype=torch.int32)
+    cu_q, cu_k = (bad, good) if which == "q" else (good, bad)
+    if len(offsets) != 3:
+        cu_q = cu_k = bad
+    with pytest.raises(InputError, match=match):
+        s2dsl.attention(q, k, v, GQA, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    out = torch.zeros_like(q)
+    lse = torch.zeros(2, q.shape[0])
+    with pytest.raises(InputError, match=match):
+        backward(q, k, v, out, lse, out, GQA, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+
+
+def test_cu_seqlens_with_more_queries_than_keys_name_the_sequence(interpreter):
+    q, k, v = _packed([10, 12], [10, 10])
+    with pytest.raises(InputError, match="sequence 1 has 12 queries but only 10 keys"):
+        forward(q, k, v, GQA, cu_seqlens_q=torch.tensor([0, 10, 22], dtype=torch.int32),
+                cu_seqlens_k=torch.tensor([0, 10, 20], dtype=torch.int32))
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), -float("inf"), torch.tensor(float("nan"))])
+def test_non_finite_scale_is_refused_by_every_entry_point(interpreter, scale):
+    q, k, v = (torch.randn(1, n, 20, 16) for n in (2, 1, 1))
+    with pytest.raises(InputError, match="must be finite"):
+        s2dsl.attention(q, k, v, GQA, scale=scale)
+    with pytest.raises(InputError, match="must be finite"):
+        forward(q, k, v, GQA, scale=scale)
+    with pytest.raises(InputError, match="must be finite"):
+        backward(q, k, v, q, torch.zeros(1, 2, 20), q, GQA, scale=scale)
+    from s2dsl.runtime.decode import cached_attention
+    from s2dsl.runtime.kv_cache import PagedKVCache
+    cache = PagedKVCache(GQA, num_pages=8, head_dim=16, dtype=torch.float32, device="cpu")
+    seq = cache.add_sequence()
+    with pytest.raises(InputError, match="must be finite"):
+        cached_attention(cache, [seq], q[:, :, :1], k[:, :, :1], v[:, :, :1], scale=scale)
+
+
+def test_scale_of_the_wrong_type_is_a_type_error(interpreter):
+    q, k, v = (torch.randn(1, n, 20, 16) for n in (2, 1, 1))
+    with pytest.raises(TypeError, match="scale must be a number"):
+        s2dsl.attention(q, k, v, GQA, scale="0.1")
+    with pytest.raises(InputError, match="one number"):
+        s2dsl.attention(q, k, v, GQA, scale=torch.ones(2))
+
+
+interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
+
+
+@interpreted
+def test_bf16_under_the_interpreter_is_computed_correctly():
+    """The interpreter's bf16 tl.dot is wrong (errors ~1e8); every entry point computes in
+    float32 there and casts back, so forward, backward and decode match the reference."""
+    from s2dsl.runtime.decode import cached_attention
+    from s2dsl.runtime.kv_cache import PagedKVCache
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, n, 48, 16, generator=g) for n in (2, 1, 1))
+    qb, kb, vb = (t.bfloat16().requires_grad_() for t in (q, k, v))
+    out = s2dsl.attention(qb, kb, vb, GQA)
+    assert out.dtype == torch.bfloat16
+    ref_inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = s2dsl.reference_attention(*ref_inputs, GQA)
+    torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=3e-2)
+    dout = torch.randn(ref.shape, generator=g)
+    out.backward(dout.bfloat16())
+    ref.backward(dout)
+    for got, want in zip((qb, kb, vb), ref_inputs):
+        assert got.grad.dtype == torch.bfloat16
+        torch.testing.assert_close(got.grad.float(), want.grad, atol=6e-2, rtol=5e-2)
+    cache = PagedKVCache(GQA, num_pages=16, head_dim=16, dtype=torch.bfloat16, device="cpu")
+    seq = cache.add_sequence()
+    cached_attention(cache, [seq], *(t.detach()[:, :, :40] for t in (qb, kb, vb)))
+    steps = [cached_attention(cache, [seq], *(t.detach()[:, :, i:i + 1] for t in (qb, kb, vb))) for i in range(40, 48)]
+    decoded = torch.cat(steps, dim=2)
+    assert decoded.dtype == torch.bfloat16
+    torch.testing.assert_close(decoded.float(), ref.detach()[:, :, 40:], atol=3e-2, rtol=3e-2)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import functools
-import math
 import os
 from typing import Callable, Optional, Union
 
@@ -10,7 +9,7 @@ import torch
 
 from ..frontend import load
 from ..pattern import Pattern
-from . import ops
+from . import ops, validate
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, *,
@@ -25,11 +24,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patter
     shorter than k, the queries are the last positions (chunked prefill). ``scale``
     defaults to 1/sqrt(dim). Differentiable; traceable by ``torch.compile``.
     """
-    if not isinstance(pattern, Pattern):
-        raise TypeError(f"pattern must be an s2dsl.Pattern, got {type(pattern).__name__}; "
-                        "load one with s2dsl.load(path)[name]")
-    # the inputs are checked inside the op (and by its fake implementation while tracing)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    validate.check_pattern(pattern)
+    # the tensors are checked inside the op (and by its fake implementation while tracing);
+    # the scale here, where it is still a Python value
+    scale = validate.check_scale(scale, validate.check_tensor("q", q).shape[-1])
     out, lse = ops.attention_fwd(q, k, v, ops.register(pattern), scale, layout, cu_seqlens_q, cu_seqlens_k)
     return (out, lse) if return_lse else out
 

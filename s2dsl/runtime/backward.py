@@ -1,7 +1,6 @@
 """The generated backward: gradients of ``forward`` with respect to q, k and v."""
 from __future__ import annotations
 
-import math
 from dataclasses import fields, replace
 from types import ModuleType
 from typing import Optional
@@ -15,6 +14,7 @@ from ..pattern import Pattern
 from .attention import InputError, _check, _strides
 from .cache import KernelCache, cache_key, codegen_fingerprint, default_cache
 from .kernels import _DTYPES
+from .validate import check_scale, interpreter_compute_dtype
 
 _TILE_FIELDS = ("block_n", "dkdv_block_n", "dkdv_block_m")
 
@@ -120,9 +120,15 @@ def backward(q, k, v, out, lse, dout, pattern: Pattern, *, scale: Optional[float
     the pattern leaves empty get zero gradient.
     """
     varlen, head_dim = _check(q, k, v, pattern, layout, cu_seqlens_q, cu_seqlens_k)
-    layout = "varlen" if varlen else layout
+    scale = check_scale(scale, head_dim)
     _same_shape("out", out, q)
     _same_shape("dout", dout, q)
+    compute = interpreter_compute_dtype(q.dtype)
+    if compute is not None:  # see interpreter_compute_dtype: run on upcast copies, cast back
+        grads = backward(*(t.to(compute) for t in (q, k, v, out)), lse, dout.to(compute), pattern, scale=scale,
+                         layout=layout, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, tuning=tuning)
+        return tuple(g.to(q.dtype) for g in grads)
+    layout = "varlen" if varlen else layout
     if varlen:
         batch = cu_seqlens_q.numel() - 1
         lse_shape = (pattern.heads, q.shape[0])
@@ -141,7 +147,6 @@ def backward(q, k, v, out, lse, dout, pattern: Pattern, *, scale: Optional[float
     if dout.dtype != q.dtype:
         dout = dout.to(q.dtype)
     lse = lse.to(torch.float32).contiguous()
-    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)

@@ -23,6 +23,7 @@ from ..codegen.decode import DECODE_CODEGEN_VERSION, DecodeSpecialization, gener
 from ..codegen.lower import UnsupportedPattern, lower
 from ..pattern import Pattern
 from .attention import InputError
+from .validate import check_scale, interpreter_compute_dtype
 from .cache import KernelCache, cache_key, codegen_fingerprint, default_cache
 from .kernels import _DTYPES, interpreting
 from .kv_cache import DecodeBatch, PagedKVCache
@@ -166,12 +167,15 @@ def paged_attention(q: torch.Tensor, cache: PagedKVCache, seqs: Union[Sequence[H
                          "queries' own keys and values first")
     if q.stride(-1) != 1:
         q = q.contiguous()
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    scale = check_scale(scale, d)
+    # bf16 under the interpreter runs on float32 copies (see validate.interpreter_compute_dtype)
+    compute = interpreter_compute_dtype(q.dtype) or q.dtype
+    kq = q.to(compute)
     if tuning:
-        spec = choose_decode(pattern, q.dtype, d, q_len, q.device, tuning)
+        spec = choose_decode(pattern, compute, d, q_len, q.device, tuning)
         module = decode_module(pattern, spec)
     else:
-        spec, module = _module(pattern, q.dtype, d, q_len, q.device)
+        spec, module = _module(pattern, compute, d, q_len, q.device)
     if out is None:
         out = torch.empty_like(q)
     lse = torch.empty(b, heads, q_len, dtype=torch.float32, device=q.device)
@@ -179,8 +183,11 @@ def paged_attention(q: torch.Tensor, cache: PagedKVCache, seqs: Union[Sequence[H
         return (out, lse) if return_lse else out
     if n_splits is None:
         n_splits = _splits(pattern, b, math.ceil(q_len / spec.block_q), batch.max_len, q_len, q.device)
-    module.launch(q, out, lse, cache.k_pages, cache.v_pages, cache.block_tables, batch.slots, batch.seq_lens,
-                  q_len, int(n_splits), scale)
+    kout = out if compute == q.dtype else torch.empty_like(kq)
+    module.launch(kq, kout, lse, cache.k_pages.to(compute), cache.v_pages.to(compute), cache.block_tables,
+                  batch.slots, batch.seq_lens, q_len, int(n_splits), scale)
+    if kout is not out:
+        out.copy_(kout)
     return (out, lse) if return_lse else out
 
 
