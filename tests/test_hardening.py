@@ -296,3 +296,24 @@ def test_bf16_under_the_interpreter_is_computed_correctly():
     decoded = torch.cat(steps, dim=2)
     assert decoded.dtype == torch.bfloat16
     torch.testing.assert_close(decoded.float(), ref.detach()[:, :, 40:], atol=3e-2, rtol=3e-2)
+
+
+def test_interpreter_with_an_incompatible_numpy_is_refused_with_the_fix(interpreter, monkeypatch):
+    from s2dsl.runtime import validate
+    monkeypatch.setattr(validate, "_interpreter_problem", lambda: "numpy 2.4 refuses it; install 'numpy<2.4'")
+    q, k, v = (torch.randn(1, n, 20, 16) for n in (2, 1, 1))
+    with pytest.raises(InputError, match="numpy<2.4"):
+        s2dsl.attention(q, k, v, GQA)
+
+
+def test_the_interpreter_probe_passes_with_the_pinned_numpy():
+    from s2dsl.runtime import validate
+    validate._interpreter_problem.cache_clear()
+    assert validate._interpreter_problem() is None  # pyproject pins numpy<2.4 for exactly this
+
+
+# ---------------------------------------------- item 11: the base install runs the interpreter
+def test_numpy_pin_is_in_the_base_dependencies():
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert "numpy<2.4" in project["dependencies"]

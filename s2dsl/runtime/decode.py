@@ -23,9 +23,9 @@ from ..codegen.decode import DECODE_CODEGEN_VERSION, DecodeSpecialization, gener
 from ..codegen.lower import UnsupportedPattern, lower
 from ..pattern import Pattern
 from .attention import InputError
-from .validate import check_scale, interpreter_compute_dtype
+from .validate import check_device, check_scale, interpreter_compute_dtype
 from .cache import KernelCache, cache_key, codegen_fingerprint, default_cache
-from .kernels import _DTYPES, interpreting
+from .kernels import _DTYPES
 from .kv_cache import DecodeBatch, PagedKVCache
 
 __all__ = ["paged_attention", "cached_attention", "choose_decode", "decode_module", "decode_source",
@@ -138,9 +138,7 @@ def _check_q(q, cache: PagedKVCache, n_seqs: int):
         raise InputError(f"q is {q.dtype} but the cache holds {cache.dtype}")
     if q.device != cache.device:
         raise InputError(f"q is on {q.device} but the cache is on {cache.device}")
-    if q.device.type != "cuda" and not interpreting():
-        raise InputError(f"s2dsl kernels run on CUDA devices; got tensors on {q.device}. "
-                         "Set TRITON_INTERPRET=1 to run them (slowly) on the CPU")
+    check_device(q)
     try:
         _plan(pattern)
     except UnsupportedPattern as exc:

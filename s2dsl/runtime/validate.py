@@ -8,6 +8,7 @@ or changes state.
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from typing import Optional, Tuple
@@ -48,9 +49,31 @@ def check_runnable(pattern: Pattern) -> None:
 
 
 def check_device(t: torch.Tensor) -> None:
-    if t.device.type != "cuda" and not interpreting():
+    if interpreting():
+        problem = _interpreter_problem()
+        if problem:
+            raise InputError(problem)
+    elif t.device.type != "cuda":
         raise InputError(f"s2dsl kernels run on CUDA devices; got tensors on {t.device}. "
                          "Set TRITON_INTERPRET=1 to run them (slowly) on the CPU, or use s2dsl.reference_attention")
+
+
+@functools.lru_cache(maxsize=1)
+def _interpreter_problem() -> Optional[str]:
+    """Why the Triton interpreter cannot run here, or None. It holds every scalar as a
+    1-element numpy array and int()s it at loop bounds, which numpy 2.4 refuses; probing
+    that conversion says so up front instead of failing inside a kernel."""
+    import warnings
+
+    import numpy
+    try:
+        with warnings.catch_warnings():  # numpy 1.25..2.3 deprecate what the interpreter does
+            warnings.simplefilter("ignore", DeprecationWarning)
+            int(numpy.ones(1, dtype=numpy.int32))
+    except TypeError:
+        return (f"the Triton interpreter (TRITON_INTERPRET=1) cannot run with numpy {numpy.__version__}: it "
+                "converts 1-element arrays to loop bounds, which numpy 2.4 refuses; install 'numpy<2.4'")
+    return None
 
 
 def check_scale(scale, head_dim: int) -> float:
