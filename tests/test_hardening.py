@@ -317,3 +317,63 @@ def test_numpy_pin_is_in_the_base_dependencies():
     tomllib = pytest.importorskip("tomllib")
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert "numpy<2.4" in project["dependencies"]
+
+
+# ------------------------------------------------- item 8: an unusable cache directory
+from s2dsl.runtime.cache import STALE_TMP_SECONDS, CacheWarning, KernelCache  # noqa: E402
+
+
+def _fill(cache, keys=("a", "b")):
+    with pytest.warns(CacheWarning) as record:
+        modules = [cache.get(key, lambda key=key: f"VALUE = {key!r}\n") for key in keys]
+    assert [m.VALUE for m in modules] == list(keys)
+    return [w for w in record if issubclass(w.category, CacheWarning)]
+
+
+def test_a_file_where_the_directory_should_be_falls_back_to_memory_with_one_warning(tmp_path):
+    blocker = tmp_path / "cache"
+    blocker.write_text("not a directory")
+    cache = KernelCache(blocker)
+    warned = _fill(cache)
+    assert len(warned) == 1 and str(blocker) in str(warned[0].message)
+    assert cache.stats.memory_only == 2
+    assert cache.get("a", lambda: pytest.fail("regenerated")).VALUE == "a"  # kept in memory
+
+
+def test_an_entry_that_is_a_directory_falls_back_to_memory(tmp_path):
+    cache = KernelCache(tmp_path)
+    cache.entry("a").mkdir()
+    assert len(_fill(cache, ("a",))) == 1
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes to read-only directories")
+def test_a_read_only_directory_falls_back_to_memory(tmp_path):
+    tmp_path.chmod(0o500)
+    try:
+        assert len(_fill(KernelCache(tmp_path / "sub"))) == 1
+    finally:
+        tmp_path.chmod(0o700)
+
+
+@interpreted
+def test_kernels_run_from_the_memory_fallback(tmp_path, monkeypatch):
+    """Triton reads a kernel's source through inspect; the in-memory modules provide it."""
+    from s2dsl.runtime import cache as cache_module
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setattr(cache_module, "_default", KernelCache(blocker))
+    q, k, v = (torch.randn(1, n, 40, 16, generator=torch.Generator().manual_seed(3)) for n in (2, 1, 1))
+    with pytest.warns(CacheWarning):
+        out = s2dsl.attention(q, k, v, GQA)
+    torch.testing.assert_close(out, s2dsl.reference_attention(q, k, v, GQA), atol=2e-5, rtol=2e-5)
+
+
+def test_stale_temporary_files_are_removed_fresh_ones_kept(tmp_path):
+    stale, fresh = tmp_path / "abc123.tmp", tmp_path / "def456.tmp"
+    for f in (stale, fresh):
+        f.write_text("half a file")
+    old = os.path.getmtime(stale) - STALE_TMP_SECONDS - 10
+    os.utime(stale, (old, old))
+    cache = KernelCache(tmp_path)
+    assert cache.get("a", lambda: "VALUE = 1\n").VALUE == 1
+    assert not stale.exists() and fresh.exists()  # a live writer's file stays
