@@ -20,8 +20,10 @@ from . import __version__
 from .errors import S2Error
 from .pattern import HeadSpec, Pattern
 from .semantics import S2File
+from .visualize import MAX_DRAWN_BLOCKS  # visualize imports matplotlib only when it draws
 
 SEQ_LENS = (8192, 32768, 131072)
+MAX_SEQ = 2 ** 31 - 1
 
 
 class CliError(Exception):
@@ -33,6 +35,20 @@ class CliError(Exception):
 
 
 # ------------------------------------------------------------------------ helpers
+def _int_in(lo: int, hi: int, what: str) -> Callable[[str], int]:
+    """An argparse type: an integer in lo..hi, else a usage error (exit 2) naming the range."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"{value} is outside {lo}..{hi} ({what})")
+        return value
+    parse.__name__ = "integer"  # argparse names the type in its messages
+    return parse
+
+
 def _read(path: str) -> str:
     try:
         with open(path, encoding="utf-8") as f:
@@ -271,8 +287,10 @@ def _add_check(sub) -> None:
     p.add_argument("--json", action="store_true",
                    help="print a JSON list, one object per pattern (keys: file, pattern, covered, reason, "
                         "counterexample, rows_nonempty, kv_efficient, density, ...)")
-    p.add_argument("--head-dim", type=int, default=128, help="for FLOP and KV-byte figures (default 128)")
-    p.add_argument("--dtype-bytes", type=int, default=2, help="bytes per K/V element (default 2)")
+    p.add_argument("--head-dim", type=_int_in(1, 65536, "elements per head"), default=128,
+                   help="for FLOP and KV-byte figures (default 128)")
+    p.add_argument("--dtype-bytes", type=_int_in(1, 16, "bytes per element"), default=2,
+                   help="bytes per K/V element (default 2)")
     p.set_defaults(func=_check)
 
 
@@ -305,8 +323,9 @@ def _add_show(sub) -> None:
     p.add_argument("file", metavar="FILE")
     p.add_argument("--pattern", metavar="NAME", help="only this pattern")
     p.add_argument("--png", required=True, metavar="OUT", help="output PNG path")
-    p.add_argument("--seq", type=int, default=None, metavar="N",
-                   help="sequence length in tokens (default: 64 blocks)")
+    p.add_argument("--seq", type=_int_in(1, MAX_SEQ, "tokens; the kernels index tokens with int32"), default=None,
+                   metavar="N", help="sequence length in tokens (default: 64 blocks); beyond "
+                   f"{MAX_DRAWN_BLOCKS} blocks every k-th block is drawn")
     p.set_defaults(func=_show)
 
 
@@ -388,7 +407,7 @@ def _add_compile(sub) -> None:
     p.add_argument("--pattern", help="pattern name (needed when the file has several)")
     p.add_argument("--kernel", choices=["fwd", "bwd"], default="fwd")
     p.add_argument("--dtype", choices=sorted(_DTYPE_NAMES), default="bf16")
-    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--head-dim", type=_int_in(16, 256, "the head dims the kernels support"), default=128)
     p.add_argument("--layout", choices=["bhsd", "bshd", "varlen"], default="bhsd")
     p.add_argument("--target", choices=["gpu", "interpreter"], default="gpu",
                    help="tile sizes for a Hopper GPU (default) or for the CPU interpreter")

@@ -1,7 +1,9 @@
 """Pictures of patterns: one panel per distinct head's block mask, plus the union.
 
-Meant for small grids (the default is 64 blocks): it draws ``Pattern.block_mask``,
-which is dense. Uses matplotlib's Agg backend, so it runs without a display.
+The default grid is 64 blocks. Longer sequences are drawn at most ``MAX_DRAWN_BLOCKS``
+wide: every k-th query and kv block, evaluated from the heads' arithmetic at those blocks
+only, so memory does not grow with the sequence. Uses matplotlib's Agg backend, so it runs
+without a display.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from .pattern import HeadSpec, Pattern
 
 DEFAULT_BLOCKS = 64
+MAX_DRAWN_BLOCKS = 512
 MAX_HEAD_PANELS = 47  # plus the union panel: at most 6 rows of 8
 
 # cell codes -> colours
@@ -49,10 +52,13 @@ def figure(pattern: Pattern, seq_len: Optional[int] = None, report=None):
     if report is None:
         from .analysis import analyze
         report = analyze(pattern)
-    n = DEFAULT_BLOCKS if seq_len is None else max(1, -(-seq_len // pattern.block))
-    masks = pattern.block_mask(n)  # static part: topk heads contribute nothing here
-    i = torch.arange(n).view(-1, 1)
-    j = torch.arange(n).view(1, -1)
+    blocks = DEFAULT_BLOCKS if seq_len is None else max(1, -(-seq_len // pattern.block))
+    step = -(-blocks // MAX_DRAWN_BLOCKS)  # draw every step-th block
+    drawn = torch.arange(0, blocks, step)
+    n = len(drawn)
+    masks = sampled_block_mask(pattern, drawn)  # static part: topk heads contribute nothing here
+    i = drawn.view(-1, 1)
+    j = drawn.view(1, -1)
     region = (j <= i) if pattern.causal else torch.ones(n, n, dtype=torch.bool)
 
     def codes(keep):
@@ -81,11 +87,12 @@ def figure(pattern: Pattern, seq_len: Optional[int] = None, report=None):
     def draw(ax, data, title, colour="black"):
         ax.imshow(data.numpy(), cmap=cmap, vmin=0, vmax=len(COLOURS) - 1, interpolation="nearest")
         ax.set_title(title, fontsize=8, color=colour)
-        ax.set_xticks([0, n - 1])
-        ax.set_yticks([0, n - 1])
+        ax.set_xticks([0, n - 1], [0, int(drawn[-1])])
+        ax.set_yticks([0, n - 1], [0, int(drawn[-1])])
         ax.tick_params(labelsize=6, length=2, pad=1)
 
-    union_title = "union: no holes" if not n_holes else f"union: {n_holes} cells uncovered"
+    drawn_cells = "cells" if step == 1 else "drawn cells"
+    union_title = "union: no holes" if not n_holes else f"union: {n_holes} {drawn_cells} uncovered"
     draw(axes[0][0], union_codes, union_title, "black" if not n_holes else "#d00000")
     for k, (spec, heads) in enumerate(shown, start=1):
         ax = axes[k // cols][k % cols]
@@ -110,7 +117,8 @@ def figure(pattern: Pattern, seq_len: Optional[int] = None, report=None):
     wrap = max(60, int(width * 12))
     plural = "" if len(groups) == 1 else "s"
     title = (f"{pattern.name}: block {pattern.block}, {pattern.heads} heads / {pattern.kv_heads} kv heads, "
-             f"{mode}; {n} x {n} blocks = {n * pattern.block} tokens")
+             f"{mode}; {blocks} x {blocks} blocks = {blocks * pattern.block} tokens"
+             + ("" if step == 1 else f" (1 block in {step} drawn)"))
     fig.suptitle("\n".join(textwrap.wrap(title, wrap) + textwrap.wrap(verdict, wrap)), fontsize=10, color=colour)
     fig.legend(handles=[Patch(color=COLOURS[KEPT], label="kept"), Patch(color=COLOURS[DROPPED], label="not kept"),
                         Patch(color=COLOURS[UNCOVERED], label="kept by no head (uncovered)")],
@@ -119,6 +127,26 @@ def figure(pattern: Pattern, seq_len: Optional[int] = None, report=None):
                title_fontsize=7)
     fig.tight_layout(rect=(0, 0.7 / height, 1, 1 - 0.8 / height), h_pad=1.2)
     return fig
+
+
+def sampled_block_mask(pattern: Pattern, blocks):
+    """Bool ``[heads, len(blocks), len(blocks)]``: ``Pattern.block_mask`` restricted to the
+    query and kv blocks ``blocks`` (a 1-D tensor), computed at those blocks only."""
+    import torch
+    i = blocks.view(-1, 1)
+    j = blocks.view(1, -1)
+    masks = []
+    for spec in pattern.head_specs:
+        if spec.dense:
+            keep = torch.ones(len(blocks), len(blocks), dtype=torch.bool)
+        else:
+            keep = ((i - j >= 0) & (i - j < spec.window)) | (j < spec.sink)
+            for m, r in spec.residues:
+                keep = keep | (j % m == r)
+        if pattern.causal:
+            keep = keep & (j <= i)
+        masks.append(keep.expand(len(blocks), len(blocks)))
+    return torch.stack(masks)
 
 
 def render_pattern(pattern: Pattern, out: str, seq_len: Optional[int] = None, report=None, dpi: int = 110) -> str:

@@ -377,3 +377,41 @@ def test_stale_temporary_files_are_removed_fresh_ones_kept(tmp_path):
     cache = KernelCache(tmp_path)
     assert cache.get("a", lambda: "VALUE = 1\n").VALUE == 1
     assert not stale.exists() and fresh.exists()  # a live writer's file stays
+
+
+# ------------------------------------------------------ item 10: command-line arguments
+from s2dsl.cli import main  # noqa: E402
+
+PHI3 = str(EXAMPLES / "phi3_small.s2")
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["check", PHI3, "--head-dim", "-128"], "--head-dim: -128 is outside 1..65536"),
+    (["check", PHI3, "--dtype-bytes", "0"], "--dtype-bytes: 0 is outside 1..16"),
+    (["compile", PHI3, "--head-dim", "0"], "--head-dim: 0 is outside 16..256"),
+    (["compile", PHI3, "--head-dim", "1000"], "--head-dim: 1000 is outside 16..256"),
+    (["show", PHI3, "--png", "x.png", "--seq", "-5"], "--seq: -5 is outside 1..2147483647"),
+    (["show", PHI3, "--png", "x.png", "--seq", "0"], "--seq: 0 is outside"),
+    (["show", PHI3, "--png", "x.png", "--seq", "1e6"], "--seq: '1e6' is not an integer"),
+])
+def test_bad_arguments_exit_2_with_the_allowed_range(argv, says, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err
+
+
+def test_show_draws_a_million_tokens_sampled_without_dense_masks(tmp_path, monkeypatch):
+    from s2dsl import pattern as pattern_module
+    monkeypatch.setattr(pattern_module.Pattern, "block_mask", lambda *a, **k: pytest.fail("dense mask built"))
+    out = tmp_path / "big.png"
+    assert main(["show", PHI3, "--png", str(out), "--seq", "1000000"]) == 0
+    assert out.stat().st_size > 10_000
+
+
+def test_sampled_mask_is_block_mask_at_the_drawn_blocks():
+    from s2dsl.visualize import sampled_block_mask
+    for p in list(s2dsl.load(EXAMPLES / "heterogeneous.s2").patterns.values()) + [GQA]:
+        full = p.block_mask(90)
+        for step in (1, 7):
+            idx = torch.arange(0, 90, step)
+            assert torch.equal(sampled_block_mask(p, idx), full[:, idx][:, :, idx])
