@@ -415,3 +415,58 @@ def test_sampled_mask_is_block_mask_at_the_drawn_blocks():
         for step in (1, 7):
             idx = torch.arange(0, 90, step)
             assert torch.equal(sampled_block_mask(p, idx), full[:, idx][:, :, idx])
+
+
+# -------------------------------------------------- item 9: window 1 (ptxas crash on sm_90)
+WINDOW1 = [s2dsl.local_stride(block=16, local_blocks=1, vert_stride=4, heads=4, kv_heads=2),
+           s2dsl.local_stride(block=32, local_blocks=1, vert_stride=2, heads=2),
+           s2dsl.parse("pattern w { block = 16 heads = 2 heads 0..0 { window 1 sink 1 } heads 1..1 { window 0 stride 3 } }")["w"]]
+
+
+@pytest.mark.parametrize("pattern", WINDOW1[:1] + [s2dsl.local_stride(block=64, local_blocks=1, vert_stride=8, heads=8)])
+def test_window_1_sources_have_no_loops_that_cannot_run(pattern):
+    """With every window <= 1 the window range is the diagonal blocks: the forward, the dQ
+    part of the backward and the decode kernel emit no loop before them."""
+    from s2dsl.runtime.backward import backward_source, choose_backward_for_gpu
+    from s2dsl.runtime.decode import choose_decode, decode_source
+    from s2dsl.runtime.kernels import choose_forward_for_gpu, forward_source
+    from dataclasses import replace
+    fwd = forward_source(pattern, replace(choose_forward_for_gpu(pattern, 128), dtype="bfloat16"))
+    bwd = backward_source(pattern, replace(choose_backward_for_gpu(pattern, 128), dtype="bfloat16"))
+    dec = decode_source(pattern, replace(choose_decode(pattern, torch.float16, 128, 1, torch.device("cpu")),
+                                         dtype="bfloat16"))
+    for source in (fwd, bwd):
+        assert "lo = first_block  # window <= 1" in source
+        window_range = source.split("lo = first_block  # window <= 1")[1].split("after the diagonal")[0]
+        assert "edge" not in window_range and "WINDOW_SPAN" not in window_range
+        assert window_range.count("for j in") == 2  # residue blocks below lo, then the diagonal
+    assert "edge = " not in dec and "range(tl.maximum(w_begin, i0), w_end)" in dec
+    wider = s2dsl.local_stride(block=pattern.block, local_blocks=2, vert_stride=4, heads=pattern.heads)
+    assert "(lo, edge" in forward_source(wider, replace(choose_forward_for_gpu(wider, 128), dtype="bfloat16"))
+
+
+@interpreted
+@pytest.mark.parametrize("pattern", WINDOW1, ids=["local1-stride4-gqa", "local1-stride2-b32", "window1-sink-window0"])
+def test_window_1_forward_backward_decode_match_the_reference(pattern):
+    from s2dsl.runtime.decode import cached_attention
+    from s2dsl.runtime.kv_cache import PagedKVCache
+    g = torch.Generator().manual_seed(7)
+    n = 5 * pattern.block + 3
+    q, k, v = (torch.randn(1, h, n, 16, generator=g) for h in (pattern.heads, pattern.kv_heads, pattern.kv_heads))
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = s2dsl.attention(*leaves, pattern)
+    ref_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = s2dsl.reference_attention(*ref_leaves, pattern)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+    dout = torch.randn(ref.shape, generator=g)
+    out.backward(dout)
+    ref.backward(dout)
+    for got, want in zip(leaves, ref_leaves):
+        torch.testing.assert_close(got.grad, want.grad, atol=1e-4, rtol=1e-4)
+    cache = PagedKVCache(pattern, num_pages=64, head_dim=16, dtype=torch.float32, device="cpu")
+    seq = cache.add_sequence()
+    split = n - 4
+    cached_attention(cache, [seq], q[:, :, :split], k[:, :, :split], v[:, :, :split])
+    steps = [cached_attention(cache, [seq], q[:, :, i:i + 1], k[:, :, i:i + 1], v[:, :, i:i + 1])
+             for i in range(split, n)]
+    torch.testing.assert_close(torch.cat(steps, dim=2), ref.detach()[:, :, split:], atol=2e-5, rtol=2e-5)

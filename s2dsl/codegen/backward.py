@@ -207,12 +207,20 @@ def generate_backward(plan: KernelPlan, spec: Specialization, *, name: str = "pa
         tile = pid % n_kv_tiles"""
 
     # ---------------------------------------------------------------- dQ enumeration
+    diagonal = f"""
+for j in range(first_block, last_block + 1):  # the diagonal blocks
+{indent(full, '    ')}{_dq_call("True", "window", "full")}"""
     window_loops = f"""
 for j in range(lo, edge):  # first blocks of the window range: not every row's window reaches them
 {indent(full, '    ')}{_dq_call("True", "window", "full")}
-for j in range(edge, first_block):  # inside every row's window: no mask{_dq_call("False", "window", "True")}
-for j in range(first_block, last_block + 1):  # the diagonal blocks
-{indent(full, '    ')}{_dq_call("True", "window", "full")}"""
+for j in range(edge, first_block):  # inside every row's window: no mask{_dq_call("False", "window", "True")}""" + diagonal
+    window_bounds = """
+lo = tl.maximum(first_block - tl.maximum(window, 1) + 1, 0)
+edge = tl.minimum(tl.maximum(last_block - tl.maximum(window, 1) + 1, lo), first_block)"""
+    if max(p.window for p in plan.params) <= 1:  # as in forward.py: no loops that could never run
+        window_loops = diagonal
+        window_bounds = """
+lo = first_block  # window <= 1 for every head: the window range is the diagonal blocks"""
     below = _dq_outside_loops(plan, "0", "lo", "False")
     above = "" if plan.causal else _dq_outside_loops(plan, "last_block + 1", "n_kv_blocks", "True")
 
@@ -404,8 +412,7 @@ def _dq_program(pid, b, {_params(DQ_PARAMS)}):
         delta = tl.load(delta_base + (rows - past), mask=valid, other=0.0)
         dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
         # the window range [lo, last_block]; blocks >= edge are in every row's window
-        lo = tl.maximum(first_block - tl.maximum(window, 1) + 1, 0)
-        edge = tl.minimum(tl.maximum(last_block - tl.maximum(window, 1) + 1, lo), first_block)
+{_at(window_bounds, 2)}
         # -- sinks and residue blocks below the window range --
 {_at(below, 2)}
         # -- the window range --

@@ -165,11 +165,22 @@ def generate_forward(plan: KernelPlan, spec: Specialization, *, name: str = "pat
         for j in {short.format("whole", "first_block")}:
             acc, l_i, m_i = _visit(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, j, 1, rows, row_block,
                                    kv_len, window, True, qk_scale, False, CAUSAL, BLOCK, BLOCK, BLOCK_N, HEAD_DIM, D_PAD)"""
-    window_masked += f"""
+    diagonal = f"""
         for j in {short.format("first_block", "last_block + 1")}:  # the diagonal blocks
 {indent(full, ' ' * 12)}
             acc, l_i, m_i = _visit(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, j, 1, rows, row_block,
                                    kv_len, window, full, qk_scale, True, CAUSAL, BLOCK, BLOCK, BLOCK_N, HEAD_DIM, D_PAD)"""
+    window_bounds = """
+lo = tl.maximum(first_block - tl.maximum(window, 1) + 1, 0)
+edge = tl.minimum(tl.maximum(last_block - tl.maximum(window, 1) + 1, lo), first_block)"""
+    if max(p.window for p in plan.params) <= 1:
+        # every head's window range is its diagonal blocks: the loops before them could never
+        # run, so none is emitted (zero-trip loops of window 1 crashed ptxas on sm_90, issue 16)
+        window_masked = diagonal
+        window_bounds = """
+lo = first_block  # window <= 1 for every head: the window range is the diagonal blocks"""
+    else:
+        window_masked += diagonal
     below = _outside_loops(plan, "0", "lo", "False", spec.residue_span)
     above = "" if plan.causal else _outside_loops(plan, "last_block + 1", "n_kv_blocks", "True")
     if varlen:
@@ -304,8 +315,7 @@ def kernel(Q, K, V, Out, Lse, HeadTable, CuSeqQ, CuSeqK,
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
         # the window range [lo, last_block]; blocks >= edge are in every row's window
-        lo = tl.maximum(first_block - tl.maximum(window, 1) + 1, 0)
-        edge = tl.minimum(tl.maximum(last_block - tl.maximum(window, 1) + 1, lo), first_block)
+{_at(window_bounds, 2)}
         # -- sinks and residue blocks below the window range --
 {_at(below, 2)}
         # -- the window range --
