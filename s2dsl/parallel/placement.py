@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from ..pattern import Pattern
 
 __all__ = ["Placement", "PlacementError", "head_costs", "group_costs", "place", "place_weights",
-           "lpt", "karmarkar_karp", "contiguous", "refine", "makespan", "imbalance"]
+           "place_layers", "lpt", "karmarkar_karp", "contiguous", "refine", "makespan", "imbalance"]
 
 
 class PlacementError(ValueError):
@@ -281,6 +281,18 @@ def place(pattern: Pattern, gpus: int, seq_len: int, *,
     naive = contiguous(len(weights), gpus)
     return Placement(pattern.name, gpus, seq_len, tuple(heads_of(b) for b in bins), loads_of(bins),
                      loads_of(naive), method, unit)
+
+
+def place_layers(patterns: Sequence[Pattern], gpus: int, seq_len: int) -> List[Placement]:
+    """One placement per layer: each layer's weights can be split its own way."""
+    memo: Dict[str, Placement] = {}
+    out = []
+    for p in patterns:
+        key = p.fingerprint()
+        if key not in memo:
+            memo[key] = place(p, gpus, seq_len)
+        out.append(memo[key])
+    return out
 
 
 def brute_force_makespan(weights: Sequence[float], bins: int) -> float:
