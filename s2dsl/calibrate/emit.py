@@ -62,4 +62,6 @@ def emit_plan(budgets: Sequence[Sequence[int]], *, n_blocks: int, block: int, he
             lines.append(f"    {start}..{layer - 1} -> {layer_names[start]}")
             start = layer
     lines.append("}")
-    return "\n".join(lines) + "\n"
+    from ..parser import parse_module
+    from ..printer import format_module
+    return format_module(parse_module("\n".join(lines) + "\n", "<calibrated>"))  # canonical, as `s2dsl fmt` writes
