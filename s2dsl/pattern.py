@@ -10,11 +10,12 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Optional, Tuple
-
-import torch
+from typing import TYPE_CHECKING, Optional, Tuple
 
 from . import ir
+
+if TYPE_CHECKING:  # torch is imported where masks are built, so the front end starts without it
+    import torch
 
 
 @dataclass(frozen=True)
@@ -160,6 +161,7 @@ class Pattern:
     # ------------------------------------------------------------ dense masks
     def block_mask(self, n_q_blocks: int, n_kv_blocks: Optional[int] = None, past_blocks: int = 0) -> torch.Tensor:
         """Bool ``[heads, n_q_blocks, n_kv_blocks]``; row ``i`` is absolute query block ``i + past_blocks``."""
+        import torch
         if n_kv_blocks is None:
             n_kv_blocks = n_q_blocks + past_blocks
         i = torch.arange(n_q_blocks).view(-1, 1) + past_blocks
@@ -179,6 +181,7 @@ class Pattern:
 
     def token_mask(self, q_len: int, kv_len: Optional[int] = None) -> torch.Tensor:
         """Bool ``[heads, q_len, kv_len]``: the queries are the last ``q_len`` of ``kv_len`` positions."""
+        import torch
         if kv_len is None:
             kv_len = q_len
         if kv_len < q_len:
