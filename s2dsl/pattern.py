@@ -158,8 +158,29 @@ class Pattern:
         return self._fingerprint
 
     # ------------------------------------------------------------ dense masks
-    def block_mask(self, n_q_blocks: int, n_kv_blocks: Optional[int] = None, past_blocks: int = 0) -> torch.Tensor:
-        """Bool ``[heads, n_q_blocks, n_kv_blocks]``; row ``i`` is absolute query block ``i + past_blocks``."""
+    def block_mask(self, n_q_blocks: int, n_kv_blocks: Optional[int] = None, past_blocks: int = 0,
+                   selection: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Bool ``[heads, n_q_blocks, n_kv_blocks]``; row ``i`` is absolute query block ``i + past_blocks``.
+
+        ``selection`` (int32 ``[batch, heads, n_q_blocks, K]``, -1 for unused slots; what the
+        kernels select for topk heads, see ``s2dsl.runtime.topk``) adds each row's selected
+        blocks (still under the causal cut); the mask is then ``[batch, heads, ...]``.
+        """
+        if selection is not None:
+            static = self.block_mask(n_q_blocks, n_kv_blocks, past_blocks)
+            sel = selection.detach().to("cpu", torch.long)
+            if sel.dim() != 4 or sel.shape[1:3] != (self.heads, n_q_blocks):
+                raise ValueError(f"selection must be [batch, {self.heads}, {n_q_blocks}, K]; got {tuple(sel.shape)}")
+            n_kv = static.shape[2]
+            if bool((sel >= n_kv).any()):
+                raise ValueError(f"selection holds a block >= {n_kv}")
+            dyn = torch.zeros(sel.shape[0], self.heads, n_q_blocks, n_kv + 1, dtype=torch.bool)
+            dyn.scatter_(3, torch.where(sel < 0, n_kv, sel), True)  # unused slots land in a dropped column
+            dyn = dyn[..., :n_kv]
+            if self.causal:
+                i = torch.arange(n_q_blocks).view(-1, 1) + past_blocks
+                dyn = dyn & (torch.arange(n_kv).view(1, -1) <= i)
+            return static.unsqueeze(0) | dyn
         if n_kv_blocks is None:
             n_kv_blocks = n_q_blocks + past_blocks
         i = torch.arange(n_q_blocks).view(-1, 1) + past_blocks
@@ -177,17 +198,29 @@ class Pattern:
             masks.append(keep.expand(n_q_blocks, n_kv_blocks))
         return torch.stack(masks)
 
-    def token_mask(self, q_len: int, kv_len: Optional[int] = None) -> torch.Tensor:
-        """Bool ``[heads, q_len, kv_len]``: the queries are the last ``q_len`` of ``kv_len`` positions."""
+    def token_mask(self, q_len: int, kv_len: Optional[int] = None,
+                   selection: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Bool ``[heads, q_len, kv_len]``: the queries are the last ``q_len`` of ``kv_len`` positions.
+
+        With ``selection`` (``[batch, heads, query blocks, K]``, row 0 = the block of the first
+        query; see ``block_mask``) the selected blocks are added: ``[batch, heads, q_len, kv_len]``.
+        """
         if kv_len is None:
             kv_len = q_len
         if kv_len < q_len:
             raise ValueError(f"kv_len={kv_len} is shorter than q_len={q_len}: queries are the last kv_len positions")
         past = kv_len - q_len
         n_blocks = -(-kv_len // self.block)
-        blocks = self.block_mask(n_blocks, n_blocks)
         q_pos = torch.arange(q_len) + past
         k_pos = torch.arange(kv_len)
+        if selection is not None:
+            first = past // self.block
+            blocks = self.block_mask(n_blocks - first, n_blocks, first, selection=selection)
+            mask = blocks[:, :, (q_pos // self.block - first).view(-1, 1), (k_pos // self.block).view(1, -1)]
+            if self.causal:
+                mask = mask & (k_pos.view(1, -1) <= q_pos.view(-1, 1))
+            return mask
+        blocks = self.block_mask(n_blocks, n_blocks)
         mask = blocks[:, (q_pos // self.block).view(-1, 1), (k_pos // self.block).view(1, -1)]
         if self.causal:
             mask = mask & (k_pos.view(1, -1) <= q_pos.view(-1, 1))

@@ -180,7 +180,7 @@ def generate_backward(plan: KernelPlan, spec: Specialization, *, name: str = "pa
             raise ValueError(f"{label}={value} must be a power of two >= 16 dividing the pattern block {plan.block}")
     if spec.block_m < 16 or spec.block_m & (spec.block_m - 1):
         raise ValueError(f"block_m={spec.block_m} must be a power of two >= 16")
-    table_width = 4 + max(plan.max_residues, 1)
+    table_width = plan.table_width
     unroll = getattr(spec, "dkdv_unroll_group", False) and plan.group_size > 1
     group_loop = "tl.static_range(GROUP)" if unroll else "range(0, GROUP)"
     varlen = spec.layout == "varlen"

@@ -135,7 +135,7 @@ def generate_decode(plan: KernelPlan, spec: DecodeSpecialization, *, name: str =
     gtable = _group_table(groups)
     g_width = len(gtable[0])
     g_max_res = max(len(gp.residues) for gp in groups)
-    h_width = 4 + max(plan.max_residues, 1)
+    h_width = plan.table_width
 
     def gparam(field, column):
         value = _uniform(groups, field)

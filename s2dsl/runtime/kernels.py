@@ -31,6 +31,8 @@ def choose_forward(pattern: Pattern, dtype: torch.dtype, head_dim: int, layout: 
     else:
         spec = choose_forward_for_gpu(pattern, head_dim)
     spec = replace(spec, dtype=_DTYPES[dtype], head_dim=head_dim, layout=layout, capability=tuple(capability))
+    if spec.block_m > block and lower(pattern).has_topk:  # a tile takes the selection of its one query block
+        spec = replace(spec, block_m=block, num_warps=min(spec.num_warps, 4))
     return replace(spec, **(tuning or {}))
 
 
