@@ -104,8 +104,8 @@ def _topk_loop(plan: KernelPlan) -> str:
     return f"""
         # -- dynamic top-k: the blocks selected for this tile's query block --
         sel_row = Sel + b * stride_sb + h * stride_sh + (first_block - sel_first_block) * stride_si
-        for t in range(0, {n_sel}):
-            j = tl.load(sel_row + t)
+        for tk in range(0, {n_sel}):
+            j = tl.load(sel_row + tk)
             if (j >= 0) & (j < first_block):
                 acc, l_i, m_i = _visit(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, j, 1, rows,
                                        row_block, kv_len, 0, True, qk_scale, False, CAUSAL, BLOCK, BLOCK, BLOCK_N,

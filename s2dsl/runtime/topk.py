@@ -154,3 +154,25 @@ def check_selection(sel, pattern: Pattern, batch: int, q_len: int, kv_len: int, 
         raise InputError("a selection holds a block the head keeps statically or the causal cut forbids; "
                          "select only blocks outside the static set (s2dsl.runtime.topk.select_blocks does)")
     return sel
+
+
+def transpose_selection(sel: torch.Tensor, n_kv_blocks: int, first_block: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The selection read per kv block, for the dK/dV kernel: ``(offsets, query_blocks)``.
+
+    For key ``(b * heads + h) * n_kv_blocks + j``, ``query_blocks[offsets[key]:offsets[key + 1]]``
+    are the absolute query blocks whose row of head ``h`` selected kv block ``j``, ascending.
+    Built on the device by a stable sort of the O(heads * query blocks * K) entries: no atomics
+    in the kernel, no host sync, the same order (so the same sums) on every run.
+    """
+    batch, heads, n_rows, k = sel.shape
+    n_keys = batch * heads * n_kv_blocks
+    device = sel.device
+    bh = torch.arange(batch * heads, device=device).view(batch, heads, 1, 1) * n_kv_blocks
+    key = torch.where(sel >= 0, bh + sel.long(), n_keys).reshape(-1)  # unused slots sort last
+    order = torch.argsort(key, stable=True)
+    rows = (torch.arange(n_rows, device=device) + first_block).view(1, 1, -1, 1).expand(batch, heads, n_rows, k)
+    query_blocks = rows.reshape(-1)[order].to(torch.int32).contiguous()
+    counts = torch.zeros(n_keys + 1, dtype=torch.long, device=device).scatter_add_(0, key, torch.ones_like(key))
+    offsets = torch.zeros(n_keys + 1, dtype=torch.int32, device=device)
+    offsets[1:] = torch.cumsum(counts[:-1], 0).to(torch.int32)
+    return offsets, query_blocks
