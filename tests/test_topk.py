@@ -187,3 +187,109 @@ def test_backward_is_deterministic():
         grads.append((qq.grad, kk.grad, vv.grad))
     for a, b in zip(*grads):
         assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------ decode
+DECODE_PATTERNS = {
+    # ALISA's sparse window attention: recent window + top-k by the mass of the last 3 steps
+    "alisa-gqa": "pattern p { block = 16 heads = 4 kv_heads = 2 heads * { window 1 topk 2 recent 3 } }",
+    # per-head K with h, mixed with sinks and strides, one static head, no recent (all steps)
+    "mixed": "pattern p { block = 16 heads = 4 kv_heads = 2 heads 0..2 { sink 1 topk h + 1 } "
+             "heads 3..3 { window 2 stride 3 } }",
+}
+
+
+def _replay_selection(pattern, group_sel, n_rows):
+    """The per-q-head selection a decode step used: q head h takes the first K_h of its kv head's."""
+    ks = _ks(pattern)
+    k_max = max(ks)
+    sel = torch.full((1, pattern.heads, n_rows, k_max), -1, dtype=torch.int32)
+    for h, kh in enumerate(ks):
+        if kh:
+            sel[0, h, :, :kh] = group_sel[pattern.kv_head_of(h), :kh]
+    return sel
+
+
+def _block_mass(pattern, q, k, sel):
+    """Attention mass per (kv head, block) of the last query, from the reference with this selection."""
+    lq, lk = q.shape[2], k.shape[2]
+    mask = pattern.token_mask(lq, lk, selection=sel)[0, :, -1]                     # (heads, lk)
+    kf = k[0].repeat_interleave(pattern.group_size, 0)
+    logits = (q[0, :, -1:] @ kf.transpose(-1, -2))[:, 0] / q.shape[-1] ** 0.5
+    probs = torch.softmax(logits.masked_fill(~mask, float("-inf")), -1)
+    n_blocks = -(-lk // pattern.block)
+    probs = torch.nn.functional.pad(probs, (0, n_blocks * pattern.block - lk))
+    return probs.view(pattern.kv_heads, pattern.group_size, n_blocks, pattern.block).sum((1, 3))
+
+
+@pytest.mark.parametrize("name", list(DECODE_PATTERNS))
+def test_decode_replays_the_selection_and_scores_the_last_steps(name):
+    """Prefill, then decode steps (and a 3-token chunk) through cached_attention: each output
+    matches the reference given the selection the step used; the kernel's block masses match the
+    reference's; the next selection is the top K of the last R steps' mass outside the static set."""
+    from s2dsl.runtime.kv_cache import PagedKVCache
+    from s2dsl.runtime.decode import cached_attention
+    from s2dsl.runtime.topk_state import state_for
+
+    pattern = s2dsl.parse(DECODE_PATTERNS[name])["p"]
+    ks = _ks(pattern)
+    with pytest.warns(UserWarning, match="KV-efficient"):
+        cache = PagedKVCache(pattern, num_pages=64, head_dim=16, dtype=torch.float32, max_seqs=2)
+    total = 70
+    q, k, v = random_inputs(2, pattern.heads, pattern.kv_heads, total, total, 16, torch.float32, seed=11)
+    ids = [cache.add_sequence(), cache.add_sequence()]
+    prompt = 37
+    out = cached_attention(cache, ids, q[:, :, :prompt], k[:, :, :prompt], v[:, :, :prompt])
+    sel = select_blocks(q[:, :, :prompt], k[:, :, :prompt], pattern)
+    torch.testing.assert_close(out, s2dsl.reference_attention(q[:, :, :prompt], k[:, :, :prompt],
+                                                              v[:, :, :prompt], pattern, selection=sel),
+                               atol=2e-5, rtol=2e-5)
+    state = state_for(cache)
+    history = [[], []]  # per sequence: the masses recorded, (kv_heads, blocks)
+    pos = prompt
+    steps = [1] * 10 + [3] + [1] * 14  # the last queries have more candidates than K
+    for n in steps:
+        before = state.selection[[cache.slot(s) for s in ids]].clone()
+        out = cached_attention(cache, ids, q[:, :, pos:pos + n], k[:, :, pos:pos + n], v[:, :, pos:pos + n])
+        pos += n
+        for b, s in enumerate(ids):
+            first = (pos - n) // pattern.block
+            replay = _replay_selection(pattern, before[b], (pos - 1) // pattern.block - first + 1)
+            qb, kb, vb = q[b:b + 1, :, pos - n:pos], k[b:b + 1, :, :pos], v[b:b + 1, :, :pos]
+            ref = s2dsl.reference_attention(qb, kb, vb, pattern, selection=replay)
+            torch.testing.assert_close(out[b:b + 1], ref, atol=2e-5, rtol=2e-5)
+            # the by-product: this step's mass per (kv head, block), as the reference computes it
+            slot = cache.slot(s)
+            mass = _block_mass(pattern, qb, kb, replay)
+            ring_at = (int(state.steps[slot]) - 1) % state.ring_size
+            got = state.ring[ring_at, slot, :, :mass.shape[1]]
+            torch.testing.assert_close(got, mass, atol=1e-5, rtol=1e-4)
+            history[b].append(mass)
+            # the next selection: the top K of the running score outside the union's static set
+            i = pos // pattern.block
+            now = state.selection[slot]
+            for g in range(pattern.kv_heads):
+                members = range(g * pattern.group_size, (g + 1) * pattern.group_size)
+                kg = max(ks[h] for h in members)
+                if not kg:
+                    continue
+                r = max(lower(pattern).params[h].recent for h in members)
+                recent = history[b][-r:] if r else history[b]
+                score = {}
+                for m in recent:
+                    for j in range(m.shape[1]):
+                        score[j] = score.get(j, 0.0) + m[g, j].item()
+                cands = [j for j in range(i + 1) if not any(pattern.keeps(h, i, j) for h in members)]
+                picked = [j for j in now[g].tolist() if j >= 0]
+                assert len(set(picked)) == len(picked) == min(state.k_max, len(cands))
+                assert set(picked) <= set(cands)
+                rest = [score.get(j, 0.0) for j in cands if j not in picked]
+                if picked and rest:
+                    assert min(score.get(j, 0.0) for j in picked) >= max(rest) - 1e-6
+    # a removed sequence's slot starts afresh for the next one
+    slot = cache.slot(ids[0])
+    cache.remove_sequence(ids[0])
+    fresh = cache.add_sequence()
+    assert cache.slot(fresh) == slot
+    out = cached_attention(cache, [fresh], q[:1, :, :1], k[:1, :, :1], v[:1, :, :1])
+    torch.testing.assert_close(out, s2dsl.reference_attention(q[:1, :, :1], k[:1, :, :1], v[:1, :, :1], pattern))
