@@ -293,3 +293,29 @@ def test_decode_replays_the_selection_and_scores_the_last_steps(name):
     assert cache.slot(fresh) == slot
     out = cached_attention(cache, [fresh], q[:1, :, :1], k[:1, :, :1], v[:1, :, :1])
     torch.testing.assert_close(out, s2dsl.reference_attention(q[:1, :, :1], k[:1, :, :1], v[:1, :, :1], pattern))
+
+
+def test_hf_generation_with_a_topk_plan_that_reaches_every_block_equals_dense():
+    """Through hf.S2Cache (prefill kernel, then decode steps with selections): top-k with K above
+    the number of candidate blocks attends like dense attention, so greedy tokens match SDPA's."""
+    pytest.importorskip("transformers")
+    import warnings
+    from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+    from s2dsl.integrations import hf
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    model = LlamaForCausalLM(config).eval()
+    plan = s2dsl.parse("pattern t { block = 16 heads = 4 kv_heads = 2 heads * { window 1 topk 8 recent 2 } } "
+                       "model tiny { layers = 2 rest -> t }")
+    hf.apply(model, plan, model_name="tiny")
+    ids = torch.randint(0, 100, (2, 37), generator=torch.Generator().manual_seed(2))
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False, pad_token_id=0)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # topk heads keep every page (not KV-efficient)
+        model.set_attn_implementation("sdpa")
+        ref = model.generate(ids, past_key_values=DynamicCache(config=model.config), **kw)
+        model.set_attn_implementation(hf.ATTN_IMPLEMENTATION)
+        out = model.generate(ids, past_key_values=hf.S2Cache(model, max_length=37 + 12, batch_size=2), **kw)
+    assert torch.equal(out, ref)
