@@ -56,12 +56,12 @@ def method_patterns(cfg: tt.Config, sparsity: float) -> dict:
     rest = budget - w
     stride = max(1, math.ceil((nb - w) / max(rest, 1)))
     text = f"""
-pattern window {{ block = {B} heads = {H} heads * {{ window {budget} }} }}
-pattern window_stride {{ block = {B} heads = {H} heads * {{ window {w} stride {stride} offset h }} }}
-pattern window_topk {{ block = {B} heads = {H} heads * {{ window {w} topk {rest} }} }}
+pattern win {{ block = {B} heads = {H} heads * {{ window {budget} }} }}
+pattern win_stride {{ block = {B} heads = {H} heads * {{ window {w} stride {stride} offset h }} }}
+pattern win_topk {{ block = {B} heads = {H} heads * {{ window {w} topk {rest} }} }}
 """
     f = s2dsl.parse(text, "<topk_quality>")
-    return {"window": f["window"], "window+stride": f["window_stride"], "window+topk": f["window_topk"],
+    return {"window": f["win"], "window+stride": f["win_stride"], "window+topk": f["win_topk"],
             "_budget": budget, "_window": w}
 
 
