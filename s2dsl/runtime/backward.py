@@ -74,8 +74,10 @@ def choose_backward_for_gpu(pattern: Pattern, head_dim: int) -> BackwardSpeciali
     block = pattern.block
     big = head_dim > 128
     tile = _divisor(block, 32 if big else 64)
+    # with topk heads a dQ tile takes the selection of its one query block
+    block_m = min(64, block) if lower(pattern).has_topk else 64
     return BackwardSpecialization(
-        head_dim=head_dim, capability=(9, 0), block_m=64, block_n=tile, num_warps=4, num_stages=2,
+        head_dim=head_dim, capability=(9, 0), block_m=block_m, block_n=tile, num_warps=4, num_stages=2,
         one_grid=not big, flat_steps=True, dkdv_block_m=tile, dkdv_block_n=tile,
         dkdv_num_warps=8 if big else 4, dkdv_num_stages=2,
         # sm_90 compiles of the GQA dK/dV kernel spill ~10x less with the group loop unrolled
