@@ -33,7 +33,8 @@ _UPPER = {
     "layers": (MAX_LAYERS, f"models have at most {MAX_LAYERS} layers"),
     **{what: (KERNEL_BLOCKS - 1, "the kernels index blocks with int32; a larger value means nothing "
                                  "for any sequence they can run")
-       for what in ("window", "sink", "stride", "shard count", "topk", "topk recent")},
+       for what in ("window", "window ahead", "sink", "stride", "relative stride", "global", "prefix",
+                    "shard count", "topk", "topk recent")},
 }
 
 

@@ -71,10 +71,21 @@ class _ToIR(Transformer):
 
     # pattern bodies
     def window(self, meta, c):
-        return ir.Window(c[0], _span(meta))
+        size, ahead, unit = c
+        return ir.Window(size, _span(meta), ahead, _tokens(unit))
 
     def sink(self, meta, c):
-        return ir.Sink(c[0], _span(meta))
+        count, unit = c
+        return ir.Sink(count, _span(meta), _tokens(unit))
+
+    def stride_relative(self, meta, c):
+        return ir.RelativeStride(c[0], _span(meta))
+
+    def global_rows(self, meta, c):
+        return ir.GlobalRows(c[0], _span(meta))
+
+    def prefix(self, meta, c):
+        return (c[0], _tokens(c[1]))
 
     def stride(self, meta, c):
         # '(offset expr)?' is not a [] optional, so a missing offset leaves no placeholder
@@ -110,11 +121,11 @@ class _ToIR(Transformer):
         return ("kv_heads", c[0], _span(meta))
 
     def mode_stmt(self, meta, c):
-        return ("mode", str(c[0]), _span(meta))
+        return ("mode", (str(c[0]), c[1]), _span(meta))
 
     def pattern_def(self, meta, c):
         name, *stmts = c
-        fields = {"block": None, "heads": None, "kv_heads": None, "mode": "causal"}
+        fields = {"block": None, "heads": None, "kv_heads": None, "mode": ("causal", None)}
         seen = {}
         groups = []
         for stmt in stmts:
@@ -125,14 +136,16 @@ class _ToIR(Transformer):
             if key in seen:
                 if key != "mode":
                     raise _SourceProblem(f"'{key}' is set twice in one pattern", span, "keep one of the two settings")
-                first = fields["mode"]
-                raise _SourceProblem(f"'{value}' after '{first}': a pattern is either causal or bidirectional"
-                                     if value != first else f"'{value}' is given twice", span,
+                first, word = fields["mode"][0], value[0]
+                raise _SourceProblem(f"'{word}' after '{first}': a pattern is either causal or bidirectional"
+                                     if word != first else f"'{word}' is given twice", span,
                                      "keep one of the two keywords")
             seen[key] = span
             fields[key] = value
+        mode, prefix = fields["mode"]
+        prefix, prefix_tokens = prefix if prefix is not None else (None, False)
         return ir.PatternDef(str(name), fields["block"], fields["heads"], fields["kv_heads"],
-                             fields["mode"] == "causal", tuple(groups), _span(meta))
+                             mode == "causal", tuple(groups), _span(meta), prefix, prefix_tokens)
 
     def const_def(self, meta, c):
         return ir.ConstDef(str(c[0]), c[1], _span(meta))
@@ -185,6 +198,10 @@ def _check_depth(tree: Tree) -> None:
                                      "nests n - 1 deep)", _span(node.meta),
                                      "split it with constants: 'const part = ...'")
         stack.extend((c, depth) for c in node.children if isinstance(c, Tree))
+def _tokens(unit) -> bool:
+    return unit is not None and str(unit) == "tokens"
+
+
 
 
 _TOKEN_WORDS = {
@@ -192,6 +209,7 @@ _TOKEN_WORDS = {
     "SEMICOLON": "';'", "COMMA": "','", "PLUS": "'+'", "MINUS": "'-'", "STAR": "'*'",
     "PERCENT": "'%'", "__ANON_0": "'..'", "__ANON_1": "'//'", "__ANON_2": "'->'",
     "INT": "an integer", "NAME": "a name", "FUNC": "min(...) or max(...)", "MODE": "causal or bidirectional",
+    "UNIT": "tokens or blocks",
 }
 
 

@@ -5,6 +5,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..codegen.lower import lower
 from ..pattern import Pattern
 from .kernels import choose_forward, forward_module
 from .validate import LAYOUTS, InputError, check_attention_inputs, check_scale, interpreter_compute_dtype
@@ -24,10 +25,12 @@ def _strides(t: torch.Tensor, layout: str) -> Tuple[int, int, int]:
 
 def forward(q, k, v, pattern: Pattern, *, scale: Optional[float] = None, layout: str = "bhsd",
             cu_seqlens_q=None, cu_seqlens_k=None, tuning: Optional[dict] = None,
-            out: Optional[torch.Tensor] = None):
+            out: Optional[torch.Tensor] = None, selection: Optional[torch.Tensor] = None):
     """Output and log-sum-exp (float32, (batch, heads, q_len) or (heads, total_q) when packed).
 
-    ``out``, if given, receives the output (same shape, dtype and layout as q)."""
+    ``out``, if given, receives the output (same shape, dtype and layout as q). For a pattern
+    with dynamic topk heads, ``selection`` (``s2dsl.runtime.topk``) gives the selected blocks;
+    without it they are selected here."""
     varlen, head_dim = _check(q, k, v, pattern, layout, cu_seqlens_q, cu_seqlens_k)
     scale = check_scale(scale, head_dim)
     if out is not None and (not isinstance(out, torch.Tensor) or out.shape != q.shape or out.dtype != q.dtype
@@ -36,7 +39,8 @@ def forward(q, k, v, pattern: Pattern, *, scale: Optional[float] = None, layout:
     compute = interpreter_compute_dtype(q.dtype)
     if compute is not None:  # see interpreter_compute_dtype: run on upcast copies, cast back
         out32, lse = forward(*(t.to(compute) for t in (q, k, v)), pattern, scale=scale, layout=layout,
-                             cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, tuning=tuning)
+                             cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, tuning=tuning,
+                             selection=selection)
         return (out32.to(q.dtype) if out is None else out.copy_(out32)), lse
     layout = "varlen" if varlen else layout
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
@@ -55,8 +59,17 @@ def forward(q, k, v, pattern: Pattern, *, scale: Optional[float] = None, layout:
         q_len, kv_len = q.shape[sd], k.shape[sd]
         lse = torch.empty(batch, pattern.heads, q_len, dtype=torch.float32, device=q.device)
         lse_strides = (lse.stride(0), lse.stride(1))
+    extra = {}
+    if lower(pattern).has_topk:
+        from .topk import check_selection, select_blocks, selection_shape
+        if selection is None:
+            selection = select_blocks(q, k, pattern, layout=layout)
+        else:
+            selection = check_selection(selection, pattern, batch, q_len, kv_len, q.device, values=False)
+        extra = dict(sel=selection, sel_strides=selection.stride()[:3],
+                     sel_first_block=selection_shape(pattern, batch, q_len, kv_len)[1])
     if out.numel():
         module.launch(q, k, v, out, lse, _strides(q, layout), _strides(k, layout), _strides(v, layout),
                       _strides(out, layout), lse_strides, batch, q_len, kv_len, q_len, cu_seqlens_q, cu_seqlens_k,
-                      scale)
+                      scale, **extra)
     return out, lse
