@@ -25,7 +25,6 @@ kv-head group therefore reuse the same closed forms.
 """
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass
 from fractions import Fraction
@@ -233,11 +232,10 @@ def _static(spec: HeadSpec) -> HeadSpec:
 def _union(specs: Sequence[HeadSpec], block: int = 64) -> HeadSpec:
     """The union of static heads as one head (windows and sinks are monotone, so max them).
 
-    Token edges are rounded out to blocks.  Relative strides are measured from each head's
-    own window, so they join the union exactly only when their heads share the union's
-    window and ahead; otherwise ``_union_exact`` says the union's forms are bounds.
+    Token edges keep their largest reach.  Relative strides are measured from each head's
+    own window, so the union's forms take them as distance classes (``_union_rel``).
     """
-    specs = [_hull(_static(s), block)[0] for s in specs]
+    specs = [_static(s) for s in specs]
     if any(s.dense for s in specs):
         return HeadSpec(dense=True)
     window = max((s.window for s in specs), default=0)
@@ -254,17 +252,20 @@ def _union(specs: Sequence[HeadSpec], block: int = 64) -> HeadSpec:
     strides = sorted({x for s in specs for x in s.relative})
     relative = tuple(x for x in strides if not any(y != x and x % y == 0 for y in strides))
     return HeadSpec(window, sink, tuple(classes), ahead=ahead, relative=relative,
-                    global_rows=max((s.global_rows for s in specs), default=0))
+                    global_rows=max((s.global_rows for s in specs), default=0),
+                    window_tokens=max((s.window_tokens for s in specs), default=0),
+                    ahead_tokens=max((s.ahead_tokens for s in specs), default=0),
+                    sink_tokens=max((s.sink_tokens for s in specs), default=0))
 
 
-def _union_exact(specs: Sequence[HeadSpec], block: int) -> bool:
-    hulls = [_hull(_static(s), block)[0] for s in specs]
-    if any(s.dense for s in hulls):
-        return True
-    w = max(s.window for s in hulls)
-    a = max(s.ahead for s in hulls)
-    return all(_hull(_static(s), block)[1] for s in specs) and all(
-        (s.window, s.ahead) == (w, a) for s in hulls if s.relative)
+def _union_rel(specs: Sequence[HeadSpec]):
+    """The heads' relative strides as distance classes (see ``_rel_classes``), canonical."""
+    left, right = set(), set()
+    for s in specs:
+        l, r = _rel_classes(_static(s))
+        left.update(l)
+        right.update(r)
+    return covering.canonical(left), covering.canonical(right)
 
 
 def _max(*args):
@@ -432,36 +433,6 @@ def _head_forms(spec: HeadSpec, causal: bool) -> Tuple[sympy.Expr, sympy.Expr, s
     return row, total, kv, limit
 
 
-def _floor(a):
-    return sympy.floor(a, evaluate=False)
-
-
-def _multiples(x, strides: Sequence[int]):
-    """#t in [1, x] that some stride divides (x >= 0), by inclusion-exclusion over the lcms."""
-    out = sympy.Integer(0)
-    for sign, l in _lcm_terms(tuple(strides)):
-        out += sign * _floor(x / sympy.Integer(l))
-    return out
-
-
-def _floor_sum(m, l: int, big: bool):
-    """sum_{x=0..m} floor(x / l) for m >= 0: l*q*(q-1)/2 + q*(m + 1 - q*l), q = floor((m+1)/l)."""
-    if big:
-        return m * m / (2 * l)  # the N^2 term, which is all the limit needs
-    q = _floor((m + 1) / sympy.Integer(l))
-    return l * q * (q - 1) / 2 + q * (m + 1 - q * l)
-
-
-@lru_cache(maxsize=1024)
-def _lcm_terms(strides: Tuple[int, ...]) -> Tuple[Tuple[int, int], ...]:
-    out = {}
-    for k in range(1, len(strides) + 1):
-        for subset in itertools.combinations(strides, k):
-            l = math.lcm(*subset)
-            out[l] = out.get(l, 0) + (1 if k % 2 else -1)
-    return tuple((sgn, l) for l, sgn in sorted(out.items()) if sgn)
-
-
 def _hull(spec: HeadSpec, block: int) -> Tuple[HeadSpec, bool]:
     """The head with token edges rounded out to the blocks they touch (what kernels visit),
     and whether its relative strides still measure from the same window."""
@@ -472,35 +443,56 @@ def _hull(spec: HeadSpec, block: int) -> Tuple[HeadSpec, bool]:
     return spec.with_(window=w, ahead=a, sink=s, window_tokens=0, ahead_tokens=0, sink_tokens=0), same
 
 
+def _rel_classes(spec: HeadSpec) -> Tuple[Tuple[Tuple[int, int], ...], Tuple[Tuple[int, int], ...]]:
+    """A head's relative strides as classes of the distance: left d = i - j with
+    d = window - 1 (mod S), right e = j - i with e = ahead (mod S); each holds beyond the
+    head's own window, hence beyond any wider (rounded-out or union) window too."""
+    left = tuple(sorted({(S, (spec.window - 1) % S) for S in spec.relative}))
+    right = tuple(sorted({(S, spec.ahead % S) for S in spec.relative}))
+    return left, right
+
+
+def _sum_cnt(c: "_Counts", x):
+    """sum_{y=0..x} cnt(y) = sum over members d < x of (x - d), for x >= 0."""
+    return x * c.cnt(x) - c.ssum(x)
+
+
 @lru_cache(maxsize=4096)
-def _extended_forms(spec: HeadSpec, causal: bool, prefix_blocks: int, block: int):
+def _extended_forms(spec: HeadSpec, causal: bool, prefix_blocks: int, block: int, rel=None):
     """(row, total, kv, limit, exact) for a head or pattern beyond round 1.
 
     Counted in visited blocks (token edges rounded out).  A row is its left part (j <= i:
     window, special columns below it, relative distances) and, for bidirectional patterns or
     inside a prefix of ``P`` blocks, its right part up to ``M = N`` or ``min(P, N)`` (ahead
-    window, special columns after it, relative distances).  Totals sum rows by columns for
-    the special columns and by ``sum floor(x/S)`` for relative strides.  A head with both
-    special columns and relative strides counts pairs kept by both twice: its forms are then
-    upper bounds (``exact`` False); the density limit stays exact (far out, columns and
-    distances are independent: 1 - (1 - dJ)(1 - dR)).
+    window, special columns after it, relative distances).  Relative strides are classes of
+    the distance beyond the window (``rel``: left and right classes, a union's included) and
+    count like special columns.  A head with both special columns and relative strides
+    counts pairs kept by both twice: its forms are then upper bounds (``exact`` False); the
+    density limit stays exact (far out, columns and distances are independent:
+    1 - (1 - dJ)(1 - dR)).
     """
-    spec, exact = _hull(spec, block)
+    rel_left, rel_right = rel if rel is not None else _rel_classes(spec)
+    spec, _ = _hull(spec, block)
+    exact = True
     grid = N * (N + 1) / 2 if causal else N ** 2
     if spec.dense:
         row = (_max(I + 1, _min(prefix_blocks, N)) if prefix_blocks else I + 1) if causal else N
         total = grid + (_prefix_square(prefix_blocks) if causal and prefix_blocks else 0)
         return row, total, N, sympy.Integer(1), True
     c = _Counts(spec)
-    w, a, rel = spec.window, spec.ahead, spec.relative
+    w, a = spec.window, spec.ahead
     has_cols = bool(spec.sink or spec.residues)
-    if rel and has_cols:
+    if (rel_left or rel_right) and has_cols:
         exact = False
     row = _min(w, I + 1) + c.cnt(0, I + 1 - w)
     total = c.total(True)
-    if rel:
-        row += _multiples(_max(0, I - w + 1), rel)
-        total += sum(sgn * _floor_sum(_max(0, N - w), l, False) for sgn, l in _lcm_terms(rel))
+    cl = _Counts(HeadSpec(residues=rel_left)) if rel_left else None
+    cr = _Counts(HeadSpec(residues=rel_right)) if rel_right else None
+    if cl:
+        # distances d in [w, i] in a class: cnt(max(w, i+1)) - cnt(w)
+        row += cl.cnt(w, I + 1) - cl.cnt(w)
+        x = _max(N, w)
+        total += _sum_cnt(cl, x) - _sum_cnt(cl, sympy.Integer(w)) - (x - w) * cl.cnt(w)
 
     def right(m):
         """(row part, total part) of the pairs above the diagonal below bound m."""
@@ -508,9 +500,11 @@ def _extended_forms(spec: HeadSpec, causal: bool, prefix_blocks: int, block: int
         ma = _min(a, m) if a else sympy.Integer(0)
         r_tot = ma * (ma - 1) / 2 + a * (m - ma)
         r_tot += (c.ssum(m) - c.ssum(ma)) - a * (c.cnt(m) - c.cnt(ma))
-        if rel:
-            r_row += _multiples(_max(0, m - 1 - I - a), rel)
-            r_tot += sum(sgn * _floor_sum(_max(0, m - 1 - a), l, False) for sgn, l in _lcm_terms(rel))
+        if cr:
+            # distances e = j - i in (a, m - 1 - i] in a class
+            r_row += cr.cnt(a + 1, m - I) - cr.cnt(a + 1)
+            x = _max(m, a + 1)
+            r_tot += _sum_cnt(cr, x) - _sum_cnt(cr, sympy.Integer(a + 1)) - (x - a - 1) * cr.cnt(a + 1)
         return r_row, r_tot
 
     if not causal:
@@ -519,24 +513,25 @@ def _extended_forms(spec: HeadSpec, causal: bool, prefix_blocks: int, block: int
     elif prefix_blocks:
         r_row, r_tot = right(sympy.Min(prefix_blocks, N))
         row, total = row + r_row, total + r_tot
-    kv = _min(w, N) + c.cnt(0, N - w)
-    if rel:
-        kv = N  # not KV-efficient: a dropped block comes back at the next multiple
+    kv = N if (rel_left or rel_right) else _min(w, N) + c.cnt(0, N - w)  # relative: not KV-efficient
     g = spec.global_rows
     if g:
         full = (N if not causal else (_max(I + 1, _min(prefix_blocks, N)) if prefix_blocks else I + 1))
         ind = lambda x: sympy.Min(1, _max(0, x), evaluate=False)  # noqa: E731 - [x >= 1] for integers
         if g > 1024:
-            exact = False
+            raise AnalysisLimit(f"{g} global rows: at most 1024 have closed-form costs")
         extra = sympy.Integer(0)
-        for i0 in range(min(g, 1024)):
+        for i0 in range(g):
             extra += ind(N - i0) * (full - row).subs(I, i0)
         row = row + ind(g - I) * (full - row)
         total = total + extra
         kv = _max(kv, ind(g - N + 1) * N)
     d_cols = c.density()
-    d_rel = sum((sympy.Rational(sgn, l) for sgn, l in _lcm_terms(rel)), sympy.Integer(0)) if rel else 0
-    limit = 1 - (1 - d_cols) * (1 - d_rel)
+    d_left = cl.density() if cl else 0
+    d_right = cr.density() if cr else 0
+    limit = 1 - (1 - d_cols) * (1 - d_left)
+    if not causal:
+        limit = (limit + 1 - (1 - d_cols) * (1 - d_right)) / 2
     return row, total, kv, sympy.Rational(limit), exact
 
 
@@ -722,7 +717,7 @@ def _empty_rows(spec: HeadSpec, causal: bool) -> Optional[str]:
             f"(the first kept residue is block {first})")
 
 
-def _empty_rows_extended(spec: HeadSpec, causal: bool, block: int) -> Optional[str]:
+def _empty_rows_extended(spec: HeadSpec, causal: bool, block: int, prefix: int = 0) -> Optional[str]:
     """Empty rows of a head beyond round 1, by checking rows up to the point past which the
     head's left part (columns j <= i) always keeps something."""
     import torch
@@ -735,13 +730,13 @@ def _empty_rows_extended(spec: HeadSpec, causal: bool, block: int) -> Optional[s
         guarantees.append(spec.window - 1 + min(spec.relative))
     if not guarantees and spec.global_rows and causal:
         return f"query blocks {spec.global_rows} and later (only the first {spec.global_rows} are global)"
-    bound = (min(guarantees) if guarantees else 0) + 1
+    bound = max(min(guarantees) if guarantees else 0, -(-prefix // block)) + 1
     lengths = [bound] if causal else range(1, bound + spec.ahead + max(spec.relative, default=0)
                                            + max((r for _, r in spec.residues), default=0)
                                            + spec.global_rows + 3)
     empty, where = set(), 0
     for n in lengths:
-        p = Pattern("_", block, 1, 1, causal, (spec,))
+        p = Pattern("_", block, 1, 1, causal, (spec,), prefix=prefix)
         rows = (~p.block_mask(n)[0].any(-1)).nonzero().flatten().tolist()
         if rows:
             empty.update(rows)
@@ -788,7 +783,7 @@ def _group_and_union_forms(pattern, forms, bytes_per_block):
         groups.append(GroupCoverage(kv_head, members, gc, gce, bytes_per_block * gkv))
 
     union = _union(pattern.head_specs, b)
-    _, union_total, _, union_lim, union_exact = forms(union)
+    _, union_total, _, union_lim, union_exact = forms(union, _union_rel(pattern.head_specs))
     return groups, union_total, union_lim, union_exact
 
 
@@ -808,10 +803,10 @@ def analyze(pattern: Pattern, *, head_dim: int = 128, dtype_bytes: int = 2) -> P
     empty: List[Tuple[int, str]] = []
     prefix_blocks = -(-pattern.prefix // b)
 
-    def forms(spec):
-        if spec.is_classic and not prefix_blocks:
+    def forms(spec, rel=None):
+        if spec.is_classic and not prefix_blocks and not (rel and any(rel)):
             return (*_head_forms(spec, pattern.causal), True)
-        return _extended_forms(spec, pattern.causal, prefix_blocks, b)
+        return _extended_forms(spec, pattern.causal, prefix_blocks, b, rel)
 
     for h, spec in enumerate(pattern.head_specs):
         try:
@@ -823,8 +818,8 @@ def analyze(pattern: Pattern, *, head_dim: int = 128, dtype_bytes: int = 2) -> P
         kv_blocks = N if spec.topk else kv
         costs.append(HeadCost(h, row, total, flops_per_block * total, bytes_per_block * kv_blocks, lim, eff,
                               exact))
-        desc = (_empty_rows(spec, pattern.causal) if spec.is_classic
-                else _empty_rows_extended(spec, pattern.causal, b))
+        desc = (_empty_rows(spec, pattern.causal) if spec.is_classic and not pattern.prefix
+                else _empty_rows_extended(spec, pattern.causal, b, pattern.prefix))
         if desc is not None:
             empty.append((h, desc))
 
@@ -834,7 +829,6 @@ def analyze(pattern: Pattern, *, head_dim: int = 128, dtype_bytes: int = 2) -> P
     except AnalysisLimit as exc:
         raise AnalysisLimit(f"pattern {pattern.name}: {reason}; but the union of its heads has no short closed "
                             f"form for its costs ({exc})") from None
-    union_exact = union_exact and _union_exact(pattern.head_specs, b)
     return PatternReport(
         pattern=pattern.name, covered=covered, reason=reason, counterexample=ce,
         groups=tuple(groups), rows_nonempty=not empty, empty_rows=tuple(empty),
