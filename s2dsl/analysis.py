@@ -53,7 +53,7 @@ class Counterexample:
 
     ``missing_residues`` are the classes of ``j`` modulo ``modulus`` that no head reaches
     through a residue class; each such ``j`` beyond the sinks is uncovered for every query
-    block past the widest window.
+    block past the widest window.  At most ``MAX_LISTED`` (the smallest) are listed.
     """
 
     i: int
@@ -541,6 +541,10 @@ def _prefix_square(p: int):
 
 
 # -------------------------------------------------------------------------- coverage
+#: Most missing residues a counterexample lists (a stride 1000 and a stride 1001 miss 998,000).
+MAX_LISTED = 256
+
+
 def _j_missing(specs: Sequence[HeadSpec]) -> Tuple[Optional[int], int, Tuple[int, ...]]:
     """Columns no head keeps through a residue class: (witness x or None, modulus L,
     missing residues mod L).  Listed at the smallest period when it is small, else only
@@ -551,7 +555,7 @@ def _j_missing(specs: Sequence[HeadSpec]) -> Tuple[Optional[int], int, Tuple[int
     listed = covering.missing_residues(classes)
     if listed is not None:
         d, missing = listed
-        return (missing[0] if missing else None), d, missing
+        return (missing[0] if missing else None), d, missing[:MAX_LISTED]
     x = covering.uncovered(classes)
     return x, covering.period(classes), (() if x is None else (x,))
 
@@ -580,9 +584,13 @@ def _bad_distance(specs: Sequence[HeadSpec], sign: int, start: int, token_reach:
     need = max(start, -(-(token_reach - block + 1) // block) if token_reach > 0 else start)
     reach = max(s.window for s in specs) if sign > 0 else max(s.ahead for s in specs) + 1
     scan_end = max(active, need, reach) + 1024
-    for e in range(need, scan_end):
-        if not _d_kept(specs, sign * e):
-            return e
+    # prefer a distance whose block pairs lie wholly beyond the token windows (a whole
+    # block pair missed), else one that holds some token pair beyond them
+    full = max(start, -(-(token_reach - 1) // block) + 1 if token_reach > 0 else start)
+    for lo in (full, need):
+        for e in range(lo, scan_end):
+            if not _d_kept(specs, sign * e):
+                return e
     x = covering.uncovered(classes) if classes else 0
     if x is None:
         return None
@@ -641,7 +649,7 @@ def _coverage(pattern: Pattern, heads: Sequence[int]) -> Tuple[bool, Optional[Co
         while j + e < g_max:
             j += modulus
         what = (f"no window or relative stride keeps block distance {e}" if any(s.relative for s in specs)
-                else f"the widest window is {wmax} blocks")
+                else f"the widest window is {wmax} blocks" + (f" / {wt_max} tokens" if wt_max else ""))
         return hole(j + e, j, what)
     # above the diagonal: bidirectional patterns everywhere, prefix-LM inside its prefix
     if not pattern.causal:
