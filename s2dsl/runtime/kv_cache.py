@@ -88,7 +88,9 @@ def _group_rules(pattern: Pattern, efficient: Sequence[bool]) -> Tuple[GroupRule
     for kv in range(pattern.kv_heads):
         members = range(kv * g, (kv + 1) * g)
         specs = [pattern.head_specs[h] for h in members]
-        if not all(efficient[h] for h in members) or any(s.dense for s in specs):
+        # round-2 constructs (token edges, global rows, two-sided windows) have no eviction
+        # rule here yet: keep everything rather than drop a block they need
+        if not all(efficient[h] for h in members) or any(s.dense or not s.is_classic for s in specs):
             rules.append(GroupRule(-1, 0, ()))
             continue
         residues = tuple(sorted({res for s in specs for res in s.residues}))
