@@ -407,8 +407,136 @@ def _add_compile(sub) -> None:
     p.set_defaults(func=_compile)
 
 
+# -------------------------------------------------------------------------- place
+def _place(args) -> int:
+    from .parallel.placement import PlacementError, place
+    f = _load(args.file)
+    patterns = _select(f, args.pattern, args.file)
+    measured = None
+    if args.times is not None:
+        try:
+            data = json.loads(_read(args.times))
+        except json.JSONDecodeError as exc:
+            raise CliError(f"{args.times}: not JSON ({exc.msg} at line {exc.lineno})") from None
+        measured = data.get("head_ms") if isinstance(data, dict) else data
+        if not isinstance(measured, list) or not all(isinstance(x, (int, float)) for x in measured):
+            raise CliError(f"{args.times}: expected a list of per-head times, or an object with 'head_ms'")
+        if len(patterns) != 1:
+            raise CliError("--times gives one pattern's head times: choose the pattern with --pattern")
+    try:
+        results = [place(p, args.gpus, args.seq, measured=measured) for p in patterns]
+    except PlacementError as exc:
+        raise CliError(str(exc)) from None
+    if args.json:
+        objs = [r.to_json() for r in results]
+        json.dump(objs[0] if len(objs) == 1 else objs, sys.stdout, indent=2)
+        print()
+    else:
+        for r in results:
+            print("\n".join(r.table()))
+    return 0
+
+
+def _add_place(sub) -> None:
+    p = sub.add_parser("place", help="assign heads to GPUs for head-parallel attention (S-HPLB)",
+                       description="Balance the heads' attention costs (the analyzer's block counts at --seq "
+                                   "tokens, or measured times) over --gpus GPUs, GQA groups kept whole: LPT and "
+                                   "Karmarkar-Karp, refined by moves and swaps. With --json: one object per "
+                                   "pattern (a list when several are placed).")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--pattern", metavar="NAME", help="only this pattern (default: every pattern of FILE)")
+    p.add_argument("--gpus", type=int, required=True, metavar="G")
+    p.add_argument("--seq", type=int, default=32768, metavar="N", help="sequence length in tokens (default 32768)")
+    p.add_argument("--times", metavar="JSON", help="measured per-head times: a JSON list, or an object with 'head_ms'")
+    p.add_argument("--json", action="store_true", help="keys: pattern, gpus, assignment, loads, imbalance, "
+                                                        "naive_imbalance, ...")
+    p.set_defaults(func=_place)
+
+
+# ---------------------------------------------------------------------- calibrate
+def _read_ids(path: str) -> List[int]:
+    text = _read(path).strip()
+    try:
+        values = json.loads(text) if text.startswith("[") else [int(t) for t in text.replace(",", " ").split()]
+    except (ValueError, json.JSONDecodeError):
+        raise CliError(f"{path}: expected token ids (integers separated by spaces/commas, or a JSON list)") from None
+    if not isinstance(values, list) or not all(isinstance(v, int) for v in values):
+        raise CliError(f"{path}: expected a flat list of integer token ids")
+    return values
+
+
+def _calibrate(args) -> int:
+    if not os.path.isdir(args.model):
+        raise CliError(f"{args.model}: not a directory with a Hugging Face model (config.json, weights)")
+    ids = _read_ids(args.ids) if args.ids else None
+    text = _read(args.text) if args.text else None
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .calibrate import CalibrationError, calibrate, write_outputs
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True,
+                                                     dtype=getattr(torch, _DTYPE_NAMES[args.dtype])).to(device)
+        if text is not None:
+            from transformers import AutoTokenizer
+            ids = AutoTokenizer.from_pretrained(args.model, local_files_only=True)(text)["input_ids"]
+    except (OSError, ValueError) as exc:
+        raise CliError(f"{args.model}: cannot load the model or its tokenizer: {str(exc).splitlines()[0]}") from None
+    try:
+        cal = calibrate(model, torch.tensor(ids), lengths=args.lengths, samples=args.samples, block=args.block,
+                        target=args.target, total_budget=args.total_budget, mode=args.mode,
+                        name=os.path.basename(os.path.normpath(args.model)),
+                        progress=lambda m: print(m, file=sys.stderr))
+        paths = write_outputs(cal, args.out, cover=args.cover)
+    except CalibrationError as exc:
+        raise CliError(str(exc)) from None
+    except OSError as exc:
+        raise CliError(f"cannot write {args.out}.*: {exc.strerror or exc}") from None
+    summary = cal.report()["summary"]
+    for key, value in summary.items():
+        print(f"{key:48s} {value if not isinstance(value, float) else f'{value:.4f}'}")
+    for layer, (tb, b) in enumerate(zip(cal.target_budgets, cal.budgets)):
+        print(f"layer {layer}: target budgets {tb} -> max-min {b} (blocks of {cal.block} tokens)")
+    for kind, path in paths.items():
+        print(f"wrote {path}")
+    return 0
+
+
+def _add_calibrate(sub) -> None:
+    p = sub.add_parser("calibrate", help="per-head budgets from a model's attention (S-HPLB) -> .s2, JSON, PNG",
+                       description="Run a local Hugging Face causal LM on calibration tokens, measure each head's "
+                                   "recovery curve (share of attention mass its best k blocks capture), choose "
+                                   "budgets (smallest k reaching --target, then max-min at a fixed total) and "
+                                   "write PREFIX.s2 (a model plan), PREFIX.json and PREFIX.png.")
+    p.add_argument("model", metavar="MODEL", help="directory of a Hugging Face causal LM (no downloads)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--text", metavar="FILE", help="calibration text (tokenised with the model's tokenizer)")
+    src.add_argument("--ids", metavar="FILE", help="calibration token ids (whitespace/comma separated or a JSON list)")
+    p.add_argument("--lengths", type=int, nargs="+", default=[4096], metavar="N",
+                   help="calibration lengths in tokens; budgets come from the longest (default 4096)")
+    p.add_argument("--samples", type=int, default=4, help="sequences per length (default 4)")
+    p.add_argument("--block", type=int, default=64, help="tokens per block (default 64)")
+    p.add_argument("--target", type=float, default=0.95, help="recovery each head must reach (default 0.95)")
+    p.add_argument("--total-budget", type=float, default=None, metavar="T",
+                   help="per layer, the sum of the heads' budgets in blocks (> 1) or as a fraction of dense "
+                        "(<= 1); default: the sum of the target budgets")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--topk", dest="mode", action="store_const", const="topk",
+                      help="dynamic budgets: window 1 + topk k-1 (default)")
+    mode.add_argument("--static", dest="mode", action="store_const", const="static",
+                      help="static budgets: sink 1 + window k-1")
+    p.set_defaults(mode="topk")
+    p.add_argument("--cover", action="store_true",
+                   help="add 'stride heads offset h' to every sparse head so the union provably covers")
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--dtype", choices=sorted(_DTYPE_NAMES), default="fp32")
+    p.add_argument("--out", required=True, metavar="PREFIX", help="writes PREFIX.s2, PREFIX.json, PREFIX.png")
+    p.set_defaults(func=_calibrate)
+
+
 # --------------------------------------------------------------------------- main
-SUBCOMMANDS: List[Callable] = [_add_check, _add_show, _add_fmt, _add_compile]
+SUBCOMMANDS: List[Callable] = [_add_check, _add_show, _add_fmt, _add_compile, _add_place, _add_calibrate]
 
 
 def build_parser() -> argparse.ArgumentParser:
