@@ -429,3 +429,41 @@ def test_int64_destinations():
     s = cache.add_sequence()
     plan = cache.append([s], *_kv(3, PHI.kv_heads))
     assert plan.dest.dtype == torch.int64
+
+
+def test_static_decode_plan_is_device_ops_only(monkeypatch):
+    """A static one-token step (what a CUDA graph captures) reads no host value and makes no
+    host tensor; its pages and lengths equal the host-planned step's."""
+    lookahead = 3
+    ref = PagedKVCache(PHI, num_pages=40, head_dim=D, dtype=torch.float32, lookahead=lookahead)
+    st_ = PagedKVCache(PHI, num_pages=40, head_dim=D, dtype=torch.float32, lookahead=lookahead)
+    k, v = _kv(120, PHI.kv_heads)
+    ids = []
+    for cache in (ref, st_):
+        a, b = cache.add_sequence(), cache.add_sequence()
+        cache.append([a], k[:, :, :37], v[:, :, :37], only_needed=True)
+        cache.append([b], k[:, :, :5], v[:, :, :5])
+        ids.append([a, b])
+    st_.table.enable_static(max_length=200)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("host sync or host tensor inside a static step")
+
+    for t in range(37, 100):
+        kk = torch.stack([k[0, :, t:t + 1], k[0, :, t - 32:t - 31]])
+        vv = torch.stack([v[0, :, t:t + 1], v[0, :, t - 32:t - 31]])
+        ref.append(ids[0], kk, vv)
+        st_.table.prepare_static(ids[1])
+        with monkeypatch.context() as m:
+            for name in ("item", "tolist", "__bool__", "__int__", "cpu", "numpy"):
+                m.setattr(torch.Tensor, name, forbidden)
+            m.setattr(torch, "tensor", forbidden)
+            st_.append(ids[1], kk, vv)
+        st_.table.commit_static(ids[1])
+        assert [st_.seq_len(s) for s in ids[1]] == [ref.seq_len(s) for s in ids[0]]
+        for a, b in zip(ids[0], ids[1]):
+            assert st_.kept_blocks(b) == ref.kept_blocks(a)
+            assert all(torch.equal(x, y) for x, y in zip(st_.gather(b), ref.gather(a)))
+        assert st_.table.lens[[st_.slot(s) for s in ids[1]]].tolist() == [st_.seq_len(s) for s in ids[1]]
+        _check_tables(st_)
+    st_.table.disable_static()

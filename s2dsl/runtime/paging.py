@@ -189,6 +189,7 @@ class PageTable:
         self._slot_cache: Dict[Tuple[int, ...], torch.Tensor] = {}
         self.plan: Optional[StepPlan] = None
         self.members = 0  # caches (layers) sharing this table
+        self.static_max_len = 0  # > 0: one-token steps are planned by device ops alone (CUDA graphs)
 
     # ------------------------------------------------------------------ storage
     def _alloc_tables(self, slots: int, width: int):
@@ -354,7 +355,11 @@ class PageTable:
             return p
         if only_needed is None:
             only_needed = n > 1 and all(self.get(s).length == 0 for s in seq_ids)
-        self.plan = p = self._plan(seq_ids, n, counts, offsets, only_needed)
+        if self.static_max_len and n == 1 and counts is None and offsets is None and not only_needed:
+            p = self._plan_static(seq_ids)
+        else:
+            p = self._plan(seq_ids, n, counts, offsets, only_needed)
+        self.plan = p
         if consumer is not None:
             p.consumers.add(consumer)
         return p
@@ -451,3 +456,58 @@ class PageTable:
         seq.length = length
         seq.evicted_at = min(seq.evicted_at, length)
         self.plan = None
+
+    # ------------------------------------------------------------------ static decode steps (CUDA graphs)
+    def enable_static(self, max_length: int, slots: int = 0) -> None:
+        """Plan one-token steps with device ops alone, for sequences of up to ``max_length``
+        tokens: the tables are made that wide now, and the host learns of each step only through
+        ``prepare_static`` (before) and ``commit_static`` (after). ``disable_static`` ends it."""
+        self.reserve(slots=slots, max_length=max_length)
+        self.static_max_len = max_length
+
+    def disable_static(self) -> None:
+        self.static_max_len = 0
+        self.plan = None
+
+    def prepare_static(self, seq_ids) -> None:
+        """Host side before a static step: eviction caught up to one block behind (the step
+        evicts the last one), and the pages it may take checked against the pool (``OutOfPagesError``)."""
+        seqs = self.seqs(seq_ids)
+        for s in seqs:
+            if s.length + 1 > self.static_max_len:
+                raise ValueError(f"a static step past max_length={self.static_max_len} tokens: enable_static with "
+                                 "a larger max_length")
+        slots = self.slots_tensor(seqs)  # made here, outside the step
+        at = [max(s.length - self.lookahead - self.block, 0) for s in seqs]
+        if any(a // self.block > s.evicted_at // self.block for s, a in zip(seqs, at)):
+            self._evict(seqs, slots, at)
+        need = self.kv_heads * sum(1 for s in seqs if s.length % self.block == 0)
+        self._ensure_free(need, f"a decode step of {len(seqs)} sequence(s)")
+        self._free_known -= need
+
+    def commit_static(self, seq_ids) -> None:
+        """Host side after a static step ran (eagerly or replayed): each sequence one token longer."""
+        for s in self.seqs(seq_ids):
+            s.evicted_at = max(s.evicted_at, s.length - self.lookahead)
+            s.length += 1
+        self.plan = None
+
+    def _plan_static(self, seq_ids) -> StepPlan:
+        """One new token per sequence, from the device lengths: no host value, no host read."""
+        seqs = self.seqs(seq_ids)
+        slots = self.slots_tensor(seqs)
+        s = slots.to(torch.long)
+        b = self.block
+        start = self.lens[s].to(torch.long)
+        if self.can_evict:  # the one block each kv head's eviction bound may have passed
+            self.evict_tensors(slots, (start - self.lookahead).clamp(min=0), 1)
+        j = (start // b).view(-1, 1, 1).expand(len(seqs), self.kv_heads, 1)
+        idx = self._table_index(slots, j, torch.ones_like(j, dtype=torch.bool))
+        cur = self._tables_flat[idx]
+        want = cur < 0
+        pages = torch.where(want, self._pop_free(want), cur)
+        self._tables_flat[torch.where(want, idx, self._tables_flat.numel() - 1)] = pages
+        dest = pages.to(torch.long) * b + (start % b).view(-1, 1, 1)
+        self.lens[s] = (start + 1).to(torch.int32)
+        return StepPlan(tuple(seq_ids), slots, self.lens[s], self.static_max_len, 1, n=1, dest=dest.reshape(-1),
+                        starts=(), counts=(1,) * len(seqs), offsets=(0,) * len(seqs))
