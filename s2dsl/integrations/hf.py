@@ -380,6 +380,7 @@ def _classes():
             groups = {key: _Group(keys.count(key)) for key in keys}
             super().__init__(layers=[S2CacheLayer(p, n, groups[key], max_rollback)
                                      for p, n, key in zip(patterns, num_pages, keys)])
+            self.max_length = max_length
 
         @property
         def paged(self) -> List[Optional[PagedKVCache]]:
@@ -389,6 +390,57 @@ def _classes():
         def memory_bytes(self) -> int:
             """K/V bytes of the pages in use, all layers."""
             return sum(p.memory_bytes() for p in self.paged if p is not None)
+
+        def decode_graph(self, model, *, max_length: Optional[int] = None, capture: bool = True):
+            """A one-token decode step of ``model`` over this cache as a CUDA graph (after the prefill).
+
+            Returns ``step(input_ids) -> logits``: ``input_ids`` (batch, 1), one new token per
+            sequence; positions are each sequence's own length (left padding needs no mask). The
+            first call runs eagerly, the second captures the step, later calls replay it: page
+            bookkeeping, K/V writes and attention all run on the device with static shapes.
+            ``max_length``: the longest a sequence may grow (default: the length the cache was
+            sized for). ``capture=False`` runs the same static step eagerly (CPU, debugging).
+            Logits returned by a replay are overwritten by the next call.
+            """
+            from ..runtime.graphs import DecodeGraph
+            layers = list(self.layers)
+            if any(layer.paged is None for layer in layers):
+                raise RuntimeError("decode_graph needs the cache filled by a prefill first")
+            max_length = max_length or self.max_length
+            if max_length is None:
+                raise ValueError("give max_length: the longest a sequence may grow")
+            groups = list({id(layer.group): layer.group for layer in layers}.values())
+            tables = [g.table for g in groups]
+            first = layers[0]
+            batch = len(first.seq_ids)
+            device = first.paged.device
+            ids_buf = torch.zeros(batch, 1, dtype=torch.long, device=device)
+            slots = first.paged.table.slots_tensor(first.paged.table.seqs(first.seq_ids)).to(torch.long)
+            # the step's positions: each sequence's own length, read on the device
+            pos_of = first.paged.table
+
+            def step():
+                positions = pos_of.lens[slots].to(torch.long).view(batch, 1)
+                return model(input_ids=ids_buf, position_ids=positions, past_key_values=self, use_cache=True).logits
+
+            graph = DecodeGraph(step, tables, [g.seq_ids for g in groups], max_length=max_length, capture=capture)
+
+            def run(input_ids):
+                if input_ids.shape != ids_buf.shape:
+                    raise ValueError(f"input_ids must be {tuple(ids_buf.shape)} (one token per sequence), got "
+                                     f"{tuple(input_ids.shape)}")
+                before = [(layer._length, layer.group.length) for layer in layers]
+                ids_buf.copy_(input_ids)
+                out = graph()
+                for layer, (n, _) in zip(layers, before):  # Python ran for an eager step, not for a replay
+                    layer._length = n + 1
+                    layer._pending = 0
+                for layer, (_, g) in zip(layers, before):
+                    layer.group.length = g + 1
+                return out
+
+            run.graph = graph
+            return run
 
         def evict(self) -> None:
             """Free now what the pattern no longer needs (each step's plan does it for the step before)."""
