@@ -1,4 +1,4 @@
-"""Prefill forward: SDPA flash vs FlexAttention vs s2dsl on the DESIGN.md patterns.
+"""Prefill forward: SDPA flash vs FlexAttention vs DKernel vs s2dsl on the DESIGN.md patterns.
 
 One GPU run checks s2dsl against the float32 reference (bf16, random inputs, poisoned
 outputs), then times every method with the median of triton.testing.do_bench. Writes a
@@ -11,7 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
 import triton
@@ -20,6 +25,8 @@ import s2dsl
 from s2dsl.codegen import lower
 from s2dsl.runtime.attention import forward
 from s2dsl.runtime.kernels import choose_forward, forward_module
+
+import dkernel_baseline
 
 BLOCK, WINDOW, HEADS, DIM = 64, 16, 32, 128
 
@@ -148,6 +155,7 @@ def main():
     ap.add_argument("--seqs", type=int, nargs="+", default=[8192, 32768, 131072])
     ap.add_argument("--strides", type=int, nargs="+", default=[8, 32])
     ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--no-dkernel", action="store_true")
     ap.add_argument("--variants", type=str, default="", help="json list of tuning dicts to time too")
     ap.add_argument("--json", type=str, default="")
     ap.add_argument("--hetero", type=int, default=0, help="also time a heterogeneous pattern at this length")
@@ -174,6 +182,16 @@ def main():
             with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
                 row["sdpa_flash_ms"] = bench(lambda a, b, c: torch.nn.functional.scaled_dot_product_attention(
                     a, b, c, is_causal=True), q, k, v)
+            if not args.no_dkernel:
+                try:
+                    dk = dkernel_baseline.local_stride(HEADS, n, block=BLOCK, local_blocks=WINDOW, vert_stride=stride)
+                    if n <= 32768:  # the same work? DKernel's output vs s2dsl's
+                        ref = forward(q, k, v, pattern)[0].float()
+                        row["dkernel_vs_s2dsl_rel"] = ((dk(q, k, v).float() - ref).norm() / ref.norm()).item()
+                        del ref
+                    row["dkernel_ms"] = bench(dk, q, k, v)
+                except Exception as exc:  # noqa: BLE001 - a baseline failing is a result too
+                    row["dkernel_error"] = f"{type(exc).__name__}: {exc}"[:200]
             if not args.no_flex:
                 try:
                     fn, plan_s = flex_fn(stride, n)
@@ -198,16 +216,26 @@ def main():
                     json.dump(rows, f, indent=1)
             del q, k, v
             torch.cuda.empty_cache()
-    print("\n| pattern | seq | SDPA flash ms | Flex ms | s2dsl ms | s2dsl TFLOP/s | vs FA2 | vs Flex |")
-    print("|---|---|---|---|---|---|---|---|")
+    def cell(x, fmt="{:.2f}"):
+        return fmt.format(x) if x else "-"
+
+    print("\n| pattern | seq | SDPA flash ms | Flex ms | DKernel ms | s2dsl ms | best variant ms | s2dsl TFLOP/s "
+          "| vs FA2 | vs Flex | vs DKernel (default) | vs DKernel (best) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        flex = r.get("flex_ms")
-        ours = r["s2dsl_ms"] if "s2dsl_ms" in r else min(v for k2, v in r.items() if k2.startswith("s2dsl_ms"))
+        flex, dk = r.get("flex_ms"), r.get("dkernel_ms")
+        timed = {k2: v for k2, v in r.items() if k2.startswith("s2dsl_ms")}
+        ours = r.get("s2dsl_ms", min(timed.values()))
+        best = min(timed.values())
         tf = max(v for k2, v in r.items() if k2.startswith("s2dsl_tflops"))
-        print(f"| {r['pattern']} | {r['seq']} | {r['sdpa_flash_ms']:.2f} | {flex:.2f} | {ours:.2f} | {tf:.0f} | "
-              f"{r['sdpa_flash_ms'] / ours:.1f}x | {flex / ours:.2f}x |" if flex else
-              f"| {r['pattern']} | {r['seq']} | {r['sdpa_flash_ms']:.2f} | - | {ours:.2f} | {tf:.0f} | "
-              f"{r['sdpa_flash_ms'] / ours:.1f}x | - |")
+        print(f"| {r['pattern']} | {r['seq']} | {r['sdpa_flash_ms']:.2f} | {cell(flex)} | {cell(dk, '{:.3f}')} | "
+              f"{ours:.3f} | {best:.3f} | {tf:.0f} | {r['sdpa_flash_ms'] / ours:.1f}x | "
+              f"{cell(flex and flex / ours, '{:.2f}x')} | {cell(dk and dk / ours, '{:.2f}x')} | "
+              f"{cell(dk and dk / best, '{:.2f}x')} |")
+    for r in rows:
+        if len([k2 for k2 in r if k2.startswith("s2dsl_ms")]) > 1:
+            best = min((v, k2) for k2, v in r.items() if k2.startswith("s2dsl_ms"))
+            print(f"  {r['pattern']} @ {r['seq']}: fastest {best[1]} {best[0]:.3f} ms")
     if args.hetero:
         hetero_rows = heterogeneous(args.hetero, variants[0])
         for r in hetero_rows:

@@ -395,8 +395,54 @@ def _add_compile(sub) -> None:
     p.set_defaults(func=_compile)
 
 
+# -------------------------------------------------------------------------- place
+def _place(args) -> int:
+    from .parallel.placement import PlacementError, place
+    f = _load(args.file)
+    patterns = _select(f, args.pattern, args.file)
+    measured = None
+    if args.times is not None:
+        try:
+            data = json.loads(_read(args.times))
+        except json.JSONDecodeError as exc:
+            raise CliError(f"{args.times}: not JSON ({exc.msg} at line {exc.lineno})") from None
+        measured = data.get("head_ms") if isinstance(data, dict) else data
+        if not isinstance(measured, list) or not all(isinstance(x, (int, float)) for x in measured):
+            raise CliError(f"{args.times}: expected a list of per-head times, or an object with 'head_ms'")
+        if len(patterns) != 1:
+            raise CliError("--times gives one pattern's head times: choose the pattern with --pattern")
+    try:
+        results = [place(p, args.gpus, args.seq, measured=measured) for p in patterns]
+    except PlacementError as exc:
+        raise CliError(str(exc)) from None
+    if args.json:
+        objs = [r.to_json() for r in results]
+        json.dump(objs[0] if len(objs) == 1 else objs, sys.stdout, indent=2)
+        print()
+    else:
+        for r in results:
+            print("\n".join(r.table()))
+    return 0
+
+
+def _add_place(sub) -> None:
+    p = sub.add_parser("place", help="assign heads to GPUs for head-parallel attention (S-HPLB)",
+                       description="Balance the heads' attention costs (the analyzer's block counts at --seq "
+                                   "tokens, or measured times) over --gpus GPUs, GQA groups kept whole: LPT and "
+                                   "Karmarkar-Karp, refined by moves and swaps. With --json: one object per "
+                                   "pattern (a list when several are placed).")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--pattern", metavar="NAME", help="only this pattern (default: every pattern of FILE)")
+    p.add_argument("--gpus", type=int, required=True, metavar="G")
+    p.add_argument("--seq", type=int, default=32768, metavar="N", help="sequence length in tokens (default 32768)")
+    p.add_argument("--times", metavar="JSON", help="measured per-head times: a JSON list, or an object with 'head_ms'")
+    p.add_argument("--json", action="store_true", help="keys: pattern, gpus, assignment, loads, imbalance, "
+                                                        "naive_imbalance, ...")
+    p.set_defaults(func=_place)
+
+
 # --------------------------------------------------------------------------- main
-SUBCOMMANDS: List[Callable] = [_add_check, _add_show, _add_fmt, _add_compile]
+SUBCOMMANDS: List[Callable] = [_add_check, _add_show, _add_fmt, _add_compile, _add_place]
 
 
 def build_parser() -> argparse.ArgumentParser:

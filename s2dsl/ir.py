@@ -117,15 +117,40 @@ def free_names(expr: Expr) -> frozenset:
 # ---------------------------------------------------------------- components
 @dataclass(frozen=True)
 class Window:
-    """Keeps kv block j for query block i when 0 <= i - j < size."""
+    """Keeps kv block j for query block i when -ahead <= i - j < size.
+
+    With ``tokens`` both sides count tokens instead of blocks: query position q keeps key
+    position k when -ahead <= q - k < size.
+    """
 
     size: Expr
     span: Optional[Span] = _span()
+    ahead: Optional[Expr] = None
+    tokens: bool = False
 
 
 @dataclass(frozen=True)
 class Sink:
-    """Keeps kv block j when j < count."""
+    """Keeps kv block j when j < count (key position k < count with ``tokens``)."""
+
+    count: Expr
+    span: Optional[Span] = _span()
+    tokens: bool = False
+
+
+@dataclass(frozen=True)
+class RelativeStride:
+    """Keeps (i, j) outside the head's block window when the distance beyond the window's
+    edge is a multiple of ``stride``: ``(i - j - W + 1) % stride == 0`` for ``i - j >= W``
+    and ``(j - i - A) % stride == 0`` for ``j - i > A`` (window W ahead A)."""
+
+    stride: Expr
+    span: Optional[Span] = _span()
+
+
+@dataclass(frozen=True)
+class GlobalRows:
+    """The first ``count`` query blocks keep every kv block (BigBird's global rows)."""
 
     count: Expr
     span: Optional[Span] = _span()
@@ -163,7 +188,7 @@ class TopK:
     span: Optional[Span] = _span()
 
 
-Component = Union[Window, Sink, Stride, Shard, Dense, TopK]
+Component = Union[Window, Sink, Stride, Shard, Dense, TopK, RelativeStride, GlobalRows]
 
 
 @dataclass(frozen=True)
@@ -185,6 +210,9 @@ class PatternDef:
     causal: bool
     groups: Tuple[HeadGroup, ...]
     span: Optional[Span] = _span()
+    # causal only: positions below the prefix attend each other both ways (prefix-LM)
+    prefix: Optional[Expr] = None
+    prefix_tokens: bool = False
 
 
 @dataclass(frozen=True)

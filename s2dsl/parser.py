@@ -66,10 +66,21 @@ class _ToIR(Transformer):
 
     # pattern bodies
     def window(self, meta, c):
-        return ir.Window(c[0], _span(meta))
+        size, ahead, unit = c
+        return ir.Window(size, _span(meta), ahead, _tokens(unit))
 
     def sink(self, meta, c):
-        return ir.Sink(c[0], _span(meta))
+        count, unit = c
+        return ir.Sink(count, _span(meta), _tokens(unit))
+
+    def stride_relative(self, meta, c):
+        return ir.RelativeStride(c[0], _span(meta))
+
+    def global_rows(self, meta, c):
+        return ir.GlobalRows(c[0], _span(meta))
+
+    def prefix(self, meta, c):
+        return (c[0], _tokens(c[1]))
 
     def stride(self, meta, c):
         # '(offset expr)?' is not a [] optional, so a missing offset leaves no placeholder
@@ -105,11 +116,11 @@ class _ToIR(Transformer):
         return ("kv_heads", c[0], _span(meta))
 
     def mode_stmt(self, meta, c):
-        return ("mode", str(c[0]), _span(meta))
+        return ("mode", (str(c[0]), c[1]), _span(meta))
 
     def pattern_def(self, meta, c):
         name, *stmts = c
-        fields = {"block": None, "heads": None, "kv_heads": None, "mode": "causal"}
+        fields = {"block": None, "heads": None, "kv_heads": None, "mode": ("causal", None)}
         seen = {}
         groups = []
         for stmt in stmts:
@@ -121,8 +132,10 @@ class _ToIR(Transformer):
                 raise _DuplicateField(key, span)
             seen[key] = span
             fields[key] = value
+        mode, prefix = fields["mode"]
+        prefix, prefix_tokens = prefix if prefix is not None else (None, False)
         return ir.PatternDef(str(name), fields["block"], fields["heads"], fields["kv_heads"],
-                             fields["mode"] == "causal", tuple(groups), _span(meta))
+                             mode == "causal", tuple(groups), _span(meta), prefix, prefix_tokens)
 
     def const_def(self, meta, c):
         return ir.ConstDef(str(c[0]), c[1], _span(meta))
@@ -151,6 +164,10 @@ class _ToIR(Transformer):
         return ir.Module(tuple(c))
 
 
+def _tokens(unit) -> bool:
+    return unit is not None and str(unit) == "tokens"
+
+
 class _DuplicateField(Exception):
     def __init__(self, key, span):
         super().__init__(key)
@@ -162,6 +179,7 @@ _TOKEN_WORDS = {
     "SEMICOLON": "';'", "COMMA": "','", "PLUS": "'+'", "MINUS": "'-'", "STAR": "'*'",
     "PERCENT": "'%'", "__ANON_0": "'..'", "__ANON_1": "'//'", "__ANON_2": "'->'",
     "INT": "an integer", "NAME": "a name", "FUNC": "min(...) or max(...)", "MODE": "causal or bidirectional",
+    "UNIT": "tokens or blocks",
 }
 
 

@@ -31,10 +31,16 @@ def format_expr(e: ir.Expr) -> str:
 
 
 def format_component(c: ir.Component) -> str:
+    unit = " tokens" if getattr(c, "tokens", False) else ""
     if isinstance(c, ir.Window):
-        return f"window {format_expr(c.size)}"
+        ahead = "" if c.ahead is None else f" ahead {format_expr(c.ahead)}"
+        return f"window {format_expr(c.size)}{ahead}{unit}"
     if isinstance(c, ir.Sink):
-        return f"sink {format_expr(c.count)}"
+        return f"sink {format_expr(c.count)}{unit}"
+    if isinstance(c, ir.RelativeStride):
+        return f"stride {format_expr(c.stride)} relative"
+    if isinstance(c, ir.GlobalRows):
+        return f"global {format_expr(c.count)}"
     if isinstance(c, ir.Stride):
         offset = "" if c.offset == ir.Num(0) else f" offset {format_expr(c.offset)}"
         return f"stride {format_expr(c.stride)}{offset}"
@@ -98,7 +104,10 @@ def _pattern_lines(w: _Writer, p: ir.PatternDef):
         value = getattr(p, key)
         if value is not None:
             w.emit(f"{key} = {format_expr(value)}", 1, value.span, value.span.line if value.span else None)
-    w.emit("causal" if p.causal else "bidirectional", 1)
+    mode = "causal" if p.causal else "bidirectional"
+    if p.prefix is not None:
+        mode += f" prefix {format_expr(p.prefix)}" + (" tokens" if p.prefix_tokens else "")
+    w.emit(mode, 1)
     for g in p.groups:
         head_range = "*" if g.first is None else f"{format_expr(g.first)}..{format_expr(g.last)}"
         w.emit(f"heads {head_range} {{", 1, g.span, g.span.line if g.span else None)
@@ -139,7 +148,8 @@ def format_pattern(pattern) -> str:
                 for value in vars(c).values():
                     if isinstance(value, (ir.Num, ir.Var, ir.Neg, ir.BinOp, ir.Call)):
                         used |= ir.free_names(value)
-        for value in (pattern.definition.block, pattern.definition.heads, pattern.definition.kv_heads):
+        for value in (pattern.definition.block, pattern.definition.heads, pattern.definition.kv_heads,
+                      pattern.definition.prefix):
             if value is not None:
                 used |= ir.free_names(value)
         consts = tuple(ir.ConstDef(n, ir.Num(v)) for n, v in pattern.constants if n in used)
@@ -163,13 +173,23 @@ def pattern_def_from_specs(pattern) -> ir.PatternDef:
             comps: List[ir.Component] = []
             if spec.dense:
                 comps.append(ir.Dense())
-            if spec.window:
-                comps.append(ir.Window(ir.Num(spec.window)))
+            if spec.window or spec.ahead:
+                comps.append(ir.Window(ir.Num(spec.window), ahead=ir.Num(spec.ahead) if spec.ahead else None))
+            if spec.window_tokens or spec.ahead_tokens:
+                comps.append(ir.Window(ir.Num(spec.window_tokens), tokens=True,
+                                       ahead=ir.Num(spec.ahead_tokens) if spec.ahead_tokens else None))
             if spec.sink:
                 comps.append(ir.Sink(ir.Num(spec.sink)))
+            if spec.sink_tokens:
+                comps.append(ir.Sink(ir.Num(spec.sink_tokens), tokens=True))
             comps += [ir.Shard(ir.Num(r), ir.Num(m)) for m, r in spec.residues]
+            comps += [ir.RelativeStride(ir.Num(s)) for s in spec.relative]
+            if spec.global_rows:
+                comps.append(ir.GlobalRows(ir.Num(spec.global_rows)))
             comps += [ir.TopK(ir.Num(t.k), None if t.recent is None else ir.Num(t.recent)) for t in spec.topk]
             groups.append(ir.HeadGroup(ir.Num(start), ir.Num(h - 1), tuple(comps)))
             start = h
     kv = None if pattern.kv_heads == pattern.heads else ir.Num(pattern.kv_heads)
-    return ir.PatternDef(pattern.name, ir.Num(pattern.block), ir.Num(pattern.heads), kv, pattern.causal, tuple(groups))
+    prefix = ir.Num(pattern.prefix) if pattern.prefix else None
+    return ir.PatternDef(pattern.name, ir.Num(pattern.block), ir.Num(pattern.heads), kv, pattern.causal, tuple(groups),
+                         prefix=prefix, prefix_tokens=bool(pattern.prefix))

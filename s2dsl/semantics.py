@@ -122,6 +122,17 @@ class _Resolver:
         if kv_heads < 1 or heads % kv_heads:
             raise self.error(f"kv_heads = {kv_heads} does not divide heads = {heads} in {where}", p.kv_heads,
                              hint="grouped-query attention needs heads to be a multiple of kv_heads")
+        prefix = 0
+        if p.prefix is not None:
+            if not p.causal:
+                raise self.error(f"{where} is bidirectional and has a prefix", p.prefix,
+                                 hint="a prefix makes a causal pattern bidirectional below it: write 'causal prefix P'")
+            prefix = self.eval(p.prefix, constants, "prefix", p)
+            if prefix < 0:
+                raise self.error(f"prefix is {prefix} in {where}; it counts leading positions and cannot be "
+                                 "negative", p.prefix, hint="use prefix >= 1 or drop it")
+            if not p.prefix_tokens:
+                prefix *= block
         if not p.groups:
             raise self.error(f"{where} assigns no heads", p, hint=f"add 'heads 0..{heads - 1} {{ ... }}'")
         owner: List[Optional[ir.HeadGroup]] = [None] * heads
@@ -148,28 +159,50 @@ class _Resolver:
                     raise self.error(f"head {h} is assigned twice in {where}{at}", group,
                                      hint="make the head ranges disjoint")
                 owner[h] = group
-                specs[h] = self.head(group, dict(constants, h=h), h)
+                specs[h] = self.head(group, dict(constants, h=h), h, block, p.causal and not prefix)
         missing = [h for h in range(heads) if owner[h] is None]
         if missing:
             raise self.error(f"{where} leaves heads {_ranges(missing)} unassigned", p,
                              hint="give every head 0..heads-1 a 'heads a..b { ... }' body")
-        return Pattern(p.name, block, heads, kv_heads, p.causal, tuple(specs), p, tuple(constants.items()))
+        return Pattern(p.name, block, heads, kv_heads, p.causal, tuple(specs), p, tuple(constants.items()), prefix)
 
-    def head(self, group: ir.HeadGroup, env: Dict[str, int], h: int) -> HeadSpec:
+    def head(self, group: ir.HeadGroup, env: Dict[str, int], h: int, block: int, causal: bool) -> HeadSpec:
         parts = []
         for c in group.components:
             if isinstance(c, ir.Window):
+                unit = "tokens" if c.tokens else "blocks"
                 w = self.eval(c.size, env, "window", c)
                 if w < 0:
-                    raise self.error(f"window is {w} for head {h}; a window counts blocks and cannot be negative",
-                                     c, hint="use a window >= 1 (the diagonal block) or drop it")
-                parts.append(("window", w))
+                    raise self.error(f"window is {w} for head {h}; a window counts {unit} and cannot be negative",
+                                     c, hint="use a window >= 1 (the diagonal) or drop it")
+                a = 0 if c.ahead is None else self.eval(c.ahead, env, "window ahead", c)
+                if a < 0:
+                    raise self.error(f"window ahead is {a} for head {h}; it counts {unit} after the diagonal "
+                                     "and cannot be negative", c.ahead, hint="use ahead >= 0 or drop it")
+                if a and causal:
+                    raise self.error(f"'window ... ahead {a}' in a causal pattern: the causal cut drops every "
+                                     "block ahead of the diagonal", c,
+                                     hint="make the pattern 'bidirectional' (or 'causal prefix P') or drop 'ahead'")
+                parts.append(("window_tokens" if c.tokens else "window", w, a))
             elif isinstance(c, ir.Sink):
+                unit = "tokens" if c.tokens else "leading blocks"
                 s = self.eval(c.count, env, "sink", c)
                 if s < 0:
-                    raise self.error(f"sink is {s} for head {h}; it counts leading blocks and cannot be negative",
+                    raise self.error(f"sink is {s} for head {h}; it counts {unit} and cannot be negative",
                                      c, hint="use sink >= 0")
-                parts.append(("sink", s))
+                parts.append(("sink_tokens" if c.tokens else "sink", s))
+            elif isinstance(c, ir.RelativeStride):
+                s = self.eval(c.stride, env, "relative stride", c)
+                if s <= 0:
+                    raise self.error(f"relative stride is {s} for head {h}; it must be a positive number of blocks",
+                                     c, hint="use stride >= 1 (stride 1 relative keeps every block)")
+                parts.append(("relative", s))
+            elif isinstance(c, ir.GlobalRows):
+                g = self.eval(c.count, env, "global", c)
+                if g < 0:
+                    raise self.error(f"global is {g} for head {h}; it counts leading query blocks and cannot be "
+                                     "negative", c, hint="use global >= 1 or drop it")
+                parts.append(("global", g))
             elif isinstance(c, ir.Stride):
                 s = self.eval(c.stride, env, "stride", c)
                 if s <= 0:
@@ -195,7 +228,7 @@ class _Resolver:
                 if k < 1 or (recent is not None and recent < 1):
                     raise self.error(f"topk {k} recent {recent} for head {h}: both must be >= 1", c)
                 parts.append(("topk", k, recent))
-        return combine_components(parts)
+        return combine_components(parts, block)
 
     # ----------------------------------------------------------------- model
     def model(self, m: ir.ModelDef, constants: Dict[str, int], patterns: Dict[str, Pattern]) -> ModelPlan:

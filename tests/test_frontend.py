@@ -19,7 +19,7 @@ from s2dsl.printer import format_expr, format_module
 # --------------------------------------------------------------------------- IR strategies
 KEYWORDS = {"const", "pattern", "model", "block", "heads", "kv_heads", "causal", "bidirectional", "window",
             "sink", "stride", "offset", "shard", "of", "dense", "topk", "recent", "layers", "every", "from",
-            "rest", "min", "max", "h"}
+            "rest", "min", "max", "h", "ahead", "tokens", "blocks", "relative", "global", "prefix"}
 names = st.from_regex(r"[a-z_][a-z0-9_]{0,7}", fullmatch=True).filter(lambda n: n not in KEYWORDS)
 
 exprs = st.recursive(
@@ -38,7 +38,10 @@ optional_exprs = st.none() | exprs
 
 components = st.one_of(
     st.builds(ir.Window, exprs),
-    st.builds(ir.Sink, exprs),
+    st.builds(ir.Window, exprs, ahead=optional_exprs, tokens=st.booleans()),
+    st.builds(ir.Sink, exprs, tokens=st.booleans()),
+    st.builds(ir.RelativeStride, exprs),
+    st.builds(ir.GlobalRows, exprs),
     st.builds(ir.Stride, exprs, exprs),
     st.builds(ir.Stride, exprs, st.just(ir.Num(0))),
     st.builds(ir.Shard, exprs, exprs),
@@ -57,6 +60,10 @@ def head_groups(draw):
 
 patterns = st.builds(ir.PatternDef, names, optional_exprs, optional_exprs, optional_exprs, st.booleans(),
                      st.lists(head_groups(), max_size=3).map(tuple))
+# 'prefix' follows the mode word, so the printer writes it for either mode (semantics refuses it bidirectional)
+patterns = patterns | st.builds(ir.PatternDef, names, optional_exprs, optional_exprs, optional_exprs, st.booleans(),
+                                st.lists(head_groups(), max_size=3).map(tuple), prefix=exprs,
+                                prefix_tokens=st.booleans())
 selectors = st.one_of(st.builds(ir.LayerSpan, exprs, exprs),
                       st.builds(ir.LayerEvery, exprs, optional_exprs),
                       st.just(ir.LayerRest()))

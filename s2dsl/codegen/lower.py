@@ -81,12 +81,21 @@ class UnsupportedPattern(NotImplementedError):
 
 
 def lower(pattern: Pattern) -> KernelPlan:
+    if pattern.prefix:
+        raise UnsupportedPattern(f"pattern {pattern.name}: 'causal prefix' (prefix-LM) is not run by the generated "
+                                 "kernels yet; use the reference implementation")
     params = []
     for h, spec in enumerate(pattern.head_specs):
         if spec.topk:
             raise UnsupportedPattern(
                 f"pattern {pattern.name}: head {h} uses dynamic topk, which the generated kernels do not run yet; "
                 "use its static components only, or the reference implementation")
+        if not spec.is_classic:
+            what = [name for name, used in (("window ... ahead", spec.ahead), ("stride ... relative", spec.relative),
+                                            ("token-granular window/sink", spec.has_token_edges),
+                                            ("global rows", spec.global_rows)) if used]
+            raise UnsupportedPattern(f"pattern {pattern.name}: head {h} uses {', '.join(what)}, which the generated "
+                                     "kernels do not run yet; use the reference implementation")
         if spec.dense:
             params.append(HeadParams(UNBOUNDED, 0, NO_PERIOD, ()) if pattern.causal else HeadParams(UNBOUNDED, 0, 1, (0,)))
             continue

@@ -1,0 +1,86 @@
+"""INT8 KV pages: ALISA's channel-wise asymmetric quantisation, ``x_q = round(λ·x + z)``.
+
+A page holds one kv head's block of tokens, ``(block, head_dim)``. Each channel (column) of a
+page gets its own ``λ`` and ``z`` from the page's range in that channel, so one outlier token
+costs resolution only in its own page and channel, and keys (whose channels differ in scale by
+orders of magnitude) keep their small channels exact to within half a step.
+
+What is stored per page and channel is not ``λ, z`` but the two numbers the kernels need to
+dequantise with one fused multiply-add, ``x ≈ x_q · scale + bias`` (``scale = 1/λ``,
+``bias = -z/λ``). Codes use the whole signed range [-128, 127]: the page's minimum maps to
+-128 and its maximum to 127 (to within rounding), so the error of every element is at most
+``scale / 2``.
+
+Tokens past a sequence's end in its last page (``valid``) take no part in the range: the page
+is quantised again, whole, when it is filled further (the cache decides when; rewriting one
+page is 2·block·head_dim bytes).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+__all__ = ["QuantizedPages", "quantize_pages", "dequantize_pages", "QMIN", "QMAX"]
+
+QMIN, QMAX = -128, 127
+_LEVELS = QMAX - QMIN  # 255 steps between the page's minimum and maximum
+# a channel whose range is below this is constant for the purpose of storage: its codes are all
+# QMIN and its bias is the value itself (exact), instead of dividing by a vanishing range
+_TINY = 1e-12
+
+
+class QuantizedPages(NamedTuple):
+    codes: torch.Tensor  # int8 [pages, block, head_dim]
+    scale: torch.Tensor  # float32 [pages, head_dim]: 1/λ
+    bias: torch.Tensor   # float32 [pages, head_dim]: -z/λ
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self)
+
+
+def quantize_pages(x: torch.Tensor, valid: Optional[torch.Tensor] = None) -> QuantizedPages:
+    """Quantise ``x`` ``[pages, block, head_dim]`` (any float dtype) channel-wise per page.
+
+    ``valid`` (int ``[pages]``, optional): the number of leading tokens of each page that hold
+    data; the others are ignored for the range and get code QMIN."""
+    if x.dim() != 3:
+        raise ValueError(f"x must be [pages, block, head_dim]; got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor; got {x.dtype}")
+    xf = x.detach().float()
+    pages, block, _ = xf.shape
+    if valid is not None:
+        valid = torch.as_tensor(valid, device=x.device).long()
+        if valid.shape != (pages,):
+            raise ValueError(f"valid must have one count per page ({pages}); got shape {tuple(valid.shape)}")
+        if bool(((valid < 0) | (valid > block)).any()):
+            raise ValueError(f"valid counts must lie in [0, {block}]")
+        live = (torch.arange(block, device=x.device).view(1, -1, 1) < valid.view(-1, 1, 1))
+        lo = torch.where(live, xf, torch.inf).amin(1)
+        hi = torch.where(live, xf, -torch.inf).amax(1)
+        empty = valid == 0
+        lo = torch.where(empty.view(-1, 1), 0.0, lo)
+        hi = torch.where(empty.view(-1, 1), 0.0, hi)
+    else:
+        live = None
+        lo, hi = xf.amin(1), xf.amax(1)
+    if not bool(torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+        raise ValueError("cannot quantise K/V holding NaN or infinity")
+    span = hi - lo
+    flat = span <= _TINY * torch.maximum(lo.abs(), hi.abs()).clamp_min(1.0)
+    scale = torch.where(flat, 1.0, span / _LEVELS)
+    # bias is the value of code QMIN: the page's minimum (a flat channel's only value)
+    bias = lo - QMIN * scale
+    codes = torch.round((xf - bias.unsqueeze(1)) / scale.unsqueeze(1))
+    codes = codes.clamp_(QMIN, QMAX)
+    if live is not None:
+        codes = torch.where(live, codes, float(QMIN))
+    codes = torch.where(flat.unsqueeze(1), float(QMIN), codes)
+    return QuantizedPages(codes.to(torch.int8), scale, bias)
+
+
+def dequantize_pages(q: QuantizedPages, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``x_q · scale + bias``: the reference for what the kernels compute in registers."""
+    codes, scale, bias = q
+    return (codes.float() * scale.unsqueeze(1) + bias.unsqueeze(1)).to(dtype)

@@ -1,0 +1,89 @@
+"""ALISA's cost model: phases by what fits, and predictions that move the right way."""
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from s2dsl.runtime.tiering import MachineCosts, Workload, plan, with_int8
+
+GIB = 1 << 30
+
+
+def llama(context=32768, batch=8, **kw) -> Workload:
+    # Llama-3-8B-shaped layer: 8 kv heads of 128, hidden 4096; SWA at 80% sparsity of 32K
+    base = dict(batch=batch, context=context, kv_heads=8, head_dim=128, block=64, hidden=4096,
+                read_pages=context // 64 // 5, topk_pages=context // 64 // 10, layers=32)
+    base.update(kw)
+    return Workload(**base)
+
+
+def test_phase_one_when_everything_fits():
+    w = llama()
+    p = plan(w, gpu_budget_bytes=w.total_bytes, host_budget_bytes=0)
+    assert p.phase == 1 and p.transfer_ms == 0 and p.recompute_ms == 0 and p.host_bytes == 0
+    assert "nothing moves" in p.report()
+
+
+def test_phase_two_then_three_as_the_gpu_budget_shrinks():
+    w = llama()
+    p2 = plan(w, w.total_bytes / 2, w.total_bytes)
+    assert p2.phase == 2 and p2.host_bytes == pytest.approx(w.total_bytes / 2) and p2.dropped_tokens == 0
+    p3 = plan(w, w.total_bytes / 2, w.total_bytes / 4)
+    assert p3.phase == 3 and p3.dropped_tokens > 0 and p3.recompute_ms > 0
+    assert p3.gpu_bytes + p3.host_bytes < w.total_bytes
+
+
+def test_refuses_a_gpu_budget_below_one_step():
+    w = llama()
+    with pytest.raises(ValueError, match="below what one step reads"):
+        plan(w, w.read_bytes / 2, w.total_bytes)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.floats(0.25, 1.0), st.floats(0.0, 1.0), st.floats(0.0, 1.0), st.floats(0.0, 2.0))
+def test_less_gpu_never_predicts_faster(frac, host_frac, churn, overlap):
+    w = llama(churn=churn)
+    lo = max(frac, w.read_bytes / w.total_bytes)
+    a = plan(w, w.total_bytes * lo, w.total_bytes * host_frac, overlap_ms=overlap)
+    b = plan(w, w.total_bytes * min(1.0, lo * 1.5), w.total_bytes * host_frac, overlap_ms=overlap)
+    assert b.step_ms <= a.step_ms + 1e-12
+    assert a.phase >= b.phase
+
+
+def test_int8_halves_the_bytes_that_move():
+    w = llama()
+    q = with_int8(w)
+    assert q.total_bytes == pytest.approx(w.total_bytes * (1 + 8 / 64) / 2)
+    pw = plan(w, w.total_bytes / 2, w.total_bytes)
+    pq = plan(q, w.total_bytes * 0.6, w.total_bytes)
+    assert pq.phase == 1  # INT8 (codes + per-channel scale and bias: 56% of 16-bit) makes it fit
+    pq2 = plan(q, q.total_bytes / 2, q.total_bytes)
+    assert pq2.transfer_ms == pytest.approx(pw.transfer_ms * (1 + 8 / 64) / 2)
+
+
+def test_overlap_hides_copies():
+    w = llama(churn=1.0)
+    bare = plan(w, w.total_bytes / 2, w.total_bytes)
+    hidden = plan(w, w.total_bytes / 2, w.total_bytes, overlap_ms=1e3)
+    assert bare.transfer_ms > 0 and hidden.transfer_ms == 0
+
+
+def test_gqa_changes_whether_recompute_saves_memory():
+    # ALISA's OPT/LLaMA-1 (MHA): hidden 4096 < 2 * 32 * 128 -> keeping hidden states is cheaper
+    assert Workload(1, 1024, 32, 128, 64, 4096, 4).recompute_saves_memory
+    # GQA with 8 kv heads: K+V per token (2048) is smaller than the hidden state (4096)
+    w = llama()
+    assert not w.recompute_saves_memory
+    p = plan(w, w.total_bytes / 2, w.total_bytes / 4)
+    assert "more than the K/V they replace" in p.reason
+
+
+def test_bad_values_refused():
+    with pytest.raises(ValueError):
+        Workload(0, 1024, 8, 128, 64, 4096, 4)
+    with pytest.raises(ValueError):
+        llama(churn=1.5)
+    with pytest.raises(ValueError):
+        MachineCosts(h2d_gbps=0)
+    with pytest.raises(ValueError):
+        plan(llama(), -1, 0)
