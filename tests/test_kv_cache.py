@@ -257,7 +257,8 @@ class _Model:
 
     def needed(self, kv, i, j):
         g = self.p.group_size
-        return self.keep_all[kv] or j >= i or any(self.p.keeps(h, i, j) for h in range(kv * g, kv * g + g))
+        return self.keep_all[kv] or j >= i or any(self.p.head_specs[h].touches(i, j, self.p.block)
+                                                  for h in range(kv * g, kv * g + g))
 
     def used(self):
         return sum(len(b) for blocks in self.held.values() for b in blocks)
@@ -296,6 +297,25 @@ def _code(s, pos, g):
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(pattern=patterns(causal=True), data=st.data())
 def test_bookkeeping_matches_a_python_model(pattern, data):
+    _against_the_model(pattern, data)
+
+
+NEW_CONSTRUCTS = [
+    _pattern("pattern p { block = 16 heads = 2 kv_heads = 1 causal heads 0..0 { window 40 tokens sink 4 tokens } "
+             "heads 1..1 { window 1 stride 3 } }"),
+    _pattern("pattern p { block = 16 heads = 2 kv_heads = 2 causal heads * { global 2 window 1 stride 4 offset h } }"),
+]
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(pattern=st.sampled_from(NEW_CONSTRUCTS), data=st.data())
+def test_bookkeeping_with_token_edges_and_global_rows(pattern, data):
+    """Token-granular windows/sinks keep the blocks they touch; global query rows keep everything
+    until the queries pass them, then eviction catches up."""
+    _against_the_model(pattern, data)
+
+
+def _against_the_model(pattern, data):
     b = pattern.block
     lookahead = data.draw(st.sampled_from([0, 0, 5, 2 * b]), label="lookahead")
     num_pages = data.draw(st.integers(4, 60), label="num_pages")

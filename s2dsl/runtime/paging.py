@@ -61,34 +61,42 @@ class KeepRules:
 
     def __init__(self, pattern: Pattern, efficient: Sequence[bool], device):
         self.block = pattern.block
-        window, sink, keep_all, residues = self._union(pattern, efficient)
+        window, sink, global_rows, keep_all, residues = self._union(pattern, efficient)
         width = max(max((len(r) for r in residues), default=0), 1)
         # (modulus, residue) pairs padded with (1, 1), which no block satisfies
         mods = [[m for m, _ in r] + [1] * (width - len(r)) for r in residues]
         rems = [[x for _, x in r] + [1] * (width - len(r)) for r in residues]
         self.window_list, self.sink_list, self.keep_all_list = window, sink, keep_all
+        self.global_rows_list = global_rows
         self.residue_list = residues
         self.window = torch.tensor(window, dtype=torch.long, device=device).view(1, -1, 1)
         self.sink = torch.tensor(sink, dtype=torch.long, device=device).view(1, -1, 1)
         self.keep_all = torch.tensor(keep_all, dtype=torch.bool, device=device).view(1, -1, 1)
+        self.global_rows = torch.tensor(global_rows, dtype=torch.long, device=device).view(1, -1, 1)
         self.mods = torch.tensor(mods, dtype=torch.long, device=device).view(1, len(mods), 1, width)
         self.rems = torch.tensor(rems, dtype=torch.long, device=device).view(1, len(mods), 1, width)
 
     @staticmethod
     def _union(pattern: Pattern, efficient: Sequence[bool]):
+        """Per kv head: (window, sink, global rows) in blocks, keeps everything, residue classes.
+        Token-granular edges count as the blocks they touch; a relative stride keeps a block on
+        and off as the query moves, so its kv head keeps everything."""
         g = pattern.group_size
-        window, sink, keep_all, residues = [], [], [], []
+        window, sink, global_rows, keep_all, residues = [], [], [], [], []
         for kv in range(pattern.kv_heads):
-            members = range(kv * g, (kv + 1) * g)
-            specs = [pattern.head_specs[h] for h in members]
-            if not all(efficient[h] for h in members) or any(s.dense for s in specs):
-                window.append(0), sink.append(0), keep_all.append(True), residues.append(())
+            specs = [pattern.head_specs[h] for h in range(kv * g, (kv + 1) * g)]
+            hulls = [s.blocks_touched(pattern.block) if hasattr(s, "blocks_touched") else (s.window, 0, s.sink)
+                     for s in specs]
+            if (not all(efficient[h] for h in range(kv * g, (kv + 1) * g)) or any(s.dense for s in specs)
+                    or any(getattr(s, "relative", ()) for s in specs)):
+                window.append(0), sink.append(0), global_rows.append(0), keep_all.append(True), residues.append(())
                 continue
-            window.append(max(s.window for s in specs))
-            sink.append(max(s.sink for s in specs))
+            window.append(max(w for w, _, _ in hulls))
+            sink.append(max(snk for _, _, snk in hulls))
+            global_rows.append(max(getattr(s, "global_rows", 0) for s in specs))
             keep_all.append(False)
             residues.append(tuple(sorted({r for s in specs for r in s.residues})))
-        return window, sink, keep_all, residues
+        return window, sink, global_rows, keep_all, residues
 
     def special(self, j: torch.Tensor) -> torch.Tensor:
         """``j``: (batch, kv_heads or 1, n) block indices -> kept by every later query."""
@@ -97,11 +105,11 @@ class KeepRules:
 
     def needed(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         """``i``: query block (batch, 1, 1); ``j``: (batch, kv_heads or 1, n) -> still needed."""
-        return self.keep_all | (j >= i) | (i - j < self.window) | self.special(j)
+        return self.keep_all | (j >= i) | (i - j < self.window) | (i < self.global_rows) | self.special(j)
 
     def evict_below(self, i: torch.Tensor) -> torch.Tensor:
-        """Blocks below this (per kv head) are needed only if special."""
-        return i - self.window.clamp(min=1) + 1
+        """Blocks below this (per kv head) are needed only if special (nothing below the global rows)."""
+        return torch.where(i < self.global_rows, 0, i - self.window.clamp(min=1) + 1)
 
     def count_needed(self, length: int) -> List[int]:
         """Per kv head, the blocks a sequence of ``length`` tokens holds (host-side, for sizing)."""
@@ -176,6 +184,7 @@ class PageTable:
         self.efficient = kv_efficient_heads(pattern) if evict else (False,) * pattern.heads
         self.rules = KeepRules(pattern, self.efficient, self.device)
         self.can_evict = not all(self.rules.keep_all_list)
+        self._global_blocks = max(self.rules.global_rows_list, default=0)
         # free pages: a stack, its top at n_free - 1; one spare entry takes the writes of no page
         self.free_stack = torch.arange(num_pages, -1, -1, dtype=torch.int32, device=self.device)
         self.free_stack[:num_pages] = torch.arange(num_pages - 1, -1, -1, dtype=torch.int32, device=self.device)
@@ -306,7 +315,10 @@ class PageTable:
     # ------------------------------------------------------------------ eviction
     def _evict(self, seqs: Sequence[_Seq], slots: torch.Tensor, at: Sequence[int]) -> None:
         """Free, per (sequence, kv head), the pages not needed by queries from position ``at``."""
-        width = max((a // self.block - s.evicted_at // self.block for s, a in zip(seqs, at)), default=0)
+        # a sequence within a block of its global query rows has evicted nothing yet: scan from block 0
+        g_rows = self._global_blocks
+        width = max((a // self.block - (s.evicted_at // self.block if s.evicted_at // self.block > g_rows else 0)
+                     for s, a in zip(seqs, at)), default=0)
         if self.can_evict and width > 0:
             at_t = torch.tensor(at, dtype=torch.long).to(self.device)
             self.evict_tensors(slots, at_t, width)
@@ -479,7 +491,9 @@ class PageTable:
                                  "a larger max_length")
         slots = self.slots_tensor(seqs)  # made here, outside the step
         at = [max(s.length - self.lookahead - self.block, 0) for s in seqs]
-        if any(a // self.block > s.evicted_at // self.block for s, a in zip(seqs, at)):
+        g_rows = self._global_blocks
+        if any(a // self.block > (s.evicted_at // self.block if s.evicted_at // self.block > g_rows else -1)
+               for s, a in zip(seqs, at)):
             self._evict(seqs, slots, at)
         need = self.kv_heads * sum(1 for s in seqs if s.length % self.block == 0)
         self._ensure_free(need, f"a decode step of {len(seqs)} sequence(s)")
