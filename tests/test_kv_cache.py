@@ -270,6 +270,9 @@ class _Model:
         self.evicted_at[s] = max(self.evicted_at[s], at)
 
     def append(self, seqs, counts, only_needed):
+        """Evict for the step's queries, then take the new blocks; out of pages: nothing changes."""
+        import copy
+        saved = copy.deepcopy((self.held, self.evicted_at))
         b = self.p.block
         for s in seqs:
             self.evict(s, max(self.len[s] - self.la, 0))
@@ -280,6 +283,7 @@ class _Model:
             new[s] = [{j for j in range(start // b, -(-end // b)) if j not in self.held[s][kv]
                        and (not only_needed or self.needed(kv, keep_i, j))} for kv in range(self.p.kv_heads)]
         if sum(len(x) for v in new.values() for x in v) > self.num_pages - self.used():
+            self.held, self.evicted_at = saved
             return False
         for s, c in zip(seqs, counts):
             for kv in range(self.p.kv_heads):
@@ -346,8 +350,11 @@ def _against_the_model(pattern, data):
             if ok:
                 cache.append(seqs, k, -k, only_needed=only, lengths=counts, left_padding=left)
             else:
+                before = ([cache.pages_of(s) for s in live], cache.free_pages, [cache.seq_len(s) for s in live])
                 with pytest.raises(OutOfPagesError):
                     cache.append(seqs, k, -k, only_needed=only, lengths=counts, left_padding=left)
+                after = ([cache.pages_of(s) for s in live], cache.free_pages, [cache.seq_len(s) for s in live])
+                assert before == after
         elif op == "evict":
             s = data.draw(st.sampled_from(live), label="seq")
             cache.evict([s])

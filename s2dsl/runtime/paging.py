@@ -295,14 +295,17 @@ class PageTable:
         self.n_free -= flat.sum()
         return pages.view(mask.shape)
 
-    def _ensure_free(self, need: int, what: str) -> None:
+    def _ensure_free(self, need: int, what: str, freeing=None) -> None:
+        """Raise ``OutOfPagesError`` unless ``need`` pages are free, counting the pages the
+        pending eviction ``freeing`` (candidates, not applied yet) will return."""
         if need <= self._free_known:
             return
-        self._free_known = int(self.n_free)  # the one host read, only when the pool may be short
+        # the host reads the device only here, when the pool may be short
+        self._free_known = int(self.n_free) + (int(freeing[2].sum()) if freeing is not None else 0)
         if need > self._free_known:
             raise OutOfPagesError(
                 f"{what} needs {need} free pages but the pool has {self._free_known} of {self.num_pages} (pages of "
-                f"{self.block} tokens of one kv head); nothing was written. Finish or remove sequences, or make the "
+                f"{self.block} tokens of one kv head); nothing was changed. Finish or remove sequences, or make the "
                 "cache with more num_pages")
 
     def _table_index(self, slots: torch.Tensor, j: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
@@ -315,26 +318,40 @@ class PageTable:
     # ------------------------------------------------------------------ eviction
     def _evict(self, seqs: Sequence[_Seq], slots: torch.Tensor, at: Sequence[int]) -> None:
         """Free, per (sequence, kv head), the pages not needed by queries from position ``at``."""
+        self._evict_apply(seqs, at, self._evict_candidates(seqs, slots, at))
+
+    def _evict_candidates(self, seqs, slots, at):
+        """What eviction at ``at`` would free, as device tensors; nothing changes yet."""
         # a sequence within a block of its global query rows has evicted nothing yet: scan from block 0
         g_rows = self._global_blocks
         width = max((a // self.block - (s.evicted_at // self.block if s.evicted_at // self.block > g_rows else 0)
                      for s, a in zip(seqs, at)), default=0)
-        if self.can_evict and width > 0:
-            at_t = torch.tensor(at, dtype=torch.long).to(self.device)
-            self.evict_tensors(slots, at_t, width)
+        if not (self.can_evict and width > 0):
+            return None
+        return self._candidates(slots, torch.tensor(at, dtype=torch.long).to(self.device), width)
+
+    def _evict_apply(self, seqs, at, cand) -> None:
+        if cand is not None:
+            idx, cur, held = cand
+            self._push_free(cur, held)
+            self._tables_flat[torch.where(held, idx, self._tables_flat.numel() - 1)] = -1
         for s, a in zip(seqs, at):
             s.evicted_at = max(s.evicted_at, a)
 
-    def evict_tensors(self, slots: torch.Tensor, at: torch.Tensor, width: int) -> None:
-        """The device side of eviction: the ``width`` blocks below each kv head's eviction bound
-        at query position ``at`` (batch,), freed where held and not special. No host sync."""
+    def _candidates(self, slots: torch.Tensor, at: torch.Tensor, width: int):
+        """The ``width`` blocks below each kv head's eviction bound at query position ``at``
+        (batch,): (table index, page, held and not special). No host sync."""
         rules = self.rules
         stop = rules.evict_below((at // self.block).view(-1, 1, 1))                  # (b, kvh, 1)
         j = stop - width + torch.arange(width, device=self.device).view(1, 1, -1)   # (b, kvh, width)
         cand = (j >= 0) & ~rules.keep_all & ~rules.special(j)
         idx = self._table_index(slots, j, cand)
         cur = self._tables_flat[idx]
-        held = cand & (cur >= 0)
+        return idx, cur, cand & (cur >= 0)
+
+    def evict_tensors(self, slots: torch.Tensor, at: torch.Tensor, width: int) -> None:
+        """The device side of eviction at query positions ``at`` (batch,): no host sync."""
+        idx, cur, held = self._candidates(slots, at, width)
         self._push_free(cur, held)
         self._tables_flat[torch.where(held, idx, self._tables_flat.numel() - 1)] = -1
 
@@ -392,8 +409,10 @@ class PageTable:
         if seqs and max(ends) // b + 2 > self.tables.shape[2]:
             self.reserve(max_length=max(2 * self.tables.shape[2] * b, max(ends) + b))
         slots = self.slots_tensor(seqs)
-        # pages the pattern no longer needs are freed first (the step's queries start at `starts`)
-        self._evict(seqs, slots, [max(s - self.lookahead, 0) for s in starts])
+        # pages the pattern no longer needs are freed first (the step's queries start at `starts`),
+        # after the check below: an OutOfPagesError leaves everything as it was
+        evict_at = [max(s - self.lookahead, 0) for s in starts]
+        freeing = self._evict_candidates(seqs, slots, evict_at)
         dev = self.device
         start_t = torch.tensor(starts, dtype=torch.long).to(dev).view(-1, 1, 1)
         count_t = torch.tensor(counts, dtype=torch.long).to(dev).view(-1, 1, 1) if counts != (n,) * batch else n
@@ -412,8 +431,9 @@ class PageTable:
         else:
             # every touched block not yet held: all but a partly filled first block
             need = self.kv_heads * sum(-(-e // b) - -(-s // b) for s, e in zip(starts, ends))
-        self._ensure_free(need, f"writing {n} token(s) to {batch} sequence(s)")
+        self._ensure_free(need, f"writing {n} token(s) to {batch} sequence(s)", freeing)
         # ---- from here on the state changes ----
+        self._evict_apply(seqs, evict_at, freeing)
         pages = torch.where(want, self._pop_free(want), cur)
         self._tables_flat[torch.where(want, idx, self._tables_flat.numel() - 1)] = pages
         self._free_known -= need
