@@ -494,3 +494,18 @@ def test_static_decode_plan_is_device_ops_only(monkeypatch):
         assert st_.table.lens[[st_.slot(s) for s in ids[1]]].tolist() == [st_.seq_len(s) for s in ids[1]]
         _check_tables(st_)
     st_.table.disable_static()
+
+
+def test_the_last_step_can_be_cropped_whole_when_eviction_waits_for_the_next_plan():
+    """With eviction in the next step's plan (shared tables, S2Cache), a step's tokens can all be
+    rolled back without any lookahead; one token further back is refused."""
+    cache = PagedKVCache(PHI, num_pages=64, head_dim=D, dtype=torch.float32)
+    s = cache.add_sequence()
+    k, v = _kv(200, PHI.kv_heads)
+    for t in range(0, 180, 20):
+        cache.append([s], k[:, :, t:t + 20], v[:, :, t:t + 20])
+    cache.crop(s, 160)
+    for g in range(PHI.kv_heads):
+        assert set(cache.needed_blocks(s, g)) <= set(cache.kept_blocks(s, g))
+    with pytest.raises(ValueError, match="lookahead"):
+        cache.crop(s, 159)

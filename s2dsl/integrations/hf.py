@@ -25,8 +25,8 @@ bookkeeping is planned once (at the first such layer) and every layer only scatt
 K/V. Padded batches work with ``S2Cache`` (left padding, as ``generate`` pads, or right
 padding): only real tokens enter the cache, each sequence at its own positions, so a
 prompt's tokens do not depend on the batch it runs in. ``crop`` (assisted / speculative
-decoding) rolls back up to ``S2Cache(max_rollback=...)`` tokens (default 64): eviction runs
-that far behind. Limits: no beam search (``reorder_cache``), no dropout; with a
+decoding) rolls back the last decode step's tokens, and ``S2Cache(max_rollback=...)``
+tokens more (default 64; eviction runs in the next step's plan and that far behind). Limits: no beam search (``reorder_cache``), no dropout; with a
 ``DynamicCache`` a batch must not be padded. transformers is imported only by the
 functions here, never by ``import s2dsl``.
 """
@@ -267,8 +267,9 @@ def _classes():
                                       table=group.table)
             if group.table is None:
                 group.table = self.paged.table
-                # the other layers join as they start: plan once per step, evict in the next plan
-                group.table.members = max(group.table.members, group.size)
+                # the other layers join as they start: plan once per step; evict in the next plan,
+                # so that the last step can be cropped (assisted decoding)
+                group.table.defer_eviction = True
                 group.seq_ids = tuple(self.paged.add_sequence() for _ in range(b))
             self.is_initialized = True
 
@@ -292,8 +293,8 @@ def _classes():
             if attention_mask is None:
                 lengths = left = None
             else:  # read the padding once per forward, for every layer
-                if attention_mask is not group.mask:
-                    group.mask, group.padding = attention_mask, _row_padding(attention_mask, n)
+                if group.mask is None or group.mask[0] is not attention_mask or group.mask[1] != n:
+                    group.mask, group.padding = (attention_mask, n), _row_padding(attention_mask, n)
                 lengths, left = group.padding
             self._pending = 0
             out = cached_attention(self.paged, self.seq_ids, query, key, value, scale=scale, lengths=lengths,
@@ -355,8 +356,11 @@ def _classes():
         ``model`` must have been through ``apply`` (its patterns per layer), or pass
         ``patterns`` (one Pattern per layer). Pool size per layer: ``num_pages`` (an int or
         one per layer), else enough for ``batch_size`` sequences of ``max_length`` tokens
-        under the layer's pattern (``pages_needed``). ``max_rollback``: tokens ``crop`` can
-        remove (assisted decoding); eviction runs that far behind the sequences' ends.
+        under the layer's pattern (``pages_needed``). ``crop`` can drop the tokens of the last
+        decode step (assisted decoding verifies its drafts in one step) and ``max_rollback``
+        tokens more (eviction runs that far behind the sequences' ends), which is what the
+        first step of assisted decoding, a prefill with drafts, needs: at least the number of
+        draft tokens (transformers' default: 20).
         """
 
         def __init__(self, model=None, *, max_length: Optional[int] = None, batch_size: int = 1,

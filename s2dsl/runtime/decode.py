@@ -223,7 +223,7 @@ def cached_attention(cache: PagedKVCache, seq_ids: Sequence[Hashable], q: torch.
     else:
         result = paged_attention(q, cache, plan, scale=scale, n_splits=n_splits, tuning=tuning,
                                  return_lse=return_lse)
-    if not cache.shared and not table.static_max_len:  # else the next step's plan evicts
+    if cache.evicts_after_step:  # else the next step's plan evicts
         table.evict(seq_ids)
     return result
 

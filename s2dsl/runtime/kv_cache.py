@@ -108,6 +108,12 @@ class PagedKVCache:
         return self.table.members > 1
 
     @property
+    def evicts_after_step(self) -> bool:
+        """Does ``cached_attention`` evict right after a step (else the next step's plan does)?"""
+        t = self.table
+        return not (t.members > 1 or t.defer_eviction or t.static_max_len)
+
+    @property
     def block_tables(self) -> torch.Tensor:
         """int32 (slots, kv_heads, max_blocks): page of each kv block, -1 where none."""
         return self.table.tables

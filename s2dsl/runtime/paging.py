@@ -198,6 +198,10 @@ class PageTable:
         self._slot_cache: Dict[Tuple[int, ...], torch.Tensor] = {}
         self.plan: Optional[StepPlan] = None
         self.members = 0  # caches (layers) sharing this table
+        # evict in the next step's plan, not right after a step: set when layers share the
+        # table (a later layer of the step still reads the pages), and by callers that may crop
+        # the last step back (assisted decoding)
+        self.defer_eviction = False
         self.static_max_len = 0  # > 0: one-token steps are planned by device ops alone (CUDA graphs)
 
     # ------------------------------------------------------------------ storage
