@@ -34,6 +34,7 @@ from .cache import KernelCache, cache_key, codegen_fingerprint, default_cache
 from .kernels import _DTYPES, interpreting
 from .kv_cache import PagedKVCache, padding_counts
 from .paging import DecodeBatch, StepPlan
+from .topk_state import state_for
 
 __all__ = ["paged_attention", "cached_attention", "choose_decode", "decode_module", "decode_source",
            "kept_blocks_for_query"]
@@ -187,8 +188,15 @@ def paged_attention(q: torch.Tensor, cache: PagedKVCache, seqs: Union[Sequence[H
         return (out, lse) if return_lse else out
     if n_splits is None:
         n_splits = _splits(pattern, b, math.ceil(q_len / spec.block_q), batch.max_len, q_len, q.device)
+    topk = state_for(cache)  # dynamic top-k: the kernel reads the selection, writes each block's mass
+    extra = {}
+    if topk is not None:
+        topk.reset(batch.slots, batch.seq_lens == q_len)  # sequences new to their slot start afresh
+        extra = topk.kernel_args(b, heads)
     module.launch(q, out, lse, cache.k_pages, cache.v_pages, cache.block_tables, batch.slots, batch.seq_lens,
-                  q_len, int(n_splits), scale)
+                  q_len, int(n_splits), scale, **extra)
+    if topk is not None:
+        topk.after_step(batch.slots, batch.seq_lens, extra["block_lse"], lse)
     return (out, lse) if return_lse else out
 
 
@@ -218,6 +226,10 @@ def cached_attention(cache: PagedKVCache, seq_ids: Sequence[Hashable], q: torch.
     cache.write(plan, k, v)
     if plan.only_needed:
         result = _prefill(q, k, v, cache.pattern, plan, scale, return_lse)
+        topk = state_for(cache)
+        if topk is not None and not (plan.padded or any(plan.offsets)):
+            # decode's top-k scores start from the prompt's last rows
+            topk.seed(plan.slots, q, k, 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
     elif plan.padded or any(plan.offsets):
         result = _rows(q, cache, plan, scale, n_splits, tuning, return_lse)
     else:
