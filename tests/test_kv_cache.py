@@ -509,3 +509,22 @@ def test_the_last_step_can_be_cropped_whole_when_eviction_waits_for_the_next_pla
         assert set(cache.needed_blocks(s, g)) <= set(cache.kept_blocks(s, g))
     with pytest.raises(ValueError, match="lookahead"):
         cache.crop(s, 159)
+
+
+def test_static_steps_fix_the_tables_and_the_sequences():
+    """While a CUDA graph may hold the tables, they neither grow nor lose sequences; host-planned
+    steps outside a static step keep working."""
+    cache = PagedKVCache(PHI, num_pages=40, head_dim=D, dtype=torch.float32)
+    s = cache.add_sequence()
+    k, v = _kv(400, PHI.kv_heads)
+    cache.append([s], k[:, :, :20], v[:, :, :20])
+    cache.table.enable_static(max_length=40)
+    with pytest.raises(RuntimeError, match="DecodeGraph"):
+        cache.remove_sequence(s)
+    with pytest.raises(RuntimeError, match="fixed"):
+        cache.append([s], k[:, :, 20:400], v[:, :, 20:400])  # past the tables' width
+    plan = cache.append([s], k[:, :, 20:21], v[:, :, 20:21])  # host-planned: not inside a static step
+    assert plan.starts == (20,) and cache.seq_len(s) == 21
+    cache.table.disable_static()
+    cache.remove_sequence(s)
+    assert cache.pages_in_use == 0

@@ -50,13 +50,19 @@ class DecodeGraph:
     def __call__(self):
         for t, ids in zip(self.tables, self.seq_ids):
             t.prepare_static(ids)
-        if not self.capture or self.calls == 0:
-            out = self._eager()
-        else:
-            if self.graph is None:
-                self._capture()
-            self.graph.replay()
-            out = self.outputs
+        try:
+            if not self.capture or self.calls == 0:
+                out = self._eager()
+            else:
+                if self.graph is None:
+                    self._capture()
+                self.graph.replay()
+                out = self.outputs
+        except BaseException:
+            for t in self.tables:  # the step did not happen: later host-planned steps must not go static
+                t.in_static_step = False
+                t.plan = None
+            raise
         self.calls += 1
         for t, ids in zip(self.tables, self.seq_ids):
             t.commit_static(ids)

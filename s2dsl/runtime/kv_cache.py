@@ -111,7 +111,7 @@ class PagedKVCache:
     def evicts_after_step(self) -> bool:
         """Does ``cached_attention`` evict right after a step (else the next step's plan does)?"""
         t = self.table
-        return not (t.members > 1 or t.defer_eviction or t.static_max_len)
+        return not (t.members > 1 or t.defer_eviction or t.in_static_step)
 
     @property
     def block_tables(self) -> torch.Tensor:

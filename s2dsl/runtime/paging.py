@@ -202,7 +202,8 @@ class PageTable:
         # table (a later layer of the step still reads the pages), and by callers that may crop
         # the last step back (assisted decoding)
         self.defer_eviction = False
-        self.static_max_len = 0  # > 0: one-token steps are planned by device ops alone (CUDA graphs)
+        self.static_max_len = 0  # > 0: tables fixed, for static steps (CUDA graphs hold them)
+        self.in_static_step = False  # between prepare_static and commit_static: plan by device ops alone
 
     # ------------------------------------------------------------------ storage
     def _alloc_tables(self, slots: int, width: int):
@@ -212,6 +213,10 @@ class PageTable:
         self.tables = self._tables_flat[:-1].view(slots, self.kv_heads, width)
 
     def _resize(self, slots: int, width: int):
+        if self.static_max_len:
+            raise RuntimeError(f"the page tables are fixed while static decode steps are enabled (a CUDA graph holds "
+                               f"them; max_length={self.static_max_len}): close the DecodeGraph first, or enable "
+                               "static steps with a larger max_length")
         old = self.tables
         self._alloc_tables(slots, width)
         self.tables[:old.shape[0], :, :old.shape[2]] = old
@@ -250,6 +255,9 @@ class PageTable:
 
     def remove_sequence(self, seq_id: Hashable) -> None:
         seq = self.get(seq_id)
+        if self.static_max_len:
+            raise RuntimeError("sequences cannot leave while static decode steps are enabled (a CUDA graph still "
+                               "steps them): close the DecodeGraph first")
         row = self.tables[seq.slot].reshape(-1)
         self._push_free(row, row >= 0)
         self.tables[seq.slot] = -1
@@ -388,7 +396,7 @@ class PageTable:
             return p
         if only_needed is None:
             only_needed = n > 1 and all(self.get(s).length == 0 for s in seq_ids)
-        if self.static_max_len and n == 1 and counts is None and offsets is None and not only_needed:
+        if self.in_static_step and n == 1 and counts is None and offsets is None and not only_needed:
             p = self._plan_static(seq_ids)
         else:
             p = self._plan(seq_ids, n, counts, offsets, only_needed)
@@ -503,6 +511,7 @@ class PageTable:
 
     def disable_static(self) -> None:
         self.static_max_len = 0
+        self.in_static_step = False
         self.plan = None
 
     def prepare_static(self, seq_ids) -> None:
@@ -522,6 +531,7 @@ class PageTable:
         need = self.kv_heads * sum(1 for s in seqs if s.length % self.block == 0)
         self._ensure_free(need, f"a decode step of {len(seqs)} sequence(s)")
         self._free_known -= need
+        self.in_static_step = True
 
     def commit_static(self, seq_ids) -> None:
         """Host side after a static step ran (eagerly or replayed): each sequence one token longer."""
@@ -529,6 +539,7 @@ class PageTable:
             s.evicted_at = max(s.evicted_at, s.length - self.lookahead)
             s.length += 1
         self.plan = None
+        self.in_static_step = False
 
     def _plan_static(self, seq_ids) -> StepPlan:
         """One new token per sequence, from the device lengths: no host value, no host read."""
