@@ -208,9 +208,11 @@ def worker(rank: int, world: int, args, port: int, out_path: str):
                 assigns = {"contiguous": expand(contiguous(pattern.kv_heads, world)),
                            "placed": [list(a) for a in place(pattern, world, seq).assignment]}
                 if plan == "heterogeneous" and not args.no_measured:
-                    times = measured_group_times(pattern, seq, rank, world)
-                    bins, _ = place_weights(times, world)
+                    group_ms = measured_group_times(pattern, seq, rank, world)
+                    bins, _ = place_weights(group_ms, world)
                     assigns["placed_measured"] = expand(bins)
+                    if rank == 0:  # each kv group alone: what `s2dsl place --times` can balance
+                        rows.append({"seq": seq, "plan": plan, "assignment": "group_times", "group_ms": group_ms})
                 costs = head_costs(pattern, seq)
                 for name, assignment in assigns.items():
                     heads = sorted(assignment[rank])
@@ -265,6 +267,8 @@ def table(result):
     print("|---|---|---|---|---|---|---|---|")
     by = {(r["seq"], r["plan"], r["assignment"]): r for r in result["rows"]}
     for r in result["rows"]:
+        if "rank_ms" not in r:
+            continue
         base = by.get((r["seq"], r["plan"], "contiguous"))
         one = by.get((r["seq"], r["plan"], "one_gpu"))
         ranks = " / ".join(f"{x:.2f}" for x in r["rank_ms"])

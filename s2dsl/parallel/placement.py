@@ -65,7 +65,8 @@ class Placement:
         total = sum(self.loads)
         rows = [["gpu", "heads", f"load ({unit})", "share"]]
         for g, (heads, load) in enumerate(zip(self.assignment, self.loads)):
-            rows.append([str(g), _span(heads), f"{load:.6g}", f"{100 * load / total:.1f}%" if total else "-"])
+            shown = f"{load:,.0f}" if unit == "blocks" else f"{load:.4g}"
+            rows.append([str(g), _span(heads), shown, f"{100 * load / total:.1f}%" if total else "-"])
         widths = [max(len(r[c]) for r in rows) for c in range(4)]
         lines = [f"pattern {self.pattern}: {self.gpus} GPUs, {self.seq_len} tokens, cost = {unit} per head "
                  f"({self.method})"]
