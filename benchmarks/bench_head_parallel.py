@@ -262,7 +262,7 @@ def _label(seq: int) -> str:
 
 def table(result):
     print(f"\n{result['device']}, {result['gpus']} GPUs, {result['heads']} heads / {result['kv_heads']} kv heads, "
-          f"d {result['head_dim']}, block {result['block']}, bf16; sync overhead {result['sync_overhead_ms']:.3f} ms")
+          f"d {result['head_dim']}, block {result['block']}, {result['dtype']}; sync overhead {result['sync_overhead_ms']:.3f} ms")
     print("| seq | plan | assignment | per-rank ms | imbalance (measured / predicted) | latency ms | vs contiguous | vs one GPU |")
     print("|---|---|---|---|---|---|---|---|")
     by = {(r["seq"], r["plan"], r["assignment"]): r for r in result["rows"]}

@@ -164,3 +164,11 @@ def test_gpu_two_nccl_ranks_equal_one_gpu(tmp_path, examples_dir, monkeypatch):
         assert not got["attn"].isnan().any()
         torch.testing.assert_close(got["attn"].float(), ref, atol=2e-2, rtol=2e-2)
         torch.testing.assert_close(got["logits"], ref_logits, atol=1e-3, rtol=1e-3)
+
+
+def test_a_placement_of_another_pattern_is_refused():
+    from s2dsl.parallel.distributed import _check_partition
+    pattern = s2dsl.parse(PLAN)["mixed"]
+    _check_partition([[0, 1, 4, 5], [2, 3, 6, 7]], pattern)
+    with pytest.raises(ValueError, match="each exactly once"):
+        _check_partition([[0, 1], [2, 3]], pattern)

@@ -88,6 +88,9 @@ def _attention_forward(module, query, key, value, attention_mask, scaling=None, 
         raise NotImplementedError("calibration runs unpadded sequences; got an attention mask with padding")
     recorder = _ACTIVE[-1] if _ACTIVE else None
     layer = getattr(module, "layer_idx", None)
+    if recorder is not None and not isinstance(layer, int):
+        raise RuntimeError(f"{type(module).__name__} has no integer layer_idx: calibration needs it to tell the "
+                           "layers apart")
     on_chunk = None
     if recorder is not None:
         on_chunk = lambda i, m: recorder.add(layer, i, m)  # noqa: E731
