@@ -295,6 +295,22 @@ class Pattern:
         return self._fingerprint
 
     # ------------------------------------------------------------ dense masks
+    def _selected_blocks(self, selection, n_q_blocks: int, n_kv_blocks: int, past_blocks: int):
+        """Bool ``[batch, heads, n_q_blocks, n_kv_blocks]``: the blocks a top-k selection adds (causal cut)."""
+        import torch
+        sel = selection.detach().to("cpu", torch.long)
+        if sel.dim() != 4 or tuple(sel.shape[1:3]) != (self.heads, n_q_blocks):
+            raise ValueError(f"selection must be [batch, {self.heads}, {n_q_blocks}, K]; got {tuple(sel.shape)}")
+        if bool((sel >= n_kv_blocks).any()):
+            raise ValueError(f"selection holds a block >= {n_kv_blocks}")
+        dyn = torch.zeros(sel.shape[0], self.heads, n_q_blocks, n_kv_blocks + 1, dtype=torch.bool)
+        dyn.scatter_(3, torch.where(sel < 0, n_kv_blocks, sel), True)  # unused slots land in a dropped column
+        dyn = dyn[..., :n_kv_blocks]
+        if self.causal:
+            i = torch.arange(n_q_blocks).view(-1, 1) + past_blocks
+            dyn = dyn & (torch.arange(n_kv_blocks).view(1, -1) <= i)
+        return dyn
+
     def _block_keep(self, spec: HeadSpec, i, j):
         """Block components of one head over index tensors ``i`` (column) and ``j`` (row)."""
         import torch
@@ -308,14 +324,23 @@ class Pattern:
             keep = keep | spec.keeps_relative(d)
         return keep
 
-    def block_mask(self, n_q_blocks: int, n_kv_blocks: Optional[int] = None, past_blocks: int = 0) -> torch.Tensor:
+    def block_mask(self, n_q_blocks: int, n_kv_blocks: Optional[int] = None, past_blocks: int = 0,
+                   selection: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Bool ``[heads, n_q_blocks, n_kv_blocks]``; row ``i`` is absolute query block ``i + past_blocks``.
 
         A block pair is set when the head keeps some token pair in it: exactly the block
         components for round-1 heads; token edges and the prefix set the blocks they touch
         (``token_mask`` is the exact, token-level semantics).
+
+        ``selection`` (int32 ``[batch, heads, n_q_blocks, K]``, -1 for unused slots; what the
+        kernels select for topk heads, see ``s2dsl.runtime.topk``) adds each row's selected
+        blocks (still under the causal cut); the mask is then ``[batch, heads, ...]``.
         """
         import torch
+        if selection is not None:
+            return self.block_mask(n_q_blocks, n_kv_blocks, past_blocks).unsqueeze(0) | self._selected_blocks(
+                selection, n_q_blocks, n_kv_blocks if n_kv_blocks is not None else n_q_blocks + past_blocks,
+                past_blocks)
         if n_kv_blocks is None:
             n_kv_blocks = n_q_blocks + past_blocks
         i = torch.arange(n_q_blocks).view(-1, 1) + past_blocks
@@ -334,9 +359,26 @@ class Pattern:
             masks.append(keep.expand(n_q_blocks, n_kv_blocks))
         return torch.stack(masks)
 
-    def token_mask(self, q_len: int, kv_len: Optional[int] = None) -> torch.Tensor:
-        """Bool ``[heads, q_len, kv_len]``: the queries are the last ``q_len`` of ``kv_len`` positions."""
+    def token_mask(self, q_len: int, kv_len: Optional[int] = None,
+                   selection: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Bool ``[heads, q_len, kv_len]``: the queries are the last ``q_len`` of ``kv_len`` positions.
+
+        With ``selection`` (``[batch, heads, query blocks, K]``, row 0 = the block of the first
+        query; see ``block_mask``) the selected blocks are added: ``[batch, heads, q_len, kv_len]``.
+        """
         import torch
+        if selection is not None:
+            static = self.token_mask(q_len, kv_len)
+            kv_len = q_len if kv_len is None else kv_len
+            first = (kv_len - q_len) // self.block
+            n_blocks = -(-kv_len // self.block)
+            dyn = self._selected_blocks(selection, n_blocks - first, n_blocks, first)
+            q_pos = (torch.arange(q_len) + kv_len - q_len).view(-1, 1)
+            k_pos = torch.arange(kv_len).view(1, -1)
+            dyn = dyn[:, :, q_pos // self.block - first, k_pos // self.block]
+            if self.causal:
+                dyn = dyn & (k_pos <= q_pos)
+            return static.unsqueeze(0) | dyn
         if kv_len is None:
             kv_len = q_len
         if kv_len < q_len:

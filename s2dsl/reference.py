@@ -11,7 +11,7 @@ from .pattern import Pattern
 
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, *,
                         scale: Optional[float] = None, return_lse: bool = False,
-                        dtype: torch.dtype = torch.float32):
+                        dtype: torch.dtype = torch.float32, selection: Optional[torch.Tensor] = None):
     """Attention of ``q`` over ``k, v`` restricted to ``pattern``, computed densely.
 
     Layout (batch, heads, seq, dim); k and v have ``pattern.kv_heads`` heads and are
@@ -19,7 +19,9 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, patte
     ``q.shape[2]`` positions of the ``k.shape[2]`` keys (chunked prefill, decode). A query
     row that the pattern leaves empty gets output 0 and log-sum-exp -inf, as the kernels
     do, rather than softmax's NaN. Returns ``dtype`` (float32 by default; float64 for
-    gradient checks).
+    gradient checks). ``selection`` adds the blocks dynamic topk heads selected (``[batch,
+    heads, query blocks, K]``, see ``Pattern.block_mask``); without it a topk head attends its
+    static part only.
     """
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError("reference_attention expects (batch, heads, seq, dim) tensors")
@@ -32,7 +34,7 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, patte
     qf, kf, vf = (t.to(dtype) for t in (q, k, v))
     kf = kf.repeat_interleave(pattern.group_size, dim=1)
     vf = vf.repeat_interleave(pattern.group_size, dim=1)
-    mask = pattern.token_mask(lq, lk).to(q.device)
+    mask = pattern.token_mask(lq, lk, selection=selection).to(q.device)
     scores = torch.einsum("bhqd,bhkd->bhqk", qf, kf) * scale
     scores = scores.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)

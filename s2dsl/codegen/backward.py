@@ -89,6 +89,17 @@ assert sorted(BOTH_PARAMS) == sorted(set([_RENAME_DQ.get(n, n) for n in DQ_PARAM
                                          + [_RENAME_DKDV.get(n, n) for n in DKDV_PARAMS]))
 
 
+# extra parameters of the bodies for plans with dynamic top-k heads (before the constexprs)
+TOPK_DQ = "Sel stride_sb stride_sh stride_si sel_first_block".split()
+TOPK_DKDV = "TOff TList".split()
+
+
+def _with(names, extra):
+    """``names`` with ``extra`` inserted before the first constexpr."""
+    cut = next(n for n, name in enumerate(names) if name.startswith("*"))
+    return list(names[:cut]) + list(extra) + list(names[cut:])
+
+
 def _params(names) -> str:
     """A jit signature's parameter list."""
     return ", ".join(n[1:] + ": tl.constexpr" if n.startswith("*") else n for n in names)
@@ -172,6 +183,31 @@ def _query_range(plan: KernelPlan) -> str:
     return "\n".join(code)
 
 
+def _dq_topk_loop(plan: KernelPlan) -> str:
+    """dQ from this query block's selected blocks (dynamic top-k), as the forward visits them."""
+    k = plan.uniform("topk")
+    n_sel = str(k) if k is not None else f"tl.load(HeadTable + h * TABLE_WIDTH + {plan.topk_column})"
+    return f"""
+# -- dynamic top-k: the blocks selected for this tile's query block (held fixed from the forward) --
+sel_row = Sel + b * stride_sb + h * stride_sh + (first_block - sel_first_block) * stride_si
+for tk in range(0, {n_sel}):
+    j = tl.load(sel_row + tk)
+    if (j >= 0) & (j < first_block):{_dq_call("False", "0", "True").replace(chr(10), chr(10) + '    ')}
+    elif j >= 0:{_dq_call("True", "0", "True").replace(chr(10), chr(10) + '    ')}"""
+
+
+# dK/dV of the selection: the query blocks that selected kv block j, listed per (batch, q head,
+# kv block) in TList[TOff[key] : TOff[key + 1]] (the transposed selection, built by a stable sort
+# on the device: ascending query blocks, so the sum's order and the result are reproducible)
+_DKDV_TOPK_LOOP = """
+# -- dynamic top-k: the query blocks whose selection holds kv block j --
+t_key = (b * (GROUP * KV_HEADS) + h) * ((kv_len + BLOCK - 1) // BLOCK) + j
+for tk in range(tl.load(TOff + t_key), tl.load(TOff + t_key + 1)):
+    i = tl.load(TList + tk)
+    dk, dv = _dkdv_visit(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, i * BLOCK,
+                         cols, past, kv_len, qk_scale, True, BLOCK // BLOCK_M, CAUSAL, BLOCK_M, HEAD_DIM, D_PAD)"""
+
+
 def generate_backward(plan: KernelPlan, spec: Specialization, *, name: str = "pattern", fingerprint: str = "") -> str:
     """Source of a Python module with the backward kernels and ``launch`` for ``plan``."""
     dkdv_n, dkdv_m, dkdv_warps, dkdv_stages = _dkdv_tiles(plan, spec)
@@ -180,7 +216,7 @@ def generate_backward(plan: KernelPlan, spec: Specialization, *, name: str = "pa
             raise ValueError(f"{label}={value} must be a power of two >= 16 dividing the pattern block {plan.block}")
     if spec.block_m < 16 or spec.block_m & (spec.block_m - 1):
         raise ValueError(f"block_m={spec.block_m} must be a power of two >= 16")
-    table_width = 4 + max(plan.max_residues, 1)
+    table_width = plan.table_width
     unroll = getattr(spec, "dkdv_unroll_group", False) and plan.group_size > 1
     group_loop = "tl.static_range(GROUP)" if unroll else "range(0, GROUP)"
     varlen = spec.layout == "varlen"
@@ -205,6 +241,22 @@ def generate_backward(plan: KernelPlan, spec: Specialization, *, name: str = "pa
         # are kept by the most queries) first; programs running together share its Q and dO in L2.
         kv_h = pid // n_kv_tiles
         tile = pid % n_kv_tiles"""
+
+    # ---------------------------------------------------------------- dynamic top-k
+    dq_params, dkdv_params, both_params = DQ_PARAMS, DKDV_PARAMS, BOTH_PARAMS
+    dq_topk = dkdv_topk = topk_launch = topk_dq_args = topk_dkdv_args = topk_both_args = ""
+    if plan.has_topk:
+        if spec.block_m > plan.block or plan.block % spec.block_m:
+            raise ValueError(f"block_m={spec.block_m} must divide the pattern block {plan.block} for topk heads: "
+                             "a dQ tile takes the selection of its one query block")
+        dq_params, dkdv_params = _with(DQ_PARAMS, TOPK_DQ), _with(DKDV_PARAMS, TOPK_DKDV)
+        both_params = _with(BOTH_PARAMS, TOPK_DQ + TOPK_DKDV)
+        dq_topk = chr(10) + _at(_dq_topk_loop(plan), 2)
+        dkdv_topk = chr(10) + _at(_DKDV_TOPK_LOOP, 3)
+        topk_launch = ", sel=None, sel_strides=(0, 0, 0), sel_first_block=0, t_off=None, t_list=None"
+        topk_dq_args = " sel, *sel_strides, sel_first_block,"
+        topk_dkdv_args = " t_off, t_list,"
+        topk_both_args = " sel, *sel_strides, sel_first_block, t_off, t_list,"
 
     # ---------------------------------------------------------------- dQ enumeration
     window_loops = f"""
@@ -375,7 +427,7 @@ def _dq_visit(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, j, r
 
 
 @triton.jit
-def _dq_program(pid, b, {_params(DQ_PARAMS)}):
+def _dq_program(pid, b, {_params(dq_params)}):
     """dQ of query tile ``pid`` (ordered as below) of batch entry / sequence ``b``."""
 {_at(dq_order, 1)}
     kv_h = h // GROUP
@@ -411,7 +463,7 @@ def _dq_program(pid, b, {_params(DQ_PARAMS)}):
         # -- the window range --
 {_at(window_loops, 2)}
         # -- sinks and residue blocks after the diagonal (bidirectional only) --
-{_at(above, 2)}
+{_at(above, 2)}{dq_topk}
         dq_ptrs = dq_base + (rows - past)[:, None] * stride_dqm + offs_d[None, :]
         tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=io_mask)
 
@@ -461,7 +513,7 @@ def _dkdv_visit(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, 
 
 
 @triton.jit
-def _dkdv_program(pid, b, {_params(DKDV_PARAMS)}):
+def _dkdv_program(pid, b, {_params(dkdv_params)}):
     """dK and dV of kv tile ``pid`` (ordered as below) of batch entry / sequence ``b``."""
 {_at(dkdv_order, 1)}
 {_at(locate_q, 1)}
@@ -486,7 +538,7 @@ def _dkdv_program(pid, b, {_params(DKDV_PARAMS)}):
 {_at(q_bases, 3)}
             # ---- the query blocks keeping kv block j: one contiguous range (generated) ----
 {_at(_query_range(plan), 3)}
-{_at(query_loops, 3)}
+{_at(query_loops, 3)}{dkdv_topk}
         dk_ptrs = dk_base + cols[:, None] * stride_dkn + offs_d[None, :]
         dv_ptrs = dv_base + cols[:, None] * stride_dvn + offs_d[None, :]
         tl.store(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
@@ -494,25 +546,25 @@ def _dkdv_program(pid, b, {_params(DKDV_PARAMS)}):
 
 
 @triton.jit
-def dq_kernel({_params(DQ_PARAMS)}):
-    _dq_program(tl.program_id(0), tl.program_id(1), {_args(DQ_PARAMS)})
+def dq_kernel({_params(dq_params)}):
+    _dq_program(tl.program_id(0), tl.program_id(1), {_args(dq_params)})
 
 
 @triton.jit
-def dkdv_kernel({_params(DKDV_PARAMS)}):
-    _dkdv_program(tl.program_id(0), tl.program_id(1), {_args(DKDV_PARAMS)})
+def dkdv_kernel({_params(dkdv_params)}):
+    _dkdv_program(tl.program_id(0), tl.program_id(1), {_args(dkdv_params)})
 
 
 @triton.jit
-def backward_kernel({_params(BOTH_PARAMS)}):
+def backward_kernel({_params(both_params)}):
     """dK/dV and dQ in one grid: the dK/dV programs first (a residue column's program runs
     the longest), then the dQ programs, which fill the SMs the dK/dV tail leaves idle."""
     pid = tl.program_id(0)
     n_kv_programs = n_kv_tiles * KV_HEADS
     if pid < n_kv_programs:
-        _dkdv_program(pid, tl.program_id(1), {_args(DKDV_PARAMS, _RENAME_DKDV)})
+        _dkdv_program(pid, tl.program_id(1), {_args(dkdv_params, _RENAME_DKDV)})
     else:
-        _dq_program(pid - n_kv_programs, tl.program_id(1), {_args(DQ_PARAMS, _RENAME_DQ)})
+        _dq_program(pid - n_kv_programs, tl.program_id(1), {_args(dq_params, _RENAME_DQ)})
 
 
 _per_device = {{}}
@@ -538,7 +590,7 @@ def _side_stream(device):
 
 def launch(q, k, v, out, dout, lse, dq, dk, dv, q_strides, k_strides, v_strides, o_strides, do_strides,
            dq_strides, dk_strides, dv_strides, lse_strides, batch, q_len, kv_len, cu_seqlens_q, cu_seqlens_k,
-           sm_scale):
+           sm_scale{topk_launch}):
     """Run delta, dQ and dK/dV. Strides are (batch, head, token) in elements, the last dim contiguous;
     ``lse`` (and the delta made like it) has token stride 1 and (batch, head) strides ``lse_strides``."""
     if cu_seqlens_k is not None:
@@ -563,7 +615,7 @@ def launch(q, k, v, out, dout, lse, dq, dk, dv, q_strides, k_strides, v_strides,
             backward_kernel[(n_kv_tiles * KV_HEADS + n_tiles * HEADS, batch)](
                 q, k, v, dout, dq, dk, dv, lse, delta, table, cu_q, cu_k,
                 *q_strides, *k_strides, *v_strides, *do_strides, *dq_strides, *dk_strides, *dv_strides,
-                *lse_strides, q_len, kv_len, n_tiles, n_kv_tiles, qk_scale, sm_scale,
+                *lse_strides, q_len, kv_len, n_tiles, n_kv_tiles, qk_scale, sm_scale,{topk_both_args}
                 HEADS=HEADS, KV_HEADS=KV_HEADS, GROUP=GROUP, BLOCK=BLOCK, CAUSAL=CAUSAL, TABLE_WIDTH=TABLE_WIDTH,
                 DQ_BLOCK_M=DQ_BLOCK_M, DQ_BLOCK_N=DQ_BLOCK_N, DKDV_BLOCK_M=DKDV_BLOCK_M,
                 DKDV_BLOCK_N=DKDV_BLOCK_N, HEAD_DIM=HEAD_DIM, D_PAD=D_PAD,
@@ -581,7 +633,7 @@ def launch(q, k, v, out, dout, lse, dq, dk, dv, q_strides, k_strides, v_strides,
         dkdv_kernel[(n_kv_tiles * KV_HEADS, batch)](
             q, k, v, dout, dk, dv, lse, delta, table, cu_q, cu_k,
             *q_strides, *k_strides, *v_strides, *do_strides, *dk_strides, *dv_strides, *lse_strides,
-            q_len, kv_len, n_kv_tiles, qk_scale, sm_scale,
+            q_len, kv_len, n_kv_tiles, qk_scale, sm_scale,{topk_dkdv_args}
             KV_HEADS=KV_HEADS, GROUP=GROUP, BLOCK=BLOCK, CAUSAL=CAUSAL, TABLE_WIDTH=TABLE_WIDTH,
             BLOCK_M=DKDV_BLOCK_M, BLOCK_N=DKDV_BLOCK_N, HEAD_DIM=HEAD_DIM, D_PAD=D_PAD,
             num_warps=DKDV_NUM_WARPS, num_stages=DKDV_NUM_STAGES)
@@ -590,7 +642,7 @@ def launch(q, k, v, out, dout, lse, dq, dk, dv, q_strides, k_strides, v_strides,
             dq_kernel[(n_tiles * HEADS, batch)](
                 q, k, v, dout, dq, lse, delta, table, cu_q, cu_k,
                 *q_strides, *k_strides, *v_strides, *do_strides, *dq_strides, *lse_strides,
-                q_len, kv_len, n_tiles, qk_scale, sm_scale,
+                q_len, kv_len, n_tiles, qk_scale, sm_scale,{topk_dq_args}
                 HEADS=HEADS, GROUP=GROUP, BLOCK=BLOCK, CAUSAL=CAUSAL, TABLE_WIDTH=TABLE_WIDTH,
                 BLOCK_M=DQ_BLOCK_M, BLOCK_N=DQ_BLOCK_N, HEAD_DIM=HEAD_DIM, D_PAD=D_PAD,
                 num_warps=DQ_NUM_WARPS, num_stages=DQ_NUM_STAGES)

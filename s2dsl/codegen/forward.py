@@ -95,11 +95,32 @@ def _outside_loops(plan: KernelPlan, lo: str, hi: str, masked: str, span: int = 
 
 
 
+def _topk_loop(plan: KernelPlan) -> str:
+    """Visit this query block's selected blocks (dynamic top-k): the first K of its row of ``Sel``
+    (-1 where fewer blocks could be selected). Selection never holds a static block, so nothing
+    is visited twice; blocks below the tile's first block need no mask."""
+    k = plan.uniform("topk")
+    n_sel = str(k) if k is not None else f"tl.load(HeadTable + h * TABLE_WIDTH + {plan.topk_column})"
+    return f"""
+        # -- dynamic top-k: the blocks selected for this tile's query block --
+        sel_row = Sel + b * stride_sb + h * stride_sh + (first_block - sel_first_block) * stride_si
+        for tk in range(0, {n_sel}):
+            j = tl.load(sel_row + tk)
+            if (j >= 0) & (j < first_block):
+                acc, l_i, m_i = _visit(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, j, 1, rows,
+                                       row_block, kv_len, 0, True, qk_scale, False, CAUSAL, BLOCK, BLOCK, BLOCK_N,
+                                       HEAD_DIM, D_PAD)
+            elif j >= 0:
+                acc, l_i, m_i = _visit(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, j, 1, rows,
+                                       row_block, kv_len, 0, True, qk_scale, True, CAUSAL, BLOCK, BLOCK, BLOCK_N,
+                                       HEAD_DIM, D_PAD)"""
+
+
 def generate_forward(plan: KernelPlan, spec: Specialization, *, name: str = "pattern", fingerprint: str = "") -> str:
     """Source of a Python module with ``kernel`` (Triton) and ``launch`` for ``plan``."""
     if plan.block % spec.block_n:
         raise ValueError(f"block_n={spec.block_n} must divide the pattern block {plan.block}")
-    table_width = 4 + max(plan.max_residues, 1)
+    table_width = plan.table_width
     head_params = [
         f"window = {_param(plan, 'window', 0)}",
         f"sink = {_param(plan, 'sink', 1)}",
@@ -170,6 +191,15 @@ def generate_forward(plan: KernelPlan, spec: Specialization, *, name: str = "pat
 {indent(full, ' ' * 12)}
             acc, l_i, m_i = _visit(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, j, 1, rows, row_block,
                                    kv_len, window, full, qk_scale, True, CAUSAL, BLOCK, BLOCK, BLOCK_N, HEAD_DIM, D_PAD)"""
+    topk_params, topk_args, topk_loop, topk_launch = "", "", "", ""
+    if plan.has_topk:
+        if spec.block_m > plan.block or plan.block % spec.block_m:
+            raise ValueError(f"block_m={spec.block_m} must divide the pattern block {plan.block} for topk heads: "
+                             "a query tile takes the selection of its one query block")
+        topk_params = "Sel, stride_sb, stride_sh, stride_si, sel_first_block, "
+        topk_args = "sel, *sel_strides, sel_first_block, "
+        topk_loop = _topk_loop(plan)
+        topk_launch = ", sel=None, sel_strides=(0, 0, 0), sel_first_block=0"
     below = _outside_loops(plan, "0", "lo", "False", spec.residue_span)
     above = "" if plan.causal else _outside_loops(plan, "last_block + 1", "n_kv_blocks", "True")
     if varlen:
@@ -273,7 +303,7 @@ def _visit(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, j, step, rows
 
 
 @triton.jit
-def kernel(Q, K, V, Out, Lse, HeadTable, CuSeqQ, CuSeqK,
+def kernel(Q, K, V, Out, Lse, HeadTable, CuSeqQ, CuSeqK, {topk_params}
            stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
            stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om, stride_lb, stride_lh,
            q_len_all, kv_len_all, n_tiles, qk_scale,
@@ -311,7 +341,7 @@ def kernel(Q, K, V, Out, Lse, HeadTable, CuSeqQ, CuSeqK,
         # -- the window range --
 {_at(window_masked, 2)}
         # -- sinks and residue blocks after the diagonal (bidirectional only) --
-{_at(above, 2)}
+{_at(above, 2)}{chr(10) + _at(topk_loop, 2) if topk_loop else ""}
         # rows that kept nothing (an empty pattern row) give 0 and lse -inf, not NaN
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
         out = acc / l_safe[:, None]
@@ -334,7 +364,7 @@ def head_table(device):
 
 
 def launch(q, k, v, out, lse, q_strides, k_strides, v_strides, o_strides, lse_strides,
-           batch, q_len, kv_len, max_q_len, cu_seqlens_q, cu_seqlens_k, sm_scale):
+           batch, q_len, kv_len, max_q_len, cu_seqlens_q, cu_seqlens_k, sm_scale{topk_launch}):
     """Run the kernel. Strides are (batch, head, token) in elements; the last dim is contiguous."""
     max_kv_len = kv_len if cu_seqlens_k is None else int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max())
     n_tiles = triton.cdiv(max_kv_len, BLOCK_M)  # tiles are aligned to absolute positions
@@ -343,7 +373,7 @@ def launch(q, k, v, out, lse, q_strides, k_strides, v_strides, o_strides, lse_st
     grid = (n_tiles * HEADS, batch)
     kernel[grid](q, k, v, out, lse, table,
                  cu_seqlens_q if cu_seqlens_q is not None else dummy,
-                 cu_seqlens_k if cu_seqlens_k is not None else dummy,
+                 cu_seqlens_k if cu_seqlens_k is not None else dummy, {topk_args}
                  *q_strides, *k_strides, *v_strides, *o_strides, *lse_strides,
                  q_len, kv_len, n_tiles, sm_scale * 1.4426950408889634,
                  HEADS=HEADS, GROUP=GROUP, BLOCK=BLOCK, CAUSAL=CAUSAL, TABLE_WIDTH=TABLE_WIDTH,

@@ -5,6 +5,12 @@ i when ``0 <= i - j < window`` or ``j < sink`` or ``j % period in residues``. A 
 is an unbounded window (causal) plus the residue class 0 mod 1 (bidirectional, for the
 blocks after the diagonal). The kernels enumerate kept blocks arithmetically from these
 numbers, so nothing grows with the sequence length.
+
+A dynamic ``topk K [recent R]`` head adds, at run time, K blocks outside its static set
+(selected per query block in prefill, per decode step from the attention mass of the last R
+steps in decode). Its K and R ride in the plan (``HeadParams.topk``/``recent``) and, only
+for plans that have topk heads, as two extra columns at the end of the head table, so the
+generated code of static patterns does not change.
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ UNBOUNDED = 1 << 30
 # never holds, so the kernel needs no branch for it.
 NO_PERIOD = 1 << 30
 MAX_PERIOD = 1 << 16
+MAX_TOPK = 1 << 12
 
 
 @dataclass(frozen=True)
@@ -28,6 +35,8 @@ class HeadParams:
     sink: int
     period: int
     residues: Tuple[int, ...]
+    topk: int = 0     # dynamic blocks added per query block / decode step (0: a static head)
+    recent: int = 0   # decode: steps the selection score sums over (0: every step so far)
 
 
 @dataclass(frozen=True)
@@ -47,6 +56,25 @@ class KernelPlan:
         return max(len(p.residues) for p in self.params)
 
     @property
+    def has_topk(self) -> bool:
+        return any(p.topk for p in self.params)
+
+    @property
+    def max_topk(self) -> int:
+        return max(p.topk for p in self.params)
+
+    @property
+    def table_width(self) -> int:
+        """Columns of ``table()``: window, sink, period, count, residues (padded), then K and R
+        for plans with topk heads."""
+        return 4 + max(self.max_residues, 1) + (2 if self.has_topk else 0)
+
+    @property
+    def topk_column(self) -> int:
+        """Column of K in the head table (R follows it); only for plans with topk heads."""
+        return 4 + max(self.max_residues, 1)
+
+    @property
     def has_sink(self) -> bool:
         return any(p.sink for p in self.params)
 
@@ -61,10 +89,12 @@ class KernelPlan:
         return values.pop() if len(values) == 1 else None
 
     def table(self) -> Tuple[Tuple[int, ...], ...]:
-        """One row per head: window, sink, period, number of residues, residues (padded)."""
+        """One row per head: window, sink, period, number of residues, residues (padded); then
+        topk K and recent R when the plan has topk heads."""
         width = max(self.max_residues, 1)
+        extra = (lambda p: (p.topk, p.recent)) if self.has_topk else (lambda p: ())
         return tuple((p.window, p.sink, p.period, len(p.residues), *p.residues,
-                      *([p.period - 1] * (width - len(p.residues))))
+                      *([p.period - 1] * (width - len(p.residues))), *extra(p))
                      for p in self.params)
 
     def cost(self, head: int, n_blocks: int) -> int:
@@ -73,7 +103,7 @@ class KernelPlan:
         i = n_blocks - 1
         window = min(p.window, i + 1)
         rest = max(i + 1 - window, 0)
-        return window + min(p.sink, rest) + (rest * len(p.residues)) // p.period
+        return window + min(p.sink, rest) + (rest * len(p.residues)) // p.period + min(p.topk, rest)
 
 
 class UnsupportedPattern(NotImplementedError):
@@ -86,10 +116,15 @@ def lower(pattern: Pattern) -> KernelPlan:
                                  "kernels yet; use the reference implementation")
     params = []
     for h, spec in enumerate(pattern.head_specs):
-        if spec.topk:
-            raise UnsupportedPattern(
-                f"pattern {pattern.name}: head {h} uses dynamic topk, which the generated kernels do not run yet; "
-                "use its static components only, or the reference implementation")
+        topk = recent = 0
+        if len(spec.topk) > 1:
+            raise UnsupportedPattern(f"pattern {pattern.name}: head {h} has {len(spec.topk)} topk components; "
+                                     "give each head one 'topk K [recent R]'")
+        if spec.topk and not spec.dense:  # a dense head already sees every block
+            topk, recent = spec.topk[0].k, spec.topk[0].recent or 0
+            if topk > MAX_TOPK:
+                raise UnsupportedPattern(f"pattern {pattern.name}: head {h} has topk {topk}, above the kernels' "
+                                         f"limit {MAX_TOPK} blocks")
         if not spec.is_classic:
             what = [name for name, used in (("window ... ahead", spec.ahead), ("stride ... relative", spec.relative),
                                             ("token-granular window/sink", spec.has_token_edges),
@@ -106,5 +141,5 @@ def lower(pattern: Pattern) -> KernelPlan:
         residues = spec.residue_set
         if not residues:
             period = NO_PERIOD
-        params.append(HeadParams(spec.window, spec.sink, period, residues))
+        params.append(HeadParams(spec.window, spec.sink, period, residues, topk, recent))
     return KernelPlan(pattern.block, pattern.heads, pattern.kv_heads, pattern.causal, tuple(params))

@@ -33,3 +33,31 @@ def full_predicate(plan: KernelPlan) -> str:
             for t in range(0, num_residues):
                 full = full | (j % period == tl.load(HeadTable + h * TABLE_WIDTH + 4 + t))""")
     return "full = " + (" | ".join(terms) if terms else "False")
+
+
+def static_keeps(plan: KernelPlan) -> str:
+    """Source of the ``@triton.jit`` helper ``static_keeps(HeadTable, h, i, j, TABLE_WIDTH)``:
+    does head ``h`` keep kv block ``j`` for query block ``i`` by its static components (window,
+    sink, residue classes, dense; the causal cut included)? ``h``, ``i``, ``j`` broadcast.
+
+    The one place generated code decides static membership: dynamic top-k never selects what
+    it keeps, so kernels visit static and selected blocks without overlap.
+    """
+    residues = ""
+    if plan.max_residues:
+        residues = f"""
+    period = tl.load(HeadTable + h * TABLE_WIDTH + 2)
+    count = tl.load(HeadTable + h * TABLE_WIDTH + 3)
+    for u in tl.static_range({plan.max_residues}):
+        r = tl.load(HeadTable + h * TABLE_WIDTH + 4 + u)
+        keep = keep | ((u < count) & (j % period == r))"""
+    causal = "\n    keep = keep & (j <= i)" if plan.causal else ""
+    return f'''
+@triton.jit
+def static_keeps(HeadTable, h, i, j, TABLE_WIDTH: tl.constexpr):
+    """Is kv block j kept for query block i by head h's static components (j >= 0)?"""
+    window = tl.load(HeadTable + h * TABLE_WIDTH + 0)
+    sink = tl.load(HeadTable + h * TABLE_WIDTH + 1)
+    keep = ((i - j >= 0) & (i - j < window)) | (j < sink){residues}{causal}
+    return keep
+'''

@@ -16,7 +16,8 @@ from . import ops
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, *,
               scale: Optional[float] = None, layout: str = "bhsd",
               cu_seqlens_q: Optional[torch.Tensor] = None, cu_seqlens_k: Optional[torch.Tensor] = None,
-              return_lse: bool = False):
+              return_lse: bool = False, selection: Optional[torch.Tensor] = None,
+              return_selection: bool = False):
     """Sparse attention of ``q`` over ``k, v`` restricted to ``pattern``, by the generated kernels.
 
     Layouts: ``"bhsd"`` (batch, heads, seq, dim), ``"bshd"`` (batch, seq, heads, dim), or
@@ -24,14 +25,40 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patter
     (int32 offsets of each sequence). ``k, v`` carry ``pattern.kv_heads`` heads. When q is
     shorter than k, the queries are the last positions (chunked prefill). ``scale``
     defaults to 1/sqrt(dim). Differentiable; traceable by ``torch.compile``.
+
+    Dynamic ``topk`` heads select their blocks per query block from the inputs
+    (``s2dsl.runtime.topk``); ``selection=`` gives them instead (checked: in range, outside the
+    static set, causal, no repeats, at most K per row) and ``return_selection=True`` appends the
+    selection used to the result. Gradients hold the selection fixed.
     """
     if not isinstance(pattern, Pattern):
         raise TypeError(f"pattern must be an s2dsl.Pattern, got {type(pattern).__name__}; "
                         "load one with s2dsl.load(path)[name]")
     # the inputs are checked inside the op (and by its fake implementation while tracing)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    out, lse = ops.attention_fwd(q, k, v, ops.register(pattern), scale, layout, cu_seqlens_q, cu_seqlens_k)
-    return (out, lse) if return_lse else out
+    if pattern.is_static:
+        if selection is not None or return_selection:
+            raise ValueError(f"pattern {pattern.name} has no topk heads: it takes no selection")
+        out, lse = ops.attention_fwd(q, k, v, ops.register(pattern), scale, layout, cu_seqlens_q, cu_seqlens_k)
+        return (out, lse) if return_lse else out
+    if cu_seqlens_q is not None or cu_seqlens_k is not None:
+        from .attention import InputError
+        raise InputError(f"pattern '{pattern.name}' has dynamic topk heads, which run on (batch, heads, seq, dim) "
+                         "or (batch, seq, heads, dim) tensors, not packed cu_seqlens batches")
+    key = ops.register(pattern)
+    if selection is None:
+        selection = ops.topk_select(q, k, key, layout)
+    elif not torch.compiler.is_compiling():
+        from .attention import _check
+        from .topk import check_selection
+        _check(q, k, v, pattern, layout, None, None)
+        sd = 2 if layout == "bhsd" else 1
+        selection = check_selection(selection, pattern, q.shape[0], q.shape[sd], k.shape[sd], q.device)
+    out, lse = ops.attention_fwd_topk(q, k, v, selection, key, scale, layout)
+    result = (out, lse) if return_lse else (out,)
+    if return_selection:
+        result += (selection,)
+    return result if len(result) > 1 else result[0]
 
 
 class SparseAttention(torch.nn.Module):

@@ -82,9 +82,12 @@ def _check(q, k, v, pattern: Pattern, layout: str, cu_seqlens_q, cu_seqlens_k, s
     if not 16 <= head_dim <= 256:
         raise InputError(f"head dim {head_dim} is not supported: use 16..256")
     try:
-        lower(pattern)
+        plan = lower(pattern)
     except UnsupportedPattern as exc:
         raise InputError(str(exc)) from None
+    if plan.has_topk and varlen:
+        raise InputError(f"pattern '{pattern.name}' has dynamic topk heads, which run on (batch, heads, seq, dim) "
+                         "or (batch, seq, heads, dim) tensors, not packed cu_seqlens batches")
     return varlen, head_dim
 
 
@@ -99,10 +102,12 @@ def _strides(t: torch.Tensor, layout: str) -> Tuple[int, int, int]:
 
 def forward(q, k, v, pattern: Pattern, *, scale: Optional[float] = None, layout: str = "bhsd",
             cu_seqlens_q=None, cu_seqlens_k=None, tuning: Optional[dict] = None,
-            out: Optional[torch.Tensor] = None):
+            out: Optional[torch.Tensor] = None, selection: Optional[torch.Tensor] = None):
     """Output and log-sum-exp (float32, (batch, heads, q_len) or (heads, total_q) when packed).
 
-    ``out``, if given, receives the output (same shape, dtype and layout as q)."""
+    ``out``, if given, receives the output (same shape, dtype and layout as q). For a pattern
+    with dynamic topk heads, ``selection`` (``s2dsl.runtime.topk``) gives the selected blocks;
+    without it they are selected here."""
     varlen, head_dim = _check(q, k, v, pattern, layout, cu_seqlens_q, cu_seqlens_k)
     layout = "varlen" if varlen else layout
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
@@ -124,8 +129,17 @@ def forward(q, k, v, pattern: Pattern, *, scale: Optional[float] = None, layout:
         q_len, kv_len = q.shape[sd], k.shape[sd]
         lse = torch.empty(batch, pattern.heads, q_len, dtype=torch.float32, device=q.device)
         lse_strides = (lse.stride(0), lse.stride(1))
+    extra = {}
+    if lower(pattern).has_topk:
+        from .topk import check_selection, select_blocks, selection_shape
+        if selection is None:
+            selection = select_blocks(q, k, pattern, layout=layout)
+        else:
+            selection = check_selection(selection, pattern, batch, q_len, kv_len, q.device, values=False)
+        extra = dict(sel=selection, sel_strides=selection.stride()[:3],
+                     sel_first_block=selection_shape(pattern, batch, q_len, kv_len)[1])
     if out.numel():
         module.launch(q, k, v, out, lse, _strides(q, layout), _strides(k, layout), _strides(v, layout),
                       _strides(out, layout), lse_strides, batch, q_len, kv_len, q_len, cu_seqlens_q, cu_seqlens_k,
-                      scale)
+                      scale, **extra)
     return out, lse

@@ -58,6 +58,8 @@ def choose_backward(pattern: Pattern, dtype: torch.dtype, head_dim: int, layout:
     else:
         spec = replace(choose_backward_for_gpu(pattern, head_dim), dtype=_DTYPES[dtype], layout=layout,
                        capability=tuple(capability))
+    if spec.block_m > block and lower(pattern).has_topk:  # a dQ tile takes the selection of one query block
+        spec = replace(spec, block_m=block)
     return replace(spec, **(tuning or {}))
 
 
@@ -72,8 +74,10 @@ def choose_backward_for_gpu(pattern: Pattern, head_dim: int) -> BackwardSpeciali
     block = pattern.block
     big = head_dim > 128
     tile = _divisor(block, 32 if big else 64)
+    # with topk heads a dQ tile takes the selection of its one query block
+    block_m = min(64, block) if lower(pattern).has_topk else 64
     return BackwardSpecialization(
-        head_dim=head_dim, capability=(9, 0), block_m=64, block_n=tile, num_warps=4, num_stages=2,
+        head_dim=head_dim, capability=(9, 0), block_m=block_m, block_n=tile, num_warps=4, num_stages=2,
         one_grid=not big, flat_steps=True, dkdv_block_m=tile, dkdv_block_n=tile,
         dkdv_num_warps=8 if big else 4, dkdv_num_stages=2,
         # sm_90 compiles of the GQA dK/dV kernel spill ~10x less with the group loop unrolled
@@ -111,13 +115,15 @@ def _same_shape(name: str, t, ref: torch.Tensor):
 
 
 def backward(q, k, v, out, lse, dout, pattern: Pattern, *, scale: Optional[float] = None, layout: str = "bhsd",
-             cu_seqlens_q=None, cu_seqlens_k=None, tuning: Optional[dict] = None):
+             cu_seqlens_q=None, cu_seqlens_k=None, tuning: Optional[dict] = None,
+             selection: Optional[torch.Tensor] = None):
     """Gradients ``(dq, dk, dv)`` of ``forward(q, k, v, pattern, ...)`` given ``dout``.
 
     ``out`` and ``lse`` are what ``forward`` returned (lse: natural log, float32,
     (batch, heads, q_len), or (heads, total_q) when packed). dk and dv come in k's and v's
     shapes (kv heads), all three in the input dtype; accumulation is float32. Query rows
-    the pattern leaves empty get zero gradient.
+    the pattern leaves empty get zero gradient. For a pattern with dynamic topk heads,
+    ``selection`` is the one the forward used (held fixed: no gradient flows into the choice).
     """
     varlen, head_dim = _check(q, k, v, pattern, layout, cu_seqlens_q, cu_seqlens_k)
     layout = "varlen" if varlen else layout
@@ -152,8 +158,18 @@ def backward(q, k, v, out, lse, dout, pattern: Pattern, *, scale: Optional[float
     spec = choose_backward(pattern, q.dtype, head_dim, layout, q.device, tuning)
     module = backward_module(pattern, spec)
     lse_strides = (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
+    extra = {}
+    if lower(pattern).has_topk:
+        from .topk import check_selection, selection_shape, transpose_selection
+        if selection is None:
+            raise InputError(f"pattern '{pattern.name}' has dynamic topk heads: pass the selection the forward used")
+        selection = check_selection(selection, pattern, batch, q_len, kv_len, q.device, values=False)
+        first = selection_shape(pattern, batch, q_len, kv_len)[1]
+        t_off, t_list = transpose_selection(selection, -(-kv_len // pattern.block), first)
+        extra = dict(sel=selection, sel_strides=selection.stride()[:3], sel_first_block=first,
+                     t_off=t_off, t_list=t_list)
     module.launch(q, k, v, out, dout, lse, dq, dk, dv,
                   _strides(q, layout), _strides(k, layout), _strides(v, layout), _strides(out, layout),
                   _strides(dout, layout), _strides(dq, layout), _strides(dk, layout), _strides(dv, layout),
-                  lse_strides, batch, q_len, kv_len, cu_seqlens_q, cu_seqlens_k, scale)
+                  lse_strides, batch, q_len, kv_len, cu_seqlens_q, cu_seqlens_k, scale, **extra)
     return dq, dk, dv

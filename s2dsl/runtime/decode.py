@@ -26,6 +26,7 @@ from .attention import InputError
 from .cache import KernelCache, cache_key, codegen_fingerprint, default_cache
 from .kernels import _DTYPES, interpreting
 from .kv_cache import DecodeBatch, PagedKVCache
+from .topk_state import state_for
 
 __all__ = ["paged_attention", "cached_attention", "choose_decode", "decode_module", "decode_source",
            "kept_blocks_for_query"]
@@ -179,8 +180,15 @@ def paged_attention(q: torch.Tensor, cache: PagedKVCache, seqs: Union[Sequence[H
         return (out, lse) if return_lse else out
     if n_splits is None:
         n_splits = _splits(pattern, b, math.ceil(q_len / spec.block_q), batch.max_len, q_len, q.device)
+    topk = state_for(cache)  # dynamic top-k: the kernel reads the selection, writes each block's mass
+    extra = {}
+    if topk is not None:
+        topk.reset(batch.slots, batch.seq_lens == q_len)  # sequences new to their slot start afresh
+        extra = topk.kernel_args(b, heads)
     module.launch(q, out, lse, cache.k_pages, cache.v_pages, cache.block_tables, batch.slots, batch.seq_lens,
-                  q_len, int(n_splits), scale)
+                  q_len, int(n_splits), scale, **extra)
+    if topk is not None:
+        topk.after_step(batch.slots, batch.seq_lens, extra["block_lse"], lse)
     return (out, lse) if return_lse else out
 
 
@@ -204,6 +212,9 @@ def cached_attention(cache: PagedKVCache, seq_ids: Sequence[Hashable], q: torch.
         cache._check_write(seq_ids, k, v)
         result = attention(q, k, v, cache.pattern, scale=scale, return_lse=return_lse)
         cache.append(seq_ids, k, v, only_needed=True)
+        topk = state_for(cache)
+        if topk is not None:  # decode's top-k scores start from the prompt's last rows
+            topk.seed(cache.batch(seq_ids).slots, q, k, 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
     else:
         cache.append(seq_ids, k, v)
         result = paged_attention(q, cache, seq_ids, scale=scale, n_splits=n_splits, tuning=tuning,

@@ -80,3 +80,67 @@ def _backward(ctx, dout, dlse):
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------- dynamic top-k
+# Patterns with topk heads take their own ops: the selection is an input of the forward (made
+# by ``topk_select`` unless the caller gives one) and is held fixed through the backward.
+
+@torch.library.custom_op("s2dsl::topk_select", mutates_args=())
+def topk_select(q: torch.Tensor, k: torch.Tensor, pattern_key: str, layout: str) -> torch.Tensor:
+    from .topk import select_blocks
+    _attention._check(q, k, k, _pattern(pattern_key), layout, None, None)  # refuse bad inputs before any work
+    return select_blocks(q, k, _pattern(pattern_key), layout=layout)
+
+
+@topk_select.register_fake
+def _(q, k, pattern_key, layout):
+    from .topk import selection_shape
+    _attention._check(q, k, k, _pattern(pattern_key), layout, None, None, static_only=True)
+    sd = 2 if layout == "bhsd" else 1
+    shape, _ = selection_shape(_pattern(pattern_key), q.shape[0], q.shape[sd], k.shape[sd])
+    return q.new_empty(shape, dtype=torch.int32)
+
+
+@torch.library.custom_op("s2dsl::attention_fwd_topk", mutates_args=())
+def attention_fwd_topk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selection: torch.Tensor,
+                       pattern_key: str, scale: float, layout: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    return _attention.forward(q, k, v, _pattern(pattern_key), scale=scale, layout=layout, selection=selection)
+
+
+@attention_fwd_topk.register_fake
+def _(q, k, v, selection, pattern_key, scale, layout):
+    _attention._check(q, k, v, _pattern(pattern_key), layout, None, None, static_only=True)
+    heads = q.shape[1] if layout == "bhsd" else q.shape[2]
+    return torch.empty_like(q), q.new_empty(_lse_shape(q, layout, False, heads), dtype=torch.float32)
+
+
+@torch.library.custom_op("s2dsl::attention_bwd_topk", mutates_args=())
+def attention_bwd_topk(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                       lse: torch.Tensor, selection: torch.Tensor, pattern_key: str, scale: float,
+                       layout: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from .backward import backward
+    return backward(q, k, v, out, lse, dout, _pattern(pattern_key), scale=scale, layout=layout,
+                    selection=selection)
+
+
+@attention_bwd_topk.register_fake
+def _(dout, q, k, v, out, lse, selection, pattern_key, scale, layout):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context_topk(ctx, inputs, output):
+    q, k, v, selection, pattern_key, scale, layout = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, selection)
+    ctx.meta = (pattern_key, scale, layout)
+
+
+def _backward_topk(ctx, dout, dlse):
+    q, k, v, out, lse, selection = ctx.saved_tensors
+    pattern_key, scale, layout = ctx.meta
+    dq, dk, dv = attention_bwd_topk(dout.contiguous(), q, k, v, out, lse, selection, pattern_key, scale, layout)
+    return dq, dk, dv, None, None, None, None
+
+
+attention_fwd_topk.register_autograd(_backward_topk, setup_context=_setup_context_topk)

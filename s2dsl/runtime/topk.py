@@ -1,0 +1,178 @@
+"""Dynamic top-k in prefill: which kv blocks each (head, query block) adds to its static set.
+
+A selection is an int32 tensor ``[batch, heads, n_rows, K]``: row ``r`` is absolute query
+block ``first_block + r`` with ``first_block = (kv_len - q_len) // block`` (the queries are the
+last ``q_len`` positions), ``K`` is the largest ``topk K`` of the pattern, and a row of head
+``h`` holds at most that head's own K kv block indices, then ``-1``. A selection never holds a
+block the head keeps statically, a block the causal cut forbids, or the same block twice, so
+the kernels visit static and selected blocks exactly once each. Heads without ``topk`` have
+rows of ``-1``. Nothing here is N x N: the scores are per (query block, kv block), the index
+per (query block, K).
+
+Estimator (``select_blocks``): the block-pooled score of MInference's block-sparse heads. Per
+head, the mean query of each query block dotted with the mean key of each kv block (the kv
+head's, under grouped-query attention); the K best candidates outside the static set win.
+Its cost is one ``[query blocks, D] x [D, kv blocks]`` product per head, chunked over query
+blocks so memory stays bounded at long contexts.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Optional, Tuple
+
+import torch
+
+from ..codegen.lower import KernelPlan, lower
+from ..codegen.select import SELECT_CODEGEN_VERSION, generate_select
+from ..pattern import Pattern
+from .cache import cache_key, codegen_fingerprint, default_cache
+
+__all__ = ["selection_shape", "select_blocks", "check_selection", "topk_heads", "exclusion_module",
+           "pooled_blocks", "SCORE_CHUNK_ELEMENTS"]
+
+#: float32 scores held at once while selecting (the query blocks are taken in chunks)
+SCORE_CHUNK_ELEMENTS = 1 << 26
+
+
+@lru_cache(maxsize=256)
+def _plan(pattern: Pattern) -> KernelPlan:
+    return lower(pattern)
+
+
+def topk_heads(pattern: Pattern) -> Tuple[int, ...]:
+    """Per q head, its ``topk K`` (0 for a static head)."""
+    return tuple(p.topk for p in _plan(pattern).params)
+
+
+def selection_shape(pattern: Pattern, batch: int, q_len: int, kv_len: int) -> Tuple[Tuple[int, int, int, int], int]:
+    """``((batch, heads, n_rows, K), first_block)`` of the selection for these lengths."""
+    block = pattern.block
+    first = (kv_len - q_len) // block
+    n_rows = 0 if q_len == 0 else (kv_len - 1) // block - first + 1
+    return (batch, pattern.heads, n_rows, _plan(pattern).max_topk), first
+
+
+def exclusion_module(pattern: Pattern):
+    """The generated module whose ``exclude`` drops static and causally forbidden candidates."""
+    plan = _plan(pattern)
+    key = cache_key(SELECT_CODEGEN_VERSION, codegen_fingerprint(), "select", plan)
+    return default_cache().get(key, lambda: generate_select(plan, name=pattern.name,
+                                                            fingerprint=pattern.fingerprint()))
+
+
+def pooled_blocks(x: torch.Tensor, block: int, offset: int = 0) -> torch.Tensor:
+    """Mean over each block of rows of ``x`` (batch, heads, n, d), float32; the first row sits at
+    position ``offset`` of its block (partial first and last blocks average what they hold)."""
+    b, h, n, d = x.shape
+    lead = offset % block
+    total = lead + n
+    n_blocks = -(-total // block)
+    padded = x.new_zeros(b, h, n_blocks * block, d, dtype=torch.float32)
+    padded[:, :, lead:lead + n] = x.float()
+    sums = padded.view(b, h, n_blocks, block, d).sum(3)
+    starts = torch.arange(n_blocks, device=x.device) * block
+    counts = (torch.clamp(starts + block, max=total) - torch.clamp(starts, min=lead)).clamp(min=1)
+    return sums / counts.view(1, 1, -1, 1).to(torch.float32)
+
+
+@torch.no_grad()
+def select_blocks(q: torch.Tensor, k: torch.Tensor, pattern: Pattern, *, layout: str = "bhsd") -> torch.Tensor:
+    """The prefill selection for ``q`` over ``k`` (see the module docstring for its layout)."""
+    if layout == "bshd":
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+    batch, heads, q_len, _ = q.shape
+    kv_len = k.shape[2]
+    shape, first = selection_shape(pattern, batch, q_len, kv_len)
+    sel = torch.full(shape, -1, dtype=torch.int32, device=q.device)
+    ks = topk_heads(pattern)
+    dyn = [h for h, kk in enumerate(ks) if kk]
+    n_rows, k_max = shape[2], shape[3]
+    if not dyn or n_rows == 0 or k_max == 0:
+        return sel
+    block = pattern.block
+    n_cols = -(-kv_len // block)
+    heads_t = torch.tensor(dyn, dtype=torch.long, device=q.device)
+    q_pool = pooled_blocks(q.index_select(1, heads_t), block, kv_len - q_len)       # (b, T, n_rows, d)
+    k_pool = pooled_blocks(k, block).index_select(1, heads_t // pattern.group_size)  # (b, T, n_cols, d)
+    k_t = k_pool.transpose(-1, -2).contiguous()
+    per_head_k = torch.tensor([ks[h] for h in dyn], device=q.device).view(1, -1, 1, 1)
+    module = exclusion_module(pattern)
+    heads_arg = heads_t.to(torch.int32).view(-1, 1).contiguous()
+    n_valid = torch.full((batch,), n_cols, dtype=torch.int32, device=q.device)
+    take = min(k_max, n_cols)
+    chunk = max(1, SCORE_CHUNK_ELEMENTS // max(1, batch * len(dyn) * n_cols))
+    for r0 in range(0, n_rows, chunk):
+        r1 = min(n_rows, r0 + chunk)
+        scores = torch.matmul(q_pool[:, :, r0:r1], k_t).contiguous()               # (b, T, rows, n_cols)
+        row_block = torch.full((batch,), first + r0, dtype=torch.int32, device=q.device)
+        module.exclude(scores, heads_arg, row_block, n_valid)
+        values, index = torch.topk(scores, take, dim=-1)
+        slot = torch.arange(take, device=q.device).view(1, 1, 1, -1)
+        keep = (values > float("-inf")) & (slot < per_head_k)
+        sel[:, heads_t, r0:r1, :take] = torch.where(keep, index, -1).to(torch.int32)
+    return sel
+
+
+def check_selection(sel, pattern: Pattern, batch: int, q_len: int, kv_len: int, device: torch.device,
+                    *, values: bool = True) -> torch.Tensor:
+    """A user-given selection, checked; returns it as a contiguous int32 tensor.
+
+    Shape, dtype and device always; with ``values`` (reads the tensor: one host sync) also that
+    every entry is -1 or a kv block the head may select (inside the context, allowed by the
+    causal cut, not static), that no row repeats a block, and that no row of head ``h`` holds
+    more than its K blocks.
+    """
+    from .attention import InputError
+
+    shape, first = selection_shape(pattern, batch, q_len, kv_len)
+    if not isinstance(sel, torch.Tensor):
+        raise TypeError(f"selection must be a torch.Tensor, got {type(sel).__name__}")
+    if tuple(sel.shape) != shape:
+        raise InputError(f"selection must have shape (batch, heads, query blocks, K) = {shape} for q_len {q_len}, "
+                         f"kv_len {kv_len}; got {tuple(sel.shape)}")
+    if sel.dtype not in (torch.int32, torch.int64) or sel.device != device:
+        raise InputError(f"selection must be int32 (or int64) on {device}; got {sel.dtype} on {sel.device}")
+    sel = sel.to(torch.int32).contiguous()
+    if not values or sel.numel() == 0:
+        return sel
+    n_cols = -(-kv_len // pattern.block)
+    if bool(((sel < -1) | (sel >= n_cols)).any()):
+        raise InputError(f"selection holds a block outside -1..{n_cols - 1} (-1 marks an unused slot)")
+    ks = torch.tensor(topk_heads(pattern), device=device).view(1, -1, 1)
+    if bool(((sel >= 0).sum(-1) > ks).any()):
+        raise InputError(f"a selection row holds more blocks than its head's topk K {topk_heads(pattern)}")
+    ordered = sel.sort(-1).values
+    if bool(((ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] >= 0)).any()):
+        raise InputError("a selection row repeats a block")
+    # static or causally forbidden entries: the generated exclusion marks them on a block grid
+    grid = torch.zeros(batch, pattern.heads, shape[2], n_cols, dtype=torch.float32, device=device)
+    heads_arg = torch.arange(pattern.heads, dtype=torch.int32, device=device).view(-1, 1)
+    exclusion_module(pattern).exclude(grid, heads_arg, torch.full((batch,), first, dtype=torch.int32, device=device),
+                                      torch.full((batch,), n_cols, dtype=torch.int32, device=device))
+    picked = grid.gather(-1, sel.clamp(min=0).long())
+    if bool(((picked == float("-inf")) & (sel >= 0)).any()):
+        raise InputError("a selection holds a block the head keeps statically or the causal cut forbids; "
+                         "select only blocks outside the static set (s2dsl.runtime.topk.select_blocks does)")
+    return sel
+
+
+def transpose_selection(sel: torch.Tensor, n_kv_blocks: int, first_block: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The selection read per kv block, for the dK/dV kernel: ``(offsets, query_blocks)``.
+
+    For key ``(b * heads + h) * n_kv_blocks + j``, ``query_blocks[offsets[key]:offsets[key + 1]]``
+    are the absolute query blocks whose row of head ``h`` selected kv block ``j``, ascending.
+    Built on the device by a stable sort of the O(heads * query blocks * K) entries: no atomics
+    in the kernel, no host sync, the same order (so the same sums) on every run.
+    """
+    batch, heads, n_rows, k = sel.shape
+    n_keys = batch * heads * n_kv_blocks
+    device = sel.device
+    bh = torch.arange(batch * heads, device=device).view(batch, heads, 1, 1) * n_kv_blocks
+    key = torch.where(sel >= 0, bh + sel.long(), n_keys).reshape(-1)  # unused slots sort last
+    order = torch.argsort(key, stable=True)
+    rows = (torch.arange(n_rows, device=device) + first_block).view(1, 1, -1, 1).expand(batch, heads, n_rows, k)
+    query_blocks = rows.reshape(-1)[order].to(torch.int32).contiguous()
+    counts = torch.zeros(n_keys + 1, dtype=torch.long, device=device).scatter_add_(0, key, torch.ones_like(key))
+    offsets = torch.zeros(n_keys + 1, dtype=torch.int32, device=device)
+    offsets[1:] = torch.cumsum(counts[:-1], 0).to(torch.int32)
+    return offsets, query_blocks
