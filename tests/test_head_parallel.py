@@ -35,15 +35,24 @@ model tiny {
 SEQ = 48
 
 
-def _model():
+def _model(hidden: int = 128, plan: str = PLAN):
     from transformers import LlamaConfig, LlamaForCausalLM
     from s2dsl.integrations import hf
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=128, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=128)
+    config = LlamaConfig(vocab_size=64, hidden_size=hidden, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024)
     model = LlamaForCausalLM(config).eval()
-    hf.apply(model, s2dsl.parse(PLAN), model_name="tiny")
+    hf.apply(model, s2dsl.parse(plan), model_name="tiny")
     return model
+
+
+# on the GPU: the kernels' tuned shapes (block 64, head dim 64), 512 tokens
+GPU_PLAN = PLAN.replace("block = 16", "block = 64")
+GPU_SEQ = 512
+
+
+def _gpu_ids():
+    return torch.randint(0, 64, (1, GPU_SEQ), generator=torch.Generator().manual_seed(5))
 
 
 def _inputs():
@@ -135,11 +144,12 @@ def _nccl_worker(rank: int, world: int, tmp: str, examples: str):
         pattern = s2dsl.load(os.path.join(examples, "heterogeneous.s2"))["heterogeneous"]
         q, k, v = _gpu_inputs(pattern, 2048)
         attn = head_parallel_attention(q, k, v, pattern, place(pattern, world, 32768))
-        model = _model().cuda()
-        _, _, _, ids = _inputs()
-        shard_attention_layers(model, place_layers(model.s2dsl_patterns, world, SEQ))
+        model = _model(512, GPU_PLAN).cuda()
+        placements = place_layers(model.s2dsl_patterns, world, GPU_SEQ)
+        assert [list(a) for a in placements[1].assignment] != contiguous(8, 2)
+        shard_attention_layers(model, placements)
         with torch.no_grad():
-            logits = model(ids.cuda(), use_cache=False).logits
+            logits = model(_gpu_ids().cuda(), use_cache=False).logits
         torch.save({"attn": attn.cpu(), "logits": logits.cpu()}, os.path.join(tmp, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -155,10 +165,9 @@ def test_gpu_two_nccl_ranks_equal_one_gpu(tmp_path, examples_dir, monkeypatch):
     pattern = s2dsl.load(str(examples_dir / "heterogeneous.s2"))["heterogeneous"]
     q, k, v = _gpu_inputs(pattern, 2048)
     ref = s2dsl.reference_attention(q.float(), k.float(), v.float(), pattern).cpu()
-    model = _model().cuda()
-    _, _, _, ids = _inputs()
+    model = _model(512, GPU_PLAN).cuda()
     with torch.no_grad():
-        ref_logits = model(ids.cuda(), use_cache=False).logits.cpu()
+        ref_logits = model(_gpu_ids().cuda(), use_cache=False).logits.cpu()
     for rank in range(2):
         got = torch.load(tmp_path / f"rank{rank}.pt")
         assert not got["attn"].isnan().any()
