@@ -17,6 +17,9 @@ whole pattern computed on that rank.
     python benchmarks/bench_head_parallel.py --gpus 4 --kv-heads 8 --out hp4_gqa.json
     python benchmarks/bench_head_parallel.py --gpus 4 --mode topk --out hp4_topk.json
 
+With the measured placement, OUT.times-SEQ.json holds per-head times (a kv group's time split
+evenly over its heads) in the form ``s2dsl place --times`` reads.
+
 NCCL only; NVLink multicast (NVLS) and symmetric-memory multicast are switched off in every
 process before torch.distributed starts.
 """
@@ -220,6 +223,8 @@ def worker(rank: int, world: int, args, port: int, out_path: str):
                     assigns["placed_measured"] = expand(bins)
                     if rank == 0:  # each kv group alone: what `s2dsl place --times` can balance
                         rows.append({"seq": seq, "plan": plan, "assignment": "group_times", "group_ms": group_ms})
+                        head_ms = [group_ms[h // g] / g for h in range(pattern.heads)]
+                        Path(f"{out_path}.times-{seq}.json").write_text(json.dumps({"head_ms": head_ms}))
                 costs = head_costs(pattern, seq)
                 for name, assignment in assigns.items():
                     heads = sorted(assignment[rank])
