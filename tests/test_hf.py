@@ -177,12 +177,28 @@ def test_crop_beyond_the_rollback_window_is_refused(model):
 
 
 @kernels
-def test_padding_without_s2cache_is_refused(model):
-    ids = torch.randint(0, 100, (2, 20))
-    mask = torch.ones_like(ids)
-    mask[0, :3] = 0
-    with torch.no_grad(), pytest.raises(NotImplementedError, match="S2Cache"):
-        _use(model, hf.ATTN_IMPLEMENTATION)(ids, attention_mask=mask, use_cache=False)
+def test_padded_batch_without_s2cache(model):
+    """Full keys (no cache, DynamicCache): a left-padded batch gives each prompt its own logits and
+    tokens; real tokens that are not contiguous are refused."""
+    from transformers import DynamicCache
+    gen = torch.Generator().manual_seed(10)
+    prompts = [torch.randint(1, 100, (n,), generator=gen) for n in (26, 17)]
+    ids, mask = _left_padded(prompts)
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    _use(model, hf.ATTN_IMPLEMENTATION)
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask, use_cache=False).logits
+        out = model.generate(ids, attention_mask=mask, past_key_values=DynamicCache(config=model.config), **kw)
+        for r, p in enumerate(prompts):
+            alone = model(p.view(1, -1), use_cache=False).logits
+            torch.testing.assert_close(logits[r, ids.shape[1] - len(p):], alone[0], atol=1e-4, rtol=1e-4)
+            solo = model.generate(p.view(1, -1), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                                  past_key_values=DynamicCache(config=model.config), **kw)
+            assert torch.equal(out[r, ids.shape[1]:], solo[0, len(p):])
+        holes = mask.clone()
+        holes[0, -5] = 0
+        with pytest.raises(NotImplementedError, match="contiguous"):
+            model(ids, attention_mask=holes, use_cache=False)
 
 
 def test_import_s2dsl_does_not_import_transformers():
