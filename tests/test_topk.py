@@ -233,6 +233,7 @@ def test_decode_replays_the_selection_and_scores_the_last_steps(name):
 
     pattern = s2dsl.parse(DECODE_PATTERNS[name])["p"]
     ks = _ks(pattern)
+    splits = 3 if name == "mixed" else 1  # split-KV: the selected blocks spread over the splits too
     with pytest.warns(UserWarning, match="KV-efficient"):
         cache = PagedKVCache(pattern, num_pages=64, head_dim=16, dtype=torch.float32, max_seqs=2)
     total = 70
@@ -250,7 +251,8 @@ def test_decode_replays_the_selection_and_scores_the_last_steps(name):
     steps = [1] * 10 + [3] + [1] * 14  # the last queries have more candidates than K
     for n in steps:
         before = state.selection[[cache.slot(s) for s in ids]].clone()
-        out = cached_attention(cache, ids, q[:, :, pos:pos + n], k[:, :, pos:pos + n], v[:, :, pos:pos + n])
+        out = cached_attention(cache, ids, q[:, :, pos:pos + n], k[:, :, pos:pos + n], v[:, :, pos:pos + n],
+                               n_splits=splits)
         pos += n
         for b, s in enumerate(ids):
             first = (pos - n) // pattern.block
@@ -319,3 +321,21 @@ def test_hf_generation_with_a_topk_plan_that_reaches_every_block_equals_dense():
         model.set_attn_implementation(hf.ATTN_IMPLEMENTATION)
         out = model.generate(ids, past_key_values=hf.S2Cache(model, max_length=37 + 12, batch_size=2), **kw)
     assert torch.equal(out, ref)
+
+
+def test_torch_compile_traces_topk_without_graph_break():
+    pattern = s2dsl.parse("pattern p { block = 16 heads = 2 kv_heads = 1 heads * { window 1 topk 2 } }")["p"]
+    q, k, v = random_inputs(1, 2, 1, 48, 48, 16, torch.float32, seed=4)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+
+    def f(q, k, v):
+        out, sel = s2dsl.attention(q, k, v, pattern, return_selection=True)
+        return out * 2, sel
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out, sel = compiled(q, k, v)
+    want, want_sel = f(q, k, v)
+    assert torch.equal(sel, want_sel)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    out.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))

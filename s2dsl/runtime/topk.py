@@ -67,9 +67,12 @@ def pooled_blocks(x: torch.Tensor, block: int, offset: int = 0) -> torch.Tensor:
     lead = offset % block
     total = lead + n
     n_blocks = -(-total // block)
-    padded = x.new_zeros(b, h, n_blocks * block, d, dtype=torch.float32)
-    padded[:, :, lead:lead + n] = x.float()
-    sums = padded.view(b, h, n_blocks, block, d).sum(3)
+    if lead == 0 and total % block == 0 and x.is_contiguous():  # aligned: no padded float32 copy
+        sums = x.view(b, h, n_blocks, block, d).sum(3, dtype=torch.float32)
+    else:
+        padded = x.new_zeros(b, h, n_blocks * block, d, dtype=torch.float32)
+        padded[:, :, lead:lead + n] = x
+        sums = padded.view(b, h, n_blocks, block, d).sum(3)
     starts = torch.arange(n_blocks, device=x.device) * block
     counts = (torch.clamp(starts + block, max=total) - torch.clamp(starts, min=lead)).clamp(min=1)
     return sums / counts.view(1, 1, -1, 1).to(torch.float32)
@@ -92,7 +95,8 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, pattern: Pattern, *, layout:
     block = pattern.block
     n_cols = -(-kv_len // block)
     heads_t = torch.tensor(dyn, dtype=torch.long, device=q.device)
-    q_pool = pooled_blocks(q.index_select(1, heads_t), block, kv_len - q_len)       # (b, T, n_rows, d)
+    q_dyn = q if len(dyn) == heads else q.index_select(1, heads_t)
+    q_pool = pooled_blocks(q_dyn, block, kv_len - q_len)                             # (b, T, n_rows, d)
     k_pool = pooled_blocks(k, block).index_select(1, heads_t // pattern.group_size)  # (b, T, n_cols, d)
     k_t = k_pool.transpose(-1, -2).contiguous()
     per_head_k = torch.tensor([ks[h] for h in dyn], device=q.device).view(1, -1, 1, 1)
