@@ -339,3 +339,22 @@ def test_torch_compile_traces_topk_without_graph_break():
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
     out.sum().backward()
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+@pytest.mark.parametrize("tuning", [{"one_grid": True, "flat_steps": True, "block_m": 16},
+                                    {"two_streams": True, "dkdv_unroll_group": True, "order": "tile_major"}])
+def test_backward_launch_shapes_with_topk(tuning):
+    """The GPU's launch shape (dK/dV and dQ programs in one grid, flat query steps) and the others."""
+    from s2dsl.runtime.attention import forward
+    from s2dsl.runtime.backward import backward
+
+    pattern = s2dsl.parse("pattern p { block = 32 heads = 4 kv_heads = 2 "
+                          "heads 0..1 { window 1 topk h + 1 } heads 2..3 { stride 3 offset h topk 2 } }")["p"]
+    q, k, v, do = random_inputs(1, 4, 2, 70, 100, 16, torch.float32, seed=8, grad_out=True)
+    sel = select_blocks(q, k, pattern)
+    out, lse = forward(q, k, v, pattern, selection=sel)
+    got = backward(q, k, v, out, lse, do, pattern, selection=sel, tuning=tuning)
+    want = _reference_grads(q, k, v, do, pattern, sel)
+    for name, g, r in zip("qkv", got, want):
+        torch.testing.assert_close(g.double(), r, atol=1e-4 * max(1.0, r.abs().max().item()), rtol=1e-4,
+                                   msg=lambda m: f"d{name}: {m}")
