@@ -358,3 +358,30 @@ def test_backward_launch_shapes_with_topk(tuning):
     for name, g, r in zip("qkv", got, want):
         torch.testing.assert_close(g.double(), r, atol=1e-4 * max(1.0, r.abs().max().item()), rtol=1e-4,
                                    msg=lambda m: f"d{name}: {m}")
+
+
+@pytest.mark.parametrize("lq,lk,causal", [(80, 80, True), (37, 90, True), (50, 70, False)])
+def test_last_row_estimator_picks_the_blocks_the_last_query_attends_most(lq, lk, causal):
+    mode = "causal" if causal else "bidirectional"
+    pattern = s2dsl.parse(f"pattern p {{ block = 16 heads = 4 kv_heads = 2 {mode} "
+                          "heads 0..1 { window 1 topk 2 } heads 2..3 { sink 1 topk h - 1 } }")["p"]
+    q, k, _ = random_inputs(1, 4, 2, lq, lk, 16, torch.float32, seed=lk + lq)
+    sel = select_blocks(q, k, pattern, estimator="last_row")
+    shape, first = selection_shape(pattern, 1, lq, lk)
+    kf = k.repeat_interleave(2, dim=1)
+    for h, kh in enumerate(_ks(pattern)):
+        for r in range(shape[2]):
+            i = first + r
+            p = min((i + 1) * 16, lk) - 1
+            logits = (q[0, h, p - (lk - lq)] @ kf[0, h].T) / 4.0
+            if causal:
+                logits[p + 1:] = float("-inf")
+            mass = torch.nn.functional.pad(torch.softmax(logits, -1), (0, -lk % 16)).view(-1, 16).sum(-1)
+            cands = [j for j in range(-(-lk // 16)) if not pattern.keeps(h, i, j) and not (causal and j > i)]
+            picked = [j for j in sel[0, h, r].tolist() if j >= 0]
+            assert len(picked) == min(kh, len(cands)) and set(picked) <= set(cands)
+            rest = [mass[j].item() for j in cands if j not in picked]
+            if picked and rest:
+                assert min(mass[j].item() for j in picked) >= max(rest) - 1e-6
+    with pytest.raises(ValueError, match="estimator"):
+        select_blocks(q, k, pattern, estimator="antidiagonal")
