@@ -164,6 +164,12 @@ def decode_rows(pattern, static, n: int, batch: int) -> dict:
     kr, vr = (t.repeat_interleave(HEADS // KV_HEADS, 1) for t in (k, v))
     row["sdpa_dense_ms"] = bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, kr, vr))
     row["dense_kv_bytes"] = 2 * k.numel() * k.element_size()
+    # bytes the top-k step needs: per (sequence, kv head) its window, sink and K selected pages
+    spec = pattern.head_specs[0]
+    needed_blocks = min(-(-n // BLOCK), spec.window + spec.sink + spec.topk[0].k)
+    row["topk_needed_bytes"] = 2 * batch * KV_HEADS * needed_blocks * BLOCK * DIM * k.element_size()
+    row["s2dsl_topk_GBps_needed"] = row["topk_needed_bytes"] / row["s2dsl_topk_ms"] / 1e6
+    row["sdpa_dense_GBps"] = row["dense_kv_bytes"] / row["sdpa_dense_ms"] / 1e6
     return row
 
 
