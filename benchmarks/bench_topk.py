@@ -159,6 +159,19 @@ def decode_rows(pattern, static, n: int, batch: int) -> dict:
             assert row["decode_rel_err"] < 2e-2, row
         batch_info = cache.batch(ids)
         row[f"{name}_ms"] = bench(lambda: paged_attention(q, cache, batch_info))
+        if state is not None:  # the decode kernel alone (no running-score update, no next selection)
+            try:
+                from s2dsl.runtime import decode as dec
+                spec, module = dec._module(pat, q.dtype, DIM, 1, q.device)
+                splits = dec._splits(pat, batch, 1, batch_info.max_len, 1, q.device)
+                out = torch.empty_like(q)
+                lse = torch.empty(batch, HEADS, 1, device="cuda")
+                extra = state.kernel_args(batch, HEADS)
+                row[f"{name}_kernel_ms"] = bench(lambda: module.launch(
+                    q, out, lse, cache.k_pages, cache.v_pages, cache.block_tables, batch_info.slots,
+                    batch_info.seq_lens, 1, splits, DIM ** -0.5, **extra))
+            except Exception as exc:  # noqa: BLE001 - internal entry points may move; the step time stands
+                row[f"{name}_kernel_error"] = f"{type(exc).__name__}: {exc}"[:300]
         del cache
         torch.cuda.empty_cache()
     kr, vr = (t.repeat_interleave(HEADS // KV_HEADS, 1) for t in (k, v))
@@ -169,6 +182,8 @@ def decode_rows(pattern, static, n: int, batch: int) -> dict:
     needed_blocks = min(-(-n // BLOCK), spec.window + spec.sink + spec.topk[0].k)
     row["topk_needed_bytes"] = 2 * batch * KV_HEADS * needed_blocks * BLOCK * DIM * k.element_size()
     row["s2dsl_topk_GBps_needed"] = row["topk_needed_bytes"] / row["s2dsl_topk_ms"] / 1e6
+    if "s2dsl_topk_kernel_ms" in row:
+        row["s2dsl_topk_kernel_GBps_needed"] = row["topk_needed_bytes"] / row["s2dsl_topk_kernel_ms"] / 1e6
     row["sdpa_dense_GBps"] = row["dense_kv_bytes"] / row["sdpa_dense_ms"] / 1e6
     return row
 
@@ -215,7 +230,8 @@ def main():
         print("\n| seq | batch | s2dsl topk step | static part | SDPA dense |")
         print("|---|---|---|---|---|")
         for r in result["decode"]:
-            print(f"| {r['seq']} | {r['batch']} | {r['s2dsl_topk_ms']:.3f} | {r['s2dsl_static_part_ms']:.3f} "
+            print(f"| {r['seq']} | {r['batch']} | {r['s2dsl_topk_ms']:.3f} | {r.get('s2dsl_topk_kernel_ms', float('nan')):.3f} "
+                  f"| {r['s2dsl_static_part_ms']:.3f} "
                   f"| {r['sdpa_dense_ms']:.3f} |")
     save()
 
