@@ -66,27 +66,18 @@ def check_prefill(pattern, n: int = 4096 + 37) -> float:
 
 
 def flex_block_mask(pattern, sel, n: int):
-    """FlexAttention's BlockMask for static ∪ selected blocks: blocks below the diagonal full,
-    the diagonal block partial (causal mask_mod)."""
-    from torch.nn.attention.flex_attention import BlockMask
+    """FlexAttention's BlockMask for static ∪ selected blocks under the causal cut: a mask_mod
+    reading our block-level mask (built from the selection), compiled into Flex's block tables."""
+    from torch.nn.attention.flex_attention import create_block_mask
 
     nb = -(-n // BLOCK)
-    keep = pattern.block_mask(nb, nb, 0, selection=sel.cpu()).cuda()            # (1, heads, nb, nb)
-    diag = torch.eye(nb, dtype=torch.bool, device="cuda").view(1, 1, nb, nb)
-    full, partial = keep & ~diag, keep & diag
+    keep = pattern.block_mask(nb, nb, 0, selection=sel.cpu())[0].to(sel.device)     # (heads, nb, nb)
 
-    def to_blocks(m):
-        count = m.sum(-1).to(torch.int32)
-        index = torch.argsort((~m).to(torch.int8), dim=-1, stable=True).to(torch.int32)
-        return count, index
+    def mask_mod(b, h, q_idx, kv_idx):
+        return keep[h, q_idx // BLOCK, kv_idx // BLOCK] & (q_idx >= kv_idx)
 
-    def causal(b, h, q_idx, kv_idx):
-        return q_idx >= kv_idx
-
-    kv_num, kv_idx = to_blocks(partial)
-    full_num, full_idx = to_blocks(full)
-    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=BLOCK, mask_mod=causal,
-                                    seq_lengths=(n, n))
+    make = torch.compile(create_block_mask) if sel.is_cuda else create_block_mask
+    return make(mask_mod, 1, pattern.heads, n, n, device=sel.device, BLOCK_SIZE=BLOCK)
 
 
 def prefill_rows(pattern, n: int, no_flex: bool) -> dict:
@@ -114,8 +105,8 @@ def prefill_rows(pattern, n: int, no_flex: bool) -> dict:
             row["flex_mask_from_selection_s"] = time.perf_counter() - t0
             compiled = torch.compile(flex_attention)
             options = {"BLOCK_M": BLOCK, "BLOCK_N": BLOCK}
-            fn = lambda: compiled(q, kr, vr, block_mask=mask, kernel_options=options)  # noqa: E731
-            if n <= 8192:
+            fn = lambda: compiled(q, k, v, block_mask=mask, enable_gqa=True, kernel_options=options)  # noqa: E731
+            if n <= 32768:
                 ref = forward(q, k, v, pattern, selection=sel)[0]
                 row["flex_rel_err_vs_s2dsl"] = rel(fn(), ref)
             row["flex_same_mask_ms"] = bench(fn)
