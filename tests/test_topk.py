@@ -139,6 +139,10 @@ def test_a_given_selection_is_used_and_bad_ones_are_refused():
             s2dsl.attention(q, k, v, pattern, selection=wrong)
     with pytest.raises(InputError, match="shape"):
         s2dsl.attention(q, k, v, pattern, selection=sel[:, :, :3])
+    gap = sel.clone()
+    gap[0, 0, 2] = torch.tensor([-1, 1])
+    with pytest.raises(InputError, match="first"):
+        s2dsl.attention(q, k, v, pattern, selection=gap)
     static = s2dsl.local_stride(block=16, local_blocks=2, vert_stride=4, heads=2, kv_heads=1)
     with pytest.raises(ValueError, match="no topk"):
         s2dsl.attention(q, k, v, static, selection=sel)

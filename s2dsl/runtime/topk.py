@@ -3,7 +3,7 @@
 A selection is an int32 tensor ``[batch, heads, n_rows, K]``: row ``r`` is absolute query
 block ``first_block + r`` with ``first_block = (kv_len - q_len) // block`` (the queries are the
 last ``q_len`` positions), ``K`` is the largest ``topk K`` of the pattern, and a row of head
-``h`` holds at most that head's own K kv block indices, then ``-1``. A selection never holds a
+``h`` holds at most that head's own K kv block indices first, then ``-1``. A selection never holds a
 block the head keeps statically, a block the causal cut forbids, or the same block twice, so
 the kernels visit static and selected blocks exactly once each. Heads without ``topk`` have
 rows of ``-1``. Nothing here is N x N: the scores are per (query block, kv block), the index
@@ -180,6 +180,8 @@ def check_selection(sel, pattern: Pattern, batch: int, q_len: int, kv_len: int, 
     n_cols = -(-kv_len // pattern.block)
     if bool(((sel < -1) | (sel >= n_cols)).any()):
         raise InputError(f"selection holds a block outside -1..{n_cols - 1} (-1 marks an unused slot)")
+    if bool(((sel[..., 1:] >= 0) & (sel[..., :-1] < 0)).any()):
+        raise InputError("a selection row has a used slot after an unused one (-1): put the blocks first")
     ks = torch.tensor(topk_heads(pattern), device=device).view(1, -1, 1)
     if bool(((sel >= 0).sum(-1) > ks).any()):
         raise InputError(f"a selection row holds more blocks than its head's topk K {topk_heads(pattern)}")
