@@ -441,8 +441,90 @@ def _add_place(sub) -> None:
     p.set_defaults(func=_place)
 
 
+# ---------------------------------------------------------------------- calibrate
+def _read_ids(path: str) -> List[int]:
+    text = _read(path).strip()
+    try:
+        values = json.loads(text) if text.startswith("[") else [int(t) for t in text.replace(",", " ").split()]
+    except (ValueError, json.JSONDecodeError):
+        raise CliError(f"{path}: expected token ids (integers separated by spaces/commas, or a JSON list)") from None
+    if not isinstance(values, list) or not all(isinstance(v, int) for v in values):
+        raise CliError(f"{path}: expected a flat list of integer token ids")
+    return values
+
+
+def _calibrate(args) -> int:
+    if not os.path.isdir(args.model):
+        raise CliError(f"{args.model}: not a directory with a Hugging Face model (config.json, weights)")
+    ids = _read_ids(args.ids) if args.ids else None
+    text = _read(args.text) if args.text else None
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .calibrate import CalibrationError, calibrate, write_outputs
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True,
+                                                     dtype=getattr(torch, _DTYPE_NAMES[args.dtype])).to(device)
+        if text is not None:
+            from transformers import AutoTokenizer
+            ids = AutoTokenizer.from_pretrained(args.model, local_files_only=True)(text)["input_ids"]
+    except (OSError, ValueError) as exc:
+        raise CliError(f"{args.model}: cannot load the model or its tokenizer: {str(exc).splitlines()[0]}") from None
+    try:
+        cal = calibrate(model, torch.tensor(ids), lengths=args.lengths, samples=args.samples, block=args.block,
+                        target=args.target, total_budget=args.total_budget, mode=args.mode,
+                        name=os.path.basename(os.path.normpath(args.model)),
+                        progress=lambda m: print(m, file=sys.stderr))
+        paths = write_outputs(cal, args.out, cover=args.cover)
+    except CalibrationError as exc:
+        raise CliError(str(exc)) from None
+    except OSError as exc:
+        raise CliError(f"cannot write {args.out}.*: {exc.strerror or exc}") from None
+    summary = cal.report()["summary"]
+    for key, value in summary.items():
+        print(f"{key:48s} {value if not isinstance(value, float) else f'{value:.4f}'}")
+    for layer, (tb, b) in enumerate(zip(cal.target_budgets, cal.budgets)):
+        print(f"layer {layer}: target budgets {tb} -> max-min {b} (blocks of {cal.block} tokens)")
+    for kind, path in paths.items():
+        print(f"wrote {path}")
+    return 0
+
+
+def _add_calibrate(sub) -> None:
+    p = sub.add_parser("calibrate", help="per-head budgets from a model's attention (S-HPLB) -> .s2, JSON, PNG",
+                       description="Run a local Hugging Face causal LM on calibration tokens, measure each head's "
+                                   "recovery curve (share of attention mass its best k blocks capture), choose "
+                                   "budgets (smallest k reaching --target, then max-min at a fixed total) and "
+                                   "write PREFIX.s2 (a model plan), PREFIX.json and PREFIX.png.")
+    p.add_argument("model", metavar="MODEL", help="directory of a Hugging Face causal LM (no downloads)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--text", metavar="FILE", help="calibration text (tokenised with the model's tokenizer)")
+    src.add_argument("--ids", metavar="FILE", help="calibration token ids (whitespace/comma separated or a JSON list)")
+    p.add_argument("--lengths", type=int, nargs="+", default=[4096], metavar="N",
+                   help="calibration lengths in tokens; budgets come from the longest (default 4096)")
+    p.add_argument("--samples", type=int, default=4, help="sequences per length (default 4)")
+    p.add_argument("--block", type=int, default=64, help="tokens per block (default 64)")
+    p.add_argument("--target", type=float, default=0.95, help="recovery each head must reach (default 0.95)")
+    p.add_argument("--total-budget", type=float, default=None, metavar="T",
+                   help="per layer, the sum of the heads' budgets in blocks (> 1) or as a fraction of dense "
+                        "(<= 1); default: the sum of the target budgets")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--topk", dest="mode", action="store_const", const="topk",
+                      help="dynamic budgets: window 1 + topk k-1 (default)")
+    mode.add_argument("--static", dest="mode", action="store_const", const="static",
+                      help="static budgets: sink 1 + window k-1")
+    p.set_defaults(mode="topk")
+    p.add_argument("--cover", action="store_true",
+                   help="add 'stride heads offset h' to every sparse head so the union provably covers")
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--dtype", choices=sorted(_DTYPE_NAMES), default="fp32")
+    p.add_argument("--out", required=True, metavar="PREFIX", help="writes PREFIX.s2, PREFIX.json, PREFIX.png")
+    p.set_defaults(func=_calibrate)
+
+
 # --------------------------------------------------------------------------- main
-SUBCOMMANDS: List[Callable] = [_add_check, _add_show, _add_fmt, _add_compile, _add_place]
+SUBCOMMANDS: List[Callable] = [_add_check, _add_show, _add_fmt, _add_compile, _add_place, _add_calibrate]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -132,6 +132,10 @@ def test_restrict_refuses_split_groups():
     sub = restrict(p, [4, 5, 6, 7, 28, 29, 30, 31])
     assert (sub.heads, sub.kv_heads) == (8, 2)
     assert sub.head_specs[4] == p.head_specs[28]
+    # pattern-wide fields (a prefix-LM prefix) carry over
+    from dataclasses import replace
+    sub = restrict(replace(p, prefix=128), range(8, 16))
+    assert sub.prefix == 128 and sub.causal
 
 
 # ------------------------------------------------------------------------------ CLI

@@ -1,6 +1,7 @@
 """A pattern restricted to some of its heads: what one GPU runs in head-parallel attention."""
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Iterable, Optional, Tuple
 
 from ..pattern import Pattern
@@ -41,5 +42,6 @@ def restrict(pattern: Pattern, heads: Iterable[int], name: Optional[str] = None)
     """
     heads = _checked(pattern, heads)
     kv = len(heads) // pattern.group_size
-    return Pattern(name or pattern.name, pattern.block, len(heads), kv, pattern.causal,
-                   tuple(pattern.head_specs[h] for h in heads))
+    # replace() carries every pattern-wide field (causality, prefix, ...) over unchanged
+    return replace(pattern, name=name or pattern.name, heads=len(heads), kv_heads=kv,
+                   head_specs=tuple(pattern.head_specs[h] for h in heads), definition=None)
