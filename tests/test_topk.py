@@ -195,8 +195,10 @@ def test_backward_is_deterministic():
 
 # ------------------------------------------------------------------ decode
 DECODE_PATTERNS = {
-    # ALISA's sparse window attention: recent window + top-k by the mass of the last 3 steps
-    "alisa-gqa": "pattern p { block = 16 heads = 4 kv_heads = 2 heads * { window 1 topk 2 recent 3 } }",
+    # ALISA's sparse window attention: recent window + top-k by the mass of the last 3 steps;
+    # kv head 1 has K 1 < K max 2, kv head 2 is static
+    "alisa-gqa": "pattern p { block = 16 heads = 6 kv_heads = 3 heads 0..1 { window 1 topk 2 recent 3 } "
+                 "heads 2..3 { window 1 topk 1 recent 2 } heads 4..5 { window 2 sink 1 } }",
     # per-head K with h, mixed with sinks and strides, one static head, no recent (all steps)
     "mixed": "pattern p { block = 16 heads = 4 kv_heads = 2 heads 0..2 { sink 1 topk h + 1 } "
              "heads 3..3 { window 2 stride 3 } }",
@@ -277,7 +279,8 @@ def test_decode_replays_the_selection_and_scores_the_last_steps(name):
             for g in range(pattern.kv_heads):
                 members = range(g * pattern.group_size, (g + 1) * pattern.group_size)
                 kg = max(ks[h] for h in members)
-                if not kg:
+                if not kg:  # no q head would read them: nothing selected, no page loaded
+                    assert now[g].tolist() == [-1] * state.k_max
                     continue
                 r = max(lower(pattern).params[h].recent for h in members)
                 recent = history[b][-r:] if r else history[b]
@@ -287,7 +290,7 @@ def test_decode_replays_the_selection_and_scores_the_last_steps(name):
                         score[j] = score.get(j, 0.0) + m[g, j].item()
                 cands = [j for j in range(i + 1) if not any(pattern.keeps(h, i, j) for h in members)]
                 picked = [j for j in now[g].tolist() if j >= 0]
-                assert len(set(picked)) == len(picked) == min(state.k_max, len(cands))
+                assert len(set(picked)) == len(picked) == min(kg, len(cands))
                 assert set(picked) <= set(cands)
                 rest = [score.get(j, 0.0) for j in cands if j not in picked]
                 if picked and rest:
