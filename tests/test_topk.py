@@ -392,3 +392,27 @@ def test_last_row_estimator_picks_the_blocks_the_last_query_attends_most(lq, lk,
                 assert min(mass[j].item() for j in picked) >= max(rest) - 1e-6
     with pytest.raises(ValueError, match="estimator"):
         select_blocks(q, k, pattern, estimator="antidiagonal")
+
+
+def test_quality_study_recovery_is_bounded_by_its_oracles():
+    """examples/topk_quality.py's measure: shares in [0, 1], a pattern keeping everything recovers
+    all, and pooled top-k <= the best blocks (block oracle) <= the best tokens (token oracle)."""
+    import sys
+    from conftest import EXAMPLES
+    sys.path.insert(0, str(EXAMPLES))
+    import topk_quality as tq
+
+    cfg = tq.tt.CONFIGS["cpu"]
+    g = torch.Generator().manual_seed(0)
+    captured = [(torch.randn(2, cfg.heads, cfg.seq, 16, generator=g) * 2,
+                 torch.randn(2, cfg.heads, cfg.seq, 16, generator=g)) for _ in range(2)]
+    everything = s2dsl.parse(f"pattern a {{ block = {cfg.block} heads = {cfg.heads} heads * {{ window {cfg.n_blocks} }} }}")["a"]
+    full = tq.recovery(cfg, captured, everything, cfg.block)["kept"]
+    assert all(abs(x - 1.0) < 1e-5 for layer in full for x in layer)
+    for sparsity in (0.5, 0.8):
+        pats = tq.method_patterns(cfg, sparsity)
+        for est in ("pooled", "last_row"):
+            rec = tq.recovery(cfg, captured, pats["window+topk"], cfg.block, est)
+            for kept, block, token in zip(*(torch.tensor(rec[n]).flatten() for n in
+                                            ("kept", "block_oracle", "token_oracle"))):
+                assert 0.0 <= kept <= block + 1e-5 <= token + 2e-5 <= 1.0 + 3e-5
