@@ -128,6 +128,8 @@ class HeadSpec:
         w_tok = (self.window_tokens + 2 * block - 2) // block if self.window_tokens else 0
         a_tok = (self.ahead_tokens + block - 1) // block if self.ahead_tokens else 0
         s_tok = -(-self.sink_tokens // block)
+        if self.ahead_tokens:  # the diagonal block holds key positions just ahead of the queries
+            w_tok = max(w_tok, 1)
         return max(self.window, w_tok), max(self.ahead, a_tok), max(self.sink, s_tok)
 
     def with_(self, **changes) -> "HeadSpec":
