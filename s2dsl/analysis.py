@@ -33,6 +33,8 @@ from typing import List, Optional, Sequence, Tuple
 
 import sympy
 
+from . import covering
+from .errors import S2Error
 from .pattern import HeadSpec, Pattern
 
 __all__ = ["Counterexample", "HeadCost", "GroupCoverage", "PatternReport", "analyze",
@@ -51,7 +53,7 @@ class Counterexample:
 
     ``missing_residues`` are the classes of ``j`` modulo ``modulus`` that no head reaches
     through a residue class; each such ``j`` beyond the sinks is uncovered for every query
-    block past the widest window.
+    block past the widest window.  At most ``MAX_LISTED`` (the smallest) are listed.
     """
 
     i: int
@@ -80,9 +82,12 @@ class HeadCost:
     kv_bytes: sympy.Expr
     density_limit: sympy.Expr
     kv_efficient: bool
+    #: False when the forms are upper bounds (pairs kept by both special columns and a
+    #: relative stride are counted twice); the density limit is exact either way
+    exact: bool = True
 
     def to_json(self) -> dict:
-        return {"head": self.head, "row_blocks": str(self.row_blocks),
+        return {"head": self.head, "exact": self.exact, "row_blocks": str(self.row_blocks),
                 "total_blocks": str(self.total_blocks), "flops": str(self.flops),
                 "kv_bytes": str(self.kv_bytes), "density_limit": str(self.density_limit),
                 "density_limit_float": float(self.density_limit), "kv_efficient": self.kv_efficient}
@@ -130,6 +135,7 @@ class PatternReport:
     causal: bool = True
     union_total_blocks: Optional[sympy.Expr] = None
     union_density_limit: Optional[sympy.Expr] = None
+    costs_exact: bool = True
 
     def grid_blocks(self, n_blocks: int) -> int:
         """Size of the block grid a dense head would attend at ``n_blocks`` blocks."""
@@ -162,6 +168,7 @@ class PatternReport:
             "density": {s: d["union"] for s, d in densities.items()},
             "density_per_head": {s: d["per_head"] for s, d in densities.items()},
             "density_limit": float(self.union_density_limit),
+            "costs_exact": self.costs_exact,
             "heads": [h.to_json() for h in self.heads],
         }
 
@@ -222,47 +229,43 @@ def _static(spec: HeadSpec) -> HeadSpec:
     return spec.with_(topk=()) if spec.topk else spec
 
 
-def _union(specs: Sequence[HeadSpec]) -> HeadSpec:
-    """The union of static heads as one head (windows and sinks are monotone, so max them)."""
+def _union(specs: Sequence[HeadSpec], block: int = 64) -> HeadSpec:
+    """The union of static heads as one head (windows and sinks are monotone, so max them).
+
+    Token edges keep their largest reach.  Relative strides are measured from each head's
+    own window, so the union's forms take them as distance classes (``_union_rel``).
+    """
     specs = [_static(s) for s in specs]
     if any(s.dense for s in specs):
         return HeadSpec(dense=True)
     window = max((s.window for s in specs), default=0)
+    ahead = max((s.ahead for s in specs), default=0)
     sink = max((s.sink for s in specs), default=0)
-    modulus, residues = _residue_union(specs)
-    if modulus and len(residues) == modulus:
+    classes = covering.canonical(c for s in specs for c in s.residues)
+    if classes and covering.uncovered(classes) is None:
         return HeadSpec(dense=True)
-    return HeadSpec(window, sink, tuple((modulus, r) for r in residues))
+    listed = covering.missing_residues(classes, limit=1 << 16) if classes else None
+    if listed is not None and listed[0] - len(listed[1]) <= len(classes):  # as few classes at the smallest period
+        d, missing = listed
+        gone = set(missing)
+        classes = tuple((d, r) for r in range(d) if r not in gone)
+    strides = sorted({x for s in specs for x in s.relative})
+    relative = tuple(x for x in strides if not any(y != x and x % y == 0 for y in strides))
+    return HeadSpec(window, sink, tuple(classes), ahead=ahead, relative=relative,
+                    global_rows=max((s.global_rows for s in specs), default=0),
+                    window_tokens=max((s.window_tokens for s in specs), default=0),
+                    ahead_tokens=max((s.ahead_tokens for s in specs), default=0),
+                    sink_tokens=max((s.sink_tokens for s in specs), default=0))
 
 
-#: Largest lcm of periods for which the union of residue classes is enumerated.  Deciding
-#: whether congruence classes cover Z is hard in general; real patterns have small periods.
-MAX_PERIOD = 1 << 24
-
-
-def _residue_union(specs: Sequence[HeadSpec]) -> Tuple[int, Tuple[int, ...]]:
-    """Union of the heads' residue sets at its smallest period (0, () when there are none).
-
-    Enumerated over one period ``L`` (lcm of the heads' periods) with bytearray slices,
-    which is exact and runs at C speed; the smallest period is the least divisor ``d`` of
-    ``L`` by which the set is invariant under rotation.
-    """
-    with_res = [s for s in specs if s.residues]
-    if not with_res:
-        return 0, ()
-    big = math.lcm(*(s.period for s in with_res))
-    if big > MAX_PERIOD:
-        raise ValueError(f"the heads' strides have lcm {big} > {MAX_PERIOD}: too large to decide "
-                         f"coverage exactly; use strides with a smaller common multiple")
-    union = bytearray(big)
-    for s in with_res:
-        p = s.period
-        for r in s.residue_set:
-            union[r::p] = b"\x01" * len(range(r, big, p))
-    for d in sympy.divisors(big):
-        if union[d:] + union[:d] == union:
-            return d, tuple(x for x in range(d) if union[x])
-    raise AssertionError("unreachable: big itself is a period")
+def _union_rel(specs: Sequence[HeadSpec]):
+    """The heads' relative strides as distance classes (see ``_rel_classes``), canonical."""
+    left, right = set(), set()
+    for s in specs:
+        l, r = _rel_classes(_static(s))
+        left.update(l)
+        right.update(r)
+    return covering.canonical(left), covering.canonical(right)
 
 
 def _max(*args):
@@ -297,6 +300,39 @@ def _ceil(a):
     return sympy.ceiling(a, evaluate=False)
 
 
+class AnalysisLimit(S2Error):
+    """A pattern whose closed forms would be too large to derive (the message says why)."""
+
+
+#: Most terms one head's residue part may contribute to a closed form (sympy builds a few
+#: hundred quickly; thousands take minutes).
+MAX_TERMS = 256
+
+
+@lru_cache(maxsize=4096)
+def _terms(classes: Tuple[Tuple[int, int], ...]) -> Tuple[Tuple[int, int, int], ...]:
+    """The residue part as signed classes (sign, p, r) whose indicators sum to its indicator:
+    one per residue at the smallest period when that is short, else inclusion-exclusion
+    over the classes (a stride 1000 and a stride 1001 give 3 terms, not 2000 residues)."""
+    if not classes:
+        return ()
+    listed = covering.missing_residues(classes, limit=1 << 16)
+    per_residue = None
+    if listed is not None:
+        d, missing = listed
+        gone = set(missing)
+        per_residue = tuple((1, d, r) for r in range(d) if r not in gone)
+        if len(per_residue) <= 64:
+            return per_residue
+    signed = covering.inclusion_exclusion(classes)
+    if signed is not None and (per_residue is None or len(signed) < len(per_residue)):
+        return tuple(signed)
+    if per_residue is not None and len(per_residue) <= MAX_TERMS:
+        return per_residue
+    raise AnalysisLimit(f"the residue classes {list(classes)[:6]}{'...' if len(classes) > 6 else ''} need more "
+                        f"than {MAX_TERMS} terms in a closed form; use strides with a smaller common multiple")
+
+
 class _Counts:
     """Closed forms for one static, non-dense head: how many / which columns are special.
 
@@ -315,16 +351,16 @@ class _Counts:
 
     def __init__(self, spec: HeadSpec, big: bool = False):
         self.w, self.s = spec.window, spec.sink
-        self.p = spec.period
-        self.res = spec.residue_set
-        self.k0 = [-((r - self.s) // self.p) for r in self.res]  # ceil((S - r)/p)
+        self.terms = _terms(spec.residues)
+        # per term (sign, modulus p, residue r, k0 = ceil((S - r)/p))
+        self.k0 = [-((r - self.s) // p) for _, p, r in self.terms]
         self.big = big
 
-    def _n(self, r: int, k0: int, xs):
+    def _n(self, p: int, r: int, k0: int, xs):
         if self.big:  # x >> S; ceiling(a) ~ a
             (x,) = xs
-            return (x - r) / sympy.Integer(self.p) - k0
-        return _ceil((_max(*xs, self.s) - r) / sympy.Integer(self.p)) - k0
+            return (x - r) / sympy.Integer(p) - k0
+        return _ceil((_max(*xs, self.s) - r) / sympy.Integer(p)) - k0
 
     def _low(self, xs):
         """min(S, x): the sinks below x."""
@@ -332,17 +368,21 @@ class _Counts:
 
     def cnt(self, *xs):
         out = self._low(xs)
-        for r, k0 in zip(self.res, self.k0):
-            out += self._n(r, k0, xs)
+        for (sign, p, r), k0 in zip(self.terms, self.k0):
+            out += sign * self._n(p, r, k0, xs)
         return out
 
     def ssum(self, *xs):
         m = self._low(xs)
         out = m * (m - 1) / 2
-        for r, k0 in zip(self.res, self.k0):
-            n = self._n(r, k0, xs)
-            out += n * (r + self.p * k0) + self.p * n * (n - 1) / 2
+        for (sign, p, r), k0 in zip(self.terms, self.k0):
+            n = self._n(p, r, k0, xs)
+            out += sign * (n * (r + p * k0) + p * n * (n - 1) / 2)
         return out
+
+    def density(self) -> sympy.Rational:
+        """Share of the columns far out that are special."""
+        return sum((sympy.Rational(sign, p) for sign, p, _ in self.terms), sympy.Integer(0))
 
     def window_total(self):
         """sum_{t=1..N} min(W, t): the window's share of a causal or bidirectional grid."""
@@ -393,37 +433,272 @@ def _head_forms(spec: HeadSpec, causal: bool) -> Tuple[sympy.Expr, sympy.Expr, s
     return row, total, kv, limit
 
 
+def _hull(spec: HeadSpec, block: int) -> Tuple[HeadSpec, bool]:
+    """The head with token edges rounded out to the blocks they touch (what kernels visit),
+    and whether its relative strides still measure from the same window."""
+    if not spec.has_token_edges:
+        return spec, True
+    w, a, s = spec.blocks_touched(block)
+    same = not spec.relative or (w == spec.window and a == spec.ahead)
+    return spec.with_(window=w, ahead=a, sink=s, window_tokens=0, ahead_tokens=0, sink_tokens=0), same
+
+
+def _rel_classes(spec: HeadSpec) -> Tuple[Tuple[Tuple[int, int], ...], Tuple[Tuple[int, int], ...]]:
+    """A head's relative strides as classes of the distance: left d = i - j with
+    d = window - 1 (mod S), right e = j - i with e = ahead (mod S); each holds beyond the
+    head's own window, hence beyond any wider (rounded-out or union) window too."""
+    left = tuple(sorted({(S, (spec.window - 1) % S) for S in spec.relative}))
+    right = tuple(sorted({(S, spec.ahead % S) for S in spec.relative}))
+    return left, right
+
+
+def _sum_cnt(c: "_Counts", x):
+    """sum_{y=0..x} cnt(y) = sum over members d < x of (x - d), for x >= 0."""
+    return x * c.cnt(x) - c.ssum(x)
+
+
+@lru_cache(maxsize=4096)
+def _extended_forms(spec: HeadSpec, causal: bool, prefix_blocks: int, block: int, rel=None):
+    """(row, total, kv, limit, exact) for a head or pattern beyond round 1.
+
+    Counted in visited blocks (token edges rounded out).  A row is its left part (j <= i:
+    window, special columns below it, relative distances) and, for bidirectional patterns or
+    inside a prefix of ``P`` blocks, its right part up to ``M = N`` or ``min(P, N)`` (ahead
+    window, special columns after it, relative distances).  Relative strides are classes of
+    the distance beyond the window (``rel``: left and right classes, a union's included) and
+    count like special columns.  A head with both special columns and relative strides
+    counts pairs kept by both twice: its forms are then upper bounds (``exact`` False); the
+    density limit stays exact (far out, columns and distances are independent:
+    1 - (1 - dJ)(1 - dR)).
+    """
+    rel_left, rel_right = rel if rel is not None else _rel_classes(spec)
+    spec, _ = _hull(spec, block)
+    exact = True
+    grid = N * (N + 1) / 2 if causal else N ** 2
+    if spec.dense:
+        row = (_max(I + 1, _min(prefix_blocks, N)) if prefix_blocks else I + 1) if causal else N
+        total = grid + (_prefix_square(prefix_blocks) if causal and prefix_blocks else 0)
+        return row, total, N, sympy.Integer(1), True
+    c = _Counts(spec)
+    w, a = spec.window, spec.ahead
+    has_cols = bool(spec.sink or spec.residues)
+    if (rel_left or rel_right) and has_cols:
+        exact = False
+    row = _min(w, I + 1) + c.cnt(0, I + 1 - w)
+    total = c.total(True)
+    cl = _Counts(HeadSpec(residues=rel_left)) if rel_left else None
+    cr = _Counts(HeadSpec(residues=rel_right)) if rel_right else None
+    if cl:
+        # distances d in [w, i] in a class: cnt(max(w, i+1)) - cnt(w)
+        row += cl.cnt(w, I + 1) - cl.cnt(w)
+        x = _max(N, w)
+        total += _sum_cnt(cl, x) - _sum_cnt(cl, sympy.Integer(w)) - (x - w) * cl.cnt(w)
+
+    def right(m):
+        """(row part, total part) of the pairs above the diagonal below bound m."""
+        r_row = (_min(a, _max(0, m - 1 - I)) if a else 0) + c.cnt(m) - c.cnt(sympy.Min(m, I + a + 1))
+        ma = _min(a, m) if a else sympy.Integer(0)
+        r_tot = ma * (ma - 1) / 2 + a * (m - ma)
+        r_tot += (c.ssum(m) - c.ssum(ma)) - a * (c.cnt(m) - c.cnt(ma))
+        if cr:
+            # distances e = j - i in (a, m - 1 - i] in a class
+            r_row += cr.cnt(a + 1, m - I) - cr.cnt(a + 1)
+            x = _max(m, a + 1)
+            r_tot += _sum_cnt(cr, x) - _sum_cnt(cr, sympy.Integer(a + 1)) - (x - a - 1) * cr.cnt(a + 1)
+        return r_row, r_tot
+
+    if not causal:
+        r_row, r_tot = right(N)
+        row, total = row + r_row, total + r_tot
+    elif prefix_blocks:
+        r_row, r_tot = right(sympy.Min(prefix_blocks, N))
+        row, total = row + r_row, total + r_tot
+    kv = N if (rel_left or rel_right) else _min(w, N) + c.cnt(0, N - w)  # relative: not KV-efficient
+    g = spec.global_rows
+    if g:
+        full = (N if not causal else (_max(I + 1, _min(prefix_blocks, N)) if prefix_blocks else I + 1))
+        ind = lambda x: sympy.Min(1, _max(0, x), evaluate=False)  # noqa: E731 - [x >= 1] for integers
+        if g > 1024:
+            raise AnalysisLimit(f"{g} global rows: at most 1024 have closed-form costs")
+        extra = sympy.Integer(0)
+        for i0 in range(g):
+            extra += ind(N - i0) * (full - row).subs(I, i0)
+        row = row + ind(g - I) * (full - row)
+        total = total + extra
+        kv = _max(kv, ind(g - N + 1) * N)
+    d_cols = c.density()
+    d_left = cl.density() if cl else 0
+    d_right = cr.density() if cr else 0
+    limit = 1 - (1 - d_cols) * (1 - d_left)
+    if not causal:
+        limit = (limit + 1 - (1 - d_cols) * (1 - d_right)) / 2
+    return row, total, kv, sympy.Rational(limit), exact
+
+
+def _prefix_square(p: int):
+    m = _min(p, N)
+    return m * (m - 1) / 2
+
+
 # -------------------------------------------------------------------------- coverage
+#: Most missing residues a counterexample lists (a stride 1000 and a stride 1001 miss 998,000).
+MAX_LISTED = 256
+
+
+def _j_missing(specs: Sequence[HeadSpec]) -> Tuple[Optional[int], int, Tuple[int, ...]]:
+    """Columns no head keeps through a residue class: (witness x or None, modulus L,
+    missing residues mod L).  Listed at the smallest period when it is small, else only
+    the witness (residues x + k*L are all missed)."""
+    classes = covering.canonical(c for s in specs for c in s.residues)
+    if not classes:
+        return 0, 1, (0,)
+    listed = covering.missing_residues(classes)
+    if listed is not None:
+        d, missing = listed
+        return (missing[0] if missing else None), d, missing[:MAX_LISTED]
+    x = covering.uncovered(classes)
+    return x, covering.period(classes), (() if x is None else (x,))
+
+
+def _d_kept(specs: Sequence[HeadSpec], d: int) -> bool:
+    """Does some head keep every block pair at distance d = i - j by a window or relative stride?"""
+    for s in specs:
+        if -s.ahead <= d < s.window or (s.relative and s.keeps_relative(d)):
+            return True
+    return False
+
+
+def _bad_distance(specs: Sequence[HeadSpec], sign: int, start: int, token_reach: int, block: int) -> Optional[int]:
+    """A block distance ``d = sign * e`` (e >= start) no window or relative stride keeps, and
+    whose block pairs hold a token pair beyond the token windows (reach ``token_reach``):
+    the smallest such e, or None when there is none at any distance."""
+    rel = [s for s in specs if s.relative]
+    # distances at which every relative stride is periodic, and their classes there
+    if sign > 0:
+        active = max([s.window for s in rel], default=0)
+        classes = [(S, (s.window - 1) % S) for s in rel for S in s.relative]
+    else:
+        active = max([s.ahead + 1 for s in rel], default=0)
+        classes = [(S, s.ahead % S) for s in rel for S in s.relative]
+    # the farthest token pair of the block pairs at distance e is e*block + block - 1 apart
+    need = max(start, -(-(token_reach - block + 1) // block) if token_reach > 0 else start)
+    reach = max(s.window for s in specs) if sign > 0 else max(s.ahead for s in specs) + 1
+    scan_end = max(active, need, reach) + 1024
+    # prefer a distance whose block pairs lie wholly beyond the token windows (a whole
+    # block pair missed), else one that holds some token pair beyond them
+    full = max(start, -(-(token_reach - 1) // block) + 1 if token_reach > 0 else start)
+    for lo in (full, need):
+        for e in range(lo, scan_end):
+            if not _d_kept(specs, sign * e):
+                return e
+    x = covering.uncovered(classes) if classes else 0
+    if x is None:
+        return None
+    period = covering.period(classes) if classes else 1
+    return scan_end + (x - scan_end) % period  # past every window: only the classes decide
+
+
 def _coverage(pattern: Pattern, heads: Sequence[int]) -> Tuple[bool, Optional[Counterexample], str]:
-    """Prove coverage of every (i, j) by ``heads``' static parts, or produce a hole."""
+    """Prove coverage of every required token pair by ``heads``' static parts, or produce a hole.
+
+    A head keeps (i, j) through its columns (sinks, residues of j), its distances (windows,
+    relative strides of d = i - j), its rows (global rows) or per token (token windows and
+    sinks).  The union of heads is the union of each kind, and the kinds depend on j, d and
+    i separately, so a hole exists iff some column j and some distance d are both missed
+    (beyond the token edges) — then ``j`` can be moved by the columns' period until the row
+    ``j + d`` is past every global row.  The prefix of a prefix-LM is a finite square,
+    checked pair by pair.
+    """
     specs = [_static(pattern.head_specs[h]) for h in heads]
     dense = [h for h, s in zip(heads, specs) if s.dense]
     if dense:
         return True, None, f"head {dense[0]} is dense, so it keeps every block pair"
+    b = pattern.block
     wmax = max(s.window for s in specs)
     smax = max(s.sink for s in specs)
-    modulus, residues = _residue_union(specs)
-    if modulus and len(residues) == modulus:
+    st_max = max(s.sink_tokens for s in specs)
+    wt_max = max(s.window_tokens for s in specs)
+    at_max = max(s.ahead_tokens for s in specs)
+    g_max = max(s.global_rows for s in specs)
+    x, modulus, missing = _j_missing(specs)
+    if x is None:
         periods = sorted({s.period for s in specs if s.residues})
         lcm = math.lcm(*periods)
         lcm_of = f" (lcm of the heads' periods {', '.join(map(str, periods))})" if len(periods) > 1 else ""
         return True, None, (f"together the heads' residue classes reach every residue of j modulo "
                             f"{lcm}{lcm_of}, so every kv block is kept by some head for every later "
                             f"query block")
-    modulus = modulus or 1
-    present = set(residues)
-    missing = tuple(r for r in range(modulus) if r not in present)
-    j = smax + (missing[0] - smax) % modulus  # smallest j >= smax with a missing residue
-    i = j + wmax if (pattern.causal or j == 0) else 0
-    ce = Counterexample(i, j, missing, modulus)
-    if not residues:
-        what = "no head has a stride or shard, so"
-    else:
+    # the first missed column past the block and token sinks
+    j_lo = max(smax, -(-st_max // b))
+    j = j_lo + (x - j_lo) % modulus
+
+    def hole(i, j, what):
         shown = ", ".join(map(str, missing[:8])) + (", ..." if len(missing) > 8 else "")
-        what = f"no head keeps kv blocks j with j mod {modulus} in {{{shown}}}, so"
-    reason = (f"{what} beyond the widest window ({wmax} blocks) and the sinks ({smax} blocks) "
-              f"query block {i} never sees kv block {j}")
-    return False, ce, reason
+        cols = ("no head has a stride or shard" if not any(s.residues for s in specs)
+                else f"no head keeps kv blocks j with j mod {modulus} in {{{shown}}}")
+        reason = (f"{cols} beyond the sinks ({smax} blocks), and {what}, so query block {i} never sees "
+                  f"kv block {j}")
+        return False, Counterexample(i, j, missing, modulus), reason
+
+    # below the diagonal (every pattern): distances d >= 0
+    e = _bad_distance(specs, 1, 0, wt_max, b)
+    if e is not None:
+        if not pattern.causal and pattern.is_classic and j > 0:
+            # the round-1 witness: row 0 sees a later column only through its residue class
+            return hole(0, j, "no window reaches above the diagonal")
+        while j + e < g_max:
+            j += modulus
+        what = (f"no window or relative stride keeps block distance {e}" if any(s.relative for s in specs)
+                else f"the widest window is {wmax} blocks" + (f" / {wt_max} tokens" if wt_max else ""))
+        return hole(j + e, j, what)
+    # above the diagonal: bidirectional patterns everywhere, prefix-LM inside its prefix
+    if not pattern.causal:
+        above = _above_hole(pattern, specs, j, modulus, at_max, g_max)
+        if above is not None:
+            return hole(*above, what="no ahead window or relative stride keeps it")
+    elif pattern.prefix:
+        found = _prefix_hole(pattern, heads)
+        if found is not None:
+            i, jj = found
+            return False, Counterexample(i, jj, missing, modulus), (
+                f"inside the prefix ({pattern.prefix} tokens) query block {i} never sees kv block {jj} "
+                "of the prefix")
+    what = "relative strides" if any(s.relative for s in specs) else "token windows"
+    return True, None, (f"the windows and {what} keep every block distance (the prefix checked pair by pair), "
+                        "so every kv block is kept for every query block")
+
+
+def _above_hole(pattern, specs, j, modulus, at_max, g_max):
+    """A missed pair above the diagonal (i < j), or None."""
+    e = _bad_distance(specs, -1, 1, at_max + 1 if at_max else 0, pattern.block)
+    if e is None:
+        return None
+    while j - e < g_max:
+        j += modulus
+    return j - e, j
+
+
+def _prefix_hole(pattern: Pattern, heads) -> Optional[Tuple[int, int]]:
+    """A block pair (i < j) inside the prefix square with a token pair no head keeps."""
+    import torch
+    n = -(-pattern.prefix // pattern.block)
+    if n > 4096:
+        raise AnalysisLimit(f"pattern {pattern.name}: a prefix of {n} blocks is too long to check pair by pair "
+                            "(at most 4096 blocks)")
+    blocks = pattern.block_mask(n)[list(heads)].any(0)
+    for i, j in (~blocks).triu(1).nonzero().tolist():
+        return i, j
+    # block pairs the heads only touch: look at their tokens
+    if any(pattern.head_specs[h].has_token_edges for h in heads):
+        lo, hi = 0, min(pattern.prefix, n * pattern.block)
+        mask = pattern.token_mask(hi)[list(heads)].any(0)
+        q = torch.arange(hi).view(-1, 1)
+        k = torch.arange(hi).view(1, -1)
+        bad = (~mask) & (k > q)
+        if bad.any():
+            qq, kk = bad.nonzero()[0].tolist()
+            return qq // pattern.block, kk // pattern.block
+    return None
 
 
 # ------------------------------------------------------------------------ empty rows
@@ -450,6 +725,39 @@ def _empty_rows(spec: HeadSpec, causal: bool) -> Optional[str]:
             f"(the first kept residue is block {first})")
 
 
+def _empty_rows_extended(spec: HeadSpec, causal: bool, block: int, prefix: int = 0) -> Optional[str]:
+    """Empty rows of a head beyond round 1, by checking rows up to the point past which the
+    head's left part (columns j <= i) always keeps something."""
+    import torch
+    if (spec.topk or spec.dense or spec.window or spec.window_tokens or spec.sink or spec.sink_tokens):
+        return None
+    guarantees = []
+    if spec.residues:
+        guarantees.append(min(r for _, r in spec.residues))
+    if spec.relative:
+        guarantees.append(spec.window - 1 + min(spec.relative))
+    if not guarantees and spec.global_rows and causal:
+        return f"query blocks {spec.global_rows} and later (only the first {spec.global_rows} are global)"
+    bound = max(min(guarantees) if guarantees else 0, -(-prefix // block)) + 1
+    lengths = [bound] if causal else range(1, bound + spec.ahead + max(spec.relative, default=0)
+                                           + max((r for _, r in spec.residues), default=0)
+                                           + spec.global_rows + 3)
+    empty, where = set(), 0
+    for n in lengths:
+        p = Pattern("_", block, 1, 1, causal, (spec,), prefix=prefix)
+        rows = (~p.block_mask(n)[0].any(-1)).nonzero().flatten().tolist()
+        if rows:
+            empty.update(rows)
+            where = n
+    if not empty:
+        return None
+    rows = sorted(empty)
+    shown = f"query block {rows[0]}" if len(rows) == 1 else f"query blocks {rows[0]}..{rows[-1]}"
+    if causal:
+        return f"{shown} (rows before the head's first kept block)"
+    return f"{shown} in sequences of up to {where} blocks (the last row of a sequence sees nothing ahead)"
+
+
 # ------------------------------------------------------------------------ kv efficiency
 def _kv_efficient(spec: HeadSpec) -> bool:
     """Is the set of queries i >= j keeping block j an interval starting at j, for all j?
@@ -459,7 +767,7 @@ def _kv_efficient(spec: HeadSpec) -> bool:
     interval starting at j — a block once dropped is never needed again.  A topk head may
     pick any past block at any step, so it cannot evict.
     """
-    if spec.topk:
+    if spec.topk or spec.relative:  # a relative stride keeps j again every S query blocks
         return False
     starts = [0] if spec.window else []
     if spec.dense or spec.sink or spec.residues:
@@ -468,6 +776,25 @@ def _kv_efficient(spec: HeadSpec) -> bool:
 
 
 # --------------------------------------------------------------------------- analyze
+def _group_and_union_forms(pattern, forms, bytes_per_block):
+    b = pattern.block
+    groups = []
+    g = pattern.group_size
+    for kv_head in range(pattern.kv_heads):
+        members = tuple(range(kv_head * g, (kv_head + 1) * g))
+        gc, gce, _ = _coverage(pattern, members)
+        specs = [pattern.head_specs[h] for h in members]
+        if any(s.topk or s.relative for s in specs):
+            gkv = N
+        else:
+            gkv = forms(_union(specs, b))[2]
+        groups.append(GroupCoverage(kv_head, members, gc, gce, bytes_per_block * gkv))
+
+    union = _union(pattern.head_specs, b)
+    _, union_total, _, union_lim, union_exact = forms(union, _union_rel(pattern.head_specs))
+    return groups, union_total, union_lim, union_exact
+
+
 def analyze(pattern: Pattern, *, head_dim: int = 128, dtype_bytes: int = 2) -> PatternReport:
     """Prove coverage, non-empty rows and KV-efficiency of ``pattern``; derive its costs.
 
@@ -478,37 +805,42 @@ def analyze(pattern: Pattern, *, head_dim: int = 128, dtype_bytes: int = 2) -> P
     bytes_per_block = 2 * b * head_dim * dtype_bytes  # K and V
     flops_per_block = 4 * b * b * head_dim            # QK^T and PV
 
+    covered, ce, reason = _coverage(pattern, range(pattern.heads))
+    reason = f"covered for every sequence length: {reason}" if covered else f"not covered: {reason}"
     costs: List[HeadCost] = []
     empty: List[Tuple[int, str]] = []
+    prefix_blocks = -(-pattern.prefix // b)
+
+    def forms(spec, rel=None):
+        if spec.is_classic and not prefix_blocks and not (rel and any(rel)):
+            return (*_head_forms(spec, pattern.causal), True)
+        return _extended_forms(spec, pattern.causal, prefix_blocks, b, rel)
+
     for h, spec in enumerate(pattern.head_specs):
-        row, total, kv, lim = _head_forms(_static(spec), pattern.causal)
+        try:
+            row, total, kv, lim, exact = forms(_static(spec))
+        except AnalysisLimit as exc:
+            raise AnalysisLimit(f"pattern {pattern.name}: {reason}; but head {h} has no short closed form for "
+                                f"its costs ({exc})") from None
         eff = _kv_efficient(spec)
         kv_blocks = N if spec.topk else kv
-        costs.append(HeadCost(h, row, total, flops_per_block * total, bytes_per_block * kv_blocks, lim, eff))
-        desc = _empty_rows(spec, pattern.causal)
+        costs.append(HeadCost(h, row, total, flops_per_block * total, bytes_per_block * kv_blocks, lim, eff,
+                              exact))
+        desc = (_empty_rows(spec, pattern.causal) if spec.is_classic and not pattern.prefix
+                else _empty_rows_extended(spec, pattern.causal, b, pattern.prefix))
         if desc is not None:
             empty.append((h, desc))
 
-    covered, ce, reason = _coverage(pattern, range(pattern.heads))
-    reason = f"covered for every sequence length: {reason}" if covered else f"not covered: {reason}"
 
-    groups = []
-    g = pattern.group_size
-    for kv_head in range(pattern.kv_heads):
-        members = tuple(range(kv_head * g, (kv_head + 1) * g))
-        gc, gce, _ = _coverage(pattern, members)
-        specs = [pattern.head_specs[h] for h in members]
-        if any(s.topk for s in specs):
-            gkv = N
-        else:
-            gkv = _head_forms(_union(specs), pattern.causal)[2]
-        groups.append(GroupCoverage(kv_head, members, gc, gce, bytes_per_block * gkv))
-
-    union = _union(pattern.head_specs)
-    _, union_total, _, union_lim = _head_forms(union, pattern.causal)
+    try:
+        groups, union_total, union_lim, union_exact = _group_and_union_forms(pattern, forms, bytes_per_block)
+    except AnalysisLimit as exc:
+        raise AnalysisLimit(f"pattern {pattern.name}: {reason}; but the union of its heads has no short closed "
+                            f"form for its costs ({exc})") from None
     return PatternReport(
         pattern=pattern.name, covered=covered, reason=reason, counterexample=ce,
         groups=tuple(groups), rows_nonempty=not empty, empty_rows=tuple(empty),
         kv_efficient=all(c.kv_efficient for c in costs), heads=tuple(costs),
         dynamic_heads=tuple(h for h, s in enumerate(pattern.head_specs) if s.topk),
-        block=b, causal=pattern.causal, union_total_blocks=union_total, union_density_limit=union_lim)
+        block=b, causal=pattern.causal, union_total_blocks=union_total, union_density_limit=union_lim,
+        costs_exact=union_exact and all(c.exact for c in costs))

@@ -106,13 +106,25 @@ def _describe(spec: HeadSpec) -> str:
         parts = ["dense"]
     else:
         parts = []
-        if spec.window:
-            parts.append(f"window {spec.window}")
+        if spec.window or spec.ahead:
+            parts.append(f"window {spec.window}" + (f" ahead {spec.ahead}" if spec.ahead else ""))
+        if spec.window_tokens or spec.ahead_tokens:
+            ahead = f" ahead {spec.ahead_tokens}" if spec.ahead_tokens else ""
+            parts.append(f"window {spec.window_tokens}{ahead} tokens")
         if spec.sink:
             parts.append(f"sink {spec.sink}")
+        if spec.sink_tokens:
+            parts.append(f"sink {spec.sink_tokens} tokens")
         if spec.residues:
-            k, p = len(spec.residue_set), spec.period
-            parts.append(f"stride {p}" if k == 1 else f"{k}/{p} residues")
+            p = spec.period
+            if len(spec.residues) == 1:
+                parts.append(f"stride {p}")
+            else:  # counting residues lists a period: only when it is short
+                parts.append(f"{len(spec.residue_set)}/{p} residues" if p <= 1 << 16
+                             else f"{len(spec.residues)} residue classes")
+        parts += [f"stride {s} relative" for s in spec.relative]
+        if spec.global_rows:
+            parts.append(f"global {spec.global_rows}")
     for t in spec.topk:
         parts.append(f"topk {t.k}" + ("" if t.recent is None else f" recent {t.recent}"))
     return " + ".join(parts) or "nothing"

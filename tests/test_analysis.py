@@ -375,8 +375,44 @@ def test_limit_agrees_with_sympy_limit():
             assert _head_forms(spec, causal)[3] == sympy.limit(total / grid_n, N, sympy.oo)
 
 
-def test_huge_common_period_is_refused_not_enumerated():
-    strides = (5, 7, 9, 11, 13, 16, 17, 19, 23)
+def test_huge_common_period_is_decided_without_enumerating():
+    # lcm 5*7*9*11*13*16*17 ~ 1.2e7: coverage is decided from a short sieve, costs by
+    # inclusion-exclusion (the classes share residue 0: 127 terms), never by listing a period
+    strides = (5, 7, 9, 11, 13, 16, 17)
     p = Pattern("huge", 16, len(strides), 1, True, tuple(HeadSpec(4, 0, ((s, 0),)) for s in strides))
-    with pytest.raises(ValueError, match="lcm"):
+    start = time.perf_counter()
+    report = analyze(p)
+    assert time.perf_counter() - start < 20
+    assert not report.covered and (report.counterexample.i, report.counterexample.j) == (5, 1)
+    for n in (1, 17, 60, 200):
+        assert evaluate(report.union_total_blocks, N=n) == int(p.block_mask(n).any(0).sum())
+
+
+def test_too_many_terms_is_refused_quickly_with_the_verdict():
+    from s2dsl.analysis import AnalysisLimit
+    from s2dsl.errors import S2Error
+    strides = (5, 7, 9, 11, 13, 16, 17, 19, 23)  # 511 inclusion-exclusion terms
+    p = Pattern("huge", 16, len(strides), 1, True, tuple(HeadSpec(4, 0, ((s, 0),)) for s in strides))
+    start = time.perf_counter()
+    with pytest.raises(AnalysisLimit, match="not covered.*query block 5 never sees kv block 1") as info:
         analyze(p)
+    assert isinstance(info.value, S2Error) and time.perf_counter() - start < 10
+
+
+@pytest.mark.parametrize("text, covered", [
+    ("heads * { stride 1000 stride 1001 }", False),
+    ("heads * { window 1 stride h + 2 }", False),  # 32 heads: lcm of 2..33 is 1.4e14
+    ("heads 0..0 { stride 2 } heads 1..1 { stride 3 } heads 2..2 { stride 4 offset -1 } "
+     "heads 3..3 { stride 6 offset -5 } heads 4..31 { stride 12 offset -7 }", True),  # a covering system
+])
+def test_large_lcm_decided_or_refused_quickly(text, covered):
+    """Issue 16 item 5: never hang; decide, or refuse with an S2Error that still gives the verdict."""
+    from s2dsl.analysis import AnalysisLimit
+    p = s2dsl.parse(f"pattern p {{ block = 16 heads = 32 {text} }}")["p"]
+    start = time.perf_counter()
+    try:
+        verdict = analyze(p).covered
+    except AnalysisLimit as exc:
+        verdict = "not covered" not in str(exc)
+    assert verdict == covered
+    assert time.perf_counter() - start < 20

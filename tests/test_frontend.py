@@ -414,46 +414,7 @@ def test_reference_attention_empty_rows_are_zero():
     assert torch.isfinite(lse[0, 0, 16:]).all()
 
 
-def _dkernel_keeps(h, i, j, *, heads, kv_heads, local_blocks, vert_stride, num_dense_heads, head_sliding_offset,
-                   homo_head=False):
-    """The DKernel / Phi-3-small convention from DESIGN.md, written out directly."""
-    if j > i:
-        return False
-    if h >= heads - num_dense_heads:
-        return True
-    kv = kv_heads or heads
-    head = 0 if homo_head else h // (heads // kv)
-    step = max(1, vert_stride // kv)
-    return i - j < local_blocks or (j + head * step + head_sliding_offset) % vert_stride == 0
-
-
-@pytest.mark.parametrize("heads, kv_heads, local_blocks, vert_stride, num_dense_heads, head_sliding_offset, homo", [
-    (32, 8, 16, 8, 0, 0, False),     # Phi-3-small
-    (32, None, 16, 8, 0, 0, False),
-    (32, None, 16, 32, 0, 0, False),
-    (8, 2, 3, 16, 0, 5, False),      # step = 8
-    (8, 4, 2, 5, 2, 1, False),       # stride not a multiple of heads, dense tail
-    (6, 3, 1, 4, 6, 0, False),       # all dense
-    (4, None, 2, 3, 1, 2, True),     # homogeneous heads
-])
-def test_local_stride_matches_dkernel(heads, kv_heads, local_blocks, vert_stride, num_dense_heads,
-                                      head_sliding_offset, homo):
-    p = s2dsl.local_stride(block=32, local_blocks=local_blocks, vert_stride=vert_stride, heads=heads,
-                           kv_heads=kv_heads, num_dense_heads=num_dense_heads,
-                           head_sliding_offset=head_sliding_offset, homo_head=homo)
-    n = 3 * vert_stride + local_blocks + 5
-    want = torch.tensor([[[_dkernel_keeps(h, i, j, heads=heads, kv_heads=kv_heads, local_blocks=local_blocks,
-                                          vert_stride=vert_stride, num_dense_heads=num_dense_heads,
-                                          head_sliding_offset=head_sliding_offset, homo_head=homo)
-                           for j in range(n)] for i in range(n)] for h in range(heads)])
-    assert torch.equal(p.block_mask(n), want)
-    # q heads of one kv group share their kv head's pattern
-    if not num_dense_heads:
-        for h in range(heads):
-            assert p.head_specs[h] == p.head_specs[p.kv_head_of(h) * p.group_size]
-    # and the pattern prints to .s2 text that means the same
-    again = s2dsl.parse(p.to_source())[p.name]
-    assert again.head_specs == p.head_specs
+# local_stride against DKernel's own formula and mask: tests/test_local_stride.py
 
 
 def test_local_stride_rejects_bad_arguments():

@@ -7,7 +7,6 @@ values in every slot.
 """
 from __future__ import annotations
 
-import math
 from datetime import timedelta
 
 import pytest
@@ -17,9 +16,10 @@ from hypothesis import strategies as st
 from conftest import EXAMPLES
 
 import s2dsl
-from s2dsl.analysis import MAX_PERIOD as ANALYZER_MAX_PERIOD
 
 SOURCES = [p.read_text() for p in sorted(EXAMPLES.glob("*.s2"))]
+# warm up the parser and sympy once, so the per-example deadline measures the example
+s2dsl.analyze(s2dsl.parse(SOURCES[0])[next(iter(s2dsl.parse(SOURCES[0])))])
 
 KEYWORDS = ["const", "pattern", "model", "block", "heads", "kv_heads", "causal", "bidirectional", "window",
             "sink", "stride", "offset", "shard", "of", "dense", "topk", "recent", "layers", "every", "from",
@@ -29,7 +29,9 @@ SYMBOLS = ["{", "}", "(", ")", "=", ";", ",", "+", "-", "*", "//", "%", "..", "-
 HUGE = ["0", "-1", "1", "15", "16", "2147483647", "2147483648", "4294967296", "18446744073709551616",
         "9" * 19, "9" * 5000]
 
-FUZZ = settings(max_examples=120, deadline=timedelta(seconds=3), derandomize=True,
+# the deadline is generous for a shared 2-core CI machine (a first analysis of a pattern takes
+# ~0.5 s alone, several seconds under load); a hang or a minutes-long analysis still fails it
+FUZZ = settings(max_examples=120, deadline=timedelta(seconds=15), derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
@@ -42,21 +44,10 @@ def _only_s2_errors(text: str) -> None:
         assert len(message) < 2000, "excerpts must be cut"
         return
     for p in f.patterns.values():
-        if _analyzer_in_scope(p):
-            s2dsl.analyze(p)
-
-
-def _analyzer_in_scope(p) -> bool:
-    """Patterns whose residue structure the analyzer handles today. It enumerates residues
-    modulo the lcm of the strides and sums one closed-form term per residue, so heads with
-    several large strides take minutes: issue 16 item 5, the language engineer's coverage
-    algorithm. Those are fuzzed through ``parse`` only until it lands."""
-    periods = [s.period for s in p.head_specs if s.residues]
-    if not periods:
-        return True
-    if math.lcm(*periods) > min(ANALYZER_MAX_PERIOD, 4096):
-        return False
-    return all(len(s.residue_set) <= 64 for s in p.head_specs)
+        try:
+            s2dsl.analyze(p)  # decides, or refuses with an S2Error
+        except s2dsl.S2Error as exc:
+            assert str(exc).startswith(f"pattern {p.name}"), str(exc)[:300]
 
 
 token = st.one_of(st.sampled_from(KEYWORDS), st.sampled_from(SYMBOLS), st.sampled_from(HUGE),
@@ -123,8 +114,12 @@ def test_extreme_values_give_only_s2_errors(block, heads, kv, window, sink, stri
     _only_s2_errors(text)
 
 
-@FUZZ
-@given(strides=st.lists(st.integers(1, 5000), min_size=1, max_size=3), heads=st.integers(1, 64))
+# No deadline here: heads with several head-dependent strides make the analyzer's coverage
+# search the slow part (e.g. 'stride 6 + h offset h stride 515 + h offset h' over 5 heads:
+# 2.4 s alone, far more on a loaded machine), which would make a deadline flaky; the ranges
+# are kept small instead.
+@settings(FUZZ, max_examples=30, deadline=None)
+@given(strides=st.lists(st.integers(1, 600), min_size=1, max_size=2), heads=st.integers(1, 8))
 def test_many_strides_are_decided_or_refused(strides, heads):
     body = " ".join(f"stride {s} + h offset h" for s in strides)
     _only_s2_errors(f"pattern p {{ block = 16 heads = {heads} heads * {{ window 1 {body} }} }}")

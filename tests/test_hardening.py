@@ -256,6 +256,7 @@ def test_non_finite_scale_is_refused_by_every_entry_point(interpreter, scale):
     seq = cache.add_sequence()
     with pytest.raises(InputError, match="must be finite"):
         cached_attention(cache, [seq], q[:, :, :1], k[:, :, :1], v[:, :, :1], scale=scale)
+    assert cache.seq_len(seq) == 0  # refused before anything was written
 
 
 def test_scale_of_the_wrong_type_is_a_type_error(interpreter):
