@@ -116,6 +116,32 @@ def _topk_loop(plan: KernelPlan) -> str:
                                        HEAD_DIM, D_PAD)"""
 
 
+def _relative_loops(plan: KernelPlan, full: str) -> str:
+    """Relative strides: with the tile inside query block i, the kept blocks are
+    j = i - window + 1 - k*rel below the window and j = i + ahead + k*rel after it (k >= 1),
+    each kept by every row; a block also kept as a sink or residue is visited by those
+    loops, so it is skipped here."""
+    skip = "if not full:" if full != "full = False" else "if True:"
+    code = f"""
+        # -- relative strides (the tile is one query block i = first_block) --
+        lo_raw = first_block - window + 1
+        for j in range((lo_raw % rel + rel) % rel, lo_raw - rel + 1, rel):
+{indent(full, ' ' * 12)}
+            {skip}
+                acc, l_i, m_i = _visit(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, j, 1, rows,
+                                       row_block, kv_len, window, True, qk_scale, False, CAUSAL, BLOCK, BLOCK,
+                                       BLOCK_N, HEAD_DIM, D_PAD)"""
+    if not plan.causal:
+        code += f"""
+        for j in range(last_block + ahead + rel, n_kv_blocks, rel):
+{indent(full, ' ' * 12)}
+            {skip}
+                acc, l_i, m_i = _visit(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, j, 1, rows,
+                                       row_block, kv_len, window, True, qk_scale, True, CAUSAL, BLOCK, BLOCK,
+                                       BLOCK_N, HEAD_DIM, D_PAD)"""
+    return code
+
+
 def generate_forward(plan: KernelPlan, spec: Specialization, *, name: str = "pattern", fingerprint: str = "") -> str:
     """Source of a Python module with ``kernel`` (Triton) and ``launch`` for ``plan``."""
     if plan.block % spec.block_n:
@@ -130,6 +156,14 @@ def generate_forward(plan: KernelPlan, spec: Specialization, *, name: str = "pat
         head_params.append(f"residue = {_param(plan, 'residue', 4)}")
     elif plan.max_residues > 1:
         head_params.append("num_residues = tl.load(HeadTable + h * TABLE_WIDTH + 3)")
+    if plan.has_distance:
+        if spec.block_m > plan.block or plan.block % spec.block_m:
+            raise ValueError(f"block_m={spec.block_m} must divide the pattern block {plan.block} for two-sided "
+                             "windows and relative strides: a query tile stays inside one query block")
+        if plan.causal and plan.has_ahead:
+            raise ValueError("a causal plan cannot keep blocks ahead of the diagonal")
+        head_params.append(f"ahead = {_param(plan, 'ahead', plan.distance_column)}")
+        head_params.append(f"rel = {_param(plan, 'relative', plan.distance_column + 1)}")
     varlen = spec.layout == "varlen"
     # inner width of a wide step (window or residue pair): as wide as the span, at most 128 rows
     wide_n = min(plan.block * spec.window_span, max(128, spec.block_n))
@@ -186,9 +220,13 @@ def generate_forward(plan: KernelPlan, spec: Specialization, *, name: str = "pat
         for j in {short.format("whole", "first_block")}:
             acc, l_i, m_i = _visit(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, j, 1, rows, row_block,
                                    kv_len, window, True, qk_scale, False, CAUSAL, BLOCK, BLOCK, BLOCK_N, HEAD_DIM, D_PAD)"""
+    diagonal_end, ahead_full = "last_block + 1", ""
+    if plan.has_ahead:  # the tile is one query block: its window goes on to ahead blocks after it
+        diagonal_end = "tl.minimum(last_block + ahead, n_kv_blocks - 1) + 1"
+        ahead_full = "\nfull = full | ((j - row_block > 0) & (j - row_block <= ahead))  # per row"
     window_masked += f"""
-        for j in {short.format("first_block", "last_block + 1")}:  # the diagonal blocks
-{indent(full, ' ' * 12)}
+        for j in {short.format("first_block", diagonal_end)}:  # the diagonal blocks{" and those ahead" if ahead_full else ""}
+{indent(full + ahead_full, ' ' * 12)}
             acc, l_i, m_i = _visit(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, j, 1, rows, row_block,
                                    kv_len, window, full, qk_scale, True, CAUSAL, BLOCK, BLOCK, BLOCK_N, HEAD_DIM, D_PAD)"""
     topk_params, topk_args, topk_loop, topk_launch = "", "", "", ""
@@ -201,7 +239,10 @@ def generate_forward(plan: KernelPlan, spec: Specialization, *, name: str = "pat
         topk_loop = _topk_loop(plan)
         topk_launch = ", sel=None, sel_strides=(0, 0, 0), sel_first_block=0"
     below = _outside_loops(plan, "0", "lo", "False", spec.residue_span)
-    above = "" if plan.causal else _outside_loops(plan, "last_block + 1", "n_kv_blocks", "True")
+    above = "" if plan.causal else _outside_loops(plan, "last_block + ahead + 1" if plan.has_ahead
+                                                  else "last_block + 1", "n_kv_blocks", "True")
+    if plan.has_relative:
+        window_masked += _relative_loops(plan, full)
     if varlen:
         locate = """
         q_start = tl.load(CuSeqQ + b)
