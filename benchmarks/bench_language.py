@@ -59,6 +59,22 @@ def check(pattern, n: int) -> float:
     return err
 
 
+def sliding_window(tokens: int):
+    return s2dsl.parse(f"pattern swa{tokens} {{ block = {BLOCK} heads = {HEADS} causal "
+                       f"heads * {{ window {tokens} tokens }} }}")[f"swa{tokens}"]
+
+
+def flex_sliding(tokens: int, n: int):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (q_idx - kv_idx < tokens)
+
+    mask = torch.compile(create_block_mask)(mask_mod, 1, 1, n, n, device="cuda", BLOCK_SIZE=BLOCK)
+    compiled = torch.compile(flex_attention)
+    return lambda q, k, v: compiled(q, k, v, block_mask=mask, kernel_options={"BLOCK_M": BLOCK, "BLOCK_N": BLOCK})
+
+
 def flex_bidirectional(stride: int, n: int):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -123,6 +139,8 @@ def main():
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--no-dkernel", action="store_true")
     ap.add_argument("--no-causal", action="store_true", help="skip the causal local-stride points")
+    ap.add_argument("--windows", type=int, nargs="*", default=[4096],
+                    help="token sliding windows (Mistral-style) to time against Flex and SDPA")
     ap.add_argument("--out", type=str, default="")
     args = ap.parse_args()
     ok, why = dkernel_baseline.available()
@@ -138,6 +156,22 @@ def main():
                 row = run_point(pattern, stride, n, is_causal, not args.no_flex, not args.no_dkernel and ok)
                 rows.append(row)
                 print(json.dumps(row))
+    for tokens in args.windows:
+        pattern = sliding_window(tokens)
+        checks[pattern.name] = check(pattern, 2048 + 37 + tokens)
+        print(f"check {pattern.name}: rel err bf16 {checks[pattern.name]:.2e}")
+        for n in args.seqs:
+            row = run_point(pattern, 0, n, True, False, False)
+            if not args.no_flex:
+                try:
+                    q, k, v = inputs(n)
+                    fn = flex_sliding(tokens, n)
+                    row["flex_ms"] = bench(fn, q, k, v)
+                    row["flex_over_s2dsl"] = row["flex_ms"] / row["s2dsl_ms"]
+                except Exception as exc:  # noqa: BLE001
+                    row["flex_error"] = f"{type(exc).__name__}: {exc}"[:200]
+            rows.append(row)
+            print(json.dumps(row))
     print("\n| pattern | seq | s2dsl ms | Flex ms (x) | DKernel ms (x) | SDPA flash ms (x) |")
     print("|---|---|---|---|---|---|")
     for r in rows:

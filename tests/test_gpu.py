@@ -99,7 +99,15 @@ CAUSAL_REL = s2dsl.local_stride(block=64, local_blocks=16, vert_stride=8, heads=
                                 name="causal_rel")
 
 
-@pytest.mark.parametrize("pattern", [DKERNEL_BIDIR, CAUSAL_REL], ids=lambda p: p.name)
+MISTRAL_SWA = s2dsl.parse("""
+pattern mistral_swa {
+    block = 64  heads = 16  kv_heads = 4  causal
+    heads 0..13 { window 1000 tokens }
+    heads 14..15 { window 2  sink 1  stride 8 offset h }
+}""")["mistral_swa"]
+
+
+@pytest.mark.parametrize("pattern", [DKERNEL_BIDIR, CAUSAL_REL, MISTRAL_SWA], ids=lambda p: p.name)
 @pytest.mark.parametrize("d", [64, 128])
 def test_two_sided_and_relative_forward(pattern, d):
     _run(pattern, 2, 3000, 3000, d, torch.bfloat16)

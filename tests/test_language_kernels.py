@@ -1,5 +1,5 @@
-"""Generated kernels for the round-2 constructs they run: two-sided windows and relative
-strides (forward), against the dense reference under the Triton interpreter."""
+"""Generated kernels for the round-2 constructs they run: two-sided windows, relative
+strides and token windows (forward), against the dense reference under the Triton interpreter."""
 from __future__ import annotations
 
 import os
@@ -36,7 +36,9 @@ def distance_patterns(draw):
             a = 0 if causal else draw(st.integers(0, 2))
             if w or a:
                 parts.append(f"window {w}" + (f" ahead {a}" if a else ""))
-            if draw(st.integers(0, 3)):
+            if draw(st.integers(0, 2)) == 0:
+                parts.append(f"window {draw(st.integers(1, 60))} tokens")  # the kernels: no relative stride too
+            elif draw(st.integers(0, 3)):
                 parts.append(f"stride {draw(st.integers(2, 5))} relative")
             if draw(st.integers(0, 3)) == 0:
                 parts.append(f"sink {draw(st.integers(1, 2))}")
@@ -73,6 +75,12 @@ def test_forward_matches_reference(pattern, data):
     _check(pattern, lq, lk, 16, dtype, tuning, seed=lq * 7 + lk)
 
 
+def test_mistral_style_token_window_forward():
+    p = s2dsl.parse("pattern p { block = 16 heads = 2 kv_heads = 1 heads * { window 37 tokens } }")["p"]
+    _check(p, 130, 130, 16, torch.float16)
+    _check(p, 20, 150, 16, torch.float32)  # queries after a past
+
+
 def test_tile_larger_than_block_is_refused_not_wrong():
     p = s2dsl.local_stride(block=16, local_blocks=(2, 2), vert_stride=3, heads=2, causal=False)
     q, k, v = random_inputs(1, 2, 2, 64, 64, 16, torch.float32)
@@ -80,7 +88,8 @@ def test_tile_larger_than_block_is_refused_not_wrong():
         forward(q, k, v, p, tuning={"block_m": 32, "block_n": 16})
 
 
-@pytest.mark.parametrize("body", ["window 64 tokens", "sink 4 tokens window 2", "global 1 window 1"])
+@pytest.mark.parametrize("body", ["window 8 ahead 4 tokens", "sink 4 tokens window 2", "global 1 window 1",
+                                  "window 40 tokens stride 3 relative"])
 def test_other_constructs_are_refused_with_a_message(body):
     p = s2dsl.parse(f"pattern p {{ block = 16 heads = 1 bidirectional heads * {{ {body} }} }}")["p"]
     with pytest.raises(UnsupportedPattern, match="do not run yet"):
@@ -88,3 +97,15 @@ def test_other_constructs_are_refused_with_a_message(body):
     q, k, v = random_inputs(1, 1, 1, 32, 32, 16, torch.float32)
     with pytest.raises(InputError, match="do not run yet"):
         forward(q, k, v, p)
+
+
+def test_backward_and_decode_refuse_what_they_do_not_run():
+    from s2dsl.codegen.backward import generate_backward
+    from s2dsl.codegen.decode import DecodeSpecialization, generate_decode
+    from s2dsl.runtime.backward import _as_backward, choose_backward_for_gpu
+    for text in ("heads * { window 37 tokens }", "heads * { window 2 stride 3 relative }"):
+        p = s2dsl.parse(f"pattern p {{ block = 16 heads = 2 {text} }}")["p"]
+        with pytest.raises(UnsupportedPattern, match="do not run|does not run"):
+            generate_backward(lower(p), _as_backward(choose_backward_for_gpu(p, 64)))
+        with pytest.raises(UnsupportedPattern, match="does not run"):
+            generate_decode(lower(p), DecodeSpecialization())

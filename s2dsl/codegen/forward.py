@@ -156,14 +156,21 @@ def generate_forward(plan: KernelPlan, spec: Specialization, *, name: str = "pat
         head_params.append(f"residue = {_param(plan, 'residue', 4)}")
     elif plan.max_residues > 1:
         head_params.append("num_residues = tl.load(HeadTable + h * TABLE_WIDTH + 3)")
-    if plan.has_distance:
+    if plan.has_distance or plan.has_tokens:
         if spec.block_m > plan.block or plan.block % spec.block_m:
             raise ValueError(f"block_m={spec.block_m} must divide the pattern block {plan.block} for two-sided "
-                             "windows and relative strides: a query tile stays inside one query block")
+                             "windows, relative strides and token windows: a query tile stays inside one "
+                             "query block")
+    if plan.has_distance:
         if plan.causal and plan.has_ahead:
             raise ValueError("a causal plan cannot keep blocks ahead of the diagonal")
         head_params.append(f"ahead = {_param(plan, 'ahead', plan.distance_column)}")
         head_params.append(f"rel = {_param(plan, 'relative', plan.distance_column + 1)}")
+    if plan.has_tokens:
+        column = plan.tokens_column
+        head_params.append(f"tw = {_param(plan, 'tokens', column)}")
+        head_params.append(f"bwin = tl.load(HeadTable + h * TABLE_WIDTH + {column + 1})")
+        head_params.append(f"w_in = tl.load(HeadTable + h * TABLE_WIDTH + {column + 2})")
     varlen = spec.layout == "varlen"
     # inner width of a wide step (window or residue pair): as wide as the span, at most 128 rows
     wide_n = min(plan.block * spec.window_span, max(128, spec.block_n))
@@ -238,6 +245,9 @@ def generate_forward(plan: KernelPlan, spec: Specialization, *, name: str = "pat
         topk_args = "sel, *sel_strides, sel_first_block, "
         topk_loop = _topk_loop(plan)
         topk_launch = ", sel=None, sel_strides=(0, 0, 0), sel_first_block=0"
+    if plan.has_tokens:
+        # masked window blocks decide by the head's own block window, the token window per pair
+        window_masked = window_masked.replace("kv_len, window, ", "kv_len, bwin, ")
     below = _outside_loops(plan, "0", "lo", "False", spec.residue_span)
     above = "" if plan.causal else _outside_loops(plan, "last_block + ahead + 1" if plan.has_ahead
                                                   else "last_block + 1", "n_kv_blocks", "True")
@@ -422,4 +432,27 @@ def launch(q, k, v, out, lse, q_strides, k_strides, v_strides, o_strides, lse_st
                  HEAD_DIM=HEAD_DIM, D_PAD=D_PAD,
                  num_warps=NUM_WARPS, num_stages=NUM_STAGES)
 '''
+    if plan.has_tokens:
+        source = _with_token_windows(source)
+    return source
+
+
+def _with_token_windows(source: str) -> str:
+    """The module for a plan with token windows: the window range's first blocks up to the
+    inner distances (where the token window's edge falls) are masked, and the mask keeps a
+    pair when its block is kept or its tokens are less than the head's ``tw`` apart."""
+    def swap(old, new, count=1):
+        nonlocal source
+        if source.count(old) < count:
+            raise AssertionError(f"forward template changed: {old!r} not found")
+        source = source.replace(old, new)
+
+    swap("edge = tl.minimum(tl.maximum(last_block - tl.maximum(window, 1) + 1, lo), first_block)",
+         "edge = tl.minimum(tl.maximum(last_block - tl.maximum(w_in, 1) + 1, lo), first_block)")
+    swap("SPAN: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):",
+         "SPAN: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, tw):")
+    swap("""            keep = keep[:, None] & (cols[None, :] < kv_len)""",
+         """            near = rows[:, None] - cols[None, :]
+            keep = (keep[:, None] | ((near >= 0) & (near < tw))) & (cols[None, :] < kv_len)""")
+    swap("HEAD_DIM, D_PAD)", "HEAD_DIM, D_PAD, tw)", count=2)
     return source

@@ -39,6 +39,11 @@ class HeadParams:
     recent: int = 0   # decode: steps the selection score sums over (0: every step so far)
     ahead: int = 0    # blocks kept after the diagonal (two-sided window)
     relative: int = 0  # relative stride S beyond the window (0: none)
+    # a token window (q - k < tokens): ``window`` is then the blocks it touches, ``block_window``
+    # the head's own block window and ``inner`` the distances every token pair of which is kept
+    tokens: int = 0
+    block_window: int = 0
+    inner: int = 0
 
 
 @dataclass(frozen=True)
@@ -74,6 +79,10 @@ class KernelPlan:
         return any(p.relative for p in self.params)
 
     @property
+    def has_tokens(self) -> bool:
+        return any(p.tokens for p in self.params)
+
+    @property
     def has_distance(self) -> bool:
         """Two-sided windows or relative strides: a query tile must stay inside one query block."""
         return self.has_ahead or self.has_relative
@@ -82,12 +91,23 @@ class KernelPlan:
     def table_width(self) -> int:
         """Columns of ``table()``: window, sink, period, count, residues (padded), then K and R
         for plans with topk heads, then ahead and relative stride for plans with either."""
-        return 4 + max(self.max_residues, 1) + (2 if self.has_topk else 0) + (2 if self.has_distance else 0)
+        return (4 + max(self.max_residues, 1) + (2 if self.has_topk else 0) + (2 if self.has_distance else 0)
+                + (3 if self.has_tokens else 0))
 
     @property
     def distance_column(self) -> int:
         """Column of ``ahead`` in the head table (the relative stride follows it)."""
         return 4 + max(self.max_residues, 1) + (2 if self.has_topk else 0)
+
+    @property
+    def tokens_column(self) -> int:
+        """Column of the token window (block window and inner distances follow it)."""
+        return self.distance_column + (2 if self.has_distance else 0)
+
+    @property
+    def one_block_tiles(self) -> bool:
+        """Must a query tile stay inside one query block (its rows share the block distances)?"""
+        return self.has_topk or self.has_distance or self.has_tokens
 
     @property
     def topk_column(self) -> int:
@@ -115,8 +135,10 @@ class KernelPlan:
         extra = (lambda p: (p.topk, p.recent)) if self.has_topk else (lambda p: ())
         # a head without a relative stride gets NO_PERIOD: its loops start past every block
         dist = (lambda p: (p.ahead, p.relative or NO_PERIOD)) if self.has_distance else (lambda p: ())
+        toks = ((lambda p: (p.tokens, p.block_window if p.tokens else p.window, p.inner if p.tokens else p.window))
+                if self.has_tokens else (lambda p: ()))
         return tuple((p.window, p.sink, p.period, len(p.residues), *p.residues,
-                      *([p.period - 1] * (width - len(p.residues))), *extra(p), *dist(p))
+                      *([p.period - 1] * (width - len(p.residues))), *extra(p), *dist(p), *toks(p))
                      for p in self.params)
 
     def cost(self, head: int, n_blocks: int) -> int:
@@ -147,7 +169,10 @@ def lower(pattern: Pattern) -> KernelPlan:
             if topk > MAX_TOPK:
                 raise UnsupportedPattern(f"pattern {pattern.name}: head {h} has topk {topk}, above the kernels' "
                                          f"limit {MAX_TOPK} blocks")
-        what = [name for name, used in (("token-granular window/sink", spec.has_token_edges),
+        what = [name for name, used in (("a token-granular sink", spec.sink_tokens),
+                                        ("a token-granular window ahead", spec.ahead_tokens),
+                                        ("a token window with a relative stride or topk",
+                                         spec.window_tokens and (spec.relative or spec.topk)),
                                         ("global rows", spec.global_rows),
                                         ("more than one relative stride", len(spec.relative) > 1),
                                         ("topk with a two-sided window or relative stride",
@@ -168,6 +193,10 @@ def lower(pattern: Pattern) -> KernelPlan:
         residues = spec.residue_set
         if not residues:
             period = NO_PERIOD
-        params.append(HeadParams(spec.window, spec.sink, period, residues, topk, recent, spec.ahead,
-                                 spec.relative[0] if spec.relative else 0))
+        window, tokens, inner = spec.window, spec.window_tokens, 0
+        if tokens:
+            window = spec.blocks_touched(pattern.block)[0]
+            inner = max(spec.window, tokens // pattern.block)
+        params.append(HeadParams(window, spec.sink, period, residues, topk, recent, spec.ahead,
+                                 spec.relative[0] if spec.relative else 0, tokens, spec.window, inner))
     return KernelPlan(pattern.block, pattern.heads, pattern.kv_heads, pattern.causal, tuple(params))

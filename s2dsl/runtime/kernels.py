@@ -34,7 +34,7 @@ def choose_forward(pattern: Pattern, dtype: torch.dtype, head_dim: int, layout: 
     plan = lower(pattern)
     # a tile takes the selection of its one query block; relative strides and two-sided windows
     # are enumerated per query block too
-    if spec.block_m > block and (plan.has_topk or plan.has_distance):
+    if spec.block_m > block and plan.one_block_tiles:
         spec = replace(spec, block_m=block, num_warps=min(spec.num_warps, 4))
     return replace(spec, **(tuning or {}))
 
@@ -45,7 +45,7 @@ def choose_forward_for_gpu(pattern: Pattern, head_dim: int) -> Specialization:
     big = head_dim > 128
     block_m = 64 if big else 128
     plan = lower(pattern)
-    if plan.has_topk or plan.has_distance:  # a tile stays inside one query block
+    if plan.one_block_tiles:  # a tile stays inside one query block
         block_m = min(block_m, pattern.block)
     return Specialization(head_dim=head_dim, capability=(9, 0), block_m=block_m,
                           block_n=min(pattern.block, 32 if big else 64),
