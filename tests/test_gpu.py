@@ -107,7 +107,15 @@ pattern mistral_swa {
 }""")["mistral_swa"]
 
 
-@pytest.mark.parametrize("pattern", [DKERNEL_BIDIR, CAUSAL_REL, MISTRAL_SWA], ids=lambda p: p.name)
+STREAMING = s2dsl.parse("""
+pattern streaming {
+    block = 64  heads = 16  kv_heads = 4  causal
+    heads 0..11 { sink 4 tokens  window 1020 tokens }
+    heads 12..15 { dense }
+}""")["streaming"]
+
+
+@pytest.mark.parametrize("pattern", [DKERNEL_BIDIR, CAUSAL_REL, MISTRAL_SWA, STREAMING], ids=lambda p: p.name)
 @pytest.mark.parametrize("d", [64, 128])
 def test_two_sided_and_relative_forward(pattern, d):
     _run(pattern, 2, 3000, 3000, d, torch.bfloat16)

@@ -38,6 +38,8 @@ def distance_patterns(draw):
                 parts.append(f"window {w}" + (f" ahead {a}" if a else ""))
             if draw(st.integers(0, 2)) == 0:
                 parts.append(f"window {draw(st.integers(1, 60))} tokens")  # the kernels: no relative stride too
+                if draw(st.booleans()):
+                    parts.append(f"sink {draw(st.integers(1, 40))} tokens")
             elif draw(st.integers(0, 3)):
                 parts.append(f"stride {draw(st.integers(2, 5))} relative")
             if draw(st.integers(0, 3)) == 0:
@@ -81,6 +83,13 @@ def test_mistral_style_token_window_forward():
     _check(p, 20, 150, 16, torch.float32)  # queries after a past
 
 
+def test_streaming_llm_token_sinks_forward():
+    p = s2dsl.parse("pattern p { block = 16 heads = 4 kv_heads = 2 heads 0..2 { sink 4 tokens window 21 tokens } "
+                    "heads 3..3 { dense } }")["p"]
+    _check(p, 140, 140, 16, torch.float16)
+    _check(p, 17, 150, 16, torch.float32)
+
+
 def test_tile_larger_than_block_is_refused_not_wrong():
     p = s2dsl.local_stride(block=16, local_blocks=(2, 2), vert_stride=3, heads=2, causal=False)
     q, k, v = random_inputs(1, 2, 2, 64, 64, 16, torch.float32)
@@ -88,7 +97,7 @@ def test_tile_larger_than_block_is_refused_not_wrong():
         forward(q, k, v, p, tuning={"block_m": 32, "block_n": 16})
 
 
-@pytest.mark.parametrize("body", ["window 8 ahead 4 tokens", "sink 4 tokens window 2", "global 1 window 1",
+@pytest.mark.parametrize("body", ["window 8 ahead 4 tokens", "global 1 window 1",
                                   "window 40 tokens stride 3 relative"])
 def test_other_constructs_are_refused_with_a_message(body):
     p = s2dsl.parse(f"pattern p {{ block = 16 heads = 1 bidirectional heads * {{ {body} }} }}")["p"]

@@ -55,7 +55,18 @@ class Specialization:
 def _outside_loops(plan: KernelPlan, lo: str, hi: str, masked: str, span: int = 1) -> str:
     """Loops over the sinks and residue blocks in [lo, hi): every row of the tile keeps them."""
     code = []
-    if plan.has_sink:
+    if plan.has_sink and plan.has_tokens:
+        # the head's own block sinks are kept by every row; the blocks its token sink touches
+        # are masked per token (and may be residue blocks too: the residue loops start past them)
+        code.append(f"""
+        for j in range({lo}, tl.minimum({hi}, bsink)):
+            acc, l_i, m_i = _visit(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, j, 1, rows, row_block,
+                                   kv_len, 0, True, qk_scale, {masked}, CAUSAL, BLOCK, BLOCK, BLOCK_N, HEAD_DIM, D_PAD)
+        for j in range(tl.maximum({lo}, bsink), tl.minimum({hi}, sink)):
+{indent(_full_predicate(plan), ' ' * 12)}
+            acc, l_i, m_i = _visit(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, j, 1, rows, row_block,
+                                   kv_len, 0, full, qk_scale, True, CAUSAL, BLOCK, BLOCK, BLOCK_N, HEAD_DIM, D_PAD)""")
+    elif plan.has_sink:
         code.append(f"""
         for j in range({lo}, tl.minimum({hi}, sink)):
             acc, l_i, m_i = _visit(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, j, 1, rows, row_block,
@@ -171,6 +182,8 @@ def generate_forward(plan: KernelPlan, spec: Specialization, *, name: str = "pat
         head_params.append(f"tw = {_param(plan, 'tokens', column)}")
         head_params.append(f"bwin = tl.load(HeadTable + h * TABLE_WIDTH + {column + 1})")
         head_params.append(f"w_in = tl.load(HeadTable + h * TABLE_WIDTH + {column + 2})")
+        head_params.append(f"ts = tl.load(HeadTable + h * TABLE_WIDTH + {column + 3})")
+        head_params.append(f"bsink = tl.load(HeadTable + h * TABLE_WIDTH + {column + 4})")
     varlen = spec.layout == "varlen"
     # inner width of a wide step (window or residue pair): as wide as the span, at most 128 rows
     wide_n = min(plan.block * spec.window_span, max(128, spec.block_n))
@@ -454,5 +467,10 @@ def _with_token_windows(source: str) -> str:
     swap("""            keep = keep[:, None] & (cols[None, :] < kv_len)""",
          """            near = rows[:, None] - cols[None, :]
             keep = (keep[:, None] | ((near >= 0) & (near < tw))) & (cols[None, :] < kv_len)""")
-    swap("HEAD_DIM, D_PAD)", "HEAD_DIM, D_PAD, tw)", count=2)
+    swap("HEAD_DIM, D_PAD)", "HEAD_DIM, D_PAD, tw, ts)", count=2)
+    swap("D_PAD: tl.constexpr, tw):", "D_PAD: tl.constexpr, tw, ts):")
+    swap("keep = (keep[:, None] | ((near >= 0) & (near < tw)))",
+         "keep = (keep[:, None] | ((near >= 0) & (near < tw)) | (cols[None, :] < ts))")
+    # a block is kept for every row by the head's own block sink, not by the blocks its token sink touches
+    source = source.replace("(j < sink)", "(j < bsink)").replace("full = j < sink", "full = j < bsink")
     return source

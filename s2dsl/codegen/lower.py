@@ -44,6 +44,10 @@ class HeadParams:
     tokens: int = 0
     block_window: int = 0
     inner: int = 0
+    # a token sink (k < sink_tokens): ``sink`` is then the blocks it touches, ``block_sink`` the
+    # head's own block sink
+    sink_tokens: int = 0
+    block_sink: int = 0
 
 
 @dataclass(frozen=True)
@@ -80,7 +84,7 @@ class KernelPlan:
 
     @property
     def has_tokens(self) -> bool:
-        return any(p.tokens for p in self.params)
+        return any(p.tokens or p.sink_tokens for p in self.params)
 
     @property
     def has_distance(self) -> bool:
@@ -92,7 +96,7 @@ class KernelPlan:
         """Columns of ``table()``: window, sink, period, count, residues (padded), then K and R
         for plans with topk heads, then ahead and relative stride for plans with either."""
         return (4 + max(self.max_residues, 1) + (2 if self.has_topk else 0) + (2 if self.has_distance else 0)
-                + (3 if self.has_tokens else 0))
+                + (5 if self.has_tokens else 0))
 
     @property
     def distance_column(self) -> int:
@@ -135,7 +139,8 @@ class KernelPlan:
         extra = (lambda p: (p.topk, p.recent)) if self.has_topk else (lambda p: ())
         # a head without a relative stride gets NO_PERIOD: its loops start past every block
         dist = (lambda p: (p.ahead, p.relative or NO_PERIOD)) if self.has_distance else (lambda p: ())
-        toks = ((lambda p: (p.tokens, p.block_window if p.tokens else p.window, p.inner if p.tokens else p.window))
+        toks = ((lambda p: (p.tokens, p.block_window if p.tokens else p.window, p.inner if p.tokens else p.window,
+                             p.sink_tokens, p.block_sink if p.sink_tokens else p.sink))
                 if self.has_tokens else (lambda p: ()))
         return tuple((p.window, p.sink, p.period, len(p.residues), *p.residues,
                       *([p.period - 1] * (width - len(p.residues))), *extra(p), *dist(p), *toks(p))
@@ -169,8 +174,9 @@ def lower(pattern: Pattern) -> KernelPlan:
             if topk > MAX_TOPK:
                 raise UnsupportedPattern(f"pattern {pattern.name}: head {h} has topk {topk}, above the kernels' "
                                          f"limit {MAX_TOPK} blocks")
-        what = [name for name, used in (("a token-granular sink", spec.sink_tokens),
-                                        ("a token-granular window ahead", spec.ahead_tokens),
+        what = [name for name, used in (("a token-granular window ahead", spec.ahead_tokens),
+                                        ("a token sink with a relative stride or topk",
+                                         spec.sink_tokens and (spec.relative or spec.topk)),
                                         ("a token window with a relative stride or topk",
                                          spec.window_tokens and (spec.relative or spec.topk)),
                                         ("global rows", spec.global_rows),
@@ -197,6 +203,8 @@ def lower(pattern: Pattern) -> KernelPlan:
         if tokens:
             window = spec.blocks_touched(pattern.block)[0]
             inner = max(spec.window, tokens // pattern.block)
-        params.append(HeadParams(window, spec.sink, period, residues, topk, recent, spec.ahead,
-                                 spec.relative[0] if spec.relative else 0, tokens, spec.window, inner))
+        sink = spec.blocks_touched(pattern.block)[2] if spec.sink_tokens else spec.sink
+        params.append(HeadParams(window, sink, period, residues, topk, recent, spec.ahead,
+                                 spec.relative[0] if spec.relative else 0, tokens, spec.window, inner,
+                                 spec.sink_tokens, spec.sink))
     return KernelPlan(pattern.block, pattern.heads, pattern.kv_heads, pattern.causal, tuple(params))
