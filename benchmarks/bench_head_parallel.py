@@ -15,6 +15,10 @@ whole pattern computed on that rank.
     python benchmarks/bench_head_parallel.py --gpus 2 --out hp2.json
     python benchmarks/bench_head_parallel.py --gpus 4 --out hp4.json
     python benchmarks/bench_head_parallel.py --gpus 4 --kv-heads 8 --out hp4_gqa.json
+    python benchmarks/bench_head_parallel.py --gpus 4 --mode topk --out hp4_topk.json
+
+With the measured placement, OUT.times-SEQ.json holds per-head times (a kv group's time split
+evenly over its heads) in the form ``s2dsl place --times`` reads.
 
 NCCL only; NVLink multicast (NVLS) and symmetric-memory multicast are switched off in every
 process before torch.distributed starts.
@@ -66,15 +70,18 @@ def budget_fractions(heads: int, seed: int = 0):
     return [fr[i] for i in order]
 
 
-def pattern_text(name: str, windows, kv_heads: int) -> str:
+def pattern_text(name: str, windows, kv_heads: int, mode: str = "static") -> str:
+    """Per head a budget of w + 1 blocks per query block: ``sink 1  window w`` (static) or
+    ``window 1  topk w`` (dynamic, as ``s2dsl calibrate --topk`` writes); None = dense."""
     bodies = []
     for h, w in enumerate(windows):
-        bodies.append(f"heads {h}..{h} {{ dense }}" if w is None else f"heads {h}..{h} {{ sink 1  window {w} }}")
+        body = "dense" if w is None else (f"sink 1  window {w}" if mode == "static" else f"window 1  topk {w}")
+        bodies.append(f"heads {h}..{h} {{ {body} }}")
     return (f"pattern {name} {{ block = {BLOCK}  heads = {len(windows)}  kv_heads = {kv_heads}  causal "
             + " ".join(bodies) + " }")
 
 
-def hetero_pattern(seq: int, kv_heads: int):
+def hetero_pattern(seq: int, kv_heads: int, mode: str = "static"):
     nb = seq // BLOCK
     g = HEADS // kv_heads
     fr = budget_fractions(HEADS)
@@ -85,16 +92,16 @@ def hetero_pattern(seq: int, kv_heads: int):
         windows.append(None if w + 1 >= nb else max(1, w))
     if g > 1:
         windows = [windows[(h // g) * g] for h in range(HEADS)]
-    return s2dsl.parse(pattern_text("hetero", windows, kv_heads))["hetero"]
+    return s2dsl.parse(pattern_text("hetero", windows, kv_heads, mode))["hetero"]
 
 
-def uniform_pattern(seq: int, kv_heads: int, total: float):
+def uniform_pattern(seq: int, kv_heads: int, total: float, mode: str = "static"):
     """Every head ``sink 1 window W`` with W chosen so the attended blocks match ``total``."""
     lo, hi = 1, seq // BLOCK
     best = None
     while lo <= hi:
         w = (lo + hi) // 2
-        p = s2dsl.parse(pattern_text("uniform", [w] * HEADS, kv_heads))["uniform"]
+        p = s2dsl.parse(pattern_text("uniform", [w] * HEADS, kv_heads, mode))["uniform"]
         t = sum(head_costs(p, seq))
         if best is None or abs(t - total) < abs(best[0] - total):
             best = (t, p)
@@ -161,8 +168,11 @@ def check(pattern, heads) -> dict:
     sub = restrict(pattern, heads)
     q, k, v = local_inputs(pattern, heads, CHECK_SEQ, seed=7)
     out = torch.full_like(q, float("nan"))
-    forward(q, k, v, sub, out=out)
-    ref = s2dsl.reference_attention(q.float(), k.float(), v.float(), sub)
+    selection = None
+    if not sub.is_static:  # the blocks the top-k heads chose, so the reference attends the same
+        _, selection = s2dsl.attention(q, k, v, sub, return_selection=True)
+    forward(q, k, v, sub, out=out, selection=selection)
+    ref = s2dsl.reference_attention(q.float(), k.float(), v.float(), sub, selection=selection)
     err = float((out.float() - ref).abs().max())
     qa, ka, va = local_inputs(pattern, list(range(pattern.heads)), CHECK_SEQ, seed=7)
     whole = s2dsl.attention(qa, ka, va, pattern)[:, heads]
@@ -199,18 +209,22 @@ def worker(rank: int, world: int, args, port: int, out_path: str):
     rows = []
     try:
         for seq in args.seqs:
-            het = hetero_pattern(seq, args.kv_heads)
+            het = hetero_pattern(seq, args.kv_heads, args.mode)
             total = sum(head_costs(het, seq))
-            uni = uniform_pattern(seq, args.kv_heads, total)
+            uni = uniform_pattern(seq, args.kv_heads, total, args.mode)
             for plan, pattern in (("heterogeneous", het), ("uniform", uni)):
                 g = pattern.group_size
                 expand = lambda bins: [[h for grp in sorted(b) for h in range(grp * g, (grp + 1) * g)] for b in bins]
                 assigns = {"contiguous": expand(contiguous(pattern.kv_heads, world)),
                            "placed": [list(a) for a in place(pattern, world, seq).assignment]}
                 if plan == "heterogeneous" and not args.no_measured:
-                    times = measured_group_times(pattern, seq, rank, world)
-                    bins, _ = place_weights(times, world)
+                    group_ms = measured_group_times(pattern, seq, rank, world)
+                    bins, _ = place_weights(group_ms, world)
                     assigns["placed_measured"] = expand(bins)
+                    if rank == 0:  # each kv group alone: what `s2dsl place --times` can balance
+                        rows.append({"seq": seq, "plan": plan, "assignment": "group_times", "group_ms": group_ms})
+                        head_ms = [group_ms[h // g] / g for h in range(pattern.heads)]
+                        Path(f"{out_path}.times-{seq}.json").write_text(json.dumps({"head_ms": head_ms}))
                 costs = head_costs(pattern, seq)
                 for name, assignment in assigns.items():
                     heads = sorted(assignment[rank])
@@ -246,7 +260,7 @@ def worker(rank: int, world: int, args, port: int, out_path: str):
         if rank == 0:
             result = {"device": torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu (smoke run)",
                       "torch": torch.__version__,
-                      "gpus": world, "kv_heads": args.kv_heads, "heads": HEADS, "head_dim": DIM, "block": BLOCK,
+                      "gpus": world, "kv_heads": args.kv_heads, "mode": args.mode, "heads": HEADS, "head_dim": DIM, "block": BLOCK,
                       "dtype": "bf16" if DEVICE == "cuda" else "fp16", "budget_fractions": budget_fractions(HEADS),
                       "sync_overhead_ms": sync, "rows": rows}
             Path(out_path).write_text(json.dumps(result, indent=1))
@@ -259,12 +273,14 @@ def _label(seq: int) -> str:
 
 
 def table(result):
-    print(f"\n{result['device']}, {result['gpus']} GPUs, {result['heads']} heads / {result['kv_heads']} kv heads, "
-          f"d {result['head_dim']}, block {result['block']}, bf16; sync overhead {result['sync_overhead_ms']:.3f} ms")
+    print(f"\n{result['device']}, {result['gpus']} GPUs, {result['heads']} heads / {result['kv_heads']} kv heads, {result['mode']} budgets, "
+          f"d {result['head_dim']}, block {result['block']}, {result['dtype']}; sync overhead {result['sync_overhead_ms']:.3f} ms")
     print("| seq | plan | assignment | per-rank ms | imbalance (measured / predicted) | latency ms | vs contiguous | vs one GPU |")
     print("|---|---|---|---|---|---|---|---|")
     by = {(r["seq"], r["plan"], r["assignment"]): r for r in result["rows"]}
     for r in result["rows"]:
+        if "rank_ms" not in r:
+            continue
         base = by.get((r["seq"], r["plan"], "contiguous"))
         one = by.get((r["seq"], r["plan"], "one_gpu"))
         ranks = " / ".join(f"{x:.2f}" for x in r["rank_ms"])
@@ -282,6 +298,8 @@ def main():
     ap.add_argument("--gpus", type=int, default=2)
     ap.add_argument("--seqs", type=int, nargs="+", default=[32768, 131072])
     ap.add_argument("--kv-heads", type=int, default=32, help="32 (MHA, default) or 8 (GQA groups of 4)")
+    ap.add_argument("--mode", choices=["static", "topk"], default="static",
+                    help="budgets as sink + window (default) or as window 1 + dynamic top-k blocks")
     ap.add_argument("--reps", type=int, default=20, help="synchronised steps per latency median")
     ap.add_argument("--no-measured", action="store_true", help="skip the placement by measured group times")
     ap.add_argument("--cpu-smoke", action="store_true",

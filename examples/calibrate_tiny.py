@@ -53,7 +53,7 @@ CONFIGS = {
                 heads=4, kv_heads=2, layers=2, d_model=64),
     "gpu": dict(task=replace(tt.CONFIGS["cpu"], seq=1024, block=64, d_model=256, heads=8, n_filler=256,
                              n_keys=64, n_values=64, n_pairs=12, n_queries=8, batch=32, steps=2000, lr=2e-3,
-                             warmup=100),
+                             warmup=100, curriculum="0.3:256,0.6:512"),
                 lengths=[512, 1024], samples=8, target=0.9, heads=8, kv_heads=4, layers=4, d_model=256),
 }
 
@@ -80,7 +80,8 @@ def train(model, task, device, log):
     for step in range(task.steps):
         for g in opt.param_groups:
             g["lr"] = tt.lr_at(task, step)
-        x, qpos, y, _ = tt.make_batch(task, task.batch, gen, device)
+        seq = task.seq_at(step)  # train_tiny's length curriculum: short first, same tokens per step
+        x, qpos, y, _ = tt.make_batch(task, task.batch * task.seq // seq, gen, device, seq=seq)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda"):
             logits = answer_logits(model, x, qpos)
         loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())

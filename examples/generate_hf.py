@@ -4,6 +4,8 @@ A tiny randomly initialised Llama (no download): every second layer dense, the o
 a local-stride pattern (S2-Attention) whose heads together cover the whole context. Prefill and generate() run s2dsl's kernels with its
 paged KV cache, which drops the pages the pattern no longer needs as the sequence grows.
 The output is checked against generation with a full cache and masked dense attention.
+Then prompts of different lengths are generated as one left-padded batch (each must get the
+tokens it gets alone), and, on a GPU, decoded by the step captured in a CUDA graph.
 
     pip install transformers
     python examples/generate_hf.py                        # on a GPU
@@ -73,6 +75,36 @@ def main():
         print(f"layer {layer} ({pattern.name}): {paged.pages_in_use} pages of {paged.block} tokens held, "
               f"{paged.memory_bytes()} bytes")
     print(f"KV cache: {cache.memory_bytes()} bytes in pages vs {cache.dense_bytes()} bytes for a dense cache")
+
+    # prompts of different lengths in one left-padded batch, as generate() pads them
+    lengths = [args.prompt_len, args.prompt_len // 2 + 1]
+    prompts = [torch.randint(1, config.vocab_size, (n,), device=device) for n in lengths]
+    width = max(lengths)
+    padded = torch.zeros(len(prompts), width, dtype=torch.long, device=device)
+    mask = torch.zeros_like(padded)
+    for r, p in enumerate(prompts):
+        padded[r, width - len(p):], mask[r, width - len(p):] = p, 1
+    new = dict(max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        batch = model.generate(padded, attention_mask=mask, **new,
+                               past_key_values=hf.S2Cache(model, max_length=width + args.new_tokens,
+                                                          batch_size=len(prompts)))[:, width:]
+        alone = [model.generate(p.view(1, -1), attention_mask=torch.ones(1, len(p), dtype=torch.long, device=device),
+                                past_key_values=hf.S2Cache(model, max_length=len(p) + args.new_tokens), **new)
+                 [0, len(p):] for p in prompts]
+    print("left-padded batch gives each prompt its own tokens:",
+          all(torch.equal(batch[r], alone[r]) for r in range(len(prompts))))
+
+    # decode steps captured in a CUDA graph (after the prefill)
+    if on_gpu:
+        cache = hf.S2Cache(model, max_length=width + args.new_tokens, batch_size=len(prompts))
+        with torch.no_grad():
+            tok = model(padded, attention_mask=mask, past_key_values=cache).logits[:, -1:].argmax(-1)
+            step = cache.decode_graph(model)
+            graphed = [tok]
+            for _ in range(args.new_tokens - 1):
+                graphed.append(step(graphed[-1])[:, -1:].argmax(-1))
+        print("CUDA-graph decoding gives the same tokens:", torch.equal(torch.cat(graphed, 1), batch))
 
 
 if __name__ == "__main__":

@@ -241,3 +241,26 @@ def test_cli_calibrate_bad_paths(tmp_path, calibrated, capsys):
     bad.write_text("1 2 x")
     assert cli.main(["calibrate", str(calibrated / "model"), "--ids", str(bad), "--out", str(tmp_path / "o")]) == 2
     assert "token ids" in capsys.readouterr().err
+
+
+def test_cli_calibrate_from_text_with_the_models_tokenizer(calibrated, capsys):
+    """--text goes through the tokenizer saved with the model (a word-level one built here)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {f"w{i}": i for i in range(96)}
+    vocab["[UNK]"] = 96
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(calibrated / "model")
+    words = torch.randint(0, 96, (300,), generator=torch.Generator().manual_seed(8)).tolist()
+    (calibrated / "text.txt").write_text(" ".join(f"w{i}" for i in words))
+    out = calibrated / "fromtext"
+    assert cli.main(["calibrate", str(calibrated / "model"), "--text", str(calibrated / "text.txt"),
+                     "--lengths", "128", "--samples", "2", "--block", "16", "--out", str(out)]) == 0
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["samples"] == {"128": 2} and len(report["per_layer"]) == 2
+    capsys.readouterr()
+    (calibrated / "short.txt").write_text("w1 w2 w3")
+    assert cli.main(["calibrate", str(calibrated / "model"), "--text", str(calibrated / "short.txt"),
+                     "--lengths", "128", "--block", "16", "--out", str(out)]) == 2
+    assert "3 tokens, fewer than" in capsys.readouterr().err

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 import s2dsl
 from s2dsl.runtime.attention import InputError
 from s2dsl.runtime.decode import cached_attention, decode_source, choose_decode, paged_attention
+from s2dsl.runtime.graphs import DecodeGraph
 from s2dsl.runtime.kv_cache import OutOfPagesError, PagedKVCache, dense_pattern
 
 from kernel_strategies import patterns
@@ -223,3 +224,105 @@ def test_gpu_bf16_generation(pattern):
     for s in ids:
         for g in range(pattern.kv_heads):
             assert cache.kept_blocks(s, g) == cache.needed_blocks(s, g)
+
+
+@interpreter
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_batches(side):
+    """Rows of different real lengths (left or right padding) in a first prefill, a chunk and
+    decode steps: each row equals its own sequence's reference; pad rows are zero."""
+    cache = PagedKVCache(HETERO, num_pages=64, head_dim=D, dtype=torch.float32)
+    ids = [cache.add_sequence() for _ in range(3)]
+    data = dict(zip(ids, _data(HETERO, [70, 70, 70])))
+    pos = dict.fromkeys(ids, 0)
+    for n, counts in [(21, [21, 9, 0]), (6, [2, 6, 5]), (1, [1, 1, 1]), (4, [4, 0, 3]), (1, [1, 1, 1])]:
+        left = [n - c for c in counts] if side == "left" else [0] * 3
+        q, k, v = (torch.zeros(3, h, n, D) for h in (HETERO.heads, HETERO.kv_heads, HETERO.kv_heads))
+        for r, (s, c, o) in enumerate(zip(ids, counts, left)):
+            for t, src in zip((q, k, v), data[s]):
+                t[r, :, o:o + c] = src[0, :, pos[s]:pos[s] + c]
+        kw = dict(lengths=counts, left_padding=left) if side == "left" else dict(lengths=counts)
+        out = cached_attention(cache, ids, q, k, v, **kw)
+        for r, (s, c, o) in enumerate(zip(ids, counts, left)):
+            qs, ks, vs = data[s]
+            end = pos[s] + c
+            if c:
+                ref = s2dsl.reference_attention(qs[:, :, pos[s]:end], ks[:, :, :end], vs[:, :, :end], HETERO)
+                torch.testing.assert_close(out[r:r + 1, :, o:o + c], ref, atol=2e-5, rtol=2e-5)
+            assert (out[r, :, :o] == 0).all() and (out[r, :, o + c:] == 0).all()
+            pos[s] = end
+            assert cache.seq_len(s) == end
+        _poison(cache)
+
+
+def _static_decode(device, dtype, pattern, d, prompts, steps, capture):
+    """Decode steps through DecodeGraph (static plan; captured and replayed on CUDA) against the
+    reference, and against a twin cache stepping with host-planned steps."""
+    caches = [PagedKVCache(pattern, num_pages=256, head_dim=d, dtype=dtype, device=device, lookahead=4)
+              for _ in range(2)]
+    ids = [[c.add_sequence() for _ in prompts] for c in caches]
+    total = max(prompts) + steps
+    data = _data(pattern, [total] * len(prompts), dtype, device=device, d=d)
+    pos = [dict.fromkeys(i, 0) for i in ids]
+    for c, i, p in zip(caches, ids, pos):
+        for s, n, x in zip(i, prompts, data):
+            _step(c, [s], {s: x}, p, n)
+    bufs = [torch.zeros(len(prompts), h, 1, d, dtype=dtype, device=device)
+            for h in (pattern.heads, pattern.kv_heads, pattern.kv_heads)]
+    graph = DecodeGraph(lambda: cached_attention(caches[0], ids[0], *bufs), [caches[0].table], [ids[0]],
+                        max_length=total, capture=capture)
+    for _ in range(steps):
+        for t, buf in enumerate(bufs):
+            buf.copy_(torch.cat([x[t][:, :, pos[0][s]:pos[0][s] + 1] for s, x in zip(ids[0], data)]))
+        out = graph().clone()
+        twin = cached_attention(caches[1], ids[1], *bufs)
+        for r, (s, x) in enumerate(zip(ids[0], data)):
+            end = pos[0][s] + 1
+            ref = s2dsl.reference_attention(x[0][:, :, end - 1:end].float(), x[1][:, :, :end].float(),
+                                            x[2][:, :, :end].float(), pattern)
+            err = ((out[r:r + 1].float() - ref).norm() / ref.norm()).item()
+            assert err < TOL[dtype], (end, err)
+            pos[0][s] = end
+        assert torch.equal(out, twin)
+        assert [caches[0].seq_len(s) for s in ids[0]] == [caches[1].seq_len(s) for s in ids[1]]
+        _poison(caches[0])
+    caches[0].evict()
+    for a, b in zip(ids[0], ids[1]):
+        assert caches[0].kept_blocks(a) == caches[1].kept_blocks(b)
+    graph.close()
+
+
+@interpreter
+def test_static_decode_steps():
+    _static_decode("cpu", torch.float32, HETERO, D, [30, 9], 20, capture=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pattern", [GPU_PHI, GPU_HETERO], ids=["phi", "hetero"])
+def test_gpu_cuda_graph_decode(pattern):
+    """The static step captured in a CUDA graph and replayed: equal to eager steps, bitwise."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("runs the compiled kernels")
+    _static_decode("cuda", torch.bfloat16, pattern, 128, [900, 130, 64], 150, capture=True)
+
+
+@pytest.mark.gpu
+def test_gpu_pool_past_2_to_the_31_elements():
+    """Pages at the top of a pool of more than 2**31 elements are written and read correctly."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("runs the compiled kernels")
+    d = 128
+    pages = (2 ** 31) // (GPU_PHI.block * d) + 64  # > 2**31 elements per pool (bf16: 4 GiB each)
+    cache = PagedKVCache(GPU_PHI, num_pages=pages, head_dim=d, dtype=torch.bfloat16, device="cuda")
+    # take the low pages with a filler sequence so the tested one lands past element 2**31
+    filler = cache.add_sequence()
+    cache.append([filler], *(torch.zeros(1, GPU_PHI.kv_heads, (pages - 40) // GPU_PHI.kv_heads * GPU_PHI.block, d,
+                                         dtype=torch.bfloat16, device="cuda") for _ in range(2)))
+    s = cache.add_sequence()
+    data = {s: _data(GPU_PHI, [600], torch.bfloat16, device="cuda", d=d)[0]}
+    pos = {s: 0}
+    _step(cache, [s], data, pos, 500)
+    held = [p for row in cache.pages_of(s) for p in row if p >= 0]
+    assert min(held) * GPU_PHI.block * d >= 2 ** 31
+    for _ in range(20):
+        _step(cache, [s], data, pos, 1)

@@ -82,10 +82,11 @@ def test_greedy_generation_matches_full_cache_and_masked_dense(model):
     with torch.no_grad():
         ref = _use(model, hf.REFERENCE_IMPLEMENTATION).generate(
             ids, past_key_values=DynamicCache(config=model.config), **kw)
-        cache = hf.S2Cache(model, max_length=37 + 24, batch_size=2)
+        cache = hf.S2Cache(model, max_length=37 + 24, batch_size=2, max_rollback=0)
         out = _use(model, hf.ATTN_IMPLEMENTATION).generate(ids, past_key_values=cache, **kw)
     assert out.shape == (2, 37 + 24)
     assert torch.equal(out, ref)
+    cache.evict()  # each step frees what the step before no longer needs; the last step's, now
     # the sparse layer holds what its pattern needs, less than the dense layer, which holds all
     dense_layer, sparse = cache.paged
     n = 37 + 24 - 1  # the last token is generated, never fed back
@@ -108,12 +109,79 @@ def test_dynamic_cache_with_s2dsl_attention(model):
     assert torch.equal(out, ref)
 
 
+def _left_padded(prompts, pad=0):
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, p in enumerate(prompts):
+        ids[r, width - len(p):] = p
+        mask[r, width - len(p):] = 1
+    return ids, mask
+
+
 @kernels
-def test_padding_is_refused(model):
+def test_batched_generate_of_different_lengths_equals_each_alone(model):
+    """A left-padded batch (as generate pads): every prompt gets exactly the tokens it gets alone;
+    the pages hold only real tokens, each sequence at its own positions."""
+    gen = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(1, 100, (n,), generator=gen) for n in (37, 18, 29)]
+    kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+    _use(model, hf.ATTN_IMPLEMENTATION)
+    with torch.no_grad():
+        alone = []
+        for p in prompts:
+            cache = hf.S2Cache(model, max_length=len(p) + 12, batch_size=1)
+            alone.append(model.generate(p.view(1, -1), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                                        past_key_values=cache, **kw)[0, len(p):])
+        ids, mask = _left_padded(prompts)
+        cache = hf.S2Cache(model, max_length=37 + 12, batch_size=3)
+        out = model.generate(ids, attention_mask=mask, past_key_values=cache, **kw)
+    for r, p in enumerate(prompts):
+        assert torch.equal(out[r, ids.shape[1]:], alone[r]), r
+    sparse = cache.paged[1]
+    assert [sparse.seq_len(s) for s in cache.layers[1].seq_ids] == [len(p) + 11 for p in prompts]
+
+
+@kernels
+def test_assisted_generation_rolls_back_rejected_tokens(model):
+    """Assisted decoding with a different draft model: rejected draft tokens are cropped from
+    S2Cache, and the tokens equal plain greedy generation."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(5)
+    draft = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1,
+                                         max_position_embeddings=256)).eval()
+    ids = torch.randint(1, 100, (1, 33), generator=torch.Generator().manual_seed(6))
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False, pad_token_id=0)
+    crops = []
+    _use(model, hf.ATTN_IMPLEMENTATION)
+    with torch.no_grad():
+        plain = model.generate(ids, past_key_values=hf.S2Cache(model, max_length=60), **kw)
+        cache = hf.S2Cache(model, max_length=60)
+        layer = cache.layers[1]
+        original = layer.crop
+        layer.crop = lambda t: (crops.append(t), original(t))[1]
+        out = model.generate(ids, assistant_model=draft, past_key_values=cache, **kw)
+    assert torch.equal(out, plain)
+    assert any(t < 0 for t in crops), "no draft token was rejected: the test did not exercise crop"
+
+
+@kernels
+def test_crop_beyond_the_rollback_window_is_refused(model):
+    cache = hf.S2Cache(model, max_length=80, max_rollback=0)
+    ids = torch.randint(1, 100, (1, 70), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        _use(model, hf.ATTN_IMPLEMENTATION)(ids, past_key_values=cache)
+    with pytest.raises(ValueError, match="lookahead"):
+        cache.crop(-40)
+
+
+@kernels
+def test_padding_without_s2cache_is_refused(model):
     ids = torch.randint(0, 100, (2, 20))
     mask = torch.ones_like(ids)
     mask[0, :3] = 0
-    with torch.no_grad(), pytest.raises(NotImplementedError, match="padded"):
+    with torch.no_grad(), pytest.raises(NotImplementedError, match="S2Cache"):
         _use(model, hf.ATTN_IMPLEMENTATION)(ids, attention_mask=mask, use_cache=False)
 
 
@@ -122,3 +190,53 @@ def test_import_s2dsl_does_not_import_transformers():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+def _graph_greedy(model, prompts, new, capture, device="cpu"):
+    """Prefill a left-padded batch, then decode through S2Cache.decode_graph."""
+    ids, mask = _left_padded(prompts)
+    ids, mask = ids.to(device), mask.to(device)
+    cache = hf.S2Cache(model, max_length=ids.shape[1] + new, batch_size=len(prompts))
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask, past_key_values=cache).logits[:, -1:]
+        step = cache.decode_graph(model, capture=capture)
+        tokens = [logits.argmax(-1)]
+        for _ in range(new - 1):
+            tokens.append(step(tokens[-1])[:, -1:].argmax(-1))
+    return torch.cat(tokens, 1), cache
+
+
+@kernels
+def test_static_decode_step_through_the_model(model):
+    """The graph-ready step (static plan, device positions) run eagerly: the same tokens as generate."""
+    gen = torch.Generator().manual_seed(8)
+    prompts = [torch.randint(1, 100, (n,), generator=gen) for n in (34, 20)]
+    _use(model, hf.ATTN_IMPLEMENTATION)
+    out, cache = _graph_greedy(model, prompts, 10, capture=False)
+    with torch.no_grad():
+        ids, mask = _left_padded(prompts)
+        ref = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0,
+                             past_key_values=hf.S2Cache(model, max_length=44, batch_size=2))[:, ids.shape[1]:]
+    assert torch.equal(out, ref)
+    assert cache.get_seq_length() == ids.shape[1] + 9
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_generation():
+    """bf16 on the GPU: greedy tokens of a left-padded batch decoded by the captured graph equal
+    eager decoding through S2Cache."""
+    if os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=1000, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
+                         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096)
+    m = LlamaForCausalLM(config).to("cuda", torch.bfloat16).eval()
+    plan = PLAN.replace("block = 16", "block = 64").replace("heads = 4  kv_heads = 2", "heads = 8  kv_heads = 2") \
+        .replace("heads 0..1", "heads 0..3").replace("heads 2..3", "heads 4..7").replace("layers = 2", "layers = 4")
+    hf.apply(m, s2dsl.parse(plan), model_name="tiny")
+    gen = torch.Generator().manual_seed(9)
+    prompts = [torch.randint(1, 1000, (n,), generator=gen) for n in (1500, 700, 64)]
+    graphed, _ = _graph_greedy(m, prompts, 40, capture=True, device="cuda")
+    eager, _ = _graph_greedy(m, prompts, 40, capture=False, device="cuda")
+    assert torch.equal(graphed, eager)

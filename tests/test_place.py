@@ -179,3 +179,14 @@ def test_cli_place_bad_times_file(tmp_path, capsys):
     bad.write_text(json.dumps({"head_ms": [1.0]}))
     assert cli.main(["place", HET, "--gpus", "2", "--times", str(bad)]) == 2
     assert "1 measured head times for 32 heads" in capsys.readouterr().err
+
+
+@settings(max_examples=40, deadline=None)
+@given(head_specs(), st.integers(1, 40), st.integers(1, 600))
+def test_topk_cost_bisection_equals_the_row_by_row_sum(spec, k, n):
+    from s2dsl.analysis import analyze, evaluate
+    spec = spec.with_(topk=(TopKSpec(k),))
+    p = Pattern("p", 16, 1, 1, True, (spec,))
+    cost = analyze(p).heads[0]
+    rows = sum(min(i + 1, evaluate(cost.row_blocks, i=i) + k) for i in range(n))
+    assert pl.head_costs(p, n * 16) == [float(rows)]

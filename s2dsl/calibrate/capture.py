@@ -47,16 +47,19 @@ def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: 
     rows = _chunk_rows(b, h, n, block, max_elements)
     out = torch.empty_like(q)
     pos = torch.arange(n, device=q.device)
+    kv_heads = k.shape[1]
+    # a kv head's g query heads share one matmul: (b, kv, g * rows, d) against its keys, so K/V
+    # are neither repeated nor converted per chunk
+    kf, vf = k.float(), v.float()
     for s in range(0, n, rows):
         e = min(n, s + rows)
+        c = e - s
         kb = -(-e // block)  # kv blocks a causal chunk can reach
-        qc = q[:, :, s:e].float()
-        kc = k[:, :, :e].float().repeat_interleave(g, dim=1)
-        vc = v[:, :, :e].float().repeat_interleave(g, dim=1)
-        scores = torch.matmul(qc, kc.transpose(-1, -2)) * scale
+        qc = q[:, :, s:e].float().reshape(b, kv_heads, g * c, d)
+        scores = torch.matmul(qc, kf[:, :, :e].transpose(-1, -2)).view(b, h, c, e) * scale
         scores.masked_fill_(pos[:e].view(1, -1) > pos[s:e].view(-1, 1), float("-inf"))
         probs = torch.softmax(scores, dim=-1)
-        out[:, :, s:e] = torch.matmul(probs, vc).to(q.dtype)
+        out[:, :, s:e] = torch.matmul(probs.view(b, kv_heads, g * c, e), vf[:, :, :e]).view(b, h, c, d).to(q.dtype)
         if on_chunk is not None:
             qb0, qb1 = s // block, -(-e // block)
             padded = probs.new_zeros(b, h, (qb1 - qb0) * block, kb * block)
@@ -88,6 +91,9 @@ def _attention_forward(module, query, key, value, attention_mask, scaling=None, 
         raise NotImplementedError("calibration runs unpadded sequences; got an attention mask with padding")
     recorder = _ACTIVE[-1] if _ACTIVE else None
     layer = getattr(module, "layer_idx", None)
+    if recorder is not None and not isinstance(layer, int):
+        raise RuntimeError(f"{type(module).__name__} has no integer layer_idx: calibration needs it to tell the "
+                           "layers apart")
     on_chunk = None
     if recorder is not None:
         on_chunk = lambda i, m: recorder.add(layer, i, m)  # noqa: E731

@@ -439,7 +439,7 @@ def kernel(Q, KPages, VPages, BlockTable, Slots, SeqLens, Out, Lse, OutPart, Lse
     table_row = BlockTable + slot.to(tl.int64) * stride_bt_slot + g * stride_bt_head
 
     offs_d = tl.arange(0, D_PAD)
-    q_ptrs = Q + b * stride_qb + h[:, None] * stride_qh + qi[:, None] * stride_qm + offs_d[None, :]
+    q_ptrs = Q + b.to(tl.int64) * stride_qb + h[:, None] * stride_qh + qi[:, None] * stride_qm + offs_d[None, :]
     q_mask = row_valid[:, None] & (offs_d[None, :] < HEAD_DIM)
     if USE_DOT:
         q = tl.load(q_ptrs, mask=q_mask, other=0.0)
@@ -455,11 +455,11 @@ def kernel(Q, KPages, VPages, BlockTable, Slots, SeqLens, Out, Lse, OutPart, Lse
     lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
     if SPLIT:
         # partials laid out (batch, head, query, split, dim) and (batch, head, query, split)
-        part = ((b * KV_HEADS * GROUP + h) * q_len + qi) * n_splits + split
+        part = ((b.to(tl.int64) * KV_HEADS * GROUP + h) * q_len + qi) * n_splits + split  # int64: large chunks
         tl.store(OutPart + part[:, None] * D_PAD + offs_d[None, :], out, mask=row_valid[:, None])
         tl.store(LsePart + part, lse, mask=row_valid)
     else:
-        o_ptrs = Out + b * stride_ob + h[:, None] * stride_oh + qi[:, None] * stride_om + offs_d[None, :]
+        o_ptrs = Out + b.to(tl.int64) * stride_ob + h[:, None] * stride_oh + qi[:, None] * stride_om + offs_d[None, :]
         tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=q_mask)
         tl.store(Lse + b * stride_lb + h * stride_lh + qi, lse, mask=row_valid)
 
@@ -468,7 +468,7 @@ def kernel(Q, KPages, VPages, BlockTable, Slots, SeqLens, Out, Lse, OutPart, Lse
 def combine_kernel(OutPart, LsePart, Out, Lse, stride_ob, stride_oh, stride_om, stride_lb, stride_lh,
                    heads, q_len, n_splits, SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
     """out = sum_s exp(lse_s - lse) * out_s with lse = logsumexp_s lse_s; empty rows give 0, -inf."""
-    row = tl.program_id(0)  # (batch, head, query)
+    row = tl.program_id(0).to(tl.int64)  # (batch, head, query); int64 offsets
     qi = row % q_len
     h = (row // q_len) % heads
     b = row // (q_len * heads)

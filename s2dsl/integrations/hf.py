@@ -20,9 +20,14 @@ none, "s2dsl" attends over the full keys with the prefill kernel (queries shorte
 are the last positions). ``"s2dsl_reference"`` is transformers' eager attention with the
 pattern's dense mask, for tests.
 
-Limits: no padding inside a batch (sequences of a batch have equal lengths; use the
-``PagedKVCache`` directly for continuous batching), no beam search (``reorder_cache``),
-no cropping (assisted decoding), no dropout. transformers is imported only by the
+Layers with the same pattern and pool size share one page table, so each step's page
+bookkeeping is planned once (at the first such layer) and every layer only scatters its
+K/V. Padded batches work with ``S2Cache`` (left padding, as ``generate`` pads, or right
+padding): only real tokens enter the cache, each sequence at its own positions, so a
+prompt's tokens do not depend on the batch it runs in. ``crop`` (assisted / speculative
+decoding) rolls back the last decode step's tokens, and ``S2Cache(max_rollback=...)``
+tokens more (default 64; eviction runs in the next step's plan and that far behind). Limits: no beam search (``reorder_cache``), no dropout; with a
+``DynamicCache`` a batch must not be padded. transformers is imported only by the
 functions here, never by ``import s2dsl``.
 """
 from __future__ import annotations
@@ -142,9 +147,30 @@ def _refuse_padding(attention_mask):
         return
     if attention_mask.dim() == 2 and bool(attention_mask.all()):
         return
-    raise NotImplementedError("s2dsl attention does not take padded batches (an attention mask with zeros); "
-                              "give sequences of equal length, or use s2dsl.runtime.kv_cache.PagedKVCache "
-                              "directly for batches of different lengths")
+    raise NotImplementedError("s2dsl attention without S2Cache does not take padded batches (an attention mask "
+                              "with zeros); generate with past_key_values=s2dsl.integrations.hf.S2Cache(...), "
+                              "or give sequences of equal length")
+
+
+def _row_padding(attention_mask, n: int):
+    """Real tokens of each row among the step's last ``n`` and the first of them, from HF's
+    2-D padding mask (None: no padding). Real tokens of a row must be contiguous."""
+    if attention_mask is None:
+        return None, None
+    if attention_mask.dim() != 2:
+        raise NotImplementedError("s2dsl attention takes a 2-D padding mask (register() sets the mask function); "
+                                  f"got a {attention_mask.dim()}-D mask")
+    rows = attention_mask[:, -n:].bool().cpu()
+    counts = rows.sum(1)
+    offsets = rows.to(torch.int8).argmax(1)
+    span = torch.arange(n).view(1, -1)
+    contiguous = rows == ((span >= offsets.view(-1, 1)) & (span < (offsets + counts).view(-1, 1)))
+    if not bool(contiguous.all()):
+        raise NotImplementedError("s2dsl attention takes left or right padding: the real tokens of a row must be "
+                                  "contiguous within a step")
+    if bool((counts == n).all()):
+        return None, None
+    return counts.tolist(), offsets.tolist()
 
 
 # ------------------------------------------------------------------------------ attention functions
@@ -156,11 +182,11 @@ def s2dsl_attention_forward(module, query: torch.Tensor, key: torch.Tensor, valu
     if dropout:
         raise NotImplementedError("s2dsl attention has no dropout; evaluate the model (model.eval())")
     pattern = _pattern_of(module)
-    _refuse_padding(attention_mask)
     layer = getattr(key, "_s2dsl_layer", None)
     if layer is not None:  # S2Cache: key/value are this step's new tokens only
-        out = layer.attend(query, key, value, scaling)
+        out = layer.attend(query, key, value, scaling, attention_mask)
     else:
+        _refuse_padding(attention_mask)
         out = attention(query, key, value, pattern, scale=scaling)
     return out.transpose(1, 2).contiguous(), None
 
@@ -181,14 +207,16 @@ def reference_attention_forward(module, query: torch.Tensor, key: torch.Tensor, 
 
 
 # ------------------------------------------------------------------------------ the cache
-def pages_needed(pattern: Pattern, max_length: int, batch_size: int) -> int:
+def pages_needed(pattern: Pattern, max_length: int, batch_size: int, lookahead: int = 0) -> int:
     """Pool size for ``batch_size`` sequences of up to ``max_length`` tokens under ``pattern``:
-    per (sequence, kv head) the blocks the pattern keeps at that length, plus one."""
-    from ..runtime.kv_cache import _group_rules, _kv_efficient_heads
-    rules = _group_rules(pattern, _kv_efficient_heads(pattern))
+    per (sequence, kv head) the blocks the pattern keeps at that length (``lookahead``
+    tokens back, for rollback), plus one."""
+    from ..runtime.paging import KeepRules, kv_efficient_heads
+    rules = KeepRules(pattern, kv_efficient_heads(pattern), "cpu")
     n_blocks = -(-max_length // pattern.block)
-    i = max(n_blocks - 1, 0)
-    per_seq = sum(sum(1 for j in range(n_blocks) if r.needed(i, j)) + 1 for r in rules)
+    i = max(n_blocks - 1 - -(-lookahead // pattern.block), 0)
+    j = torch.arange(n_blocks).view(1, 1, -1)
+    per_seq = int(rules.needed(torch.full((1, 1, 1), i), j).sum()) + pattern.kv_heads
     return batch_size * per_seq
 
 
@@ -201,26 +229,48 @@ def _classes():
         return _CLASSES
     from transformers.cache_utils import Cache, CacheLayerMixin
 
+    class _Group:
+        """Layers of one pattern and pool size: one page table, one set of sequences."""
+
+        def __init__(self, size: int):
+            self.size = size
+            self.table = None
+            self.seq_ids: tuple = ()
+            self.length = 0          # tokens per row, padding included (HF's view)
+            self.mask = self.padding = None
+
     class S2CacheLayer(CacheLayerMixin):
         """One layer of ``S2Cache``: a ``PagedKVCache`` with one sequence per batch row."""
 
         is_compileable = False
         is_sliding = False
-        is_croppable = False
+        is_croppable = True
 
-        def __init__(self, pattern: Pattern, num_pages: int):
+        def __init__(self, pattern: Pattern, num_pages: int, group=None, lookahead: int = 0):
             super().__init__()
-            self.pattern, self.num_pages = pattern, num_pages
+            self.pattern, self.num_pages, self.lookahead = pattern, num_pages, lookahead
+            self.group = group if group is not None else _Group(1)
             self.paged: Optional[PagedKVCache] = None
-            self.seq_ids: tuple = ()
+            self._length = 0
             self._pending = 0
+
+        @property
+        def seq_ids(self) -> tuple:
+            return self.group.seq_ids
 
         def lazy_initialization(self, key_states, value_states):
             b, _, _, d = key_states.shape
             self.dtype, self.device = key_states.dtype, key_states.device
+            group = self.group
             self.paged = PagedKVCache(self.pattern, num_pages=self.num_pages, head_dim=d, dtype=key_states.dtype,
-                                      device=key_states.device, max_seqs=b)
-            self.seq_ids = tuple(self.paged.add_sequence() for _ in range(b))
+                                      device=key_states.device, max_seqs=b, lookahead=self.lookahead,
+                                      table=group.table)
+            if group.table is None:
+                group.table = self.paged.table
+                # the other layers join as they start: plan once per step; evict in the next plan,
+                # so that the last step can be cropped (assisted decoding)
+                group.table.defer_eviction = True
+                group.seq_ids = tuple(self.paged.add_sequence() for _ in range(b))
             self.is_initialized = True
 
         def update(self, key_states, value_states, *args, **kwargs):
@@ -236,14 +286,25 @@ def _classes():
             key._s2dsl_layer = self
             return key, value_states
 
-        def attend(self, query, key, value, scale):
+        def attend(self, query, key, value, scale, attention_mask=None):
+            from ..runtime.decode import cached_attention
+            n = query.shape[2]
+            group = self.group
+            if attention_mask is None:
+                lengths = left = None
+            else:  # read the padding once per forward, for every layer
+                if group.mask is None or group.mask[0] is not attention_mask or group.mask[1] != n:
+                    group.mask, group.padding = (attention_mask, n), _row_padding(attention_mask, n)
+                lengths, left = group.padding
             self._pending = 0
-            return self.paged.attend(self.seq_ids, query, key, value, scale=scale)
+            out = cached_attention(self.paged, self.seq_ids, query, key, value, scale=scale, lengths=lengths,
+                                   left_padding=left)
+            self._length += n
+            group.length = max(group.length, self._length)
+            return out
 
         def get_seq_length(self) -> int:
-            if self.paged is None:
-                return 0
-            return self.paged.seq_len(self.seq_ids[0]) + self._pending
+            return self._length + self._pending
 
         def get_mask_sizes(self, query_length: int):
             return self.get_seq_length() + query_length, 0
@@ -252,19 +313,36 @@ def _classes():
             return -1
 
         def reset(self) -> None:
-            if self.paged is not None:
-                for s in self.seq_ids:
+            group = self.group
+            if self.paged is not None and group.length:
+                for s in group.seq_ids:
                     self.paged.remove_sequence(s)
-                self.seq_ids = tuple(self.paged.add_sequence() for _ in self.seq_ids)
-            self._pending = 0
+                group.seq_ids = tuple(self.paged.add_sequence() for _ in group.seq_ids)
+                group.length = 0
+            group.mask = group.padding = None
+            self._length = self._pending = 0
+
+        def crop(self, tokens_to_remove: int) -> None:
+            if tokens_to_remove > 0:
+                raise ValueError(f"S2Cache.crop takes the number of tokens to remove as a negative int, got "
+                                 f"{tokens_to_remove}")
+            new = self._length + tokens_to_remove  # generated tokens are real in every row: r per sequence
+            if tokens_to_remove == 0 or self.paged is None:
+                return
+            if new < 0:
+                raise ValueError(f"cannot remove {-tokens_to_remove} tokens from a cache of {self._length}")
+            group = self.group
+            if group.length > new:
+                r = group.length - new
+                for s in group.seq_ids:
+                    self.paged.crop(s, self.paged.seq_len(s) - r)
+                group.length = new
+            self._length = new
 
         def reorder_cache(self, beam_idx) -> None:
             if torch.equal(beam_idx.cpu(), torch.arange(len(self.seq_ids))):
                 return
             raise NotImplementedError("S2Cache does not reorder sequences (beam search)")
-
-        def crop(self, tokens_to_remove: int) -> None:
-            raise NotImplementedError("S2Cache cannot crop: pages the pattern no longer needed are already freed")
 
         def batch_repeat_interleave(self, repeats: int) -> None:
             raise NotImplementedError("S2Cache does not repeat sequences")
@@ -278,11 +356,16 @@ def _classes():
         ``model`` must have been through ``apply`` (its patterns per layer), or pass
         ``patterns`` (one Pattern per layer). Pool size per layer: ``num_pages`` (an int or
         one per layer), else enough for ``batch_size`` sequences of ``max_length`` tokens
-        under the layer's pattern (``pages_needed``).
+        under the layer's pattern (``pages_needed``). ``crop`` can drop the tokens of the last
+        decode step (assisted decoding verifies its drafts in one step) and ``max_rollback``
+        tokens more (eviction runs that far behind the sequences' ends), which is what the
+        first step of assisted decoding, a prefill with drafts, needs: at least the number of
+        draft tokens (transformers' default: 20).
         """
 
         def __init__(self, model=None, *, max_length: Optional[int] = None, batch_size: int = 1,
-                     num_pages: Union[int, Sequence[int], None] = None, patterns: Optional[Sequence[Pattern]] = None):
+                     num_pages: Union[int, Sequence[int], None] = None, patterns: Optional[Sequence[Pattern]] = None,
+                     max_rollback: int = 64):
             if patterns is None:
                 patterns = getattr(model, "s2dsl_patterns", None)
                 if patterns is None:
@@ -291,10 +374,17 @@ def _classes():
             if num_pages is None:
                 if max_length is None:
                     raise ValueError("give max_length (tokens per sequence) or num_pages to size the page pools")
-                num_pages = [pages_needed(p, max_length, batch_size) for p in patterns]
+                num_pages = [pages_needed(p, max_length, batch_size, max_rollback) for p in patterns]
             elif isinstance(num_pages, int):
                 num_pages = [num_pages] * len(patterns)
-            super().__init__(layers=[S2CacheLayer(p, n) for p, n in zip(patterns, num_pages)])
+            num_pages = list(num_pages)
+            if len(num_pages) != len(patterns):
+                raise ValueError(f"{len(num_pages)} pool sizes for {len(patterns)} layers")
+            keys = [(p.fingerprint(), n) for p, n in zip(patterns, num_pages)]
+            groups = {key: _Group(keys.count(key)) for key in keys}
+            super().__init__(layers=[S2CacheLayer(p, n, groups[key], max_rollback)
+                                     for p, n, key in zip(patterns, num_pages, keys)])
+            self.max_length = max_length
 
         @property
         def paged(self) -> List[Optional[PagedKVCache]]:
@@ -305,6 +395,65 @@ def _classes():
             """K/V bytes of the pages in use, all layers."""
             return sum(p.memory_bytes() for p in self.paged if p is not None)
 
+        def decode_graph(self, model, *, max_length: Optional[int] = None, capture: bool = True):
+            """A one-token decode step of ``model`` over this cache as a CUDA graph (after the prefill).
+
+            Returns ``step(input_ids) -> logits``: ``input_ids`` (batch, 1), one new token per
+            sequence; positions are each sequence's own length (left padding needs no mask). The
+            first call runs eagerly, the second captures the step, later calls replay it: page
+            bookkeeping, K/V writes and attention all run on the device with static shapes.
+            ``max_length``: the longest a sequence may grow (default: the length the cache was
+            sized for). ``capture=False`` runs the same static step eagerly (CPU, debugging).
+            Logits returned by a replay are overwritten by the next call.
+            """
+            from ..runtime.graphs import DecodeGraph
+            layers = list(self.layers)
+            if any(layer.paged is None for layer in layers):
+                raise RuntimeError("decode_graph needs the cache filled by a prefill first")
+            max_length = max_length or self.max_length
+            if max_length is None:
+                raise ValueError("give max_length: the longest a sequence may grow")
+            groups = list({id(layer.group): layer.group for layer in layers}.values())
+            tables = [g.table for g in groups]
+            first = layers[0]
+            batch = len(first.seq_ids)
+            device = first.paged.device
+            ids_buf = torch.zeros(batch, 1, dtype=torch.long, device=device)
+            slots = first.paged.table.slots_tensor(first.paged.table.seqs(first.seq_ids)).to(torch.long)
+            # the step's positions: each sequence's own length, read on the device
+            pos_of = first.paged.table
+
+            def step():
+                positions = pos_of.lens[slots].to(torch.long).view(batch, 1)
+                return model(input_ids=ids_buf, position_ids=positions, past_key_values=self, use_cache=True).logits
+
+            graph = DecodeGraph(step, tables, [g.seq_ids for g in groups], max_length=max_length, capture=capture)
+
+            def run(input_ids):
+                if input_ids.shape != ids_buf.shape:
+                    raise ValueError(f"input_ids must be {tuple(ids_buf.shape)} (one token per sequence), got "
+                                     f"{tuple(input_ids.shape)}")
+                before = [(layer._length, layer.group.length) for layer in layers]
+                ids_buf.copy_(input_ids)
+                out = graph()
+                for layer, (n, _) in zip(layers, before):  # Python ran for an eager step, not for a replay
+                    layer._length = n + 1
+                    layer._pending = 0
+                for layer, (_, g) in zip(layers, before):
+                    layer.group.length = g + 1
+                return out
+
+            run.graph = graph
+            return run
+
+        def evict(self) -> None:
+            """Free now what the pattern no longer needs (each step's plan does it for the step before)."""
+            done = set()
+            for p in self.paged:
+                if p is not None and id(p.table) not in done:
+                    done.add(id(p.table))
+                    p.evict()
+
         def dense_bytes(self) -> int:
             """What a dense cache of the same sequences would hold, all layers."""
             total = 0
@@ -314,7 +463,7 @@ def _classes():
                         * p.k_pages.element_size()
             return total
 
-    _CLASSES.update(S2CacheLayer=S2CacheLayer, S2Cache=S2Cache)
+    _CLASSES.update(S2CacheLayer=S2CacheLayer, S2Cache=S2Cache, _Group=_Group)
     return _CLASSES
 
 

@@ -35,6 +35,14 @@ def _assignment(placement: Assignment) -> List[List[int]]:
     return [list(a) for a in (placement.assignment if isinstance(placement, Placement) else placement)]
 
 
+def _check_partition(assignment: List[List[int]], pattern: Pattern) -> None:
+    """Every head on exactly one rank: a placement made for another pattern would drop heads."""
+    heads = sorted(h for a in assignment for h in a)
+    if heads != list(range(pattern.heads)):
+        raise ValueError(f"the placement does not split heads 0..{pattern.heads - 1} of pattern {pattern.name} "
+                         f"over the ranks (each exactly once); place this pattern's heads")
+
+
 def rank_heads(placement: Assignment, rank: Optional[int] = None, world_size: Optional[int] = None) -> List[int]:
     """The q heads ``rank`` owns; the placement must have one entry per rank of the group."""
     assignment = _assignment(placement)
@@ -56,6 +64,7 @@ def head_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
     from ..runtime.api import attention
     world = dist.get_world_size(group)
     assignment = _assignment(placement)
+    _check_partition(assignment, pattern)
     mine = rank_heads(assignment, dist.get_rank(group), world)
     sub = restrict(pattern, mine)
     kv = list(kv_heads_of(pattern, mine))
@@ -137,6 +146,7 @@ def shard_attention_layers(model, placements: Sequence[Assignment], *, group=Non
     restricted = []
     for m, placement in zip(modules, placements):
         pattern: Pattern = m.s2dsl_pattern
+        _check_partition(_assignment(placement), pattern)
         mine = rank_heads(placement, rank, world)
         kv = kv_heads_of(pattern, mine)
         d = m.head_dim

@@ -65,7 +65,8 @@ class Placement:
         total = sum(self.loads)
         rows = [["gpu", "heads", f"load ({unit})", "share"]]
         for g, (heads, load) in enumerate(zip(self.assignment, self.loads)):
-            rows.append([str(g), _span(heads), f"{load:.6g}", f"{100 * load / total:.1f}%" if total else "-"])
+            shown = f"{load:,.0f}" if unit == "blocks" else f"{load:.4g}"
+            rows.append([str(g), _span(heads), shown, f"{100 * load / total:.1f}%" if total else "-"])
         widths = [max(len(r[c]) for r in rows) for c in range(4)]
         lines = [f"pattern {self.pattern}: {self.gpus} GPUs, {self.seq_len} tokens, cost = {unit} per head "
                  f"({self.method})"]
@@ -117,14 +118,37 @@ def head_costs(pattern: Pattern, seq_len: int) -> List[float]:
     for h, (spec, cost) in enumerate(zip(pattern.head_specs, report.heads)):
         total = evaluate(cost.total_blocks, N=n)
         extra = sum(t.k for t in spec.topk)
-        if extra:
-            total = 0
-            for i in range(n):
-                avail = (i + 1) if pattern.causal else n
-                static = evaluate(cost.row_blocks, i=i, N=n)
-                total += min(avail, static + extra)
+        if extra and pattern.causal:
+            total = _causal_topk_total(cost, n, extra)
+        elif extra:
+            total = sum(min(n, evaluate(cost.row_blocks, i=i, N=n) + extra) for i in range(n))
         out.append(float(total))
     return out
+
+
+def _causal_topk_total(cost, n: int, k: int) -> int:
+    """sum over rows i < n of min(i + 1, r(i) + k), r = the static row count.
+
+    A causal row gains at most one static block per step (the window grows by one, or one
+    special column leaves it), so ``i + 1 - r(i)`` never decreases: the rows where the top-k
+    fill the whole causal row are a prefix ``i < t``, found by bisection. The rest sum from
+    the closed form of the total, ``total(N) = sum_{i<N} r(i)``: O(log n) evaluations.
+    """
+    from ..analysis import evaluate
+
+    def full(i):  # does row i see everything?
+        return i + 1 <= evaluate(cost.row_blocks, i=i) + k
+
+    lo, hi = 0, n  # t = first row that does not see everything (n if none)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if full(mid):
+            lo = mid + 1
+        else:
+            hi = mid
+    t = lo
+    rest = evaluate(cost.total_blocks, N=n) - (evaluate(cost.total_blocks, N=t) if t else 0)
+    return t * (t + 1) // 2 + rest + k * (n - t)
 
 
 def group_costs(pattern: Pattern, per_head: Sequence[float]) -> List[float]:

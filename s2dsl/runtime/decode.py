@@ -8,9 +8,16 @@ frees the pages the pattern no longer needs, in one call, for every phase of gen
   the blocks the pattern still needs are written to the cache;
 * chunked prefill, decoding (one query per sequence), speculative decoding (a few): the
   tokens are appended, then the decode kernel reads the queries' kept blocks from the pages.
+
+Padded batches (``lengths``: real tokens per row, right padding; ``left_padding``: pad
+tokens before them) write only the real tokens, each at its own sequence's positions; pad
+rows of the output are zero. A padded first prefill packs the real tokens into one
+variable-length prefill call; a padded later step runs the decode kernel row by row.
+Layers sharing a page table (``PagedKVCache(table=...)``) share one plan per step.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import replace
 from functools import lru_cache
@@ -25,7 +32,8 @@ from ..pattern import Pattern
 from .attention import InputError
 from .cache import KernelCache, cache_key, codegen_fingerprint, default_cache
 from .kernels import _DTYPES, interpreting
-from .kv_cache import DecodeBatch, PagedKVCache
+from .kv_cache import PagedKVCache, padding_counts
+from .paging import DecodeBatch, StepPlan
 from .topk_state import state_for
 
 __all__ = ["paged_attention", "cached_attention", "choose_decode", "decode_module", "decode_source",
@@ -194,30 +202,79 @@ def paged_attention(q: torch.Tensor, cache: PagedKVCache, seqs: Union[Sequence[H
 
 def cached_attention(cache: PagedKVCache, seq_ids: Sequence[Hashable], q: torch.Tensor, k: torch.Tensor,
                      v: torch.Tensor, *, scale: Optional[float] = None, n_splits: Optional[int] = None,
-                     tuning: Optional[dict] = None, return_lse: bool = False):
+                     tuning: Optional[dict] = None, return_lse: bool = False, lengths=None, left_padding=None):
     """Write ``k, v`` (batch, kv_heads, n, dim) into the cache and attend with ``q`` (batch, heads, n, dim).
 
     Sequences that are all empty take the prefill kernel on the contiguous tensors and keep
     only what the pattern needs afterwards; otherwise the tokens are appended and the decode
-    kernel reads the pages. Either way the pages the next query no longer needs are freed.
-    Raises ``OutOfPagesError`` (nothing changed) when the pool is too small.
+    kernel reads the pages. Either way the pages the next query no longer needs are freed
+    (by this call for a cache of its own, by the next step's plan for a shared page table).
+    ``lengths`` / ``left_padding``: padded rows (see the module docstring).
+    Raises ``OutOfPagesError`` (nothing written) when the pool is too small.
     """
+    table = cache.table
+    seqs = table.seqs(seq_ids)  # a clear error for a bare id
     seq_ids = list(seq_ids)
-    _check_q(q, cache, len(seq_ids))
+    _check_q(q, cache, len(seqs))
     if q.shape[2] != k.shape[2]:
         raise InputError(f"q has {q.shape[2]} queries but k, v carry {k.shape[2]} new tokens: the queries are "
                          "the new tokens")
-    if all(cache.seq_len(s) == 0 for s in seq_ids) and q.shape[2] > 1:
-        from .api import attention
-        cache._check_write(seq_ids, k, v)
-        result = attention(q, k, v, cache.pattern, scale=scale, return_lse=return_lse)
-        cache.append(seq_ids, k, v, only_needed=True)
+    cache._check_write(seq_ids, k, v)
+    n = q.shape[2]
+    counts, offsets = padding_counts(len(seqs), n, lengths, left_padding)
+    plan = table.plan_step(seq_ids, n, consumer=cache, counts=counts, offsets=offsets)
+    cache.write(plan, k, v)
+    if plan.only_needed:
+        result = _prefill(q, k, v, cache.pattern, plan, scale, return_lse)
         topk = state_for(cache)
-        if topk is not None:  # decode's top-k scores start from the prompt's last rows
-            topk.seed(cache.batch(seq_ids).slots, q, k, 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
+        if topk is not None and not (plan.padded or any(plan.offsets)):
+            # decode's top-k scores start from the prompt's last rows
+            topk.seed(plan.slots, q, k, 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
+    elif plan.padded or any(plan.offsets):
+        result = _rows(q, cache, plan, scale, n_splits, tuning, return_lse)
     else:
-        cache.append(seq_ids, k, v)
-        result = paged_attention(q, cache, seq_ids, scale=scale, n_splits=n_splits, tuning=tuning,
+        result = paged_attention(q, cache, plan, scale=scale, n_splits=n_splits, tuning=tuning,
                                  return_lse=return_lse)
-    cache.evict(seq_ids)
+    if cache.evicts_after_step:  # else the next step's plan evicts
+        table.evict(seq_ids)
     return result
+
+
+def _prefill(q, k, v, pattern, plan: StepPlan, scale, return_lse):
+    """A first prefill on the contiguous tensors; padded rows packed into one variable-length call."""
+    from .api import attention
+    if not (plan.padded or any(plan.offsets)):
+        return attention(q, k, v, pattern, scale=scale, return_lse=return_lse)
+    b, heads, n, d = q.shape
+    rows = torch.cat([torch.arange(o, o + c) + i * n for i, (o, c) in enumerate(zip(plan.offsets, plan.counts))])
+    rows = rows.to(q.device)
+    cu = torch.tensor([0] + list(itertools.accumulate(plan.counts)), dtype=torch.int32).to(q.device)
+
+    def pack(t):
+        return t.transpose(1, 2).reshape(b * n, t.shape[1], d).index_select(0, rows)
+
+    out_p, lse_p = attention(pack(q), pack(k), pack(v), pattern, scale=scale, cu_seqlens_q=cu, cu_seqlens_k=cu,
+                             return_lse=True)
+    out = q.new_zeros(b * n, heads, d).index_copy_(0, rows, out_p).view(b, n, heads, d).transpose(1, 2)
+    if not return_lse:
+        return out
+    lse = torch.full((b * n, heads), float("-inf"), dtype=torch.float32, device=q.device)
+    lse = lse.index_copy_(0, rows, lse_p.float().transpose(0, 1)).view(b, n, heads).permute(0, 2, 1)
+    return out, lse
+
+
+def _rows(q, cache, plan: StepPlan, scale, n_splits, tuning, return_lse):
+    """A padded step over the pages: each row's real queries by themselves."""
+    b, heads, n, d = q.shape
+    out = torch.zeros_like(q)
+    lse = torch.full((b, heads, n), float("-inf"), dtype=torch.float32, device=q.device)
+    for i, (o, c) in enumerate(zip(plan.offsets, plan.counts)):
+        if c == 0:
+            continue
+        end = plan.starts[i] + c
+        row = DecodeBatch((plan.seq_ids[i],), plan.slots[i:i + 1], plan.seq_lens[i:i + 1], end, end)
+        o_i, l_i = paged_attention(q[i:i + 1, :, o:o + c], cache, row, scale=scale, n_splits=n_splits,
+                                   tuning=tuning, return_lse=True)
+        out[i:i + 1, :, o:o + c] = o_i
+        lse[i:i + 1, :, o:o + c] = l_i
+    return (out, lse) if return_lse else out

@@ -17,28 +17,26 @@ is made. So the pages a sequence holds are what the pattern needs: the analyzer'
 
 Sequences come and go between steps (continuous batching): ``add_sequence``,
 ``remove_sequence`` (its pages return to the pool). ``append`` writes new tokens; it checks
-that the pool has the pages first and raises ``OutOfPagesError`` before changing anything.
-``attend`` (``s2dsl.runtime.decode.cached_attention``) appends, attends with the generated
-kernels and evicts in one call: prefill, chunked prefill, decoding, speculative decoding.
+that the pool has the pages first and raises ``OutOfPagesError`` before writing anything.
+``s2dsl.runtime.decode.cached_attention`` appends, attends with the generated kernels and
+evicts in one call: prefill, chunked prefill, decoding, speculative decoding. ``crop``
+rolls a sequence back (rejected speculative tokens) within the cache's ``lookahead``.
+
+The bookkeeping (page tables, lengths, free pages, what to keep) lives in a
+``s2dsl.runtime.paging.PageTable`` as device tensors; layers with the same pattern can share
+one (``table=``), so a step is planned once and each layer only scatters its K/V.
 """
 from __future__ import annotations
 
-import itertools
 import warnings
-from dataclasses import dataclass
-from typing import Dict, Hashable, Iterable, List, Optional, Sequence, Tuple
+from typing import Hashable, List, Optional, Sequence, Tuple
 
 import torch
 
 from ..pattern import Pattern
+from .paging import DecodeBatch, OutOfPagesError, PageTable, StepPlan, kv_efficient_heads
 
-__all__ = ["PagedKVCache", "OutOfPagesError", "dense_pattern", "GroupRule"]
-
-_EFFICIENT: Dict[str, Tuple[bool, ...]] = {}
-
-
-class OutOfPagesError(RuntimeError):
-    """The pool has too few free pages for a write; nothing was changed."""
+__all__ = ["PagedKVCache", "OutOfPagesError", "dense_pattern", "DecodeBatch", "StepPlan", "PageTable"]
 
 
 def dense_pattern(heads: int, kv_heads: int, block: int = 64, name: str = "full_attention") -> Pattern:
@@ -48,76 +46,19 @@ def dense_pattern(heads: int, kv_heads: int, block: int = 64, name: str = "full_
     return parse(text, f"<{name}>")[name]
 
 
-def _kv_efficient_heads(pattern: Pattern) -> Tuple[bool, ...]:
-    """Per q head, the analyzer's KV-efficiency verdict (cached per pattern semantics)."""
-    key = pattern.fingerprint()
-    if key not in _EFFICIENT:
-        from ..analysis import analyze
-        _EFFICIENT[key] = tuple(h.kv_efficient for h in analyze(pattern).heads)
-    return _EFFICIENT[key]
-
-
-@dataclass(frozen=True)
-class GroupRule:
-    """What one kv head keeps: the union of its q heads' static parts, or everything."""
-
-    window: int                      # largest window; -1: keep every block (dense or not KV-efficient)
-    sink: int
-    residues: Tuple[Tuple[int, int], ...]  # (modulus, residue) classes kept forever
-
-    @property
-    def keeps_all(self) -> bool:
-        return self.window < 0
-
-    def special(self, j: int) -> bool:
-        """Kept by every later query (sink or residue class)."""
-        return j < self.sink or any(j % m == r for m, r in self.residues)
-
-    def needed(self, i: int, j: int) -> bool:
-        """Is block ``j`` still needed when the next query lies in block ``i``?"""
-        return self.keeps_all or j >= i or i - j < self.window or self.special(j)
-
-    def evict_below(self, i: int) -> int:
-        """Blocks below this index are needed only if special (``lo`` of the decode kernel)."""
-        return i - max(self.window, 1) + 1
-
-
-def _group_rules(pattern: Pattern, efficient: Sequence[bool]) -> Tuple[GroupRule, ...]:
-    rules = []
-    g = pattern.group_size
-    for kv in range(pattern.kv_heads):
-        members = range(kv * g, (kv + 1) * g)
-        specs = [pattern.head_specs[h] for h in members]
-        # round-2 constructs (token edges, global rows, two-sided windows) have no eviction
-        # rule here yet: keep everything rather than drop a block they need
-        if not all(efficient[h] for h in members) or any(s.dense or not s.is_classic for s in specs):
-            rules.append(GroupRule(-1, 0, ()))
-            continue
-        residues = tuple(sorted({res for s in specs for res in s.residues}))
-        rules.append(GroupRule(max(s.window for s in specs), max(s.sink for s in specs), residues))
-    return tuple(rules)
-
-
-class _Seq:
-    __slots__ = ("slot", "length", "pages", "checked")
-
-    def __init__(self, slot: int, kv_heads: int):
-        self.slot = slot
-        self.length = 0
-        self.pages: List[List[int]] = [[] for _ in range(kv_heads)]  # per kv head: block -> page (-1: none)
-        self.checked = [0] * kv_heads  # per kv head: blocks below were already considered for eviction
-
-
 class PagedKVCache:
     """Paged K/V for one attention layer under ``pattern`` (see the module docstring).
 
     ``num_pages`` pages of ``pattern.block`` tokens of one kv head each. ``evict=False``
-    keeps every page (a dense cache, for comparison). Sequence ids are any hashable
-    values; ``add_sequence()`` makes a fresh integer id when none is given.
+    keeps every page (a dense cache, for comparison). ``lookahead``: tokens a sequence can
+    be rolled back by (``crop``); eviction runs that far behind. ``table``: share the page
+    bookkeeping of another cache of the same pattern and pool size (another layer). Sequence
+    ids are any hashable values; ``add_sequence()`` makes a fresh integer id when none is given.
     """
 
     def __init__(self, pattern: Pattern, *, num_pages: int, head_dim: int, dtype: torch.dtype = torch.float16,
-                 device="cpu", max_seqs: int = 8, evict: bool = True):
+                 device="cpu", max_seqs: int = 8, evict: bool = True, lookahead: int = 0,
+                 table: Optional[PageTable] = None):
         if not isinstance(pattern, Pattern):
             raise TypeError(f"pattern must be an s2dsl.Pattern, got {type(pattern).__name__}")
         if not pattern.causal:
@@ -125,6 +66,26 @@ class PagedKVCache:
                              "attention")
         if num_pages < 1:
             raise ValueError(f"num_pages must be >= 1, got {num_pages}")
+        if head_dim < 1:
+            raise ValueError(f"head_dim must be >= 1, got {head_dim}")
+        if table is None:
+            table = PageTable(pattern, num_pages=num_pages, device=device, max_seqs=max_seqs, evict=evict,
+                              lookahead=lookahead)
+            efficient = kv_efficient_heads(pattern)
+            if evict and not all(efficient):
+                rules = table.rules
+                g = pattern.group_size
+                keep_all = [kv for kv in range(pattern.kv_heads) if rules.keep_all_list[kv]
+                            and not all(pattern.head_specs[h].dense for h in range(kv * g, (kv + 1) * g))]
+                bad = [h for h, e in enumerate(efficient) if not e]
+                warnings.warn(f"pattern {pattern.name}: q heads {bad} are not KV-efficient (the analyzer cannot prove "
+                              f"a dropped block is never needed again), so kv heads {keep_all} keep every page",
+                              stacklevel=2)
+        elif table.pattern.fingerprint() != pattern.fingerprint() or table.num_pages != num_pages:
+            raise ValueError(f"a shared page table serves one pattern and pool size: it has {table.pattern.name} "
+                             f"with {table.num_pages} pages, this cache {pattern.name} with {num_pages}")
+        self.table = table
+        table.members += 1
         self.pattern = pattern
         self.block = pattern.block
         self.kv_heads = pattern.kv_heads
@@ -132,77 +93,73 @@ class PagedKVCache:
         self.dtype = dtype
         # the pools' own device, index included ("cuda" becomes "cuda:0"), so it compares
         # equal to the device of tensors on it
-        self.device = torch.empty(0, device=device).device
+        self.device = table.device
         self.num_pages = num_pages
-        efficient = _kv_efficient_heads(pattern)
-        self.rules = _group_rules(pattern, efficient if evict else [False] * pattern.heads)
-        if evict and not all(efficient):
-            keep_all = [kv for kv, r in enumerate(self.rules) if r.keeps_all
-                        and not all(pattern.head_specs[h].dense for h in range(kv * pattern.group_size,
-                                                                                  (kv + 1) * pattern.group_size))]
-            bad = [h for h, e in enumerate(efficient) if not e]
-            warnings.warn(f"pattern {pattern.name}: q heads {bad} are not KV-efficient (the analyzer cannot prove a "
-                          f"dropped block is never needed again), so kv heads {keep_all} keep every page",
-                          stacklevel=2)
-        # zero pages: masked lanes of the kernels multiply stale page contents by 0, which must be finite
-        self.k_pages = torch.zeros(num_pages, self.block, head_dim, dtype=dtype, device=self.device)
-        self.v_pages = torch.zeros(num_pages, self.block, head_dim, dtype=dtype, device=self.device)
-        self.block_tables = torch.full((max(max_seqs, 1), self.kv_heads, 16), -1, dtype=torch.int32,
-                                       device=self.device)
-        self._free: List[int] = list(range(num_pages - 1, -1, -1))  # a stack: low pages first
-        self._free_slots: List[int] = list(range(self.block_tables.shape[0] - 1, -1, -1))
-        self._seqs: Dict[Hashable, _Seq] = {}
-        self._ids = itertools.count()
+        # zero pages: masked lanes of the kernels multiply stale page contents by 0, which must
+        # be finite. One spare page after the pool takes the writes of padding and skipped tokens.
+        self._k_all = torch.zeros(num_pages + 1, self.block, head_dim, dtype=dtype, device=self.device)
+        self._v_all = torch.zeros(num_pages + 1, self.block, head_dim, dtype=dtype, device=self.device)
+        self.k_pages = self._k_all[:num_pages]
+        self.v_pages = self._v_all[:num_pages]
+
+    @property
+    def shared(self) -> bool:
+        """Whether other caches (layers) plan their steps with this cache's page table."""
+        return self.table.members > 1
+
+    @property
+    def evicts_after_step(self) -> bool:
+        """Does ``cached_attention`` evict right after a step (else the next step's plan does)?"""
+        t = self.table
+        return not (t.members > 1 or t.defer_eviction or t.in_static_step)
+
+    @property
+    def block_tables(self) -> torch.Tensor:
+        """int32 (slots, kv_heads, max_blocks): page of each kv block, -1 where none."""
+        return self.table.tables
+
+    @property
+    def lookahead(self) -> int:
+        return self.table.lookahead
 
     # ------------------------------------------------------------------ sequences
     def add_sequence(self, seq_id: Optional[Hashable] = None) -> Hashable:
         """Start an empty sequence; returns its id."""
-        if seq_id is None:
-            seq_id = next(self._ids)
-            while seq_id in self._seqs:
-                seq_id = next(self._ids)
-        elif seq_id in self._seqs:
-            raise KeyError(f"sequence {seq_id!r} is already in the cache")
-        if not self._free_slots:
-            self._grow_slots()
-        self._seqs[seq_id] = _Seq(self._free_slots.pop(), self.kv_heads)
-        return seq_id
+        return self.table.add_sequence(seq_id)
 
     def remove_sequence(self, seq_id: Hashable) -> None:
         """Drop a finished sequence; its pages return to the pool."""
-        seq = self._get(seq_id)
-        for pages in seq.pages:
-            self._free.extend(p for p in pages if p >= 0)
-        self.block_tables[seq.slot].fill_(-1)
-        self._free_slots.append(seq.slot)
-        del self._seqs[seq_id]
+        self.table.remove_sequence(seq_id)
 
     @property
     def sequences(self) -> Tuple[Hashable, ...]:
-        return tuple(self._seqs)
+        return tuple(self.table._seqs)
 
     def __contains__(self, seq_id) -> bool:
-        return seq_id in self._seqs
+        try:
+            return seq_id in self.table._seqs
+        except TypeError:
+            return False
 
     def seq_len(self, seq_id: Hashable) -> int:
-        return self._get(seq_id).length
+        return self.table.get(seq_id).length
 
     def slot(self, seq_id: Hashable) -> int:
-        return self._get(seq_id).slot
+        return self.table.get(seq_id).slot
 
-    # ------------------------------------------------------------------ accounting
+    # ------------------------------------------------------------------ accounting (reads the device)
     @property
     def num_free_pages(self) -> int:
-        return len(self._free)
+        return int(self.table.n_free)
 
     @property
     def free_pages(self) -> Tuple[int, ...]:
         """Ids of the pages in the pool (not held by any sequence)."""
-        return tuple(self._free)
+        return tuple(self.table.free_stack[:int(self.table.n_free)].tolist())
 
     @property
     def pages_in_use(self) -> int:
-        return self.num_pages - len(self._free)
+        return self.num_pages - self.num_free_pages
 
     @property
     def page_bytes(self) -> int:
@@ -215,162 +172,84 @@ class PagedKVCache:
 
     def kept_blocks(self, seq_id: Hashable, kv_head: Optional[int] = None):
         """Kv block indices held for ``seq_id`` (for one kv head, or a list per kv head)."""
-        seq = self._get(seq_id)
-        per = [[j for j, p in enumerate(pages) if p >= 0] for pages in seq.pages]
+        seq = self.table.get(seq_id)
+        rows = self.table.tables[seq.slot].tolist()
+        per = [[j for j, p in enumerate(row) if p >= 0] for row in rows]
         return per if kv_head is None else per[kv_head]
+
+    def pages_of(self, seq_id: Hashable) -> List[List[int]]:
+        """Per kv head, the page of each block of ``seq_id`` (-1: not held)."""
+        seq = self.table.get(seq_id)
+        n = -(-seq.length // self.block)
+        return [row[:n] for row in self.table.tables[seq.slot].tolist()]
 
     def needed_blocks(self, seq_id: Hashable, kv_head: int, length: Optional[int] = None) -> List[int]:
         """The blocks the pattern still needs after ``length`` tokens (default: the current length)."""
-        n = self._get(seq_id).length if length is None else length
-        i = n // self.block
-        rule = self.rules[kv_head]
-        return [j for j in range(-(-n // self.block)) if rule.needed(i, j)]
+        n = self.table.get(seq_id).length if length is None else length
+        j = torch.arange(-(-n // self.block), device=self.device).view(1, 1, -1)
+        i = torch.full((1, 1, 1), n // self.block, dtype=torch.long, device=self.device)
+        keep = self.table.rules.needed(i, j)[0, kv_head]
+        return [int(x) for x in torch.nonzero(keep).view(-1).tolist()]
 
     # ------------------------------------------------------------------ writing
     def append(self, seq_ids: Sequence[Hashable], k: torch.Tensor, v: torch.Tensor, *,
-               only_needed: bool = False) -> None:
-        """Write ``k, v`` (batch, kv_heads, n, head_dim) as the next ``n`` tokens of each sequence.
+               only_needed: bool = False, lengths=None, left_padding=None) -> StepPlan:
+        """Write ``k, v`` (batch, kv_heads, n, head_dim) as the next tokens of each sequence.
 
-        Raises ``OutOfPagesError`` before changing anything when the pool lacks the pages.
+        Raises ``OutOfPagesError`` before writing anything when the pool lacks the pages.
         ``only_needed`` skips the blocks the pattern will not need after these tokens (use it
         when the attention over them was computed from the contiguous tensors, e.g. a first
-        prefill): a long prompt then never holds more than the pattern needs.
+        prefill): a long prompt then never holds more than the pattern needs. Padded rows:
+        ``lengths`` real tokens per row (right padding), starting at ``left_padding``.
+        Returns the step's plan.
         """
-        seqs = self._check_write(seq_ids, k, v)
-        n = k.shape[2]
-        if n == 0:
-            return
-        b = self.block
-        plan = []  # per sequence: (first touched block, [per kv head: blocks to allocate])
-        total = 0
-        for seq in seqs:
-            first, last = seq.length // b, (seq.length + n - 1) // b
-            i_next = (seq.length + n) // b
-            alloc = []
-            for g, pages in enumerate(seq.pages):
-                rule = self.rules[g]
-                want = [j for j in range(first, last + 1)
-                        if (j >= len(pages) or pages[j] < 0) and (not only_needed or rule.needed(i_next, j))]
-                alloc.append(want)
-                total += len(want)
-            plan.append((first, last, alloc))
-        if total > len(self._free):
-            raise OutOfPagesError(
-                f"writing {n} token(s) to {len(seqs)} sequence(s) needs {total} free pages but the pool has "
-                f"{len(self._free)} of {self.num_pages} (pages of {b} tokens of one kv head); nothing was written. "
-                "Finish or remove sequences, or make the cache with more num_pages")
-        width = max(last for _, last, _ in plan) + 1
-        if width > self.block_tables.shape[2]:
-            self._grow_blocks(width)
-        # ---- from here on the state changes ----
-        upd_slot, upd_head, upd_block, upd_page = [], [], [], []
-        touched = []  # (batch, kv_heads, blocks touched) page ids
-        span = max(last - first for first, last, _ in plan) + 1
-        for seq, (first, last, alloc) in zip(seqs, plan):
-            rows = []
-            for g, pages in enumerate(seq.pages):
-                if len(pages) <= last:
-                    pages.extend([-1] * (last + 1 - len(pages)))
-                for j in alloc[g]:
-                    page = self._free.pop()
-                    pages[j] = page
-                    upd_slot.append(seq.slot)
-                    upd_head.append(g)
-                    upd_block.append(j)
-                    upd_page.append(page)
-                rows.append(pages[first:last + 1] + [-1] * (span - (last + 1 - first)))
-            touched.append(rows)
-        if upd_page:
-            idx = torch.tensor([upd_slot, upd_head, upd_block], dtype=torch.long).to(self.device)
-            self.block_tables[idx[0], idx[1], idx[2]] = torch.tensor(upd_page, dtype=torch.int32).to(self.device)
-        # token writes: page of (sequence, kv head, token) and offset in the page
-        starts = [seq.length for seq in seqs]
-        pos = torch.tensor(starts, dtype=torch.long).view(-1, 1) + torch.arange(n).view(1, -1)   # (batch, n)
-        rel = pos // b - torch.tensor([s // b for s in starts], dtype=torch.long).view(-1, 1)
-        table = torch.tensor(touched, dtype=torch.long)                                           # (batch, kvh, span)
-        page_ids = table.gather(2, rel.unsqueeze(1).expand(-1, self.kv_heads, -1))               # (batch, kvh, n)
-        offs = (pos % b).unsqueeze(1).expand(-1, self.kv_heads, -1)
-        kk, vv = k.to(self.dtype), v.to(self.dtype)
-        if bool((page_ids < 0).any()):  # only_needed skipped some blocks
-            keep = page_ids >= 0
-            page_ids, offs = page_ids[keep], offs[keep]
-            kk, vv = kk[keep.to(k.device)], vv[keep.to(k.device)]
-        else:
-            page_ids, offs = page_ids.reshape(-1), offs.reshape(-1)
-            kk, vv = kk.reshape(-1, self.head_dim), vv.reshape(-1, self.head_dim)
-        page_ids, offs = page_ids.to(self.device), offs.to(self.device)
-        self.k_pages[page_ids, offs] = kk
-        self.v_pages[page_ids, offs] = vv
-        for seq in seqs:
-            seq.length += n
+        self._check_write(seq_ids, k, v)
+        counts, offsets = padding_counts(k.shape[0], k.shape[2], lengths, left_padding)
+        plan = self.table.plan_step(seq_ids, k.shape[2], consumer=self, counts=counts, offsets=offsets,
+                                    only_needed=only_needed)
+        self.write(plan, k, v)
+        return plan
 
-    def evict(self, seq_ids: Optional[Iterable[Hashable]] = None) -> int:
-        """Free the pages the pattern no longer needs (for the next query); returns how many."""
-        seqs = [self._get(s) for s in (self._seqs if seq_ids is None else seq_ids)]
-        upd_slot, upd_head, upd_block = [], [], []
-        freed = 0
-        for seq in seqs:
-            i = seq.length // self.block
-            for g, pages in enumerate(seq.pages):
-                rule = self.rules[g]
-                if rule.keeps_all:
-                    continue
-                stop = min(rule.evict_below(i), len(pages))
-                for j in range(seq.checked[g], stop):
-                    if pages[j] >= 0 and not rule.special(j):
-                        self._free.append(pages[j])
-                        pages[j] = -1
-                        upd_slot.append(seq.slot)
-                        upd_head.append(g)
-                        upd_block.append(j)
-                        freed += 1
-                seq.checked[g] = max(seq.checked[g], stop)
-        if upd_slot:
-            idx = torch.tensor([upd_slot, upd_head, upd_block], dtype=torch.long).to(self.device)
-            self.block_tables[idx[0], idx[1], idx[2]] = -1
-        return freed
+    def write(self, plan: StepPlan, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Scatter this layer's ``k, v`` for a planned step: one indexed copy per pool, no
+        autograd history (the pools never join the graph of the tensors written)."""
+        if plan.n == 0 or plan.dest.numel() == 0:
+            return
+        d = self.head_dim
+        dest = plan.dest
+        with torch.no_grad():
+            kk = k.detach().to(device=self.device, dtype=self.dtype).reshape(-1, d)
+            vv = v.detach().to(device=self.device, dtype=self.dtype).reshape(-1, d)
+            self._k_all.view(-1, d).index_copy_(0, dest, kk)
+            self._v_all.view(-1, d).index_copy_(0, dest, vv)
+
+    def evict(self, seq_ids: Optional[Sequence[Hashable]] = None) -> None:
+        """Free the pages the pattern no longer needs (for the next query, ``lookahead`` tokens back)."""
+        self.table.evict(self.sequences if seq_ids is None else seq_ids)
+
+    def crop(self, seq_id: Hashable, length: int) -> None:
+        """Roll ``seq_id`` back to its first ``length`` tokens (see ``PageTable.crop``)."""
+        self.table.crop(seq_id, length)
 
     # ------------------------------------------------------------------ reading
-    def batch(self, seq_ids: Sequence[Hashable]) -> "DecodeBatch":
+    def batch(self, seq_ids: Sequence[Hashable]) -> DecodeBatch:
         """Device tensors (slots, lengths) of these sequences for the decode kernel."""
-        seqs = [self._get(s) for s in seq_ids]
-        return DecodeBatch(tuple(seq_ids),
-                           torch.tensor([s.slot for s in seqs], dtype=torch.int32).to(self.device),
-                           torch.tensor([s.length for s in seqs], dtype=torch.int32).to(self.device),
-                           max((s.length for s in seqs), default=0), min((s.length for s in seqs), default=0))
+        return self.table.batch(seq_ids)
 
     def gather(self, seq_id: Hashable) -> Tuple[torch.Tensor, torch.Tensor]:
         """K and V of a sequence as (kv_heads, length, head_dim); blocks not held read as zeros."""
-        seq = self._get(seq_id)
-        n = seq.length
-        k = torch.zeros(self.kv_heads, n, self.head_dim, dtype=self.dtype, device=self.device)
-        v = torch.zeros_like(k)
-        for g, pages in enumerate(seq.pages):
-            for j, p in enumerate(pages):
-                if p >= 0:
-                    lo, hi = j * self.block, min((j + 1) * self.block, n)
-                    k[g, lo:hi] = self.k_pages[p, :hi - lo]
-                    v[g, lo:hi] = self.v_pages[p, :hi - lo]
-        return k, v
-
-    def attend(self, seq_ids: Sequence[Hashable], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
-               scale: Optional[float] = None, **kwargs) -> torch.Tensor:
-        """Append ``k, v`` and attend with ``q`` (batch, heads, n, dim); see ``cached_attention``."""
-        from .decode import cached_attention
-        return cached_attention(self, seq_ids, q, k, v, scale=scale, **kwargs)
+        seq = self.table.get(seq_id)
+        n, b = seq.length, self.block
+        n_blocks = -(-n // b)
+        pages = self.table.tables[seq.slot, :, :n_blocks].to(torch.long)      # (kvh, n_blocks)
+        held = (pages >= 0).view(self.kv_heads, n_blocks, 1, 1)
+        k = torch.where(held, self.k_pages[pages.clamp(min=0)], 0).reshape(self.kv_heads, n_blocks * b, self.head_dim)
+        v = torch.where(held, self.v_pages[pages.clamp(min=0)], 0).reshape(self.kv_heads, n_blocks * b, self.head_dim)
+        return k[:, :n].to(self.dtype), v[:, :n].to(self.dtype)
 
     # ------------------------------------------------------------------ internals
-    def _get(self, seq_id) -> _Seq:
-        try:
-            return self._seqs[seq_id]
-        except KeyError:
-            raise KeyError(f"no sequence {seq_id!r} in the cache (add it with add_sequence)") from None
-
-    def _check_write(self, seq_ids, k, v) -> List[_Seq]:
-        seq_ids = list(seq_ids)
-        if len(set(seq_ids)) != len(seq_ids):
-            raise ValueError(f"sequence ids repeat in {seq_ids}")
-        seqs = [self._get(s) for s in seq_ids]
+    def _check_write(self, seq_ids, k, v) -> None:
+        seqs = self.table.seqs(seq_ids)
         for name, t in (("k", k), ("v", v)):
             if not isinstance(t, torch.Tensor) or t.dim() != 4:
                 raise ValueError(f"{name} must be a 4-D tensor (batch, kv_heads, n, head_dim)")
@@ -379,35 +258,37 @@ class PagedKVCache:
         if k.shape[0] != len(seqs) or k.shape[1] != self.kv_heads or k.shape[3] != self.head_dim:
             raise ValueError(f"k must be ({len(seqs)}, {self.kv_heads}, n, {self.head_dim}) for these sequences; "
                              f"got {tuple(k.shape)}")
-        return seqs
-
-    def _grow_slots(self):
-        old = self.block_tables
-        new = torch.full((old.shape[0] * 2, *old.shape[1:]), -1, dtype=torch.int32, device=self.device)
-        new[:old.shape[0]] = old
-        self._free_slots.extend(range(new.shape[0] - 1, old.shape[0] - 1, -1))
-        self.block_tables = new
-
-    def _grow_blocks(self, width: int):
-        old = self.block_tables
-        cap = old.shape[2]
-        while cap < width:
-            cap *= 2
-        new = torch.full((old.shape[0], old.shape[1], cap), -1, dtype=torch.int32, device=self.device)
-        new[:, :, :old.shape[2]] = old
-        self.block_tables = new
+        if k.device != self.device or v.device != self.device:
+            raise ValueError(f"k, v are on {k.device}, {v.device} but the cache is on {self.device}")
 
     def __repr__(self) -> str:
-        return (f"PagedKVCache(pattern={self.pattern.name}, pages {self.pages_in_use}/{self.num_pages} in use, "
-                f"{len(self._seqs)} sequences, block {self.block}, head_dim {self.head_dim}, {self.dtype})")
+        return (f"PagedKVCache(pattern={self.pattern.name}, {self.num_pages} pages, "
+                f"{len(self.sequences)} sequences, block {self.block}, head_dim {self.head_dim}, {self.dtype})")
 
 
-@dataclass(frozen=True)
-class DecodeBatch:
-    """Which sequences a decode step runs, as the kernel reads them."""
+def padding_counts(batch: int, n: int, lengths=None, left_padding=None):
+    """Real tokens per row and their first row index, as host tuples (None, None: no padding).
 
-    seq_ids: Tuple[Hashable, ...]
-    slots: torch.Tensor      # int32 (batch,)
-    seq_lens: torch.Tensor   # int32 (batch,): lengths including this step's tokens
-    max_len: int
-    min_len: int
+    ``lengths``: real tokens of each row (right padding); ``left_padding``: pad tokens before
+    them. Either may be an int sequence or a tensor (read once)."""
+    if lengths is None and left_padding is None:
+        return None, None
+
+    def as_tuple(x, name):
+        if isinstance(x, torch.Tensor):
+            x = x.tolist()
+        x = tuple(int(v) for v in x)
+        if len(x) != batch:
+            raise ValueError(f"{name} has {len(x)} entries for a batch of {batch}")
+        if any(v < 0 or v > n for v in x):
+            raise ValueError(f"{name} must lie in [0, {n}] (the step's tokens per row), got {list(x)}")
+        return x
+
+    offsets = as_tuple(left_padding, "left_padding") if left_padding is not None else (0,) * batch
+    if lengths is None:
+        counts = tuple(n - o for o in offsets)
+    else:
+        counts = as_tuple(lengths, "lengths")
+        if any(o + c > n for o, c in zip(offsets, counts)):
+            raise ValueError(f"left_padding + lengths exceed the {n} tokens of a row")
+    return counts, offsets
