@@ -164,6 +164,9 @@ def _decode_topk_loop(plan: KernelPlan) -> str:
 def generate_decode(plan: KernelPlan, spec: DecodeSpecialization, *, name: str = "pattern",
                     fingerprint: str = "") -> str:
     """Source of a Python module with ``kernel``, ``combine_kernel`` and ``launch`` for ``plan``."""
+    if plan.has_distance or plan.has_tokens:
+        raise UnsupportedPattern(f"pattern {name}: decoding does not run relative strides or token windows yet "
+                                 "(two-sided windows are bidirectional, which decoding never is)")
     if not plan.causal:
         raise UnsupportedPattern(f"pattern {name}: decoding runs causal patterns only (a bidirectional query "
                                  "would see tokens not generated yet)")
