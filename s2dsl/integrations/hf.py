@@ -246,9 +246,10 @@ def _classes():
         is_sliding = False
         is_croppable = True
 
-        def __init__(self, pattern: Pattern, num_pages: int, group=None, lookahead: int = 0):
+        def __init__(self, pattern: Pattern, num_pages: int, group=None, lookahead: int = 0, kv_dtype=None):
             super().__init__()
             self.pattern, self.num_pages, self.lookahead = pattern, num_pages, lookahead
+            self.kv_dtype = kv_dtype
             self.group = group if group is not None else _Group(1)
             self.paged: Optional[PagedKVCache] = None
             self._length = 0
@@ -264,7 +265,7 @@ def _classes():
             group = self.group
             self.paged = PagedKVCache(self.pattern, num_pages=self.num_pages, head_dim=d, dtype=key_states.dtype,
                                       device=key_states.device, max_seqs=b, lookahead=self.lookahead,
-                                      table=group.table)
+                                      table=group.table, kv_dtype=self.kv_dtype)
             if group.table is None:
                 group.table = self.paged.table
                 # the other layers join as they start: plan once per step; evict in the next plan,
@@ -360,12 +361,13 @@ def _classes():
         decode step (assisted decoding verifies its drafts in one step) and ``max_rollback``
         tokens more (eviction runs that far behind the sequences' ends), which is what the
         first step of assisted decoding, a prefill with drafts, needs: at least the number of
-        draft tokens (transformers' default: 20).
+        draft tokens (transformers' default: 20). ``kv_dtype=torch.int8``: pages hold INT8 codes
+        (ALISA's channel-wise asymmetric quantisation, ``s2dsl.runtime.quant``).
         """
 
         def __init__(self, model=None, *, max_length: Optional[int] = None, batch_size: int = 1,
                      num_pages: Union[int, Sequence[int], None] = None, patterns: Optional[Sequence[Pattern]] = None,
-                     max_rollback: int = 64):
+                     max_rollback: int = 64, kv_dtype: Optional[torch.dtype] = None):
             if patterns is None:
                 patterns = getattr(model, "s2dsl_patterns", None)
                 if patterns is None:
@@ -382,7 +384,9 @@ def _classes():
                 raise ValueError(f"{len(num_pages)} pool sizes for {len(patterns)} layers")
             keys = [(p.fingerprint(), n) for p, n in zip(patterns, num_pages)]
             groups = {key: _Group(keys.count(key)) for key in keys}
-            super().__init__(layers=[S2CacheLayer(p, n, groups[key], max_rollback)
+            if kv_dtype is not None and kv_dtype != torch.int8 and not kv_dtype.is_floating_point:
+                raise ValueError(f"kv_dtype must be torch.int8 or a floating-point dtype; got {kv_dtype}")
+            super().__init__(layers=[S2CacheLayer(p, n, groups[key], max_rollback, kv_dtype)
                                      for p, n, key in zip(patterns, num_pages, keys)])
             self.max_length = max_length
 
