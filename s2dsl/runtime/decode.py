@@ -228,6 +228,8 @@ def cached_attention(cache: PagedKVCache, seq_ids: Sequence[Hashable], q: torch.
     n = q.shape[2]
     counts, offsets = padding_counts(len(seqs), n, lengths, left_padding)
     plan = table.plan_step(seq_ids, n, consumer=cache, counts=counts, offsets=offsets)
+    if table.tier is not None:  # this layer's pages moving between tiers land before it writes or reads
+        table.tier.wait(cache)
     cache.write(plan, k, v)
     if plan.only_needed:
         result = _prefill(q, k, v, cache.pattern, plan, scale, return_lse)
