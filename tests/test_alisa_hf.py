@@ -77,3 +77,50 @@ def test_int8_cache_runs_generate(model):
 def test_s2cache_refuses_a_bad_kv_dtype(model):
     with pytest.raises(ValueError, match="kv_dtype"):
         hf.S2Cache(model, max_length=40, kv_dtype=torch.int32)
+
+
+SWA_PLAN = """
+pattern swa {
+    block = 16  heads = 4  kv_heads = 2  causal
+    heads * { window 1  topk 2  recent 3 }
+}
+model tiny {
+    layers = 2
+    rest -> swa
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def swa_model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(1)
+    config = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    m = LlamaForCausalLM(config).eval()
+    hf.apply(m, s2dsl.parse(SWA_PLAN), model_name="tiny")
+    m.set_attn_implementation(hf.ATTN_IMPLEMENTATION)
+    return m
+
+
+@kernels
+def test_generate_over_a_gpu_budget_with_a_host_tier_is_lossless(swa_model):
+    ids = torch.randint(0, 100, (2, 40), generator=torch.Generator().manual_seed(5))
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        ref = swa_model.generate(ids, past_key_values=hf.S2Cache(swa_model, max_length=60, batch_size=2), **kw)
+        # each layer holds 2 sequences x 2 kv heads x 4 blocks = 16 pages; the GPU pool takes 12
+        cache = hf.S2Cache(swa_model, max_length=60, batch_size=2, gpu_pages=12, host_pages=8)
+        out = swa_model.generate(ids, past_key_values=cache, **kw)
+    assert torch.equal(out, ref)
+    tier = cache.paged[0].table.tier
+    assert tier.moved_down > 0 and tier.host_pages_in_use > 0
+    assert all(p.pages_in_use <= 12 for p in cache.paged)
+    assert "host tier" in cache.debug_report()
+
+
+def test_tier_arguments_are_checked(swa_model):
+    with pytest.raises(ValueError, match="gpu_pages"):
+        hf.S2Cache(swa_model, max_length=40, host_pages=4)
+    with pytest.raises(ValueError, match="not both"):
+        hf.S2Cache(swa_model, num_pages=4, gpu_pages=4)
