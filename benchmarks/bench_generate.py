@@ -23,7 +23,9 @@ One GPU run. The model is Llama-shaped with random weights (16 layers, hidden 20
 
     python benchmarks/bench_generate.py --out results/generate.json             # ~8 min on an H100
     python benchmarks/bench_generate.py --quick --out /tmp/quick.json           # ~1 min smoke run
-    python benchmarks/bench_generate.py --points 32768x1 32768x8 --compile-points 32768x1
+    python benchmarks/bench_generate.py --points 32768x1 32768x8 --layer-contexts 32768 --out a.json
+    python benchmarks/bench_generate.py --points 131072x1 131072x8 --compile-points --layer-contexts 131072 \
+        --no-generate-probe --out b.json                                        # the two halves, < 9 min each
 """
 from __future__ import annotations
 
@@ -336,6 +338,8 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=1 << 18, help="tokens per prefill forward (chunking)")
     ap.add_argument("--layer-contexts", nargs="*", type=int, default=[32768, 131072])
     ap.add_argument("--skip", nargs="*", default=[], help="implementations to skip: s2dsl dynamic static")
+    ap.add_argument("--no-generate-probe", action="store_true",
+                    help="skip timing generate() itself (dynamic and static cache) at the first point")
     ap.add_argument("--quick", action="store_true", help="small points, no compile (smoke run)")
     ap.add_argument("--tiny", action="store_true", help="a tiny model (CPU with TRITON_INTERPRET=1)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
@@ -385,7 +389,7 @@ def main():
             print("static-cache SDPA probe:", json.dumps(extra["static_probe"]), flush=True)
         free()
 
-    if on_gpu and args.points and "static" not in args.skip and not args.quick:
+    if on_gpu and args.points and "static" not in args.skip and not args.quick and not args.no_generate_probe:
         n, b = parse_point(args.points[0])
         ids = torch.randint(1, model.config.vocab_size, (b, n), device=device)
         results["generate_ms_per_token"] = {

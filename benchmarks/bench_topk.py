@@ -66,27 +66,18 @@ def check_prefill(pattern, n: int = 4096 + 37) -> float:
 
 
 def flex_block_mask(pattern, sel, n: int):
-    """FlexAttention's BlockMask for static ∪ selected blocks: blocks below the diagonal full,
-    the diagonal block partial (causal mask_mod)."""
-    from torch.nn.attention.flex_attention import BlockMask
+    """FlexAttention's BlockMask for static ∪ selected blocks under the causal cut: a mask_mod
+    reading our block-level mask (built from the selection), compiled into Flex's block tables."""
+    from torch.nn.attention.flex_attention import create_block_mask
 
     nb = -(-n // BLOCK)
-    keep = pattern.block_mask(nb, nb, 0, selection=sel.cpu()).cuda()            # (1, heads, nb, nb)
-    diag = torch.eye(nb, dtype=torch.bool, device="cuda").view(1, 1, nb, nb)
-    full, partial = keep & ~diag, keep & diag
+    keep = pattern.block_mask(nb, nb, 0, selection=sel.cpu())[0].to(sel.device)     # (heads, nb, nb)
 
-    def to_blocks(m):
-        count = m.sum(-1).to(torch.int32)
-        index = torch.argsort((~m).to(torch.int8), dim=-1, stable=True).to(torch.int32)
-        return count, index
+    def mask_mod(b, h, q_idx, kv_idx):
+        return keep[h, q_idx // BLOCK, kv_idx // BLOCK] & (q_idx >= kv_idx)
 
-    def causal(b, h, q_idx, kv_idx):
-        return q_idx >= kv_idx
-
-    kv_num, kv_idx = to_blocks(partial)
-    full_num, full_idx = to_blocks(full)
-    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=BLOCK, mask_mod=causal,
-                                    seq_lengths=(n, n))
+    make = torch.compile(create_block_mask) if sel.is_cuda else create_block_mask
+    return make(mask_mod, 1, pattern.heads, n, n, device=sel.device, BLOCK_SIZE=BLOCK)
 
 
 def prefill_rows(pattern, n: int, no_flex: bool) -> dict:
@@ -114,8 +105,8 @@ def prefill_rows(pattern, n: int, no_flex: bool) -> dict:
             row["flex_mask_from_selection_s"] = time.perf_counter() - t0
             compiled = torch.compile(flex_attention)
             options = {"BLOCK_M": BLOCK, "BLOCK_N": BLOCK}
-            fn = lambda: compiled(q, kr, vr, block_mask=mask, kernel_options=options)  # noqa: E731
-            if n <= 8192:
+            fn = lambda: compiled(q, k, v, block_mask=mask, enable_gqa=True, kernel_options=options)  # noqa: E731
+            if n <= 32768:
                 ref = forward(q, k, v, pattern, selection=sel)[0]
                 row["flex_rel_err_vs_s2dsl"] = rel(fn(), ref)
             row["flex_same_mask_ms"] = bench(fn)
@@ -159,11 +150,32 @@ def decode_rows(pattern, static, n: int, batch: int) -> dict:
             assert row["decode_rel_err"] < 2e-2, row
         batch_info = cache.batch(ids)
         row[f"{name}_ms"] = bench(lambda: paged_attention(q, cache, batch_info))
+        if state is not None:  # the decode kernel alone (no running-score update, no next selection)
+            try:
+                from s2dsl.runtime import decode as dec
+                spec, module = dec._module(pat, q.dtype, DIM, 1, q.device)
+                splits = dec._splits(pat, batch, 1, batch_info.max_len, 1, q.device)
+                out = torch.empty_like(q)
+                lse = torch.empty(batch, HEADS, 1, device="cuda")
+                extra = state.kernel_args(batch, HEADS)
+                row[f"{name}_kernel_ms"] = bench(lambda: module.launch(
+                    q, out, lse, cache.k_pages, cache.v_pages, cache.block_tables, batch_info.slots,
+                    batch_info.seq_lens, 1, splits, DIM ** -0.5, **extra))
+            except Exception as exc:  # noqa: BLE001 - internal entry points may move; the step time stands
+                row[f"{name}_kernel_error"] = f"{type(exc).__name__}: {exc}"[:300]
         del cache
         torch.cuda.empty_cache()
     kr, vr = (t.repeat_interleave(HEADS // KV_HEADS, 1) for t in (k, v))
     row["sdpa_dense_ms"] = bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, kr, vr))
     row["dense_kv_bytes"] = 2 * k.numel() * k.element_size()
+    # bytes the top-k step needs: per (sequence, kv head) its window, sink and K selected pages
+    spec = pattern.head_specs[0]
+    needed_blocks = min(-(-n // BLOCK), spec.window + spec.sink + spec.topk[0].k)
+    row["topk_needed_bytes"] = 2 * batch * KV_HEADS * needed_blocks * BLOCK * DIM * k.element_size()
+    row["s2dsl_topk_GBps_needed"] = row["topk_needed_bytes"] / row["s2dsl_topk_ms"] / 1e6
+    if "s2dsl_topk_kernel_ms" in row:
+        row["s2dsl_topk_kernel_GBps_needed"] = row["topk_needed_bytes"] / row["s2dsl_topk_kernel_ms"] / 1e6
+    row["sdpa_dense_GBps"] = row["dense_kv_bytes"] / row["sdpa_dense_ms"] / 1e6
     return row
 
 
@@ -209,7 +221,8 @@ def main():
         print("\n| seq | batch | s2dsl topk step | static part | SDPA dense |")
         print("|---|---|---|---|---|")
         for r in result["decode"]:
-            print(f"| {r['seq']} | {r['batch']} | {r['s2dsl_topk_ms']:.3f} | {r['s2dsl_static_part_ms']:.3f} "
+            print(f"| {r['seq']} | {r['batch']} | {r['s2dsl_topk_ms']:.3f} | {r.get('s2dsl_topk_kernel_ms', float('nan')):.3f} "
+                  f"| {r['s2dsl_static_part_ms']:.3f} "
                   f"| {r['sdpa_dense_ms']:.3f} |")
     save()
 

@@ -7,8 +7,8 @@ last query block keeps ``B = (1 - sparsity) * n_blocks`` kv blocks):
 
 * ``window``:        ``window B``
 * ``window+stride``: ``window B/2  stride S offset h`` (S so that the shard holds the other B/2)
-* ``window+topk``:   ``window B/2  topk B/2`` (ALISA's SWA; the prefill estimator of
-  ``s2dsl.runtime.topk``: block-pooled q.k)
+* ``window+topk``:   ``window B/2  topk B/2`` (ALISA's SWA) with the prefill's default
+  block-pooled estimator, and again with the ``last_row`` estimator (ALISA / SnapKV)
 * ``dense``
 
 and measures, per method and sparsity: retrieval accuracy (overall and by distance), the
@@ -46,6 +46,8 @@ from s2dsl.runtime.topk import select_blocks
 import train_tiny as tt
 
 SPARSITIES = (0.5, 0.8, 0.9)
+# window+topk twice: with the prefill's default block-pooled estimator and with ALISA/SnapKV's last row
+METHODS = ("window", "window+stride", "window+topk", "window+topk (last row)")
 
 
 def method_patterns(cfg: tt.Config, sparsity: float) -> dict:
@@ -65,7 +67,7 @@ pattern win_topk {{ block = {B} heads = {H} heads * {{ window {w} topk {rest} }}
             "_budget": budget, "_window": w}
 
 
-def attention_for(pattern, device):
+def attention_for(pattern, device, estimator: str = "pooled"):
     """q, k, v (batch, heads, seq, dim) -> out, causal, under ``pattern`` (None: dense)."""
     if pattern is None:
         return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -74,11 +76,11 @@ def attention_for(pattern, device):
     if device == "cuda":
         def kernel(q, k, v):
             with torch.autocast("cuda", enabled=False):
-                return s2dsl.attention(q, k, v, pattern)
+                return s2dsl.attention(q, k, v, pattern, topk_estimator=estimator)
         return kernel
 
     def reference(q, k, v):  # the CPU smoke run: the same selection, the dense reference
-        sel = select_blocks(q, k, pattern)
+        sel = select_blocks(q, k, pattern, estimator=estimator)
         return s2dsl.reference_attention(q, k, v, pattern, selection=sel).to(q.dtype)
     return reference
 
@@ -135,7 +137,7 @@ def capture_qk(model, cfg, batch, device):
 
 
 @torch.no_grad()
-def recovery(cfg, captured, pattern, rows: int):
+def recovery(cfg, captured, pattern, rows: int, estimator: str = "pooled"):
     """Per (layer, head): mean share of the dense attention mass of the last ``rows`` query rows
     on the tokens ``pattern`` keeps (with its selection); plus, for topk patterns, the
     block-oracle and token-oracle recoveries at the same budget. Lists over layers of lists
@@ -150,7 +152,7 @@ def recovery(cfg, captured, pattern, rows: int):
         pos = torch.arange(T - rows, T, device=q.device).view(-1, 1)
         future = torch.arange(T, device=q.device).view(1, -1) > pos
         probs = torch.softmax(logits.masked_fill(future, float("-inf")), -1)
-        sel = None if pattern.is_static else select_blocks(q, k, pattern)
+        sel = None if pattern.is_static else select_blocks(q, k, pattern, estimator=estimator)
         keep_b = pattern.block_mask(nb, nb, 0, selection=None if sel is None else sel.cpu())
         if sel is None:
             keep_b = keep_b.unsqueeze(0).expand(b, -1, -1, -1)
@@ -187,7 +189,7 @@ def plot(result: dict, path: Path):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    methods = ["window", "window+stride", "window+topk"]
+    methods = list(METHODS)
     sp = [r["sparsity"] for r in result["sparsities"]]
     ax = axes[0]
     for m in methods:
@@ -202,7 +204,7 @@ def plot(result: dict, path: Path):
     for m in methods:
         ax.plot(sp, [r["methods"][m]["recovery_mean"] for r in result["sparsities"]], "o-", label=m)
     ax.plot(sp, [r["methods"]["window+topk"]["block_oracle_mean"] for r in result["sparsities"]], "k^:",
-            label="window+topk, block oracle")
+            label="window + best blocks (oracle)")
     ax.plot(sp, [r["methods"]["window+topk"]["token_oracle_mean"] for r in result["sparsities"]], "kv:",
             label="token oracle, same budget")
     ax.set_xlabel("KV sparsity")
@@ -257,10 +259,11 @@ def main(argv=None) -> dict:
     for s in args.sparsities:
         pats = method_patterns(cfg, s)
         row = {"sparsity": s, "budget_blocks": pats["_budget"], "window_blocks": pats["_window"], "methods": {}}
-        for name in ("window", "window+stride", "window+topk"):
-            p = pats[name]
-            res = evaluate_method(model, cfg, eval_set, device, attention_for(p, device), vis)
-            rec = recovery(cfg, captured, p, cfg.block)
+        for name in METHODS:
+            p = pats[name.split(" ")[0]]
+            est = "last_row" if name.endswith("(last row)") else "pooled"
+            res = evaluate_method(model, cfg, eval_set, device, attention_for(p, device, est), vis)
+            rec = recovery(cfg, captured, p, cfg.block, est)
             res["pattern"] = p.to_source()
             res["recovery_per_layer_head"] = rec["kept"]
             res["recovery_mean"] = float(torch.tensor(rec["kept"]).mean())
@@ -271,7 +274,7 @@ def main(argv=None) -> dict:
                 res["block_oracle_mean"] = float(torch.tensor(rec["block_oracle"]).mean())
                 res["token_oracle_mean"] = float(torch.tensor(rec["token_oracle"]).mean())
             row["methods"][name] = res
-            print(f"sparsity {s:.0%} {name:14s}: accuracy {res['accuracy']:.3f}  ppl {res['answer_perplexity']:.3f}  "
+            print(f"sparsity {s:.0%} {name:22s}: accuracy {res['accuracy']:.3f}  ppl {res['answer_perplexity']:.3f}  "
                   f"recovery {res['recovery_mean']:.3f} (min head {res['recovery_min_head']:.3f})"
                   + (f"  block oracle {res['block_oracle_mean']:.3f}  token oracle {res['token_oracle_mean']:.3f}"
                      if "block_oracle_mean" in res else ""), flush=True)

@@ -242,6 +242,7 @@ class Pattern:
         specs = [[s.window, s.sink, [list(r) for r in s.residues], s.dense, [[t.k, t.recent] for t in s.topk]]
                  + ([s.extras()] if s.extras() else []) for s in self.head_specs]
         fields = [self.block, self.heads, self.kv_heads, self.causal, specs] + ([self.prefix] if self.prefix else [])
+        object.__setattr__(self, "_static", all(s.is_static for s in self.head_specs))  # read inside compiled code
         object.__setattr__(self, "_fingerprint", hashlib.sha256(
             json.dumps(fields, separators=(",", ":")).encode()).hexdigest()[:16])
         object.__setattr__(self, "_serialized", json.dumps([self.name, *fields], separators=(",", ":")))
@@ -253,7 +254,7 @@ class Pattern:
 
     @property
     def is_static(self) -> bool:
-        return all(s.is_static for s in self.head_specs)
+        return self._static
 
     def kv_head_of(self, h: int) -> int:
         return h // self.group_size

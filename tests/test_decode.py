@@ -283,7 +283,10 @@ def _static_decode(device, dtype, pattern, d, prompts, steps, capture):
             err = ((out[r:r + 1].float() - ref).norm() / ref.norm()).item()
             assert err < TOL[dtype], (end, err)
             pos[0][s] = end
-        assert torch.equal(out, twin)
+        if capture:  # the graph's split count is chosen for max_length, the twin's for the lengths
+            torch.testing.assert_close(out.float(), twin.float(), atol=3e-2, rtol=3e-2)
+        else:
+            assert torch.equal(out, twin)
         assert [caches[0].seq_len(s) for s in ids[0]] == [caches[1].seq_len(s) for s in ids[1]]
         _poison(caches[0])
     caches[0].evict()
@@ -300,7 +303,8 @@ def test_static_decode_steps():
 @pytest.mark.gpu
 @pytest.mark.parametrize("pattern", [GPU_PHI, GPU_HETERO], ids=["phi", "hetero"])
 def test_gpu_cuda_graph_decode(pattern):
-    """The static step captured in a CUDA graph and replayed: equal to eager steps, bitwise."""
+    """The static step captured in a CUDA graph and replayed: equal to the reference and to
+    host-planned eager steps; the pages held equal too."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("runs the compiled kernels")
     _static_decode("cuda", torch.bfloat16, pattern, 128, [900, 130, 64], 150, capture=True)

@@ -125,21 +125,21 @@ def test_batched_generate_of_different_lengths_equals_each_alone(model):
     the pages hold only real tokens, each sequence at its own positions."""
     gen = torch.Generator().manual_seed(4)
     prompts = [torch.randint(1, 100, (n,), generator=gen) for n in (37, 18, 29)]
-    kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
     _use(model, hf.ATTN_IMPLEMENTATION)
     with torch.no_grad():
         alone = []
         for p in prompts:
-            cache = hf.S2Cache(model, max_length=len(p) + 12, batch_size=1)
+            cache = hf.S2Cache(model, max_length=len(p) + 6, batch_size=1)
             alone.append(model.generate(p.view(1, -1), attention_mask=torch.ones(1, len(p), dtype=torch.long),
                                         past_key_values=cache, **kw)[0, len(p):])
         ids, mask = _left_padded(prompts)
-        cache = hf.S2Cache(model, max_length=37 + 12, batch_size=3)
+        cache = hf.S2Cache(model, max_length=37 + 6, batch_size=3)
         out = model.generate(ids, attention_mask=mask, past_key_values=cache, **kw)
     for r, p in enumerate(prompts):
         assert torch.equal(out[r, ids.shape[1]:], alone[r]), r
     sparse = cache.paged[1]
-    assert [sparse.seq_len(s) for s in cache.layers[1].seq_ids] == [len(p) + 11 for p in prompts]
+    assert [sparse.seq_len(s) for s in cache.layers[1].seq_ids] == [len(p) + 5 for p in prompts]
 
 
 @kernels
@@ -152,7 +152,7 @@ def test_assisted_generation_rolls_back_rejected_tokens(model):
                                          num_attention_heads=2, num_key_value_heads=1,
                                          max_position_embeddings=256)).eval()
     ids = torch.randint(1, 100, (1, 33), generator=torch.Generator().manual_seed(6))
-    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False, pad_token_id=0)
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False, pad_token_id=0)
     crops = []
     _use(model, hf.ATTN_IMPLEMENTATION)
     with torch.no_grad():
@@ -177,12 +177,28 @@ def test_crop_beyond_the_rollback_window_is_refused(model):
 
 
 @kernels
-def test_padding_without_s2cache_is_refused(model):
-    ids = torch.randint(0, 100, (2, 20))
-    mask = torch.ones_like(ids)
-    mask[0, :3] = 0
-    with torch.no_grad(), pytest.raises(NotImplementedError, match="S2Cache"):
-        _use(model, hf.ATTN_IMPLEMENTATION)(ids, attention_mask=mask, use_cache=False)
+def test_padded_batch_without_s2cache(model):
+    """Full keys (no cache, DynamicCache): a left-padded batch gives each prompt its own logits and
+    tokens; real tokens that are not contiguous are refused."""
+    from transformers import DynamicCache
+    gen = torch.Generator().manual_seed(10)
+    prompts = [torch.randint(1, 100, (n,), generator=gen) for n in (26, 17)]
+    ids, mask = _left_padded(prompts)
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    _use(model, hf.ATTN_IMPLEMENTATION)
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask, use_cache=False).logits
+        out = model.generate(ids, attention_mask=mask, past_key_values=DynamicCache(config=model.config), **kw)
+        for r, p in enumerate(prompts):
+            alone = model(p.view(1, -1), use_cache=False).logits
+            torch.testing.assert_close(logits[r, ids.shape[1] - len(p):], alone[0], atol=1e-4, rtol=1e-4)
+            solo = model.generate(p.view(1, -1), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                                  past_key_values=DynamicCache(config=model.config), **kw)
+            assert torch.equal(out[r, ids.shape[1]:], solo[0, len(p):])
+        holes = mask.clone()
+        holes[0, -5] = 0
+        with pytest.raises(NotImplementedError, match="contiguous"):
+            model(ids, attention_mask=holes, use_cache=False)
 
 
 def test_import_s2dsl_does_not_import_transformers():
@@ -212,13 +228,13 @@ def test_static_decode_step_through_the_model(model):
     gen = torch.Generator().manual_seed(8)
     prompts = [torch.randint(1, 100, (n,), generator=gen) for n in (34, 20)]
     _use(model, hf.ATTN_IMPLEMENTATION)
-    out, cache = _graph_greedy(model, prompts, 10, capture=False)
+    out, cache = _graph_greedy(model, prompts, 6, capture=False)
     with torch.no_grad():
         ids, mask = _left_padded(prompts)
-        ref = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0,
-                             past_key_values=hf.S2Cache(model, max_length=44, batch_size=2))[:, ids.shape[1]:]
+        ref = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                             past_key_values=hf.S2Cache(model, max_length=40, batch_size=2))[:, ids.shape[1]:]
     assert torch.equal(out, ref)
-    assert cache.get_seq_length() == ids.shape[1] + 9
+    assert cache.get_seq_length() == ids.shape[1] + 5
 
 
 @pytest.mark.gpu

@@ -139,6 +139,10 @@ def test_a_given_selection_is_used_and_bad_ones_are_refused():
             s2dsl.attention(q, k, v, pattern, selection=wrong)
     with pytest.raises(InputError, match="shape"):
         s2dsl.attention(q, k, v, pattern, selection=sel[:, :, :3])
+    gap = sel.clone()
+    gap[0, 0, 2] = torch.tensor([-1, 1])
+    with pytest.raises(InputError, match="first"):
+        s2dsl.attention(q, k, v, pattern, selection=gap)
     static = s2dsl.local_stride(block=16, local_blocks=2, vert_stride=4, heads=2, kv_heads=1)
     with pytest.raises(ValueError, match="no topk"):
         s2dsl.attention(q, k, v, static, selection=sel)
@@ -191,8 +195,10 @@ def test_backward_is_deterministic():
 
 # ------------------------------------------------------------------ decode
 DECODE_PATTERNS = {
-    # ALISA's sparse window attention: recent window + top-k by the mass of the last 3 steps
-    "alisa-gqa": "pattern p { block = 16 heads = 4 kv_heads = 2 heads * { window 1 topk 2 recent 3 } }",
+    # ALISA's sparse window attention: recent window + top-k by the mass of the last 3 steps;
+    # kv head 1 has K 1 < K max 2, kv head 2 is static
+    "alisa-gqa": "pattern p { block = 16 heads = 6 kv_heads = 3 heads 0..1 { window 1 topk 2 recent 3 } "
+                 "heads 2..3 { window 1 topk 1 recent 2 } heads 4..5 { window 2 sink 1 } }",
     # per-head K with h, mixed with sinks and strides, one static head, no recent (all steps)
     "mixed": "pattern p { block = 16 heads = 4 kv_heads = 2 heads 0..2 { sink 1 topk h + 1 } "
              "heads 3..3 { window 2 stride 3 } }",
@@ -233,6 +239,7 @@ def test_decode_replays_the_selection_and_scores_the_last_steps(name):
 
     pattern = s2dsl.parse(DECODE_PATTERNS[name])["p"]
     ks = _ks(pattern)
+    splits = 3 if name == "mixed" else 1  # split-KV: the selected blocks spread over the splits too
     with pytest.warns(UserWarning, match="KV-efficient"):
         cache = PagedKVCache(pattern, num_pages=64, head_dim=16, dtype=torch.float32, max_seqs=2)
     total = 70
@@ -250,7 +257,8 @@ def test_decode_replays_the_selection_and_scores_the_last_steps(name):
     steps = [1] * 10 + [3] + [1] * 14  # the last queries have more candidates than K
     for n in steps:
         before = state.selection[[cache.slot(s) for s in ids]].clone()
-        out = cached_attention(cache, ids, q[:, :, pos:pos + n], k[:, :, pos:pos + n], v[:, :, pos:pos + n])
+        out = cached_attention(cache, ids, q[:, :, pos:pos + n], k[:, :, pos:pos + n], v[:, :, pos:pos + n],
+                               n_splits=splits)
         pos += n
         for b, s in enumerate(ids):
             first = (pos - n) // pattern.block
@@ -271,7 +279,8 @@ def test_decode_replays_the_selection_and_scores_the_last_steps(name):
             for g in range(pattern.kv_heads):
                 members = range(g * pattern.group_size, (g + 1) * pattern.group_size)
                 kg = max(ks[h] for h in members)
-                if not kg:
+                if not kg:  # no q head would read them: nothing selected, no page loaded
+                    assert now[g].tolist() == [-1] * state.k_max
                     continue
                 r = max(lower(pattern).params[h].recent for h in members)
                 recent = history[b][-r:] if r else history[b]
@@ -281,7 +290,7 @@ def test_decode_replays_the_selection_and_scores_the_last_steps(name):
                         score[j] = score.get(j, 0.0) + m[g, j].item()
                 cands = [j for j in range(i + 1) if not any(pattern.keeps(h, i, j) for h in members)]
                 picked = [j for j in now[g].tolist() if j >= 0]
-                assert len(set(picked)) == len(picked) == min(state.k_max, len(cands))
+                assert len(set(picked)) == len(picked) == min(kg, len(cands))
                 assert set(picked) <= set(cands)
                 rest = [score.get(j, 0.0) for j in cands if j not in picked]
                 if picked and rest:
@@ -319,3 +328,91 @@ def test_hf_generation_with_a_topk_plan_that_reaches_every_block_equals_dense():
         model.set_attn_implementation(hf.ATTN_IMPLEMENTATION)
         out = model.generate(ids, past_key_values=hf.S2Cache(model, max_length=37 + 12, batch_size=2), **kw)
     assert torch.equal(out, ref)
+
+
+def test_torch_compile_traces_topk_without_graph_break():
+    pattern = s2dsl.parse("pattern p { block = 16 heads = 2 kv_heads = 1 heads * { window 1 topk 2 } }")["p"]
+    q, k, v = random_inputs(1, 2, 1, 48, 48, 16, torch.float32, seed=4)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+
+    def f(q, k, v):
+        out, sel = s2dsl.attention(q, k, v, pattern, return_selection=True)
+        return out * 2, sel
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out, sel = compiled(q, k, v)
+    want, want_sel = f(q, k, v)
+    assert torch.equal(sel, want_sel)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    out.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+@pytest.mark.parametrize("tuning", [{"one_grid": True, "flat_steps": True, "block_m": 16},
+                                    {"two_streams": True, "dkdv_unroll_group": True, "order": "tile_major"}])
+def test_backward_launch_shapes_with_topk(tuning):
+    """The GPU's launch shape (dK/dV and dQ programs in one grid, flat query steps) and the others."""
+    from s2dsl.runtime.attention import forward
+    from s2dsl.runtime.backward import backward
+
+    pattern = s2dsl.parse("pattern p { block = 32 heads = 4 kv_heads = 2 "
+                          "heads 0..1 { window 1 topk h + 1 } heads 2..3 { stride 3 offset h topk 2 } }")["p"]
+    q, k, v, do = random_inputs(1, 4, 2, 70, 100, 16, torch.float32, seed=8, grad_out=True)
+    sel = select_blocks(q, k, pattern)
+    out, lse = forward(q, k, v, pattern, selection=sel)
+    got = backward(q, k, v, out, lse, do, pattern, selection=sel, tuning=tuning)
+    want = _reference_grads(q, k, v, do, pattern, sel)
+    for name, g, r in zip("qkv", got, want):
+        torch.testing.assert_close(g.double(), r, atol=1e-4 * max(1.0, r.abs().max().item()), rtol=1e-4,
+                                   msg=lambda m: f"d{name}: {m}")
+
+
+@pytest.mark.parametrize("lq,lk,causal", [(80, 80, True), (37, 90, True), (50, 70, False)])
+def test_last_row_estimator_picks_the_blocks_the_last_query_attends_most(lq, lk, causal):
+    mode = "causal" if causal else "bidirectional"
+    pattern = s2dsl.parse(f"pattern p {{ block = 16 heads = 4 kv_heads = 2 {mode} "
+                          "heads 0..1 { window 1 topk 2 } heads 2..3 { sink 1 topk h - 1 } }")["p"]
+    q, k, _ = random_inputs(1, 4, 2, lq, lk, 16, torch.float32, seed=lk + lq)
+    sel = select_blocks(q, k, pattern, estimator="last_row")
+    shape, first = selection_shape(pattern, 1, lq, lk)
+    kf = k.repeat_interleave(2, dim=1)
+    for h, kh in enumerate(_ks(pattern)):
+        for r in range(shape[2]):
+            i = first + r
+            p = min((i + 1) * 16, lk) - 1
+            logits = (q[0, h, p - (lk - lq)] @ kf[0, h].T) / 4.0
+            if causal:
+                logits[p + 1:] = float("-inf")
+            mass = torch.nn.functional.pad(torch.softmax(logits, -1), (0, -lk % 16)).view(-1, 16).sum(-1)
+            cands = [j for j in range(-(-lk // 16)) if not pattern.keeps(h, i, j) and not (causal and j > i)]
+            picked = [j for j in sel[0, h, r].tolist() if j >= 0]
+            assert len(picked) == min(kh, len(cands)) and set(picked) <= set(cands)
+            rest = [mass[j].item() for j in cands if j not in picked]
+            if picked and rest:
+                assert min(mass[j].item() for j in picked) >= max(rest) - 1e-6
+    with pytest.raises(ValueError, match="estimator"):
+        select_blocks(q, k, pattern, estimator="antidiagonal")
+
+
+def test_quality_study_recovery_is_bounded_by_its_oracles():
+    """examples/topk_quality.py's measure: shares in [0, 1], a pattern keeping everything recovers
+    all, and pooled top-k <= the best blocks (block oracle) <= the best tokens (token oracle)."""
+    import sys
+    from conftest import EXAMPLES
+    sys.path.insert(0, str(EXAMPLES))
+    import topk_quality as tq
+
+    cfg = tq.tt.CONFIGS["cpu"]
+    g = torch.Generator().manual_seed(0)
+    captured = [(torch.randn(2, cfg.heads, cfg.seq, 16, generator=g) * 2,
+                 torch.randn(2, cfg.heads, cfg.seq, 16, generator=g)) for _ in range(2)]
+    everything = s2dsl.parse(f"pattern a {{ block = {cfg.block} heads = {cfg.heads} heads * {{ window {cfg.n_blocks} }} }}")["a"]
+    full = tq.recovery(cfg, captured, everything, cfg.block)["kept"]
+    assert all(abs(x - 1.0) < 1e-5 for layer in full for x in layer)
+    for sparsity in (0.5, 0.8):
+        pats = tq.method_patterns(cfg, sparsity)
+        for est in ("pooled", "last_row"):
+            rec = tq.recovery(cfg, captured, pats["window+topk"], cfg.block, est)
+            for kept, block, token in zip(*(torch.tensor(rec[n]).flatten() for n in
+                                            ("kept", "block_oracle", "token_oracle"))):
+                assert 0.0 <= kept <= block + 1e-5 <= token + 2e-5 <= 1.0 + 3e-5

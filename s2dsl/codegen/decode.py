@@ -135,9 +135,10 @@ def _visit_mass(mass_base, mass_rows, acc, l_i, m_i, q, KPages, VPages, page, j,
                            qk_scale, MASKED, USE_DOT, BLOCK, BLOCK_N, HEAD_DIM, D_PAD, KV_INT8)
     m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
     grown = l_i - l_old * tl.math.exp2(m_old - m_safe)
-    blk = tl.where(grown > 0.0, (m_safe + tl.math.log2(tl.maximum(grown, 1e-30))) * 0.6931471805599453,
-                   float("-inf"))
-    tl.store(mass_base + j, blk, mask=mass_rows)
+    blk = (m_safe + tl.math.log2(tl.maximum(grown, 1e-30))) * 0.6931471805599453
+    # only rows that kept something here: a block can also be visited with every row masked (the
+    # diagonal of a head without a window, then selected), maybe by another split, in any order
+    tl.store(mass_base + j, blk, mask=mass_rows & (grown > 0.0))
     return acc, l_i, m_i
 '''
 

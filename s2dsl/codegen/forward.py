@@ -101,6 +101,19 @@ def _topk_loop(plan: KernelPlan) -> str:
     is visited twice; blocks below the tile's first block need no mask."""
     k = plan.uniform("topk")
     n_sel = str(k) if k is not None else f"tl.load(HeadTable + h * TABLE_WIDTH + {plan.topk_column})"
+    if plan.causal and all(p.window >= 1 for p in plan.params if p.topk):
+        # the diagonal is static, so every selected block lies below the tile: no mask, no branch;
+        # used slots come first, so the loop runs over their count
+        k_pad = 1 << (plan.max_topk - 1).bit_length()
+        return f"""
+        # -- dynamic top-k: the blocks selected for this tile's query block (all below it) --
+        sel_row = Sel + b * stride_sb + h * stride_sh + (first_block - sel_first_block) * stride_si
+        slots = tl.arange(0, {k_pad})
+        n_used = tl.sum((tl.load(sel_row + slots, mask=slots < {n_sel}, other=-1) >= 0).to(tl.int32), 0)
+        for tk in range(0, n_used):
+            j = tl.load(sel_row + tk)
+            acc, l_i, m_i = _visit(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, j, 1, rows, row_block,
+                                   kv_len, 0, True, qk_scale, False, CAUSAL, BLOCK, BLOCK, BLOCK_N, HEAD_DIM, D_PAD)"""
     return f"""
         # -- dynamic top-k: the blocks selected for this tile's query block --
         sel_row = Sel + b * stride_sb + h * stride_sh + (first_block - sel_first_block) * stride_si

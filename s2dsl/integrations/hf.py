@@ -26,12 +26,14 @@ K/V. Padded batches work with ``S2Cache`` (left padding, as ``generate`` pads, o
 padding): only real tokens enter the cache, each sequence at its own positions, so a
 prompt's tokens do not depend on the batch it runs in. ``crop`` (assisted / speculative
 decoding) rolls back the last decode step's tokens, and ``S2Cache(max_rollback=...)``
-tokens more (default 64; eviction runs in the next step's plan and that far behind). Limits: no beam search (``reorder_cache``), no dropout; with a
-``DynamicCache`` a batch must not be padded. transformers is imported only by the
+tokens more (default 64; eviction runs in the next step's plan and that far behind). With a ``DynamicCache`` (or none), a left-padded batch (or a right-padded
+prefill) packs its real tokens into one variable-length call. Limits: no beam search
+(``reorder_cache``), no dropout. transformers is imported only by the
 functions here, never by ``import s2dsl``.
 """
 from __future__ import annotations
 
+import itertools
 import os
 from typing import List, Optional, Sequence, Union
 
@@ -55,7 +57,7 @@ def register() -> None:
     """Register "s2dsl" and "s2dsl_reference" with transformers' attention and mask interfaces.
 
     Their masks are the flash-attention kind: None without padding, else the 2-D padding mask
-    (which both refuse: a batch must not be padded).
+    ("s2dsl" serves left / right padding from it; "s2dsl_reference" refuses it).
     """
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
@@ -147,9 +149,8 @@ def _refuse_padding(attention_mask):
         return
     if attention_mask.dim() == 2 and bool(attention_mask.all()):
         return
-    raise NotImplementedError("s2dsl attention without S2Cache does not take padded batches (an attention mask "
-                              "with zeros); generate with past_key_values=s2dsl.integrations.hf.S2Cache(...), "
-                              "or give sequences of equal length")
+    raise NotImplementedError("the s2dsl_reference attention does not take padded batches (an attention mask "
+                              "with zeros): give sequences of equal length (the \"s2dsl\" implementation takes them)")
 
 
 def _row_padding(attention_mask, n: int):
@@ -185,10 +186,41 @@ def s2dsl_attention_forward(module, query: torch.Tensor, key: torch.Tensor, valu
     layer = getattr(key, "_s2dsl_layer", None)
     if layer is not None:  # S2Cache: key/value are this step's new tokens only
         out = layer.attend(query, key, value, scaling, attention_mask)
+    elif attention_mask is not None:  # a padded batch over full keys (DynamicCache or no cache)
+        return _padded_attention(query, key, value, pattern, scaling, attention_mask), None
     else:
-        _refuse_padding(attention_mask)
         out = attention(query, key, value, pattern, scale=scaling)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _padded_attention(query, key, value, pattern, scaling, attention_mask):
+    """Full keys of a padded batch: the real tokens of every row packed into one variable-length
+    call, each row at its own positions. Returns (batch, q_len, heads, dim), pad rows zero."""
+    from ..runtime.api import attention
+    b, heads, n, d = query.shape
+    m = key.shape[2]
+    k_counts, k_offsets = _row_padding(attention_mask, m)
+    if k_counts is None:
+        return attention(query, key, value, pattern, scale=scaling).transpose(1, 2).contiguous()
+    q_counts, q_offsets = _row_padding(attention_mask, n)
+    if q_counts is None:
+        q_counts, q_offsets = [n] * b, [0] * b
+    if any(m - n + qo + qc != ko + kc for qo, qc, ko, kc in zip(q_offsets, q_counts, k_offsets, k_counts)):
+        raise NotImplementedError("s2dsl attention over full keys takes left padding (or right padding in a "
+                                  "prefill): a row's real queries must be its last real keys")
+    k_rows = torch.cat([torch.arange(o, o + c) + i * m for i, (o, c) in enumerate(zip(k_offsets, k_counts))])
+    q_rows = torch.cat([torch.arange(o, o + c) + i * n for i, (o, c) in enumerate(zip(q_offsets, q_counts))])
+    k_rows, q_rows = k_rows.to(query.device), q_rows.to(query.device)
+
+    def cu(counts):
+        return torch.tensor([0] + list(itertools.accumulate(counts)), dtype=torch.int32).to(query.device)
+
+    def pack(t, rows, length):
+        return t.transpose(1, 2).reshape(b * length, t.shape[1], d).index_select(0, rows)
+
+    out = attention(pack(query, q_rows, n), pack(key, k_rows, m), pack(value, k_rows, m), pattern, scale=scaling,
+                    cu_seqlens_q=cu(q_counts), cu_seqlens_k=cu(k_counts))
+    return query.new_zeros(b * n, heads, d).index_copy_(0, q_rows, out).view(b, n, heads, d)
 
 
 def reference_attention_forward(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -17,7 +17,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patter
               scale: Optional[float] = None, layout: str = "bhsd",
               cu_seqlens_q: Optional[torch.Tensor] = None, cu_seqlens_k: Optional[torch.Tensor] = None,
               return_lse: bool = False, selection: Optional[torch.Tensor] = None,
-              return_selection: bool = False):
+              return_selection: bool = False, topk_estimator: str = "pooled"):
     """Sparse attention of ``q`` over ``k, v`` restricted to ``pattern``, by the generated kernels.
 
     Layouts: ``"bhsd"`` (batch, heads, seq, dim), ``"bshd"`` (batch, seq, heads, dim), or
@@ -29,7 +29,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patter
     Dynamic ``topk`` heads select their blocks per query block from the inputs
     (``s2dsl.runtime.topk``); ``selection=`` gives them instead (checked: in range, outside the
     static set, causal, no repeats, at most K per row) and ``return_selection=True`` appends the
-    selection used to the result. Gradients hold the selection fixed.
+    selection used to the result; ``topk_estimator`` is ``"pooled"`` or ``"last_row"``
+    (``s2dsl.runtime.topk.select_blocks``). Gradients hold the selection fixed.
     """
     if not isinstance(pattern, Pattern):
         raise TypeError(f"pattern must be an s2dsl.Pattern, got {type(pattern).__name__}; "
@@ -47,7 +48,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patter
                          "or (batch, seq, heads, dim) tensors, not packed cu_seqlens batches")
     key = ops.register(pattern)
     if selection is None:
-        selection = ops.topk_select(q, k, key, layout)
+        from .topk import ESTIMATORS
+        if topk_estimator not in ESTIMATORS:
+            raise ValueError(f"topk_estimator must be one of {ESTIMATORS}, got {topk_estimator!r}")
+        selection = ops.topk_select(q, k, key, layout, topk_estimator)
     elif not torch.compiler.is_compiling():
         from .attention import _check
         from .topk import check_selection

@@ -87,14 +87,14 @@ attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 # by ``topk_select`` unless the caller gives one) and is held fixed through the backward.
 
 @torch.library.custom_op("s2dsl::topk_select", mutates_args=())
-def topk_select(q: torch.Tensor, k: torch.Tensor, pattern_key: str, layout: str) -> torch.Tensor:
+def topk_select(q: torch.Tensor, k: torch.Tensor, pattern_key: str, layout: str, estimator: str) -> torch.Tensor:
     from .topk import select_blocks
     _attention._check(q, k, k, _pattern(pattern_key), layout, None, None)  # refuse bad inputs before any work
-    return select_blocks(q, k, _pattern(pattern_key), layout=layout)
+    return select_blocks(q, k, _pattern(pattern_key), layout=layout, estimator=estimator)
 
 
 @topk_select.register_fake
-def _(q, k, pattern_key, layout):
+def _(q, k, pattern_key, layout, estimator):
     from .topk import selection_shape
     _attention._check(q, k, k, _pattern(pattern_key), layout, None, None, static_only=True)
     sd = 2 if layout == "bhsd" else 1

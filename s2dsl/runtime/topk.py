@@ -3,7 +3,7 @@
 A selection is an int32 tensor ``[batch, heads, n_rows, K]``: row ``r`` is absolute query
 block ``first_block + r`` with ``first_block = (kv_len - q_len) // block`` (the queries are the
 last ``q_len`` positions), ``K`` is the largest ``topk K`` of the pattern, and a row of head
-``h`` holds at most that head's own K kv block indices, then ``-1``. A selection never holds a
+``h`` holds at most that head's own K kv block indices first, then ``-1``. A selection never holds a
 block the head keeps statically, a block the causal cut forbids, or the same block twice, so
 the kernels visit static and selected blocks exactly once each. Heads without ``topk`` have
 rows of ``-1``. Nothing here is N x N: the scores are per (query block, kv block), the index
@@ -13,7 +13,9 @@ Estimator (``select_blocks``): the block-pooled score of MInference's block-spar
 head, the mean query of each query block dotted with the mean key of each kv block (the kv
 head's, under grouped-query attention); the K best candidates outside the static set win.
 Its cost is one ``[query blocks, D] x [D, kv blocks]`` product per head, chunked over query
-blocks so memory stays bounded at long contexts.
+blocks so memory stays bounded at long contexts. ``estimator="last_row"`` scores instead with
+the attention of each query block's last query over every key, summed per kv block (ALISA /
+SnapKV's observation row): exact for that row, ``block`` times the work of the pooled score.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from ..codegen.select import SELECT_CODEGEN_VERSION, generate_select
 from ..pattern import Pattern
 from .cache import cache_key, codegen_fingerprint, default_cache
 
-__all__ = ["selection_shape", "select_blocks", "check_selection", "topk_heads", "exclusion_module",
+__all__ = ["ESTIMATORS", "selection_shape", "select_blocks", "check_selection", "topk_heads", "exclusion_module",
            "pooled_blocks", "SCORE_CHUNK_ELEMENTS"]
 
 #: float32 scores held at once while selecting (the query blocks are taken in chunks)
@@ -67,17 +69,49 @@ def pooled_blocks(x: torch.Tensor, block: int, offset: int = 0) -> torch.Tensor:
     lead = offset % block
     total = lead + n
     n_blocks = -(-total // block)
-    padded = x.new_zeros(b, h, n_blocks * block, d, dtype=torch.float32)
-    padded[:, :, lead:lead + n] = x.float()
-    sums = padded.view(b, h, n_blocks, block, d).sum(3)
+    if lead == 0 and total % block == 0 and x.is_contiguous():  # aligned: no padded float32 copy
+        sums = x.view(b, h, n_blocks, block, d).sum(3, dtype=torch.float32)
+    else:
+        padded = x.new_zeros(b, h, n_blocks * block, d, dtype=torch.float32)
+        padded[:, :, lead:lead + n] = x
+        sums = padded.view(b, h, n_blocks, block, d).sum(3)
     starts = torch.arange(n_blocks, device=x.device) * block
     counts = (torch.clamp(starts + block, max=total) - torch.clamp(starts, min=lead)).clamp(min=1)
     return sums / counts.view(1, 1, -1, 1).to(torch.float32)
 
 
+ESTIMATORS = ("pooled", "last_row")
+
+
+def _last_row_scores(q, k, pattern: Pattern, rows: torch.Tensor, heads_t: torch.Tensor, causal: bool):
+    """Attention of each query block's last query over every key, summed per kv block:
+    ``(b, T, len(rows), n_cols)`` for the heads ``heads_t``; ``rows`` are absolute query blocks."""
+    b, heads, q_len, d = q.shape
+    kv_len, block, group = k.shape[2], pattern.block, pattern.group_size
+    past = kv_len - q_len
+    pos = torch.clamp((rows + 1) * block, max=kv_len) - 1                               # last query of each block
+    ql = q[:, :, pos - past].reshape(b, pattern.kv_heads, group * len(rows), d)
+    logits = (ql @ k.transpose(-1, -2)).float() * d ** -0.5                           # (b, kv, G * rows, kv_len)
+    logits = logits.view(b, pattern.kv_heads, group, len(rows), kv_len)
+    if causal:
+        logits = logits.masked_fill(torch.arange(kv_len, device=q.device) > pos.view(-1, 1), float("-inf"))
+    probs = torch.softmax(logits, -1).view(b, heads, len(rows), kv_len)
+    n_cols = -(-kv_len // block)
+    probs = torch.nn.functional.pad(probs, (0, n_cols * block - kv_len))
+    return probs.view(b, heads, len(rows), n_cols, block).sum(-1).index_select(1, heads_t).contiguous()
+
+
 @torch.no_grad()
-def select_blocks(q: torch.Tensor, k: torch.Tensor, pattern: Pattern, *, layout: str = "bhsd") -> torch.Tensor:
-    """The prefill selection for ``q`` over ``k`` (see the module docstring for its layout)."""
+def select_blocks(q: torch.Tensor, k: torch.Tensor, pattern: Pattern, *, layout: str = "bhsd",
+                  estimator: str = "pooled") -> torch.Tensor:
+    """The prefill selection for ``q`` over ``k`` (see the module docstring for its layout).
+
+    ``estimator``: ``"pooled"`` (default; mean query of the query block . mean key of the kv
+    block) or ``"last_row"`` (ALISA / SnapKV: the attention of the query block's last query
+    over every key, summed per kv block; exact for that row, O(query blocks * keys) work).
+    """
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
     if layout == "bshd":
         q, k = q.transpose(1, 2), k.transpose(1, 2)
     batch, heads, q_len, _ = q.shape
@@ -92,18 +126,26 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, pattern: Pattern, *, layout:
     block = pattern.block
     n_cols = -(-kv_len // block)
     heads_t = torch.tensor(dyn, dtype=torch.long, device=q.device)
-    q_pool = pooled_blocks(q.index_select(1, heads_t), block, kv_len - q_len)       # (b, T, n_rows, d)
-    k_pool = pooled_blocks(k, block).index_select(1, heads_t // pattern.group_size)  # (b, T, n_cols, d)
-    k_t = k_pool.transpose(-1, -2).contiguous()
+    if estimator == "pooled":
+        q_dyn = q if len(dyn) == heads else q.index_select(1, heads_t)
+        q_pool = pooled_blocks(q_dyn, block, kv_len - q_len)                             # (b, T, n_rows, d)
+        k_pool = pooled_blocks(k, block).index_select(1, heads_t // pattern.group_size)  # (b, T, n_cols, d)
+        k_t = k_pool.transpose(-1, -2).contiguous()
+        chunk = max(1, SCORE_CHUNK_ELEMENTS // max(1, batch * len(dyn) * n_cols))
+    else:
+        chunk = max(1, SCORE_CHUNK_ELEMENTS // max(1, batch * heads * kv_len))
     per_head_k = torch.tensor([ks[h] for h in dyn], device=q.device).view(1, -1, 1, 1)
     module = exclusion_module(pattern)
     heads_arg = heads_t.to(torch.int32).view(-1, 1).contiguous()
     n_valid = torch.full((batch,), n_cols, dtype=torch.int32, device=q.device)
     take = min(k_max, n_cols)
-    chunk = max(1, SCORE_CHUNK_ELEMENTS // max(1, batch * len(dyn) * n_cols))
     for r0 in range(0, n_rows, chunk):
         r1 = min(n_rows, r0 + chunk)
-        scores = torch.matmul(q_pool[:, :, r0:r1], k_t).contiguous()               # (b, T, rows, n_cols)
+        if estimator == "pooled":
+            scores = torch.matmul(q_pool[:, :, r0:r1], k_t).contiguous()           # (b, T, rows, n_cols)
+        else:
+            rows = torch.arange(first + r0, first + r1, device=q.device)
+            scores = _last_row_scores(q, k, pattern, rows, heads_t, pattern.causal)
         row_block = torch.full((batch,), first + r0, dtype=torch.int32, device=q.device)
         module.exclude(scores, heads_arg, row_block, n_valid)
         values, index = torch.topk(scores, take, dim=-1)
@@ -138,6 +180,8 @@ def check_selection(sel, pattern: Pattern, batch: int, q_len: int, kv_len: int, 
     n_cols = -(-kv_len // pattern.block)
     if bool(((sel < -1) | (sel >= n_cols)).any()):
         raise InputError(f"selection holds a block outside -1..{n_cols - 1} (-1 marks an unused slot)")
+    if bool(((sel[..., 1:] >= 0) & (sel[..., :-1] < 0)).any()):
+        raise InputError("a selection row has a used slot after an unused one (-1): put the blocks first")
     ks = torch.tensor(topk_heads(pattern), device=device).view(1, -1, 1)
     if bool(((sel >= 0).sum(-1) > ks).any()):
         raise InputError(f"a selection row holds more blocks than its head's topk K {topk_heads(pattern)}")

@@ -60,8 +60,9 @@ class TopKDecodeState:
         members = [plan.params[g * self.group:(g + 1) * self.group] for g in range(self.kv_heads)]
         recent = [max(p.recent for p in ps) if all(p.recent for p in ps if p.topk) else 0 for ps in members]
         self.ring_size = max(max(recent), 1)
-        # per kv head: steps its score sums over (0: every step)
+        # per kv head: steps its score sums over (0: every step); blocks its q heads take at most
         self.recent = torch.tensor(recent, dtype=torch.long, device=self.device)
+        self.group_k = torch.tensor([max(p.topk for p in ps) for ps in members], device=self.device)
         self.heads = torch.arange(pattern.heads, dtype=torch.int32, device=self.device).view(self.kv_heads, self.group)
         self.slots = self.width = 0
         self.selection = torch.empty(0, self.kv_heads, self.k_max, dtype=torch.int32, device=self.device)
@@ -139,7 +140,9 @@ class TopKDecodeState:
         exclusion_module(self.pattern).exclude(scores, self.heads, i_next, i_next + 1)
         take = min(self.k_max, self.width)
         values, index = torch.topk(scores[:, :, 0], take, dim=-1)
-        sel = torch.where(values > float("-inf"), index, -1).to(torch.int32)
+        # slots no q head of the kv head takes stay -1, so the kernel loads no page for them
+        used = torch.arange(take, device=self.device).view(1, 1, -1) < self.group_k.view(1, -1, 1)
+        sel = torch.where((values > float("-inf")) & used, index, -1).to(torch.int32)
         if take < self.k_max:
             sel = torch.cat([sel, sel.new_full((*sel.shape[:2], self.k_max - take), -1)], -1)
         self.selection[s] = sel
