@@ -546,8 +546,26 @@ def launch(q, out, lse, k_pages, v_pages, block_table, slots, seq_lens, q_len, n
             lse.stride(0), lse.stride(1), HEADS, q_len, n_splits,
             SPLITS=triton.next_power_of_2(n_splits), HEAD_DIM=HEAD_DIM, D_PAD=D_PAD, num_warps=4)
 '''
-    if spec.kv_int8:
-        source = _int8(source)
+    return _int8(source) if spec.kv_int8 else _without_int8(source)
+
+
+def _without_int8(source: str) -> str:
+    """Drop the INT8 branches and parameters: a 16-bit module is the kernel it was before INT8."""
+    out, skip_deeper = [], None
+    for line in source.split("\n"):
+        indent_now = len(line) - len(line.lstrip())
+        if skip_deeper is not None:
+            if line.strip() and indent_now <= skip_deeper:
+                skip_deeper = None
+            else:
+                continue
+        if line.lstrip().startswith("if KV_INT8:"):
+            skip_deeper = indent_now
+            continue
+        out.append(line)
+    source = "\n".join(out)
+    source = source.replace(", KV_INT8: tl.constexpr = False)", ")").replace(", KV_INT8)", ")")
+    assert "KV_INT8" not in source
     return source
 
 
