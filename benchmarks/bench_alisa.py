@@ -122,7 +122,7 @@ def run_hf(model, ids, steps, kind):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--points", nargs="*", default=["1024x8x2048", "512x16x1536"],
+    ap.add_argument("--points", nargs="*", default=["1024x8x2048", "512x16x1024"],
                     help="prompt x batch x new tokens")
     ap.add_argument("--tiny", action="store_true", help="tiny model (CPU smoke run under TRITON_INTERPRET=1)")
     ap.add_argument("--out", required=True)
