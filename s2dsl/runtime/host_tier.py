@@ -128,8 +128,11 @@ class HostTier:
         n_up = int(up.sum())
         new_pages = 0 if only_needed and n > 1 else kvh * sum(-(-(s.length + n) // b) - -(-s.length // b)
                                                               for s in seqs)
-        if only_needed and n > 1:  # a first prefill: the blocks the pattern keeps afterwards
-            new_pages = sum(t.rules.count_needed(s.length + n)[g] for s in seqs for g in range(kvh))
+        if only_needed and n > 1:  # a first prefill: the blocks the pattern keeps afterwards (and the
+            # lookahead's, which eviction keeps behind)
+            back = -(-t.lookahead // b)
+            new_pages = sum(min(t.rules.count_needed(s.length + n)[g] + back, -(-(s.length + n) // b))
+                            for s in seqs for g in range(kvh))
         short = n_up + new_pages - int(t.n_free)
         if short > 0:
             self._spill(tables, reads, short)
@@ -159,7 +162,7 @@ class HostTier:
             lens[s.slot] = s.length
             live[s.slot] = True
         j = torch.arange(ht.shape[2]).view(1, 1, -1)
-        i = (lens // t.block).view(-1, 1, 1)
+        i = ((lens - t.lookahead).clamp(min=0) // t.block).view(-1, 1, 1)  # eviction's own lag (crop)
         gone = ~live.view(-1, 1, 1) | (j * t.block >= lens.view(-1, 1, 1)) | ~self.evict_rules.needed(i, j)
         gone = gone & held
         if bool(gone.any()):
