@@ -43,7 +43,7 @@ def _data(pattern, n, batch):
 def test_gpu_int8_decode_matches_float32_reference(pattern):
     n = 2000
     data = _data(pattern, n, 2)
-    cache = PagedKVCache(pattern, num_pages=512, head_dim=D, dtype=torch.bfloat16, device="cuda",
+    cache = PagedKVCache(pattern, num_pages=640, head_dim=D, dtype=torch.bfloat16, device="cuda",
                          kv_dtype=torch.int8)
     ids = [cache.add_sequence() for _ in data]
     for s, (q, k, v) in zip(ids, data):
