@@ -347,7 +347,7 @@ class PageTable:
         if cand is not None:
             idx, cur, held = cand
             self._push_free(cur, held)
-            self._tables_flat[torch.where(held, idx, self._tables_flat.numel() - 1)] = -1
+            self._clear(torch.where(held, idx, self._tables_flat.numel() - 1))
         for s, a in zip(seqs, at):
             s.evicted_at = max(s.evicted_at, a)
 
@@ -362,11 +362,17 @@ class PageTable:
         cur = self._tables_flat[idx]
         return idx, cur, cand & (cur >= 0)
 
+    def _clear(self, idx: torch.Tensor) -> None:
+        """Unmap the table entries ``idx`` (the spare entry absorbs the lanes that unmap nothing).
+        A fill with a scalar argument, not an indexed store of ``-1``: the store would copy a host
+        scalar to the device, which a CUDA graph capture refuses."""
+        self._tables_flat.index_fill_(0, idx.reshape(-1), -1)
+
     def evict_tensors(self, slots: torch.Tensor, at: torch.Tensor, width: int) -> None:
         """The device side of eviction at query positions ``at`` (batch,): no host sync."""
         idx, cur, held = self._candidates(slots, at, width)
         self._push_free(cur, held)
-        self._tables_flat[torch.where(held, idx, self._tables_flat.numel() - 1)] = -1
+        self._clear(torch.where(held, idx, self._tables_flat.numel() - 1))
 
     def evict(self, seq_ids) -> None:
         seqs = self.seqs(seq_ids)
