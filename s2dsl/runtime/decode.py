@@ -48,8 +48,9 @@ def _pow2(n: int) -> int:
 
 
 def choose_decode(pattern: Pattern, dtype: torch.dtype, head_dim: int, q_len: int, device: torch.device,
-                  tuning: Optional[dict] = None) -> DecodeSpecialization:
-    """Tile sizes for the decode kernel; ``tuning`` overrides any field."""
+                  tuning: Optional[dict] = None, kv_int8: bool = False) -> DecodeSpecialization:
+    """Tile sizes for the decode kernel; ``tuning`` overrides any field. ``kv_int8``: the pages
+    hold INT8 codes (``s2dsl.runtime.quant``), dequantised in registers."""
     capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else (0, 0)
     block_q = min(_pow2(max(q_len, 1)), MAX_BLOCK_Q)
     if device.type != "cuda":  # the interpreter: small tiles
@@ -58,7 +59,8 @@ def choose_decode(pattern: Pattern, dtype: torch.dtype, head_dim: int, q_len: in
     else:  # one page per step; bandwidth-bound, so enough loads in flight
         block_n = min(pattern.block, 64 if head_dim <= 128 else 32)
         spec = DecodeSpecialization(block_n=block_n, num_warps=4, num_stages=3 if head_dim <= 128 else 2)
-    spec = replace(spec, dtype=_DTYPES[dtype], head_dim=head_dim, capability=tuple(capability), block_q=block_q)
+    spec = replace(spec, dtype=_DTYPES[dtype], head_dim=head_dim, capability=tuple(capability), block_q=block_q,
+                   kv_int8=bool(kv_int8))
     return replace(spec, **(tuning or {}))
 
 
@@ -94,9 +96,10 @@ def _plan(pattern: Pattern):
 
 
 @lru_cache(maxsize=256)
-def _module(pattern: Pattern, dtype: torch.dtype, head_dim: int, q_len: int, device: torch.device):
+def _module(pattern: Pattern, dtype: torch.dtype, head_dim: int, q_len: int, device: torch.device,
+            kv_int8: bool = False):
     """Specialisation and module per call shape, memoised: a decode step pays no codegen lookups."""
-    spec = choose_decode(pattern, dtype, head_dim, q_len, device)
+    spec = choose_decode(pattern, dtype, head_dim, q_len, device, kv_int8=kv_int8)
     return spec, decode_module(pattern, spec)
 
 
@@ -176,11 +179,12 @@ def paged_attention(q: torch.Tensor, cache: PagedKVCache, seqs: Union[Sequence[H
     if q.stride(-1) != 1:
         q = q.contiguous()
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    int8 = cache.quantized
     if tuning:
-        spec = choose_decode(pattern, q.dtype, d, q_len, q.device, tuning)
+        spec = choose_decode(pattern, q.dtype, d, q_len, q.device, tuning, kv_int8=int8)
         module = decode_module(pattern, spec)
     else:
-        spec, module = _module(pattern, q.dtype, d, q_len, q.device)
+        spec, module = _module(pattern, q.dtype, d, q_len, q.device, int8)
     if out is None:
         out = torch.empty_like(q)
     lse = torch.empty(b, heads, q_len, dtype=torch.float32, device=q.device)
@@ -193,7 +197,8 @@ def paged_attention(q: torch.Tensor, cache: PagedKVCache, seqs: Union[Sequence[H
     if topk is not None:
         topk.reset(batch.slots, batch.seq_lens == q_len)  # sequences new to their slot start afresh
         extra = topk.kernel_args(b, heads)
-    module.launch(q, out, lse, cache.k_pages, cache.v_pages, cache.block_tables, batch.slots, batch.seq_lens,
+    pages = (cache.k_pages, cache.v_pages) + ((cache.k_scale, cache.k_bias, cache.v_scale, cache.v_bias) if int8 else ())
+    module.launch(q, out, lse, *pages, cache.block_tables, batch.slots, batch.seq_lens,
                   q_len, int(n_splits), scale, **extra)
     if topk is not None:
         topk.after_step(batch.slots, batch.seq_lens, extra["block_lse"], lse)
@@ -223,6 +228,8 @@ def cached_attention(cache: PagedKVCache, seq_ids: Sequence[Hashable], q: torch.
     n = q.shape[2]
     counts, offsets = padding_counts(len(seqs), n, lengths, left_padding)
     plan = table.plan_step(seq_ids, n, consumer=cache, counts=counts, offsets=offsets)
+    if table.tier is not None:  # this layer's pages moving between tiers land before it writes or reads
+        table.tier.wait(cache)
     cache.write(plan, k, v)
     if plan.only_needed:
         result = _prefill(q, k, v, cache.pattern, plan, scale, return_lse)

@@ -204,6 +204,7 @@ class PageTable:
         self.defer_eviction = False
         self.static_max_len = 0  # > 0: tables fixed, for static steps (CUDA graphs hold them)
         self.in_static_step = False  # between prepare_static and commit_static: plan by device ops alone
+        self.tier = None  # an ALISA host tier (s2dsl.runtime.host_tier): readies the pages before each plan
 
     # ------------------------------------------------------------------ storage
     def _alloc_tables(self, slots: int, width: int):
@@ -405,6 +406,8 @@ class PageTable:
         if self.in_static_step and n == 1 and counts is None and offsets is None and not only_needed:
             p = self._plan_static(seq_ids)
         else:
+            if self.tier is not None:
+                self.tier.prepare(seq_ids, n, only_needed)
             p = self._plan(seq_ids, n, counts, offsets, only_needed)
         self.plan = p
         if consumer is not None:
@@ -512,6 +515,9 @@ class PageTable:
         """Plan one-token steps with device ops alone, for sequences of up to ``max_length``
         tokens: the tables are made that wide now, and the host learns of each step only through
         ``prepare_static`` (before) and ``commit_static`` (after). ``disable_static`` ends it."""
+        if self.tier is not None:
+            raise RuntimeError("static (CUDA-graph) decode steps do not move pages between tiers: use a cache "
+                               "without a host tier (host_pages) for them")
         self.reserve(slots=slots, max_length=max_length)
         self.static_max_len = max_length
 
