@@ -140,13 +140,25 @@ def check(model, plan, name, device, tiny: bool):
     hf.apply(model, plan, model_name=name)
     n = 200 if tiny else 1500
     ids = torch.randint(1, model.config.vocab_size, (2, n), device=device, generator=None)
+    def rel(a, b):
+        return ((a - b).norm() / b.norm()).item()
+
     with torch.no_grad():
+        # the masked eager reference in float32 and in the model's dtype: through 16 random layers
+        # bf16 alone moves the logits by a few percent, so s2dsl is held to that noise, not to a
+        # fixed tolerance
+        dtype = model.dtype
+        model.float()
+        ref32 = use(model, hf.REFERENCE_IMPLEMENTATION)(ids, past_key_values=DynamicCache(config=model.config),
+                                                        logits_to_keep=1).logits.float()
+        model.to(dtype)
         ref = use(model, hf.REFERENCE_IMPLEMENTATION)(ids, past_key_values=DynamicCache(config=model.config),
                                                       logits_to_keep=1).logits.float()
         cache = hf.S2Cache(model, max_length=n + 16, batch_size=2)
         out = use(model, hf.ATTN_IMPLEMENTATION)(ids, past_key_values=cache, logits_to_keep=1).logits.float()
-        err = ((out - ref).norm() / ref.norm()).item()
-        assert err < 3e-2, f"s2dsl prefill logits vs masked eager attention: relative error {err}"
+        err, noise = rel(out, ref32), rel(ref, ref32)
+        assert err <= 2 * noise + 5e-3, (f"s2dsl prefill logits vs the float32 masked reference: relative error "
+                                         f"{err:.4f}, while the reference in {dtype} is off by {noise:.4f}")
         first = out.argmax(-1)
         eager = hf.S2Cache(model, max_length=n + 16, batch_size=2)
         model(ids, past_key_values=eager, logits_to_keep=1)
@@ -155,7 +167,7 @@ def check(model, plan, name, device, tiny: bool):
         _, t_graph = decode(step, first, 8)
     assert torch.equal(t_eager, t_graph), "graph-step tokens differ from eager steps"
     model.set_attn_implementation("sdpa")
-    return {"prefill_logits_rel_err": err, "graph_tokens_equal_eager": True}
+    return {"prefill_logits_rel_err_vs_fp32": err, "reference_rel_err_vs_fp32": noise, "graph_tokens_equal_eager": True}
 
 
 # ----------------------------------------------------------------------------- 2. generation

@@ -728,7 +728,6 @@ def _empty_rows(spec: HeadSpec, causal: bool) -> Optional[str]:
 def _empty_rows_extended(spec: HeadSpec, causal: bool, block: int, prefix: int = 0) -> Optional[str]:
     """Empty rows of a head beyond round 1, by checking rows up to the point past which the
     head's left part (columns j <= i) always keeps something."""
-    import torch
     if (spec.topk or spec.dense or spec.window or spec.window_tokens or spec.sink or spec.sink_tokens):
         return None
     guarantees = []
@@ -742,6 +741,9 @@ def _empty_rows_extended(spec: HeadSpec, causal: bool, block: int, prefix: int =
     lengths = [bound] if causal else range(1, bound + spec.ahead + max(spec.relative, default=0)
                                            + max((r for _, r in spec.residues), default=0)
                                            + spec.global_rows + 3)
+    if max(lengths, default=0) > 4096:
+        raise AnalysisLimit(f"deciding which rows are empty needs sequences of {max(lengths)} blocks (the head's "
+                            "first kept column is that far); give the head a window or a sink")
     empty, where = set(), 0
     for n in lengths:
         p = Pattern("_", block, 1, 1, causal, (spec,), prefix=prefix)

@@ -89,3 +89,35 @@ def test_compiled_model_matches_eager():
     k, v = (torch.randn(1, 8, 2048, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     f = torch.compile(lambda q, k, v: s2dsl.attention(q, k, v, PHI3) * 2, fullgraph=True)
     torch.testing.assert_close(f(q, k, v), s2dsl.attention(q, k, v, PHI3) * 2)
+
+
+# round-2 constructs the forward runs: two-sided windows and relative strides (bidirectional
+# DKernel family, causal relative strides), bf16 at realistic shapes
+DKERNEL_BIDIR = s2dsl.local_stride(block=64, local_blocks=(16, 8), vert_stride=8, heads=16, kv_heads=4,
+                                   num_dense_heads=1, causal=False, name="dkernel_bidir")
+CAUSAL_REL = s2dsl.local_stride(block=64, local_blocks=16, vert_stride=8, heads=16, vert_position_type="relative",
+                                name="causal_rel")
+
+
+MISTRAL_SWA = s2dsl.parse("""
+pattern mistral_swa {
+    block = 64  heads = 16  kv_heads = 4  causal
+    heads 0..13 { window 1000 tokens }
+    heads 14..15 { window 2  sink 1  stride 8 offset h }
+}""")["mistral_swa"]
+
+
+STREAMING = s2dsl.parse("""
+pattern streaming {
+    block = 64  heads = 16  kv_heads = 4  causal
+    heads 0..11 { sink 4 tokens  window 1020 tokens }
+    heads 12..15 { dense }
+}""")["streaming"]
+
+
+@pytest.mark.parametrize("pattern", [DKERNEL_BIDIR, CAUSAL_REL, MISTRAL_SWA, STREAMING], ids=lambda p: p.name)
+@pytest.mark.parametrize("d", [64, 128])
+def test_two_sided_and_relative_forward(pattern, d):
+    _run(pattern, 2, 3000, 3000, d, torch.bfloat16)
+    if pattern.causal:
+        _run(pattern, 1, 700, 3100, d, torch.bfloat16)  # chunked prefill: queries after a past

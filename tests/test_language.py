@@ -232,3 +232,12 @@ def test_dkernel_bidirectional_family_costs_are_exact():
     assert report.heads[0].density_limit == sympy.Rational(1, 4)
     for n in (1, 7, 33):
         assert evaluate(report.heads[0].total_blocks, N=n) == int(p.block_mask(n)[0].sum())
+
+
+def test_far_first_column_is_refused_quickly_not_built():
+    from s2dsl.analysis import AnalysisLimit
+    p = s2dsl.parse("pattern p { block = 16 heads = 1 bidirectional heads * { stride 5000 offset -4999 global 1 } }")["p"]
+    start = time.perf_counter()
+    with pytest.raises(AnalysisLimit, match="rows are empty"):
+        analyze(p)
+    assert time.perf_counter() - start < 10

@@ -87,3 +87,20 @@ def test_bad_values_refused():
         MachineCosts(h2d_gbps=0)
     with pytest.raises(ValueError):
         plan(llama(), -1, 0)
+
+
+def test_workload_for_counts_what_a_decode_step_reads():
+    import s2dsl
+    from s2dsl.runtime.tiering import workload_for
+    swa = s2dsl.parse("pattern p { block = 64 heads = 8 kv_heads = 2 heads * { window 4 sink 1 topk 3 } }")["p"]
+    w = workload_for(swa, batch=2, context=64 * 100, head_dim=64, hidden=512, layers=4)
+    assert (w.read_pages, w.topk_pages, w.pages_per_head) == (4 + 1 + 3, 3, 100)
+    short = workload_for(swa, batch=2, context=64 * 3, head_dim=64, hidden=512)
+    assert short.read_pages == 3  # never more than the context holds
+    q8 = workload_for(swa, batch=2, context=6400, head_dim=64, hidden=512, kv_int8=True)
+    assert q8.page_bytes == w.page_bytes * (1 + 8 / 64) / 2  # codes + a float32 scale and bias per page channel
+    # GQA: 2 kv heads of 64 per 512-wide token: hidden states cost more than the K/V they replace
+    assert not w.recompute_saves_memory
+    # the phase follows the budgets: all fits -> 1; a quarter on the GPU, the rest on the host -> 2
+    assert plan(w, w.total_bytes, 0).phase == 1
+    assert plan(w, w.total_bytes / 4, w.total_bytes).phase == 2

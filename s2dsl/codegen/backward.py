@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from textwrap import indent
 
 from .forward import Specialization
-from .lower import KernelPlan
+from .lower import UnsupportedPattern, KernelPlan
 from .snippets import at as _at, full_predicate as _full_predicate, head_param as _param
 
 BACKWARD_CODEGEN_VERSION = "bwd-2"
@@ -210,6 +210,9 @@ for tk in range(tl.load(TOff + t_key), tl.load(TOff + t_key + 1)):
 
 def generate_backward(plan: KernelPlan, spec: Specialization, *, name: str = "pattern", fingerprint: str = "") -> str:
     """Source of a Python module with the backward kernels and ``launch`` for ``plan``."""
+    if plan.has_distance or plan.has_tokens:
+        raise UnsupportedPattern("the backward kernels do not run two-sided windows, relative strides or token "
+                                 "windows yet (the forward does); train such patterns through reference_attention")
     dkdv_n, dkdv_m, dkdv_warps, dkdv_stages = _dkdv_tiles(plan, spec)
     for label, value in (("block_n", spec.block_n), ("dkdv_block_n", dkdv_n), ("dkdv_block_m", dkdv_m)):
         if value < 16 or value & (value - 1) or plan.block % value:

@@ -33,7 +33,7 @@ from typing import Tuple
 from .lower import NO_PERIOD, KernelPlan, MAX_PERIOD, UNBOUNDED, UnsupportedPattern
 from .snippets import static_keeps
 
-DECODE_CODEGEN_VERSION = "dec-1"
+DECODE_CODEGEN_VERSION = "dec-2"
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,7 @@ class DecodeSpecialization:
     block_n: int = 64           # kv rows per inner step (divides the pattern block = page)
     num_warps: int = 4
     num_stages: int = 2
+    kv_int8: bool = False       # pages hold INT8 codes with a float32 scale and bias per page and channel
 
     @property
     def d_pad(self) -> int:
@@ -123,7 +124,7 @@ _VISIT_MASS = '''
 @triton.jit
 def _visit_mass(mass_base, mass_rows, acc, l_i, m_i, q, KPages, VPages, page, j, keep, pos, kv_len, stride_page,
                 stride_tok, qk_scale, MASKED: tl.constexpr, USE_DOT: tl.constexpr, BLOCK: tl.constexpr,
-                BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
+                BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, KV_INT8: tl.constexpr = False):
     """``_visit``, and for ``mass_rows`` the log-sum-exp of block j's scores, stored at mass_base + j:
     the block's attention mass is exp(that - the row's final lse). It is what the running sum l
     grew by, measured against the new running max (the rescaling is exact, so only a block far
@@ -131,7 +132,7 @@ def _visit_mass(mass_base, mass_rows, acc, l_i, m_i, q, KPages, VPages, page, j,
     l_old = l_i
     m_old = m_i
     acc, l_i, m_i = _visit(acc, l_i, m_i, q, KPages, VPages, page, j, keep, pos, kv_len, stride_page, stride_tok,
-                           qk_scale, MASKED, USE_DOT, BLOCK, BLOCK_N, HEAD_DIM, D_PAD)
+                           qk_scale, MASKED, USE_DOT, BLOCK, BLOCK_N, HEAD_DIM, D_PAD, KV_INT8)
     m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
     grown = l_i - l_old * tl.math.exp2(m_old - m_safe)
     blk = (m_safe + tl.math.log2(tl.maximum(grown, 1e-30))) * 0.6931471805599453
@@ -164,6 +165,9 @@ def _decode_topk_loop(plan: KernelPlan) -> str:
 def generate_decode(plan: KernelPlan, spec: DecodeSpecialization, *, name: str = "pattern",
                     fingerprint: str = "") -> str:
     """Source of a Python module with ``kernel``, ``combine_kernel`` and ``launch`` for ``plan``."""
+    if plan.has_distance or plan.has_tokens:
+        raise UnsupportedPattern(f"pattern {name}: decoding does not run relative strides or token windows yet "
+                                 "(two-sided windows are bidirectional, which decoding never is)")
     if not plan.causal:
         raise UnsupportedPattern(f"pattern {name}: decoding runs causal patterns only (a bidirectional query "
                                  "would see tokens not generated yet)")
@@ -353,10 +357,17 @@ NUM_STAGES = {spec.num_stages}
 @triton.jit
 def _visit(acc, l_i, m_i, q, KPages, VPages, page, j, keep, pos, kv_len, stride_page, stride_tok, qk_scale,
            MASKED: tl.constexpr, USE_DOT: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
-           HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
+           HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, KV_INT8: tl.constexpr = False):
     """Online-softmax update of the rows with kv block j (one page). ``keep``: per-row verdict."""
     offs_d = tl.arange(0, D_PAD)
     base = page.to(tl.int64) * stride_page
+    if KV_INT8:  # one scale and bias per page and channel: x = code * scale + bias, one FMA
+        qp = page.to(tl.int64) * HEAD_DIM + offs_d
+        dm = offs_d < HEAD_DIM
+        k_sc = tl.load(KScale + qp, mask=dm, other=0.0)
+        k_bi = tl.load(KBias + qp, mask=dm, other=0.0)
+        v_sc = tl.load(VScale + qp, mask=dm, other=0.0)
+        v_bi = tl.load(VBias + qp, mask=dm, other=0.0)
     for s in tl.static_range(BLOCK // BLOCK_N):
         offs_n = s * BLOCK_N + tl.arange(0, BLOCK_N)
         if USE_DOT:
@@ -365,6 +376,8 @@ def _visit(acc, l_i, m_i, q, KPages, VPages, page, j, keep, pos, kv_len, stride_
                 k = tl.load(k_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
             else:
                 k = tl.load(k_ptrs)
+            if KV_INT8:
+                k = (k.to(tl.float32) * k_sc[:, None] + k_bi[:, None]).to(q.dtype)
             qk = tl.dot(q, k)
         else:
             k_ptrs = KPages + base + offs_n[:, None] * stride_tok + offs_d[None, :]
@@ -372,6 +385,8 @@ def _visit(acc, l_i, m_i, q, KPages, VPages, page, j, keep, pos, kv_len, stride_
                 k = tl.load(k_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
             else:
                 k = tl.load(k_ptrs)
+            if KV_INT8:
+                k = k.to(tl.float32) * k_sc[None, :] + k_bi[None, :]
             qk = tl.sum(k.to(tl.float32) * q, 1)[None, :]
         if MASKED:
             cols = j * BLOCK + offs_n
@@ -395,6 +410,8 @@ def _visit(acc, l_i, m_i, q, KPages, VPages, page, j, keep, pos, kv_len, stride_
             v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
         else:
             v = tl.load(v_ptrs)
+        if KV_INT8:  # masked lanes load code 0: finite after the FMA, and p is 0 there
+            v = (v.to(tl.float32) * v_sc[None, :] + v_bi[None, :]).to(q.dtype)
         if USE_DOT:
             acc = tl.dot(p.to(v.dtype), v, acc)
         else:
@@ -539,4 +556,38 @@ def launch(q, out, lse, k_pages, v_pages, block_table, slots, seq_lens, q_len, n
             lse.stride(0), lse.stride(1), HEADS, q_len, n_splits,
             SPLITS=triton.next_power_of_2(n_splits), HEAD_DIM=HEAD_DIM, D_PAD=D_PAD, num_warps=4)
 '''
+    return _int8(source) if spec.kv_int8 else _without_int8(source)
+
+
+def _without_int8(source: str) -> str:
+    """Drop the INT8 branches and parameters: a 16-bit module is the kernel it was before INT8."""
+    out, skip_deeper = [], None
+    for line in source.split("\n"):
+        indent_now = len(line) - len(line.lstrip())
+        if skip_deeper is not None:
+            if line.strip() and indent_now <= skip_deeper:
+                skip_deeper = None
+            else:
+                continue
+        if line.lstrip().startswith("if KV_INT8:"):
+            skip_deeper = indent_now
+            continue
+        out.append(line)
+    source = "\n".join(out)
+    source = source.replace(", KV_INT8: tl.constexpr = False)", ")").replace(", KV_INT8)", ")")
+    assert "KV_INT8" not in source
+    return source
+
+
+def _int8(source: str) -> str:
+    """Thread the pages' scale and bias through the kernels and turn the dequantising branch on;
+    only INT8 modules carry them, so 16-bit kernels compile exactly as before."""
+    n_calls = source.count("BLOCK_N, HEAD_DIM, D_PAD)")
+    source = source.replace("KPages, VPages,", "KPages, VPages, KScale, KBias, VScale, VBias,")
+    source = source.replace("BLOCK_N, HEAD_DIM, D_PAD)", "BLOCK_N, HEAD_DIM, D_PAD, True)")
+    source = source.replace("def launch(q, out, lse, k_pages, v_pages,",
+                            "def launch(q, out, lse, k_pages, v_pages, k_scale, k_bias, v_scale, v_bias,")
+    source = source.replace("kernel[grid](q, k_pages, v_pages,", "kernel[grid](q, k_pages, v_pages, k_scale, k_bias, "
+                            "v_scale, v_bias,")
+    assert n_calls and "KV_INT8" in source
     return source

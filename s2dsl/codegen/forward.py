@@ -55,7 +55,18 @@ class Specialization:
 def _outside_loops(plan: KernelPlan, lo: str, hi: str, masked: str, span: int = 1) -> str:
     """Loops over the sinks and residue blocks in [lo, hi): every row of the tile keeps them."""
     code = []
-    if plan.has_sink:
+    if plan.has_sink and plan.has_tokens:
+        # the head's own block sinks are kept by every row; the blocks its token sink touches
+        # are masked per token (and may be residue blocks too: the residue loops start past them)
+        code.append(f"""
+        for j in range({lo}, tl.minimum({hi}, bsink)):
+            acc, l_i, m_i = _visit(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, j, 1, rows, row_block,
+                                   kv_len, 0, True, qk_scale, {masked}, CAUSAL, BLOCK, BLOCK, BLOCK_N, HEAD_DIM, D_PAD)
+        for j in range(tl.maximum({lo}, bsink), tl.minimum({hi}, sink)):
+{indent(_full_predicate(plan), ' ' * 12)}
+            acc, l_i, m_i = _visit(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, j, 1, rows, row_block,
+                                   kv_len, 0, full, qk_scale, True, CAUSAL, BLOCK, BLOCK, BLOCK_N, HEAD_DIM, D_PAD)""")
+    elif plan.has_sink:
         code.append(f"""
         for j in range({lo}, tl.minimum({hi}, sink)):
             acc, l_i, m_i = _visit(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, j, 1, rows, row_block,
@@ -129,6 +140,32 @@ def _topk_loop(plan: KernelPlan) -> str:
                                        HEAD_DIM, D_PAD)"""
 
 
+def _relative_loops(plan: KernelPlan, full: str) -> str:
+    """Relative strides: with the tile inside query block i, the kept blocks are
+    j = i - window + 1 - k*rel below the window and j = i + ahead + k*rel after it (k >= 1),
+    each kept by every row; a block also kept as a sink or residue is visited by those
+    loops, so it is skipped here."""
+    skip = "if not full:" if full != "full = False" else "if True:"
+    code = f"""
+        # -- relative strides (the tile is one query block i = first_block) --
+        lo_raw = first_block - window + 1
+        for j in range((lo_raw % rel + rel) % rel, lo_raw - rel + 1, rel):
+{indent(full, ' ' * 12)}
+            {skip}
+                acc, l_i, m_i = _visit(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, j, 1, rows,
+                                       row_block, kv_len, window, True, qk_scale, False, CAUSAL, BLOCK, BLOCK,
+                                       BLOCK_N, HEAD_DIM, D_PAD)"""
+    if not plan.causal:
+        code += f"""
+        for j in range(last_block + ahead + rel, n_kv_blocks, rel):
+{indent(full, ' ' * 12)}
+            {skip}
+                acc, l_i, m_i = _visit(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, j, 1, rows,
+                                       row_block, kv_len, window, True, qk_scale, True, CAUSAL, BLOCK, BLOCK,
+                                       BLOCK_N, HEAD_DIM, D_PAD)"""
+    return code
+
+
 def generate_forward(plan: KernelPlan, spec: Specialization, *, name: str = "pattern", fingerprint: str = "") -> str:
     """Source of a Python module with ``kernel`` (Triton) and ``launch`` for ``plan``."""
     if plan.block % spec.block_n:
@@ -143,6 +180,23 @@ def generate_forward(plan: KernelPlan, spec: Specialization, *, name: str = "pat
         head_params.append(f"residue = {_param(plan, 'residue', 4)}")
     elif plan.max_residues > 1:
         head_params.append("num_residues = tl.load(HeadTable + h * TABLE_WIDTH + 3)")
+    if plan.has_distance or plan.has_tokens:
+        if spec.block_m > plan.block or plan.block % spec.block_m:
+            raise ValueError(f"block_m={spec.block_m} must divide the pattern block {plan.block} for two-sided "
+                             "windows, relative strides and token windows: a query tile stays inside one "
+                             "query block")
+    if plan.has_distance:
+        if plan.causal and plan.has_ahead:
+            raise ValueError("a causal plan cannot keep blocks ahead of the diagonal")
+        head_params.append(f"ahead = {_param(plan, 'ahead', plan.distance_column)}")
+        head_params.append(f"rel = {_param(plan, 'relative', plan.distance_column + 1)}")
+    if plan.has_tokens:
+        column = plan.tokens_column
+        head_params.append(f"tw = {_param(plan, 'tokens', column)}")
+        head_params.append(f"bwin = tl.load(HeadTable + h * TABLE_WIDTH + {column + 1})")
+        head_params.append(f"w_in = tl.load(HeadTable + h * TABLE_WIDTH + {column + 2})")
+        head_params.append(f"ts = tl.load(HeadTable + h * TABLE_WIDTH + {column + 3})")
+        head_params.append(f"bsink = tl.load(HeadTable + h * TABLE_WIDTH + {column + 4})")
     varlen = spec.layout == "varlen"
     # inner width of a wide step (window or residue pair): as wide as the span, at most 128 rows
     wide_n = min(plan.block * spec.window_span, max(128, spec.block_n))
@@ -199,9 +253,13 @@ def generate_forward(plan: KernelPlan, spec: Specialization, *, name: str = "pat
         for j in {short.format("whole", "first_block")}:
             acc, l_i, m_i = _visit(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, j, 1, rows, row_block,
                                    kv_len, window, True, qk_scale, False, CAUSAL, BLOCK, BLOCK, BLOCK_N, HEAD_DIM, D_PAD)"""
+    diagonal_end, ahead_full = "last_block + 1", ""
+    if plan.has_ahead:  # the tile is one query block: its window goes on to ahead blocks after it
+        diagonal_end = "tl.minimum(last_block + ahead, n_kv_blocks - 1) + 1"
+        ahead_full = "\nfull = full | ((j - row_block > 0) & (j - row_block <= ahead))  # per row"
     diagonal = f"""
-        for j in {short.format("first_block", "last_block + 1")}:  # the diagonal blocks
-{indent(full, ' ' * 12)}
+        for j in {short.format("first_block", diagonal_end)}:  # the diagonal blocks{" and those ahead" if ahead_full else ""}
+{indent(full + ahead_full, ' ' * 12)}
             acc, l_i, m_i = _visit(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, j, 1, rows, row_block,
                                    kv_len, window, full, qk_scale, True, CAUSAL, BLOCK, BLOCK, BLOCK_N, HEAD_DIM, D_PAD)"""
     window_bounds = """
@@ -224,8 +282,14 @@ lo = first_block  # window <= 1 for every head: the window range is the diagonal
         topk_args = "sel, *sel_strides, sel_first_block, "
         topk_loop = _topk_loop(plan)
         topk_launch = ", sel=None, sel_strides=(0, 0, 0), sel_first_block=0"
+    if plan.has_tokens:
+        # masked window blocks decide by the head's own block window, the token window per pair
+        window_masked = window_masked.replace("kv_len, window, ", "kv_len, bwin, ")
     below = _outside_loops(plan, "0", "lo", "False", spec.residue_span)
-    above = "" if plan.causal else _outside_loops(plan, "last_block + 1", "n_kv_blocks", "True")
+    above = "" if plan.causal else _outside_loops(plan, "last_block + ahead + 1" if plan.has_ahead
+                                                  else "last_block + 1", "n_kv_blocks", "True")
+    if plan.has_relative:
+        window_masked += _relative_loops(plan, full)
     if varlen:
         locate = """
         q_start = tl.load(CuSeqQ + b)
@@ -404,4 +468,32 @@ def launch(q, k, v, out, lse, q_strides, k_strides, v_strides, o_strides, lse_st
                  HEAD_DIM=HEAD_DIM, D_PAD=D_PAD,
                  num_warps=NUM_WARPS, num_stages=NUM_STAGES)
 '''
+    if plan.has_tokens:
+        source = _with_token_windows(source)
+    return source
+
+
+def _with_token_windows(source: str) -> str:
+    """The module for a plan with token windows: the window range's first blocks up to the
+    inner distances (where the token window's edge falls) are masked, and the mask keeps a
+    pair when its block is kept or its tokens are less than the head's ``tw`` apart."""
+    def swap(old, new, count=1):
+        nonlocal source
+        if source.count(old) < count:
+            raise AssertionError(f"forward template changed: {old!r} not found")
+        source = source.replace(old, new)
+
+    swap("edge = tl.minimum(tl.maximum(last_block - tl.maximum(window, 1) + 1, lo), first_block)",
+         "edge = tl.minimum(tl.maximum(last_block - tl.maximum(w_in, 1) + 1, lo), first_block)")
+    swap("SPAN: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):",
+         "SPAN: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, tw):")
+    swap("""            keep = keep[:, None] & (cols[None, :] < kv_len)""",
+         """            near = rows[:, None] - cols[None, :]
+            keep = (keep[:, None] | ((near >= 0) & (near < tw))) & (cols[None, :] < kv_len)""")
+    swap("HEAD_DIM, D_PAD)", "HEAD_DIM, D_PAD, tw, ts)", count=2)
+    swap("D_PAD: tl.constexpr, tw):", "D_PAD: tl.constexpr, tw, ts):")
+    swap("keep = (keep[:, None] | ((near >= 0) & (near < tw)))",
+         "keep = (keep[:, None] | ((near >= 0) & (near < tw)) | (cols[None, :] < ts))")
+    # a block is kept for every row by the head's own block sink, not by the blocks its token sink touches
+    source = source.replace("(j < sink)", "(j < bsink)").replace("full = j < sink", "full = j < bsink")
     return source

@@ -37,6 +37,17 @@ class HeadParams:
     residues: Tuple[int, ...]
     topk: int = 0     # dynamic blocks added per query block / decode step (0: a static head)
     recent: int = 0   # decode: steps the selection score sums over (0: every step so far)
+    ahead: int = 0    # blocks kept after the diagonal (two-sided window)
+    relative: int = 0  # relative stride S beyond the window (0: none)
+    # a token window (q - k < tokens): ``window`` is then the blocks it touches, ``block_window``
+    # the head's own block window and ``inner`` the distances every token pair of which is kept
+    tokens: int = 0
+    block_window: int = 0
+    inner: int = 0
+    # a token sink (k < sink_tokens): ``sink`` is then the blocks it touches, ``block_sink`` the
+    # head's own block sink
+    sink_tokens: int = 0
+    block_sink: int = 0
 
 
 @dataclass(frozen=True)
@@ -64,10 +75,43 @@ class KernelPlan:
         return max(p.topk for p in self.params)
 
     @property
+    def has_ahead(self) -> bool:
+        return any(p.ahead for p in self.params)
+
+    @property
+    def has_relative(self) -> bool:
+        return any(p.relative for p in self.params)
+
+    @property
+    def has_tokens(self) -> bool:
+        return any(p.tokens or p.sink_tokens for p in self.params)
+
+    @property
+    def has_distance(self) -> bool:
+        """Two-sided windows or relative strides: a query tile must stay inside one query block."""
+        return self.has_ahead or self.has_relative
+
+    @property
     def table_width(self) -> int:
         """Columns of ``table()``: window, sink, period, count, residues (padded), then K and R
-        for plans with topk heads."""
+        for plans with topk heads, then ahead and relative stride for plans with either."""
+        return (4 + max(self.max_residues, 1) + (2 if self.has_topk else 0) + (2 if self.has_distance else 0)
+                + (5 if self.has_tokens else 0))
+
+    @property
+    def distance_column(self) -> int:
+        """Column of ``ahead`` in the head table (the relative stride follows it)."""
         return 4 + max(self.max_residues, 1) + (2 if self.has_topk else 0)
+
+    @property
+    def tokens_column(self) -> int:
+        """Column of the token window (block window and inner distances follow it)."""
+        return self.distance_column + (2 if self.has_distance else 0)
+
+    @property
+    def one_block_tiles(self) -> bool:
+        """Must a query tile stay inside one query block (its rows share the block distances)?"""
+        return self.has_topk or self.has_distance or self.has_tokens
 
     @property
     def topk_column(self) -> int:
@@ -93,8 +137,13 @@ class KernelPlan:
         topk K and recent R when the plan has topk heads."""
         width = max(self.max_residues, 1)
         extra = (lambda p: (p.topk, p.recent)) if self.has_topk else (lambda p: ())
+        # a head without a relative stride gets NO_PERIOD: its loops start past every block
+        dist = (lambda p: (p.ahead, p.relative or NO_PERIOD)) if self.has_distance else (lambda p: ())
+        toks = ((lambda p: (p.tokens, p.block_window if p.tokens else p.window, p.inner if p.tokens else p.window,
+                             p.sink_tokens, p.block_sink if p.sink_tokens else p.sink))
+                if self.has_tokens else (lambda p: ()))
         return tuple((p.window, p.sink, p.period, len(p.residues), *p.residues,
-                      *([p.period - 1] * (width - len(p.residues))), *extra(p))
+                      *([p.period - 1] * (width - len(p.residues))), *extra(p), *dist(p), *toks(p))
                      for p in self.params)
 
     def cost(self, head: int, n_blocks: int) -> int:
@@ -125,12 +174,21 @@ def lower(pattern: Pattern) -> KernelPlan:
             if topk > MAX_TOPK:
                 raise UnsupportedPattern(f"pattern {pattern.name}: head {h} has topk {topk}, above the kernels' "
                                          f"limit {MAX_TOPK} blocks")
-        if not spec.is_classic:
-            what = [name for name, used in (("window ... ahead", spec.ahead), ("stride ... relative", spec.relative),
-                                            ("token-granular window/sink", spec.has_token_edges),
-                                            ("global rows", spec.global_rows)) if used]
+        what = [name for name, used in (("a token-granular window ahead", spec.ahead_tokens),
+                                        ("a token sink with a relative stride or topk",
+                                         spec.sink_tokens and (spec.relative or spec.topk)),
+                                        ("a token window with a relative stride or topk",
+                                         spec.window_tokens and (spec.relative or spec.topk)),
+                                        ("global rows", spec.global_rows),
+                                        ("more than one relative stride", len(spec.relative) > 1),
+                                        ("topk with a two-sided window or relative stride",
+                                         spec.topk and (spec.ahead or spec.relative))) if used]
+        if what:
             raise UnsupportedPattern(f"pattern {pattern.name}: head {h} uses {', '.join(what)}, which the generated "
                                      "kernels do not run yet; use the reference implementation")
+        if spec.relative and spec.relative[0] > MAX_PERIOD:
+            raise UnsupportedPattern(f"pattern {pattern.name}: head {h} has relative stride {spec.relative[0]}, above "
+                                     f"the kernels' limit {MAX_PERIOD}")
         if spec.dense:
             params.append(HeadParams(UNBOUNDED, 0, NO_PERIOD, ()) if pattern.causal else HeadParams(UNBOUNDED, 0, 1, (0,)))
             continue
@@ -141,5 +199,12 @@ def lower(pattern: Pattern) -> KernelPlan:
         residues = spec.residue_set
         if not residues:
             period = NO_PERIOD
-        params.append(HeadParams(spec.window, spec.sink, period, residues, topk, recent))
+        window, tokens, inner = spec.window, spec.window_tokens, 0
+        if tokens:
+            window = spec.blocks_touched(pattern.block)[0]
+            inner = max(spec.window, tokens // pattern.block)
+        sink = spec.blocks_touched(pattern.block)[2] if spec.sink_tokens else spec.sink
+        params.append(HeadParams(window, sink, period, residues, topk, recent, spec.ahead,
+                                 spec.relative[0] if spec.relative else 0, tokens, spec.window, inner,
+                                 spec.sink_tokens, spec.sink))
     return KernelPlan(pattern.block, pattern.heads, pattern.kv_heads, pattern.causal, tuple(params))

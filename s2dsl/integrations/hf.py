@@ -278,9 +278,11 @@ def _classes():
         is_sliding = False
         is_croppable = True
 
-        def __init__(self, pattern: Pattern, num_pages: int, group=None, lookahead: int = 0):
+        def __init__(self, pattern: Pattern, num_pages: int, group=None, lookahead: int = 0, kv_dtype=None,
+                     host_pages: Optional[int] = None):
             super().__init__()
             self.pattern, self.num_pages, self.lookahead = pattern, num_pages, lookahead
+            self.kv_dtype, self.host_pages = kv_dtype, host_pages
             self.group = group if group is not None else _Group(1)
             self.paged: Optional[PagedKVCache] = None
             self._length = 0
@@ -296,13 +298,18 @@ def _classes():
             group = self.group
             self.paged = PagedKVCache(self.pattern, num_pages=self.num_pages, head_dim=d, dtype=key_states.dtype,
                                       device=key_states.device, max_seqs=b, lookahead=self.lookahead,
-                                      table=group.table)
+                                      table=group.table, kv_dtype=self.kv_dtype)
             if group.table is None:
                 group.table = self.paged.table
                 # the other layers join as they start: plan once per step; evict in the next plan,
                 # so that the last step can be cropped (assisted decoding)
                 group.table.defer_eviction = True
                 group.seq_ids = tuple(self.paged.add_sequence() for _ in range(b))
+                if self.host_pages is not None:
+                    from ..runtime.host_tier import HostTier
+                    HostTier(group.table, self.host_pages)
+            if group.table.tier is not None:
+                group.table.tier.attach(self.paged)
             self.is_initialized = True
 
         def update(self, key_states, value_states, *args, **kwargs):
@@ -392,17 +399,31 @@ def _classes():
         decode step (assisted decoding verifies its drafts in one step) and ``max_rollback``
         tokens more (eviction runs that far behind the sequences' ends), which is what the
         first step of assisted decoding, a prefill with drafts, needs: at least the number of
-        draft tokens (transformers' default: 20).
+        draft tokens (transformers' default: 20). ``kv_dtype=torch.int8``: pages hold INT8 codes
+        (ALISA's channel-wise asymmetric quantisation, ``s2dsl.runtime.quant``).
+        ``gpu_pages`` (per layer, an int or one per layer; in place of ``num_pages``) bounds the
+        GPU pool and ``host_pages`` (per layer) adds ALISA's host tier (``s2dsl.runtime.host_tier``):
+        pages a step does not read wait in pinned host memory. ``debug_report()`` says where the
+        pages are and which phase ALISA's cost model picks for the current lengths.
         """
 
         def __init__(self, model=None, *, max_length: Optional[int] = None, batch_size: int = 1,
                      num_pages: Union[int, Sequence[int], None] = None, patterns: Optional[Sequence[Pattern]] = None,
-                     max_rollback: int = 64):
+                     max_rollback: int = 64, kv_dtype: Optional[torch.dtype] = None,
+                     gpu_pages: Union[int, Sequence[int], None] = None, host_pages: Optional[int] = None):
             if patterns is None:
                 patterns = getattr(model, "s2dsl_patterns", None)
                 if patterns is None:
                     raise ValueError("S2Cache needs a model prepared by s2dsl.integrations.hf.apply, or patterns=...")
             patterns = list(patterns)
+            if gpu_pages is not None:
+                if num_pages is not None:
+                    raise ValueError("give gpu_pages or num_pages (the same pool size), not both")
+                num_pages = gpu_pages
+            elif host_pages is not None:
+                raise ValueError("host_pages needs gpu_pages: the GPU pool the host tier backs")
+            if host_pages is not None and host_pages < 0:
+                raise ValueError(f"host_pages must be >= 0, got {host_pages}")
             if num_pages is None:
                 if max_length is None:
                     raise ValueError("give max_length (tokens per sequence) or num_pages to size the page pools")
@@ -414,9 +435,12 @@ def _classes():
                 raise ValueError(f"{len(num_pages)} pool sizes for {len(patterns)} layers")
             keys = [(p.fingerprint(), n) for p, n in zip(patterns, num_pages)]
             groups = {key: _Group(keys.count(key)) for key in keys}
-            super().__init__(layers=[S2CacheLayer(p, n, groups[key], max_rollback)
+            if kv_dtype is not None and kv_dtype != torch.int8 and not kv_dtype.is_floating_point:
+                raise ValueError(f"kv_dtype must be torch.int8 or a floating-point dtype; got {kv_dtype}")
+            super().__init__(layers=[S2CacheLayer(p, n, groups[key], max_rollback, kv_dtype, host_pages)
                                      for p, n, key in zip(patterns, num_pages, keys)])
             self.max_length = max_length
+            self._hidden = getattr(getattr(model, "config", None), "hidden_size", None)
 
         @property
         def paged(self) -> List[Optional[PagedKVCache]]:
@@ -486,6 +510,43 @@ def _classes():
                     done.add(id(p.table))
                     p.evict()
 
+        def debug_report(self, costs=None) -> str:
+            """Where each layer's pages are (GPU pool, host tier) and the phase ALISA's cost model
+            (``s2dsl.runtime.tiering.plan``) picks for the current batch and length under this
+            cache's budgets, with why. ``costs``: ``MachineCosts`` (default: measured once on a
+            GPU, the model's defaults on the CPU)."""
+            from ..runtime import tiering
+            lines, seen = [], set()
+            for i, layer in enumerate(self.layers):
+                p = layer.paged
+                if p is None:
+                    lines.append(f"layer {i}: not started")
+                    continue
+                if id(p.table) in seen:
+                    continue
+                seen.add(id(p.table))
+                tier = p.table.tier
+                lines.append(f"layer {i} ({layer.pattern.name}, shared by {p.table.members}): GPU pool "
+                             f"{p.pages_in_use}/{p.num_pages} pages" + (f"; {tier.report()}" if tier else ""))
+            first = next((layer for layer in self.layers if layer.paged is not None), None)
+            if first is None:
+                return "\n".join(lines)
+            p = first.paged
+            if costs is None:
+                costs = _machine_costs(p.device)
+            context = max(p.seq_len(s) for s in first.seq_ids)
+            n_layers = len(self.layers)
+            hidden = self._hidden or 2 * p.kv_heads * p.head_dim
+            w = tiering.workload_for(first.pattern, batch=len(first.seq_ids), context=context, head_dim=p.head_dim,
+                                     hidden=hidden, layers=n_layers, kv_int8=p.quantized)
+            host = (first.host_pages or 0) * p.page_bytes * n_layers
+            try:
+                decision = tiering.plan(w, p.num_pages * p.page_bytes * n_layers, host, costs).report()
+            except ValueError as exc:
+                decision = f"no phase serves this: {exc}"
+            lines.append(f"cost model (batch {w.batch}, {context} tokens, {n_layers} layers): {decision}")
+            return "\n".join(lines)
+
         def dense_bytes(self) -> int:
             """What a dense cache of the same sequences would hold, all layers."""
             total = 0
@@ -497,6 +558,19 @@ def _classes():
 
     _CLASSES.update(S2CacheLayer=S2CacheLayer, S2Cache=S2Cache, _Group=_Group)
     return _CLASSES
+
+
+_COSTS = {}
+
+
+def _machine_costs(device):
+    """ALISA's machine costs, measured once per CUDA device (defaults elsewhere)."""
+    from ..runtime import tiering
+    if device.type != "cuda":
+        return tiering.MachineCosts()
+    if str(device) not in _COSTS:
+        _COSTS[str(device)] = tiering.measure_machine(device)
+    return _COSTS[str(device)]
 
 
 def __getattr__(name):  # S2Cache, S2CacheLayer: built when first asked for

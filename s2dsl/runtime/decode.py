@@ -49,8 +49,9 @@ def _pow2(n: int) -> int:
 
 
 def choose_decode(pattern: Pattern, dtype: torch.dtype, head_dim: int, q_len: int, device: torch.device,
-                  tuning: Optional[dict] = None) -> DecodeSpecialization:
-    """Tile sizes for the decode kernel; ``tuning`` overrides any field."""
+                  tuning: Optional[dict] = None, kv_int8: bool = False) -> DecodeSpecialization:
+    """Tile sizes for the decode kernel; ``tuning`` overrides any field. ``kv_int8``: the pages
+    hold INT8 codes (``s2dsl.runtime.quant``), dequantised in registers."""
     capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else (0, 0)
     block_q = min(_pow2(max(q_len, 1)), MAX_BLOCK_Q)
     if device.type != "cuda":  # the interpreter: small tiles
@@ -59,7 +60,8 @@ def choose_decode(pattern: Pattern, dtype: torch.dtype, head_dim: int, q_len: in
     else:  # one page per step; bandwidth-bound, so enough loads in flight
         block_n = min(pattern.block, 64 if head_dim <= 128 else 32)
         spec = DecodeSpecialization(block_n=block_n, num_warps=4, num_stages=3 if head_dim <= 128 else 2)
-    spec = replace(spec, dtype=_DTYPES[dtype], head_dim=head_dim, capability=tuple(capability), block_q=block_q)
+    spec = replace(spec, dtype=_DTYPES[dtype], head_dim=head_dim, capability=tuple(capability), block_q=block_q,
+                   kv_int8=bool(kv_int8))
     return replace(spec, **(tuning or {}))
 
 
@@ -95,9 +97,10 @@ def _plan(pattern: Pattern):
 
 
 @lru_cache(maxsize=256)
-def _module(pattern: Pattern, dtype: torch.dtype, head_dim: int, q_len: int, device: torch.device):
+def _module(pattern: Pattern, dtype: torch.dtype, head_dim: int, q_len: int, device: torch.device,
+            kv_int8: bool = False):
     """Specialisation and module per call shape, memoised: a decode step pays no codegen lookups."""
-    spec = choose_decode(pattern, dtype, head_dim, q_len, device)
+    spec = choose_decode(pattern, dtype, head_dim, q_len, device, kv_int8=kv_int8)
     return spec, decode_module(pattern, spec)
 
 
@@ -178,11 +181,12 @@ def paged_attention(q: torch.Tensor, cache: PagedKVCache, seqs: Union[Sequence[H
     # bf16 under the interpreter runs on float32 copies (see validate.interpreter_compute_dtype)
     compute = interpreter_compute_dtype(q.dtype) or q.dtype
     kq = q.to(compute)
+    int8 = cache.quantized
     if tuning:
-        spec = choose_decode(pattern, compute, d, q_len, q.device, tuning)
+        spec = choose_decode(pattern, compute, d, q_len, q.device, tuning, kv_int8=int8)
         module = decode_module(pattern, spec)
     else:
-        spec, module = _module(pattern, compute, d, q_len, q.device)
+        spec, module = _module(pattern, compute, d, q_len, q.device, int8)
     if out is None:
         out = torch.empty_like(q)
     lse = torch.empty(b, heads, q_len, dtype=torch.float32, device=q.device)
@@ -196,8 +200,12 @@ def paged_attention(q: torch.Tensor, cache: PagedKVCache, seqs: Union[Sequence[H
         topk.reset(batch.slots, batch.seq_lens == q_len)  # sequences new to their slot start afresh
         extra = topk.kernel_args(b, heads)
     kout = out if compute == q.dtype else torch.empty_like(kq)
-    module.launch(kq, kout, lse, cache.k_pages.to(compute), cache.v_pages.to(compute), cache.block_tables,
-                  batch.slots, batch.seq_lens, q_len, int(n_splits), scale, **extra)
+    if int8:  # int8 pages are dequantised inside the kernel, to the compute dtype
+        pages = (cache.k_pages, cache.v_pages, cache.k_scale, cache.k_bias, cache.v_scale, cache.v_bias)
+    else:
+        pages = (cache.k_pages.to(compute), cache.v_pages.to(compute))
+    module.launch(kq, kout, lse, *pages, cache.block_tables, batch.slots, batch.seq_lens,
+                  q_len, int(n_splits), scale, **extra)
     if kout is not out:
         out.copy_(kout)
     if topk is not None:
@@ -229,6 +237,8 @@ def cached_attention(cache: PagedKVCache, seq_ids: Sequence[Hashable], q: torch.
     n = q.shape[2]
     counts, offsets = padding_counts(len(seqs), n, lengths, left_padding)
     plan = table.plan_step(seq_ids, n, consumer=cache, counts=counts, offsets=offsets)
+    if table.tier is not None:  # this layer's pages moving between tiers land before it writes or reads
+        table.tier.wait(cache)
     cache.write(plan, k, v)
     if plan.only_needed:
         result = _prefill(q, k, v, cache.pattern, plan, scale, return_lse)

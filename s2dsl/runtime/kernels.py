@@ -31,7 +31,10 @@ def choose_forward(pattern: Pattern, dtype: torch.dtype, head_dim: int, layout: 
     else:
         spec = choose_forward_for_gpu(pattern, head_dim)
     spec = replace(spec, dtype=_DTYPES[dtype], head_dim=head_dim, layout=layout, capability=tuple(capability))
-    if spec.block_m > block and lower(pattern).has_topk:  # a tile takes the selection of its one query block
+    plan = lower(pattern)
+    # a tile takes the selection of its one query block; relative strides and two-sided windows
+    # are enumerated per query block too
+    if spec.block_m > block and plan.one_block_tiles:
         spec = replace(spec, block_m=block, num_warps=min(spec.num_warps, 4))
     return replace(spec, **(tuning or {}))
 
@@ -41,7 +44,8 @@ def choose_forward_for_gpu(pattern: Pattern, head_dim: int) -> Specialization:
     blocks at a time inside the window beat the other shapes tried at head dim 128."""
     big = head_dim > 128
     block_m = 64 if big else 128
-    if lower(pattern).has_topk:  # a tile takes the selection of its one query block
+    plan = lower(pattern)
+    if plan.one_block_tiles:  # a tile stays inside one query block
         block_m = min(block_m, pattern.block)
     return Specialization(head_dim=head_dim, capability=(9, 0), block_m=block_m,
                           block_n=min(pattern.block, 32 if big else 64),

@@ -35,6 +35,7 @@ import torch
 
 from ..pattern import Pattern
 from .paging import DecodeBatch, OutOfPagesError, PageTable, StepPlan, kv_efficient_heads
+from .quant import QuantizedPages, dequantize_pages, quantize_pages
 
 __all__ = ["PagedKVCache", "OutOfPagesError", "dense_pattern", "DecodeBatch", "StepPlan", "PageTable"]
 
@@ -58,7 +59,7 @@ class PagedKVCache:
 
     def __init__(self, pattern: Pattern, *, num_pages: int, head_dim: int, dtype: torch.dtype = torch.float16,
                  device="cpu", max_seqs: int = 8, evict: bool = True, lookahead: int = 0,
-                 table: Optional[PageTable] = None):
+                 table: Optional[PageTable] = None, kv_dtype: Optional[torch.dtype] = None):
         if not isinstance(pattern, Pattern):
             raise TypeError(f"pattern must be an s2dsl.Pattern, got {type(pattern).__name__}")
         if not pattern.causal:
@@ -68,6 +69,8 @@ class PagedKVCache:
             raise ValueError(f"num_pages must be >= 1, got {num_pages}")
         if head_dim < 1:
             raise ValueError(f"head_dim must be >= 1, got {head_dim}")
+        if kv_dtype not in (None, dtype, torch.int8):
+            raise ValueError(f"kv_dtype must be torch.int8 or the compute dtype {dtype} (None); got {kv_dtype}")
         if table is None:
             table = PageTable(pattern, num_pages=num_pages, device=device, max_seqs=max_seqs, evict=evict,
                               lookahead=lookahead)
@@ -97,10 +100,17 @@ class PagedKVCache:
         self.num_pages = num_pages
         # zero pages: masked lanes of the kernels multiply stale page contents by 0, which must
         # be finite. One spare page after the pool takes the writes of padding and skipped tokens.
-        self._k_all = torch.zeros(num_pages + 1, self.block, head_dim, dtype=dtype, device=self.device)
-        self._v_all = torch.zeros(num_pages + 1, self.block, head_dim, dtype=dtype, device=self.device)
+        # INT8: codes in the pages, a float32 scale and bias per page and channel beside them
+        # (``s2dsl.runtime.quant``); zeros dequantise to 0, so unwritten pages stay finite too.
+        self.quantized = kv_dtype == torch.int8
+        self.kv_dtype = torch.int8 if self.quantized else dtype
+        self._k_all = torch.zeros(num_pages + 1, self.block, head_dim, dtype=self.kv_dtype, device=self.device)
+        self._v_all = torch.zeros(num_pages + 1, self.block, head_dim, dtype=self.kv_dtype, device=self.device)
         self.k_pages = self._k_all[:num_pages]
         self.v_pages = self._v_all[:num_pages]
+        if self.quantized:
+            self._qparams = torch.zeros(4, num_pages + 1, head_dim, dtype=torch.float32, device=self.device)
+            self.k_scale, self.k_bias, self.v_scale, self.v_bias = self._qparams
 
     @property
     def shared(self) -> bool:
@@ -163,8 +173,9 @@ class PagedKVCache:
 
     @property
     def page_bytes(self) -> int:
-        """Bytes of one page of K plus its page of V."""
-        return 2 * self.block * self.head_dim * self.k_pages.element_size()
+        """Bytes of one page of K plus its page of V (with their scales and biases when INT8)."""
+        qbytes = 2 * 2 * self.head_dim * 4 if self.quantized else 0
+        return 2 * self.block * self.head_dim * self.k_pages.element_size() + qbytes
 
     def memory_bytes(self) -> int:
         """K/V bytes of the pages in use."""
@@ -218,10 +229,42 @@ class PagedKVCache:
         d = self.head_dim
         dest = plan.dest
         with torch.no_grad():
+            if self.quantized:
+                self._write_int8(plan, dest, k, v)
+                return
             kk = k.detach().to(device=self.device, dtype=self.dtype).reshape(-1, d)
             vv = v.detach().to(device=self.device, dtype=self.dtype).reshape(-1, d)
             self._k_all.view(-1, d).index_copy_(0, dest, kk)
             self._v_all.view(-1, d).index_copy_(0, dest, vv)
+
+    def _write_int8(self, plan: StepPlan, dest: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Quantise on write, a whole page at a time: each page a write touches is dequantised,
+        takes the new tokens at full precision, and is quantised again over the tokens it holds
+        (a page's tokens are a prefix, so that is up to the last offset written). A page that
+        is written whole (prefill) is quantised once, from the 16-bit values; the last page of
+        a decoding sequence is requantised at each token until full. Re-rounding is exact while
+        the page's range holds (the old codes come back); when a new token widens a channel's
+        range the older tokens of that page and channel pick up at most half a new step more.
+        (Chosen over a 16-bit copy of each sequence's last page: no second store to keep in step
+        through crops, padding and CUDA graphs; the price is an error bound that grows with the
+        widenings of a decoded page, about one step in tests, against half a step.)"""
+        d, blk = self.head_dim, self.block
+        dest = dest.to(torch.long)
+        page, off = dest // blk, dest % blk
+        if plan.n == 1:  # decoding: one token per (sequence, kv head), each in its own page; no sync
+            pages, inv = page, torch.arange(page.numel(), device=page.device)
+        else:
+            pages, inv = torch.unique(page, return_inverse=True)
+        valid = torch.zeros(pages.numel(), dtype=torch.long, device=page.device).scatter_reduce_(
+            0, inv, off + 1, reduce="amax")
+        for codes, sc, bi, new in ((self._k_all, self._qparams[0], self._qparams[1], k),
+                                   (self._v_all, self._qparams[2], self._qparams[3], v)):
+            cur = dequantize_pages(QuantizedPages(codes[pages], sc[pages], bi[pages]))
+            cur[inv, off] = new.detach().to(device=self.device, dtype=torch.float32).reshape(-1, d)
+            qp = quantize_pages(cur, valid, check=False)
+            codes[pages] = qp.codes
+            sc[pages] = qp.scale
+            bi[pages] = qp.bias
 
     def evict(self, seq_ids: Optional[Sequence[Hashable]] = None) -> None:
         """Free the pages the pattern no longer needs (for the next query, ``lookahead`` tokens back)."""
@@ -243,8 +286,15 @@ class PagedKVCache:
         n_blocks = -(-n // b)
         pages = self.table.tables[seq.slot, :, :n_blocks].to(torch.long)      # (kvh, n_blocks)
         held = (pages >= 0).view(self.kv_heads, n_blocks, 1, 1)
-        k = torch.where(held, self.k_pages[pages.clamp(min=0)], 0).reshape(self.kv_heads, n_blocks * b, self.head_dim)
-        v = torch.where(held, self.v_pages[pages.clamp(min=0)], 0).reshape(self.kv_heads, n_blocks * b, self.head_dim)
+        k, v = self.k_pages[pages.clamp(min=0)], self.v_pages[pages.clamp(min=0)]
+        if self.quantized:  # the values the kernel computes with
+            p = pages.clamp(min=0)
+            k = dequantize_pages(QuantizedPages(k.flatten(0, 1), self.k_scale[p].flatten(0, 1),
+                                                self.k_bias[p].flatten(0, 1))).view(k.shape)
+            v = dequantize_pages(QuantizedPages(v.flatten(0, 1), self.v_scale[p].flatten(0, 1),
+                                                self.v_bias[p].flatten(0, 1))).view(v.shape)
+        k = torch.where(held, k, 0).reshape(self.kv_heads, n_blocks * b, self.head_dim)
+        v = torch.where(held, v, 0).reshape(self.kv_heads, n_blocks * b, self.head_dim)
         return k[:, :n].to(self.dtype), v[:, :n].to(self.dtype)
 
     # ------------------------------------------------------------------ internals

@@ -204,6 +204,7 @@ class PageTable:
         self.defer_eviction = False
         self.static_max_len = 0  # > 0: tables fixed, for static steps (CUDA graphs hold them)
         self.in_static_step = False  # between prepare_static and commit_static: plan by device ops alone
+        self.tier = None  # an ALISA host tier (s2dsl.runtime.host_tier): readies the pages before each plan
 
     # ------------------------------------------------------------------ storage
     def _alloc_tables(self, slots: int, width: int):
@@ -346,7 +347,7 @@ class PageTable:
         if cand is not None:
             idx, cur, held = cand
             self._push_free(cur, held)
-            self._tables_flat[torch.where(held, idx, self._tables_flat.numel() - 1)] = -1
+            self._clear(torch.where(held, idx, self._tables_flat.numel() - 1))
         for s, a in zip(seqs, at):
             s.evicted_at = max(s.evicted_at, a)
 
@@ -361,11 +362,17 @@ class PageTable:
         cur = self._tables_flat[idx]
         return idx, cur, cand & (cur >= 0)
 
+    def _clear(self, idx: torch.Tensor) -> None:
+        """Unmap the table entries ``idx`` (the spare entry absorbs the lanes that unmap nothing).
+        A fill with a scalar argument, not an indexed store of ``-1``: the store would copy a host
+        scalar to the device, which a CUDA graph capture refuses."""
+        self._tables_flat.index_fill_(0, idx.reshape(-1), -1)
+
     def evict_tensors(self, slots: torch.Tensor, at: torch.Tensor, width: int) -> None:
         """The device side of eviction at query positions ``at`` (batch,): no host sync."""
         idx, cur, held = self._candidates(slots, at, width)
         self._push_free(cur, held)
-        self._tables_flat[torch.where(held, idx, self._tables_flat.numel() - 1)] = -1
+        self._clear(torch.where(held, idx, self._tables_flat.numel() - 1))
 
     def evict(self, seq_ids) -> None:
         seqs = self.seqs(seq_ids)
@@ -399,6 +406,8 @@ class PageTable:
         if self.in_static_step and n == 1 and counts is None and offsets is None and not only_needed:
             p = self._plan_static(seq_ids)
         else:
+            if self.tier is not None:
+                self.tier.prepare(seq_ids, n, only_needed)
             p = self._plan(seq_ids, n, counts, offsets, only_needed)
         self.plan = p
         if consumer is not None:
@@ -506,6 +515,9 @@ class PageTable:
         """Plan one-token steps with device ops alone, for sequences of up to ``max_length``
         tokens: the tables are made that wide now, and the host learns of each step only through
         ``prepare_static`` (before) and ``commit_static`` (after). ``disable_static`` ends it."""
+        if self.tier is not None:
+            raise RuntimeError("static (CUDA-graph) decode steps do not move pages between tiers: use a cache "
+                               "without a host tier (host_pages) for them")
         self.reserve(slots=slots, max_length=max_length)
         self.static_max_len = max_length
 

@@ -39,11 +39,13 @@ class QuantizedPages(NamedTuple):
         return sum(t.numel() * t.element_size() for t in self)
 
 
-def quantize_pages(x: torch.Tensor, valid: Optional[torch.Tensor] = None) -> QuantizedPages:
+def quantize_pages(x: torch.Tensor, valid: Optional[torch.Tensor] = None, *, check: bool = True) -> QuantizedPages:
     """Quantise ``x`` ``[pages, block, head_dim]`` (any float dtype) channel-wise per page.
 
     ``valid`` (int ``[pages]``, optional): the number of leading tokens of each page that hold
-    data; the others are ignored for the range and get code QMIN."""
+    data; the others are ignored for the range and get code QMIN. ``check=False`` skips the
+    value checks that read the device (a cache writing inside a CUDA graph; its callers
+    validated the counts)."""
     if x.dim() != 3:
         raise ValueError(f"x must be [pages, block, head_dim]; got shape {tuple(x.shape)}")
     if not x.is_floating_point():
@@ -54,7 +56,7 @@ def quantize_pages(x: torch.Tensor, valid: Optional[torch.Tensor] = None) -> Qua
         valid = torch.as_tensor(valid, device=x.device).long()
         if valid.shape != (pages,):
             raise ValueError(f"valid must have one count per page ({pages}); got shape {tuple(valid.shape)}")
-        if bool(((valid < 0) | (valid > block)).any()):
+        if check and bool(((valid < 0) | (valid > block)).any()):
             raise ValueError(f"valid counts must lie in [0, {block}]")
         live = (torch.arange(block, device=x.device).view(1, -1, 1) < valid.view(-1, 1, 1))
         lo = torch.where(live, xf, torch.inf).amin(1)
@@ -65,7 +67,7 @@ def quantize_pages(x: torch.Tensor, valid: Optional[torch.Tensor] = None) -> Qua
     else:
         live = None
         lo, hi = xf.amin(1), xf.amax(1)
-    if not bool(torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+    if check and not bool(torch.isfinite(lo).all() and torch.isfinite(hi).all()):
         raise ValueError("cannot quantise K/V holding NaN or infinity")
     span = hi - lo
     flat = span <= _TINY * torch.maximum(lo.abs(), hi.abs()).clamp_min(1.0)

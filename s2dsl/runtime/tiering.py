@@ -207,3 +207,21 @@ def measure_machine(device="cuda", nbytes: int = 256 << 20) -> MachineCosts:
 def with_int8(w: Workload) -> Workload:
     """The same workload with INT8 K/V codes (scale and bias per page channel: 2·4/block bytes more)."""
     return replace(w, kv_bytes=1.0 + 8.0 / w.block)
+
+
+def workload_for(pattern, *, batch: int, context: int, head_dim: int, hidden: int, layers: int = 1,
+                 kv_int8: bool = False, churn: float = 0.1) -> Workload:
+    """The ``Workload`` of decoding ``batch`` sequences of ``context`` tokens under ``pattern``: the
+    pages a step reads per kv head are the decode kernel's own count of its static blocks (largest
+    over kv heads) plus the pattern's top-k."""
+    from ..codegen.lower import lower
+    from .decode import kept_blocks_for_query
+    top = lower(pattern).max_topk if lower(pattern).has_topk else 0
+    last = max(context - 1, 0)
+    static = max(kept_blocks_for_query(pattern, g, last, last) for g in range(pattern.kv_heads))
+    pages = math.ceil(max(context, 1) / pattern.block)
+    read = min(static + top, pages)
+    w = Workload(batch=batch, context=max(context, 1), kv_heads=pattern.kv_heads, head_dim=head_dim,
+                 block=pattern.block, hidden=hidden, read_pages=read, topk_pages=min(top, read), churn=churn,
+                 layers=layers)
+    return with_int8(w) if kv_int8 else w

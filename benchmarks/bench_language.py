@@ -1,0 +1,189 @@
+"""Round-2 language constructs on the GPU: DKernel's bidirectional family (two-sided window
++ relative stride) vs FlexAttention with the same block mask, DKernel's own non-causal
+kernel and SDPA flash (dense); plus the causal local-stride points against DKernel, all in
+the same run.
+
+Checks first (bf16, random inputs, outputs poisoned with NaN, against the float32
+reference), then times with the median of triton.testing.do_bench; prints a table and
+writes JSON to --out.
+
+    PYTHONPATH=shared/anchors python benchmarks/bench_language.py --seqs 8192 32768 --out lang.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch
+import triton
+
+import s2dsl
+from s2dsl.runtime.attention import forward
+
+import dkernel_baseline
+
+BLOCK, LOCAL, HEADS, DIM = 64, 16, 32, 128
+
+
+def bidirectional(stride: int):
+    """DKernel's non-causal default: local_blocks=(16, 16), relative vertical stride."""
+    return s2dsl.local_stride(block=BLOCK, local_blocks=LOCAL, vert_stride=stride, heads=HEADS, causal=False,
+                              name=f"bi_local16_rel{stride}")
+
+
+def causal(stride: int):
+    return s2dsl.local_stride(block=BLOCK, local_blocks=LOCAL, vert_stride=stride, heads=HEADS,
+                              name=f"local16_stride{stride}")
+
+
+def inputs(n, dtype=torch.bfloat16, seed=0):
+    torch.manual_seed(seed)
+    return tuple(torch.randn(1, HEADS, n, DIM, device="cuda", dtype=dtype) for _ in range(3))
+
+
+def check(pattern, n: int) -> float:
+    q, k, v = inputs(n)
+    out = torch.full_like(q, float("nan"))
+    out, _ = forward(q, k, v, pattern, out=out)
+    ref = s2dsl.reference_attention(q.float(), k.float(), v.float(), pattern)
+    assert torch.isfinite(out).all(), f"{pattern.name}: unwritten or NaN output"
+    err = ((out.float() - ref).norm() / ref.norm()).item()
+    assert err < 2e-2, f"{pattern.name} n={n}: relative error {err}"
+    return err
+
+
+def sliding_window(tokens: int):
+    return s2dsl.parse(f"pattern swa{tokens} {{ block = {BLOCK} heads = {HEADS} causal "
+                       f"heads * {{ window {tokens} tokens }} }}")[f"swa{tokens}"]
+
+
+def flex_sliding(tokens: int, n: int):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (q_idx - kv_idx < tokens)
+
+    mask = torch.compile(create_block_mask)(mask_mod, 1, 1, n, n, device="cuda", BLOCK_SIZE=BLOCK)
+    compiled = torch.compile(flex_attention)
+    return lambda q, k, v: compiled(q, k, v, block_mask=mask, kernel_options={"BLOCK_M": BLOCK, "BLOCK_N": BLOCK})
+
+
+def flex_bidirectional(stride: int, n: int):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        d = q_idx // BLOCK - kv_idx // BLOCK
+        left = torch.clamp(d - LOCAL + 1, min=0)
+        right = torch.clamp(-d - LOCAL + 1, min=0)
+        return (left + right) % stride == 0
+
+    t0 = time.perf_counter()
+    mask = torch.compile(create_block_mask)(mask_mod, 1, 1, n, n, device="cuda", BLOCK_SIZE=BLOCK)
+    torch.cuda.synchronize()
+    plan_s = time.perf_counter() - t0
+    compiled = torch.compile(flex_attention)
+    options = {"BLOCK_M": BLOCK, "BLOCK_N": BLOCK}
+    return (lambda q, k, v: compiled(q, k, v, block_mask=mask, kernel_options=options)), plan_s
+
+
+def bench(fn, *args) -> float:
+    return triton.testing.do_bench(lambda: fn(*args), warmup=50, rep=200, return_mode="median")
+
+
+def run_point(pattern, stride: int, n: int, is_causal: bool, use_flex: bool, use_dkernel: bool) -> dict:
+    q, k, v = inputs(n)
+    row = {"pattern": pattern.name, "seq": n, "causal": is_causal}
+    row["s2dsl_ms"] = bench(lambda a, b, c: forward(a, b, c, pattern), q, k, v)
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
+        row["sdpa_flash_ms"] = bench(lambda a, b, c: torch.nn.functional.scaled_dot_product_attention(
+            a, b, c, is_causal=is_causal), q, k, v)
+    if use_dkernel:
+        try:
+            dk = dkernel_baseline.local_stride(HEADS, n, block=BLOCK, local_blocks=LOCAL, vert_stride=stride,
+                                               causal=is_causal)
+            if n <= 32768:  # the same work? DKernel's output vs s2dsl's
+                ref = forward(q, k, v, pattern)[0].float()
+                row["dkernel_vs_s2dsl_rel"] = ((dk(q, k, v).float() - ref).norm() / ref.norm()).item()
+                del ref
+            row["dkernel_ms"] = bench(dk, q, k, v)
+        except Exception as exc:  # noqa: BLE001 - a baseline failing is a result too
+            row["dkernel_error"] = f"{type(exc).__name__}: {exc}"[:200]
+    if use_flex and not is_causal:
+        try:
+            fn, plan_s = flex_bidirectional(stride, n)
+            if n <= 32768:
+                ref = forward(q, k, v, pattern)[0].float()
+                row["flex_vs_s2dsl_rel"] = ((fn(q, k, v).float() - ref).norm() / ref.norm()).item()
+                del ref
+            row["flex_ms"] = bench(fn, q, k, v)
+            row["flex_plan_s"] = plan_s
+        except Exception as exc:  # noqa: BLE001
+            row["flex_error"] = f"{type(exc).__name__}: {exc}"[:200]
+    for key in ("dkernel_ms", "flex_ms", "sdpa_flash_ms"):
+        if key in row:
+            row[key.replace("_ms", "_over_s2dsl")] = row[key] / row["s2dsl_ms"]
+    return row
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seqs", type=int, nargs="+", default=[8192, 32768])
+    ap.add_argument("--strides", type=int, nargs="+", default=[8, 32])
+    ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--no-dkernel", action="store_true")
+    ap.add_argument("--no-causal", action="store_true", help="skip the causal local-stride points")
+    ap.add_argument("--windows", type=int, nargs="*", default=[4096],
+                    help="token sliding windows (Mistral-style) to time against Flex and SDPA")
+    ap.add_argument("--out", type=str, default="")
+    args = ap.parse_args()
+    ok, why = dkernel_baseline.available()
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}"
+          f"  dkernel: {'yes' if ok else why}")
+    checks, rows = {}, []
+    for stride in args.strides:
+        patterns = [(bidirectional(stride), False)] + ([] if args.no_causal else [(causal(stride), True)])
+        for pattern, is_causal in patterns:
+            checks[pattern.name] = check(pattern, 2048 + 37)
+            print(f"check {pattern.name}: rel err bf16 {checks[pattern.name]:.2e}")
+            for n in args.seqs:
+                row = run_point(pattern, stride, n, is_causal, not args.no_flex, not args.no_dkernel and ok)
+                rows.append(row)
+                print(json.dumps(row))
+    for tokens in args.windows:
+        pattern = sliding_window(tokens)
+        checks[pattern.name] = check(pattern, 2048 + 37 + tokens)
+        print(f"check {pattern.name}: rel err bf16 {checks[pattern.name]:.2e}")
+        for n in args.seqs:
+            row = run_point(pattern, 0, n, True, False, False)
+            if not args.no_flex:
+                try:
+                    q, k, v = inputs(n)
+                    fn = flex_sliding(tokens, n)
+                    row["flex_ms"] = bench(fn, q, k, v)
+                    row["flex_over_s2dsl"] = row["flex_ms"] / row["s2dsl_ms"]
+                except Exception as exc:  # noqa: BLE001
+                    row["flex_error"] = f"{type(exc).__name__}: {exc}"[:200]
+            rows.append(row)
+            print(json.dumps(row))
+    print("\n| pattern | seq | s2dsl ms | Flex ms (x) | DKernel ms (x) | SDPA flash ms (x) |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        def cell(key):
+            return f"{r[key + '_ms']:.3f} ({r[key + '_over_s2dsl']:.2f})" if key + "_ms" in r else "-"
+        print(f"| {r['pattern']} | {r['seq']} | {r['s2dsl_ms']:.3f} | {cell('flex')} | {cell('dkernel')} | "
+              f"{cell('sdpa_flash')} |")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                                              "triton": triton.__version__, "checks": checks, "rows": rows},
+                                             indent=1))
+
+
+if __name__ == "__main__":
+    main()

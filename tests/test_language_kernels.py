@@ -1,0 +1,120 @@
+"""Generated kernels for the round-2 constructs they run: two-sided windows, relative
+strides and token windows (forward), against the dense reference under the Triton interpreter."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import s2dsl
+from s2dsl.codegen.lower import UnsupportedPattern, lower
+from s2dsl.runtime.attention import InputError, forward
+
+from kernel_strategies import random_inputs
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
+TOL = {torch.float32: 2e-5, torch.float16: 2e-3}
+
+
+@st.composite
+def distance_patterns(draw):
+    """Small bidirectional or causal patterns mixing two-sided windows, relative strides,
+    sinks, residues and dense heads."""
+    causal = draw(st.booleans())
+    heads = draw(st.sampled_from([1, 2, 4]))
+    kv = draw(st.sampled_from([d for d in (1, 2) if heads % d == 0]))
+    bodies = []
+    for h in range(heads):
+        parts = []
+        if draw(st.integers(0, 6)) == 0:
+            parts = ["dense"]
+        else:
+            w = draw(st.integers(0, 3))
+            a = 0 if causal else draw(st.integers(0, 2))
+            if w or a:
+                parts.append(f"window {w}" + (f" ahead {a}" if a else ""))
+            if draw(st.integers(0, 2)) == 0:
+                parts.append(f"window {draw(st.integers(1, 60))} tokens")  # the kernels: no relative stride too
+                if draw(st.booleans()):
+                    parts.append(f"sink {draw(st.integers(1, 40))} tokens")
+            elif draw(st.integers(0, 3)):
+                parts.append(f"stride {draw(st.integers(2, 5))} relative")
+            if draw(st.integers(0, 3)) == 0:
+                parts.append(f"sink {draw(st.integers(1, 2))}")
+            if draw(st.integers(0, 3)) == 0:
+                parts.append(f"stride {draw(st.integers(2, 4))} offset {draw(st.integers(0, 3))}")
+        bodies.append(f"heads {h}..{h} {{ {' '.join(parts) or 'window 1'} }}")
+    mode = "causal" if causal else "bidirectional"
+    return s2dsl.parse(f"pattern p {{ block = 16 heads = {heads} kv_heads = {kv} {mode} {' '.join(bodies)} }}")["p"]
+
+
+def _check(pattern, lq, lk, d, dtype, tuning=None, seed=0):
+    q, k, v = random_inputs(1, pattern.heads, pattern.kv_heads, lq, lk, d, dtype, seed=seed)
+    out, lse = forward(q, k, v, pattern, tuning=tuning)
+    ref, ref_lse = s2dsl.reference_attention(q, k, v, pattern, return_lse=True)
+    assert torch.isfinite(out.float()).all()
+    torch.testing.assert_close(out.float(), ref, atol=TOL[dtype], rtol=TOL[dtype])
+    torch.testing.assert_close(lse, ref_lse, atol=1e-3, rtol=1e-4)
+
+
+def test_dkernel_bidirectional_forward():
+    p = s2dsl.local_stride(block=16, local_blocks=(2, 2), vert_stride=3, heads=2, causal=False)
+    _check(p, 150, 150, 16, torch.float32)
+
+
+@settings(max_examples=int(os.environ.get("S2_EXAMPLES", 15)), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(pattern=distance_patterns(), data=st.data())
+def test_forward_matches_reference(pattern, data):
+    lk = data.draw(st.integers(1, 120), label="kv_len")
+    lq = data.draw(st.integers(1, lk), label="q_len") if pattern.causal else lk
+    dtype = data.draw(st.sampled_from([torch.float32, torch.float16]), label="dtype")
+    tuning = {"block_m": 16, "block_n": 16, "window_span": data.draw(st.sampled_from([1, 2]), label="span"),
+              "residue_span": data.draw(st.sampled_from([1, 2]), label="residue_span")}
+    _check(pattern, lq, lk, 16, dtype, tuning, seed=lq * 7 + lk)
+
+
+def test_mistral_style_token_window_forward():
+    p = s2dsl.parse("pattern p { block = 16 heads = 2 kv_heads = 1 heads * { window 37 tokens } }")["p"]
+    _check(p, 130, 130, 16, torch.float16)
+    _check(p, 20, 150, 16, torch.float32)  # queries after a past
+
+
+def test_streaming_llm_token_sinks_forward():
+    p = s2dsl.parse("pattern p { block = 16 heads = 4 kv_heads = 2 heads 0..2 { sink 4 tokens window 21 tokens } "
+                    "heads 3..3 { dense } }")["p"]
+    _check(p, 140, 140, 16, torch.float16)
+    _check(p, 17, 150, 16, torch.float32)
+
+
+def test_tile_larger_than_block_is_refused_not_wrong():
+    p = s2dsl.local_stride(block=16, local_blocks=(2, 2), vert_stride=3, heads=2, causal=False)
+    q, k, v = random_inputs(1, 2, 2, 64, 64, 16, torch.float32)
+    with pytest.raises(ValueError, match="one query block"):
+        forward(q, k, v, p, tuning={"block_m": 32, "block_n": 16})
+
+
+@pytest.mark.parametrize("body", ["window 8 ahead 4 tokens", "global 1 window 1",
+                                  "window 40 tokens stride 3 relative"])
+def test_other_constructs_are_refused_with_a_message(body):
+    p = s2dsl.parse(f"pattern p {{ block = 16 heads = 1 bidirectional heads * {{ {body} }} }}")["p"]
+    with pytest.raises(UnsupportedPattern, match="do not run yet"):
+        lower(p)
+    q, k, v = random_inputs(1, 1, 1, 32, 32, 16, torch.float32)
+    with pytest.raises(InputError, match="do not run yet"):
+        forward(q, k, v, p)
+
+
+def test_backward_and_decode_refuse_what_they_do_not_run():
+    from s2dsl.codegen.backward import generate_backward
+    from s2dsl.codegen.decode import DecodeSpecialization, generate_decode
+    from s2dsl.runtime.backward import _as_backward, choose_backward_for_gpu
+    for text in ("heads * { window 37 tokens }", "heads * { window 2 stride 3 relative }"):
+        p = s2dsl.parse(f"pattern p {{ block = 16 heads = 2 {text} }}")["p"]
+        with pytest.raises(UnsupportedPattern, match="do not run|does not run"):
+            generate_backward(lower(p), _as_backward(choose_backward_for_gpu(p, 64)))
+        with pytest.raises(UnsupportedPattern, match="does not run"):
+            generate_decode(lower(p), DecodeSpecialization())
