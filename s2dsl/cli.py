@@ -20,6 +20,7 @@ from . import __version__
 from .errors import S2Error
 from .pattern import HeadSpec, Pattern
 from .semantics import S2File
+from .printer import format_ranges as _span
 from .visualize import MAX_DRAWN_BLOCKS  # visualize imports matplotlib only when it draws
 
 SEQ_LENS = (8192, 32768, 131072)
@@ -77,23 +78,6 @@ def _select(f: S2File, name: Optional[str], path: str) -> List[Pattern]:
         known = ", ".join(f.patterns) or "none"
         raise CliError(f"{path}: no pattern named '{name}' (patterns: {known})")
     return [f.patterns[name]]
-
-
-def _span(values: Sequence[int]) -> str:
-    """0,1,2,3,8,9 -> '0..3, 8..9'; an arithmetic progression of 3+ -> '1..31 step 2'."""
-    values = list(values)
-    if not values:
-        return "none"
-    if len(values) >= 3:
-        step = values[1] - values[0]
-        if step > 1 and all(b - a == step for a, b in zip(values, values[1:])):
-            return f"{values[0]}..{values[-1]} step {step}"
-    out, start = [], values[0]
-    for a, b in zip(values, values[1:] + [None]):
-        if b != a + 1:
-            out.append(str(start) if start == a else f"{start}..{a}")
-            start = b
-    return ", ".join(out)
 
 
 def _seq_label(n: int) -> str:

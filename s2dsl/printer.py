@@ -1,7 +1,7 @@
 """IR -> canonical .s2 text. ``parse(format_module(m)) == m`` for every module ``m``."""
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 from . import ir
 
@@ -193,3 +193,20 @@ def pattern_def_from_specs(pattern) -> ir.PatternDef:
     prefix = ir.Num(pattern.prefix) if pattern.prefix else None
     return ir.PatternDef(pattern.name, ir.Num(pattern.block), ir.Num(pattern.heads), kv, pattern.causal, tuple(groups),
                          prefix=prefix, prefix_tokens=bool(pattern.prefix))
+
+
+def format_ranges(values: Sequence[int]) -> str:
+    """0,1,2,3,8,9 -> '0..3, 8..9'; an arithmetic progression of 3+ -> '1..31 step 2'."""
+    values = list(values)
+    if not values:
+        return "none"
+    if len(values) >= 3:
+        step = values[1] - values[0]
+        if step > 1 and all(b - a == step for a, b in zip(values, values[1:])):
+            return f"{values[0]}..{values[-1]} step {step}"
+    out, start = [], values[0]
+    for a, b in zip(values, values[1:] + [None]):
+        if b != a + 1:
+            out.append(str(start) if start == a else f"{start}..{a}")
+            start = b
+    return ", ".join(out)

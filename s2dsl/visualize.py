@@ -12,6 +12,7 @@ import textwrap
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from .pattern import HeadSpec, Pattern
+from .printer import format_ranges
 
 DEFAULT_BLOCKS = 64
 MAX_DRAWN_BLOCKS = 512
@@ -31,8 +32,7 @@ def distinct_heads(pattern: Pattern) -> List[Tuple[HeadSpec, List[int]]]:
 
 
 def _heads_label(heads: Sequence[int], limit: int = 28) -> str:
-    from .cli import _span
-    text = _span(heads)
+    text = format_ranges(heads)
     if len(text) > limit:
         text = text[: limit - 3].rsplit(",", 1)[0] + ", ..."
     return ("h " if len(heads) == 1 else "heads ") + text
