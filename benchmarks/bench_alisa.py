@@ -82,8 +82,16 @@ def greedy(model, ids, cache, steps):
 
 
 def budget_pages(pattern, prompt: int, batch: int) -> int:
-    """Per layer: the prompt's pages (every page of a top-k kv head) plus one block per (sequence, kv head)."""
-    return batch * pattern.kv_heads * (-(-prompt // pattern.block) + 1)
+    """Per layer and (sequence, kv head): the prompt's pages (a top-k kv head keeps them all), and at
+    least what one step reads plus the page a step may open. A kv head reads the union of its q
+    heads' selections: up to the sum of their K, beside the widest static part."""
+    g = pattern.group_size
+    reads = 0
+    for kv in range(pattern.kv_heads):
+        specs = pattern.head_specs[kv * g:(kv + 1) * g]
+        static = max(s.window + s.sink for s in specs)
+        reads = max(reads, static + sum(t.k for s in specs for t in s.topk))
+    return batch * pattern.kv_heads * max(-(-prompt // pattern.block) + 1, reads + 2)
 
 
 def run_s2dsl(model, plan, ids, steps, gpu_pages, host_pages, kv_dtype=None):
@@ -142,16 +150,18 @@ def main():
               f"bf16 matmul {costs.matmul_tflops:.0f} TFLOP/s")
 
     # 1. correctness
-    # decoding grows each sequence past the budget (prompt + 1 block), so pages move down
-    prompt, batch, steps = (40, 2, 40) if tiny else (512, 4, 256)
-    final = prompt + steps
+    prompt, batch = (40, 2) if tiny else (512, 4)
     plan = swa_plan(block, heads, kvh, cfg.num_hidden_layers, window=1 if tiny else 4, topk=2)
     pattern = hf.layer_patterns(model, plan, model_name="bench")[0]
+    # decode until each (sequence, kv head) holds two blocks more than the budget (which is at
+    # least what one step reads: the static part and the union of its q heads' top-k)
+    gpu = budget_pages(pattern, prompt, batch)
+    steps = (gpu // (batch * kvh) + 2) * block - prompt
+    final = prompt + steps
     ids = torch.randint(1, cfg.vocab_size, (batch, prompt), device=device,
                         generator=torch.Generator(device=device).manual_seed(0))
     total = batch * kvh * -(-final // block)
     ref, _ = run_s2dsl(model, plan, ids, steps, total + batch * kvh, None)
-    gpu = budget_pages(pattern, prompt, batch)
     out, row = run_s2dsl(model, plan, ids, steps, gpu, total)
     assert torch.equal(out, ref), "tokens with the host tier differ from the all-resident cache"
     assert row["moved_down"] > 0, "the correctness run never exceeded the GPU budget"
