@@ -15,8 +15,9 @@ read ~20% of the final context's pages (80% KV sparsity).
    * HF SDPA + DynamicCache all on the GPU (no budget: the upper bound where memory allows);
    with the dense KV / budget ratio, the pages moved and the phase the cost model chose.
 
-The GPU budget per layer is the pages the prompt needs (the tier cannot yet spill during a
-first prefill) plus one block per (sequence, kv head); decoding grows the KV to 2-4x that.
+The GPU budget per layer and (sequence, kv head) is the larger of the pages the prompt needs
+(the tier cannot yet spill during a first prefill) plus one, and what one step reads (static
+blocks plus the union of the group's top-k) plus two; decoding grows the KV to 2-4x that.
 
     python benchmarks/bench_alisa.py --out benchmarks/results/alisa.json            # ~6 min on an H100
     python benchmarks/bench_alisa.py --points 1024x8x2048 --out /tmp/a.json
