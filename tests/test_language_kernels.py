@@ -83,6 +83,16 @@ def test_mistral_style_token_window_forward():
     _check(p, 20, 150, 16, torch.float32)  # queries after a past
 
 
+def test_token_window_within_the_diagonal_block():
+    """A token window whose block hull is one block takes the window <= 1 generator (no loops
+    before the diagonal blocks, issue 16's ptxas fix); the token masks must still be applied
+    (found by hypothesis when the two changes met)."""
+    p = s2dsl.parse("pattern p { block = 16 heads = 2 kv_heads = 1 heads 0..0 { window 1 tokens } "
+                    "heads 1..1 { window 1 tokens sink 2 tokens } }")["p"]
+    for lq, lk in ((1, 1), (40, 40), (7, 50)):
+        _check(p, lq, lk, 16, torch.float32)
+
+
 def test_streaming_llm_token_sinks_forward():
     p = s2dsl.parse("pattern p { block = 16 heads = 4 kv_heads = 2 heads 0..2 { sink 4 tokens window 21 tokens } "
                     "heads 3..3 { dense } }")["p"]

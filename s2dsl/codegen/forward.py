@@ -483,14 +483,18 @@ def _with_token_windows(source: str) -> str:
             raise AssertionError(f"forward template changed: {old!r} not found")
         source = source.replace(old, new)
 
-    swap("edge = tl.minimum(tl.maximum(last_block - tl.maximum(window, 1) + 1, lo), first_block)",
-         "edge = tl.minimum(tl.maximum(last_block - tl.maximum(w_in, 1) + 1, lo), first_block)")
+    edge = "edge = tl.minimum(tl.maximum(last_block - tl.maximum(window, 1) + 1, lo), first_block)"
+    # absent when every head's window range is its diagonal blocks (window <= 1): then the
+    # diagonal loop is the only masked visit
+    narrow = edge not in source
+    if not narrow:
+        swap(edge, "edge = tl.minimum(tl.maximum(last_block - tl.maximum(w_in, 1) + 1, lo), first_block)")
     swap("SPAN: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):",
          "SPAN: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, tw):")
     swap("""            keep = keep[:, None] & (cols[None, :] < kv_len)""",
          """            near = rows[:, None] - cols[None, :]
             keep = (keep[:, None] | ((near >= 0) & (near < tw))) & (cols[None, :] < kv_len)""")
-    swap("HEAD_DIM, D_PAD)", "HEAD_DIM, D_PAD, tw, ts)", count=2)
+    swap("HEAD_DIM, D_PAD)", "HEAD_DIM, D_PAD, tw, ts)", count=1 if narrow else 2)
     swap("D_PAD: tl.constexpr, tw):", "D_PAD: tl.constexpr, tw, ts):")
     swap("keep = (keep[:, None] | ((near >= 0) & (near < tw)))",
          "keep = (keep[:, None] | ((near >= 0) & (near < tw)) | (cols[None, :] < ts))")
