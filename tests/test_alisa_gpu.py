@@ -11,26 +11,13 @@ from s2dsl.runtime.decode import cached_attention, paged_attention
 from s2dsl.runtime.host_tier import HostTier
 from s2dsl.runtime.kv_cache import PagedKVCache, dense_pattern
 
+from serving_helpers import decode_steps
+
 pytestmark = pytest.mark.gpu
 SWA = s2dsl.parse("pattern p { block = 64 heads = 32 kv_heads = 8 heads * { window 4 sink 1 topk 4 recent 8 } }")["p"]
 STATIC = s2dsl.local_stride(block=64, local_blocks=4, vert_stride=8, heads=32, kv_heads=8)
 DENSE = dense_pattern(32, 8, 64)
 D = 128
-
-
-def _decode(cache, data, prompt, steps, alternate):
-    ids = [cache.add_sequence() for _ in data]
-    for s, (q, k, v) in zip(ids, data):
-        cached_attention(cache, [s], q[:, :, :prompt], k[:, :, :prompt], v[:, :, :prompt])
-    outs = []
-    for pos in range(prompt, prompt + steps):
-        rows = [[i] for i in range(len(data))] if alternate else [list(range(len(data)))]
-        step = []
-        for r in rows:
-            q, k, v = (torch.cat([data[i][j][:, :, pos:pos + 1] for i in r]) for j in range(3))
-            step.append(cached_attention(cache, [ids[i] for i in r], q, k, v))
-        outs.append(torch.cat(step))
-    return torch.cat(outs, 2), ids
 
 
 def _data(pattern, n, batch):
@@ -66,13 +53,13 @@ def test_gpu_int8_decode_matches_float32_reference(pattern):
 def test_gpu_host_tier_is_lossless(kv_dtype):
     data = _data(SWA, 1600, 2)
     resident = PagedKVCache(SWA, num_pages=512, head_dim=D, dtype=torch.bfloat16, device="cuda", kv_dtype=kv_dtype)
-    ref, _ = _decode(resident, data, 1100, 500, alternate=True)
+    ref, _ = decode_steps(resident, data, 1100, 500, alternate=True)
     # the prompt's 18 blocks per (sequence, kv head) fit, the rest moves
     tiered = PagedKVCache(SWA, num_pages=2 * 8 * 19, head_dim=D, dtype=torch.bfloat16, device="cuda",
                           kv_dtype=kv_dtype)
     tier = HostTier(tiered.table, host_pages=2 * 8 * 26)
     tier.attach(tiered)
-    out, _ = _decode(tiered, data, 1100, 500, alternate=True)
+    out, _ = decode_steps(tiered, data, 1100, 500, alternate=True)
     torch.cuda.synchronize()
     assert torch.isfinite(out.float()).all()
     assert torch.equal(out, ref)

@@ -7,10 +7,10 @@ import os
 import pytest
 import torch
 
-import s2dsl
 
 transformers = pytest.importorskip("transformers")
 from s2dsl.integrations import hf  # noqa: E402
+from serving_helpers import tiny_llama  # noqa: E402
 
 kernels = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
 
@@ -30,14 +30,7 @@ model tiny {
 
 @pytest.fixture(scope="module")
 def model():
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    m = LlamaForCausalLM(config).eval()
-    hf.apply(m, s2dsl.parse(PLAN), model_name="tiny")
-    m.set_attn_implementation(hf.ATTN_IMPLEMENTATION)
-    return m
+    return tiny_llama(PLAN, attn=hf.ATTN_IMPLEMENTATION)
 
 
 def _teacher_forced(model, ids, prompt, **cache_kw):
@@ -93,14 +86,7 @@ model tiny {
 
 @pytest.fixture(scope="module")
 def swa_model():
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(1)
-    config = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    m = LlamaForCausalLM(config).eval()
-    hf.apply(m, s2dsl.parse(SWA_PLAN), model_name="tiny")
-    m.set_attn_implementation(hf.ATTN_IMPLEMENTATION)
-    return m
+    return tiny_llama(SWA_PLAN, seed=1, attn=hf.ATTN_IMPLEMENTATION)
 
 
 @kernels

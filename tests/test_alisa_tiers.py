@@ -9,9 +9,10 @@ import pytest
 import torch
 
 import s2dsl
-from s2dsl.runtime.decode import cached_attention
 from s2dsl.runtime.host_tier import HostFullError, HostTier
 from s2dsl.runtime.kv_cache import OutOfPagesError, PagedKVCache
+
+from serving_helpers import decode_steps
 
 interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
 D = 16
@@ -19,23 +20,6 @@ D = 16
 SWA = s2dsl.parse("pattern p { block = 16 heads = 4 kv_heads = 2 heads * { window 1 topk 2 recent 3 } }")["p"]
 # a static pattern: its kv heads are KV-efficient (the tier frees what the pattern drops)
 STATIC = s2dsl.local_stride(block=16, local_blocks=1, vert_stride=3, heads=4, kv_heads=2)
-
-
-def _decode(cache, data, prompt, steps, alternate=False):
-    """Prefill each sequence, then decode them together, or (``alternate``) one sequence per step:
-    a step then reads none of the other sequence's pages, which a tight pool moves down."""
-    ids = [cache.add_sequence() for _ in data]
-    for s, (q, k, v) in zip(ids, data):
-        cached_attention(cache, [s], q[:, :, :prompt], k[:, :, :prompt], v[:, :, :prompt])
-    outs = []
-    for pos in range(prompt, prompt + steps):
-        rows = [[i] for i in range(len(data))] if alternate else [list(range(len(data)))]
-        step = []
-        for r in rows:
-            q, k, v = (torch.cat([data[i][j][:, :, pos:pos + 1] for i in r]) for j in range(3))
-            step.append(cached_attention(cache, [ids[i] for i in r], q, k, v))
-        outs.append(torch.cat(step))
-    return torch.cat(outs, 2)
 
 
 def _data(pattern, n, batch, seed=0):
@@ -53,11 +37,11 @@ def _data(pattern, n, batch, seed=0):
 def test_spilling_to_the_host_is_lossless(pattern, kv_dtype, alternate):
     data = _data(pattern, 66, 2)
     resident = PagedKVCache(pattern, num_pages=64, head_dim=D, dtype=torch.float32, kv_dtype=kv_dtype)
-    ref = _decode(resident, data, 40, 26, alternate)
+    ref, _ = decode_steps(resident, data, 40, 26, alternate)
     tiered = PagedKVCache(pattern, num_pages=16, head_dim=D, dtype=torch.float32, kv_dtype=kv_dtype)
     tier = HostTier(tiered.table, host_pages=32, poison=kv_dtype is None)
     tier.attach(tiered)
-    out = _decode(tiered, data, 40, 26, alternate)
+    out, _ = decode_steps(tiered, data, 40, 26, alternate)
     assert torch.isfinite(out).all()
     assert torch.equal(out, ref)
     if pattern is SWA:
@@ -75,7 +59,7 @@ def test_nothing_moves_when_everything_fits():
     cache = PagedKVCache(SWA, num_pages=64, head_dim=D, dtype=torch.float32)
     tier = HostTier(cache.table, host_pages=8)
     tier.attach(cache)
-    _decode(cache, data, 40, 12)
+    decode_steps(cache, data, 40, 12)
     assert tier.moved_down == tier.moved_up == 0
 
 
@@ -86,13 +70,13 @@ def test_full_host_and_too_small_gpu_pools_are_refused_clearly():
     tier = HostTier(cache.table, host_pages=2)
     tier.attach(cache)
     with pytest.raises(HostFullError, match="host_pages"):
-        _decode(cache, data, 40, 10, alternate=True)
+        decode_steps(cache, data, 40, 10, alternate=True)
     # a step of two sequences reads 2 x 2 kv heads x (window + 2 top-k) = 12 pages: 11 cannot serve it
     cache = PagedKVCache(SWA, num_pages=11, head_dim=D, dtype=torch.float32)
     tier = HostTier(cache.table, host_pages=64)
     tier.attach(cache)
     with pytest.raises(OutOfPagesError, match="gpu_pages"):
-        _decode(cache, data, 40, 10)
+        decode_steps(cache, data, 40, 10)
 
 
 def test_one_tier_per_table():

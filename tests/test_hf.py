@@ -17,6 +17,7 @@ import s2dsl
 
 transformers = pytest.importorskip("transformers")
 from s2dsl.integrations import hf  # noqa: E402
+from serving_helpers import tiny_llama  # noqa: E402
 
 PLAN = """
 const lb = 2
@@ -36,13 +37,7 @@ kernels = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="
 
 @pytest.fixture(scope="module")
 def model():
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    m = LlamaForCausalLM(config).eval()
-    hf.apply(m, s2dsl.parse(PLAN), model_name="tiny")
-    return m
+    return tiny_llama(PLAN)
 
 
 def _use(model, name):

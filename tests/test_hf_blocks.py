@@ -7,10 +7,10 @@ import os
 import pytest
 import torch
 
-import s2dsl
 
 transformers = pytest.importorskip("transformers")
 from s2dsl.integrations import hf  # noqa: E402
+from serving_helpers import tiny_llama  # noqa: E402
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
 
@@ -34,13 +34,7 @@ model two_blocks {
 
 @pytest.fixture(scope="module")
 def model():
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    m = LlamaForCausalLM(config).eval()
-    hf.apply(m, s2dsl.parse(PLAN), model_name="two_blocks")
-    return m
+    return tiny_llama(PLAN, layers=3, model_name="two_blocks")
 
 
 def test_layers_keep_their_own_block(model):

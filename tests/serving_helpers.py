@@ -1,0 +1,41 @@
+"""Helpers shared by the serving tests: a tiny Llama under an s2dsl plan, and a decode loop
+over a paged cache."""
+from __future__ import annotations
+
+import torch
+
+import s2dsl
+from s2dsl.runtime.decode import cached_attention
+
+
+def tiny_llama(plan: str, *, seed: int = 0, layers: int = 2, model_name: str = "tiny", attn: str = ""):
+    """A random 2-layer Llama (4 q / 2 kv heads, hidden 64) with ``plan``'s patterns applied;
+    ``attn``: an attention implementation to switch to (default: the model's own)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from s2dsl.integrations import hf
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    m = LlamaForCausalLM(config).eval()
+    hf.apply(m, s2dsl.parse(plan), model_name=model_name)
+    if attn:
+        m.set_attn_implementation(attn)
+    return m
+
+
+def decode_steps(cache, data, prompt, steps, alternate=False):
+    """Prefill each sequence, then decode them together, or (``alternate``) one sequence per step:
+    a step then reads none of the other sequence's pages, which a tight pool moves down.
+    ``data``: per sequence (q, k, v). Returns the outputs of the steps and the sequence ids."""
+    ids = [cache.add_sequence() for _ in data]
+    for s, (q, k, v) in zip(ids, data):
+        cached_attention(cache, [s], q[:, :, :prompt], k[:, :, :prompt], v[:, :, :prompt])
+    outs = []
+    for pos in range(prompt, prompt + steps):
+        rows = [[i] for i in range(len(data))] if alternate else [list(range(len(data)))]
+        step = []
+        for r in rows:
+            q, k, v = (torch.cat([data[i][j][:, :, pos:pos + 1] for i in r]) for j in range(3))
+            step.append(cached_attention(cache, [ids[i] for i in r], q, k, v))
+        outs.append(torch.cat(step))
+    return torch.cat(outs, 2), ids
