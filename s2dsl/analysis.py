@@ -305,8 +305,8 @@ class AnalysisLimit(S2Error):
 
 
 #: Most terms one head's residue part may contribute to a closed form (sympy builds a few
-#: hundred quickly; thousands take minutes).
-MAX_TERMS = 256
+#: hundred quickly; thousands take minutes): covering's inclusion-exclusion stops there too.
+MAX_TERMS = covering.MAX_TERMS
 
 
 @lru_cache(maxsize=4096)
@@ -690,7 +690,7 @@ def _prefix_hole(pattern: Pattern, heads) -> Optional[Tuple[int, int]]:
         return i, j
     # block pairs the heads only touch: look at their tokens
     if any(pattern.head_specs[h].has_token_edges for h in heads):
-        lo, hi = 0, min(pattern.prefix, n * pattern.block)
+        hi = min(pattern.prefix, n * pattern.block)
         mask = pattern.token_mask(hi)[list(heads)].any(0)
         q = torch.arange(hi).view(-1, 1)
         k = torch.arange(hi).view(1, -1)
@@ -745,8 +745,8 @@ def _empty_rows_extended(spec: HeadSpec, causal: bool, block: int, prefix: int =
         raise AnalysisLimit(f"deciding which rows are empty needs sequences of {max(lengths)} blocks (the head's "
                             "first kept column is that far); give the head a window or a sink")
     empty, where = set(), 0
+    p = Pattern("_", block, 1, 1, causal, (spec,), prefix=prefix)
     for n in lengths:
-        p = Pattern("_", block, 1, 1, causal, (spec,), prefix=prefix)
         rows = (~p.block_mask(n)[0].any(-1)).nonzero().flatten().tolist()
         if rows:
             empty.update(rows)

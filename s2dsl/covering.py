@@ -18,7 +18,6 @@ period unless it is small.  Instead:
 from __future__ import annotations
 
 import math
-from functools import reduce
 from typing import Iterable, List, Optional, Sequence, Tuple
 
 import sympy

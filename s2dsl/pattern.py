@@ -111,18 +111,6 @@ class HeadSpec:
         ahead = (self.ahead_tokens > 0) & (lo <= -1) & (hi >= -self.ahead_tokens)
         return win | ahead | (j * block < self.sink_tokens)
 
-    def keep_rule(self) -> dict:
-        """The parameters of this head's static keep rule, for code that enumerates blocks
-        arithmetically (kernels, KV-cache eviction).  Token edges are rounded out to the
-        blocks they touch: ``window_blocks``/``ahead_blocks``/``sink_blocks`` are block
-        counts such that every block pair the head touches satisfies
-        ``-ahead_blocks <= i - j < window_blocks`` or ``j < sink_blocks`` or a residue /
-        relative / global-row / dense rule (``blocks_touched`` gives that hull)."""
-        return {"window": self.window, "ahead": self.ahead, "sink": self.sink,
-                "residues": self.residues, "relative": self.relative, "global_rows": self.global_rows,
-                "dense": self.dense, "window_tokens": self.window_tokens, "ahead_tokens": self.ahead_tokens,
-                "sink_tokens": self.sink_tokens}
-
     def blocks_touched(self, block: int) -> Tuple[int, int, int]:
         """(window, ahead, sink) in blocks, token edges rounded out: the block-level hull."""
         w_tok = (self.window_tokens + 2 * block - 2) // block if self.window_tokens else 0

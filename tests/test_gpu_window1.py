@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import traceback
-from dataclasses import replace
 
 import pytest
 import torch

@@ -12,11 +12,11 @@ transformers' own ``AttentionInterface`` (``"s2dsl_calibrate"``), so no model co
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator, Optional, Tuple
+from typing import Callable, Optional
 
 import torch
 
-__all__ = ["block_masses", "chunked_attention", "CAPTURE_IMPLEMENTATION", "capturing"]
+__all__ = ["chunked_attention", "CAPTURE_IMPLEMENTATION", "capturing"]
 
 CAPTURE_IMPLEMENTATION = "s2dsl_calibrate"
 #: default bound on one chunk's score matrix (batch * heads * rows * keys elements, float32)
@@ -70,15 +70,6 @@ def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: 
             on_chunk(qb0, mass)
         del scores, probs
     return out
-
-
-def block_masses(q: torch.Tensor, k: torch.Tensor, block: int, *, scale: Optional[float] = None,
-                 max_elements: int = MAX_CHUNK_ELEMENTS) -> Iterator[Tuple[int, torch.Tensor]]:
-    """(first query block, mass) per chunk, as ``chunked_attention`` hands them out."""
-    chunks = []
-    chunked_attention(q, k, k, block, scale=scale, max_elements=max_elements,
-                      on_chunk=lambda i, m: chunks.append((i, m)))
-    return iter(chunks)
 
 
 # ------------------------------------------------------------------ transformers hook

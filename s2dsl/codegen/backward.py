@@ -185,15 +185,14 @@ def _query_range(plan: KernelPlan) -> str:
 
 def _dq_topk_loop(plan: KernelPlan) -> str:
     """dQ from this query block's selected blocks (dynamic top-k), as the forward visits them."""
-    k = plan.uniform("topk")
-    n_sel = str(k) if k is not None else f"tl.load(HeadTable + h * TABLE_WIDTH + {plan.topk_column})"
+    n_sel = _param(plan, "topk", plan.topk_column)
     return f"""
 # -- dynamic top-k: the blocks selected for this tile's query block (held fixed from the forward) --
 sel_row = Sel + b * stride_sb + h * stride_sh + (first_block - sel_first_block) * stride_si
 for tk in range(0, {n_sel}):
     j = tl.load(sel_row + tk)
-    if (j >= 0) & (j < first_block):{_dq_call("False", "0", "True").replace(chr(10), chr(10) + '    ')}
-    elif j >= 0:{_dq_call("True", "0", "True").replace(chr(10), chr(10) + '    ')}"""
+    if (j >= 0) & (j < first_block):{indent(_dq_call("False", "0", "True"), '    ')}
+    elif j >= 0:{indent(_dq_call("True", "0", "True"), '    ')}"""
 
 
 # dK/dV of the selection: the query blocks that selected kv block j, listed per (batch, q head,

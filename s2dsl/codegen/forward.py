@@ -110,8 +110,7 @@ def _topk_loop(plan: KernelPlan) -> str:
     """Visit this query block's selected blocks (dynamic top-k): the first K of its row of ``Sel``
     (-1 where fewer blocks could be selected). Selection never holds a static block, so nothing
     is visited twice; blocks below the tile's first block need no mask."""
-    k = plan.uniform("topk")
-    n_sel = str(k) if k is not None else f"tl.load(HeadTable + h * TABLE_WIDTH + {plan.topk_column})"
+    n_sel = _param(plan, "topk", plan.topk_column)
     if plan.causal and all(p.window >= 1 for p in plan.params if p.topk):
         # the diagonal is static, so every selected block lies below the tile: no mask, no branch;
         # used slots come first, so the loop runs over their count

@@ -15,6 +15,7 @@ generated code of static patterns does not change.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Optional, Tuple
 
 from ..pattern import Pattern
@@ -159,6 +160,7 @@ class UnsupportedPattern(NotImplementedError):
     pass
 
 
+@lru_cache(maxsize=1024)  # patterns are frozen; every launch and decode step lowers its pattern
 def lower(pattern: Pattern) -> KernelPlan:
     if pattern.prefix:
         raise UnsupportedPattern(f"pattern {pattern.name}: 'causal prefix' (prefix-LM) is not run by the generated "

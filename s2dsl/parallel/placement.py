@@ -53,12 +53,6 @@ class Placement:
     def naive_imbalance(self) -> float:
         return imbalance(self.naive_loads)
 
-    def gpu_of(self, head: int) -> int:
-        for g, heads in enumerate(self.assignment):
-            if head in heads:
-                return g
-        raise KeyError(head)
-
     def table(self) -> List[str]:
         """Human-readable lines: one row per GPU, then the contiguous split for comparison."""
         unit = "ms" if self.cost_unit == "measured" else "blocks"
@@ -109,7 +103,7 @@ def head_costs(pattern: Pattern, seq_len: int) -> List[float]:
     the row-by-row minimum is summed from the closed form of its static row, so this is
     exact when the top-k blocks never repeat a static one (the kernels' contract).
     """
-    from ..analysis import I, N, analyze, evaluate
+    from ..analysis import analyze, evaluate
     if seq_len < 1:
         raise PlacementError(f"sequence length {seq_len} must be >= 1 token")
     n = -(-seq_len // pattern.block)

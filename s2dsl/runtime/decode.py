@@ -79,7 +79,7 @@ def decode_source(pattern: Pattern, spec: DecodeSpecialization) -> str:
 def kept_blocks_for_query(pattern: Pattern, kv_head: int, first_pos: int, last_pos: int) -> int:
     """How many kv blocks the decode kernel visits for queries at ``first_pos..last_pos`` of
     ``kv_head`` (the union of its q heads), by the kernel's own closed form."""
-    gp = group_params(_plan(pattern))[kv_head]
+    gp = group_params(lower(pattern))[kv_head]
     i0, i1 = first_pos // pattern.block, last_pos // pattern.block
     lo = max(i0 - max(gp.window, 1) + 1, 0)
     n_s = min(gp.sink, lo)
@@ -89,11 +89,6 @@ def kept_blocks_for_query(pattern: Pattern, kv_head: int, first_pos: int, last_p
             return (x // gp.period) * len(gp.residues) + sum(r < x % gp.period for r in gp.residues)
         n_r = count(lo) - count(gp.sink)
     return n_s + n_r + (i1 - lo + 1)
-
-
-@lru_cache(maxsize=256)
-def _plan(pattern: Pattern):
-    return lower(pattern)
 
 
 @lru_cache(maxsize=256)
@@ -152,7 +147,7 @@ def _check_q(q, cache: PagedKVCache, n_seqs: int):
         raise InputError(f"q is on {q.device} but the cache is on {cache.device}")
     check_device(q)
     try:
-        _plan(pattern)
+        lower(pattern)
     except UnsupportedPattern as exc:
         raise InputError(str(exc)) from None
 

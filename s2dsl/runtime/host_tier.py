@@ -26,7 +26,7 @@ steps (static tables) do not tier.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 import torch
 

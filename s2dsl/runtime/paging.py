@@ -24,7 +24,6 @@ sequence's end: a crop of up to that many tokens finds every page the new end ne
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import dataclass, field
 from typing import Dict, Hashable, List, Optional, Sequence, Tuple
 
@@ -66,9 +65,8 @@ class KeepRules:
         # (modulus, residue) pairs padded with (1, 1), which no block satisfies
         mods = [[m for m, _ in r] + [1] * (width - len(r)) for r in residues]
         rems = [[x for _, x in r] + [1] * (width - len(r)) for r in residues]
-        self.window_list, self.sink_list, self.keep_all_list = window, sink, keep_all
+        self.keep_all_list = keep_all
         self.global_rows_list = global_rows
-        self.residue_list = residues
         self.window = torch.tensor(window, dtype=torch.long, device=device).view(1, -1, 1)
         self.sink = torch.tensor(sink, dtype=torch.long, device=device).view(1, -1, 1)
         self.keep_all = torch.tensor(keep_all, dtype=torch.bool, device=device).view(1, -1, 1)
@@ -138,7 +136,6 @@ class StepPlan(DecodeBatch):
     (batch * kv_heads * n,) int64, padding and skipped tokens going to a scratch page.
     ``starts``/``counts``: host lengths before the step and real new tokens per sequence;
     ``offsets``: first real token of each row of the step's tensors (left padding).
-    ``extras``: room for other features' per-step state (e.g. top-k page selections).
     """
 
     n: int = 0
@@ -148,7 +145,6 @@ class StepPlan(DecodeBatch):
     offsets: Tuple[int, ...] = ()
     only_needed: bool = False
     consumers: set = field(default_factory=set)
-    extras: dict = field(default_factory=dict)
 
     @property
     def padded(self) -> bool:

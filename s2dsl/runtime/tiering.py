@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Optional
-
 __all__ = ["MachineCosts", "Workload", "TierPlan", "plan", "measure_machine"]
 
 

@@ -19,12 +19,11 @@ SnapKV's observation row): exact for that row, ``block`` times the work of the p
 """
 from __future__ import annotations
 
-from functools import lru_cache
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 
-from ..codegen.lower import KernelPlan, lower
+from ..codegen.lower import lower
 from ..codegen.select import SELECT_CODEGEN_VERSION, generate_select
 from ..pattern import Pattern
 from .cache import cache_key, codegen_fingerprint, default_cache
@@ -36,14 +35,9 @@ __all__ = ["ESTIMATORS", "selection_shape", "select_blocks", "check_selection", 
 SCORE_CHUNK_ELEMENTS = 1 << 26
 
 
-@lru_cache(maxsize=256)
-def _plan(pattern: Pattern) -> KernelPlan:
-    return lower(pattern)
-
-
 def topk_heads(pattern: Pattern) -> Tuple[int, ...]:
     """Per q head, its ``topk K`` (0 for a static head)."""
-    return tuple(p.topk for p in _plan(pattern).params)
+    return tuple(p.topk for p in lower(pattern).params)
 
 
 def selection_shape(pattern: Pattern, batch: int, q_len: int, kv_len: int) -> Tuple[Tuple[int, int, int, int], int]:
@@ -51,12 +45,12 @@ def selection_shape(pattern: Pattern, batch: int, q_len: int, kv_len: int) -> Tu
     block = pattern.block
     first = (kv_len - q_len) // block
     n_rows = 0 if q_len == 0 else (kv_len - 1) // block - first + 1
-    return (batch, pattern.heads, n_rows, _plan(pattern).max_topk), first
+    return (batch, pattern.heads, n_rows, lower(pattern).max_topk), first
 
 
 def exclusion_module(pattern: Pattern):
     """The generated module whose ``exclude`` drops static and causally forbidden candidates."""
-    plan = _plan(pattern)
+    plan = lower(pattern)
     key = cache_key(SELECT_CODEGEN_VERSION, codegen_fingerprint(), "select", plan)
     return default_cache().get(key, lambda: generate_select(plan, name=pattern.name,
                                                             fingerprint=pattern.fingerprint()))

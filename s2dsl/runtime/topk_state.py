@@ -38,8 +38,7 @@ def state_for(cache) -> Optional["TopKDecodeState"]:
     """The cache's top-k state (made on first use), or None for a pattern without topk heads."""
     state = getattr(cache, "_topk_state", None)
     if state is None:
-        plan = lower(cache.pattern)
-        if not plan.has_topk:
+        if not lower(cache.pattern).has_topk:  # lower is memoised: this runs for every layer of every step
             return None
         state = TopKDecodeState(cache)
         cache._topk_state = state
@@ -52,6 +51,7 @@ class TopKDecodeState:
         pattern = cache.pattern
         plan = lower(pattern)
         self.pattern = pattern
+        self._exclude = exclusion_module(pattern).exclude  # looked up once, not per step
         self.block = pattern.block
         self.kv_heads = pattern.kv_heads
         self.group = pattern.group_size
@@ -137,7 +137,7 @@ class TopKDecodeState:
         s = slots.long()
         scores = self.scores(slots).unsqueeze(2).contiguous()                         # (batch, kv, 1, width)
         i_next = (seq_lens // self.block).to(torch.int32)
-        exclusion_module(self.pattern).exclude(scores, self.heads, i_next, i_next + 1)
+        self._exclude(scores, self.heads, i_next, i_next + 1)
         take = min(self.k_max, self.width)
         values, index = torch.topk(scores[:, :, 0], take, dim=-1)
         # slots no q head of the kv head takes stay -1, so the kernel loads no page for them
