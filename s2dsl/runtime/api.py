@@ -40,10 +40,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patter
             raise ValueError(f"pattern {pattern.name} has no topk heads: it takes no selection")
         out, lse = ops.attention_fwd(q, k, v, ops.register(pattern), scale, layout, cu_seqlens_q, cu_seqlens_k)
         return (out, lse) if return_lse else out
-    if cu_seqlens_q is not None or cu_seqlens_k is not None:
-        from .attention import InputError
-        raise InputError(f"pattern '{pattern.name}' has dynamic topk heads, which run on (batch, heads, seq, dim) "
-                         "or (batch, seq, heads, dim) tensors, not packed cu_seqlens batches")
+    validate.check_runnable(pattern, varlen=cu_seqlens_q is not None or cu_seqlens_k is not None)
     key = ops.register(pattern)
     if selection is None:
         from .topk import ESTIMATORS

@@ -238,10 +238,10 @@ def cached_attention(cache: PagedKVCache, seq_ids: Sequence[Hashable], q: torch.
     if plan.only_needed:
         result = _prefill(q, k, v, cache.pattern, plan, scale, return_lse)
         topk = state_for(cache)
-        if topk is not None and not (plan.padded or any(plan.offsets)):
+        if topk is not None and not plan.ragged:
             # decode's top-k scores start from the prompt's last rows
             topk.seed(plan.slots, q, k, scale)
-    elif plan.padded or any(plan.offsets):
+    elif plan.ragged:
         result = _rows(q, cache, plan, scale, n_splits, tuning, return_lse)
     else:
         result = paged_attention(q, cache, plan, scale=scale, n_splits=n_splits, tuning=tuning,
@@ -254,7 +254,7 @@ def cached_attention(cache: PagedKVCache, seq_ids: Sequence[Hashable], q: torch.
 def _prefill(q, k, v, pattern, plan: StepPlan, scale, return_lse):
     """A first prefill on the contiguous tensors; padded rows packed into one variable-length call."""
     from .api import attention
-    if not (plan.padded or any(plan.offsets)):
+    if not plan.ragged:
         return attention(q, k, v, pattern, scale=scale, return_lse=return_lse)
     b, heads, n, d = q.shape
     rows = torch.cat([torch.arange(o, o + c) + i * n for i, (o, c) in enumerate(zip(plan.offsets, plan.counts))])

@@ -150,6 +150,11 @@ class StepPlan(DecodeBatch):
     def padded(self) -> bool:
         return any(c != self.n for c in self.counts)
 
+    @property
+    def ragged(self) -> bool:
+        """Some row's real tokens are fewer than the step's or start after left padding."""
+        return self.padded or any(self.offsets)
+
 
 class _Seq:
     __slots__ = ("slot", "length", "evicted_at")
@@ -341,9 +346,7 @@ class PageTable:
 
     def _evict_apply(self, seqs, at, cand) -> None:
         if cand is not None:
-            idx, cur, held = cand
-            self._push_free(cur, held)
-            self._clear(torch.where(held, idx, self._tables_flat.numel() - 1))
+            self._free(cand)
         for s, a in zip(seqs, at):
             s.evicted_at = max(s.evicted_at, a)
 
@@ -358,6 +361,12 @@ class PageTable:
         cur = self._tables_flat[idx]
         return idx, cur, cand & (cur >= 0)
 
+    def _free(self, cand) -> None:
+        """Return the held candidate pages (``_candidates``) to the pool and unmap them."""
+        idx, cur, held = cand
+        self._push_free(cur, held)
+        self._clear(torch.where(held, idx, self._tables_flat.numel() - 1))
+
     def _clear(self, idx: torch.Tensor) -> None:
         """Unmap the table entries ``idx`` (the spare entry absorbs the lanes that unmap nothing).
         A fill with a scalar argument, not an indexed store of ``-1``: the store would copy a host
@@ -366,9 +375,7 @@ class PageTable:
 
     def evict_tensors(self, slots: torch.Tensor, at: torch.Tensor, width: int) -> None:
         """The device side of eviction at query positions ``at`` (batch,): no host sync."""
-        idx, cur, held = self._candidates(slots, at, width)
-        self._push_free(cur, held)
-        self._clear(torch.where(held, idx, self._tables_flat.numel() - 1))
+        self._free(self._candidates(slots, at, width))
 
     def evict(self, seq_ids) -> None:
         seqs = self.seqs(seq_ids)
