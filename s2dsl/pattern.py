@@ -334,8 +334,13 @@ class Pattern:
                 past_blocks)
         if n_kv_blocks is None:
             n_kv_blocks = n_q_blocks + past_blocks
-        i = torch.arange(n_q_blocks).view(-1, 1) + past_blocks
-        j = torch.arange(n_kv_blocks).view(1, -1)
+        return self.blocks_at(torch.arange(n_q_blocks) + past_blocks, torch.arange(n_kv_blocks))
+
+    def blocks_at(self, rows, cols) -> torch.Tensor:
+        """``block_mask`` at the query blocks ``rows`` and kv blocks ``cols`` only (1-D index
+        tensors): bool ``[heads, len(rows), len(cols)]``."""
+        import torch
+        i, j = rows.view(-1, 1), cols.view(1, -1)
         b = self.block
         masks = []
         for spec in self.head_specs:
@@ -347,7 +352,7 @@ class Pattern:
                 if self.prefix:
                     cut = cut | ((i * b < self.prefix) & (j * b < self.prefix))
                 keep = keep & cut
-            masks.append(keep.expand(n_q_blocks, n_kv_blocks))
+            masks.append(keep.expand(len(rows), len(cols)))
         return torch.stack(masks)
 
     def token_mask(self, q_len: int, kv_len: Optional[int] = None,

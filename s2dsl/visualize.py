@@ -132,21 +132,7 @@ def figure(pattern: Pattern, seq_len: Optional[int] = None, report=None):
 def sampled_block_mask(pattern: Pattern, blocks):
     """Bool ``[heads, len(blocks), len(blocks)]``: ``Pattern.block_mask`` restricted to the
     query and kv blocks ``blocks`` (a 1-D tensor), computed at those blocks only."""
-    import torch
-    i = blocks.view(-1, 1)
-    j = blocks.view(1, -1)
-    masks = []
-    for spec in pattern.head_specs:
-        if spec.dense:
-            keep = torch.ones(len(blocks), len(blocks), dtype=torch.bool)
-        else:
-            keep = ((i - j >= 0) & (i - j < spec.window)) | (j < spec.sink)
-            for m, r in spec.residues:
-                keep = keep | (j % m == r)
-        if pattern.causal:
-            keep = keep & (j <= i)
-        masks.append(keep.expand(len(blocks), len(blocks)))
-    return torch.stack(masks)
+    return pattern.blocks_at(blocks, blocks)
 
 
 def render_pattern(pattern: Pattern, out: str, seq_len: Optional[int] = None, report=None, dpi: int = 110) -> str:

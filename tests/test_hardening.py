@@ -414,7 +414,10 @@ def test_show_draws_a_million_tokens_sampled_without_dense_masks(tmp_path, monke
 
 def test_sampled_mask_is_block_mask_at_the_drawn_blocks():
     from s2dsl.visualize import sampled_block_mask
-    for p in list(s2dsl.load(EXAMPLES / "heterogeneous.s2").patterns.values()) + [GQA]:
+    # round-2 constructs too (two-sided and token windows, relative strides, global rows, prefix)
+    round2 = ["dkernel_bidirectional", "streaming_llm_tokens", "bigbird_global", "prefix_lm"]
+    pats = [p for name in ["heterogeneous"] + round2 for p in s2dsl.load(EXAMPLES / f"{name}.s2").patterns.values()]
+    for p in pats + [GQA]:
         full = p.block_mask(90)
         for step in (1, 7):
             idx = torch.arange(0, 90, step)
