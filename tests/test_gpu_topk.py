@@ -111,3 +111,15 @@ def test_decode_bf16_replays_the_selection():
         # feed the rest of the stride's tokens without checking
         for p in range(pos + 1, min(pos + 7, total)):
             cached_attention(cache, ids, q[:, :, p:p + 1], k[:, :, p:p + 1], v[:, :, p:p + 1])
+
+
+def test_topk_decode_step_captured_in_a_cuda_graph():
+    """The whole top-k decode step (page plan, K/V write, kernel, score update, next selection)
+    captured in a CUDA graph and replayed: the same selections as host-planned steps, outputs
+    the reference given the selection each step used."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from test_topk_graph import _graph_steps
+
+    _graph_steps("cuda", torch.bfloat16, capture=True, steps=40, prompt=200, d=64)

@@ -228,11 +228,38 @@ def _block_mass(pattern, q, k, sel):
     return probs.view(pattern.kv_heads, pattern.group_size, n_blocks, pattern.block).sum((1, 3))
 
 
+def _seed_mass(pattern, q, k):
+    """The seed's dense mass per (kv head, block): the prompt's last rows, all keys, summed over the group."""
+    from s2dsl.runtime.topk_state import OBSERVATION_ROWS
+    n = k.shape[2]
+    rows = min(OBSERVATION_ROWS, n)
+    kf = k[0].repeat_interleave(pattern.group_size, 0)
+    logits = (q[0, :, n - rows:] @ kf.transpose(-1, -2)) / q.shape[-1] ** 0.5           # (heads, rows, n)
+    logits = logits.masked_fill(torch.arange(n).view(1, -1) > torch.arange(n - rows, n).view(-1, 1), float("-inf"))
+    probs = torch.softmax(logits, -1).sum(1)
+    n_blocks = -(-n // pattern.block)
+    probs = torch.nn.functional.pad(probs, (0, n_blocks * pattern.block - n))
+    return probs.view(pattern.kv_heads, pattern.group_size, n_blocks, pattern.block).sum((1, 3))
+
+
+def _kept(mass, i_last, wcap, sel):
+    """What a ring row keeps of a step's mass: the window range and the selection, 0 elsewhere."""
+    out = torch.zeros_like(mass)
+    for g in range(mass.shape[0]):
+        cols = list(range(max(i_last - wcap + 1, 0), i_last + 1)) + [j for j in sel[g].tolist() if j >= 0]
+        for j in set(cols):
+            if j < mass.shape[1]:
+                out[g, j] = mass[g, j]
+    return out
+
+
 @pytest.mark.parametrize("name", list(DECODE_PATTERNS))
 def test_decode_replays_the_selection_and_scores_the_last_steps(name):
     """Prefill, then decode steps (and a 3-token chunk) through cached_attention: each output
-    matches the reference given the selection the step used; the kernel's block masses match the
-    reference's; the next selection is the top K of the last R steps' mass outside the static set."""
+    matches the reference given the selection the step used; the running scores are the
+    reference's block masses of the last R steps (the seed's first), kept on the window range
+    and the selection (without recent: every step, the seed in full); the next selection is
+    the top K of that score outside the static set."""
     from s2dsl.runtime.kv_cache import PagedKVCache
     from s2dsl.runtime.decode import cached_attention
     from s2dsl.runtime.topk_state import state_for
@@ -252,7 +279,15 @@ def test_decode_replays_the_selection_and_scores_the_last_steps(name):
                                                               v[:, :, :prompt], pattern, selection=sel),
                                atol=2e-5, rtol=2e-5)
     state = state_for(cache)
-    history = [[], []]  # per sequence: the masses recorded, (kv_heads, blocks)
+    width = state.width
+    members = [range(g * pattern.group_size, (g + 1) * pattern.group_size) for g in range(pattern.kv_heads)]
+    recent = [max(lower(pattern).params[h].recent for h in m) for m in members]
+    history = [[], []]  # per sequence: (kept mass, full mass) per step, the seed first, (kv_heads, width)
+    for b, s in enumerate(ids):
+        seed = torch.nn.functional.pad(_seed_mass(pattern, q[b:b + 1, :, :prompt], k[b:b + 1, :, :prompt]),
+                                       (0, width - -(-prompt // pattern.block)))
+        history[b].append((_kept(seed, (prompt - 1) // pattern.block, state.wcap, state.selection[cache.slot(s)]),
+                           seed))
     pos = prompt
     steps = [1] * 10 + [3] + [1] * 14  # the last queries have more candidates than K
     for n in steps:
@@ -260,6 +295,7 @@ def test_decode_replays_the_selection_and_scores_the_last_steps(name):
         out = cached_attention(cache, ids, q[:, :, pos:pos + n], k[:, :, pos:pos + n], v[:, :, pos:pos + n],
                                n_splits=splits)
         pos += n
+        scores = state.running_scores(torch.tensor([cache.slot(s) for s in ids]))
         for b, s in enumerate(ids):
             first = (pos - n) // pattern.block
             replay = _replay_selection(pattern, before[b], (pos - 1) // pattern.block - first + 1)
@@ -267,34 +303,30 @@ def test_decode_replays_the_selection_and_scores_the_last_steps(name):
             ref = s2dsl.reference_attention(qb, kb, vb, pattern, selection=replay)
             torch.testing.assert_close(out[b:b + 1], ref, atol=2e-5, rtol=2e-5)
             # the by-product: this step's mass per (kv head, block), as the reference computes it
-            slot = cache.slot(s)
-            mass = _block_mass(pattern, qb, kb, replay)
-            ring_at = (int(state.steps[slot]) - 1) % state.ring_size
-            got = state.ring[ring_at, slot, :, :mass.shape[1]]
-            torch.testing.assert_close(got, mass, atol=1e-5, rtol=1e-4)
-            history[b].append(mass)
-            # the next selection: the top K of the running score outside the union's static set
+            mass = torch.nn.functional.pad(_block_mass(pattern, qb, kb, replay), (0, width - -(-pos // pattern.block)))
+            history[b].append((_kept(mass, (pos - 1) // pattern.block, state.wcap, before[b]), mass))
             i = pos // pattern.block
-            now = state.selection[slot]
+            now = state.selection[cache.slot(s)]
             for g in range(pattern.kv_heads):
-                members = range(g * pattern.group_size, (g + 1) * pattern.group_size)
-                kg = max(ks[h] for h in members)
+                kg = max(ks[h] for h in members[g])
                 if not kg:  # no q head would read them: nothing selected, no page loaded
                     assert now[g].tolist() == [-1] * state.k_max
                     continue
-                r = max(lower(pattern).params[h].recent for h in members)
-                recent = history[b][-r:] if r else history[b]
-                score = {}
-                for m in recent:
-                    for j in range(m.shape[1]):
-                        score[j] = score.get(j, 0.0) + m[g, j].item()
-                cands = [j for j in range(i + 1) if not any(pattern.keeps(h, i, j) for h in members)]
+                r = recent[g]
+                want = sum(x[0][g] for x in history[b][-r:]) if r else sum(
+                    x[0][g] for x in history[b][1:]) + history[b][0][1][g]
+                # sinks and residue blocks are static for good: their mass is not kept
+                ever = torch.tensor([not any(pattern.keeps(h, j + 10 ** 6, j) for h in members[g])
+                                     for j in range(width)])
+                torch.testing.assert_close(scores[b, g][ever], want[ever], atol=1e-5, rtol=1e-4)
+                # the next selection: the top K of the running score outside the union's static set
+                cands = [j for j in range(i + 1) if not any(pattern.keeps(h, i, j) for h in members[g])]
                 picked = [j for j in now[g].tolist() if j >= 0]
                 assert len(set(picked)) == len(picked) == min(kg, len(cands))
                 assert set(picked) <= set(cands)
-                rest = [score.get(j, 0.0) for j in cands if j not in picked]
+                rest = [want[j].item() for j in cands if j not in picked]
                 if picked and rest:
-                    assert min(score.get(j, 0.0) for j in picked) >= max(rest) - 1e-6
+                    assert min(want[j].item() for j in picked) >= max(rest) - 1e-6
     # a removed sequence's slot starts afresh for the next one
     slot = cache.slot(ids[0])
     cache.remove_sequence(ids[0])

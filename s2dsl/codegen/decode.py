@@ -152,7 +152,7 @@ def _decode_topk_loop(plan: KernelPlan) -> str:
         sel_row = Sel + slot.to(tl.int64) * stride_sel_slot + g * stride_sel_head
         for tk in range(split, {plan.max_topk}, n_splits):
             j = tl.load(sel_row + tk)
-            if j >= 0:
+            if (j >= 0) & (past > 0):  # past == 0: a new sequence; its slot's selection is its predecessor's
                 raw = tl.load(table_row + j)
                 page = tl.maximum(raw, 0)
                 keep = row_valid & (tk < rK) & (j <= row_block) & (raw >= 0)
@@ -313,12 +313,16 @@ acc, l_i, m_i = _visit(acc, l_i, m_i, q, KPages, VPages, page, j, keep, pos, kv_
 
     topk_params = topk_launch = topk_args = topk_helpers = topk_loop = ""
     mass_setup = """
-    # the attention mass of each visited block, for each q head's last query (top-k scores)
-    mass_base = BlockLse + b * stride_bl_b + h * stride_bl_h
+    # the attention mass of each visited window / selected block, for each q head's last query
+    # (top-k scores; per slot: the state's update kernel reads it and puts -inf back)
+    mass_base = BlockLse + slot.to(tl.int64) * stride_bl_b + h * stride_bl_h
     mass_rows = row_valid & (qi == q_len - 1)"""
     if plan.has_topk:
-        # visits record, for the last query of each row, the log of the attention mass the block got
-        loops = loops.replace("acc, l_i, m_i = _visit(acc,", "acc, l_i, m_i = _visit_mass(mass_base, mass_rows, acc,")
+        # window visits record, for the last query of each row, the log of the attention mass the block
+        # got (sinks and residue blocks are static for good: never selected, so their mass is not kept)
+        static_part, window_part = loops.split("        # -- the window range", 1)
+        loops = static_part + "        # -- the window range" + window_part.replace(
+            "acc, l_i, m_i = _visit(acc,", "acc, l_i, m_i = _visit_mass(mass_base, mass_rows, acc,")
         topk_params = "Sel, BlockLse, stride_sel_slot, stride_sel_head, stride_bl_b, stride_bl_h, "
         topk_args = "sel, block_lse, sel.stride(0), sel.stride(1), block_lse.stride(0), block_lse.stride(1), "
         topk_launch = ", sel=None, block_lse=None"

@@ -190,10 +190,7 @@ def paged_attention(q: torch.Tensor, cache: PagedKVCache, seqs: Union[Sequence[H
     if n_splits is None:
         n_splits = _splits(pattern, b, math.ceil(q_len / spec.block_q), batch.max_len, q_len, q.device)
     topk = state_for(cache)  # dynamic top-k: the kernel reads the selection, writes each block's mass
-    extra = {}
-    if topk is not None:
-        topk.reset(batch.slots, batch.seq_lens == q_len)  # sequences new to their slot start afresh
-        extra = topk.kernel_args(b, heads)
+    extra = topk.kernel_args() if topk is not None else {}
     kout = out if compute == q.dtype else torch.empty_like(kq)
     if int8:  # int8 pages are dequantised inside the kernel, to the compute dtype
         pages = (cache.k_pages, cache.v_pages, cache.k_scale, cache.k_bias, cache.v_scale, cache.v_bias)
@@ -204,7 +201,7 @@ def paged_attention(q: torch.Tensor, cache: PagedKVCache, seqs: Union[Sequence[H
     if kout is not out:
         out.copy_(kout)
     if topk is not None:
-        topk.after_step(batch.slots, batch.seq_lens, extra["block_lse"], lse)
+        topk.after_step(batch.slots, batch.seq_lens, lse, q_len)
     return (out, lse) if return_lse else out
 
 
@@ -238,9 +235,9 @@ def cached_attention(cache: PagedKVCache, seq_ids: Sequence[Hashable], q: torch.
     if plan.only_needed:
         result = _prefill(q, k, v, cache.pattern, plan, scale, return_lse)
         topk = state_for(cache)
-        if topk is not None and not plan.ragged:
-            # decode's top-k scores start from the prompt's last rows
-            topk.seed(plan.slots, q, k, scale)
+        if topk is not None:  # decode's top-k scores start from the prompt's last rows
+            topk.seed(plan.slots, q, k, scale, plan.counts if plan.ragged else None,
+                      plan.offsets if plan.ragged else None)
     elif plan.ragged:
         result = _rows(q, cache, plan, scale, n_splits, tuning, return_lse)
     else:

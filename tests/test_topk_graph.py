@@ -1,0 +1,79 @@
+"""Dynamic top-k decode steps with static shapes (``DecodeGraph``): the step's top-k bookkeeping
+runs on the device alone, so the whole step can be captured in a CUDA graph. The CPU test runs
+the static step eagerly under the Triton interpreter; tests/test_gpu_topk.py captures it."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import s2dsl
+from s2dsl.codegen.lower import lower
+
+# ALISA's sparse window attention with per-group K (kv head 1: K 1 < K max 2) and a static group
+ALISA_GQA = ("pattern p { block = 16 heads = 6 kv_heads = 3 heads 0..1 { window 1 topk 2 recent 3 } "
+             "heads 2..3 { window 1 topk 1 recent 2 } heads 4..5 { window 2 sink 1 } }")
+
+
+def _replay_selection(pattern, group_sel, n_rows):
+    """The per-q-head selection a decode step used: q head h takes the first K_h of its kv head's."""
+    ks = [p.topk for p in lower(pattern).params]
+    sel = torch.full((1, pattern.heads, n_rows, max(ks)), -1, dtype=torch.int32)
+    for h, kh in enumerate(ks):
+        if kh:
+            sel[0, h, :, :kh] = group_sel[pattern.kv_head_of(h), :kh]
+    return sel
+
+
+def _graph_steps(device, dtype, capture, steps, prompt=37, d=16):
+    """Top-k decode steps through DecodeGraph (static plan; captured and replayed on CUDA) and a
+    twin cache stepping with host-planned calls: the same selections, outputs equal (eager) or
+    close (a replay's split count is chosen for max_length), each the reference given the
+    selection the step used."""
+    import warnings
+    from s2dsl.runtime.decode import cached_attention
+    from s2dsl.runtime.graphs import DecodeGraph
+    from s2dsl.runtime.kv_cache import PagedKVCache
+    from s2dsl.runtime.topk_state import state_for
+
+    pattern = s2dsl.parse(ALISA_GQA)["p"]
+    total = prompt + steps
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # topk heads keep every page
+        caches = [PagedKVCache(pattern, num_pages=64, head_dim=d, dtype=dtype, device=device, max_seqs=2)
+                  for _ in range(2)]
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, h, total, d, generator=g).to(device=device, dtype=dtype)
+               for h in (pattern.heads, pattern.kv_heads, pattern.kv_heads))
+    ids = [[c.add_sequence() for _ in range(2)] for c in caches]
+    for c, i in zip(caches, ids):
+        cached_attention(c, i, q[:, :, :prompt], k[:, :, :prompt], v[:, :, :prompt])
+    bufs = [torch.zeros_like(t[:, :, :1]) for t in (q, k, v)]
+    graph = DecodeGraph(lambda: cached_attention(caches[0], ids[0], *bufs), [caches[0].table], [ids[0]],
+                        max_length=total, capture=capture)
+    states = [state_for(c) for c in caches]
+    for pos in range(prompt, total):
+        for buf, t in zip(bufs, (q, k, v)):
+            buf.copy_(t[:, :, pos:pos + 1])
+        used = states[0].selection[[caches[0].slot(s) for s in ids[0]]].clone()
+        out = graph().clone()
+        twin = cached_attention(caches[1], ids[1], *bufs)
+        assert torch.equal(states[0].selection[[caches[0].slot(s) for s in ids[0]]],
+                           states[1].selection[[caches[1].slot(s) for s in ids[1]]])
+        if capture:
+            torch.testing.assert_close(out.float(), twin.float(), atol=3e-2, rtol=3e-2)
+        else:
+            assert torch.equal(out, twin)
+        for b in range(2):
+            replay = _replay_selection(pattern, used[b].cpu(), 1).to(device)
+            ref = s2dsl.reference_attention(q[b:b + 1, :, pos:pos + 1].float(), k[b:b + 1, :, :pos + 1].float(),
+                                            v[b:b + 1, :, :pos + 1].float(), pattern, selection=replay)
+            err = ((out[b:b + 1].float() - ref).norm() / ref.norm()).item()
+            assert err < (2e-5 if dtype == torch.float32 else 2e-2), (pos, err)
+    graph.close()
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
+def test_topk_decode_runs_as_a_static_graph_step():
+    _graph_steps("cpu", torch.float32, capture=False, steps=6)
