@@ -1,19 +1,24 @@
 """Dynamic top-k speed: prefill vs dense SDPA and FlexAttention on the same block mask; decode vs dense.
 
-One GPU run, every baseline in the same run:
+One GPU run, every baseline in the same run (ALISA-style ``window W sink 1 topk K recent 16``,
+32 q / 8 kv heads, d 128, block 64, bf16):
 
 1. correctness first: the bf16 forward against the float32 reference given the same selection
-   (poisoned output), and one decode step against its replayed selection;
-2. prefill (B=1, 32 q / 8 kv heads, d 128, block 64; ALISA-style ``window W sink 1 topk K``):
-   s2dsl end to end (selection + kernel), the selection alone, the kernel alone given the
-   selection; SDPA flash (dense causal); FlexAttention given a BlockMask built from *our*
-   selection (static blocks + selected blocks per (head, query block), causal inside the
-   diagonal block), so both kernels do the same work;
-3. decode (batch 8, one query per sequence): s2dsl's paged decode step for the top-k pattern
-   (kernel + running-score update + next selection), the same pattern's static part alone,
-   and SDPA over the dense contiguous cache.
+   (poisoned output); FlexAttention's output against ours on the same blocks (32K); each decode
+   configuration's step against the reference replaying the selection it used;
+2. prefill (batch 1): s2dsl end to end (selection + kernel), the selection alone, the kernel
+   alone given the selection; SDPA flash (dense causal); FlexAttention given a BlockMask built
+   from *our* selection (``BlockMask.from_kv_blocks``: per (head, query block) the window's and
+   sink's blocks and the selected ones as full blocks, the diagonal block causal), so both
+   kernels visit the same blocks;
+3. decode (batch 8, one query per sequence, after a real first prefill that seeds the scores):
+   the decode kernel alone; the top-k bookkeeping alone (``update_kernel``); one layer's whole
+   attention step (kernel + combine + score update + next selection) called eagerly and
+   replayed from a CUDA graph; one layer's whole ``cached_attention`` step (page plan, K/V
+   write, attention, bookkeeping) as a static ``DecodeGraph`` step; SDPA over the dense
+   contiguous cache (GQA by ``enable_gqa`` and by repeated kv heads; the faster counts).
 
-Prints a table and writes JSON to --out.
+Prints tables and writes JSON to --out.
 
     python benchmarks/bench_topk.py --seqs 32768 131072 --out benchmarks/results/topk.json
 """
@@ -32,17 +37,13 @@ import s2dsl
 from s2dsl.runtime.attention import forward
 from s2dsl.runtime.topk import select_blocks
 
-HEADS, KV_HEADS, DIM, BLOCK = 32, 8, 128, 64
+HEADS, KV_HEADS, DIM, BLOCK, SINK = 32, 8, 128, 64, 1
 
 
 def alisa(window: int, k: int, recent: int = 16):
-    return s2dsl.parse(f"pattern alisa_w{window}_k{k} {{ block = {BLOCK} heads = {HEADS} kv_heads = {KV_HEADS} "
-                       f"heads * {{ window {window} sink 1 topk {k} recent {recent} }} }}")[f"alisa_w{window}_k{k}"]
-
-
-def static_part(window: int):
-    return s2dsl.parse(f"pattern window_w{window} {{ block = {BLOCK} heads = {HEADS} kv_heads = {KV_HEADS} "
-                       f"heads * {{ window {window} sink 1 }} }}")[f"window_w{window}"]
+    name = f"alisa_w{window}_k{k}"
+    return s2dsl.parse(f"pattern {name} {{ block = {BLOCK} heads = {HEADS} kv_heads = {KV_HEADS} "
+                       f"heads * {{ window {window} sink {SINK} topk {k} recent {recent} }} }}")[name]
 
 
 def bench(fn) -> float:
@@ -65,116 +66,181 @@ def check_prefill(pattern, n: int = 4096 + 37) -> float:
     return err
 
 
-def flex_block_mask(pattern, sel, n: int):
-    """FlexAttention's BlockMask for static ∪ selected blocks under the causal cut: a mask_mod
-    reading our block-level mask (built from the selection), compiled into Flex's block tables."""
-    from torch.nn.attention.flex_attention import create_block_mask
+def flex_block_mask(sel: torch.Tensor, window: int, n: int):
+    """FlexAttention's BlockMask for ``window W sink 1`` plus our selection ``sel`` (1, heads, nb, K),
+    built from block lists (no token-level mask, no mask_mod evaluated over N x N): per (head, query block i) the full blocks are the
+    sink, the window below the diagonal and the selected blocks (all below the window); the
+    diagonal block is partial, cut by the causal mask_mod."""
+    from torch.nn.attention.flex_attention import BlockMask
 
-    nb = -(-n // BLOCK)
-    keep = pattern.block_mask(nb, nb, 0, selection=sel.cpu())[0].to(sel.device)     # (heads, nb, nb)
+    nb = n // BLOCK
+    dev = sel.device
+    i = torch.arange(nb, device=dev).view(-1, 1)
+    lo = i - window + 1                                                            # first window block
+    sinks = torch.arange(SINK, device=dev).view(1, -1).expand(nb, -1)
+    sinks = torch.where((sinks < lo) & (sinks <= i), sinks, -1)                    # outside the window
+    below = i - torch.arange(1, window, device=dev).view(1, -1)                    # window minus diagonal
+    below = torch.where(below >= 0, below, -1)
+    static = torch.cat([sinks, below], -1).unsqueeze(0).expand(HEADS, -1, -1)
+    full = torch.cat([static, sel[0].long()], -1)                                  # (heads, nb, F)
+    full = torch.where(full >= 0, full, nb).sort(-1).values                        # unused last
+    full_num = (full < nb).sum(-1).to(torch.int32)
+    # Flex's block lists are as wide as the kv blocks (its own format, as create_block_mask makes)
+    full_idx = torch.zeros(HEADS, nb, nb, dtype=torch.int32, device=dev)
+    full_idx[:, :, :full.shape[-1]] = torch.where(full < nb, full, 0)[:, :, :nb]
+    diag = torch.zeros(HEADS, nb, nb, dtype=torch.int32, device=dev)
+    diag[:, :, 0] = torch.arange(nb, device=dev, dtype=torch.int32).view(1, nb)
 
-    def mask_mod(b, h, q_idx, kv_idx):
-        return keep[h, q_idx // BLOCK, kv_idx // BLOCK] & (q_idx >= kv_idx)
+    def causal(b, h, q_idx, kv_idx):
+        return q_idx >= kv_idx
 
-    make = torch.compile(create_block_mask) if sel.is_cuda else create_block_mask
-    return make(mask_mod, 1, pattern.heads, n, n, device=sel.device, BLOCK_SIZE=BLOCK)
+    mask = BlockMask.from_kv_blocks(torch.ones(1, HEADS, nb, dtype=torch.int32, device=dev),
+                                    diag.unsqueeze(0).contiguous(), full_num.unsqueeze(0).contiguous(),
+                                    full_idx.unsqueeze(0).contiguous(), BLOCK_SIZE=BLOCK, mask_mod=causal)
+    return mask, (int(full_num.sum()) + HEADS * nb) / (HEADS * nb * (nb + 1) / 2)
 
 
-def prefill_rows(pattern, n: int, no_flex: bool) -> dict:
+def prefill_rows(pattern, window: int, n: int, no_flex: bool) -> dict:
     torch.manual_seed(1)
     q = torch.randn(1, HEADS, n, DIM, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(1, KV_HEADS, n, DIM, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     sel = select_blocks(q, k, pattern)
-    kept = int(pattern.block_mask(-(-n // BLOCK), selection=sel.cpu()).sum()) if n <= 32768 else None
     row = {"pattern": pattern.name, "seq": n}
     row["s2dsl_total_ms"] = bench(lambda: forward(q, k, v, pattern))
     row["s2dsl_select_ms"] = bench(lambda: select_blocks(q, k, pattern))
     row["s2dsl_kernel_ms"] = bench(lambda: forward(q, k, v, pattern, selection=sel))
-    if kept is not None:
-        row["kept_block_fraction"] = kept / (HEADS * (-(-n // BLOCK)) * (-(-n // BLOCK) + 1) / 2)
-    kr, vr = (t.repeat_interleave(HEADS // KV_HEADS, 1) for t in (k, v))
     with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
+        kr, vr = (t.repeat_interleave(HEADS // KV_HEADS, 1) for t in (k, v))
         row["sdpa_flash_ms"] = bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, kr, vr,
                                                                                               is_causal=True))
+        del kr, vr
     if not no_flex:
         try:
             from torch.nn.attention.flex_attention import flex_attention
             t0 = time.perf_counter()
-            mask = flex_block_mask(pattern, sel, n)
+            mask, kept = flex_block_mask(sel, window, n)
             torch.cuda.synchronize()
             row["flex_mask_from_selection_s"] = time.perf_counter() - t0
+            row["kept_block_fraction"] = kept
             compiled = torch.compile(flex_attention)
             options = {"BLOCK_M": BLOCK, "BLOCK_N": BLOCK}
             fn = lambda: compiled(q, k, v, block_mask=mask, enable_gqa=True, kernel_options=options)  # noqa: E731
             if n <= 32768:
                 ref = forward(q, k, v, pattern, selection=sel)[0]
                 row["flex_rel_err_vs_s2dsl"] = rel(fn(), ref)
+                assert row["flex_rel_err_vs_s2dsl"] < 2e-2, row
             row["flex_same_mask_ms"] = bench(fn)
         except Exception as exc:  # noqa: BLE001 - a baseline failing is a result too
             row["flex_error"] = f"{type(exc).__name__}: {exc}"[:300]
     return row
 
 
-def decode_rows(pattern, static, n: int, batch: int) -> dict:
-    """One decode step (one query per sequence) at context n, after filling the cache directly."""
-    from s2dsl.runtime.decode import paged_attention
+def _graphed(fn):
+    """``fn`` captured in a CUDA graph (warmed up on a side stream first); returns replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def decode_rows(pattern, n: int, batch: int) -> dict:
+    """One decode step (one query per sequence) at context n, after a first prefill through the cache."""
+    from s2dsl.runtime import decode as dec
+    from s2dsl.runtime.decode import cached_attention, paged_attention
+    from s2dsl.runtime.graphs import DecodeGraph
     from s2dsl.runtime.kv_cache import PagedKVCache
     from s2dsl.runtime.topk_state import state_for
 
     torch.manual_seed(2)
     row = {"pattern": pattern.name, "seq": n, "batch": batch}
+    steps = 4000  # decode steps the timed graph step may take (do_bench replays it)
     k = torch.randn(batch, KV_HEADS, n, DIM, device="cuda", dtype=torch.bfloat16)
     v = torch.randn_like(k)
+    pages = batch * KV_HEADS * (-(-(n + steps) // BLOCK) + 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # topk heads keep every page
+        cache = PagedKVCache(pattern, num_pages=pages, head_dim=DIM, dtype=torch.bfloat16, device="cuda",
+                             max_seqs=batch)
+    ids = [cache.add_sequence() for _ in range(batch)]
+    for b in range(batch):  # the first prefill, one sequence at a time (memory): seeds the scores
+        qp = torch.randn(1, HEADS, n, DIM, device="cuda", dtype=torch.bfloat16)
+        cached_attention(cache, ids[b:b + 1], qp, k[b:b + 1], v[b:b + 1])
+        del qp
+    torch.cuda.empty_cache()
+    state = state_for(cache)
     q = torch.randn(batch, HEADS, 1, DIM, device="cuda", dtype=torch.bfloat16)
-    pages = batch * KV_HEADS * (-(-n // BLOCK) + 1)
-    for name, pat in (("s2dsl_topk", pattern), ("s2dsl_static_part", static)):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            cache = PagedKVCache(pat, num_pages=pages, head_dim=DIM, dtype=torch.bfloat16, device="cuda",
-                                 max_seqs=batch)
-        ids = [cache.add_sequence() for _ in range(batch)]
-        cache.append(ids, k, v)
-        cache.evict(ids)
-        state = state_for(cache)
-        if state is not None:  # a selection from random scores, as after a few steps
-            slots = cache.batch(ids).slots
-            state.record(slots, torch.rand(batch, KV_HEADS, -(-n // BLOCK), device="cuda"))
-            state.select(slots, cache.batch(ids).seq_lens)
-            # check one step against the reference replaying its selection (first sequence)
-            before = state.selection[slots[:1].long()].clone()
-            out = paged_attention(q, cache, ids)
-            sel = torch.full((1, HEADS, 1, before.shape[-1]), -1, dtype=torch.int32, device="cuda")
-            sel[0, :, 0] = before[0].repeat_interleave(HEADS // KV_HEADS, 0)
-            ref = s2dsl.reference_attention(q[:1, :, :, :], k[:1], v[:1], pattern, selection=sel)
-            row["decode_rel_err"] = rel(out[:1], ref)
-            assert row["decode_rel_err"] < 2e-2, row
-        batch_info = cache.batch(ids)
-        row[f"{name}_ms"] = bench(lambda: paged_attention(q, cache, batch_info))
-        if state is not None:  # the decode kernel alone (no running-score update, no next selection)
-            try:
-                from s2dsl.runtime import decode as dec
-                spec, module = dec._module(pat, q.dtype, DIM, 1, q.device)
-                splits = dec._splits(pat, batch, 1, batch_info.max_len, 1, q.device)
-                out = torch.empty_like(q)
-                lse = torch.empty(batch, HEADS, 1, device="cuda")
-                extra = state.kernel_args(batch, HEADS)
-                row[f"{name}_kernel_ms"] = bench(lambda: module.launch(
-                    q, out, lse, cache.k_pages, cache.v_pages, cache.block_tables, batch_info.slots,
-                    batch_info.seq_lens, 1, splits, DIM ** -0.5, **extra))
-            except Exception as exc:  # noqa: BLE001 - internal entry points may move; the step time stands
-                row[f"{name}_kernel_error"] = f"{type(exc).__name__}: {exc}"[:300]
-        del cache
-        torch.cuda.empty_cache()
+    kn, vn = (torch.randn(batch, KV_HEADS, 1, DIM, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    cached_attention(cache, ids, q, kn, vn)  # one real step: the scores now hold a decode step's masses
+    info = cache.batch(ids)
+    row["selected_blocks_per_kv_head"] = float((state.selection[info.slots.long()] >= 0).sum(-1).float().mean())
+
+    # check: a step against the reference replaying its selection (first sequence)
+    used = state.selection[info.slots[:1].long()].clone()
+    out = torch.full_like(q, float("nan"))
+    out = paged_attention(q, cache, info, out=out)
+    sel = torch.full((1, HEADS, 1, used.shape[-1]), -1, dtype=torch.int32, device="cuda")
+    sel[0, :, 0] = used[0].repeat_interleave(HEADS // KV_HEADS, 0)
+    kc = torch.cat([k[:1], kn[:1]], 2)
+    vc = torch.cat([v[:1], vn[:1]], 2)
+    ref = s2dsl.reference_attention(q[:1], kc, vc, pattern, selection=sel)
+    row["decode_rel_err"] = rel(out[:1], ref)
+    assert row["decode_rel_err"] < 2e-2, row
+    del kc, vc
+
+    # the kernel alone, the bookkeeping alone, the attention step eager and graphed
+    spec, module = dec._module(pattern, q.dtype, DIM, 1, q.device)
+    splits = dec._splits(pattern, batch, 1, info.max_len, 1, q.device)
+    row["n_splits"] = splits
+    kout = torch.empty_like(q)
+    lse = torch.empty(batch, HEADS, 1, device="cuda")
+    extra = state.kernel_args()
+
+    def kernel():
+        module.launch(q, kout, lse, cache.k_pages, cache.v_pages, cache.block_tables, info.slots,
+                      info.seq_lens, 1, splits, DIM ** -0.5, **extra)
+
+    row["s2dsl_kernel_ms"] = bench(kernel)
+    row["s2dsl_kernel_graph_ms"] = bench(_graphed(kernel))
+    row["s2dsl_update_ms"] = bench(_graphed(lambda: state.after_step(info.slots, info.seq_lens, lse, 1)))
+    step = lambda: paged_attention(q, cache, info, out=kout)  # noqa: E731
+    row["s2dsl_step_eager_ms"] = bench(step)
+    row["s2dsl_step_graph_ms"] = bench(_graphed(step))
+    row["step_over_kernel"] = row["s2dsl_step_graph_ms"] / row["s2dsl_kernel_graph_ms"]
+
+    # one layer's cached_attention step (plan, write, attention, bookkeeping) as a static graph step
+    try:
+        graph = DecodeGraph(lambda: cached_attention(cache, ids, q, kn, vn), [cache.table], [ids],
+                            max_length=n + steps)
+        graph()
+        graph()
+        row["s2dsl_cached_step_graph_ms"] = bench(graph)  # includes DecodeGraph's host bookkeeping
+        graph.close()
+    except Exception as exc:  # noqa: BLE001 - report, keep the other figures
+        row["cached_step_error"] = f"{type(exc).__name__}: {exc}"[:300]
+    del cache, state
+    torch.cuda.empty_cache()
+
+    # dense SDPA decode over the contiguous cache
+    qd = q
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    try:
+        row["sdpa_dense_gqa_ms"] = bench(lambda: sdpa(qd, k, v, enable_gqa=True))
+    except Exception as exc:  # noqa: BLE001
+        row["sdpa_gqa_error"] = f"{type(exc).__name__}: {exc}"[:200]
     kr, vr = (t.repeat_interleave(HEADS // KV_HEADS, 1) for t in (k, v))
-    row["sdpa_dense_ms"] = bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, kr, vr))
+    row["sdpa_dense_repeat_ms"] = bench(lambda: sdpa(qd, kr, vr))
+    del kr, vr
+    row["sdpa_dense_ms"] = min(row.get("sdpa_dense_gqa_ms", float("inf")), row["sdpa_dense_repeat_ms"])
     row["dense_kv_bytes"] = 2 * k.numel() * k.element_size()
-    # bytes the top-k step needs: per (sequence, kv head) its window, sink and K selected pages
-    spec = pattern.head_specs[0]
-    needed_blocks = min(-(-n // BLOCK), spec.window + spec.sink + spec.topk[0].k)
-    row["topk_needed_bytes"] = 2 * batch * KV_HEADS * needed_blocks * BLOCK * DIM * k.element_size()
-    row["s2dsl_topk_GBps_needed"] = row["topk_needed_bytes"] / row["s2dsl_topk_ms"] / 1e6
-    if "s2dsl_topk_kernel_ms" in row:
-        row["s2dsl_topk_kernel_GBps_needed"] = row["topk_needed_bytes"] / row["s2dsl_topk_kernel_ms"] / 1e6
+    needed = min(-(-n // BLOCK), pattern.head_specs[0].window + SINK + pattern.head_specs[0].topk[0].k)
+    row["topk_needed_bytes"] = 2 * batch * KV_HEADS * needed * BLOCK * DIM * k.element_size()
+    row["s2dsl_kernel_GBps_needed"] = row["topk_needed_bytes"] / row["s2dsl_kernel_graph_ms"] / 1e6
     row["sdpa_dense_GBps"] = row["dense_kv_bytes"] / row["sdpa_dense_ms"] / 1e6
     return row
 
@@ -186,44 +252,51 @@ def main():
     ap.add_argument("--topk", type=int, default=16)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--no-prefill", action="store_true")
     ap.add_argument("--no-decode", action="store_true")
     ap.add_argument("--out", type=str, default="")
     args = ap.parse_args()
-    pattern, static = alisa(args.window, args.topk), static_part(args.window)
+    if any(n % BLOCK for n in args.seqs):
+        ap.error(f"--seqs must be multiples of the block ({BLOCK})")
+    pattern = alisa(args.window, args.topk)
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
     print(f"check {pattern.name}: bf16 relative error {check_prefill(pattern):.2e}")
-    result = {"device": torch.cuda.get_device_name(), "pattern": pattern.to_source(), "prefill": [], "decode": []}
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+              "pattern": pattern.to_source(), "prefill": [], "decode": []}
 
     def save():
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(result, f, indent=1)
 
-    for n in args.seqs:
-        row = prefill_rows(pattern, n, args.no_flex)
+    for n in [] if args.no_prefill else args.seqs:
+        row = prefill_rows(pattern, args.window, n, args.no_flex)
         result["prefill"].append(row)
         print(json.dumps(row), flush=True)
         save()
         torch.cuda.empty_cache()
-    if not args.no_decode:
-        for n in args.seqs:
-            row = decode_rows(pattern, static, n, args.batch)
-            result["decode"].append(row)
-            print(json.dumps(row), flush=True)
-            save()
-            torch.cuda.empty_cache()
-    print("\n| seq | s2dsl total | select | kernel | SDPA flash | Flex same mask |")
-    print("|---|---|---|---|---|---|")
-    for r in result["prefill"]:
-        print(f"| {r['seq']} | {r['s2dsl_total_ms']:.2f} | {r['s2dsl_select_ms']:.2f} | {r['s2dsl_kernel_ms']:.2f} "
-              f"| {r['sdpa_flash_ms']:.2f} | {r.get('flex_same_mask_ms', float('nan')):.2f} |")
+    for n in [] if args.no_decode else args.seqs:
+        row = decode_rows(pattern, n, args.batch)
+        result["decode"].append(row)
+        print(json.dumps(row), flush=True)
+        save()
+        torch.cuda.empty_cache()
+    nan = float("nan")
+    if result["prefill"]:
+        print("\nprefill (ms)\n| seq | s2dsl total | select | kernel | SDPA flash | Flex same blocks | kept |")
+        print("|---|---|---|---|---|---|---|")
+        for r in result["prefill"]:
+            print(f"| {r['seq']} | {r['s2dsl_total_ms']:.2f} | {r['s2dsl_select_ms']:.2f} | {r['s2dsl_kernel_ms']:.2f} "
+                  f"| {r['sdpa_flash_ms']:.2f} | {r.get('flex_same_mask_ms', nan):.2f} "
+                  f"| {r.get('kept_block_fraction', nan):.3f} |")
     if result["decode"]:
-        print("\n| seq | batch | s2dsl topk step | static part | SDPA dense |")
-        print("|---|---|---|---|---|")
+        print("\ndecode (ms, batch %d)\n| seq | kernel (graph) | update | step eager | step graph | step/kernel "
+              "| cached_attention graph | SDPA dense |" % args.batch)
+        print("|---|---|---|---|---|---|---|---|")
         for r in result["decode"]:
-            print(f"| {r['seq']} | {r['batch']} | {r['s2dsl_topk_ms']:.3f} | {r.get('s2dsl_topk_kernel_ms', float('nan')):.3f} "
-                  f"| {r['s2dsl_static_part_ms']:.3f} "
-                  f"| {r['sdpa_dense_ms']:.3f} |")
+            print(f"| {r['seq']} | {r['s2dsl_kernel_graph_ms']:.3f} | {r['s2dsl_update_ms']:.3f} "
+                  f"| {r['s2dsl_step_eager_ms']:.3f} | {r['s2dsl_step_graph_ms']:.3f} | {r['step_over_kernel']:.2f} "
+                  f"| {r.get('s2dsl_cached_step_graph_ms', nan):.3f} | {r['sdpa_dense_ms']:.3f} |")
     save()
 
 
