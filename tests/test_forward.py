@@ -117,15 +117,6 @@ def test_bad_input_is_refused_up_front(bad, match):
         forward(*bad(q, k, v), pattern)
 
 
-def test_dynamic_topk_in_packed_batches_is_refused_with_a_reason():
-    """topk heads run (tests/test_topk.py), but not on packed cu_seqlens batches."""
-    pattern = s2dsl.parse("pattern p { block = 16 heads = 1 heads 0..0 { window 1 topk 4 } }")["p"]
-    q, k, v = (t[0].transpose(0, 1).contiguous() for t in _inputs(1, 1, 1, 20, 20, 16, torch.float32))
-    cu = torch.tensor([0, 20], dtype=torch.int32)
-    with pytest.raises(InputError, match="topk"):
-        forward(q, k, v, pattern, cu_seqlens_q=cu, cu_seqlens_k=cu)
-
-
 @pytest.mark.parametrize("window_span", [1, 2, 4])
 def test_residue_pairs_with_any_window_span(window_span):
     """Regression: a residue pair's tile width must not follow a wider window step."""

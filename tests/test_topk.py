@@ -193,6 +193,48 @@ def test_backward_is_deterministic():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("estimator", ["pooled", "last_row"])
+def test_packed_batches_select_per_sequence_and_train(estimator):
+    """cu_seqlens batches (different lengths, chunked queries): each sequence's selection is the one
+    it gets alone, the output and the gradients are each sequence's reference with it; a given
+    selection is checked against each sequence's own lengths."""
+    pattern = s2dsl.parse("pattern p { block = 16 heads = 4 kv_heads = 2 "
+                          "heads 0..1 { window 1 topk h + 1 } heads 2..3 { sink 1 topk 2 recent 2 } }")["p"]
+    lens = [(50, 50), (7, 70), (33, 40)]  # (queries, keys) per sequence
+    parts = [random_inputs(1, 4, 2, lq, lk, 16, torch.float32, seed=lq + lk, grad_out=True) for lq, lk in lens]
+    q, do = (torch.cat([p_[i][0].transpose(0, 1) for p_ in parts]) for i in (0, 3))
+    k, v = (torch.cat([p_[i][0].transpose(0, 1) for p_ in parts]) for i in (1, 2))
+    cu_q = torch.tensor([0, 50, 57, 90], dtype=torch.int32)
+    cu_k = torch.tensor([0, 50, 120, 160], dtype=torch.int32)
+    q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
+    out, sel = s2dsl.attention(q, k, v, pattern, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, return_selection=True,
+                               topk_estimator=estimator)
+    out.backward(do)
+    assert sel.shape == (3, 4, 4, 2)  # the longest: 50 queries over 50 keys, 4 query blocks
+    for b, ((lq, lk), (qb, kb, vb, dob)) in enumerate(zip(lens, parts)):
+        alone = select_blocks(qb, kb, pattern, estimator=estimator)
+        rows = alone.shape[2]
+        assert torch.equal(sel[b, :, :rows], alone[0]) and (sel[b, :, rows:] == -1).all()
+        qd, kd, vd = (t.double().requires_grad_() for t in (qb, kb, vb))
+        ref = s2dsl.reference_attention(qd, kd, vd, pattern, selection=alone, dtype=torch.float64)
+        ref.backward(dob.double())
+        sq, sk = slice(int(cu_q[b]), int(cu_q[b + 1])), slice(int(cu_k[b]), int(cu_k[b + 1]))
+        torch.testing.assert_close(out[sq].transpose(0, 1).unsqueeze(0).double(), ref, atol=2e-5, rtol=2e-5)
+        for got, want in ((q.grad[sq], qd.grad), (k.grad[sk], kd.grad), (v.grad[sk], vd.grad)):
+            torch.testing.assert_close(got.transpose(0, 1).unsqueeze(0).double(), want, atol=1e-4, rtol=1e-4)
+    replay = s2dsl.attention(q.detach(), k.detach(), v.detach(), pattern, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                             selection=sel)
+    torch.testing.assert_close(replay, out.detach())
+    bad = sel.clone()
+    bad[1, 0, 3, 0] = 0  # sequence 1 has one query block: its later rows must stay unused
+    with pytest.raises(InputError, match="unused"):
+        s2dsl.attention(q.detach(), k.detach(), v.detach(), pattern, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                        selection=bad)
+    with pytest.raises(InputError, match="shape"):
+        s2dsl.attention(q.detach(), k.detach(), v.detach(), pattern, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                        selection=sel[:, :, :3])
+
+
 # ------------------------------------------------------------------ decode
 DECODE_PATTERNS = {
     # ALISA's sparse window attention: recent window + top-k by the mass of the last 3 steps;

@@ -90,8 +90,8 @@ assert sorted(BOTH_PARAMS) == sorted(set([_RENAME_DQ.get(n, n) for n in DQ_PARAM
 
 
 # extra parameters of the bodies for plans with dynamic top-k heads (before the constexprs)
-TOPK_DQ = "Sel stride_sb stride_sh stride_si sel_first_block".split()
-TOPK_DKDV = "TOff TList".split()
+TOPK_DQ = "Sel stride_sb stride_sh stride_si".split()
+TOPK_DKDV = "TOff TList t_blocks".split()
 
 
 def _with(names, extra):
@@ -188,7 +188,7 @@ def _dq_topk_loop(plan: KernelPlan) -> str:
     n_sel = _param(plan, "topk", plan.topk_column)
     return f"""
 # -- dynamic top-k: the blocks selected for this tile's query block (held fixed from the forward) --
-sel_row = Sel + b * stride_sb + h * stride_sh + (first_block - sel_first_block) * stride_si
+sel_row = Sel + b * stride_sb + h * stride_sh + (first_block - past // BLOCK) * stride_si
 for tk in range(0, {n_sel}):
     j = tl.load(sel_row + tk)
     if (j >= 0) & (j < first_block):{indent(_dq_call("False", "0", "True"), '    ')}
@@ -200,7 +200,7 @@ for tk in range(0, {n_sel}):
 # on the device: ascending query blocks, so the sum's order and the result are reproducible)
 _DKDV_TOPK_LOOP = """
 # -- dynamic top-k: the query blocks whose selection holds kv block j --
-t_key = (b * (GROUP * KV_HEADS) + h) * ((kv_len + BLOCK - 1) // BLOCK) + j
+t_key = (b * (GROUP * KV_HEADS) + h) * t_blocks + j
 for tk in range(tl.load(TOff + t_key), tl.load(TOff + t_key + 1)):
     i = tl.load(TList + tk)
     dk, dv = _dkdv_visit(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, i * BLOCK,
@@ -255,10 +255,10 @@ def generate_backward(plan: KernelPlan, spec: Specialization, *, name: str = "pa
         both_params = _with(BOTH_PARAMS, TOPK_DQ + TOPK_DKDV)
         dq_topk = chr(10) + _at(_dq_topk_loop(plan), 2)
         dkdv_topk = chr(10) + _at(_DKDV_TOPK_LOOP, 3)
-        topk_launch = ", sel=None, sel_strides=(0, 0, 0), sel_first_block=0, t_off=None, t_list=None"
-        topk_dq_args = " sel, *sel_strides, sel_first_block,"
-        topk_dkdv_args = " t_off, t_list,"
-        topk_both_args = " sel, *sel_strides, sel_first_block, t_off, t_list,"
+        topk_launch = ", sel=None, sel_strides=(0, 0, 0), t_off=None, t_list=None, t_blocks=0"
+        topk_dq_args = " sel, *sel_strides,"
+        topk_dkdv_args = " t_off, t_list, t_blocks,"
+        topk_both_args = " sel, *sel_strides, t_off, t_list, t_blocks,"
 
     # ---------------------------------------------------------------- dQ enumeration
     diagonal = f"""

@@ -117,7 +117,7 @@ def _topk_loop(plan: KernelPlan) -> str:
         k_pad = 1 << (plan.max_topk - 1).bit_length()
         return f"""
         # -- dynamic top-k: the blocks selected for this tile's query block (all below it) --
-        sel_row = Sel + b * stride_sb + h * stride_sh + (first_block - sel_first_block) * stride_si
+        sel_row = Sel + b * stride_sb + h * stride_sh + (first_block - past // BLOCK) * stride_si
         slots = tl.arange(0, {k_pad})
         n_used = tl.sum((tl.load(sel_row + slots, mask=slots < {n_sel}, other=-1) >= 0).to(tl.int32), 0)
         for tk in range(0, n_used):
@@ -126,7 +126,7 @@ def _topk_loop(plan: KernelPlan) -> str:
                                    kv_len, 0, True, qk_scale, False, CAUSAL, BLOCK, BLOCK, BLOCK_N, HEAD_DIM, D_PAD)"""
     return f"""
         # -- dynamic top-k: the blocks selected for this tile's query block --
-        sel_row = Sel + b * stride_sb + h * stride_sh + (first_block - sel_first_block) * stride_si
+        sel_row = Sel + b * stride_sb + h * stride_sh + (first_block - past // BLOCK) * stride_si
         for tk in range(0, {n_sel}):
             j = tl.load(sel_row + tk)
             if (j >= 0) & (j < first_block):
@@ -277,10 +277,12 @@ lo = first_block  # window <= 1 for every head: the window range is the diagonal
         if spec.block_m > plan.block or plan.block % spec.block_m:
             raise ValueError(f"block_m={spec.block_m} must divide the pattern block {plan.block} for topk heads: "
                              "a query tile takes the selection of its one query block")
-        topk_params = "Sel, stride_sb, stride_sh, stride_si, sel_first_block, "
-        topk_args = "sel, *sel_strides, sel_first_block, "
+        # row 0 of a sequence's selection is its first query's block (past // BLOCK): per sequence
+        # when packed
+        topk_params = "Sel, stride_sb, stride_sh, stride_si, "
+        topk_args = "sel, *sel_strides, "
         topk_loop = _topk_loop(plan)
-        topk_launch = ", sel=None, sel_strides=(0, 0, 0), sel_first_block=0"
+        topk_launch = ", sel=None, sel_strides=(0, 0, 0)"
     if plan.has_tokens:
         # masked window blocks decide by the head's own block window, the token window per pair
         window_masked = window_masked.replace("kv_len, window, ", "kv_len, bwin, ")

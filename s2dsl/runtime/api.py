@@ -40,20 +40,21 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patter
             raise ValueError(f"pattern {pattern.name} has no topk heads: it takes no selection")
         out, lse = ops.attention_fwd(q, k, v, ops.register(pattern), scale, layout, cu_seqlens_q, cu_seqlens_k)
         return (out, lse) if return_lse else out
-    validate.check_runnable(pattern, varlen=cu_seqlens_q is not None or cu_seqlens_k is not None)
+    validate.check_runnable(pattern)
     key = ops.register(pattern)
     if selection is None:
         from .topk import ESTIMATORS
         if topk_estimator not in ESTIMATORS:
             raise ValueError(f"topk_estimator must be one of {ESTIMATORS}, got {topk_estimator!r}")
-        selection = ops.topk_select(q, k, key, layout, topk_estimator)
+        selection = ops.topk_select(q, k, key, layout, topk_estimator, cu_seqlens_q, cu_seqlens_k)
     elif not torch.compiler.is_compiling():
         from .attention import _check
         from .topk import check_selection
-        _check(q, k, v, pattern, layout, None, None)
+        _check(q, k, v, pattern, layout, cu_seqlens_q, cu_seqlens_k)
         sd = 2 if layout == "bhsd" else 1
-        selection = check_selection(selection, pattern, q.shape[0], q.shape[sd], k.shape[sd], q.device)
-    out, lse = ops.attention_fwd_topk(q, k, v, selection, key, scale, layout)
+        selection = check_selection(selection, pattern, q.shape[0], q.shape[sd], k.shape[sd], q.device,
+                                    cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+    out, lse = ops.attention_fwd_topk(q, k, v, selection, key, scale, layout, cu_seqlens_q, cu_seqlens_k)
     result = (out, lse) if return_lse else (out,)
     if return_selection:
         result += (selection,)

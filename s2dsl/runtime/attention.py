@@ -61,13 +61,13 @@ def forward(q, k, v, pattern: Pattern, *, scale: Optional[float] = None, layout:
         lse_strides = (lse.stride(0), lse.stride(1))
     extra = {}
     if lower(pattern).has_topk:
-        from .topk import check_selection, select_blocks, selection_shape
+        from .topk import check_selection, select_blocks
+        packed = dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
         if selection is None:
-            selection = select_blocks(q, k, pattern, layout=layout)
+            selection = select_blocks(q, k, pattern, layout="bhsd" if varlen else layout, **packed)
         else:
-            selection = check_selection(selection, pattern, batch, q_len, kv_len, q.device, values=False)
-        extra = dict(sel=selection, sel_strides=selection.stride()[:3],
-                     sel_first_block=selection_shape(pattern, batch, q_len, kv_len)[1])
+            selection = check_selection(selection, pattern, batch, q_len, kv_len, q.device, values=False, **packed)
+        extra = dict(sel=selection, sel_strides=selection.stride()[:3])
     if out.numel():
         module.launch(q, k, v, out, lse, _strides(q, layout), _strides(k, layout), _strides(v, layout),
                       _strides(out, layout), lse_strides, batch, q_len, kv_len, q_len, cu_seqlens_q, cu_seqlens_k,

@@ -166,14 +166,16 @@ def backward(q, k, v, out, lse, dout, pattern: Pattern, *, scale: Optional[float
     lse_strides = (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
     extra = {}
     if lower(pattern).has_topk:
-        from .topk import check_selection, selection_shape, transpose_selection
+        from .topk import check_selection, first_blocks, packed_lengths, transpose_selection
         if selection is None:
             raise InputError(f"pattern '{pattern.name}' has dynamic topk heads: pass the selection the forward used")
-        selection = check_selection(selection, pattern, batch, q_len, kv_len, q.device, values=False)
-        first = selection_shape(pattern, batch, q_len, kv_len)[1]
-        t_off, t_list = transpose_selection(selection, -(-kv_len // pattern.block), first)
-        extra = dict(sel=selection, sel_strides=selection.stride()[:3], sel_first_block=first,
-                     t_off=t_off, t_list=t_list)
+        packed = dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+        selection = check_selection(selection, pattern, batch, q_len, kv_len, q.device, values=False, **packed)
+        first = first_blocks(pattern, batch, q_len, kv_len, device=q.device, **packed)
+        longest = max(packed_lengths(cu_seqlens_q, cu_seqlens_k)[1], default=0) if varlen else kv_len
+        t_blocks = -(-longest // pattern.block)  # the transposed selection's kv blocks per (sequence, head)
+        t_off, t_list = transpose_selection(selection, t_blocks, first)
+        extra = dict(sel=selection, sel_strides=selection.stride()[:3], t_off=t_off, t_list=t_list, t_blocks=t_blocks)
     module.launch(q, k, v, out, dout, lse, dq, dk, dv,
                   _strides(q, layout), _strides(k, layout), _strides(v, layout), _strides(out, layout),
                   _strides(dout, layout), _strides(dq, layout), _strides(dk, layout), _strides(dv, layout),

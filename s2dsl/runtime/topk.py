@@ -16,10 +16,15 @@ Its cost is one ``[query blocks, D] x [D, kv blocks]`` product per head, chunked
 blocks so memory stays bounded at long contexts. ``estimator="last_row"`` scores instead with
 the attention of each query block's last query over every key, summed per kv block (ALISA /
 SnapKV's observation row): exact for that row, ``block`` times the work of the pooled score.
+
+Packed batches (``cu_seqlens_q`` / ``cu_seqlens_k``): each sequence selects by itself, row ``r``
+of sequence ``b`` being its own query block ``past_b // block + r`` (``past_b`` = its keys
+minus its queries); the selection is ``[sequences, heads, most rows of any sequence, K]``,
+shorter sequences' extra rows unused (-1).
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import List, Optional, Tuple, Union
 
 import torch
 
@@ -29,7 +34,7 @@ from ..pattern import Pattern
 from .cache import cache_key, codegen_fingerprint, default_cache
 
 __all__ = ["ESTIMATORS", "selection_shape", "select_blocks", "check_selection", "topk_heads", "exclusion_module",
-           "pooled_blocks", "SCORE_CHUNK_ELEMENTS"]
+           "pooled_blocks", "SCORE_CHUNK_ELEMENTS", "packed_lengths", "first_blocks"]
 
 #: float32 scores held at once while selecting (the query blocks are taken in chunks)
 SCORE_CHUNK_ELEMENTS = 1 << 26
@@ -46,6 +51,28 @@ def selection_shape(pattern: Pattern, batch: int, q_len: int, kv_len: int) -> Tu
     first = (kv_len - q_len) // block
     n_rows = 0 if q_len == 0 else (kv_len - 1) // block - first + 1
     return (batch, pattern.heads, n_rows, lower(pattern).max_topk), first
+
+
+def packed_lengths(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor) -> Tuple[List[int], List[int]]:
+    """Each packed sequence's (queries, keys), read on the host (one sync, as the launch makes)."""
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    return [b - a for a, b in zip(cq, cq[1:])], [b - a for a, b in zip(ck, ck[1:])]
+
+
+def packed_selection_shape(pattern: Pattern, q_lens: List[int], kv_lens: List[int]):
+    """``((sequences, heads, rows, K), [first block of each sequence])`` for a packed batch."""
+    shapes = [selection_shape(pattern, 1, lq, lk) for lq, lk in zip(q_lens, kv_lens)]
+    rows = max((s[0][2] for s in shapes), default=0)
+    return (len(q_lens), pattern.heads, rows, lower(pattern).max_topk), [s[1] for s in shapes]
+
+
+def first_blocks(pattern: Pattern, batch: int, q_len: int, kv_len: int, cu_seqlens_q=None, cu_seqlens_k=None,
+                 device=None) -> Union[int, torch.Tensor]:
+    """Row 0's absolute query block: one int, or an int32 tensor per sequence of a packed batch."""
+    if cu_seqlens_q is None:
+        return selection_shape(pattern, batch, q_len, kv_len)[1]
+    return torch.tensor(packed_selection_shape(pattern, *packed_lengths(cu_seqlens_q, cu_seqlens_k))[1],
+                        dtype=torch.int32, device=device)
 
 
 def exclusion_module(pattern: Pattern):
@@ -97,15 +124,28 @@ def _last_row_scores(q, k, pattern: Pattern, rows: torch.Tensor, heads_t: torch.
 
 @torch.no_grad()
 def select_blocks(q: torch.Tensor, k: torch.Tensor, pattern: Pattern, *, layout: str = "bhsd",
-                  estimator: str = "pooled") -> torch.Tensor:
+                  estimator: str = "pooled", cu_seqlens_q: Optional[torch.Tensor] = None,
+                  cu_seqlens_k: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The prefill selection for ``q`` over ``k`` (see the module docstring for its layout).
 
     ``estimator``: ``"pooled"`` (default; mean query of the query block . mean key of the kv
     block) or ``"last_row"`` (ALISA / SnapKV: the attention of the query block's last query
     over every key, summed per kv block; exact for that row, O(query blocks * keys) work).
+    ``cu_seqlens_q`` / ``cu_seqlens_k``: packed (total, heads, dim) inputs, one selection per sequence.
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    if cu_seqlens_q is not None:
+        q_lens, kv_lens = packed_lengths(cu_seqlens_q, cu_seqlens_k)
+        shape, _ = packed_selection_shape(pattern, q_lens, kv_lens)
+        sel = torch.full(shape, -1, dtype=torch.int32, device=q.device)
+        q0 = k0 = 0
+        for b, (lq, lk) in enumerate(zip(q_lens, kv_lens)):  # sequences select by themselves
+            part = select_blocks(q[q0:q0 + lq].transpose(0, 1).unsqueeze(0), k[k0:k0 + lk].transpose(0, 1).unsqueeze(0),
+                                 pattern, estimator=estimator)
+            sel[b, :, :part.shape[2]] = part[0]
+            q0, k0 = q0 + lq, k0 + lk
+        return sel
     if layout == "bshd":
         q, k = q.transpose(1, 2), k.transpose(1, 2)
     batch, heads, q_len, _ = q.shape
@@ -150,16 +190,34 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, pattern: Pattern, *, layout:
 
 
 def check_selection(sel, pattern: Pattern, batch: int, q_len: int, kv_len: int, device: torch.device,
-                    *, values: bool = True) -> torch.Tensor:
+                    *, values: bool = True, cu_seqlens_q: Optional[torch.Tensor] = None,
+                    cu_seqlens_k: Optional[torch.Tensor] = None) -> torch.Tensor:
     """A user-given selection, checked; returns it as a contiguous int32 tensor.
 
     Shape, dtype and device always; with ``values`` (reads the tensor: one host sync) also that
     every entry is -1 or a kv block the head may select (inside the context, allowed by the
     causal cut, not static), that no row repeats a block, and that no row of head ``h`` holds
-    more than its K blocks.
+    more than its K blocks. ``cu_seqlens_q`` / ``cu_seqlens_k``: a packed batch's, each
+    sequence's rows checked against its own lengths (rows past its own are unused: -1).
     """
     from .attention import InputError
 
+    if cu_seqlens_q is not None:
+        q_lens, kv_lens = packed_lengths(cu_seqlens_q, cu_seqlens_k)
+        shape, _ = packed_selection_shape(pattern, q_lens, kv_lens)
+        if not isinstance(sel, torch.Tensor) or tuple(sel.shape) != shape:
+            raise InputError(f"selection must have shape (sequences, heads, most query blocks, K) = {shape} for this "
+                             f"packed batch; got {tuple(getattr(sel, 'shape', ()))}")
+        if sel.dtype not in (torch.int32, torch.int64) or sel.device != device:
+            raise InputError(f"selection must be int32 (or int64) on {device}; got {sel.dtype} on {sel.device}")
+        sel = sel.to(torch.int32).contiguous()
+        if values:
+            for b, (lq, lk) in enumerate(zip(q_lens, kv_lens)):
+                rows = selection_shape(pattern, 1, lq, lk)[0][2]
+                check_selection(sel[b:b + 1, :, :rows], pattern, 1, lq, lk, device)
+                if bool((sel[b, :, rows:] != -1).any()):
+                    raise InputError(f"selection rows past sequence {b}'s {rows} query blocks must be unused (-1)")
+        return sel
     shape, first = selection_shape(pattern, batch, q_len, kv_len)
     if not isinstance(sel, torch.Tensor):
         raise TypeError(f"selection must be a torch.Tensor, got {type(sel).__name__}")
@@ -194,11 +252,13 @@ def check_selection(sel, pattern: Pattern, batch: int, q_len: int, kv_len: int, 
     return sel
 
 
-def transpose_selection(sel: torch.Tensor, n_kv_blocks: int, first_block: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def transpose_selection(sel: torch.Tensor, n_kv_blocks: int,
+                        first_block: Union[int, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
     """The selection read per kv block, for the dK/dV kernel: ``(offsets, query_blocks)``.
 
     For key ``(b * heads + h) * n_kv_blocks + j``, ``query_blocks[offsets[key]:offsets[key + 1]]``
-    are the absolute query blocks whose row of head ``h`` selected kv block ``j``, ascending.
+    are the absolute query blocks whose row of head ``h`` selected kv block ``j``, ascending
+    (``first_block``: row 0's block, or one per sequence of a packed batch).
     Built on the device by a stable sort of the O(heads * query blocks * K) entries: no atomics
     in the kernel, no host sync, the same order (so the same sums) on every run.
     """
@@ -208,7 +268,8 @@ def transpose_selection(sel: torch.Tensor, n_kv_blocks: int, first_block: int) -
     bh = torch.arange(batch * heads, device=device).view(batch, heads, 1, 1) * n_kv_blocks
     key = torch.where(sel >= 0, bh + sel.long(), n_keys).reshape(-1)  # unused slots sort last
     order = torch.argsort(key, stable=True)
-    rows = (torch.arange(n_rows, device=device) + first_block).view(1, 1, -1, 1).expand(batch, heads, n_rows, k)
+    first = first_block.view(-1, 1, 1, 1).to(device) if isinstance(first_block, torch.Tensor) else first_block
+    rows = (torch.arange(n_rows, device=device).view(1, 1, -1, 1) + first).expand(batch, heads, n_rows, k)
     query_blocks = rows.reshape(-1)[order].to(torch.int32).contiguous()
     counts = torch.zeros(n_keys + 1, dtype=torch.long, device=device).scatter_add_(0, key, torch.ones_like(key))
     offsets = torch.zeros(n_keys + 1, dtype=torch.int32, device=device)

@@ -40,17 +40,13 @@ def check_pattern(pattern) -> Pattern:
     return pattern
 
 
-def check_runnable(pattern: Pattern, varlen: bool = False):
-    """The pattern's kernel plan; refused when the kernels cannot run it (periods beyond their
-    limit, dynamic top-k heads on packed batches)."""
+def check_runnable(pattern: Pattern):
+    """The pattern's kernel plan; refused when the kernels cannot run it (e.g. periods beyond
+    their limit)."""
     try:
-        plan = lower(pattern)
+        return lower(pattern)
     except UnsupportedPattern as exc:
         raise InputError(str(exc)) from None
-    if plan.has_topk and varlen:
-        raise InputError(f"pattern '{pattern.name}' has dynamic topk heads, which run on (batch, heads, seq, dim) "
-                         "or (batch, seq, heads, dim) tensors, not packed cu_seqlens batches")
-    return plan
 
 
 def check_device(t: torch.Tensor) -> None:
@@ -185,7 +181,7 @@ def check_attention_inputs(q, k, v, pattern: Pattern, layout: str, cu_seqlens_q,
         raise InputError(f"head dims differ: q {head_dim}, k {k.shape[-1]}, v {v.shape[-1]}")
     if not 16 <= head_dim <= 256:
         raise InputError(f"head dim {head_dim} is not supported: use 16..256")
-    check_runnable(pattern, varlen)
+    check_runnable(pattern)
     return varlen, head_dim
 
 
