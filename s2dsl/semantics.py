@@ -174,6 +174,13 @@ class _Resolver:
 
     def head(self, group: ir.HeadGroup, env: Dict[str, int], h: int, block: int, causal: bool) -> HeadSpec:
         parts = []
+        topks = [c for c in group.components if isinstance(c, ir.TopK)]
+        if len(topks) > 1:  # one run-time choice per head: two would leave K and recent ambiguous
+            first = topks[0].span
+            at = f" (the first at line {first.line})" if first else ""
+            raise self.error(f"head {h} has {len(topks)} 'topk' components{at}; a head selects its dynamic "
+                             "blocks once", topks[1],
+                             hint="merge them into one 'topk K [recent R]' (K may use h)")
         for c in group.components:
             if isinstance(c, ir.Window):
                 unit = "tokens" if c.tokens else "blocks"

@@ -94,6 +94,15 @@ def test_per_head_k_uses_h_end_to_end():
                                atol=TOL[torch.float32], rtol=TOL[torch.float32])
 
 
+def test_two_topk_components_in_one_head_are_a_semantic_error():
+    from s2dsl.errors import S2SemanticError
+    src = "pattern p {\n  block = 16 heads = 2\n  heads * { window 1 topk 2 topk 3 recent 4 }\n}\n"
+    with pytest.raises(S2SemanticError) as info:
+        s2dsl.parse(src, "two.s2")
+    text = str(info.value)
+    assert "2 'topk' components" in text and "two.s2:3:" in text and "merge them" in text
+
+
 def test_static_patterns_generate_the_same_code_as_before():
     """The topk section is generated only for plans with topk heads."""
     static = s2dsl.local_stride(block=16, local_blocks=2, vert_stride=4, heads=4, kv_heads=2)
