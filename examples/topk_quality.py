@@ -9,6 +9,11 @@ last query block keeps ``B = (1 - sparsity) * n_blocks`` kv blocks):
 * ``window+stride``: ``window B/2  stride S offset h`` (S so that the shard holds the other B/2)
 * ``window+topk``:   ``window B/2  topk B/2`` (ALISA's SWA) with the prefill's default
   block-pooled estimator, and again with the ``last_row`` estimator (ALISA / SnapKV)
+* ``window+topk (decode)``: the same pattern on ALISA's own path: the prompt prefilled into a
+  ``PagedKVCache`` (the top-k scores seeded from its last rows), then the query region decoded
+  one token at a time (teacher-forced) through ``cached_attention``, each step's K blocks chosen
+  by the attention the previous steps gave them (``runtime/topk_state.py``); its recovery is
+  measured on the decoded rows, with the selection each step used
 * ``dense``
 
 and measures, per method and sparsity: retrieval accuracy (overall and by distance), the
@@ -47,7 +52,7 @@ import train_tiny as tt
 
 SPARSITIES = (0.5, 0.8, 0.9)
 # window+topk twice: with the prefill's default block-pooled estimator and with ALISA/SnapKV's last row
-METHODS = ("window", "window+stride", "window+topk", "window+topk (last row)")
+METHODS = ("window", "window+stride", "window+topk", "window+topk (last row)", "window+topk (decode)")
 
 
 def method_patterns(cfg: tt.Config, sparsity: float) -> dict:
@@ -83,6 +88,50 @@ def attention_for(pattern, device, estimator: str = "pooled"):
         sel = select_blocks(q, k, pattern, estimator=estimator)
         return s2dsl.reference_attention(q, k, v, pattern, selection=sel).to(q.dtype)
     return reference
+
+
+def decode_attention(pattern, tail: int, device, record: list):
+    """q, k, v (batch, heads, T, dim) -> out, the way a decode produces it: the first ``T - tail``
+    tokens prefilled through a paged cache, the last ``tail`` decoded one step at a time. The model
+    is causal, so running a whole layer this way gives exactly the rows a token-by-token decode
+    computes (with this layer's cache and top-k state). Appends, per call (layer), each head's
+    mean share of the dense attention of the decoded rows on what the step kept."""
+    import warnings
+    from s2dsl.runtime.decode import cached_attention
+    from s2dsl.runtime.kv_cache import PagedKVCache
+    from s2dsl.runtime.topk_state import state_for
+
+    kernel_dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    ks = [spec.topk[0].k if spec.topk else 0 for spec in pattern.head_specs]
+
+    @torch.no_grad()
+    def attn(q, k, v):
+        b, H, T, d = q.shape
+        qc, kc, vc = (t.to(kernel_dtype).contiguous() for t in (q, k, v))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # topk heads keep every page
+            cache = PagedKVCache(pattern, num_pages=b * pattern.kv_heads * (T // pattern.block + 2), head_dim=d,
+                                 dtype=kernel_dtype, device=device, max_seqs=b)
+        ids = [cache.add_sequence() for _ in range(b)]
+        with torch.autocast(device, enabled=False):
+            first = T - tail
+            outs = [cached_attention(cache, ids, qc[:, :, :first], kc[:, :, :first], vc[:, :, :first])]
+            state = state_for(cache)
+            slots = torch.tensor([cache.slot(i) for i in ids], device=device).long()
+            kept = torch.zeros(b, H, device=device)
+            for t in range(first, T):
+                used = state.selection[slots].clone()                                  # (b, kv, K)
+                outs.append(cached_attention(cache, ids, qc[:, :, t:t + 1], kc[:, :, t:t + 1], vc[:, :, t:t + 1]))
+                sel = used.repeat_interleave(pattern.group_size, 1)
+                sel = torch.where(torch.arange(sel.shape[-1], device=device).view(1, 1, -1)
+                                  < torch.tensor(ks, device=device).view(1, -1, 1), sel, -1).unsqueeze(2)
+                mask = pattern.token_mask(1, t + 1, selection=sel.cpu()).to(device)[:, :, 0]  # (b, H, t + 1)
+                logits = torch.einsum("bhd,bhnd->bhn", q[:, :, t].float(), k[:, :, :t + 1].float()) / math.sqrt(d)
+                probs = torch.softmax(logits, -1)                                       # the dense row
+                kept += (probs * mask).sum(-1)
+            record.append((kept / tail).mean(0).tolist())
+        return torch.cat(outs, 2).to(q.dtype)
+    return attn
 
 
 def use(model, attn):
@@ -234,6 +283,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", type=str, default="topk_quality_out")
     ap.add_argument("--train-budget", type=float, default=None, help="seconds of training (default per config)")
     ap.add_argument("--sparsities", type=float, nargs="+", default=list(SPARSITIES))
+    ap.add_argument("--decode-batches", type=int, default=None,
+                    help="eval batches the decode method runs (default: all on CUDA, 1 on the CPU)")
     ap.add_argument("--block", type=int, default=None,
                     help="pattern block in tokens (default per config); the task keeps each pair inside one block")
     args = ap.parse_args(argv)
@@ -243,6 +294,8 @@ def main(argv=None) -> dict:
         cfg = replace(cfg, block=args.block)
     if device == "cpu":
         torch.set_num_threads(1)
+        if args.decode_batches is None:
+            args.decode_batches = 1  # the interpreter runs every decode step's kernels in Python
     budget = args.train_budget if args.train_budget is not None else (200.0 if device == "cuda" else 20.0)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -259,6 +312,9 @@ def main(argv=None) -> dict:
     print(f"dense: accuracy {result['dense']['accuracy']:.3f}, answer perplexity "
           f"{result['dense']['answer_perplexity']:.3f}", flush=True)
     captured = capture_qk(model, cfg, eval_set[0], device)
+    x0, qpos0, _, _ = eval_set[0]
+    tail = cfg.seq - int(qpos0.min())  # the query region, decoded token by token in the decode method
+    decode_batches = len(eval_set) if args.decode_batches is None else max(1, min(args.decode_batches, len(eval_set)))
     result["sparsities"] = []
     for s in args.sparsities:
         pats = method_patterns(cfg, s)
@@ -266,8 +322,17 @@ def main(argv=None) -> dict:
         for name in METHODS:
             p = pats[name.split(" ")[0]]
             est = "last_row" if name.endswith("(last row)") else "pooled"
-            res = evaluate_method(model, cfg, eval_set, device, attention_for(p, device, est), vis)
-            rec = recovery(cfg, captured, p, cfg.block, est)
+            if name.endswith("(decode)"):  # ALISA's path: decode the query region step by step
+                calls = []
+                res = evaluate_method(model, cfg, eval_set[:decode_batches], device,
+                                      decode_attention(p, tail, device, calls), vis)
+                per_call = torch.tensor(calls).view(-1, cfg.layers, cfg.heads)         # (batches, layers, heads)
+                rec = {"kept": per_call.mean(0).tolist(), "block_oracle": [], "token_oracle": []}
+                res["eval_sequences"] = decode_batches * cfg.batch
+                res["recovery_rows"] = f"the {tail} decoded rows (the query region)"
+            else:
+                res = evaluate_method(model, cfg, eval_set, device, attention_for(p, device, est), vis)
+                rec = recovery(cfg, captured, p, cfg.block, est)
             res["pattern"] = p.to_source()
             res["recovery_per_layer_head"] = rec["kept"]
             res["recovery_mean"] = float(torch.tensor(rec["kept"]).mean())

@@ -41,6 +41,7 @@ from textwrap import indent
 from .forward import Specialization
 from .lower import UnsupportedPattern, KernelPlan
 from .snippets import at as _at, full_predicate as _full_predicate, head_param as _param
+from .snippets import selected_blocks as _selected_blocks
 
 BACKWARD_CODEGEN_VERSION = "bwd-2"
 
@@ -185,14 +186,8 @@ def _query_range(plan: KernelPlan) -> str:
 
 def _dq_topk_loop(plan: KernelPlan) -> str:
     """dQ from this query block's selected blocks (dynamic top-k), as the forward visits them."""
-    n_sel = _param(plan, "topk", plan.topk_column)
-    return f"""
-# -- dynamic top-k: the blocks selected for this tile's query block (held fixed from the forward) --
-sel_row = Sel + b * stride_sb + h * stride_sh + (first_block - past // BLOCK) * stride_si
-for tk in range(0, {n_sel}):
-    j = tl.load(sel_row + tk)
-    if (j >= 0) & (j < first_block):{indent(_dq_call("False", "0", "True"), '    ')}
-    elif j >= 0:{indent(_dq_call("True", "0", "True"), '    ')}"""
+    return _selected_blocks(plan, _dq_call("False", "0", "True"), _dq_call("True", "0", "True"),
+                            "the blocks selected for this tile's query block (held fixed from the forward)")
 
 
 # dK/dV of the selection: the query blocks that selected kv block j, listed per (batch, q head,

@@ -23,6 +23,7 @@ from textwrap import indent
 
 from .lower import KernelPlan
 from .snippets import at as _at, full_predicate as _full_predicate, head_param as _param
+from .snippets import selected_blocks as _selected_blocks
 
 CODEGEN_VERSION = "fwd-1"
 
@@ -107,36 +108,12 @@ def _outside_loops(plan: KernelPlan, lo: str, hi: str, masked: str, span: int = 
 
 
 def _topk_loop(plan: KernelPlan) -> str:
-    """Visit this query block's selected blocks (dynamic top-k): the first K of its row of ``Sel``
-    (-1 where fewer blocks could be selected). Selection never holds a static block, so nothing
-    is visited twice; blocks below the tile's first block need no mask."""
-    n_sel = _param(plan, "topk", plan.topk_column)
-    if plan.causal and all(p.window >= 1 for p in plan.params if p.topk):
-        # the diagonal is static, so every selected block lies below the tile: no mask, no branch;
-        # used slots come first, so the loop runs over their count
-        k_pad = 1 << (plan.max_topk - 1).bit_length()
-        return f"""
-        # -- dynamic top-k: the blocks selected for this tile's query block (all below it) --
-        sel_row = Sel + b * stride_sb + h * stride_sh + (first_block - past // BLOCK) * stride_si
-        slots = tl.arange(0, {k_pad})
-        n_used = tl.sum((tl.load(sel_row + slots, mask=slots < {n_sel}, other=-1) >= 0).to(tl.int32), 0)
-        for tk in range(0, n_used):
-            j = tl.load(sel_row + tk)
-            acc, l_i, m_i = _visit(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, j, 1, rows, row_block,
-                                   kv_len, 0, True, qk_scale, False, CAUSAL, BLOCK, BLOCK, BLOCK_N, HEAD_DIM, D_PAD)"""
-    return f"""
-        # -- dynamic top-k: the blocks selected for this tile's query block --
-        sel_row = Sel + b * stride_sb + h * stride_sh + (first_block - past // BLOCK) * stride_si
-        for tk in range(0, {n_sel}):
-            j = tl.load(sel_row + tk)
-            if (j >= 0) & (j < first_block):
-                acc, l_i, m_i = _visit(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, j, 1, rows,
-                                       row_block, kv_len, 0, True, qk_scale, False, CAUSAL, BLOCK, BLOCK, BLOCK_N,
-                                       HEAD_DIM, D_PAD)
-            elif j >= 0:
-                acc, l_i, m_i = _visit(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, j, 1, rows,
-                                       row_block, kv_len, 0, True, qk_scale, True, CAUSAL, BLOCK, BLOCK, BLOCK_N,
-                                       HEAD_DIM, D_PAD)"""
+    """Visit this query block's selected blocks (dynamic top-k; ``snippets.selected_blocks``)."""
+    visit = """
+acc, l_i, m_i = _visit(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, j, 1, rows, row_block, kv_len, 0,
+                       True, qk_scale, {masked}, CAUSAL, BLOCK, BLOCK, BLOCK_N, HEAD_DIM, D_PAD)"""
+    return _selected_blocks(plan, visit.format(masked=False), visit.format(masked=True),
+                            "the blocks selected for this tile's query block")
 
 
 def _relative_loops(plan: KernelPlan, full: str) -> str:

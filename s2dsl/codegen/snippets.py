@@ -61,3 +61,39 @@ def static_keeps(HeadTable, h, i, j, TABLE_WIDTH: tl.constexpr):
     keep = ((i - j >= 0) & (i - j < window)) | (j < sink){residues}{causal}
     return keep
 '''
+
+
+# ---------------------------------------------------------------- dynamic top-k (issue 11)
+# The forward and the dQ kernel walk a tile's selected blocks the same way; only the visit differs.
+
+def selected_blocks(plan: KernelPlan, below: str, diagonal: str, what: str) -> str:
+    """Source (level 0) of the loop over this tile's selected kv blocks (dynamic top-k): the
+    first K of its query block's row of ``Sel`` (row 0 = the sequence's first query block,
+    ``past // BLOCK``; -1 marks an unused slot). ``below`` visits a block under the tile's first
+    block (no causal mask), ``diagonal`` one in the tile's own range; ``j`` is the block.
+
+    A selection never holds a static block, so nothing is visited twice. When every topk head
+    keeps its diagonal statically (causal, window >= 1) the selected blocks all lie below the
+    tile: the loop then runs over the used slots (they come first) with no branch.
+    """
+    n_sel = head_param(plan, "topk", plan.topk_column)
+    row = "sel_row = Sel + b * stride_sb + h * stride_sh + (first_block - past // BLOCK) * stride_si"
+    if plan.causal and all(p.window >= 1 for p in plan.params if p.topk):
+        k_pad = 1 << (plan.max_topk - 1).bit_length()
+        return f"""
+# -- dynamic top-k: {what} (all below the tile) --
+{row}
+slots = tl.arange(0, {k_pad})
+n_used = tl.sum((tl.load(sel_row + slots, mask=slots < {n_sel}, other=-1) >= 0).to(tl.int32), 0)
+for tk in range(0, n_used):
+    j = tl.load(sel_row + tk)
+{at(below, 1)}"""
+    return f"""
+# -- dynamic top-k: {what} --
+{row}
+for tk in range(0, {n_sel}):
+    j = tl.load(sel_row + tk)
+    if (j >= 0) & (j < first_block):
+{at(below, 2)}
+    elif j >= 0:
+{at(diagonal, 2)}"""
