@@ -123,3 +123,24 @@ def test_topk_decode_step_captured_in_a_cuda_graph():
     from test_topk_graph import _graph_steps
 
     _graph_steps("cuda", torch.bfloat16, capture=True, steps=40, prompt=200, d=64)
+
+
+def test_hf_decode_graph_with_a_topk_plan_captured():
+    """bf16: a topk plan's whole model decode step captured by S2Cache.decode_graph gives the greedy
+    tokens of generate() with host-planned steps (a few may differ in bf16 only where logits tie)."""
+    import sys
+    from pathlib import Path
+    pytest.importorskip("transformers")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from serving_helpers import tiny_llama
+    from test_topk_graph import TOPK_PLAN, _hf_graph_vs_eager
+
+    from s2dsl.integrations import hf
+    plan = TOPK_PLAN.replace("block = 16", "block = 64")
+    model = tiny_llama(plan, attn=hf.ATTN_IMPLEMENTATION).to("cuda", torch.bfloat16)
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(1, 100, (n,), generator=gen) for n in (230, 150)]  # RoPE table: 256
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got, want = _hf_graph_vs_eager(model, prompts, 20, capture=True, device="cuda")
+    assert (got == want).float().mean() >= 0.9, (got, want)

@@ -77,3 +77,48 @@ def _graph_steps(device, dtype, capture, steps, prompt=37, d=16):
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
 def test_topk_decode_runs_as_a_static_graph_step():
     _graph_steps("cpu", torch.float32, capture=False, steps=6)
+
+
+TOPK_PLAN = ("pattern t { block = 16 heads = 4 kv_heads = 2 heads 0..1 { window 1 topk 2 recent 3 } "
+             "heads 2..3 { window 1 sink 1 topk 1 } } model tiny { layers = 2 rest -> t }")
+
+
+def _hf_graph_vs_eager(model, prompts, new, capture, device):
+    """Greedy tokens of a left-padded batch: S2Cache.decode_graph steps vs generate() with an S2Cache
+    (host-planned steps). Both prefill the padded batch (packed, each row seeding its own scores)."""
+    from s2dsl.integrations import hf
+
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, p in enumerate(prompts):
+        ids[r, width - len(p):], mask[r, width - len(p):] = p, 1
+    ids, mask = ids.to(device), mask.to(device)
+    with torch.no_grad():
+        cache = hf.S2Cache(model, max_length=width + new, batch_size=len(prompts))
+        logits = model(ids, attention_mask=mask, past_key_values=cache).logits[:, -1:]
+        step = cache.decode_graph(model, capture=capture)
+        tokens = [logits.argmax(-1)]
+        for _ in range(new - 1):
+            tokens.append(step(tokens[-1])[:, -1:].argmax(-1))
+        ref = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=0,
+                             past_key_values=hf.S2Cache(model, max_length=width + new, batch_size=len(prompts)))
+    return torch.cat(tokens, 1), ref[:, width:]
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
+def test_hf_decode_graph_with_a_topk_plan():
+    """A topk plan through S2Cache.decode_graph (the static step run eagerly on the CPU): the same
+    greedy tokens as generate() stepping the same cache type with host-planned steps."""
+    pytest.importorskip("transformers")
+    import warnings
+    from serving_helpers import tiny_llama
+
+    from s2dsl.integrations import hf
+    model = tiny_llama(TOPK_PLAN, attn=hf.ATTN_IMPLEMENTATION)
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(1, 100, (n,), generator=gen) for n in (40, 23)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # topk heads keep every page
+        got, want = _hf_graph_vs_eager(model, prompts, 5, capture=False, device="cpu")
+    assert torch.equal(got, want)
