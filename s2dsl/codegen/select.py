@@ -116,9 +116,24 @@ def _selectable(HeadTable, g, j, i_next, width, GROUP: tl.constexpr, TABLE_WIDTH
 
 
 @triton.jit
+def _top(cv, ci, kk, K_MAX: tl.constexpr, K_PAD: tl.constexpr):
+    # the K_MAX best of candidates cv (scores) / ci (blocks), any shape, best first; a block
+    # listed twice counts once; equal scores: the later block
+    newv = tl.full([K_PAD], float("-inf"), tl.float32)
+    newi = tl.full([K_PAD], -1, tl.int32)
+    for t in range(0, K_MAX):
+        best = tl.max(cv)
+        j = tl.max(tl.where(cv == best, ci, -1))
+        j = tl.where(best > float("-inf"), j, -1)
+        newv = tl.where(kk == t, best, newv)
+        newi = tl.where(kk == t, j, newi)
+        cv = tl.where(ci == j, float("-inf"), cv)
+    return newv, newi
+
+
+@triton.jit
 def _merge(topv, topi, cv, ci, kk, K_MAX: tl.constexpr, K_PAD: tl.constexpr):
-    # the K_MAX best of two candidate lists, best first; a block listed twice counts once;
-    # equal scores: the later block
+    # the K_MAX best of a best-first list and more candidates, as _top
     newv = tl.full([K_PAD], float("-inf"), tl.float32)
     newi = tl.full([K_PAD], -1, tl.int32)
     for t in range(0, K_MAX):
@@ -141,7 +156,8 @@ def update_kernel(Lse, BlockLse, Sel, Score, RingIdx, RingMass, Steps, Slots, Se
                   q_len, width, n_slots, stride_lb, stride_lh,
                   HEADS: tl.constexpr, KV: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
                   BLOCK: tl.constexpr, K_MAX: tl.constexpr, K_PAD: tl.constexpr, WCAP: tl.constexpr,
-                  T: tl.constexpr, T_PAD: tl.constexpr, E_CH: tl.constexpr, TABLE_WIDTH: tl.constexpr):
+                  T: tl.constexpr, T_PAD: tl.constexpr, RING_PAD: tl.constexpr, E_CH: tl.constexpr,
+                  TABLE_WIDTH: tl.constexpr):
     pid = tl.program_id(0)   # (batch row, kv head)
     b = pid // KV
     g = pid % KV
@@ -192,38 +208,37 @@ def update_kernel(Lse, BlockLse, Sel, Score, RingIdx, RingMass, Steps, Slots, Se
     # -- the next selection: the K best candidates outside the static set at i_next --
     kk = tl.arange(0, K_PAD)
     if k_g > 0:
-        topv = tl.full([K_PAD], float("-inf"), tl.float32)
-        topi = tl.full([K_PAD], -1, tl.int32)
         # blocks selectable at i_next that were not at the step's first query: out of the window, or new
         e_lo = tl.where(fresh, 0, tl.maximum((n - q_len) // BLOCK - w_g + 1, 0))
         ec = tl.arange(0, E_CH)
         if recent > 0:
             rows = tl.minimum(steps + 1, recent)
-            # the scratch row: 0 at every listed block, then the ring's masses summed in
-            for rr in range(0, rows):
-                jr = tl.load(RingIdx + ((rr * n_slots + slot) * KV + g) * T + t, mask=t < T, other=-1)
-                tl.store(row + jr, tl.zeros([T_PAD], tl.float32), mask=(jr >= 0) & (jr < width))
+            # every ring entry at once: (ring rows, row width)
+            rr = tl.arange(0, RING_PAD)[:, None]
+            at = ((rr * n_slots + slot) * KV + g) * T + t[None, :]
+            listed = (rr < rows) & (t[None, :] < T)
+            jr = tl.load(RingIdx + at, mask=listed, other=-1)
+            # the scratch row: 0 at every listed block and the new ones, then the ring's masses summed in
+            tl.store(row + jr, tl.zeros([RING_PAD, T_PAD], tl.float32), mask=(jr >= 0) & (jr < width))
             for e0 in range(e_lo, i_next + 1, E_CH):
                 je = e0 + ec
                 tl.store(row + je, tl.zeros([E_CH], tl.float32), mask=(je <= i_next) & (je < width))
             tl.debug_barrier()
-            for rr in range(0, rows):
-                at = ((rr * n_slots + slot) * KV + g) * T + t
-                jr = tl.load(RingIdx + at, mask=t < T, other=-1)
-                ok = (jr >= 0) & (jr < width)
-                add = tl.load(RingMass + at, mask=t < T, other=0.0)
-                tl.store(row + jr, tl.load(row + jr, mask=ok, other=0.0) + add, mask=ok)
+            for r in range(0, rows):
+                at_r = ((r * n_slots + slot) * KV + g) * T + t
+                j_r = tl.load(RingIdx + at_r, mask=t < T, other=-1)
+                ok = (j_r >= 0) & (j_r < width)
+                add = tl.load(RingMass + at_r, mask=t < T, other=0.0)
+                tl.store(row + j_r, tl.load(row + j_r, mask=ok, other=0.0) + add, mask=ok)
                 tl.debug_barrier()  # a block listed in several rows: one row at a time
-            for rr in range(0, rows):
-                jr = tl.load(RingIdx + ((rr * n_slots + slot) * KV + g) * T + t, mask=t < T, other=-1)
-                ok = _selectable(HeadTable, g, jr, i_next, width, GROUP, TABLE_WIDTH)
-                cv = tl.where(ok, tl.load(row + jr, mask=ok, other=0.0), float("-inf"))
-                topv, topi = _merge(topv, topi, cv, jr, kk, K_MAX, K_PAD)
+            ok = _selectable(HeadTable, g, jr, i_next, width, GROUP, TABLE_WIDTH)
+            cv = tl.where(ok, tl.load(row + jr, mask=ok, other=0.0), float("-inf"))
+            topv, topi = _top(cv, jr, kk, K_MAX, K_PAD)
         else:
             jp = tl.load(Sel + sg * K_MAX + kk, mask=(kk < K_MAX) & (fresh == 0), other=-1)
             ok = _selectable(HeadTable, g, jp, i_next, width, GROUP, TABLE_WIDTH)
             cv = tl.where(ok, tl.load(row + jp, mask=ok, other=0.0), float("-inf"))
-            topv, topi = _merge(topv, topi, cv, jp, kk, K_MAX, K_PAD)
+            topv, topi = _top(cv, jp, kk, K_MAX, K_PAD)
         for e0 in range(e_lo, i_next + 1, E_CH):
             je = e0 + ec
             ok = _selectable(HeadTable, g, je, i_next, width, GROUP, TABLE_WIDTH)
@@ -246,5 +261,6 @@ def update(lse, block_lse, sel, score, ring_idx, ring_mass, steps, slots, seq_le
                                  head_table(sel.device), q_len, width, n_slots, lse.stride(0), lse.stride(1),
                                  HEADS=HEADS, KV=kv, GROUP=group, GROUP_PAD=triton.next_power_of_2(group),
                                  BLOCK=BLOCK, K_MAX=k_max, K_PAD=triton.next_power_of_2(k_max), WCAP=wcap, T=t,
-                                 T_PAD=triton.next_power_of_2(t), E_CH=32, TABLE_WIDTH=TABLE_WIDTH, num_warps=4)
+                                 T_PAD=triton.next_power_of_2(t), RING_PAD=triton.next_power_of_2(ring_idx.shape[0]),
+                                 E_CH=32, TABLE_WIDTH=TABLE_WIDTH, num_warps=1)  # one warp: cheap reductions
 """
