@@ -68,8 +68,8 @@ def check_prefill(pattern, n: int = 4096 + 37) -> float:
 
 def flex_block_mask(sel: torch.Tensor, window: int, n: int):
     """FlexAttention's BlockMask for ``window W sink 1`` plus our selection ``sel`` (1, heads, nb, K),
-    built from block lists (no token-level mask, no mask_mod evaluated over N x N): per (head, query block i) the full blocks are the
-    sink, the window below the diagonal and the selected blocks (all below the window); the
+    built from block lists (no token-level mask, no mask_mod evaluated over N x N): per (head,
+    query block i) the full blocks are the sink, the window below the diagonal and the selected blocks (all below the window); the
     diagonal block is partial, cut by the causal mask_mod."""
     from torch.nn.attention.flex_attention import BlockMask
 
@@ -113,7 +113,7 @@ def prefill_rows(pattern, window: int, n: int, no_flex: bool) -> dict:
         kr, vr = (t.repeat_interleave(HEADS // KV_HEADS, 1) for t in (k, v))
         row["sdpa_flash_ms"] = bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, kr, vr,
                                                                                               is_causal=True))
-        del kr, vr
+        kr = vr = None  # free before the next baseline
     if not no_flex:
         try:
             from torch.nn.attention.flex_attention import flex_attention
@@ -223,7 +223,7 @@ def decode_rows(pattern, n: int, batch: int) -> dict:
         graph.close()
     except Exception as exc:  # noqa: BLE001 - report, keep the other figures
         row["cached_step_error"] = f"{type(exc).__name__}: {exc}"[:300]
-    del cache, state
+    cache = state = graph = None  # the pages go before the dense baseline's copies
     torch.cuda.empty_cache()
 
     # dense SDPA decode over the contiguous cache
@@ -235,7 +235,7 @@ def decode_rows(pattern, n: int, batch: int) -> dict:
         row["sdpa_gqa_error"] = f"{type(exc).__name__}: {exc}"[:200]
     kr, vr = (t.repeat_interleave(HEADS // KV_HEADS, 1) for t in (k, v))
     row["sdpa_dense_repeat_ms"] = bench(lambda: sdpa(qd, kr, vr))
-    del kr, vr
+    kr = vr = None
     row["sdpa_dense_ms"] = min(row.get("sdpa_dense_gqa_ms", float("inf")), row["sdpa_dense_repeat_ms"])
     row["dense_kv_bytes"] = 2 * k.numel() * k.element_size()
     needed = min(-(-n // BLOCK), pattern.head_specs[0].window + SINK + pattern.head_specs[0].topk[0].k)

@@ -285,6 +285,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--sparsities", type=float, nargs="+", default=list(SPARSITIES))
     ap.add_argument("--decode-batches", type=int, default=None,
                     help="eval batches the decode method runs (default: all on CUDA, 1 on the CPU)")
+    ap.add_argument("--decode-sequences", type=int, default=None,
+                    help="sequences of each such batch it runs (default: all on CUDA, 4 on the CPU)")
     ap.add_argument("--block", type=int, default=None,
                     help="pattern block in tokens (default per config); the task keeps each pair inside one block")
     args = ap.parse_args(argv)
@@ -294,8 +296,8 @@ def main(argv=None) -> dict:
         cfg = replace(cfg, block=args.block)
     if device == "cpu":
         torch.set_num_threads(1)
-        if args.decode_batches is None:
-            args.decode_batches = 1  # the interpreter runs every decode step's kernels in Python
+        if args.decode_batches is None:  # the interpreter runs every decode step's kernels in Python
+            args.decode_batches, args.decode_sequences = 1, args.decode_sequences or 4
     budget = args.train_budget if args.train_budget is not None else (200.0 if device == "cuda" else 20.0)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -315,6 +317,8 @@ def main(argv=None) -> dict:
     x0, qpos0, _, _ = eval_set[0]
     tail = cfg.seq - int(qpos0.min())  # the query region, decoded token by token in the decode method
     decode_batches = len(eval_set) if args.decode_batches is None else max(1, min(args.decode_batches, len(eval_set)))
+    rows = args.decode_sequences or cfg.batch
+    decode_set = [(x[:rows], qpos, y[:rows], dist[:rows]) for x, qpos, y, dist in eval_set[:decode_batches]]
     result["sparsities"] = []
     for s in args.sparsities:
         pats = method_patterns(cfg, s)
@@ -324,11 +328,10 @@ def main(argv=None) -> dict:
             est = "last_row" if name.endswith("(last row)") else "pooled"
             if name.endswith("(decode)"):  # ALISA's path: decode the query region step by step
                 calls = []
-                res = evaluate_method(model, cfg, eval_set[:decode_batches], device,
-                                      decode_attention(p, tail, device, calls), vis)
+                res = evaluate_method(model, cfg, decode_set, device, decode_attention(p, tail, device, calls), vis)
                 per_call = torch.tensor(calls).view(-1, cfg.layers, cfg.heads)         # (batches, layers, heads)
                 rec = {"kept": per_call.mean(0).tolist(), "block_oracle": [], "token_oracle": []}
-                res["eval_sequences"] = decode_batches * cfg.batch
+                res["eval_sequences"] = sum(x.shape[0] for x, *_ in decode_set)
                 res["recovery_rows"] = f"the {tail} decoded rows (the query region)"
             else:
                 res = evaluate_method(model, cfg, eval_set, device, attention_for(p, device, est), vis)

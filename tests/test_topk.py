@@ -489,7 +489,8 @@ def test_quality_study_recovery_is_bounded_by_its_oracles():
     g = torch.Generator().manual_seed(0)
     captured = [(torch.randn(2, cfg.heads, cfg.seq, 16, generator=g) * 2,
                  torch.randn(2, cfg.heads, cfg.seq, 16, generator=g)) for _ in range(2)]
-    everything = s2dsl.parse(f"pattern a {{ block = {cfg.block} heads = {cfg.heads} heads * {{ window {cfg.n_blocks} }} }}")["a"]
+    everything = s2dsl.parse(f"pattern a {{ block = {cfg.block} heads = {cfg.heads} "
+                             f"heads * {{ window {cfg.n_blocks} }} }}")["a"]
     full = tq.recovery(cfg, captured, everything, cfg.block)["kept"]
     assert all(abs(x - 1.0) < 1e-5 for layer in full for x in layer)
     for sparsity in (0.5, 0.8):

@@ -194,7 +194,8 @@ class TopKDecodeState:
             ql = q[b, :, o + c - rows:o + c].reshape(self.kv_heads, self.group * rows, -1)
             kb = k[b, :, o:o + c]
             logits = (ql @ kb.transpose(-1, -2)).float().view(self.kv_heads, self.group, rows, c) * scale
-            future = torch.arange(c, device=q.device).view(1, -1) > torch.arange(c - rows, c, device=q.device).view(-1, 1)
+            pos = torch.arange(c, device=q.device)
+            future = pos.view(1, -1) > pos[c - rows:].view(-1, 1)
             probs = torch.softmax(logits.masked_fill(future, float("-inf")), -1).sum((1, 2))  # (kv_heads, c)
             n_blocks = -(-c // self.block)
             probs = torch.nn.functional.pad(probs, (0, n_blocks * self.block - c))
