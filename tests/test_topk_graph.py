@@ -106,6 +106,7 @@ def _hf_graph_vs_eager(model, prompts, new, capture, device):
     return torch.cat(tokens, 1), ref[:, width:]
 
 
+@pytest.mark.slow  # ~1.5 min; test_topk_decode_runs_as_a_static_graph_step is the fast one
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
 def test_hf_decode_graph_with_a_topk_plan():
     """A topk plan through S2Cache.decode_graph (the static step run eagerly on the CPU): the same
