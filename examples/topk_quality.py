@@ -24,8 +24,9 @@ at the same budget: the best B/2 blocks by true attention mass (the estimator's 
 the best B*block tokens per row (what a token-granular selection could reach): the gap between
 them measures whether block granularity is too coarse.
 
-    python examples/topk_quality.py --out benchmarks/results/topk_quality           # one H100, < 8 min
-    TRITON_INTERPRET=1 python examples/topk_quality.py --config cpu --out /tmp/tq   # smoke run
+    python examples/topk_quality.py --out benchmarks/results/topk_quality           # one GPU, ~2-3 min
+    TRITON_INTERPRET=1 python examples/topk_quality.py --config cpu --out /tmp/tq   # smoke run (decode method
+                                                                                    # on 4 sequences)
 
 Writes ``topk_quality.json`` and ``topk_quality.png`` under ``--out``.
 """
