@@ -28,9 +28,8 @@ def _replay_selection(pattern, group_sel, n_rows):
 
 def _graph_steps(device, dtype, capture, steps, prompt=37, d=16):
     """Top-k decode steps through DecodeGraph (static plan; captured and replayed on CUDA) and a
-    twin cache stepping with host-planned calls: the same selections, outputs equal (eager) or
-    close (a replay's split count is chosen for max_length), each the reference given the
-    selection the step used."""
+    twin cache stepping with host-planned calls: eagerly the same selections and outputs; each
+    output the reference given the selection its step used."""
     import warnings
     from s2dsl.runtime.decode import cached_attention
     from s2dsl.runtime.graphs import DecodeGraph
@@ -59,12 +58,12 @@ def _graph_steps(device, dtype, capture, steps, prompt=37, d=16):
         used = states[0].selection[[caches[0].slot(s) for s in ids[0]]].clone()
         out = graph().clone()
         twin = cached_attention(caches[1], ids[1], *bufs)
-        assert torch.equal(states[0].selection[[caches[0].slot(s) for s in ids[0]]],
+        same = torch.equal(states[0].selection[[caches[0].slot(s) for s in ids[0]]],
                            states[1].selection[[caches[1].slot(s) for s in ids[1]]])
-        if capture:
-            torch.testing.assert_close(out.float(), twin.float(), atol=3e-2, rtol=3e-2)
-        else:
-            assert torch.equal(out, twin)
+        if not capture:
+            assert same and torch.equal(out, twin)
+        # a replay's split count is chosen for max_length, the twin's for the lengths: in bf16 a
+        # near-tie may then select differently; each output is held to the reference below
         for b in range(2):
             replay = _replay_selection(pattern, used[b].cpu(), 1).to(device)
             ref = s2dsl.reference_attention(q[b:b + 1, :, pos:pos + 1].float(), k[b:b + 1, :, :pos + 1].float(),
