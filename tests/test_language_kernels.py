@@ -20,10 +20,12 @@ TOL = {torch.float32: 2e-5, torch.float16: 2e-3}
 
 
 @st.composite
-def distance_patterns(draw):
-    """Small bidirectional or causal patterns mixing two-sided windows, relative strides,
-    sinks, residues and dense heads."""
-    causal = draw(st.booleans())
+def distance_patterns(draw, prefix=None):
+    """Small bidirectional, causal or prefix-LM patterns mixing every extended construct (two-sided
+    block and token windows, relative strides, token sinks, global rows) with sinks, residues
+    and dense heads."""
+    mode = draw(st.sampled_from(["causal", "bidirectional", "prefix"])) if prefix is None else prefix
+    causal = mode != "bidirectional"
     heads = draw(st.sampled_from([1, 2, 4]))
     kv = draw(st.sampled_from([d for d in (1, 2) if heads % d == 0]))
     bodies = []
@@ -33,22 +35,26 @@ def distance_patterns(draw):
             parts = ["dense"]
         else:
             w = draw(st.integers(0, 3))
-            a = 0 if causal else draw(st.integers(0, 2))
+            a = 0 if mode == "causal" else draw(st.integers(0, 2))
             if w or a:
                 parts.append(f"window {w}" + (f" ahead {a}" if a else ""))
             if draw(st.integers(0, 2)) == 0:
-                parts.append(f"window {draw(st.integers(1, 60))} tokens")  # the kernels: no relative stride too
+                ahead = "" if mode == "causal" or draw(st.booleans()) else f" ahead {draw(st.integers(1, 40))}"
+                parts.append(f"window {draw(st.integers(1, 60))}{ahead} tokens")
                 if draw(st.booleans()):
                     parts.append(f"sink {draw(st.integers(1, 40))} tokens")
-            elif draw(st.integers(0, 3)):
+            if draw(st.integers(0, 2)):
                 parts.append(f"stride {draw(st.integers(2, 5))} relative")
             if draw(st.integers(0, 3)) == 0:
                 parts.append(f"sink {draw(st.integers(1, 2))}")
             if draw(st.integers(0, 3)) == 0:
                 parts.append(f"stride {draw(st.integers(2, 4))} offset {draw(st.integers(0, 3))}")
+            if draw(st.integers(0, 4)) == 0:
+                parts.append(f"global {draw(st.integers(1, 2))}")
         bodies.append(f"heads {h}..{h} {{ {' '.join(parts) or 'window 1'} }}")
-    mode = "causal" if causal else "bidirectional"
-    return s2dsl.parse(f"pattern p {{ block = 16 heads = {heads} kv_heads = {kv} {mode} {' '.join(bodies)} }}")["p"]
+    header = {"causal": "causal", "bidirectional": "bidirectional",
+              "prefix": f"causal prefix {draw(st.integers(1, 50))} tokens"}[mode]
+    return s2dsl.parse(f"pattern p {{ block = 16 heads = {heads} kv_heads = {kv} {header} {' '.join(bodies)} }}")["p"]
 
 
 def _check(pattern, lq, lk, d, dtype, tuning=None, seed=0):
@@ -107,8 +113,7 @@ def test_tile_larger_than_block_is_refused_not_wrong():
         forward(q, k, v, p, tuning={"block_m": 32, "block_n": 16})
 
 
-@pytest.mark.parametrize("body", ["window 8 ahead 4 tokens", "global 1 window 1",
-                                  "window 40 tokens stride 3 relative"])
+@pytest.mark.parametrize("body", ["window 2 stride 3 relative stride 5 relative", "window 2 ahead 1 topk 2"])
 def test_other_constructs_are_refused_with_a_message(body):
     p = s2dsl.parse(f"pattern p {{ block = 16 heads = 1 bidirectional heads * {{ {body} }} }}")["p"]
     with pytest.raises(UnsupportedPattern, match="do not run yet"):

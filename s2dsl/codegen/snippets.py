@@ -61,3 +61,47 @@ def static_keeps(HeadTable, h, i, j, TABLE_WIDTH: tl.constexpr):
     keep = ((i - j >= 0) & (i - j < window)) | (j < sink){residues}{causal}
     return keep
 '''
+
+
+def pair_keep(plan: KernelPlan) -> str:
+    """Source of the ``@triton.jit`` helper ``pair_keep(HeadTable, h, q_pos, k_pos)`` of extended
+    plans: does head ``h`` keep query position ``q_pos`` and key position ``k_pos``? The exact,
+    token-level verdict (``Pattern.keeps_token``, the causal cut and the prefix included); the
+    three arguments broadcast (``h`` per row in decode). Kernels call it on the blocks they
+    visit masked; it is the one place their generated code decides membership per token pair.
+    """
+    def p(name):
+        value = plan.uniform(name) if name != "residue" else None
+        return str(value) if value is not None else f"tl.load(HeadTable + h * {plan.table_width} + {plan.column(name)})"
+
+    lines = [f"qb = q_pos // {plan.block}", f"kb = k_pos // {plan.block}", "d = qb - kb",
+             f"bwin = {p('block_window')}", f"bahead = {p('block_ahead')}", f"bsink = {p('block_sink')}",
+             "keep = ((d >= -bahead) & (d < bwin)) | (kb < bsink)"]
+    if plan.max_residues:
+        lines += [f"period = {p('period')}", f"count = tl.load(HeadTable + h * {plan.table_width} + 3)",
+                  f"for u in tl.static_range({plan.max_residues}):",
+                  f"    r = tl.load(HeadTable + h * {plan.table_width} + 4 + u)",
+                  "    keep = keep | ((u < count) & (kb % period == r))"]
+    if plan.has_relative:
+        lines += [f"rel = {p('relative')}",
+                  "keep = keep | ((d >= bwin) & ((d - bwin + 1) % rel == 0))"]
+        if not plan.causal:
+            lines.append("keep = keep | ((d < -bahead) & ((-d - bahead) % rel == 0))")
+    if plan.has_global:
+        lines.append(f"keep = keep | (qb < {p('global_rows')})")
+    if plan.has_tokens:
+        lines += ["t = q_pos - k_pos",
+                  f"keep = keep | ((t >= -{p('ahead_tokens')}) & (t < {p('tokens')})) | (k_pos < {p('sink_tokens')})"]
+    if plan.causal:
+        cut = "k_pos <= q_pos"
+        if plan.prefix:
+            cut += f") | ((q_pos < {plan.prefix}) & (k_pos < {plan.prefix})"
+        lines.append(f"keep = keep & (({cut}))")
+    body = indent("\n".join(lines), "    ")
+    return f'''
+@triton.jit
+def pair_keep(HeadTable, h, q_pos, k_pos):
+    """Does head h keep query position q_pos and key position k_pos (they broadcast)?"""
+{body}
+    return keep
+'''
