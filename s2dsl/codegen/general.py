@@ -163,13 +163,13 @@ else:
 {_nest(normal, 1)}"""
 
 
-def tile_order(plan: KernelPlan, pick_head: str) -> str:
+def tile_order(plan: KernelPlan, pick_head: str, pid: str = "pid = tl.program_id(0)") -> str:
     """Program order for extended plans with global rows: every head's global tiles (its longest
     rows) first, so they do not run last and alone; then each head's tiles from the last down.
     ``pick_head`` turns the head index ``hh`` into ``h`` (a literal or a HEAD_ORDER lookup)."""
     g_blocks = max(p.global_rows for p in plan.params)
     return f"""
-pid = tl.program_id(0)
+{pid}
 n_g = tl.minimum(({g_blocks} * BLOCK + BLOCK_M - 1) // BLOCK_M, n_tiles)  # tiles holding global rows
 n_first = HEADS * n_g
 rest = tl.maximum(n_tiles - n_g, 1)
