@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import s2dsl
@@ -156,13 +156,74 @@ def test_other_constructs_are_refused_with_a_message(body):
         forward(q, k, v, p)
 
 
-def test_backward_and_decode_refuse_what_they_do_not_run():
-    from s2dsl.codegen.backward import generate_backward
+# ------------------------------------------------------------------ decode over the paged cache
+def _decode_run(pattern, steps, prompt, splits=(1, 2), dtype=torch.float32, seed=0):
+    """Prefill ``prompt`` tokens, then ``steps`` (tokens per step) over the paged cache, each
+    against the reference; freed pages are poisoned with NaN, so reading one fails."""
+    from s2dsl.runtime.decode import cached_attention
+    from s2dsl.runtime.kv_cache import PagedKVCache
+    total = prompt + sum(steps)
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(1, h, total, 16, generator=g).to(dtype)
+               for h in (pattern.heads, pattern.kv_heads, pattern.kv_heads))
+    cache = PagedKVCache(pattern, num_pages=64, head_dim=16, dtype=dtype)
+    s = cache.add_sequence()
+    pos = 0
+    for n, step in enumerate([prompt, *steps]):
+        end = pos + step
+        out = cached_attention(cache, [s], q[:, :, pos:end], k[:, :, pos:end], v[:, :, pos:end],
+                               n_splits=splits[n % len(splits)])
+        ref = s2dsl.reference_attention(q[:, :, pos:end], k[:, :, :end], v[:, :, :end], pattern)
+        assert torch.isfinite(out).all(), f"step {n}: NaN (a freed page was read)"
+        torch.testing.assert_close(out.float(), ref, atol=TOL[dtype], rtol=TOL[dtype], msg=lambda m: f"step {n}: {m}")
+        pos = end
+        free = list(cache.free_pages)
+        if free:
+            cache.k_pages[free] = float("nan")
+            cache.v_pages[free] = float("nan")
+
+
+DECODE_PATTERNS = {
+    "token_window_sink": "heads 0..1 { sink 4 tokens window 37 tokens } heads 2..3 { window 2 sink 1 stride 3 }",
+    "relative": "heads 0..1 { window 2 stride 3 relative } heads 2..3 { window 1 stride 2 relative sink 1 }",
+    "global": "heads 0..1 { global 2 window 1 } heads 2..3 { window 21 tokens global 1 }",
+    "hetero_tokens": "heads 0..0 { window 20 tokens } heads 1..1 { window 2 stride 3 relative } "
+                     "heads 2..2 { sink 5 tokens window 1 } heads 3..3 { dense }",
+}
+
+
+@pytest.mark.parametrize("name", sorted(DECODE_PATTERNS))
+def test_decode_extended(name):
+    p = s2dsl.parse(f"pattern p {{ block = 16 heads = 4 kv_heads = 2 causal {DECODE_PATTERNS[name]} }}")["p"]
+    _decode_run(p, [1, 1, 5, 1, 17, 1, 2, 1], prompt=30, splits=(1, 3, 2))
+
+
+def test_decode_prefix_lm():
+    """Chunks inside the prefix see later prefix keys of the same chunk; after it, causal."""
+    p = s2dsl.parse("pattern p { block = 16 heads = 2 kv_heads = 1 causal prefix 40 tokens "
+                    "heads 0..0 { window 1 ahead 1 sink 1 } heads 1..1 { window 2 } }")["p"]
+    _decode_run(p, [13, 1, 1, 20, 1, 1], prompt=9, splits=(1, 2))
+
+
+def test_decode_refuses_bidirectional_with_a_message():
     from s2dsl.codegen.decode import DecodeSpecialization, generate_decode
-    from s2dsl.runtime.backward import _as_backward, choose_backward_for_gpu
-    for text in ("heads * { window 37 tokens }", "heads * { window 2 stride 3 relative }"):
-        p = s2dsl.parse(f"pattern p {{ block = 16 heads = 2 {text} }}")["p"]
-        with pytest.raises(UnsupportedPattern, match="do not run|does not run"):
-            generate_backward(lower(p), _as_backward(choose_backward_for_gpu(p, 64)))
-        with pytest.raises(UnsupportedPattern, match="does not run"):
-            generate_decode(lower(p), DecodeSpecialization())
+    p = s2dsl.local_stride(block=16, local_blocks=(2, 2), vert_stride=3, heads=2, causal=False)
+    with pytest.raises(UnsupportedPattern, match="bidirectional.*causal"):
+        generate_decode(lower(p), DecodeSpecialization())
+    q = s2dsl.parse("pattern p { block = 16 heads = 2 kv_heads = 1 causal heads 0..0 { window 2 stride 3 relative } "
+                    "heads 1..1 { window 1 stride 3 relative } }")["p"]
+    with pytest.raises(UnsupportedPattern, match="one per kv head"):
+        generate_decode(lower(q), DecodeSpecialization(block_n=16))
+
+
+@settings(max_examples=int(os.environ.get("S2_EXAMPLES", 6)), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(pattern=distance_patterns(prefix=st.sampled_from(["causal", "prefix"]).example()), data=st.data())
+def test_decode_random_extended_patterns(pattern, data):
+    from s2dsl.codegen.decode import group_params
+    try:
+        group_params(lower(pattern))
+    except UnsupportedPattern:
+        assume(False)  # a kv head whose q heads have different relative strides: refused, tested above
+    steps = [data.draw(st.sampled_from([1, 1, 3, 17]), label="step") for _ in range(4)]
+    _decode_run(pattern, steps, prompt=data.draw(st.integers(1, 40), label="prompt"), splits=(1, 2, 3))

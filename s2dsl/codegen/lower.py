@@ -204,7 +204,8 @@ def lower(pattern: Pattern) -> KernelPlan:
             raise UnsupportedPattern(f"pattern {pattern.name}: head {h} has relative stride {spec.relative[0]}, above "
                                      f"the kernels' limit {MAX_PERIOD}")
         if spec.dense:
-            params.append(_dense_head(pattern.causal))
+            # inside a prefix a dense head also sees later positions: the bidirectional form, cut by the kernels
+            params.append(_dense_head(pattern.causal and not pattern.prefix))
             continue
         period = spec.period
         if period > MAX_PERIOD:

@@ -85,7 +85,7 @@ def pair_keep(plan: KernelPlan) -> str:
     if plan.has_relative:
         lines += [f"rel = {p('relative')}",
                   "keep = keep | ((d >= bwin) & ((d - bwin + 1) % rel == 0))"]
-        if not plan.causal:
+        if not plan.causal or plan.prefix:  # ahead of the diagonal: bidirectional, or inside a prefix
             lines.append("keep = keep | ((d < -bahead) & ((-d - bahead) % rel == 0))")
     if plan.has_global:
         lines.append(f"keep = keep | (qb < {p('global_rows')})")
