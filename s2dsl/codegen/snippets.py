@@ -105,3 +105,39 @@ def pair_keep(HeadTable, h, q_pos, k_pos):
 {body}
     return keep
 '''
+
+
+def per_device(*functions) -> str:
+    """Module-level source of functions ``name(device)`` that build a tensor (or a tuple of them)
+    from the module's constants once per device and keep it: the head tables every generated
+    module uploads. ``functions``: (name, docstring, expression using ``device``)."""
+    defs = "".join(f'''
+
+def {name}(device):
+    """{doc}"""
+    return _once_per_device("{name}", device, lambda: {expr})
+''' for name, doc, expr in functions)
+    return '''_per_device = {}
+
+
+def _once_per_device(what, device, make):
+    """``make()``, built once per (what, device) and kept."""
+    key = (what, str(device))
+    if key not in _per_device:
+        _per_device[key] = make()
+    return _per_device[key]
+''' + defs
+
+
+def window_bounds(plan: KernelPlan) -> str:
+    """The window range [lo, last_block] of a query tile covering blocks first_block..last_block,
+    and ``edge``: blocks in [edge, first_block) are in every row's window. When every head's
+    window is at most one block the range is the diagonal blocks and no ``edge`` is emitted
+    (loops before the diagonal could never run; zero-trip loops of window 1 crashed ptxas on
+    sm_90, issue 16)."""
+    if max(p.window for p in plan.params) <= 1:
+        return """
+lo = first_block  # window <= 1 for every head: the window range is the diagonal blocks"""
+    return """
+lo = tl.maximum(first_block - tl.maximum(window, 1) + 1, 0)
+edge = tl.minimum(tl.maximum(last_block - tl.maximum(window, 1) + 1, lo), first_block)"""
