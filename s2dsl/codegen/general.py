@@ -81,6 +81,28 @@ for j in range(tl.maximum({lo}, bsink), tl.minimum({hi}, sink)):
     return code
 
 
+def _contiguous(lo: str, hi: str, visit: Visit, window_span: int) -> str:
+    """Unmasked visits of the blocks [lo, hi), WINDOW_SPAN at a time where the span allows."""
+    if window_span == 1:
+        return f"""
+for j in range({lo}, {hi}):
+{_nest(visit(False), 1)}"""
+    return f"""
+whole = {lo} + ({hi} - ({lo})) // WINDOW_SPAN * WINDOW_SPAN
+for j in range({lo}, whole, WINDOW_SPAN):
+{_nest(visit(False, wide=True), 1)}
+for j in tl.range(whole, {hi}, num_stages=1):
+{_nest(visit(False), 1)}"""
+
+
+def _unless_full(plan: KernelPlan, full: str, visit: str, extra: str = "") -> str:
+    """``visit`` unless kv block j is a sink or residue block (visited by those loops), and ``extra``."""
+    if full == "full = False":
+        return visit if not extra else f"if {extra}:\n{_nest(visit, 1)}"
+    cond = "not full" if not extra else f"(not full) & ({extra})"
+    return f"{full}\nif {cond}:\n{_nest(visit, 1)}"
+
+
 def query_side_loops(plan: KernelPlan, visit: Visit, window_span: int = 1) -> str:
     """The kv blocks of the tile's query block ``i`` (forward and dQ), at indentation 0.
 
@@ -88,7 +110,6 @@ def query_side_loops(plan: KernelPlan, visit: Visit, window_span: int = 1) -> st
     ``WINDOW_SPAN`` contiguous blocks at once (used inside the window when ``window_span > 1``).
     """
     full = full_predicate(plan)
-    skip_full = "not full" if full != "full = False" else "True"
     last = "n_kv_blocks - 1"
     normal = f"""
 lo = tl.maximum(i - tl.maximum(window, 1) + 1, 0)
@@ -99,25 +120,12 @@ hi = {"i" if plan.causal else f"tl.minimum(i + ahead, {last})"}
 if rel < {NO_PERIOD}:  # relative strides below the window range: j = i - bwin + 1 - k * rel, k >= 1
     lo_raw = i - bwin + 1
     for j in range((lo_raw % rel + rel) % rel, tl.minimum(lo_raw - rel + 1, lo), rel):
-{_nest(full, 2)}
-        if {skip_full}:
-{_nest(visit(False), 3)}"""
+{_nest(_unless_full(plan, full, visit(False)), 2)}"""
     normal += f"""
 # -- the window range [lo, hi]: blocks in [edge, i) keep every pair --
 edge = tl.minimum(tl.maximum(i - w_in + 1, lo), i)
 for j in tl.range(lo, edge, num_stages=1):
-{_nest(visit(True), 1)}"""
-    if window_span > 1:
-        normal += f"""
-whole = edge + (i - edge) // WINDOW_SPAN * WINDOW_SPAN
-for j in range(edge, whole, WINDOW_SPAN):
-{_nest(visit(False, wide=True), 1)}
-for j in tl.range(whole, i, num_stages=1):
-{_nest(visit(False), 1)}"""
-    else:
-        normal += f"""
-for j in range(edge, i):
-{_nest(visit(False), 1)}"""
+{_nest(visit(True), 1)}""" + _contiguous("edge", "i", visit, window_span)
     normal += f"""
 j = i  # the diagonal
 {visit(True)}"""
@@ -125,9 +133,7 @@ j = i  # the diagonal
         if plan.has_ahead:
             normal += f"""
 # blocks ahead of the diagonal: kept whole up to the block window's ahead (not the last block)
-a_full = tl.minimum(i + bahead, {last} - 1)
-for j in range(i + 1, a_full + 1):
-{_nest(visit(False), 1)}
+a_full = tl.minimum(i + bahead, {last} - 1)""" + _contiguous("i + 1", "a_full + 1", visit, window_span) + f"""
 for j in tl.range(tl.maximum(a_full + 1, i + 1), hi + 1, num_stages=1):
 {_nest(visit(True), 1)}"""
         normal += f"""
@@ -136,9 +142,7 @@ for j in tl.range(tl.maximum(a_full + 1, i + 1), hi + 1, num_stages=1):
             normal += f"""
 if rel < {NO_PERIOD}:  # relative strides: j = i + bahead + k * rel
     for j in range(i + bahead + rel, {last}, rel):
-{_nest(full, 2)}
-        if ({skip_full}) & (j > hi):
-{_nest(visit(False), 3)}"""
+{_nest(_unless_full(plan, full, visit(False), "j > hi" if plan.has_tokens else ""), 2)}"""
         normal += f"""
 if {last} > hi:  # the last kv block (maybe partial), once
     j = {last}
