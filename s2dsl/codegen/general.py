@@ -121,11 +121,14 @@ if rel < {NO_PERIOD}:  # relative strides below the window range: j = i - bwin +
     lo_raw = i - bwin + 1
     for j in range((lo_raw % rel + rel) % rel, tl.minimum(lo_raw - rel + 1, lo), rel):
 {_nest(_unless_full(plan, full, visit(False)), 2)}"""
-    normal += f"""
+    if max(p.window for p in plan.params) > 1:
+        normal += f"""
 # -- the window range [lo, hi]: blocks in [edge, i) keep every pair --
 edge = tl.minimum(tl.maximum(i - w_in + 1, lo), i)
 for j in tl.range(lo, edge, num_stages=1):
 {_nest(visit(True), 1)}""" + _contiguous("edge", "i", visit, window_span)
+    else:  # every head's window range starts at the diagonal: no loops that could never run (issue 16)
+        normal += "\n# -- the window range [i, hi] --"
     normal += f"""
 j = i  # the diagonal
 {visit(True)}"""
