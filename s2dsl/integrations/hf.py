@@ -303,6 +303,11 @@ def _classes():
                 group.table.tier.attach(self.paged)
             self.is_initialized = True
 
+        # A step keeps host state (each sequence's length, how far eviction has gone, the plan
+        # the layers of a step share) that a traced graph would freeze: under torch.compile the
+        # cache's update and attention run eagerly (a graph break at each), and the step as a
+        # CUDA graph is ``S2Cache.decode_graph``.
+        @torch.compiler.disable
         def update(self, key_states, value_states, *args, **kwargs):
             if not self.is_initialized:
                 self.lazy_initialization(key_states, value_states)
@@ -316,6 +321,7 @@ def _classes():
             key._s2dsl_layer = self
             return key, value_states
 
+        @torch.compiler.disable
         def attend(self, query, key, value, scale, attention_mask=None):
             from ..runtime.decode import cached_attention
             n = query.shape[2]
@@ -327,8 +333,11 @@ def _classes():
                     group.mask, group.padding = (attention_mask, n), _row_padding(attention_mask, n)
                 lengths, left = group.padding
             self._pending = 0
+            # the kernel writes (b, n, heads, d) memory, so the caller's transpose back is free
+            b, heads, _, d = query.shape
+            buf = query.new_empty(b, n, heads, d).transpose(1, 2)
             out = cached_attention(self.paged, self.seq_ids, query, key, value, scale=scale, lengths=lengths,
-                                   left_padding=left)
+                                   left_padding=left, out=buf)
             self._length += n
             group.length = max(group.length, self._length)
             return out
