@@ -319,16 +319,31 @@ def _rows(q, cache, plan: StepPlan, scale, n_splits, tuning, return_lse):
     """A padded step over the pages, in one launch: each row's real queries are moved to its
     last rows (the kernel places query ``r`` at ``length - n + r``); the rows before them are
     computed over whatever blocks their positions name (freed pages read as page 0, never out
-    of bounds) and dropped."""
+    of bounds) and dropped. Rows without real tokens are left out of the launch (their
+    sequences attend nothing this step, and a top-k state sees no step for them)."""
     b, heads, n, d = q.shape
-    src, back, real = right_align(plan.counts, plan.offsets, n, q.device)    # (b, n) each
-    aligned = q.gather(2, src.view(b, 1, n, 1).expand(b, heads, n, d))
-    ends = [s + c for s, c in zip(plan.starts, plan.counts)]
-    batch = DecodeBatch(plan.seq_ids, plan.slots, plan.seq_lens, max(ends), min(ends))
-    fresh = real.sum(1) == plan.seq_lens  # rows whose every token is this step's
+    out = q.new_zeros(b, heads, n, d)
+    lse = torch.full((b, heads, n), float("-inf"), dtype=torch.float32, device=q.device)
+    live = [i for i, c in enumerate(plan.counts) if c]
+    if not live:
+        return (out, lse) if return_lse else out
+    counts = [plan.counts[i] for i in live]
+    src, back, real = right_align(counts, [plan.offsets[i] for i in live], n, q.device)    # (r, n) each
+    rows = None if len(live) == b else cache.table.to_device(live)
+    sub = q if rows is None else q.index_select(0, rows)
+    r = len(live)
+    aligned = sub.gather(2, src.view(r, 1, n, 1).expand(r, heads, n, d))
+    ends = [plan.starts[i] + plan.counts[i] for i in live]
+    slots, seq_lens = (plan.slots, plan.seq_lens) if rows is None else \
+        (plan.slots.index_select(0, rows), plan.seq_lens.index_select(0, rows))
+    batch = DecodeBatch(tuple(plan.seq_ids[i] for i in live), slots, seq_lens, max(ends), min(ends))
+    fresh = real.sum(1) == seq_lens  # rows whose every token is this step's
     o_al, l_al = _attend(aligned, cache, batch, scale, n_splits, tuning, True, fresh=fresh)
-    out = torch.where(real.view(b, 1, n, 1), o_al.gather(2, back.view(b, 1, n, 1).expand(b, heads, n, d)), 0)
-    if not return_lse:
-        return out
-    lse = torch.where(real.view(b, 1, n), l_al.gather(2, back.view(b, 1, n).expand(b, heads, n)), float("-inf"))
-    return out, lse
+    o_sub = torch.where(real.view(r, 1, n, 1), o_al.gather(2, back.view(r, 1, n, 1).expand(r, heads, n, d)), 0)
+    l_sub = torch.where(real.view(r, 1, n), l_al.gather(2, back.view(r, 1, n).expand(r, heads, n)), float("-inf"))
+    if rows is None:
+        out, lse = o_sub.to(q.dtype), l_sub
+    else:
+        out.index_copy_(0, rows, o_sub.to(q.dtype))
+        lse.index_copy_(0, rows, l_sub)
+    return (out, lse) if return_lse else out
