@@ -289,11 +289,37 @@ def cached_attention(cache: PagedKVCache, seq_ids: Sequence[Hashable], q: torch.
             topk.seed(plan.slots, q, k, scale)
     elif plan.ragged:
         result = _rows(q, cache, plan, scale, n_splits, tuning, return_lse)
+    elif (n >= GATHER_PREFILL_MIN and n_splits is None and not tuning and cache.pattern.is_static
+          and not cache.quantized and table.tier is None):
+        result = _gathered_prefill(q, cache, plan, scale, return_lse)
     else:
         result = _attend(q, cache, plan, scale, n_splits, tuning, return_lse, out)
     if cache.evicts_after_step:  # else the next step's plan evicts
         table.evict(seq_ids)
     return result
+
+
+#: new tokens per sequence from which a step over the pages (chunked prefill) gathers the
+#: sequences' K/V and runs the prefill kernel: the decode kernel's tiles hold at most 16
+#: queries (times the group's q heads) and re-read every kept page per tile, so long chunks
+#: are better served by the prefill kernel's tiles at the price of one gather of the K/V
+GATHER_PREFILL_MIN = 256
+
+
+def _gathered_prefill(q, cache: PagedKVCache, plan: StepPlan, scale, return_lse):
+    """A chunk of ``n`` tokens per sequence (already written) attending everything before it:
+    the sequences' K/V gathered from the pages into contiguous tensors, then the prefill
+    kernel with the queries as the last positions. Blocks the cache no longer holds read as
+    page 0; no query of the chunk keeps them (they were freed for queries from the chunk's
+    start, less the lookahead, on), so the kernel never visits them."""
+    from .api import attention
+    b, _, n, _ = q.shape
+    ends = [s + n for s in plan.starts]
+    k, v = cache.gather_rows(plan.slots, max(ends))
+    if len(set(ends)) == 1:
+        return attention(q, k, v, cache.pattern, scale=scale, return_lse=return_lse)
+    return padded_attention(q, k, v, cache.pattern, q_counts=[n] * b, q_offsets=[0] * b, k_counts=ends,
+                            k_offsets=[0] * b, scale=scale, return_lse=return_lse)
 
 
 def _prefill(q, k, v, pattern, plan: StepPlan, scale, return_lse):

@@ -298,6 +298,20 @@ class PagedKVCache:
         v = torch.where(held, v, 0).reshape(self.kv_heads, n_blocks * b, self.head_dim)
         return k[:, :n].to(self.dtype), v[:, :n].to(self.dtype)
 
+    def gather_rows(self, slots: torch.Tensor, length: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """K and V of the sequences in ``slots`` (int32, batch) as (batch, kv_heads, length,
+        head_dim) in the cache's dtype, one gather per pool: blocks not held read as page 0
+        (whatever it holds), positions past a sequence's end as whatever its pages hold. For a
+        kernel that visits only held blocks (16-bit caches)."""
+        if self.quantized:
+            raise ValueError("gather_rows reads 16-bit pages; use gather() for an INT8 cache")
+        n_blocks = -(-length // self.block)
+        pages = self.table.tables[slots.to(torch.long), :, :n_blocks].clamp(min=0).to(torch.long)
+        shape = (slots.shape[0], self.kv_heads, n_blocks * self.block, self.head_dim)
+        k = self.k_pages[pages].view(shape)[:, :, :length]
+        v = self.v_pages[pages].view(shape)[:, :, :length]
+        return k, v
+
     # ------------------------------------------------------------------ internals
     def _check_write(self, seq_ids, k, v) -> None:
         self._check_tensors(len(self.table.seqs(seq_ids)), k, v)
