@@ -218,7 +218,8 @@ def test_decode_refuses_bidirectional_with_a_message():
 
 @settings(max_examples=int(os.environ.get("S2_EXAMPLES", 4)), deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
-@given(pattern=distance_patterns(prefix=st.sampled_from(["causal", "prefix"]).example()), data=st.data())
+@given(pattern=st.sampled_from(["causal", "prefix"]).flatmap(lambda mode: distance_patterns(prefix=mode)),
+       data=st.data())
 def test_decode_random_extended_patterns(pattern, data):
     from s2dsl.codegen.decode import group_params
     try:
