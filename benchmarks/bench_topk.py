@@ -207,7 +207,8 @@ def decode_rows(pattern, n: int, batch: int) -> dict:
 
     row["s2dsl_kernel_ms"] = bench(kernel)
     row["s2dsl_kernel_graph_ms"] = bench(_graphed(kernel))
-    row["s2dsl_update_ms"] = bench(_graphed(lambda: state.after_step(info.slots, info.seq_lens, lse, 1)))
+    stale = torch.zeros(batch, dtype=torch.bool, device="cuda")  # no sequence new to its slot
+    row["s2dsl_update_ms"] = bench(_graphed(lambda: state.after_step(info.slots, info.seq_lens, lse, 1, stale)))
     step = lambda: paged_attention(q, cache, info, out=kout)  # noqa: E731
     row["s2dsl_step_eager_ms"] = bench(step)
     row["s2dsl_step_graph_ms"] = bench(_graphed(step))

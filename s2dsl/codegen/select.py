@@ -152,7 +152,7 @@ def _merge(topv, topi, cv, ci, kk, K_MAX: tl.constexpr, K_PAD: tl.constexpr):
 
 
 @triton.jit
-def update_kernel(Lse, BlockLse, Sel, Score, RingIdx, RingMass, Steps, Slots, SeqLens, GroupInfo, HeadTable,
+def update_kernel(Lse, BlockLse, Sel, Score, RingIdx, RingMass, Steps, Slots, SeqLens, Fresh, GroupInfo, HeadTable,
                   q_len, width, n_slots, stride_lb, stride_lh,
                   HEADS: tl.constexpr, KV: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
                   BLOCK: tl.constexpr, K_MAX: tl.constexpr, K_PAD: tl.constexpr, WCAP: tl.constexpr,
@@ -163,7 +163,7 @@ def update_kernel(Lse, BlockLse, Sel, Score, RingIdx, RingMass, Steps, Slots, Se
     g = pid % KV
     slot = tl.load(Slots + b).to(tl.int64)
     n = tl.load(SeqLens + b)
-    fresh = n == q_len  # a new sequence in this slot: what the slot holds belongs to the one before
+    fresh = tl.load(Fresh + b) != 0  # a new sequence in this slot: what the slot holds is the one before's
     recent = tl.load(GroupInfo + g * 3)
     k_g = tl.load(GroupInfo + g * 3 + 1)
     w_g = tl.load(GroupInfo + g * 3 + 2)
@@ -248,7 +248,7 @@ def update_kernel(Lse, BlockLse, Sel, Score, RingIdx, RingMass, Steps, Slots, Se
         tl.store(Sel + sg * K_MAX + kk, tl.where(kk < k_g, topi, -1), mask=kk < K_MAX)
 
 
-def update(lse, block_lse, sel, score, ring_idx, ring_mass, steps, slots, seq_lens, group_info, q_len, wcap):
+def update(lse, block_lse, sel, score, ring_idx, ring_mass, steps, slots, seq_lens, fresh, group_info, q_len, wcap):
     # one decode step's top-k bookkeeping for ``slots`` (see s2dsl.runtime.topk_state)
     batch = slots.shape[0]
     if batch == 0:
@@ -257,7 +257,8 @@ def update(lse, block_lse, sel, score, ring_idx, ring_mass, steps, slots, seq_le
     width = score.shape[-1]
     group = HEADS // kv
     t = wcap + k_max
-    update_kernel[(batch * kv,)](lse, block_lse, sel, score, ring_idx, ring_mass, steps, slots, seq_lens, group_info,
+    update_kernel[(batch * kv,)](lse, block_lse, sel, score, ring_idx, ring_mass, steps, slots, seq_lens, fresh,
+                                 group_info,
                                  head_table(sel.device), q_len, width, n_slots, lse.stride(0), lse.stride(1),
                                  HEADS=HEADS, KV=kv, GROUP=group, GROUP_PAD=triton.next_power_of_2(group),
                                  BLOCK=BLOCK, K_MAX=k_max, K_PAD=triton.next_power_of_2(k_max), WCAP=wcap, T=t,

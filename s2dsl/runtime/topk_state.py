@@ -132,13 +132,21 @@ class TopKDecodeState:
         block's log-mass (``[slots, heads, width]``, ``-inf`` where nothing was written)."""
         return dict(sel=self.selection, block_lse=self.block_lse)
 
-    def after_step(self, slots: torch.Tensor, seq_lens: torch.Tensor, lse: torch.Tensor, q_len: int):
+    def reset(self, slots: torch.Tensor, fresh: torch.Tensor):
+        """Before a step: a sequence new to its slot (``fresh``) reads no selection (the slot's is its
+        predecessor's). O(batch x kv heads x K); ``after_step`` forgets the rest of their state."""
+        s = slots.long()
+        self.selection.index_copy_(0, s, self.selection.index_select(0, s).masked_fill(fresh.view(-1, 1, 1), -1))
+
+    def after_step(self, slots: torch.Tensor, seq_lens: torch.Tensor, lse: torch.Tensor, q_len: int,
+                   fresh: torch.Tensor):
         """Record this step's masses (the decode kernel's ``block_lse``; ``lse`` (batch, heads,
-        q_len)) and select the blocks for each sequence's next query (position ``seq_lens``)."""
+        q_len)) and select the blocks for each sequence's next query (position ``seq_lens``);
+        ``fresh`` rows start their slot's scores afresh."""
         if lse.stride(-1) != 1:
             lse = lse.contiguous()
         self._update(lse, self.block_lse, self.selection, self.score, self.ring_idx, self.ring_mass, self.steps,
-                     slots, seq_lens, self.group_info, q_len, self.wcap)
+                     slots, seq_lens, fresh.view(torch.int8), self.group_info, q_len, self.wcap)
 
     # ------------------------------------------------------------------ introspection (host-side, O(context))
     def running_scores(self, slots: torch.Tensor) -> torch.Tensor:
