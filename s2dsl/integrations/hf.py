@@ -241,14 +241,12 @@ def reference_attention_forward(module, query: torch.Tensor, key: torch.Tensor, 
 # ------------------------------------------------------------------------------ the cache
 def pages_needed(pattern: Pattern, max_length: int, batch_size: int, lookahead: int = 0) -> int:
     """Pool size for ``batch_size`` sequences of up to ``max_length`` tokens under ``pattern``:
-    per (sequence, kv head) the blocks the pattern keeps at that length (``lookahead``
-    tokens back, for rollback), plus one."""
+    per (sequence, kv head) the blocks the pattern keeps at that length (``lookahead`` tokens
+    back, for rollback, and one block more: a decode step evicts for its first token, one behind
+    its last), plus the page a step may open."""
     from ..runtime.paging import KeepRules, kv_efficient_heads
     rules = KeepRules(pattern, kv_efficient_heads(pattern), "cpu")
-    n_blocks = -(-max_length // pattern.block)
-    i = max(n_blocks - 1 - -(-lookahead // pattern.block), 0)
-    j = torch.arange(n_blocks).view(1, 1, -1)
-    per_seq = int(rules.needed(torch.full((1, 1, 1), i), j).sum()) + pattern.kv_heads
+    per_seq = sum(rules.count_needed(max_length, lookahead + pattern.block)) + pattern.kv_heads
     return batch_size * per_seq
 
 
