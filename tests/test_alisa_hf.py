@@ -189,6 +189,17 @@ def test_recompute_arguments_are_checked(swa_model):
         hf.S2Cache(swa_model, max_length=40, gpu_pages=8, host_pages=2, recompute="tokens")
 
 
+@kernels
+def test_decode_graph_refuses_a_tiered_cache(swa_model):
+    ids = torch.randint(0, 100, (1, 20), generator=torch.Generator().manual_seed(8))
+    cache = hf.S2Cache(swa_model, max_length=40, batch_size=1, gpu_pages=8, host_pages=4)
+    with torch.no_grad():
+        swa_model(ids, past_key_values=cache)
+    with pytest.raises(RuntimeError, match="host tier"):
+        cache.decode_graph(swa_model, capture=False)
+    assert all(not p.table.static_max_len for p in cache.paged)  # refused before anything changed
+
+
 def test_tier_arguments_are_checked(swa_model):
     with pytest.raises(ValueError, match="gpu_pages"):
         hf.S2Cache(swa_model, max_length=40, host_pages=4)

@@ -622,6 +622,13 @@ def _classes():
             layers = list(self.layers)
             if any(layer.paged is None for layer in layers):
                 raise RuntimeError("decode_graph needs the cache filled by a prefill first")
+            if any(layer.paged.table.tier is not None for layer in layers):
+                # a tier decides on the host, per step, which pages move (and what to recompute from
+                # hidden states it logs on the host): work a replayed graph cannot do
+                raise RuntimeError("decode_graph does not run a cache with a host tier (gpu_pages/host_pages): "
+                                   "the tier moves and recomputes pages on the host before every step. Decode "
+                                   "eagerly (model.generate) over this cache, or size the GPU pool for every "
+                                   "page (S2Cache without gpu_pages/host_pages) to use CUDA graphs")
             max_length = max_length or self.max_length
             if max_length is None:
                 raise ValueError("give max_length: the longest a sequence may grow")
