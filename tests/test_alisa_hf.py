@@ -172,7 +172,7 @@ def test_recomputed_kv_equal_what_the_layer_wrote(swa_model):
         p = layer.paged
         tables = p.table.tables
         slot, g, j = torch.nonzero(tables >= 0).unbind(1)
-        k, v = tier._recompute[id(p)](slot, g, j)
+        k, v = p.table.tier._recompute[id(p)](slot, g, j)
         pages = tables[slot, g, j].long()
         valid = (torch.arange(16).view(1, -1) + j.view(-1, 1) * 16 < 37).unsqueeze(-1)
         for got, pool in ((k, p.k_pages), (v, p.v_pages)):

@@ -392,6 +392,7 @@ def _classes():
             # phase 3: (attention module, rotary embedding, capacity) to recompute dropped pages from
             self.recompute = recompute
             self.hidden_log: Optional[_HiddenLog] = None
+            self.tier_group = None
             self._hidden_in = None
             self.group = group if group is not None else _Group(1)
             self.paged: Optional[PagedKVCache] = None
@@ -417,7 +418,7 @@ def _classes():
                 group.seq_ids = tuple(self.paged.add_sequence() for _ in range(b))
                 if self.host_pages is not None:
                     from ..runtime.host_tier import HostTier
-                    HostTier(group.table, self.host_pages, drop=self.recompute is not None)
+                    HostTier(group.table, self.host_pages, drop=self.recompute is not None, group=self.tier_group)
             if group.table.tier is not None:
                 fn = None
                 if self.recompute is not None:
@@ -559,12 +560,21 @@ def _classes():
             num_pages = list(num_pages)
             if len(num_pages) != len(patterns):
                 raise ValueError(f"{len(num_pages)} pool sizes for {len(patterns)} layers")
-            keys = [(p.fingerprint(), n) for p, n in zip(patterns, num_pages)]
+            # with a host tier every layer has its own page table: a layer's step reads its own top-k
+            # selection, and a table shared by L layers would have to keep the union of L selections
+            # on the GPU (the tiers still prepare a step together: runtime.host_tier.TierGroup)
+            keys = [(p.fingerprint(), n, i if host_pages is not None else None)
+                    for i, (p, n) in enumerate(zip(patterns, num_pages))]
             groups = {key: _Group(keys.count(key)) for key in keys}
             if kv_dtype is not None and kv_dtype != torch.int8 and not kv_dtype.is_floating_point:
                 raise ValueError(f"kv_dtype must be torch.int8 or a floating-point dtype; got {kv_dtype}")
             super().__init__(layers=[S2CacheLayer(p, n, groups[key], max_rollback, kv_dtype, host_pages, r)
                                      for p, n, key, r in zip(patterns, num_pages, keys, rec)])
+            if host_pages is not None:
+                from ..runtime.host_tier import TierGroup
+                tiers = TierGroup()
+                for layer in self.layers:
+                    layer.tier_group = tiers
             self._logs_hidden = recompute is not None
             self.max_length = max_length
             self._hidden = getattr(getattr(model, "config", None), "hidden_size", None)

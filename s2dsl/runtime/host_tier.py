@@ -45,7 +45,7 @@ import torch
 from .paging import KeepRules, OutOfPagesError, PageTable
 from .quant import quantize_pages
 
-__all__ = ["HostTier", "HostFullError", "Recompute"]
+__all__ = ["HostTier", "TierGroup", "HostFullError", "Recompute"]
 
 #: ``recompute(slots, kv_heads, blocks)`` (int64 CPU tensors of m entries) -> ``(k, v)``, each
 #: ``[m, block, head_dim]`` on the pool's device: the K and V of those pages, made again
@@ -56,6 +56,18 @@ class HostFullError(OutOfPagesError):
     """The host pool is full too (and this tier does not drop pages)."""
 
 
+class TierGroup:
+    """Tiers of page tables that step together (one per layer of a model, in layer order): the
+    first tier, whose table plans each step first, prepares every one, from one read of the device, so that the copies of later
+    layers start at the step's beginning and overlap the earlier layers' compute, and a step
+    reads the device once, not once per layer. Each table keeps its own residency: a layer's
+    step reads its own top-k selection, so one layer's choice moves none of another's pages."""
+
+    def __init__(self):
+        self.tiers: List["HostTier"] = []
+        self.pending: set = set()  # tiers prepared for the current step, not yet planned
+
+
 class HostTier:
     """Host pages for the caches sharing ``table`` (see the module docstring).
 
@@ -64,7 +76,8 @@ class HostTier:
     a full host raises ``HostFullError``. ``poison``: write NaN into GPU pages as they move down
     or are dropped (tests: a kernel reading a page that is not resident would produce NaN)."""
 
-    def __init__(self, table: PageTable, host_pages: int, *, drop: bool = False, poison: bool = False):
+    def __init__(self, table: PageTable, host_pages: int, *, drop: bool = False, poison: bool = False,
+                 group: Optional["TierGroup"] = None):
         if host_pages < 0:
             raise ValueError(f"host_pages must be >= 0, got {host_pages}")
         if getattr(table, "tier", None) is not None:
@@ -89,6 +102,8 @@ class HostTier:
         self.syncs = 0  # device reads by the bookkeeping (one per step)
         self.cuda = table.device.type == "cuda"
         self._stream = torch.cuda.Stream(table.device) if self.cuda else None
+        self.group = group if group is not None else TierGroup()
+        self.group.tiers.append(self)
         table.tier = self
 
     # ------------------------------------------------------------------ members
@@ -126,26 +141,54 @@ class HostTier:
 
     # ------------------------------------------------------------------ a step
     def prepare(self, seq_ids: Sequence, n: int, only_needed: bool) -> None:
-        """Before the table plans writing ``n`` tokens to ``seq_ids``: make room, bring up reads."""
+        """Before the table plans writing ``n`` tokens to ``seq_ids``: make room, bring up reads
+        (for every tier of the group whose table holds the same sequences, at the first of them)."""
+        group = self.group
+        if self in group.pending:
+            group.pending.discard(self)
+            return
+        # the group's first tier (the first layer) begins a step; a later one prepares alone only
+        # when it was not prepared with the first (it joined the group during this step)
+        tiers = [self]
+        if self is group.tiers[0]:
+            tiers += [t for t in group.tiers[1:] if t.members and t._holds(seq_ids)]
+        reads = [t._device_state(seq_ids, n) for t in tiers]
+        # the step's one read of the device: every table, free stack and top-k selection together
+        flat = torch.cat([x.to(torch.long) for parts in reads for x in parts]).cpu()
+        self.syncs += 1
+        at = 0
+        for t, parts in zip(tiers, reads):
+            size = sum(x.numel() for x in parts)
+            t._prepare(flat[at:at + size], seq_ids, n, only_needed)
+            at += size
+        group.pending = set(tiers[1:])
+
+    def _holds(self, seq_ids) -> bool:
+        return all(s in self.table._seqs for s in seq_ids)
+
+    def _device_state(self, seq_ids, n: int) -> List[torch.Tensor]:
         t = self.table
-        seqs = t.seqs(seq_ids)
-        step_slots = torch.tensor([s.slot for s in seqs], dtype=torch.long)
+        step_slots = torch.tensor([t.get(s).slot for s in seq_ids], dtype=torch.long)
         states = []
         if n == 1:
             for cache in self.members:
                 state = getattr(cache, "_topk_state", None)
                 if state is not None and state.selection.shape[0] > 0:
                     states.append(state.selection[step_slots.to(state.selection.device)])
-        # the step's one read of the device: tables, free stack and count, every layer's selection
-        parts = [t.tables.reshape(-1), t.free_stack, t.n_free.view(1)] + [s.reshape(-1) for s in states]
-        flat = torch.cat([x.to(torch.long) for x in parts]).cpu()
-        self.syncs += 1
+        self._n_states = len(states)
+        return [t.tables.reshape(-1), t.free_stack, t.n_free.view(1)] + [s.reshape(-1) for s in states]
+
+    def _prepare(self, flat: torch.Tensor, seq_ids: Sequence, n: int, only_needed: bool) -> None:
+        t = self.table
+        seqs = t.seqs(seq_ids)
+        step_slots = torch.tensor([s.slot for s in seqs], dtype=torch.long)
         shape = t.tables.shape
         n_tab = t.tables.numel()
         tables = flat[:n_tab].view(shape).to(torch.int32)
-        self._stack = flat[n_tab:n_tab + t.free_stack.numel()]
+        self._stack = flat[n_tab:n_tab + t.free_stack.numel()].clone()
         self._n_free = int(flat[n_tab + t.free_stack.numel()])
-        sels = flat[n_tab + t.free_stack.numel() + 1:].view(len(states), len(seqs), t.kv_heads, -1) if states else None
+        sels = (flat[n_tab + t.free_stack.numel() + 1:].view(self._n_states, len(seqs), t.kv_heads, -1)
+                if self._n_states else None)
         self._fit(shape)
         self._release()
         b, kvh = t.block, t.kv_heads
