@@ -274,11 +274,11 @@ class _HiddenLog:
         grown[:s, :c] = self.data
         self.data = grown
 
-    def write(self, x: torch.Tensor, plan) -> None:
-        """Log the step's real tokens of ``x`` (batch, n, hidden) at their positions (``plan``:
-        the step's ``StepPlan``: slots, starts, counts, offsets)."""
+    def write(self, x: torch.Tensor, slots: Sequence[int], plan) -> None:
+        """Log the step's real tokens of ``x`` (batch, n, hidden) at their positions (``slots``:
+        each row's sequence slot, known on the host; ``plan``: the step's ``StepPlan`` with its
+        host-side starts, counts and offsets)."""
         b, n, h = x.shape
-        slots = plan.slots.tolist() if plan.slots.device.type == "cpu" else [int(v) for v in plan.slots.cpu()]
         self._grow(max(slots) + 1, max(s + c for s, c in zip(plan.starts, plan.counts)))
         cap = self.data.shape[1]
         src = torch.cat([torch.arange(o, o + c) + i * n for i, (o, c) in enumerate(zip(plan.offsets, plan.counts))])
@@ -459,7 +459,8 @@ def _classes():
             out = cached_attention(self.paged, self.seq_ids, query, key, value, scale=scale, lengths=lengths,
                                    left_padding=left)
             if self.hidden_log is not None:  # phase 3: what this step's pages are recomputed from
-                self.hidden_log.write(self._hidden_in, self.paged.table.plan)
+                table = self.paged.table
+                self.hidden_log.write(self._hidden_in, [table.get(s).slot for s in self.seq_ids], table.plan)
             self._hidden_in = None
             self._length += n
             group.length = max(group.length, self._length)
@@ -526,7 +527,13 @@ def _classes():
         (ALISA's channel-wise asymmetric quantisation, ``s2dsl.runtime.quant``).
         ``gpu_pages`` (per layer, an int or one per layer; in place of ``num_pages``) bounds the
         GPU pool and ``host_pages`` (per layer) adds ALISA's host tier (``s2dsl.runtime.host_tier``):
-        pages a step does not read wait in pinned host memory. ``debug_report()`` says where the
+        pages a step does not read wait in pinned host memory; each layer then has its own page
+        table (a step reads its own layer's top-k only). ``recompute="hidden"`` (with
+        ``host_pages``, 0 allowed) adds ALISA's phase 3: past the host budget the oldest pages are
+        dropped, and each layer logs its attention input (the normed hidden states its K/V
+        projections read) in host memory to recompute a dropped page when a step reads it again
+        (Llama-style attention: ``k_proj``, ``v_proj``, optional ``k_norm``, the model's
+        ``rotary_emb`` at each token's index in its sequence). ``debug_report()`` says where the
         pages are and which phase ALISA's cost model picks for the current lengths.
         """
 
@@ -699,8 +706,10 @@ def _classes():
                     continue
                 seen.add(id(p.table))
                 tier = p.table.tier
+                log = (f"; hidden-state log {layer.hidden_log.nbytes / 2 ** 20:.1f} MiB"
+                       if layer.hidden_log is not None else "")
                 lines.append(f"layer {i} ({layer.pattern.name}, shared by {p.table.members}): GPU pool "
-                             f"{p.pages_in_use}/{p.num_pages} pages" + (f"; {tier.report()}" if tier else ""))
+                             f"{p.pages_in_use}/{p.num_pages} pages" + (f"; {tier.report()}" if tier else "") + log)
             first = next((layer for layer in self.layers if layer.paged is not None), None)
             if first is None:
                 return "\n".join(lines)
