@@ -58,10 +58,11 @@ class HostFullError(OutOfPagesError):
 
 class TierGroup:
     """Tiers of page tables that step together (one per layer of a model, in layer order): the
-    first tier, whose table plans each step first, prepares every one, from one read of the device, so that the copies of later
-    layers start at the step's beginning and overlap the earlier layers' compute, and a step
-    reads the device once, not once per layer. Each table keeps its own residency: a layer's
-    step reads its own top-k selection, so one layer's choice moves none of another's pages."""
+    first tier, whose table plans each step first, prepares every one from one read of the
+    device, so that the copies of later layers start at the step's beginning and overlap the
+    earlier layers' compute, and a step reads the device once, not once per layer. Each table
+    keeps its own residency: a layer's step reads its own top-k selection, so one layer's choice
+    moves none of another's pages."""
 
     def __init__(self):
         self.tiers: List["HostTier"] = []
