@@ -36,6 +36,10 @@ def choose_forward(pattern: Pattern, dtype: torch.dtype, head_dim: int, layout: 
     # are enumerated per query block too
     if spec.block_m > block and plan.one_block_tiles:
         spec = replace(spec, block_m=block, num_warps=min(spec.num_warps, 4))
+    if device.type == "cuda" and plan.extended and not pattern.causal and head_dim >= 128:
+        # bidirectional plans pipeline a second window loop (ahead of the diagonal): at head dim
+        # 128 three stages of two-block spans need 240 KB of shared memory (sm_90 holds 227)
+        spec = replace(spec, num_stages=min(spec.num_stages, 2))
     return replace(spec, **(tuning or {}))
 
 
