@@ -91,7 +91,8 @@ class KeepRules:
                 continue
             window.append(max(w for w, _, _ in hulls))
             sink.append(max(snk for _, _, snk in hulls))
-            global_rows.append(max(getattr(s, "global_rows", 0) for s in specs))
+            # a query block holding prefix positions sees the whole prefix (prefix-LM): a global row
+            global_rows.append(max([getattr(s, "global_rows", 0) for s in specs] + [-(-pattern.prefix // pattern.block)]))
             keep_all.append(False)
             residues.append(tuple(sorted({r for s in specs for r in s.residues})))
         return window, sink, global_rows, keep_all, residues
