@@ -35,14 +35,19 @@ import triton
 BLOCK, WINDOW, HEADS, DIM = 64, 16, 32, 128
 T0 = time.perf_counter()
 
+# "default" is choose_forward's length-aware pick; "old" the 128-row tiles it used for every
+# length before 2026-11-27; the others are candidates (benchmarks/RESULTS.md says what each did)
+OLD = {"block_m": 128, "num_warps": 8, "window_span": 2, "kv_load": "pointer", "residue_span": 1}
+M64 = {"block_m": 64, "num_warps": 4, "window_span": 1, "residue_span": 1}
 FWD_DEFAULT = {
     "default": {},
-    "span1": {"window_span": 1},
-    "tma": {"kv_load": "tma"},
-    "tma_span1": {"kv_load": "tma", "window_span": 1},
-    "tma_span4": {"kv_load": "tma", "window_span": 4},
-    "tma_m64": {"kv_load": "tma", "block_m": 64, "num_warps": 4, "window_span": 1},
-    "res2": {"residue_span": 2},
+    "old": OLD,
+    "old_res2": dict(OLD, residue_span=2),
+    "m64_tma": dict(M64, kv_load="tma"),
+    "m64_tma_fused": dict(M64, kv_load="tma", fuse_diagonal=True),
+    "m64_ptr": dict(M64, kv_load="pointer"),
+    "m64_tma_span2": dict(M64, kv_load="tma", window_span=2),
+    "m128_fused": dict(OLD, window_span=1, fuse_diagonal=True),
 }
 BWD_DEFAULT = {"default": {}, "stages3": {"num_stages": 3, "dkdv_num_stages": 3}, "dq_n32": {"block_n": 32}}
 DECODE_DEFAULT = {"default": {}, "warps8": {"num_warps": 8}, "stages4": {"num_stages": 4}, "stages2": {"num_stages": 2}}
@@ -260,7 +265,7 @@ def sweep_forward(args, fwd, checks, rows, round_=1):
                 row[f"ms {label}"] = ms
                 row[f"tflops {label}"] = flops / ms / 1e9
                 if n == args.seqs[0] and round_ == 1:
-                    spec = choose_forward(pattern, q.dtype, DIM, "bhsd", q.device, tuning)
+                    spec = choose_forward(pattern, q.dtype, DIM, "bhsd", q.device, tuning, seq_len=n, kv_tma=True)
                     row[f"resources {label}"] = resources(forward_module(pattern, spec))
             lse = torch.empty(1, HEADS, n, device="cuda")
             for which, module in ablations.items():
@@ -398,7 +403,7 @@ def main():
     ap.add_argument("--workers", type=int, default=min(12, os.cpu_count() or 1))
     ap.add_argument("--budget-s", type=float, default=200, help="no new point starts after this many seconds")
     ap.add_argument("--rounds", type=int, default=2, help="forward sweeps (the second shows the spread)")
-    ap.add_argument("--train-fwd", nargs="*", default=["default", "tma"],
+    ap.add_argument("--train-fwd", nargs="*", default=["default", "old"],
                     help="forward variants timed with the backward (kernels alone)")
     args = ap.parse_args()
     fwd = json.loads(args.fwd) if args.fwd else FWD_DEFAULT

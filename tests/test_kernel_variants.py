@@ -31,18 +31,21 @@ def _check(out, lse, q, k, v, pattern, layout, tol):
 
 
 @interpreter
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=16, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(pattern=patterns(), data=st.data())
-def test_tensor_descriptor_loads_match_reference(pattern, data):
+def test_variants_match_reference(pattern, data):
     """kv_load='tma': rows past kv_len and head-dim columns past HEAD_DIM come back as zeros
-    from the descriptor, so ragged lengths and padded head dims need no load masks."""
+    from the descriptor, so ragged lengths and padded head dims need no load masks;
+    fuse_diagonal: the window's inner blocks visited masked, in one loop with the diagonal."""
     lk = data.draw(st.integers(1, 80), label="kv_len")
     lq = data.draw(st.integers(1, lk), label="q_len")
     d = data.draw(st.sampled_from([16, 24, 32]), label="head_dim")
     dtype = data.draw(st.sampled_from([torch.float32, torch.float16]), label="dtype")
     layout = data.draw(st.sampled_from(["bhsd", "bshd"]), label="layout")
-    tuning = {"kv_load": "tma", "block_m": data.draw(st.sampled_from([16, 32]), label="block_m"), "block_n": 16,
-              "window_span": data.draw(st.sampled_from([1, 2]), label="window_span")}
+    fuse = data.draw(st.booleans(), label="fuse_diagonal")
+    tuning = {"kv_load": data.draw(st.sampled_from(["tma", "pointer"]), label="kv_load"), "fuse_diagonal": fuse,
+              "block_m": data.draw(st.sampled_from([16, 32]), label="block_m"), "block_n": 16,
+              "window_span": 1 if fuse else data.draw(st.sampled_from([1, 2]), label="window_span")}
     q, k, v = random_inputs(2, pattern.heads, pattern.kv_heads, lq, lk, d, dtype, layout, seed=lq * 7 + lk)
     out = torch.full_like(q, float("nan"))
     _, lse = forward(q, k, v, pattern, layout=layout, tuning=tuning, out=out)
@@ -96,6 +99,8 @@ def test_refusals():
         generate_forward(plan, replace(spec, kv_load="tma", residue_span=2))
     with pytest.raises(ValueError, match="kv_load"):
         generate_forward(plan, replace(spec, kv_load="bulk"))
+    with pytest.raises(ValueError, match="fuse_diagonal"):
+        generate_forward(plan, replace(spec, fuse_diagonal=True))  # window_span 2
     # the default emits neither descriptors nor warp specialisation
     source = generate_forward(plan, spec)
     assert "make_tensor_descriptor" not in source and "warp_specialize" not in source

@@ -46,6 +46,7 @@ class Specialization:
     # descriptor bounds the rows to kv_len and pads the head dim with zeros, so no load mask)
     kv_load: str = "pointer"
     window_ws: bool = False      # warp-specialise the unmasked window loop (tl.range(warp_specialize=True))
+    fuse_diagonal: bool = False  # one pipelined loop over the window's inner blocks and the diagonal, all masked
 
     @property
     def d_pad(self) -> int:
@@ -242,7 +243,17 @@ def generate_forward(plan: KernelPlan, spec: Specialization, *, name: str = "pat
                                    kv_len, window, full, qk_scale, True, CAUSAL, BLOCK, BLOCK, BLOCK_N, HEAD_DIM, D_PAD)"""
     # the long loop; warp specialisation (a producer warp feeding the matmul warps) is opt-in
     window_range = "tl.range({}, warp_specialize=True)" if spec.window_ws else "range({})"
-    if spec.window_span == 1:
+    if spec.fuse_diagonal and (spec.window_span != 1 or plan.has_ahead or plan.has_tokens):
+        raise ValueError("fuse_diagonal needs window_span=1, and no blocks ahead of the diagonal or token windows")
+    if spec.fuse_diagonal:
+        window_masked += f"""
+        # the window's inner blocks and the diagonal blocks in one software-pipelined loop, each
+        # visit masked per row: the diagonal's tiles load while the window's are computed
+        for j in {window_range.format("edge, last_block + 1")}:
+{indent(full, ' ' * 12)}
+            acc, l_i, m_i = _visit(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, j, 1, rows, row_block,
+                                   kv_len, window, full, qk_scale, True, CAUSAL, BLOCK, BLOCK, BLOCK_N, HEAD_DIM, D_PAD)"""
+    elif spec.window_span == 1:
         window_masked += f"""
         for j in {window_range.format("edge, first_block")}:  # inside every row's window: no mask
             acc, l_i, m_i = _visit(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, j, 1, rows, row_block,
@@ -276,7 +287,7 @@ edge = tl.minimum(tl.maximum(last_block - tl.maximum(window, 1) + 1, lo), first_
         window_masked = diagonal
         window_bounds = """
 lo = first_block  # window <= 1 for every head: the window range is the diagonal blocks"""
-    else:
+    elif not spec.fuse_diagonal:
         window_masked += diagonal
     topk_params, topk_args, topk_loop, topk_launch = "", "", "", ""
     if plan.has_topk:
