@@ -234,9 +234,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", type=str, default="topk_quality_out")
     ap.add_argument("--train-budget", type=float, default=None, help="seconds of training (default per config)")
     ap.add_argument("--sparsities", type=float, nargs="+", default=list(SPARSITIES))
+    ap.add_argument("--block", type=int, default=None,
+                    help="pattern block in tokens (default per config); the task keeps each pair inside one block")
     args = ap.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cfg = tt.CONFIGS[args.config]
+    if args.block is not None:
+        cfg = replace(cfg, block=args.block)
     if device == "cpu":
         torch.set_num_threads(1)
     budget = args.train_budget if args.train_budget is not None else (200.0 if device == "cuda" else 20.0)

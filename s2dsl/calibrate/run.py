@@ -46,6 +46,7 @@ class Calibration:
     target_budgets: List[List[int]] = field(default_factory=list)
     budgets: List[List[int]] = field(default_factory=list)
     totals: List[int] = field(default_factory=list)
+    _mean_curves: Dict[tuple, List[torch.Tensor]] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def budget_length(self) -> int:
@@ -55,10 +56,14 @@ class Calibration:
         return -(-length // self.block)
 
     def curves(self, length: int, mode: Optional[str] = None) -> List[torch.Tensor]:
-        """Per layer, the (heads, nb + 1) curve averaged over the length's samples."""
+        """Per layer, the (heads, nb + 1) curve averaged over the length's samples (averaged
+        once: the per-layer statistics ask for them layer after layer)."""
         mode = mode or self.mode
-        runs = self.sample_curves[length]
-        return [torch.stack([r[mode][l] for r in runs]).mean(0) for l in range(self.layers)]
+        key = (length, mode)
+        if key not in self._mean_curves:
+            runs = self.sample_curves[length]
+            self._mean_curves[key] = [torch.stack([r[mode][l] for r in runs]).mean(0) for l in range(self.layers)]
+        return self._mean_curves[key]
 
     @property
     def k_min(self) -> int:

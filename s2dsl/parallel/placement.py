@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..pattern import Pattern
+from ..printer import format_ranges
 
 __all__ = ["Placement", "PlacementError", "head_costs", "group_costs", "place", "place_weights",
            "place_layers", "lpt", "karmarkar_karp", "contiguous", "refine", "makespan", "imbalance"]
@@ -60,7 +61,7 @@ class Placement:
         rows = [["gpu", "heads", f"load ({unit})", "share"]]
         for g, (heads, load) in enumerate(zip(self.assignment, self.loads)):
             shown = f"{load:,.0f}" if unit == "blocks" else f"{load:.4g}"
-            rows.append([str(g), _span(heads), shown, f"{100 * load / total:.1f}%" if total else "-"])
+            rows.append([str(g), format_ranges(heads), shown, f"{100 * load / total:.1f}%" if total else "-"])
         widths = [max(len(r[c]) for r in rows) for c in range(4)]
         lines = [f"pattern {self.pattern}: {self.gpus} GPUs, {self.seq_len} tokens, cost = {unit} per head "
                  f"({self.method})"]
@@ -79,19 +80,6 @@ class Placement:
                 "naive_max_load": max(self.naive_loads),
                 "speedup_vs_contiguous": max(self.naive_loads) / max(self.loads) if max(self.loads) else 1.0,
                 "method": self.method, "cost_unit": self.cost_unit}
-
-
-def _span(heads: Sequence[int]) -> str:
-    """0,1,2,3,8,9 -> '0..3, 8..9'."""
-    out, run = [], []
-    for h in heads:
-        if run and h != run[-1] + 1:
-            out.append(str(run[0]) if len(run) == 1 else f"{run[0]}..{run[-1]}")
-            run = []
-        run.append(h)
-    if run:
-        out.append(str(run[0]) if len(run) == 1 else f"{run[0]}..{run[-1]}")
-    return ", ".join(out) or "none"
 
 
 # ------------------------------------------------------------------------------ costs
