@@ -135,3 +135,11 @@ def test_gpu_short_sequence_choice(n, layout):
     assert ((to_bhsd(out).float() - ref).norm() / ref.norm()).item() < 1e-2
     with pytest.raises(InputError, match="aligned"):
         forward(q, k_odd, v, pattern, layout=layout, tuning={"kv_load": "tma"})
+
+
+def test_backward_refuses_forward_only_variants():
+    from s2dsl.runtime.backward import choose_backward
+    pattern = s2dsl.local_stride(block=16, local_blocks=2, vert_stride=3, heads=2)
+    for tuning in ({"kv_load": "tma"}, {"fuse_diagonal": True}, {"window_ws": True}):
+        with pytest.raises(InputError, match="forward-only"):
+            choose_backward(pattern, torch.float32, 16, "bhsd", torch.device("cpu"), tuning)
