@@ -46,6 +46,7 @@ FWD_DEFAULT = {
     "m64_tma": dict(M64, kv_load="tma"),
     "m64_tma_fused": dict(M64, kv_load="tma", fuse_diagonal=True),
     "m64_ptr": dict(M64, kv_load="pointer"),
+    "m64_ptr_res2": dict(M64, kv_load="pointer", residue_span=2),
     "m64_tma_span2": dict(M64, kv_load="tma", window_span=2),
     "m128_fused": dict(OLD, window_span=1, fuse_diagonal=True),
 }
