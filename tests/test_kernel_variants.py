@@ -67,6 +67,29 @@ def test_tensor_descriptor_loads_packed_sequences():
         torch.testing.assert_close(out[a:a + n].transpose(0, 1)[None], ref, atol=2e-5, rtol=2e-5)
 
 
+ROUND2 = {
+    "token window and sink": "heads * { window 20 tokens sink 4 tokens stride 3 offset h }",
+    "two-sided window, relative stride": "bidirectional heads * { window 2 ahead 1 stride 3 relative }",
+    "causal relative stride": "heads * { window 2 stride 3 relative sink 1 }",
+    "dynamic top-k": "heads * { window 1 topk 2 }",
+}
+
+
+@interpreter
+@pytest.mark.parametrize("body", ROUND2.values(), ids=list(ROUND2))
+def test_tensor_descriptor_loads_round2_constructs(body):
+    """Every loop the round-2 constructs add visits through the same loads: the TMA kernel
+    gives the pointer kernel's output bit for bit (and the reference's, for static patterns)."""
+    pattern = s2dsl.parse(f"pattern p {{ block = 16 heads = 2 {body} }}")["p"]
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 16 * 6 + 5, 16) for _ in range(3))
+    want, _ = forward(q, k, v, pattern)
+    got, _ = forward(q, k, v, pattern, tuning={"kv_load": "tma", "block_m": 16})
+    assert torch.equal(got, want)
+    if pattern.is_static:
+        torch.testing.assert_close(got, s2dsl.reference_attention(q, k, v, pattern), atol=2e-5, rtol=2e-5)
+
+
 def test_length_aware_choice():
     """Short sequences: 64-row tiles through TMA (only where K/V suit descriptors); long ones:
     residue pairs; no length (packed batches): the tiles of before."""
