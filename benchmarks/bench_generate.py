@@ -1,31 +1,42 @@
 """Hugging Face generation end to end: s2dsl's S2Cache (eager steps and the CUDA-graph step)
 vs HF dense SDPA with its default cache and its static cache (eager and torch.compile'd).
 
-One GPU run. The model is Llama-shaped with random weights (16 layers, hidden 2048, 32 q /
-8 kv heads, head dim 64, intermediate 8192, vocab 32000), bf16; its s2dsl plan is
-``benchmarks/llama_bench.s2`` (odd layers dense, even layers Phi-3-style local-stride).
+One GPU run (about 6 minutes on an H100 by default; ``--budget-s``). The model is Llama-shaped
+with random weights (16 layers, hidden 2048, 32 q / 8 kv heads, head dim 64, intermediate 8192,
+vocab 32000), bf16; its s2dsl plan is ``benchmarks/llama_bench.s2`` (odd layers dense, even
+layers Phi-3-style local-stride: a half-sparse plan).
 
 1. Correctness at a small size: s2dsl's prefill logits against transformers' eager attention
-   under the same per-layer masks, and the graph step's greedy tokens against eager steps.
-2. Per point (prompt length x batch): prefill seconds (the prompt in chunks when the batch's
-   activations would not fit), decode ms/token (median over steps, greedy), peak GPU memory
-   and KV bytes, for
+   under the same per-layer masks (held to the bf16 reference's own error against float32), and
+   the graph step's greedy tokens against eager steps.
+2. Per point (prompt length x batch; default 32K and 128K, batch 1 and 8): prefill seconds
+   (each implementation warmed once on a short prompt first, so Triton's JIT is not timed; the
+   prompt in chunks when a forward's activations would not fit), decode ms/token (median over
+   steps, greedy), peak GPU memory and KV bytes, for
    * s2dsl: ``S2Cache`` + attn_implementation "s2dsl"; decode by eager model calls and by
      ``S2Cache.decode_graph`` (the step captured in a CUDA graph);
    * HF SDPA + DynamicCache (its default);
-   * HF SDPA + StaticCache, eager and with ``torch.compile(mode="reduce-overhead")``.
-3. HF's static cache, why slow: one layer's SDPA call as the static cache makes it (over the
-   whole ``max_cache_len`` with a padding mask) vs over the valid keys without a mask, and
-   ``generate(cache_implementation="static")`` vs the manual loop.
-4. One layer's decode call (``cached_attention``: plan + write + attend) vs its kernel alone,
-   at 32K and 128K, batch 8; the call replayed in a CUDA graph; and one plan shared by the 8
-   sparse layers of a step.
+   * HF SDPA + StaticCache, eager and with ``torch.compile(mode="reduce-overhead")`` (one
+     compiled forward for the whole run; its compile seconds are reported, not timed per token).
+   A point or implementation that cannot fit the GPU's free memory, or the time budget, by the
+   estimates printed, is skipped and listed as skipped with the reason.
+3. Where prefill time goes, one layer at the first point's prompt: the page plan and K/V
+   scatter of 8 layers sharing a table, s2dsl's sparse prefill kernel, dense attention by SDPA
+   (what dense layers run) and by s2dsl's dense-pattern kernel.
+4. HF's static cache, why an earlier harness saw 424 ms/token: ``generate(cache_implementation=
+   "static")`` compiles the forward itself (transformers' auto-compile for compileable caches)
+   on its first decode step and again for every new cache size; timed over a few tokens that
+   is compile time. Measured here: generate() cold (compiling), warm (same shapes again) and
+   with ``disable_compile=True``; and one layer's SDPA call as the static cache makes it (over
+   the whole ``max_cache_len`` with a padding mask) vs over the valid keys.
+5. One layer's decode call (``cached_attention``: plan + write + attend) vs its kernel alone,
+   at 32K and 128K, batch 8: the call alone, per layer when 8 layers share one plan per step,
+   and the call replayed in a CUDA graph.
 
-    python benchmarks/bench_generate.py --out results/generate.json             # ~8 min on an H100
-    python benchmarks/bench_generate.py --quick --out /tmp/quick.json           # ~1 min smoke run
+    python benchmarks/bench_generate.py --out results/generate.json            # all of it, ~6 min
+    python benchmarks/bench_generate.py --quick --out /tmp/quick.json          # ~1 min smoke run
     python benchmarks/bench_generate.py --points 32768x1 32768x8 --layer-contexts 32768 --out a.json
-    python benchmarks/bench_generate.py --points 131072x1 131072x8 --compile-points --layer-contexts 131072 \
-        --no-generate-probe --out b.json                                        # the two halves, < 9 min each
+    TRITON_INTERPRET=1 python benchmarks/bench_generate.py --tiny              # CPU: the script runs
 """
 from __future__ import annotations
 
@@ -74,6 +85,10 @@ def free():
 
 def peak_gib() -> float:
     return torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else 0.0
+
+
+def free_gib() -> float:
+    return torch.cuda.mem_get_info()[0] / 2 ** 30 if torch.cuda.is_available() else float("inf")
 
 
 def make_model(tiny: bool, device, dtype):
@@ -134,12 +149,56 @@ def ms(times, skip: int = 0) -> float:
     return 1e3 * statistics.median(times[skip:])
 
 
+# ----------------------------------------------------------------------------- estimates (what to skip)
+class Budget:
+    """What the run can still afford: GPU memory now, and seconds left of ``--budget-s``.
+    The estimates are rough (H100-class throughput) and printed with every skip."""
+
+    def __init__(self, seconds: float, on_gpu: bool):
+        self.t0, self.seconds, self.on_gpu = time.perf_counter(), seconds, on_gpu
+        self.skipped = []
+
+    def left(self) -> float:
+        return self.seconds - (time.perf_counter() - self.t0)
+
+    def allow(self, what: str, est_s: float, est_gib: float) -> bool:
+        if not self.on_gpu:
+            return True
+        reason = None
+        if est_gib > 0.92 * free_gib():
+            reason = f"needs ~{est_gib:.0f} GiB, {free_gib():.0f} GiB free"
+        elif est_s > self.left():
+            reason = f"needs ~{est_s:.0f} s, {max(self.left(), 0):.0f} s of the budget left"
+        if reason:
+            self.skipped.append(dict(what=what, reason=reason))
+            print(f"skipped {what}: {reason}", flush=True)
+            return False
+        return True
+
+
+def estimate(model, n: int, b: int, chunk: int, steps: int, sparse_share: float = 1.0):
+    """(prefill + decode seconds, GiB) of one implementation at a point: attention FLOPs at
+    ~350 TFLOP/s (``sparse_share``: the share of dense attention it computes), the rest of the
+    model at ~400, dense KV read per step at ~2.5 TB/s, plus the KV cache and one chunk's
+    activations (MLP intermediate, SDPA's chunk mask) in memory."""
+    c = model.config
+    layers, d = c.num_hidden_layers, c.head_dim if getattr(c, "head_dim", None) else c.hidden_size // c.num_attention_heads
+    params = sum(p.numel() for p in model.parameters())
+    attn = 2 * b * n * n * d * c.num_attention_heads * layers * sparse_share
+    rest = 2 * b * n * params
+    kv = 2 * layers * b * (n + 2 * steps + 64) * c.num_key_value_heads * d * 2
+    seconds = attn / 350e12 + rest / 400e12 + steps * (kv / 2.5e12 + 0.03)
+    act = b * chunk * (3 * c.intermediate_size + 6 * c.hidden_size) * 2 + (b * chunk * n if chunk < n else 0)
+    return seconds, (kv + act) / 2 ** 30 + params * 2 / 2 ** 30
+
+
 # ----------------------------------------------------------------------------- 1. correctness
 def check(model, plan, name, device, tiny: bool):
     from transformers import DynamicCache
     hf.apply(model, plan, model_name=name)
     n = 200 if tiny else 1500
     ids = torch.randint(1, model.config.vocab_size, (2, n), device=device, generator=None)
+
     def rel(a, b):
         return ((a - b).norm() / b.norm()).item()
 
@@ -171,23 +230,33 @@ def check(model, plan, name, device, tiny: bool):
 
 
 # ----------------------------------------------------------------------------- 2. generation
-def run_s2dsl(model, plan, name, ids, steps, chunk, graph: bool):
+def warm(model, make_cache, ids, chunk: int, warm_tokens: int):
+    """One short prefill (chunked like the real one when that is) and two decode steps: Triton
+    and cuBLAS pick their kernels here, not in the timed run."""
+    n = min(ids.shape[1], warm_tokens)
+    w_chunk = n if chunk >= ids.shape[1] else max(n // 2, 16)
+    with torch.no_grad():
+        cache = make_cache(n + 8)
+        tok = prefill(model, ids[:, :n], cache, w_chunk)
+        decode(lambda t: model(t, past_key_values=cache, use_cache=True).logits, tok, 2)
+    del cache
+    free()
+
+
+def run_s2dsl(model, plan, name, ids, steps, chunk, graph: bool, warm_tokens: int):
     """One prefill, then eager steps and (on the GPU) steps of the captured graph on the same cache."""
     hf.apply(model, plan, model_name=name)
     free()
     b, n = ids.shape
-    with torch.no_grad():  # a first prefill at this length compiles Triton specialisations: time the second
-        _, t_first = timed(lambda: prefill(model, ids, hf.S2Cache(model, max_length=n + 2 * steps + 8, batch_size=b),
-                                           chunk))
-        free()
+    warm(model, lambda m: hf.S2Cache(model, max_length=m, batch_size=b), ids, chunk, warm_tokens)
     cache = hf.S2Cache(model, max_length=n + 2 * steps + 8, batch_size=b)
     with torch.no_grad():
         first, t_pre = timed(lambda: prefill(model, ids, cache, chunk))
         kv = cache.memory_bytes()
         dense_kv = cache.dense_bytes()
         times, tokens = decode(lambda t: model(t, past_key_values=cache, use_cache=True).logits, first, steps)
-        rows = [dict(impl="s2dsl eager", prefill_s=t_pre, first_prefill_s=t_first, decode_ms=ms(times),
-                     peak_gib=peak_gib(), kv_gib=kv / 2 ** 30, dense_kv_gib=dense_kv / 2 ** 30)]
+        rows = [dict(impl="s2dsl eager", prefill_s=t_pre, decode_ms=ms(times), peak_gib=peak_gib(),
+                     kv_gib=kv / 2 ** 30, dense_kv_gib=dense_kv / 2 ** 30)]
         if graph:
             step = cache.decode_graph(model)
             g_times, _ = decode(step, tokens[:, -1:], steps + 2)
@@ -200,12 +269,10 @@ def run_s2dsl(model, plan, name, ids, steps, chunk, graph: bool):
     return rows
 
 
-def run_dynamic(model, ids, steps, chunk):
+def run_dynamic(model, ids, steps, chunk, warm_tokens: int):
     from transformers import DynamicCache
     free()
-    with torch.no_grad():  # warm, as for s2dsl
-        prefill(model, ids, DynamicCache(config=model.config), chunk)
-    free()
+    warm(model, lambda m: DynamicCache(config=model.config), ids, chunk, warm_tokens)
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
         first, t_pre = timed(lambda: prefill(model, ids, cache, chunk))
@@ -216,15 +283,18 @@ def run_dynamic(model, ids, steps, chunk):
     return row
 
 
-def run_static(model, ids, steps, chunk, compiled: bool):
+_COMPILED = {}
+
+
+def run_static(model, ids, steps, chunk, compiled: bool, warm_tokens: int):
     """One prefill into a StaticCache, eager steps, then (``compiled``) the forward under
-    torch.compile(mode="reduce-overhead") on the same cache (its first 3 calls compile)."""
+    torch.compile(mode="reduce-overhead", fullgraph=True) on the same cache. One compiled
+    forward serves the whole run: its first calls at a new shape compile or record a graph
+    (reported as compile_s), the median of the later ones is the figure."""
     from transformers import StaticCache
     free()
     b, n = ids.shape
-    with torch.no_grad():  # warm, as for s2dsl
-        prefill(model, ids, StaticCache(config=model.config, max_cache_len=n + 2 * steps + 16), chunk)
-    free()
+    warm(model, lambda m: StaticCache(config=model.config, max_cache_len=m), ids, chunk, warm_tokens)
     cache = StaticCache(config=model.config, max_cache_len=n + 2 * steps + 16)
     with torch.no_grad():
         first, t_pre = timed(lambda: prefill(model, ids, cache, chunk))
@@ -232,18 +302,59 @@ def run_static(model, ids, steps, chunk, compiled: bool):
                                first, steps)
         rows = [dict(impl="hf sdpa static", prefill_s=t_pre, decode_ms=ms(times), peak_gib=peak_gib())]
         if compiled:
-            forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+            if "forward" not in _COMPILED:
+                _COMPILED["forward"] = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+            forward = _COMPILED["forward"]
             c_times, _ = decode(lambda t: forward(input_ids=t, past_key_values=cache, use_cache=True).logits,
                                 tokens[:, -1:], steps + 3)
             rows.append(dict(impl="hf sdpa static compiled", prefill_s=t_pre, decode_ms=ms(c_times, skip=3),
                              peak_gib=peak_gib(), compile_s=sum(c_times[:3])))
-            del forward
-            torch._dynamo.reset()
     del cache
     return rows
 
 
-# ----------------------------------------------------------------------------- 3. static cache: HF or harness?
+# ----------------------------------------------------------------------------- 3. where prefill time goes
+def prefill_parts(pattern, n: int, b: int):
+    """One layer at ``n`` tokens, batch ``b``: plan + scatter of 8 layers sharing a table (per
+    layer), s2dsl's sparse prefill kernel, dense attention by SDPA and by s2dsl's kernel."""
+    import triton
+    from s2dsl.runtime.kv_cache import PagedKVCache, dense_pattern
+    free()
+    d, dev, dt = 64, torch.device("cuda"), torch.bfloat16
+    q = torch.randn(b, pattern.heads, n, d, device=dev, dtype=dt)
+    k, v = (torch.randn(b, pattern.kv_heads, n, d, device=dev, dtype=dt) for _ in range(2))
+
+    def t(fn):
+        return triton.testing.do_bench(fn, warmup=3, rep=20, return_mode="median")
+
+    pages = hf.pages_needed(pattern, n + 64, b, 64)
+
+    def plan_and_write():
+        caches = [PagedKVCache(pattern, num_pages=pages, head_dim=d, dtype=dt, device=dev, max_seqs=b)]
+        caches += [PagedKVCache(pattern, num_pages=pages, head_dim=d, dtype=dt, device=dev, table=caches[0].table)
+                   for _ in range(7)]
+        ids = [caches[0].add_sequence() for _ in range(b)]
+        sync()
+        t0 = time.perf_counter()
+        for c in caches:
+            c.append(ids, k, v, only_needed=True)
+        sync()
+        return 1e3 * (time.perf_counter() - t0) / len(caches)
+
+    plan_and_write()
+    write_ms = statistics.median(plan_and_write() for _ in range(3))
+    dense = dense_pattern(pattern.heads, pattern.kv_heads, pattern.block)
+    row = dict(prompt=n, batch=b,
+               plan_and_write_ms_per_layer=write_ms,
+               s2dsl_sparse_kernel_ms=t(lambda: s2dsl.attention(q, k, v, pattern)),
+               sdpa_dense_ms=t(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)),
+               s2dsl_dense_kernel_ms=t(lambda: s2dsl.attention(q, k, v, dense)))
+    del q, k, v
+    free()
+    return row
+
+
+# ----------------------------------------------------------------------------- 4. static cache: HF or harness?
 def static_attention_probe(batch: int, context: int, device):
     """One layer's SDPA call as HF's static cache makes it vs over the valid keys."""
     import triton
@@ -253,7 +364,6 @@ def static_attention_probe(batch: int, context: int, device):
     v = torch.randn_like(k)
     mask = torch.zeros(batch, 1, 1, max_len, dtype=torch.bool, device=device)
     mask[..., :context] = True
-    kr, vr = k.repeat_interleave(4, 1), v.repeat_interleave(4, 1)
 
     def t(fn):
         return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
@@ -261,27 +371,35 @@ def static_attention_probe(batch: int, context: int, device):
     return {
         "sdpa_masked_full_len_gqa_ms": t(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                                                                  enable_gqa=True)),
-        "sdpa_masked_full_len_repeat_kv_ms": t(lambda: F.scaled_dot_product_attention(q, kr, vr, attn_mask=mask)),
         "sdpa_valid_keys_no_mask_ms": t(lambda: F.scaled_dot_product_attention(q, k[:, :, :context],
                                                                                v[:, :, :context], enable_gqa=True)),
     }
 
 
-def generate_ms_per_token(model, ids, steps, cache_implementation):
-    """ms/token of generate() itself: (time of 1 + steps tokens - time of 1 token) / steps."""
+def generate_probe(model, ids, steps):
+    """ms/token of generate() itself, as (time of 1 + steps tokens - time of 1 token) / steps:
+    the dynamic cache; the static cache with transformers' auto-compile (cold: the call that
+    compiles; warm: the same call again) and with ``disable_compile=True``."""
     free()
     kw = dict(do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
-    if cache_implementation:
-        kw["cache_implementation"] = cache_implementation
-    with torch.no_grad():
-        _, t1 = timed(lambda: model.generate(ids, max_new_tokens=1, **kw))
-        _, tn = timed(lambda: model.generate(ids, max_new_tokens=1 + steps, **kw))
+
+    def per_token(**extra):
+        with torch.no_grad():
+            _, t1 = timed(lambda: model.generate(ids, max_new_tokens=1, **kw, **extra))
+            _, tn = timed(lambda: model.generate(ids, max_new_tokens=1 + steps, **kw, **extra))
+        return 1e3 * (tn - t1) / steps
+
+    out = {"prompt": ids.shape[1], "batch": ids.shape[0], "dynamic": per_token()}
+    out["static_eager"] = per_token(cache_implementation="static", disable_compile=True)
+    out["static_autocompile_cold"] = per_token(cache_implementation="static")
+    out["static_autocompile_warm"] = per_token(cache_implementation="static")
     torch._dynamo.reset()
-    return 1e3 * (tn - t1) / steps
+    _COMPILED.clear()
+    return out
 
 
-# ----------------------------------------------------------------------------- 4. one layer's call
-def layer_call_vs_kernel(pattern, context: int, batch: int = 8, calls: int = 200):
+# ----------------------------------------------------------------------------- 5. one layer's call
+def layer_call_vs_kernel(pattern, context: int, batch: int = 8, calls: int = 100):
     import triton
     from s2dsl.runtime.decode import _module, _splits, cached_attention
     from s2dsl.runtime.graphs import DecodeGraph
@@ -289,16 +407,23 @@ def layer_call_vs_kernel(pattern, context: int, batch: int = 8, calls: int = 200
     free()
     d, dev, dt = 64, torch.device("cuda"), torch.bfloat16
     per_seq = hf.pages_needed(pattern, context + 3 * calls + 64, 1) + pattern.kv_heads * (3 * calls // 64 + 2)
-    caches = [PagedKVCache(pattern, num_pages=batch * per_seq, head_dim=d, dtype=dt, device=dev, max_seqs=batch)]
-    for _ in range(7):  # the other sparse layers of a 16-layer step, sharing the page table
-        caches.append(PagedKVCache(pattern, num_pages=batch * per_seq, head_dim=d, dtype=dt, device=dev,
-                                   table=caches[0].table))
+
+    def filled(table=None):
+        c = PagedKVCache(pattern, num_pages=batch * per_seq, head_dim=d, dtype=dt, device=dev, max_seqs=batch,
+                         table=table)
+        return c
+
+    caches = [filled()]
+    caches += [filled(caches[0].table) for _ in range(7)]  # the other sparse layers of a step
     ids = [caches[0].add_sequence() for _ in range(batch)]
-    for s in ids:
-        k = torch.randn(1, pattern.kv_heads, context - 1, d, device=dev, dtype=dt)
+    solo = filled()
+    solo_ids = [solo.add_sequence() for _ in range(batch)]
+    for s, s_solo in zip(ids, solo_ids):
+        kk = torch.randn(1, pattern.kv_heads, context - 1, d, device=dev, dtype=dt)
         for c in caches:
-            c.append([s], k, k, only_needed=True)
-        del k
+            c.append([s], kk, kk, only_needed=True)
+        solo.append([s_solo], kk, kk, only_needed=True)
+        del kk
     q = torch.randn(batch, pattern.heads, 1, d, device=dev, dtype=dt)
     k = torch.randn(batch, pattern.kv_heads, 1, d, device=dev, dtype=dt)
 
@@ -311,13 +436,6 @@ def layer_call_vs_kernel(pattern, context: int, batch: int = 8, calls: int = 200
         sync()
         return 1e3 * (time.perf_counter() - t) / n
 
-    one = caches[0]
-    solo = PagedKVCache(pattern, num_pages=batch * per_seq, head_dim=d, dtype=dt, device=dev, max_seqs=batch)
-    solo_ids = [solo.add_sequence() for _ in range(batch)]
-    for s in solo_ids:
-        kk = torch.randn(1, pattern.kv_heads, context - 1, d, device=dev, dtype=dt)
-        solo.append([s], kk, kk, only_needed=True)
-        del kk
     call_ms = per_call(lambda: cached_attention(solo, solo_ids, q, k, k), calls)
     # the kernel alone, on a prepared batch
     batch_t = solo.batch(solo_ids)
@@ -338,7 +456,7 @@ def layer_call_vs_kernel(pattern, context: int, batch: int = 8, calls: int = 200
     graph()
     graph_ms = per_call(graph, calls)
     graph.close()
-    del caches, solo, one
+    del caches, solo
     return dict(context=context, batch=batch, call_ms=call_ms, kernel_ms=kernel_ms,
                 call_over_kernel=call_ms / kernel_ms, shared_plan_per_layer_ms=shared_ms,
                 shared_over_kernel=shared_ms / kernel_ms, graph_call_ms=graph_ms, graph_over_kernel=graph_ms / kernel_ms)
@@ -354,54 +472,70 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--points", nargs="+", default=["32768x1", "32768x8", "131072x1", "131072x8"],
                     help="prompt_len x batch")
-    ap.add_argument("--compile-points", nargs="*", default=["32768x1", "32768x8"],
-                    help="points where the static cache is also run under torch.compile (each compiles)")
-    ap.add_argument("--steps", type=int, default=16, help="decode steps timed per implementation")
+    ap.add_argument("--compile-points", nargs="*", default=None,
+                    help="points where the static cache also runs under torch.compile (default: all)")
+    ap.add_argument("--steps", type=int, default=12, help="decode steps timed per implementation")
     ap.add_argument("--max-tokens", type=int, default=1 << 18, help="tokens per prefill forward (chunking)")
+    ap.add_argument("--warm-tokens", type=int, default=2048, help="prompt tokens of each implementation's warm-up")
     ap.add_argument("--layer-contexts", nargs="*", type=int, default=[32768, 131072])
     ap.add_argument("--skip", nargs="*", default=[], help="implementations to skip: s2dsl dynamic static")
-    ap.add_argument("--no-generate-probe", action="store_true",
-                    help="skip timing generate() itself (dynamic and static cache) at the first point")
-    ap.add_argument("--quick", action="store_true", help="small points, no compile (smoke run)")
+    ap.add_argument("--no-generate-probe", action="store_true", help="skip timing generate() itself")
+    ap.add_argument("--budget-s", type=float, default=300.0,
+                    help="seconds the points may take; what would not fit is skipped (and listed)")
+    ap.add_argument("--quick", action="store_true", help="small points (smoke run)")
     ap.add_argument("--tiny", action="store_true", help="a tiny model (CPU with TRITON_INTERPRET=1)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
     if args.quick or args.tiny:
-        args.points, args.compile_points, args.steps = ["4096x1", "4096x4"], [], 8
+        args.points, args.steps = ["4096x1", "4096x4"], 8
+        args.compile_points = ["4096x1"]
         args.layer_contexts = [8192] if not args.tiny else []
     if args.tiny:
-        args.points = ["96x2"]
-        args.steps = 3
+        args.points, args.steps, args.warm_tokens = ["96x2"], 3, 32
+    if args.compile_points is None:
+        args.compile_points = list(args.points)
 
     on_gpu = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
     device = torch.device("cuda" if on_gpu else "cpu")
     dtype = torch.bfloat16 if on_gpu else torch.float32
     model = make_model(args.tiny, device, dtype)
     plan, name = plan_of(args.tiny)
-    results = {"device": torch.cuda.get_device_name() if on_gpu else "cpu", "torch": torch.__version__,
-               "plan": PLAN if not args.tiny else "tiny", "points": [], "layer": []}
     import transformers
-    results["transformers"] = transformers.__version__
+    results = {"device": torch.cuda.get_device_name() if on_gpu else "cpu", "torch": torch.__version__,
+               "transformers": transformers.__version__, "plan": PLAN if not args.tiny else "tiny", "points": [],
+               "layer": [], "prefill_parts": []}
     t0 = time.perf_counter()
     results["check"] = check(model, plan, name, device, args.tiny)
     print("check:", results["check"], flush=True)
+    budget = Budget(args.budget_s, on_gpu)
+    sparse_share = 0.5 + 0.5 * 0.25  # dense layers + the sparse layers' ~1/8 stride and window, generously
 
     for point in args.points:
         n, b = parse_point(point)
         ids = torch.randint(1, model.config.vocab_size, (b, n), device=device)
         chunk = chunk_for(n, b, args.max_tokens)
         rows = []
-        try:
-            if "s2dsl" not in args.skip:
-                rows += run_s2dsl(model, plan, name, ids, args.steps, chunk, graph=on_gpu)
-            if "dynamic" not in args.skip:
-                rows.append(run_dynamic(model, ids, args.steps, chunk))
-            if "static" not in args.skip:
-                rows += run_static(model, ids, args.steps, chunk, compiled=point in args.compile_points and on_gpu)
-        except torch.cuda.OutOfMemoryError as exc:
-            rows.append(dict(impl="(out of memory)", error=str(exc).split("\n")[0]))
+        for impl in ("s2dsl", "dynamic", "static"):
+            if impl in args.skip:
+                continue
+            est_s, est_gib = estimate(model, n, b, chunk, args.steps, sparse_share if impl == "s2dsl" else 1.0)
+            compiled = impl == "static" and point in args.compile_points and on_gpu
+            est_s += 60 * compiled * ("forward" not in _COMPILED)
+            if not budget.allow(f"{impl} at {n}x{b}", est_s, est_gib):
+                rows.append(dict(impl=f"{impl} (skipped)", reason=budget.skipped[-1]["reason"]))
+                continue
+            try:
+                if impl == "s2dsl":
+                    rows += run_s2dsl(model, plan, name, ids, args.steps, chunk, on_gpu, args.warm_tokens)
+                elif impl == "dynamic":
+                    rows.append(run_dynamic(model, ids, args.steps, chunk, args.warm_tokens))
+                else:
+                    rows += run_static(model, ids, args.steps, chunk, compiled, args.warm_tokens)
+            except torch.cuda.OutOfMemoryError as exc:
+                rows.append(dict(impl=f"{impl} (out of memory)", error=str(exc).split("\n")[0]))
+                free()
         extra = {}
-        if on_gpu and "static" not in args.skip:
+        if on_gpu and "static" not in args.skip and n * b <= 1 << 18:
             extra["static_probe"] = static_attention_probe(b, n, device)
         for r in rows:
             r.update(prompt=n, batch=b, chunk=chunk)
@@ -409,45 +543,60 @@ def main():
         results["points"].append(dict(prompt=n, batch=b, rows=rows, **extra))
         if extra:
             print("static-cache SDPA probe:", json.dumps(extra["static_probe"]), flush=True)
+        del ids
         free()
 
-    if on_gpu and args.points and "static" not in args.skip and not args.quick and not args.no_generate_probe:
+    if on_gpu and args.points:
         n, b = parse_point(args.points[0])
-        ids = torch.randint(1, model.config.vocab_size, (b, n), device=device)
-        results["generate_ms_per_token"] = {
-            "dynamic": generate_ms_per_token(model, ids, args.steps, None),
-            "static": generate_ms_per_token(model, ids, args.steps, "static"),
-            "prompt": n, "batch": b}
+        results["prefill_parts"].append(prefill_parts(plan["phi3_local_stride"] if not args.tiny else None, n, b))
+        print("prefill parts:", json.dumps(results["prefill_parts"][-1]), flush=True)
+    if on_gpu and args.points and not args.no_generate_probe:
+        # the question is HF or harness, not length: a 4K prompt keeps the probe's prefills short
+        ids = torch.randint(1, model.config.vocab_size, (1, 4096), device=device)
+        results["generate_ms_per_token"] = generate_probe(model, ids, args.steps)
         print("generate():", results["generate_ms_per_token"], flush=True)
-
     if on_gpu and not args.tiny:
         for context in args.layer_contexts:
             row = layer_call_vs_kernel(plan["phi3_local_stride"], context)
             results["layer"].append(row)
             print(json.dumps(row), flush=True)
+    results["skipped"] = budget.skipped
     results["wall_s"] = time.perf_counter() - t0
-
-    print("\n| prompt | batch | impl | prefill s | decode ms/token | peak GiB | KV GiB |")
-    print("|---|---|---|---|---|---|---|")
-    for p in results["points"]:
-        for r in p["rows"]:
-            if "error" in r:
-                print(f"| {p['prompt']} | {p['batch']} | {r['impl']} | | | | |")
-                continue
-            kv = f"{r['kv_gib']:.2f}" if r.get("kv_gib") is not None else ""
-            print(f"| {p['prompt']} | {p['batch']} | {r['impl']} | {r['prefill_s']:.2f} | {r['decode_ms']:.2f} | "
-                  f"{r['peak_gib']:.1f} | {kv} |")
-    if results["layer"]:
-        print("\n| context | batch | call ms | kernel ms | call/kernel | shared plan ms/layer | graph call ms |")
-        print("|---|---|---|---|---|---|---|")
-        for r in results["layer"]:
-            print(f"| {r['context']} | {r['batch']} | {r['call_ms']:.3f} | {r['kernel_ms']:.3f} | "
-                  f"{r['call_over_kernel']:.2f} | {r['shared_plan_per_layer_ms']:.3f} | {r['graph_call_ms']:.3f} |")
-    print(f"\nwall {results['wall_s']:.0f} s")
+    report(results)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as fh:
             json.dump(results, fh, indent=1)
+
+
+def report(results):
+    print("\n| prompt | batch | impl | prefill s | decode ms/token | peak GiB | KV GiB |")
+    print("|---|---|---|---|---|---|---|")
+    for p in results["points"]:
+        for r in p["rows"]:
+            if "prefill_s" not in r:
+                print(f"| {p['prompt']} | {p['batch']} | {r['impl']} | {r.get('reason', r.get('error', ''))} | | | |")
+                continue
+            kv = f"{r['kv_gib']:.2f}" if r.get("kv_gib") is not None else ""
+            print(f"| {p['prompt']} | {p['batch']} | {r['impl']} | {r['prefill_s']:.2f} | {r['decode_ms']:.2f} | "
+                  f"{r['peak_gib']:.1f} | {kv} |")
+    for r in results["prefill_parts"]:
+        print(f"\nprefill parts at {r['prompt']}x{r['batch']}, one layer: plan+write {r['plan_and_write_ms_per_layer']:.2f} "
+              f"ms, s2dsl sparse {r['s2dsl_sparse_kernel_ms']:.2f} ms, SDPA dense {r['sdpa_dense_ms']:.2f} ms, "
+              f"s2dsl dense-pattern kernel {r['s2dsl_dense_kernel_ms']:.2f} ms")
+    if results["layer"]:
+        print("\n| context | batch | call ms | kernel ms | call/kernel | shared plan ms/layer | shared/kernel "
+              "| graph call ms |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in results["layer"]:
+            print(f"| {r['context']} | {r['batch']} | {r['call_ms']:.3f} | {r['kernel_ms']:.3f} | "
+                  f"{r['call_over_kernel']:.2f} | {r['shared_plan_per_layer_ms']:.3f} | {r['shared_over_kernel']:.2f} "
+                  f"| {r['graph_call_ms']:.3f} |")
+    if results.get("skipped"):
+        print("\nskipped (estimates):")
+        for s in results["skipped"]:
+            print(f"  {s['what']}: {s['reason']}")
+    print(f"\nwall {results['wall_s']:.0f} s")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,10 @@ kernel and SDPA flash (dense); plus the causal local-stride points against DKern
 the same run.
 
 Checks first (bf16, random inputs, outputs poisoned with NaN, against the float32
-reference), then times with the median of triton.testing.do_bench; prints a table and
+reference; gradients of the bidirectional points against autograd through it), then times
+the forward, and at --backward-seqs (32K by default) fwd+bwd of the bidirectional points
+(two-sided window + relative stride) against FlexAttention with the same block mask and SDPA
+flash, with the median of triton.testing.do_bench; prints a table and
 writes JSON to --out.
 
     PYTHONPATH=shared/anchors python benchmarks/bench_language.py --seqs 8192 32768 --out lang.json
@@ -97,6 +100,58 @@ def bench(fn, *args) -> float:
     return triton.testing.do_bench(lambda: fn(*args), warmup=50, rep=200, return_mode="median")
 
 
+def training_step(fn, n: int, seed: int = 1):
+    """A forward+backward step of ``fn`` (autograd) on fresh bf16 inputs of length n: the step and dO."""
+    q, k, v = (t.requires_grad_() for t in inputs(n, seed=seed))
+    do = torch.randn_like(q)
+
+    def step():
+        for t in (q, k, v):
+            t.grad = None
+        fn(q, k, v).backward(do)
+    return step, (q, k, v, do)
+
+
+def check_backward(pattern, n: int) -> float:
+    """Gradients of s2dsl's training step (bf16, poisoned first) vs autograd through the float32
+    reference: the largest relative error of dq, dk, dv."""
+    step, (q, k, v, do) = training_step(lambda a, b, c: s2dsl.attention(a, b, c, pattern), n)
+    for t in (q, k, v):
+        t.grad = torch.full_like(t, float("nan"))
+    step()
+    qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    s2dsl.reference_attention(qf, kf, vf, pattern).backward(do.float())
+    torch.backends.cuda.matmul.allow_tf32 = prev
+    worst = 0.0
+    for name, got, want in (("dq", q.grad, qf.grad), ("dk", k.grad, kf.grad), ("dv", v.grad, vf.grad)):
+        assert torch.isfinite(got).all(), f"{pattern.name}: {name} unwritten or NaN"
+        err = ((got.float() - want).norm() / want.norm()).item()
+        assert err < 2e-2, f"{pattern.name} n={n}: {name} relative error {err}"
+        worst = max(worst, err)
+    return worst
+
+
+def time_training(row: dict, pattern, stride: int, n: int, use_flex: bool):
+    """fwd+bwd of s2dsl, FlexAttention with the same block mask and SDPA flash (dense), same run."""
+    step, _ = training_step(lambda a, b, c: s2dsl.attention(a, b, c, pattern), n)
+    row["s2dsl_fwd_bwd_ms"] = bench(step)
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
+        step, _ = training_step(lambda a, b, c: torch.nn.functional.scaled_dot_product_attention(a, b, c), n)
+        row["sdpa_flash_fwd_bwd_ms"] = bench(step)
+    if use_flex:
+        try:
+            fn, _ = flex_bidirectional(stride, n)
+            step, _ = training_step(fn, n)
+            row["flex_fwd_bwd_ms"] = bench(step)
+        except Exception as exc:  # noqa: BLE001 - a baseline failing is a result too
+            row["flex_fwd_bwd_error"] = f"{type(exc).__name__}: {exc}"[:200]
+    for key in ("flex_fwd_bwd_ms", "sdpa_flash_fwd_bwd_ms"):
+        if key in row:
+            row[key.replace("_ms", "_over_s2dsl")] = row[key] / row["s2dsl_fwd_bwd_ms"]
+
+
 def run_point(pattern, stride: int, n: int, is_causal: bool, use_flex: bool, use_dkernel: bool) -> dict:
     q, k, v = inputs(n)
     row = {"pattern": pattern.name, "seq": n, "causal": is_causal}
@@ -141,6 +196,9 @@ def main():
     ap.add_argument("--no-causal", action="store_true", help="skip the causal local-stride points")
     ap.add_argument("--windows", type=int, nargs="*", default=[4096],
                     help="token sliding windows (Mistral-style) to time against Flex and SDPA")
+    ap.add_argument("--no-backward", action="store_true", help="skip the fwd+bwd timing of the bidirectional points")
+    ap.add_argument("--backward-seqs", type=int, nargs="*", default=[32768],
+                    help="lengths at which the bidirectional points also time fwd+bwd")
     ap.add_argument("--out", type=str, default="")
     args = ap.parse_args()
     ok, why = dkernel_baseline.available()
@@ -152,8 +210,13 @@ def main():
         for pattern, is_causal in patterns:
             checks[pattern.name] = check(pattern, 2048 + 37)
             print(f"check {pattern.name}: rel err bf16 {checks[pattern.name]:.2e}")
+            if not is_causal and not args.no_backward:
+                checks[pattern.name + "_grads"] = check_backward(pattern, 2048 + 37)
+                print(f"check {pattern.name} gradients: worst rel err bf16 {checks[pattern.name + '_grads']:.2e}")
             for n in args.seqs:
                 row = run_point(pattern, stride, n, is_causal, not args.no_flex, not args.no_dkernel and ok)
+                if not is_causal and not args.no_backward and n in args.backward_seqs:
+                    time_training(row, pattern, stride, n, not args.no_flex)
                 rows.append(row)
                 print(json.dumps(row))
     for tokens in args.windows:
@@ -179,6 +242,16 @@ def main():
             return f"{r[key + '_ms']:.3f} ({r[key + '_over_s2dsl']:.2f})" if key + "_ms" in r else "-"
         print(f"| {r['pattern']} | {r['seq']} | {r['s2dsl_ms']:.3f} | {cell('flex')} | {cell('dkernel')} | "
               f"{cell('sdpa_flash')} |")
+    trained = [r for r in rows if "s2dsl_fwd_bwd_ms" in r]
+    if trained:
+        print("\n| pattern | seq | s2dsl fwd+bwd ms | Flex fwd+bwd ms (x) | SDPA flash fwd+bwd ms (x) |")
+        print("|---|---|---|---|---|")
+        for r in trained:
+            def cell2(key):
+                ms = key + "_fwd_bwd_ms"
+                return f"{r[ms]:.3f} ({r[key + '_fwd_bwd_over_s2dsl']:.2f})" if ms in r else "-"
+            print(f"| {r['pattern']} | {r['seq']} | {r['s2dsl_fwd_bwd_ms']:.3f} | {cell2('flex')} | "
+                  f"{cell2('sdpa_flash')} |")
     if args.out:
         Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                                               "triton": triton.__version__, "checks": checks, "rows": rows},

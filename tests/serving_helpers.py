@@ -39,3 +39,66 @@ def decode_steps(cache, data, prompt, steps, alternate=False):
             step.append(cached_attention(cache, [ids[i] for i in r], q, k, v))
         outs.append(torch.cat(step))
     return torch.cat(outs, 2), ids
+
+
+class HostWork:
+    """Counts, while active, what a step does on the host that the device would feel: reads
+    of device values (``item``, ``int()``, ``bool()``, ``tolist``, ``cpu``, ``numpy``), host
+    data turned into tensors (``torch.tensor``: a copy to the device, which syncs from pageable
+    memory), and the device ops dispatched (each one a kernel launch on a GPU; views excluded)."""
+
+    READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy")
+
+    def __init__(self, monkeypatch):
+        from collections import Counter
+        from torch.utils._python_dispatch import TorchDispatchMode
+        self.reads, self.ops = Counter(), Counter()
+        counter = self
+
+        class Ops(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                name = str(func.overloadpacket.__name__)
+                if name == "_local_scalar_dense":
+                    counter.reads["_local_scalar_dense"] += 1
+                elif name == "lift_fresh":
+                    counter.reads["torch.tensor"] += 1
+                elif not (func.is_view or name in ("view", "_unsafe_view", "detach", "alias")):
+                    counter.ops[name] += 1
+                return func(*args, **(kwargs or {}))
+
+        self._mode = Ops()
+        self._monkeypatch = monkeypatch
+
+    def __enter__(self):
+        self._ctx = self._monkeypatch.context()
+        m = self._ctx.__enter__()
+        for name in self.READS:
+            orig = getattr(torch.Tensor, name)
+
+            def counted(t, *a, _orig=orig, _name=name, **k):
+                self.reads[_name] += 1
+                return _orig(t, *a, **k)
+            m.setattr(torch.Tensor, name, counted)
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._mode.__exit__(*exc)
+        self._ctx.__exit__(*exc)
+
+
+def stub_decode_kernels(monkeypatch):
+    """Make the decode path's kernel lookups return a module whose launch does nothing (host
+    work is what is measured; the Triton interpreter would read tensors itself)."""
+    from s2dsl.runtime import decode
+
+    class _Stub:
+        def launch(self, *args, **kwargs):
+            pass
+
+    real = decode._kernel_for
+
+    def fake(cache, compute, d, q_len, device):
+        spec, _ = real(cache, compute, d, q_len, device)
+        return spec, _Stub()
+    monkeypatch.setattr(decode, "_kernel_for", fake)

@@ -72,6 +72,8 @@ ROUND2 = {
     "two-sided window, relative stride": "bidirectional heads * { window 2 ahead 1 stride 3 relative }",
     "causal relative stride": "heads * { window 2 stride 3 relative sink 1 }",
     "dynamic top-k": "heads * { window 1 topk 2 }",
+    "global rows": "bidirectional heads * { window 2 global 1 sink 1 }",
+    "prefix": "causal prefix 2 heads * { window 2 stride 3 offset h }",
 }
 
 

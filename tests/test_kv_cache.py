@@ -528,3 +528,40 @@ def test_static_steps_fix_the_tables_and_the_sequences():
     cache.table.disable_static()
     cache.remove_sequence(s)
     assert cache.pages_in_use == 0
+
+
+def test_eager_decode_steps_never_wait_for_the_device(monkeypatch):
+    """Eager decode steps of layers sharing a page table (HF's S2Cache) read no device value and
+    copy no host data to the device (on a GPU either is a sync that stalls the launches queued
+    behind it), across block boundaries and evictions; the first layer of a step plans with a
+    few device ops, every other layer only writes its K/V and launches the kernel."""
+    from serving_helpers import HostWork, stub_decode_kernels
+    from s2dsl.runtime.decode import cached_attention
+    stub_decode_kernels(monkeypatch)
+    layers = [PagedKVCache(PHI, num_pages=200, head_dim=D, dtype=torch.float32)]
+    layers += [PagedKVCache(PHI, num_pages=200, head_dim=D, dtype=torch.float32, table=layers[0].table)
+               for _ in range(3)]
+    ids = [layers[0].add_sequence() for _ in range(3)]
+    for s, n in zip(ids, (37, 50, 16)):
+        kk, vv = _kv(n, PHI.kv_heads)
+        for c in layers:
+            c.append([s], kk, vv, only_needed=True)
+    q = torch.randn(3, PHI.heads, 1, D)
+    k = torch.randn(3, PHI.kv_heads, 1, D)
+    for c in layers:  # the batch's first step makes its slot tensor (an asynchronous copy, once)
+        cached_attention(c, ids, q, k, k)
+    first_ops = []
+    for _ in range(3 * PHI.block - 1):
+        per_layer = []
+        for c in layers:
+            with HostWork(monkeypatch) as work:
+                cached_attention(c, ids, q, k, k)
+            assert not work.reads, f"the step read the device or copied host data: {dict(work.reads)}"
+            per_layer.append(sum(work.ops.values()))
+        first_ops.append(per_layer[0])
+        # the write (two indexed copies) and the output buffers
+        assert max(per_layer[1:]) <= 4, per_layer
+    # most steps start no block and evict nothing: a dozen ops plan them
+    assert sorted(first_ops)[len(first_ops) // 2] <= 16, first_ops
+    _check_tables(layers[0])
+    assert [layers[0].seq_len(s) for s in ids] == [37 + 48, 50 + 48, 16 + 48]

@@ -38,9 +38,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from textwrap import indent
 
+from . import general
 from .forward import Specialization
-from .lower import UnsupportedPattern, KernelPlan
-from .snippets import at as _at, full_predicate as _full_predicate, head_param as _param
+from .lower import KernelPlan
+from .snippets import (at as _at, full_predicate as _full_predicate, head_param as _param, pair_keep,
+                       per_device, window_bounds as _window_bounds)
 
 BACKWARD_CODEGEN_VERSION = "bwd-2"
 
@@ -207,11 +209,24 @@ for tk in range(tl.load(TOff + t_key), tl.load(TOff + t_key + 1)):
                          cols, past, kv_len, qk_scale, True, BLOCK // BLOCK_M, CAUSAL, BLOCK_M, HEAD_DIM, D_PAD)"""
 
 
+_DQ_BLOCK_MASK = """\
+            keep = ((row_block - j >= 0) & (row_block - j < window)) | full
+            keep = keep[:, None] & (cols[None, :] < kv_len)
+            if CAUSAL:
+                keep = keep & (cols[None, :] <= rows[:, None])"""
+_DKDV_MASK = """\
+            keep = valid[None, :]
+            if CAUSAL:
+                keep = keep & (cols[:, None] <= rows[None, :])"""
+# extended plans: the head's exact verdict per token pair (snippets.pair_keep)
+_DQ_PAIR_MASK = """\
+            keep = pair_keep(HeadTable, h, rows[:, None], cols[None, :]) & (cols[None, :] < kv_len)"""
+_DKDV_PAIR_MASK = """\
+            keep = valid[None, :] & pair_keep(HeadTable, h, rows[None, :], cols[:, None])"""
+
+
 def generate_backward(plan: KernelPlan, spec: Specialization, *, name: str = "pattern", fingerprint: str = "") -> str:
     """Source of a Python module with the backward kernels and ``launch`` for ``plan``."""
-    if plan.has_distance or plan.has_tokens:
-        raise UnsupportedPattern("the backward kernels do not run two-sided windows, relative strides or token "
-                                 "windows yet (the forward does); train such patterns through reference_attention")
     dkdv_n, dkdv_m, dkdv_warps, dkdv_stages = _dkdv_tiles(plan, spec)
     for label, value in (("block_n", spec.block_n), ("dkdv_block_n", dkdv_n), ("dkdv_block_m", dkdv_m)):
         if value < 16 or value & (value - 1) or plan.block % value:
@@ -268,28 +283,63 @@ for j in range(first_block, last_block + 1):  # the diagonal blocks
 for j in range(lo, edge):  # first blocks of the window range: not every row's window reaches them
 {indent(full, '    ')}{_dq_call("True", "window", "full")}
 for j in range(edge, first_block):  # inside every row's window: no mask{_dq_call("False", "window", "True")}""" + diagonal
-    window_bounds = """
-lo = tl.maximum(first_block - tl.maximum(window, 1) + 1, 0)
-edge = tl.minimum(tl.maximum(last_block - tl.maximum(window, 1) + 1, lo), first_block)"""
-    if max(p.window for p in plan.params) <= 1:  # as in forward.py: no loops that could never run
+    window_bounds = _window_bounds(plan)
+    if "edge" not in window_bounds:  # the window range is the diagonal blocks
         window_loops = diagonal
-        window_bounds = """
-lo = first_block  # window <= 1 for every head: the window range is the diagonal blocks"""
     below = _dq_outside_loops(plan, "0", "lo", "False")
     above = "" if plan.causal else _dq_outside_loops(plan, "last_block + 1", "n_kv_blocks", "True")
+
+    dq_enumeration = f"""\
+        # the window range [lo, last_block]; blocks >= edge are in every row's window
+{_at(window_bounds, 2)}
+        # -- sinks and residue blocks below the window range --
+{_at(below, 2)}
+        # -- the window range --
+{_at(window_loops, 2)}
+        # -- sinks and residue blocks after the diagonal (bidirectional only) --
+{_at(above, 2)}"""
+    head_params = _head_params(plan)
+    dq_mask_params, dq_mask, dkdv_mask_params, dkdv_mask, helpers = "window, full", _DQ_BLOCK_MASK, "", _DKDV_MASK, ""
+    if plan.extended:
+        if spec.block_m > plan.block or plan.block % spec.block_m:
+            raise ValueError(f"block_m={spec.block_m} must divide the pattern block {plan.block} for two-sided "
+                             "windows, relative strides, token edges, global rows and prefixes: a dQ tile stays "
+                             "inside one query block")
+        head_params = general.head_params(plan)
+
+        def dq_visit(masked, wide=False):
+            return (f"dq = _dq_visit(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, j, rows, row_block, "
+                    f"kv_len,\n               HeadTable, h, qk_scale, {masked}, CAUSAL, BLOCK, BLOCK_N, HEAD_DIM, D_PAD)")
+        dq_enumeration = f"""\
+        # -- the kept blocks of the tile's one query block i (see codegen/general.py) --
+        i = first_block
+{_at(general.query_side_loops(plan, dq_visit), 2)}"""
+        dq_mask_params, dq_mask = "HeadTable, h", _DQ_PAIR_MASK
+        dkdv_mask_params, dkdv_mask, helpers = " HeadTable, h,", _DKDV_PAIR_MASK, pair_keep(plan) + "\n"
+        if plan.has_global and spec.order != "tile_major":
+            dq_order = general.tile_order(plan, "h = hh", pid="# global tiles first")
 
     # ---------------------------------------------------------------- dK/dV enumeration
     dkdv_call = """
     dk, dv = _dkdv_visit(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, {row0}, cols,
-                         past, kv_len, qk_scale, {masked}, {steps}, CAUSAL, BLOCK_M, HEAD_DIM, D_PAD)"""
-    block_call = dict(row0="i * BLOCK", steps="BLOCK // BLOCK_M")
-    if getattr(spec, "flat_steps", False):  # one loop step per BLOCK_M query rows
-        inside = f"""
-for r in range((i_lo + 1) * BLOCK, i_hi * BLOCK, BLOCK_M):{dkdv_call.format(masked="False", row0="r", steps="1")}"""
-    else:  # one loop step per query block, its BLOCK_M-row steps unrolled
-        inside = f"""
+                         past, kv_len,{mask_args} qk_scale, {masked}, {steps}, CAUSAL, BLOCK_M, HEAD_DIM, D_PAD)"""
+    block_call = dict(row0="i * BLOCK", steps="BLOCK // BLOCK_M", mask_args=dkdv_mask_params)
+    query_range = _query_range(plan)
+    if plan.extended:
+        def dkdv_visit(masked):
+            return dkdv_call.format(masked=masked, **block_call).strip("\n")[4:]
+        query_range, query_loops = "", general.kv_side_loops(plan, dkdv_visit)
+        range_note = " (see codegen/general.py)"
+    else:
+        range_note = ": one contiguous range"
+        if getattr(spec, "flat_steps", False):  # one loop step per BLOCK_M query rows
+            inside = f"""
+for r in range((i_lo + 1) * BLOCK, i_hi * BLOCK, BLOCK_M):{dkdv_call.format(masked="False", row0="r", steps="1",
+                                                                            mask_args="")}"""
+        else:  # one loop step per query block, its BLOCK_M-row steps unrolled
+            inside = f"""
 for i in range(i_lo + 1, i_hi):{dkdv_call.format(masked="False", **block_call)}"""
-    query_loops = f"""
+        query_loops = f"""
 # the first block of the range: the causal diagonal, or the partial first query block
 for i in range(i_lo, tl.minimum(i_lo + 1, i_hi + 1)):{dkdv_call.format(masked="True", **block_call)}
 # strictly inside: every row is a query, every row is after every key of the tile{inside}
@@ -342,6 +392,8 @@ o_base = Out + b * stride_ob + h * stride_oh
 do_base = DO + b * stride_dob + h * stride_doh
 delta_base = Delta + b * stride_lb + h * stride_lh"""
 
+    tables = per_device(("head_table", "The per-head table on ``device``.",
+                         "torch.tensor(HEAD_TABLE, dtype=torch.int32, device=device)"))
     source = f'''\
 # Generated by s2dsl codegen {BACKWARD_CODEGEN_VERSION}: backward kernels (delta, dQ, dK/dV). Do not edit.
 # pattern: {name}  fingerprint: {fingerprint}
@@ -400,9 +452,9 @@ def preprocess_kernel(Out, DO, Delta, CuSeqQ, stride_ob, stride_oh, stride_om, s
         tl.store(delta_base + t, delta, mask=t < q_len)
 
 
-@triton.jit
+{helpers}@triton.jit
 def _dq_visit(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, j, rows, row_block, kv_len,
-              window, full, qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK: tl.constexpr,
+              {dq_mask_params}, qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK: tl.constexpr,
               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
     """dQ of one tile of queries from kv block j: dq += (P * (dO V^T - delta)) K (scaled later)."""
     offs_d = tl.arange(0, D_PAD)
@@ -425,10 +477,7 @@ def _dq_visit(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, j, r
         # lse2 is +inf on rows that are not queries or kept nothing: p = 0 there, never NaN
         p = tl.math.exp2(qk * qk_scale - lse2[:, None])
         if MASKED:
-            keep = ((row_block - j >= 0) & (row_block - j < window)) | full
-            keep = keep[:, None] & (cols[None, :] < kv_len)
-            if CAUSAL:
-                keep = keep & (cols[None, :] <= rows[:, None])
+{dq_mask}
             p = tl.where(keep, p, 0.0)
         dp = tl.dot(do, vt)
         ds = p * (dp - delta[:, None])
@@ -455,7 +504,7 @@ def _dq_program(pid, b, {_params(dq_params)}):
         last_block = last_row // BLOCK
         n_kv_blocks = (kv_len + BLOCK - 1) // BLOCK
         # ---- this head's pattern (generated) ----
-{_at(_head_params(plan), 2)}
+{_at(head_params, 2)}
         valid = (rows >= past) & (rows < kv_len)
         offs_d = tl.arange(0, D_PAD)
         io_mask = valid[:, None] & (offs_d[None, :] < HEAD_DIM)
@@ -465,21 +514,14 @@ def _dq_program(pid, b, {_params(dq_params)}):
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
         delta = tl.load(delta_base + (rows - past), mask=valid, other=0.0)
         dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
-        # the window range [lo, last_block]; blocks >= edge are in every row's window
-{_at(window_bounds, 2)}
-        # -- sinks and residue blocks below the window range --
-{_at(below, 2)}
-        # -- the window range --
-{_at(window_loops, 2)}
-        # -- sinks and residue blocks after the diagonal (bidirectional only) --
-{_at(above, 2)}{dq_topk}
+{dq_enumeration}{dq_topk}
         dq_ptrs = dq_base + (rows - past)[:, None] * stride_dqm + offs_d[None, :]
         tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=io_mask)
 
 
 @triton.jit
 def _dkdv_visit(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, row0, cols, past,
-                kv_len, qk_scale, MASKED: tl.constexpr, STEPS: tl.constexpr, CAUSAL: tl.constexpr,
+                kv_len,{dkdv_mask_params} qk_scale, MASKED: tl.constexpr, STEPS: tl.constexpr, CAUSAL: tl.constexpr,
                 BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
     """dK, dV of one kv tile from the STEPS * BLOCK_M queries from absolute position row0 on
     (all in query blocks that keep the tile's block)."""
@@ -510,9 +552,7 @@ def _dkdv_visit(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, 
         qkt = tl.dot(k, qt)  # [BLOCK_N, BLOCK_M]
         pt = tl.math.exp2(qkt * qk_scale - lse2[None, :])
         if MASKED:
-            keep = valid[None, :]
-            if CAUSAL:
-                keep = keep & (cols[:, None] <= rows[None, :])
+{dkdv_mask}
             pt = tl.where(keep, pt, 0.0)
         dv = tl.dot(pt.to(do.dtype), do, dv)
         dpt = tl.dot(v, tl.trans(do))
@@ -543,11 +583,10 @@ def _dkdv_program(pid, b, {_params(dkdv_params)}):
         for g in {group_loop}:  # the q heads sharing this kv head; each has its own pattern
             h = kv_h * GROUP + g
             # ---- this head's pattern (generated) ----
-{_at(_head_params(plan), 3)}
+{_at(head_params, 3)}
 {_at(q_bases, 3)}
-            # ---- the query blocks keeping kv block j: one contiguous range (generated) ----
-{_at(_query_range(plan), 3)}
-{_at(query_loops, 3)}{dkdv_topk}
+            # ---- the query blocks keeping kv block j{range_note} (generated) ----
+{_at(query_range, 3) + chr(10) if query_range else ""}{_at(query_loops, 3)}{dkdv_topk}
         dk_ptrs = dk_base + cols[:, None] * stride_dkn + offs_d[None, :]
         dv_ptrs = dv_base + cols[:, None] * stride_dvn + offs_d[None, :]
         tl.store(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
@@ -576,21 +615,7 @@ def backward_kernel({_params(both_params)}):
         _dq_program(pid - n_kv_programs, tl.program_id(1), {_args(dq_params, _RENAME_DQ)})
 
 
-_per_device = {{}}
-
-
-def _once_per_device(what, device, make):
-    """``make()``, built once per (what, device) and kept."""
-    key = (what, str(device))
-    if key not in _per_device:
-        _per_device[key] = make()
-    return _per_device[key]
-
-
-def head_table(device):
-    """The per-head table on ``device``."""
-    return _once_per_device("table", device, lambda: torch.tensor(HEAD_TABLE, dtype=torch.int32, device=device))
-
+{tables}
 
 def _side_stream(device):
     """The second stream the dQ kernel runs on."""

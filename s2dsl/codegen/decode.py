@@ -26,12 +26,12 @@ by the cache (``s2dsl.runtime.kv_cache``), and the kernel never asks for them.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from textwrap import dedent, indent
 from typing import Tuple
 
 from .lower import NO_PERIOD, KernelPlan, MAX_PERIOD, UNBOUNDED, UnsupportedPattern
-from .snippets import static_keeps
+from .snippets import pair_keep, per_device, static_keeps
 
 DECODE_CODEGEN_VERSION = "dec-2"
 
@@ -63,6 +63,11 @@ class GroupParams:
     period: int
     residues: Tuple[int, ...]
     min_window: int = 0  # the smallest window of its q heads: blocks this close are kept by every row
+    # extended plans: the relative stride its q heads share (NO_PERIOD: none) and the block window it
+    # starts after, and the most global rows of its q heads
+    relative: int = NO_PERIOD
+    rel_window: int = 0
+    global_rows: int = 0
 
     def keeps(self, i: int, j: int) -> bool:
         """Causal block verdict of the union (``j <= i`` assumed by the caller's range)."""
@@ -71,6 +76,26 @@ class GroupParams:
 
 def group_params(plan: KernelPlan) -> Tuple[GroupParams, ...]:
     """Per kv head, the union of its q heads' (window, sink, residues) in kernel form."""
+    groups = _group_params(plan)
+    if not plan.extended:
+        return groups
+    g = plan.group_size
+    out = []
+    for kv, gp in enumerate(groups):
+        members = plan.params[kv * g:(kv + 1) * g]
+        strides = {(p.relative, p.block_window) for p in members if p.relative != NO_PERIOD}
+        if len(strides) > 1:
+            raise UnsupportedPattern(f"kv head {kv}: its q heads have different relative strides or windows "
+                                     f"{sorted(strides)}; decoding needs one per kv head (give the heads of a kv "
+                                     "head the same 'window W' and 'stride S relative')")
+        rel, rel_window = strides.pop() if strides else (NO_PERIOD, 0)
+        # blocks in [i - inner + 1, i) hold only pairs every row keeps (token windows end further out)
+        out.append(replace(gp, min_window=min(p.inner for p in members), relative=rel, rel_window=rel_window,
+                           global_rows=max(p.global_rows for p in members)))
+    return tuple(out)
+
+
+def _group_params(plan: KernelPlan) -> Tuple[GroupParams, ...]:
     out = []
     g = plan.group_size
     for kv in range(plan.kv_heads):
@@ -98,10 +123,13 @@ def group_params(plan: KernelPlan) -> Tuple[GroupParams, ...]:
     return tuple(out)
 
 
-def _group_table(groups: Tuple[GroupParams, ...]) -> Tuple[Tuple[int, ...], ...]:
+def _group_table(groups: Tuple[GroupParams, ...], extended: bool = False) -> Tuple[Tuple[int, ...], ...]:
+    """Per kv head: window, sink, period, count, smallest window, residues (padded), then for
+    extended plans the relative stride, its window and the global rows."""
     width = max(max((len(gp.residues) for gp in groups), default=0), 1)
+    more = (lambda gp: (gp.relative, gp.rel_window, gp.global_rows)) if extended else (lambda gp: ())
     return tuple((gp.window, gp.sink, gp.period, len(gp.residues), gp.min_window, *gp.residues,
-                  *([gp.period - 1] * (width - len(gp.residues)))) for gp in groups)
+                  *([gp.period - 1] * (width - len(gp.residues))), *more(gp)) for gp in groups)
 
 
 def _uniform(groups, name):
@@ -162,15 +190,21 @@ def _decode_topk_loop(plan: KernelPlan) -> str:
                                             BLOCK_N, HEAD_DIM, D_PAD)"""
 
 
+_BLOCK_OK = """\
+            # the row's own pattern keeps block j, and the causal cut (which bounds the length too)
+            ok = keep[:, None] & (cols[None, :] <= pos[:, None])"""
+_PAIR_OK = """\
+            # the row's own head decides per token pair (the causal cut and prefix included), within the length
+            ok = keep[:, None] & pair_keep(HeadTable, h[:, None], pos[:, None], cols[None, :]) & (cols[None, :] < kv_len)"""
+
+
 def generate_decode(plan: KernelPlan, spec: DecodeSpecialization, *, name: str = "pattern",
                     fingerprint: str = "") -> str:
     """Source of a Python module with ``kernel``, ``combine_kernel`` and ``launch`` for ``plan``."""
-    if plan.has_distance or plan.has_tokens:
-        raise UnsupportedPattern(f"pattern {name}: decoding does not run relative strides or token windows yet "
-                                 "(two-sided windows are bidirectional, which decoding never is)")
     if not plan.causal:
-        raise UnsupportedPattern(f"pattern {name}: decoding runs causal patterns only (a bidirectional query "
-                                 "would see tokens not generated yet)")
+        raise UnsupportedPattern(f"pattern {name} is bidirectional (an encoder pattern): decoding generates one "
+                                 "token after another, so it runs causal patterns only; declare the pattern "
+                                 "'causal' (or 'causal prefix P' for a prefix-LM) to decode with it")
     if plan.block % spec.block_n:
         raise ValueError(f"block_n={spec.block_n} must divide the pattern block {plan.block}")
     groups = group_params(plan)
@@ -180,7 +214,8 @@ def generate_decode(plan: KernelPlan, spec: DecodeSpecialization, *, name: str =
     rows_pad = max(16, 1 << (rows - 1).bit_length()) if use_dot else 1
     # q heads of one kv head that differ need per-row masks on every block, not only in the window range
     homo = all(len(set(plan.params[kv * group:(kv + 1) * group])) == 1 for kv in range(plan.kv_heads))
-    gtable = _group_table(groups)
+    extended = plan.extended
+    gtable = _group_table(groups, extended)
     g_width = len(gtable[0])
     g_max_res = max(len(gp.residues) for gp in groups)
     h_width = plan.table_width
@@ -277,13 +312,55 @@ keep = special & row_valid
 acc, l_i, m_i = _visit(acc, l_i, m_i, q, KPages, VPages, page, j, keep, pos, kv_len, stride_page, stride_tok,
                        qk_scale, True, USE_DOT, BLOCK, BLOCK_N, HEAD_DIM, D_PAD)"""
     load_page = "page = tl.maximum(tl.load(table_row + j), 0)  # -1 (freed) only where no row keeps j"
+    visit_sink, xargs, ok_mask, bounds, rel_loop = visit_special, "", _BLOCK_OK, "", ""
+    if extended:
+        # every masked visit asks pair_keep, per row's own head and token pair; sinks are masked
+        # (a token sink ends inside a block), residue blocks only where the group's heads differ
+        xargs, ok_mask = " HeadTable, h,", _PAIR_OK
+
+        def call(masked):
+            return (f"acc, l_i, m_i = _visit(acc, l_i, m_i, q, KPages, VPages, page, j, row_valid, pos, kv_len,{xargs} "
+                    f"stride_page,\n                       stride_tok, qk_scale, {masked}, USE_DOT, BLOCK, BLOCK_N, "
+                    "HEAD_DIM, D_PAD)")
+        visit_masked, visit_full, visit_sink = call("True"), call("False"), call("True")
+        visit_special = call("False" if homo else "True")
+        col = 5 + max(g_max_res, 1)
+        union += [f"REL = {gparam('relative', col)}", f"RBW = {gparam('rel_window', col + 1)}",
+                  f"GG = {gparam('global_rows', col + 2)}"]
+        bounds = "i_hi = i1"
+        if plan.has_global:
+            bounds += "\nlo = tl.where(i0 < GG, 0, lo)  # a global row: every block up to the diagonal"
+        if plan.prefix:
+            pb = -(-plan.prefix // plan.block)
+            bounds += (f"\ndense = first_pos < {plan.prefix}  # rows inside the prefix see all of it, also after them"
+                       f"\nlo = tl.where(dense, 0, lo)"
+                       f"\ni_hi = tl.where(dense, tl.maximum(i1, tl.minimum({pb}, (kv_len + BLOCK - 1) // BLOCK) - 1), i1)")
+        if any(gp.relative != NO_PERIOD for gp in groups):
+            special = {"none": "gsp = j < S", "one": "gsp = (j < S) | (j % P == R)",
+                       "many": "gsp = j < S\nfor t in range(0, NR):\n"
+                               "    gsp = gsp | (j % P == tl.load(GroupTable + g * G_WIDTH + 5 + t))"}[res_mode]
+            rel_loop = f"""
+        # -- relative strides below lo: block i keeps j = i - RBW + 1 - k * REL (k >= 1); the tile's
+        # query blocks i0..i1 give n_cls consecutive classes mod REL. Not numbered with the rest (a
+        # relative head is not KV-efficient: its pages stay); the splits take every n_splits-th.
+        # Sinks and residue blocks were visited above. --
+        if REL < {NO_PERIOD}:
+            n_cls = tl.minimum(i1 - i0 + 1, REL)
+            base = ((i0 - RBW + 1) % REL + REL) % REL - REL
+            n_cand = n_cls * ((lo - base + REL - 1) // REL)
+            for k in range(split, n_cand, n_splits):
+                j = base + (k // n_cls) * REL + k % n_cls
+{_at(special, 4)}
+                if (j >= 0) & (j < lo) & (gsp == 0):
+                    {load_page}
+{_at(visit_masked, 5)}"""
 
     loops = f"""
         # -- sinks [0, n_s) --
         for k in range(k_begin, tl.minimum(k_end, n_s)):
             j = k
             {load_page}
-{_at(visit_special, 3)}
+{_at(visit_sink, 3)}
         # -- residue blocks in [S, lo) --
         for k in range(tl.maximum(k_begin, n_s), tl.minimum(k_end, n_s + n_r)):
 {_at(kth, 3)}
@@ -303,7 +380,8 @@ acc, l_i, m_i = _visit(acc, l_i, m_i, q, KPages, VPages, page, j, keep, pos, kv_
         for j in range(tl.maximum(w_begin, i0), w_end):
             {load_page}
 {_at(visit_masked, 3)}"""
-    if max(gp.window for gp in groups) <= 1:
+    loops += rel_loop
+    if max(gp.window for gp in groups) <= 1 and not (plan.has_global or plan.prefix):
         # window <= 1 for every kv head: lo = i0, so the window range is the diagonal blocks and
         # the two loops before them could never run; not emitted (as in forward.py, issue 16)
         loops = loops[:loops.index("        edge = ")] + f"""\
@@ -325,6 +403,10 @@ acc, l_i, m_i = _visit(acc, l_i, m_i, q, KPages, VPages, page, j, keep, pos, kv_
         topk_helpers = static_keeps(plan) + _VISIT_MASS
         topk_loop = _decode_topk_loop(plan)
 
+    tables = per_device(("tables", "The per-q-head and per-kv-head tables on ``device``.",
+                         "(torch.tensor([x for row in HEAD_TABLE for x in row], dtype=torch.int32, device=device),\n"
+                         "                    torch.tensor([x for row in GROUP_TABLE for x in row], dtype=torch.int32, "
+                         "device=device))"))
     source = f'''\
 # Generated by s2dsl codegen {DECODE_CODEGEN_VERSION}: decode kernel over a paged KV cache. Do not edit.
 # pattern: {name}  fingerprint: {fingerprint}
@@ -355,7 +437,7 @@ NUM_STAGES = {spec.num_stages}
 
 
 @triton.jit
-def _visit(acc, l_i, m_i, q, KPages, VPages, page, j, keep, pos, kv_len, stride_page, stride_tok, qk_scale,
+def _visit(acc, l_i, m_i, q, KPages, VPages, page, j, keep, pos, kv_len,{xargs} stride_page, stride_tok, qk_scale,
            MASKED: tl.constexpr, USE_DOT: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
            HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, KV_INT8: tl.constexpr = False):
     """Online-softmax update of the rows with kv block j (one page). ``keep``: per-row verdict."""
@@ -390,8 +472,7 @@ def _visit(acc, l_i, m_i, q, KPages, VPages, page, j, keep, pos, kv_len, stride_
             qk = tl.sum(k.to(tl.float32) * q, 1)[None, :]
         if MASKED:
             cols = j * BLOCK + offs_n
-            # the row's own pattern keeps block j, and the causal cut (which bounds the length too)
-            ok = keep[:, None] & (cols[None, :] <= pos[:, None])
+{ok_mask}
             qk = tl.where(ok, qk * qk_scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -420,7 +501,7 @@ def _visit(acc, l_i, m_i, q, KPages, VPages, page, j, keep, pos, kv_len, stride_
     return acc, l_i, m_i
 
 
-{topk_helpers}
+{topk_helpers}{pair_keep(plan) if extended else ""}
 @triton.jit
 def kernel(Q, KPages, VPages, BlockTable, Slots, SeqLens, Out, Lse, OutPart, LsePart, HeadTable, GroupTable,
            {topk_params}stride_qb, stride_qh, stride_qm, stride_ob, stride_oh, stride_om, stride_lb, stride_lh,
@@ -452,10 +533,10 @@ def kernel(Q, KPages, VPages, BlockTable, Slots, SeqLens, Out, Lse, OutPart, Lse
 {_at(chr(10).join(union), 1)}
 {_at(row_params, 1)}
     # ---- the kept blocks, numbered: sinks, residue blocks, window range ----
-    lo = tl.maximum(i0 - tl.maximum(W, 1) + 1, 0)
+    lo = tl.maximum(i0 - tl.maximum(W, 1) + 1, 0){chr(10) + _at(bounds, 1) if bounds else ""}
     n_s = tl.minimum(S, lo)
 {_at(count, 1)}
-    n_total = n_s + n_r + (i1 - lo + 1)
+    n_total = n_s + n_r + ({"i_hi" if bounds else "i1"} - lo + 1)
     k_begin = (n_total * split) // n_splits
     k_end = (n_total * (split + 1)) // n_splits
     table_row = BlockTable + slot.to(tl.int64) * stride_bt_slot + g * stride_bt_head
@@ -511,17 +592,7 @@ def combine_kernel(OutPart, LsePart, Out, Lse, stride_ob, stride_oh, stride_om, 
     tl.store(Lse + b * stride_lb + h * stride_lh + qi, lse)
 
 
-_tables = {{}}
-
-
-def tables(device):
-    """The per-q-head and per-kv-head tables on ``device`` (built once per device)."""
-    key = str(device)
-    if key not in _tables:
-        _tables[key] = (torch.tensor([x for row in HEAD_TABLE for x in row], dtype=torch.int32, device=device),
-                        torch.tensor([x for row in GROUP_TABLE for x in row], dtype=torch.int32, device=device))
-    return _tables[key]
-
+{tables}
 
 def launch(q, out, lse, k_pages, v_pages, block_table, slots, seq_lens, q_len, n_splits, sm_scale{topk_launch}):
     """Run the decode kernel (and the combine step when ``n_splits > 1``).

@@ -21,8 +21,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from textwrap import indent
 
+from . import general
 from .lower import KernelPlan
-from .snippets import at as _at, full_predicate as _full_predicate, head_param as _param
+from .snippets import (at as _at, full_predicate as _full_predicate, head_param as _param, pair_keep,
+                       per_device, window_bounds as _window_bounds)
 
 CODEGEN_VERSION = "fwd-1"
 
@@ -60,18 +62,7 @@ class Specialization:
 def _outside_loops(plan: KernelPlan, lo: str, hi: str, masked: str, span: int = 1) -> str:
     """Loops over the sinks and residue blocks in [lo, hi): every row of the tile keeps them."""
     code = []
-    if plan.has_sink and plan.has_tokens:
-        # the head's own block sinks are kept by every row; the blocks its token sink touches
-        # are masked per token (and may be residue blocks too: the residue loops start past them)
-        code.append(f"""
-        for j in range({lo}, tl.minimum({hi}, bsink)):
-            acc, l_i, m_i = _visit(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, j, 1, rows, row_block,
-                                   kv_len, 0, True, qk_scale, {masked}, CAUSAL, BLOCK, BLOCK, BLOCK_N, HEAD_DIM, D_PAD)
-        for j in range(tl.maximum({lo}, bsink), tl.minimum({hi}, sink)):
-{indent(_full_predicate(plan), ' ' * 12)}
-            acc, l_i, m_i = _visit(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, j, 1, rows, row_block,
-                                   kv_len, 0, full, qk_scale, True, CAUSAL, BLOCK, BLOCK, BLOCK_N, HEAD_DIM, D_PAD)""")
-    elif plan.has_sink:
+    if plan.has_sink:
         code.append(f"""
         for j in range({lo}, tl.minimum({hi}, sink)):
             acc, l_i, m_i = _visit(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, j, 1, rows, row_block,
@@ -144,30 +135,15 @@ def _topk_loop(plan: KernelPlan) -> str:
                                        HEAD_DIM, D_PAD)"""
 
 
-def _relative_loops(plan: KernelPlan, full: str) -> str:
-    """Relative strides: with the tile inside query block i, the kept blocks are
-    j = i - window + 1 - k*rel below the window and j = i + ahead + k*rel after it (k >= 1),
-    each kept by every row; a block also kept as a sink or residue is visited by those
-    loops, so it is skipped here."""
-    skip = "if not full:" if full != "full = False" else "if True:"
-    code = f"""
-        # -- relative strides (the tile is one query block i = first_block) --
-        lo_raw = first_block - window + 1
-        for j in range((lo_raw % rel + rel) % rel, lo_raw - rel + 1, rel):
-{indent(full, ' ' * 12)}
-            {skip}
-                acc, l_i, m_i = _visit(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, j, 1, rows,
-                                       row_block, kv_len, window, True, qk_scale, False, CAUSAL, BLOCK, BLOCK,
-                                       BLOCK_N, HEAD_DIM, D_PAD)"""
-    if not plan.causal:
-        code += f"""
-        for j in range(last_block + ahead + rel, n_kv_blocks, rel):
-{indent(full, ' ' * 12)}
-            {skip}
-                acc, l_i, m_i = _visit(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, j, 1, rows,
-                                       row_block, kv_len, window, True, qk_scale, True, CAUSAL, BLOCK, BLOCK,
-                                       BLOCK_N, HEAD_DIM, D_PAD)"""
-    return code
+_BLOCK_MASK = """\
+            # per row: is block j in this row's window, or kept for every row (sink, residue)?
+            keep = ((row_block - j >= 0) & (row_block - j < window)) | full
+            keep = keep[:, None] & (cols[None, :] < kv_len)
+            if CAUSAL:
+                keep = keep & (cols[None, :] <= rows[:, None])"""
+_PAIR_MASK = """\
+            # the head's exact verdict per token pair (extended plans), within the length
+            keep = pair_keep(HeadTable, h, rows[:, None], cols[None, :]) & (cols[None, :] < kv_len)"""
 
 
 def generate_forward(plan: KernelPlan, spec: Specialization, *, name: str = "pattern", fingerprint: str = "") -> str:
@@ -184,23 +160,14 @@ def generate_forward(plan: KernelPlan, spec: Specialization, *, name: str = "pat
         head_params.append(f"residue = {_param(plan, 'residue', 4)}")
     elif plan.max_residues > 1:
         head_params.append("num_residues = tl.load(HeadTable + h * TABLE_WIDTH + 3)")
-    if plan.has_distance or plan.has_tokens:
+    if plan.extended:
         if spec.block_m > plan.block or plan.block % spec.block_m:
             raise ValueError(f"block_m={spec.block_m} must divide the pattern block {plan.block} for two-sided "
-                             "windows, relative strides and token windows: a query tile stays inside one "
-                             "query block")
-    if plan.has_distance:
-        if plan.causal and plan.has_ahead:
-            raise ValueError("a causal plan cannot keep blocks ahead of the diagonal")
-        head_params.append(f"ahead = {_param(plan, 'ahead', plan.distance_column)}")
-        head_params.append(f"rel = {_param(plan, 'relative', plan.distance_column + 1)}")
-    if plan.has_tokens:
-        column = plan.tokens_column
-        head_params.append(f"tw = {_param(plan, 'tokens', column)}")
-        head_params.append(f"bwin = tl.load(HeadTable + h * TABLE_WIDTH + {column + 1})")
-        head_params.append(f"w_in = tl.load(HeadTable + h * TABLE_WIDTH + {column + 2})")
-        head_params.append(f"ts = tl.load(HeadTable + h * TABLE_WIDTH + {column + 3})")
-        head_params.append(f"bsink = tl.load(HeadTable + h * TABLE_WIDTH + {column + 4})")
+                             "windows, relative strides, token edges, global rows and prefixes: a query tile "
+                             "stays inside one query block")
+        if plan.causal and plan.has_ahead and not plan.prefix:
+            raise ValueError("a causal plan keeps blocks ahead of the diagonal only inside a prefix")
+        head_params = [general.head_params(plan)]
     varlen = spec.layout == "varlen"
     # inner width of a wide step (window or residue pair): as wide as the span, at most 128 rows
     wide_n = min(plan.block * spec.window_span, max(128, spec.block_n))
@@ -232,6 +199,8 @@ def generate_forward(plan: KernelPlan, spec: Specialization, *, name: str = "pat
         pid = tl.program_id(0)
         {pick}
         tile = n_tiles - 1 - pid % n_tiles"""
+        if plan.has_global:
+            order = general.tile_order(plan, pick.replace("pid // n_tiles", "hh"))
     full = _full_predicate(plan)
     # short loops (at most a tile's worth of blocks) are not software-pipelined: their
     # buffers would only add shared memory to the long loops'
@@ -243,8 +212,9 @@ def generate_forward(plan: KernelPlan, spec: Specialization, *, name: str = "pat
                                    kv_len, window, full, qk_scale, True, CAUSAL, BLOCK, BLOCK, BLOCK_N, HEAD_DIM, D_PAD)"""
     # the long loop; warp specialisation (a producer warp feeding the matmul warps) is opt-in
     window_range = "tl.range({}, warp_specialize=True)" if spec.window_ws else "range({})"
-    if spec.fuse_diagonal and (spec.window_span != 1 or plan.has_ahead or plan.has_tokens):
-        raise ValueError("fuse_diagonal needs window_span=1, and no blocks ahead of the diagonal or token windows")
+    if spec.fuse_diagonal and (spec.window_span != 1 or plan.has_ahead or plan.extended):
+        raise ValueError("fuse_diagonal needs window_span=1, and a plan without blocks ahead of the diagonal, "
+                         "token edges, relative strides, global rows or prefixes")
     if spec.fuse_diagonal:
         window_masked += f"""
         # the window's inner blocks and the diagonal blocks in one software-pipelined loop, each
@@ -278,15 +248,9 @@ def generate_forward(plan: KernelPlan, spec: Specialization, *, name: str = "pat
 {indent(full + ahead_full, ' ' * 12)}
             acc, l_i, m_i = _visit(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, j, 1, rows, row_block,
                                    kv_len, window, full, qk_scale, True, CAUSAL, BLOCK, BLOCK, BLOCK_N, HEAD_DIM, D_PAD)"""
-    window_bounds = """
-lo = tl.maximum(first_block - tl.maximum(window, 1) + 1, 0)
-edge = tl.minimum(tl.maximum(last_block - tl.maximum(window, 1) + 1, lo), first_block)"""
-    if max(p.window for p in plan.params) <= 1:
-        # every head's window range is its diagonal blocks: the loops before them could never
-        # run, so none is emitted (zero-trip loops of window 1 crashed ptxas on sm_90, issue 16)
+    window_bounds = _window_bounds(plan)
+    if "edge" not in window_bounds:  # the window range is the diagonal blocks
         window_masked = diagonal
-        window_bounds = """
-lo = first_block  # window <= 1 for every head: the window range is the diagonal blocks"""
     elif not spec.fuse_diagonal:
         window_masked += diagonal
     topk_params, topk_args, topk_loop, topk_launch = "", "", "", ""
@@ -298,14 +262,30 @@ lo = first_block  # window <= 1 for every head: the window range is the diagonal
         topk_args = "sel, *sel_strides, sel_first_block, "
         topk_loop = _topk_loop(plan)
         topk_launch = ", sel=None, sel_strides=(0, 0, 0), sel_first_block=0"
-    if plan.has_tokens:
-        # masked window blocks decide by the head's own block window, the token window per pair
-        window_masked = window_masked.replace("kv_len, window, ", "kv_len, bwin, ")
     below = _outside_loops(plan, "0", "lo", "False", spec.residue_span)
-    above = "" if plan.causal else _outside_loops(plan, "last_block + ahead + 1" if plan.has_ahead
-                                                  else "last_block + 1", "n_kv_blocks", "True")
-    if plan.has_relative:
-        window_masked += _relative_loops(plan, full)
+    above = "" if plan.causal else _outside_loops(plan, "last_block + 1", "n_kv_blocks", "True")
+    enumeration = f"""\
+        # the window range [lo, last_block]; blocks >= edge are in every row's window
+{_at(window_bounds, 2)}
+        # -- sinks and residue blocks below the window range --
+{_at(below, 2)}
+        # -- the window range --
+{_at(window_masked, 2)}
+        # -- sinks and residue blocks after the diagonal (bidirectional only) --
+{_at(above, 2)}"""
+    visit_params, mask, helpers = "window, full", _BLOCK_MASK, ""
+    if plan.extended:
+        def visit(masked, wide=False):
+            span, n = ("BLOCK * WINDOW_SPAN", "WIDE_N") if wide else ("BLOCK", "BLOCK_N")
+            kv = "k_wide, v_wide" if wide else "k_base, v_base"
+            return (f"acc, l_i, m_i = _visit(acc, l_i, m_i, q, {kv}, stride_kn, stride_vn, j, 1, rows, "
+                    f"row_block,\n                       kv_len, HeadTable, h, qk_scale, {masked}, CAUSAL, BLOCK, "
+                    f"{span}, {n}, HEAD_DIM, D_PAD)")
+        enumeration = f"""\
+        # -- the kept blocks of the tile's one query block i (see codegen/general.py) --
+        i = first_block
+{_at(general.query_side_loops(plan, visit, spec.window_span), 2)}"""
+        visit_params, mask, helpers = "HeadTable, h", _PAIR_MASK, pair_keep(plan) + "\n"
     if varlen:
         locate = """
         q_start = tl.load(CuSeqQ + b)
@@ -343,8 +323,11 @@ def _scratch(size, alignment, stream):
     elif spec.kv_load != "pointer":
         raise ValueError(f"kv_load must be 'pointer' or 'tma', got {spec.kv_load!r}")
     else:
-        window_masked = window_masked.replace("k_wide, v_wide", "k_base, v_base")
+        enumeration = enumeration.replace("k_wide, v_wide", "k_base, v_base")
 
+    tables = per_device(("head_table", "The per-head table, then the head order, on ``device``.",
+                         "torch.tensor([x for row in HEAD_TABLE for x in row] + HEAD_ORDER, dtype=torch.int32, "
+                         "device=device)"))
     source = f'''\
 # Generated by s2dsl codegen {CODEGEN_VERSION}: forward (prefill) kernel. Do not edit.
 # pattern: {name}  fingerprint: {fingerprint}
@@ -375,9 +358,9 @@ NUM_STAGES = {spec.num_stages}
 VARLEN = {varlen}
 
 
-@triton.jit
+{helpers}@triton.jit
 def _visit(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, j, step, rows, row_block, kv_len,
-           window, full, qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK: tl.constexpr,
+           {visit_params}, qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK: tl.constexpr,
            SPAN: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
     """Online-softmax update of one tile of queries with SPAN kv rows: the blocks j, j + step, ..."""
     offs_d = tl.arange(0, D_PAD)
@@ -388,11 +371,7 @@ def _visit(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, j, step, rows
 {k_load}
         qk = tl.dot(q, k)
         if MASKED:
-            # per row: is block j in this row's window, or kept for every row (sink, residue)?
-            keep = ((row_block - j >= 0) & (row_block - j < window)) | full
-            keep = keep[:, None] & (cols[None, :] < kv_len)
-            if CAUSAL:
-                keep = keep & (cols[None, :] <= rows[:, None])
+{mask}
             qk = tl.where(keep, qk * qk_scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             # a row with nothing kept so far keeps m = -inf; subtract 0 instead to avoid NaN
@@ -442,14 +421,7 @@ def kernel(Q, K, V, Out, Lse, HeadTable, CuSeqQ, CuSeqK, {topk_params}
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
-        # the window range [lo, last_block]; blocks >= edge are in every row's window
-{_at(window_bounds, 2)}
-        # -- sinks and residue blocks below the window range --
-{_at(below, 2)}
-        # -- the window range --
-{_at(window_masked, 2)}
-        # -- sinks and residue blocks after the diagonal (bidirectional only) --
-{_at(above, 2)}{chr(10) + _at(topk_loop, 2) if topk_loop else ""}
+{enumeration}{chr(10) + _at(topk_loop, 2) if topk_loop else ""}
         # rows that kept nothing (an empty pattern row) give 0 and lse -inf, not NaN
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
         out = acc / l_safe[:, None]
@@ -459,17 +431,7 @@ def kernel(Q, K, V, Out, Lse, HeadTable, CuSeqQ, CuSeqK, {topk_params}
         tl.store(lse_base + (rows - past), lse, mask=valid)
 
 
-_tables = {{}}
-{scratch}
-
-def head_table(device):
-    """The per-head table on ``device`` (built once per device)."""
-    key = str(device)
-    if key not in _tables:
-        flat = [x for row in HEAD_TABLE for x in row] + HEAD_ORDER
-        _tables[key] = torch.tensor(flat, dtype=torch.int32, device=device)
-    return _tables[key]
-
+{tables}{scratch}
 
 def launch(q, k, v, out, lse, q_strides, k_strides, v_strides, o_strides, lse_strides,
            batch, q_len, kv_len, max_q_len, cu_seqlens_q, cu_seqlens_k, sm_scale{topk_launch}):
@@ -489,8 +451,6 @@ def launch(q, k, v, out, lse, q_strides, k_strides, v_strides, o_strides, lse_st
                  HEAD_DIM=HEAD_DIM, D_PAD=D_PAD,
                  num_warps=NUM_WARPS, num_stages=NUM_STAGES)
 '''
-    if plan.has_tokens:
-        source = _with_token_windows(source)
     return source
 
 
@@ -534,33 +494,3 @@ def _tma_descriptors(wide: bool) -> str:
         v_wide = tl.make_tensor_descriptor(v_base, shape=[kv_len, HEAD_DIM], strides=[stride_vn, 1],
                                            block_shape=[WIDE_N, D_PAD])""" + code
     return code
-
-
-def _with_token_windows(source: str) -> str:
-    """The module for a plan with token windows: the window range's first blocks up to the
-    inner distances (where the token window's edge falls) are masked, and the mask keeps a
-    pair when its block is kept or its tokens are less than the head's ``tw`` apart."""
-    def swap(old, new, count=1):
-        nonlocal source
-        if source.count(old) < count:
-            raise AssertionError(f"forward template changed: {old!r} not found")
-        source = source.replace(old, new)
-
-    edge = "edge = tl.minimum(tl.maximum(last_block - tl.maximum(window, 1) + 1, lo), first_block)"
-    # absent when every head's window range is its diagonal blocks (window <= 1): then the
-    # diagonal loop is the only masked visit
-    narrow = edge not in source
-    if not narrow:
-        swap(edge, "edge = tl.minimum(tl.maximum(last_block - tl.maximum(w_in, 1) + 1, lo), first_block)")
-    swap("SPAN: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):",
-         "SPAN: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, tw):")
-    swap("""            keep = keep[:, None] & (cols[None, :] < kv_len)""",
-         """            near = rows[:, None] - cols[None, :]
-            keep = (keep[:, None] | ((near >= 0) & (near < tw))) & (cols[None, :] < kv_len)""")
-    swap("HEAD_DIM, D_PAD)", "HEAD_DIM, D_PAD, tw, ts)", count=1 if narrow else 2)
-    swap("D_PAD: tl.constexpr, tw):", "D_PAD: tl.constexpr, tw, ts):")
-    swap("keep = (keep[:, None] | ((near >= 0) & (near < tw)))",
-         "keep = (keep[:, None] | ((near >= 0) & (near < tw)) | (cols[None, :] < ts))")
-    # a block is kept for every row by the head's own block sink, not by the blocks its token sink touches
-    source = source.replace("(j < sink)", "(j < bsink)").replace("full = j < sink", "full = j < bsink")
-    return source

@@ -39,7 +39,7 @@ class HeadParams:
     topk: int = 0     # dynamic blocks added per query block / decode step (0: a static head)
     recent: int = 0   # decode: steps the selection score sums over (0: every step so far)
     ahead: int = 0    # blocks kept after the diagonal (two-sided window)
-    relative: int = 0  # relative stride S beyond the window (0: none)
+    relative: int = NO_PERIOD  # relative stride S beyond the block window (NO_PERIOD: none)
     # a token window (q - k < tokens): ``window`` is then the blocks it touches, ``block_window``
     # the head's own block window and ``inner`` the distances every token pair of which is kept
     tokens: int = 0
@@ -49,6 +49,11 @@ class HeadParams:
     # head's own block sink
     sink_tokens: int = 0
     block_sink: int = 0
+    # a token window ahead (k - q <= ahead_tokens): ``ahead`` is then the blocks it touches,
+    # ``block_ahead`` the head's own block window ahead
+    ahead_tokens: int = 0
+    block_ahead: int = 0
+    global_rows: int = 0  # the first global_rows query blocks keep every kv block
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,7 @@ class KernelPlan:
     kv_heads: int
     causal: bool
     params: Tuple[HeadParams, ...]
+    prefix: int = 0  # prefix-LM (causal): positions below it also see later positions below it
 
     @property
     def group_size(self) -> int:
@@ -81,11 +87,32 @@ class KernelPlan:
 
     @property
     def has_relative(self) -> bool:
-        return any(p.relative for p in self.params)
+        return any(p.relative != NO_PERIOD for p in self.params)
 
     @property
     def has_tokens(self) -> bool:
-        return any(p.tokens or p.sink_tokens for p in self.params)
+        return any(p.tokens or p.sink_tokens or p.ahead_tokens for p in self.params)
+
+    @property
+    def has_global(self) -> bool:
+        return any(p.global_rows for p in self.params)
+
+    @property
+    def extended(self) -> bool:
+        """Beyond round 1: kernels enumerate per query block and mask with ``pair_keep``."""
+        return self.has_distance or self.has_tokens or self.has_global or bool(self.prefix)
+
+    @property
+    def extended_columns(self) -> Tuple[str, ...]:
+        """Names (``HeadParams`` fields) of the columns extended plans append to the head table."""
+        return EXTENDED_COLUMNS if self.extended else ()
+
+    def column(self, name: str) -> int:
+        """Column of ``name`` in the head table (extended plans' columns by field name)."""
+        base = {"window": 0, "sink": 1, "period": 2, "residue": 4}
+        if name in base:
+            return base[name]
+        return self.topk_column + (2 if self.has_topk else 0) + self.extended_columns.index(name)
 
     @property
     def has_distance(self) -> bool:
@@ -95,24 +122,13 @@ class KernelPlan:
     @property
     def table_width(self) -> int:
         """Columns of ``table()``: window, sink, period, count, residues (padded), then K and R
-        for plans with topk heads, then ahead and relative stride for plans with either."""
-        return (4 + max(self.max_residues, 1) + (2 if self.has_topk else 0) + (2 if self.has_distance else 0)
-                + (5 if self.has_tokens else 0))
-
-    @property
-    def distance_column(self) -> int:
-        """Column of ``ahead`` in the head table (the relative stride follows it)."""
-        return 4 + max(self.max_residues, 1) + (2 if self.has_topk else 0)
-
-    @property
-    def tokens_column(self) -> int:
-        """Column of the token window (block window and inner distances follow it)."""
-        return self.distance_column + (2 if self.has_distance else 0)
+        for plans with topk heads, then ``extended_columns`` for extended plans."""
+        return 4 + max(self.max_residues, 1) + (2 if self.has_topk else 0) + len(self.extended_columns)
 
     @property
     def one_block_tiles(self) -> bool:
         """Must a query tile stay inside one query block (its rows share the block distances)?"""
-        return self.has_topk or self.has_distance or self.has_tokens
+        return self.has_topk or self.extended
 
     @property
     def topk_column(self) -> int:
@@ -138,13 +154,9 @@ class KernelPlan:
         topk K and recent R when the plan has topk heads."""
         width = max(self.max_residues, 1)
         extra = (lambda p: (p.topk, p.recent)) if self.has_topk else (lambda p: ())
-        # a head without a relative stride gets NO_PERIOD: its loops start past every block
-        dist = (lambda p: (p.ahead, p.relative or NO_PERIOD)) if self.has_distance else (lambda p: ())
-        toks = ((lambda p: (p.tokens, p.block_window if p.tokens else p.window, p.inner if p.tokens else p.window,
-                             p.sink_tokens, p.block_sink if p.sink_tokens else p.sink))
-                if self.has_tokens else (lambda p: ()))
+        names = self.extended_columns
         return tuple((p.window, p.sink, p.period, len(p.residues), *p.residues,
-                      *([p.period - 1] * (width - len(p.residues))), *extra(p), *dist(p), *toks(p))
+                      *([p.period - 1] * (width - len(p.residues))), *extra(p), *(getattr(p, n) for n in names))
                      for p in self.params)
 
     def cost(self, head: int, n_blocks: int) -> int:
@@ -156,15 +168,20 @@ class KernelPlan:
         return window + min(p.sink, rest) + (rest * len(p.residues)) // p.period + min(p.topk, rest)
 
 
+# Per head, what extended kernels read beyond round 1's columns (``window``/``sink``/``ahead``
+# are then the blocks the head touches, token edges rounded out; the ``block_*`` columns its
+# block components alone; ``inner`` the distances d >= 1 at which every token pair is kept).
+# A head without a relative stride has NO_PERIOD there: its stride loops start past every block.
+EXTENDED_COLUMNS = ("ahead", "relative", "block_window", "inner", "block_sink", "block_ahead", "tokens",
+                    "sink_tokens", "ahead_tokens", "global_rows")
+
+
 class UnsupportedPattern(NotImplementedError):
     pass
 
 
 @lru_cache(maxsize=1024)  # patterns are frozen; every launch and decode step lowers its pattern
 def lower(pattern: Pattern) -> KernelPlan:
-    if pattern.prefix:
-        raise UnsupportedPattern(f"pattern {pattern.name}: 'causal prefix' (prefix-LM) is not run by the generated "
-                                 "kernels yet; use the reference implementation")
     params = []
     for h, spec in enumerate(pattern.head_specs):
         topk = recent = 0
@@ -176,15 +193,10 @@ def lower(pattern: Pattern) -> KernelPlan:
             if topk > MAX_TOPK:
                 raise UnsupportedPattern(f"pattern {pattern.name}: head {h} has topk {topk}, above the kernels' "
                                          f"limit {MAX_TOPK} blocks")
-        what = [name for name, used in (("a token-granular window ahead", spec.ahead_tokens),
-                                        ("a token sink with a relative stride or topk",
-                                         spec.sink_tokens and (spec.relative or spec.topk)),
-                                        ("a token window with a relative stride or topk",
-                                         spec.window_tokens and (spec.relative or spec.topk)),
-                                        ("global rows", spec.global_rows),
-                                        ("more than one relative stride", len(spec.relative) > 1),
-                                        ("topk with a two-sided window or relative stride",
-                                         spec.topk and (spec.ahead or spec.relative))) if used]
+        what = [name for name, used in (("more than one relative stride (give the head one)", len(spec.relative) > 1),
+                                        ("topk beside a two-sided window, relative stride, token edge or global "
+                                         "rows", spec.topk and not spec.is_classic),
+                                        ("topk in a prefix-LM pattern", spec.topk and pattern.prefix)) if used]
         if what:
             raise UnsupportedPattern(f"pattern {pattern.name}: head {h} uses {', '.join(what)}, which the generated "
                                      "kernels do not run yet; use the reference implementation")
@@ -192,7 +204,8 @@ def lower(pattern: Pattern) -> KernelPlan:
             raise UnsupportedPattern(f"pattern {pattern.name}: head {h} has relative stride {spec.relative[0]}, above "
                                      f"the kernels' limit {MAX_PERIOD}")
         if spec.dense:
-            params.append(HeadParams(UNBOUNDED, 0, NO_PERIOD, ()) if pattern.causal else HeadParams(UNBOUNDED, 0, 1, (0,)))
+            # inside a prefix a dense head also sees later positions: the bidirectional form, cut by the kernels
+            params.append(_dense_head(pattern.causal and not pattern.prefix))
             continue
         period = spec.period
         if period > MAX_PERIOD:
@@ -201,12 +214,18 @@ def lower(pattern: Pattern) -> KernelPlan:
         residues = spec.residue_set
         if not residues:
             period = NO_PERIOD
-        window, tokens, inner = spec.window, spec.window_tokens, 0
-        if tokens:
-            window = spec.blocks_touched(pattern.block)[0]
-            inner = max(spec.window, tokens // pattern.block)
-        sink = spec.blocks_touched(pattern.block)[2] if spec.sink_tokens else spec.sink
-        params.append(HeadParams(window, sink, period, residues, topk, recent, spec.ahead,
-                                 spec.relative[0] if spec.relative else 0, tokens, spec.window, inner,
-                                 spec.sink_tokens, spec.sink))
-    return KernelPlan(pattern.block, pattern.heads, pattern.kv_heads, pattern.causal, tuple(params))
+        window, ahead, sink = spec.blocks_touched(pattern.block)
+        # distances d >= 1 whose token pairs (q - k in [(d-1)B+1, (d+1)B-1]) are all kept
+        inner = max(spec.window, spec.window_tokens // pattern.block) if spec.window_tokens else spec.window
+        params.append(HeadParams(window, sink, period, residues, topk, recent, ahead,
+                                 spec.relative[0] if spec.relative else NO_PERIOD, spec.window_tokens, spec.window,
+                                 inner, spec.sink_tokens, spec.sink, spec.ahead_tokens, spec.ahead, spec.global_rows))
+    return KernelPlan(pattern.block, pattern.heads, pattern.kv_heads, pattern.causal, tuple(params), pattern.prefix)
+
+
+def _dense_head(causal: bool) -> HeadParams:
+    """A dense head: an unbounded window (causal), plus the residue class 0 mod 1 (bidirectional,
+    for the blocks after the diagonal)."""
+    if causal:
+        return HeadParams(UNBOUNDED, 0, NO_PERIOD, (), relative=NO_PERIOD, block_window=UNBOUNDED, inner=UNBOUNDED)
+    return HeadParams(UNBOUNDED, 0, 1, (0,), relative=NO_PERIOD, block_window=UNBOUNDED, inner=UNBOUNDED)

@@ -33,7 +33,6 @@ functions here, never by ``import s2dsl``.
 """
 from __future__ import annotations
 
-import itertools
 import os
 from typing import List, Optional, Sequence, Union
 
@@ -195,8 +194,10 @@ def s2dsl_attention_forward(module, query: torch.Tensor, key: torch.Tensor, valu
 
 def _padded_attention(query, key, value, pattern, scaling, attention_mask):
     """Full keys of a padded batch: the real tokens of every row packed into one variable-length
-    call, each row at its own positions. Returns (batch, q_len, heads, dim), pad rows zero."""
+    call (``s2dsl.runtime.padding``), each row at its own positions. Returns (batch, q_len,
+    heads, dim), pad rows zero."""
     from ..runtime.api import attention
+    from ..runtime.padding import padded_attention
     b, heads, n, d = query.shape
     m = key.shape[2]
     k_counts, k_offsets = _row_padding(attention_mask, m)
@@ -208,19 +209,9 @@ def _padded_attention(query, key, value, pattern, scaling, attention_mask):
     if any(m - n + qo + qc != ko + kc for qo, qc, ko, kc in zip(q_offsets, q_counts, k_offsets, k_counts)):
         raise NotImplementedError("s2dsl attention over full keys takes left padding (or right padding in a "
                                   "prefill): a row's real queries must be its last real keys")
-    k_rows = torch.cat([torch.arange(o, o + c) + i * m for i, (o, c) in enumerate(zip(k_offsets, k_counts))])
-    q_rows = torch.cat([torch.arange(o, o + c) + i * n for i, (o, c) in enumerate(zip(q_offsets, q_counts))])
-    k_rows, q_rows = k_rows.to(query.device), q_rows.to(query.device)
-
-    def cu(counts):
-        return torch.tensor([0] + list(itertools.accumulate(counts)), dtype=torch.int32).to(query.device)
-
-    def pack(t, rows, length):
-        return t.transpose(1, 2).reshape(b * length, t.shape[1], d).index_select(0, rows)
-
-    out = attention(pack(query, q_rows, n), pack(key, k_rows, m), pack(value, k_rows, m), pattern, scale=scaling,
-                    cu_seqlens_q=cu(q_counts), cu_seqlens_k=cu(k_counts))
-    return query.new_zeros(b * n, heads, d).index_copy_(0, q_rows, out).view(b, n, heads, d)
+    out = padded_attention(query, key, value, pattern, q_counts=q_counts, q_offsets=q_offsets, k_counts=k_counts,
+                           k_offsets=k_offsets, scale=scaling)
+    return out.transpose(1, 2).contiguous()
 
 
 def reference_attention_forward(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -312,6 +303,11 @@ def _classes():
                 group.table.tier.attach(self.paged)
             self.is_initialized = True
 
+        # A step keeps host state (each sequence's length, how far eviction has gone, the plan
+        # the layers of a step share) that a traced graph would freeze: under torch.compile the
+        # cache's update and attention run eagerly (a graph break at each), and the step as a
+        # CUDA graph is ``S2Cache.decode_graph``.
+        @torch.compiler.disable
         def update(self, key_states, value_states, *args, **kwargs):
             if not self.is_initialized:
                 self.lazy_initialization(key_states, value_states)
@@ -325,6 +321,7 @@ def _classes():
             key._s2dsl_layer = self
             return key, value_states
 
+        @torch.compiler.disable
         def attend(self, query, key, value, scale, attention_mask=None):
             from ..runtime.decode import cached_attention
             n = query.shape[2]
@@ -336,8 +333,11 @@ def _classes():
                     group.mask, group.padding = (attention_mask, n), _row_padding(attention_mask, n)
                 lengths, left = group.padding
             self._pending = 0
+            # the kernel writes (b, n, heads, d) memory, so the caller's transpose back is free
+            b, heads, _, d = query.shape
+            buf = query.new_empty(b, n, heads, d).transpose(1, 2)
             out = cached_attention(self.paged, self.seq_ids, query, key, value, scale=scale, lengths=lengths,
-                                   left_padding=left)
+                                   left_padding=left, out=buf)
             self._length += n
             group.length = max(group.length, self._length)
             return out

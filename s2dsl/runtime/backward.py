@@ -63,7 +63,7 @@ def choose_backward(pattern: Pattern, dtype: torch.dtype, head_dim: int, layout:
     else:
         spec = replace(choose_backward_for_gpu(pattern, head_dim), dtype=_DTYPES[dtype], layout=layout,
                        capability=tuple(capability))
-    if spec.block_m > block and lower(pattern).has_topk:  # a dQ tile takes the selection of one query block
+    if spec.block_m > block and lower(pattern).one_block_tiles:  # a dQ tile stays inside one query block
         spec = replace(spec, block_m=block)
     spec = replace(spec, **(tuning or {}))
     changed = [name for name, default in _FORWARD_ONLY.items() if getattr(spec, name) != default]
@@ -84,8 +84,8 @@ def choose_backward_for_gpu(pattern: Pattern, head_dim: int) -> BackwardSpeciali
     block = pattern.block
     big = head_dim > 128
     tile = _divisor(block, 32 if big else 64)
-    # with topk heads a dQ tile takes the selection of its one query block
-    block_m = min(64, block) if lower(pattern).has_topk else 64
+    # with topk heads (or extended components) a dQ tile stays inside one query block
+    block_m = min(64, block) if lower(pattern).one_block_tiles else 64
     return BackwardSpecialization(
         head_dim=head_dim, capability=(9, 0), block_m=block_m, block_n=tile, num_warps=4, num_stages=2,
         one_grid=not big, flat_steps=True, dkdv_block_m=tile, dkdv_block_n=tile,

@@ -12,12 +12,12 @@ frees the pages the pattern no longer needs, in one call, for every phase of gen
 Padded batches (``lengths``: real tokens per row, right padding; ``left_padding``: pad
 tokens before them) write only the real tokens, each at its own sequence's positions; pad
 rows of the output are zero. A padded first prefill packs the real tokens into one
-variable-length prefill call; a padded later step runs the decode kernel row by row.
+variable-length prefill call (``s2dsl.runtime.padding``); a padded later step runs the decode
+kernel once, each row's real queries moved to its last rows.
 Layers sharing a page table (``PagedKVCache(table=...)``) share one plan per step.
 """
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import replace
 from functools import lru_cache
@@ -25,6 +25,7 @@ from types import ModuleType
 from typing import Hashable, Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 
 from ..codegen.decode import DECODE_CODEGEN_VERSION, DecodeSpecialization, generate_decode, group_params
 from ..codegen.lower import UnsupportedPattern, lower
@@ -35,6 +36,7 @@ from .cache import KernelCache, cache_key, codegen_fingerprint, default_cache
 from .kernels import _DTYPES
 from .kv_cache import PagedKVCache, padding_counts
 from .paging import DecodeBatch, StepPlan
+from .padding import padded_attention, right_align
 from .topk_state import state_for
 
 __all__ = ["paged_attention", "cached_attention", "choose_decode", "decode_module", "decode_source",
@@ -146,10 +148,32 @@ def _check_q(q, cache: PagedKVCache, n_seqs: int):
     if q.device != cache.device:
         raise InputError(f"q is on {q.device} but the cache is on {cache.device}")
     check_device(q)
-    try:
-        lower(pattern)
-    except UnsupportedPattern as exc:
-        raise InputError(str(exc)) from None
+    memo = cache._decode_memo
+    if "lowered" not in memo:  # once per cache: hashing a pattern costs more than a launch
+        try:
+            lower(pattern)
+        except UnsupportedPattern as exc:
+            raise InputError(str(exc)) from None
+        memo["lowered"] = True
+
+
+def _kernel_for(cache: PagedKVCache, compute: torch.dtype, d: int, q_len: int, device: torch.device):
+    """(spec, module) for this cache and call shape, memoised on the cache (no pattern hashing per call)."""
+    key = (compute, d, q_len, device)
+    hit = cache._decode_memo.get(key)
+    if hit is None:
+        hit = cache._decode_memo[key] = _module(cache.pattern, compute, d, q_len, device, cache.quantized)
+    return hit
+
+
+def _splits_memo(cache: PagedKVCache, b: int, n_tiles: int, max_len: int, q_len: int, device: torch.device) -> int:
+    if device.type != "cuda" or max_len == 0:
+        return 1
+    key = ("splits", b, n_tiles, -(-max_len // cache.block), q_len)
+    hit = cache._decode_memo.get(key)
+    if hit is None:
+        hit = cache._decode_memo[key] = _splits(cache.pattern, b, n_tiles, max_len, q_len, device)
+    return hit
 
 
 def paged_attention(q: torch.Tensor, cache: PagedKVCache, seqs: Union[Sequence[Hashable], DecodeBatch], *,
@@ -160,19 +184,29 @@ def paged_attention(q: torch.Tensor, cache: PagedKVCache, seqs: Union[Sequence[H
     The queries are the last ``q_len`` tokens of each sequence and must already be in the
     cache (``cache.append``). Reads only the pages the pattern keeps for them. ``n_splits``
     (default: chosen from the context length and the GPU) splits each (sequence, kv head)'s
-    kept blocks across programs, merged by a combine step. Returns the output in q's dtype
-    (and the float32 log-sum-exp, (batch, heads, q_len), with ``return_lse``).
+    kept blocks across programs, merged by a combine step. ``out``: where to write (q's
+    shape, last dim contiguous; any other strides). Returns the output in q's dtype (and the
+    float32 log-sum-exp, (batch, heads, q_len), with ``return_lse``).
     """
-    pattern = cache.pattern
     batch = seqs if isinstance(seqs, DecodeBatch) else cache.batch(seqs)
     _check_q(q, cache, len(batch.seq_ids))
-    b, heads, q_len, d = q.shape
-    if q_len > batch.min_len:
-        raise InputError(f"q has {q_len} queries but a sequence holds only {batch.min_len} tokens: append the "
+    if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.device != q.device
+                            or out.stride(-1) != 1):
+        raise InputError(f"out must be {tuple(q.shape)} {q.dtype} on {q.device} with a contiguous last dim")
+    if q.shape[2] > batch.min_len:
+        raise InputError(f"q has {q.shape[2]} queries but a sequence holds only {batch.min_len} tokens: append the "
                          "queries' own keys and values first")
+    return _attend(q, cache, batch, check_scale(scale, q.shape[-1]), n_splits, tuning, return_lse, out)
+
+
+def _attend(q, cache: PagedKVCache, batch: DecodeBatch, scale: float, n_splits, tuning, return_lse, out=None,
+            fresh: Optional[torch.Tensor] = None):
+    """The decode kernel over the pages, for checked inputs (``paged_attention`` checks them).
+    ``fresh``: per row, whether all its tokens are this step's (default: length == q_len)."""
+    pattern = cache.pattern
+    b, heads, q_len, d = q.shape
     if q.stride(-1) != 1:
         q = q.contiguous()
-    scale = check_scale(scale, d)
     # bf16 under the interpreter runs on float32 copies (see validate.interpreter_compute_dtype)
     compute = interpreter_compute_dtype(q.dtype) or q.dtype
     kq = q.to(compute)
@@ -181,22 +215,26 @@ def paged_attention(q: torch.Tensor, cache: PagedKVCache, seqs: Union[Sequence[H
         spec = choose_decode(pattern, compute, d, q_len, q.device, tuning, kv_int8=int8)
         module = decode_module(pattern, spec)
     else:
-        spec, module = _module(pattern, compute, d, q_len, q.device, int8)
+        spec, module = _kernel_for(cache, compute, d, q_len, q.device)
     if out is None:
         out = torch.empty_like(q)
     lse = torch.empty(b, heads, q_len, dtype=torch.float32, device=q.device)
     if q.numel() == 0:
         return (out, lse) if return_lse else out
     if n_splits is None:
-        n_splits = _splits(pattern, b, math.ceil(q_len / spec.block_q), batch.max_len, q_len, q.device)
-    topk = state_for(cache)  # dynamic top-k: the kernel reads the selection, writes each block's mass
+        n_splits = _splits_memo(cache, b, -(-q_len // spec.block_q), batch.max_len, q_len, q.device)
+    # dynamic top-k: the kernel reads the selection, writes each block's mass (static patterns have none)
+    topk = None if pattern.is_static else state_for(cache)
     extra = {}
     if topk is not None:
-        topk.reset(batch.slots, batch.seq_lens == q_len)  # sequences new to their slot start afresh
+        # sequences new to their slot start afresh
+        topk.reset(batch.slots, batch.seq_lens == q_len if fresh is None else fresh)
         extra = topk.kernel_args(b, heads)
     kout = out if compute == q.dtype else torch.empty_like(kq)
     if int8:  # int8 pages are dequantised inside the kernel, to the compute dtype
         pages = (cache.k_pages, cache.v_pages, cache.k_scale, cache.k_bias, cache.v_scale, cache.v_bias)
+    elif compute == cache.k_pages.dtype:
+        pages = (cache.k_pages, cache.v_pages)
     else:
         pages = (cache.k_pages.to(compute), cache.v_pages.to(compute))
     module.launch(kq, kout, lse, *pages, cache.block_tables, batch.slots, batch.seq_lens,
@@ -210,25 +248,33 @@ def paged_attention(q: torch.Tensor, cache: PagedKVCache, seqs: Union[Sequence[H
 
 def cached_attention(cache: PagedKVCache, seq_ids: Sequence[Hashable], q: torch.Tensor, k: torch.Tensor,
                      v: torch.Tensor, *, scale: Optional[float] = None, n_splits: Optional[int] = None,
-                     tuning: Optional[dict] = None, return_lse: bool = False, lengths=None, left_padding=None):
+                     tuning: Optional[dict] = None, return_lse: bool = False, lengths=None, left_padding=None,
+                     out: Optional[torch.Tensor] = None):
     """Write ``k, v`` (batch, kv_heads, n, dim) into the cache and attend with ``q`` (batch, heads, n, dim).
 
     Sequences that are all empty take the prefill kernel on the contiguous tensors and keep
     only what the pattern needs afterwards; otherwise the tokens are appended and the decode
     kernel reads the pages. Either way the pages the next query no longer needs are freed
     (by this call for a cache of its own, by the next step's plan for a shared page table).
-    ``lengths`` / ``left_padding``: padded rows (see the module docstring).
+    ``lengths`` / ``left_padding``: padded rows (see the module docstring). ``out``: where
+    the decode kernel writes (see ``paged_attention``; a prefill returns its own tensor).
     Raises ``OutOfPagesError`` (nothing written) when the pool is too small.
+
+    A step of layers sharing a page table costs the first layer the plan (a few dozen small
+    device ops, no host sync unless the pool may be short) and every layer two indexed copies
+    and the kernel launches: the host never waits for the device on this path.
     """
     table = cache.table
     seqs = table.seqs(seq_ids)  # a clear error for a bare id
-    seq_ids = list(seq_ids)
     _check_q(q, cache, len(seqs))
     scale = check_scale(scale, q.shape[-1])  # before anything is written
     if q.shape[2] != k.shape[2]:
         raise InputError(f"q has {q.shape[2]} queries but k, v carry {k.shape[2]} new tokens: the queries are "
                          "the new tokens")
-    cache._check_write(seq_ids, k, v)
+    cache._check_tensors(len(seqs), k, v)
+    if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.device != q.device
+                            or out.stride(-1) != 1):
+        raise InputError(f"out must be {tuple(q.shape)} {q.dtype} on {q.device} with a contiguous last dim")
     n = q.shape[2]
     counts, offsets = padding_counts(len(seqs), n, lengths, left_padding)
     plan = table.plan_step(seq_ids, n, consumer=cache, counts=counts, offsets=offsets)
@@ -243,49 +289,87 @@ def cached_attention(cache: PagedKVCache, seq_ids: Sequence[Hashable], q: torch.
             topk.seed(plan.slots, q, k, scale)
     elif plan.ragged:
         result = _rows(q, cache, plan, scale, n_splits, tuning, return_lse)
+    elif (n >= GATHER_PREFILL_MIN and n_splits is None and not tuning and cache.pattern.is_static
+          and not cache.quantized and table.tier is None):
+        result = _gathered_prefill(q, cache, plan, scale, return_lse)
     else:
-        result = paged_attention(q, cache, plan, scale=scale, n_splits=n_splits, tuning=tuning,
-                                 return_lse=return_lse)
+        result = _attend(q, cache, plan, scale, n_splits, tuning, return_lse, out)
     if cache.evicts_after_step:  # else the next step's plan evicts
         table.evict(seq_ids)
     return result
 
 
-def _prefill(q, k, v, pattern, plan: StepPlan, scale, return_lse):
-    """A first prefill on the contiguous tensors; padded rows packed into one variable-length call."""
+#: new tokens per sequence from which a step over the pages (chunked prefill) gathers the
+#: sequences' K/V and runs the prefill kernel: the decode kernel's tiles hold at most 16
+#: queries (times the group's q heads) and re-read every kept page per tile, so long chunks
+#: are better served by the prefill kernel's tiles at the price of one gather of the K/V
+GATHER_PREFILL_MIN = 256
+
+
+def _gathered_prefill(q, cache: PagedKVCache, plan: StepPlan, scale, return_lse):
+    """A chunk of ``n`` tokens per sequence (already written) attending everything before it:
+    the sequences' K/V gathered from the pages into contiguous tensors, then the prefill
+    kernel with the queries as the last positions. Blocks the cache no longer holds read as
+    page 0; no query of the chunk keeps them (they were freed for queries from the chunk's
+    start, less the lookahead, on), so the kernel never visits them."""
     from .api import attention
-    if not plan.ragged:
-        return attention(q, k, v, pattern, scale=scale, return_lse=return_lse)
-    b, heads, n, d = q.shape
-    rows = torch.cat([torch.arange(o, o + c) + i * n for i, (o, c) in enumerate(zip(plan.offsets, plan.counts))])
-    rows = rows.to(q.device)
-    cu = torch.tensor([0] + list(itertools.accumulate(plan.counts)), dtype=torch.int32).to(q.device)
+    b, _, n, _ = q.shape
+    ends = [s + n for s in plan.starts]
+    k, v = cache.gather_rows(plan.slots, max(ends))
+    if len(set(ends)) == 1:
+        return attention(q, k, v, cache.pattern, scale=scale, return_lse=return_lse)
+    return padded_attention(q, k, v, cache.pattern, q_counts=[n] * b, q_offsets=[0] * b, k_counts=ends,
+                            k_offsets=[0] * b, scale=scale, return_lse=return_lse)
 
-    def pack(t):
-        return t.transpose(1, 2).reshape(b * n, t.shape[1], d).index_select(0, rows)
 
-    out_p, lse_p = attention(pack(q), pack(k), pack(v), pattern, scale=scale, cu_seqlens_q=cu, cu_seqlens_k=cu,
-                             return_lse=True)
-    out = q.new_zeros(b * n, heads, d).index_copy_(0, rows, out_p).view(b, n, heads, d).transpose(1, 2)
-    if not return_lse:
-        return out
-    lse = torch.full((b * n, heads), float("-inf"), dtype=torch.float32, device=q.device)
-    lse = lse.index_copy_(0, rows, lse_p.float().transpose(0, 1)).view(b, n, heads).permute(0, 2, 1)
-    return out, lse
+def _prefill(q, k, v, pattern, plan: StepPlan, scale, return_lse):
+    """A first prefill on the contiguous tensors; padded rows packed into one variable-length
+    call. A layer whose pattern is dense is run by torch's SDPA (the pattern proves the layer
+    dense; SDPA's flash kernel is the best dense prefill there is), unless the lse is wanted."""
+    from .api import attention
+    if plan.ragged:
+        return padded_attention(q, k, v, pattern, q_counts=plan.counts, q_offsets=plan.offsets,
+                                k_counts=plan.counts, k_offsets=plan.offsets, scale=scale, return_lse=return_lse)
+    if not return_lse and _dense(pattern):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                              enable_gqa=pattern.kv_heads != pattern.heads)
+    return attention(q, k, v, pattern, scale=scale, return_lse=return_lse)
+
+
+@lru_cache(maxsize=256)
+def _dense(pattern: Pattern) -> bool:
+    return pattern.causal and not pattern.prefix and all(s.dense for s in pattern.head_specs)
 
 
 def _rows(q, cache, plan: StepPlan, scale, n_splits, tuning, return_lse):
-    """A padded step over the pages: each row's real queries by themselves."""
+    """A padded step over the pages, in one launch: each row's real queries are moved to its
+    last rows (the kernel places query ``r`` at ``length - n + r``); the rows before them are
+    computed over whatever blocks their positions name (freed pages read as page 0, never out
+    of bounds) and dropped. Rows without real tokens are left out of the launch (their
+    sequences attend nothing this step, and a top-k state sees no step for them)."""
     b, heads, n, d = q.shape
-    out = torch.zeros_like(q)
+    out = q.new_zeros(b, heads, n, d)
     lse = torch.full((b, heads, n), float("-inf"), dtype=torch.float32, device=q.device)
-    for i, (o, c) in enumerate(zip(plan.offsets, plan.counts)):
-        if c == 0:
-            continue
-        end = plan.starts[i] + c
-        row = DecodeBatch((plan.seq_ids[i],), plan.slots[i:i + 1], plan.seq_lens[i:i + 1], end, end)
-        o_i, l_i = paged_attention(q[i:i + 1, :, o:o + c], cache, row, scale=scale, n_splits=n_splits,
-                                   tuning=tuning, return_lse=True)
-        out[i:i + 1, :, o:o + c] = o_i
-        lse[i:i + 1, :, o:o + c] = l_i
+    live = [i for i, c in enumerate(plan.counts) if c]
+    if not live:
+        return (out, lse) if return_lse else out
+    counts = [plan.counts[i] for i in live]
+    src, back, real = right_align(counts, [plan.offsets[i] for i in live], n, q.device)    # (r, n) each
+    rows = None if len(live) == b else cache.table.to_device(live)
+    sub = q if rows is None else q.index_select(0, rows)
+    r = len(live)
+    aligned = sub.gather(2, src.view(r, 1, n, 1).expand(r, heads, n, d))
+    ends = [plan.starts[i] + plan.counts[i] for i in live]
+    slots, seq_lens = (plan.slots, plan.seq_lens) if rows is None else \
+        (plan.slots.index_select(0, rows), plan.seq_lens.index_select(0, rows))
+    batch = DecodeBatch(tuple(plan.seq_ids[i] for i in live), slots, seq_lens, max(ends), min(ends))
+    fresh = real.sum(1) == seq_lens  # rows whose every token is this step's
+    o_al, l_al = _attend(aligned, cache, batch, scale, n_splits, tuning, True, fresh=fresh)
+    o_sub = torch.where(real.view(r, 1, n, 1), o_al.gather(2, back.view(r, 1, n, 1).expand(r, heads, n, d)), 0)
+    l_sub = torch.where(real.view(r, 1, n), l_al.gather(2, back.view(r, 1, n).expand(r, heads, n)), float("-inf"))
+    if rows is None:
+        out, lse = o_sub.to(q.dtype), l_sub
+    else:
+        out.index_copy_(0, rows, o_sub.to(q.dtype))
+        lse.index_copy_(0, rows, l_sub)
     return (out, lse) if return_lse else out

@@ -89,6 +89,7 @@ class PagedKVCache:
                              f"with {table.num_pages} pages, this cache {pattern.name} with {num_pages}")
         self.table = table
         table.members += 1
+        self._decode_memo = {}  # the decode path's per-call-shape lookups (s2dsl.runtime.decode)
         self.pattern = pattern
         self.block = pattern.block
         self.kv_heads = pattern.kv_heads
@@ -232,10 +233,10 @@ class PagedKVCache:
             if self.quantized:
                 self._write_int8(plan, dest, k, v)
                 return
-            kk = k.detach().to(device=self.device, dtype=self.dtype).reshape(-1, d)
-            vv = v.detach().to(device=self.device, dtype=self.dtype).reshape(-1, d)
-            self._k_all.view(-1, d).index_copy_(0, dest, kk)
-            self._v_all.view(-1, d).index_copy_(0, dest, vv)
+            if k.dtype != self.dtype:  # k, v are on the cache's device (checked)
+                k, v = k.to(self.dtype), v.to(self.dtype)
+            self._k_all.view(-1, d).index_copy_(0, dest, k.reshape(-1, d))
+            self._v_all.view(-1, d).index_copy_(0, dest, v.reshape(-1, d))
 
     def _write_int8(self, plan: StepPlan, dest: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Quantise on write, a whole page at a time: each page a write touches is dequantised,
@@ -297,16 +298,32 @@ class PagedKVCache:
         v = torch.where(held, v, 0).reshape(self.kv_heads, n_blocks * b, self.head_dim)
         return k[:, :n].to(self.dtype), v[:, :n].to(self.dtype)
 
+    def gather_rows(self, slots: torch.Tensor, length: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """K and V of the sequences in ``slots`` (int32, batch) as (batch, kv_heads, length,
+        head_dim) in the cache's dtype, one gather per pool: blocks not held read as page 0
+        (whatever it holds), positions past a sequence's end as whatever its pages hold. For a
+        kernel that visits only held blocks (16-bit caches)."""
+        if self.quantized:
+            raise ValueError("gather_rows reads 16-bit pages; use gather() for an INT8 cache")
+        n_blocks = -(-length // self.block)
+        pages = self.table.tables[slots.to(torch.long), :, :n_blocks].clamp(min=0).to(torch.long)
+        shape = (slots.shape[0], self.kv_heads, n_blocks * self.block, self.head_dim)
+        k = self.k_pages[pages].view(shape)[:, :, :length]
+        v = self.v_pages[pages].view(shape)[:, :, :length]
+        return k, v
+
     # ------------------------------------------------------------------ internals
     def _check_write(self, seq_ids, k, v) -> None:
-        seqs = self.table.seqs(seq_ids)
+        self._check_tensors(len(self.table.seqs(seq_ids)), k, v)
+
+    def _check_tensors(self, n_seqs: int, k, v) -> None:
         for name, t in (("k", k), ("v", v)):
             if not isinstance(t, torch.Tensor) or t.dim() != 4:
                 raise ValueError(f"{name} must be a 4-D tensor (batch, kv_heads, n, head_dim)")
         if k.shape != v.shape:
             raise ValueError(f"k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
-        if k.shape[0] != len(seqs) or k.shape[1] != self.kv_heads or k.shape[3] != self.head_dim:
-            raise ValueError(f"k must be ({len(seqs)}, {self.kv_heads}, n, {self.head_dim}) for these sequences; "
+        if k.shape[0] != n_seqs or k.shape[1] != self.kv_heads or k.shape[3] != self.head_dim:
+            raise ValueError(f"k must be ({n_seqs}, {self.kv_heads}, n, {self.head_dim}) for these sequences; "
                              f"got {tuple(k.shape)}")
         if k.device != self.device or v.device != self.device:
             raise ValueError(f"k, v are on {k.device}, {v.device} but the cache is on {self.device}")

@@ -91,7 +91,8 @@ class KeepRules:
                 continue
             window.append(max(w for w, _, _ in hulls))
             sink.append(max(snk for _, _, snk in hulls))
-            global_rows.append(max(getattr(s, "global_rows", 0) for s in specs))
+            # a query block holding prefix positions sees the whole prefix (prefix-LM): a global row
+            global_rows.append(max([getattr(s, "global_rows", 0) for s in specs] + [-(-pattern.prefix // pattern.block)]))
             keep_all.append(False)
             residues.append(tuple(sorted({r for s in specs for r in s.residues})))
         return window, sink, global_rows, keep_all, residues
@@ -184,6 +185,7 @@ class PageTable:
         self.lookahead = lookahead
         self.efficient = kv_efficient_heads(pattern) if evict else (False,) * pattern.heads
         self.rules = KeepRules(pattern, self.efficient, self.device)
+        self._host_rules = KeepRules(pattern, self.efficient, "cpu")  # sizes a first write without a sync
         self.can_evict = not all(self.rules.keep_all_list)
         self._global_blocks = max(self.rules.global_rows_list, default=0)
         # free pages: a stack, its top at n_free - 1; one spare entry takes the writes of no page
@@ -284,13 +286,31 @@ class PageTable:
         return [self.get(s) for s in seq_ids]
 
     def slots_tensor(self, seqs: Sequence[_Seq]) -> torch.Tensor:
+        return self._slots(seqs)[0]
+
+    def _slots(self, seqs: Sequence[_Seq]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The sequences' slots as int32 (what the kernels read) and int64 (to index with), and
+        the flat table index of each (sequence, kv head)'s block 0, (batch, kv_heads, 1): made
+        once per set of slots and table width."""
         key = tuple(s.slot for s in seqs)
         t = self._slot_cache.get(key)
         if t is None:
             if len(self._slot_cache) > 256:
                 self._slot_cache.clear()
-            t = self._slot_cache[key] = torch.tensor(key, dtype=torch.int32).to(self.device)
+            t32 = self.to_device(key, torch.int32)
+            t64 = t32.to(torch.long)
+            _, kvh, width = self.tables.shape
+            base = (t64.view(-1, 1, 1) * kvh + torch.arange(kvh, device=self.device).view(1, -1, 1)) * width
+            t = self._slot_cache[key] = (t32, t64, base)
         return t
+
+    def to_device(self, values: Sequence[int], dtype=torch.long) -> torch.Tensor:
+        """Host integers as a device tensor without a host sync: on CUDA through pinned memory
+        with an asynchronous copy (a copy from pageable memory waits for the stream)."""
+        t = torch.tensor(values, dtype=dtype)
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
 
     # ------------------------------------------------------------------ free pages
     def _push_free(self, pages: torch.Tensor, mask: torch.Tensor) -> None:
@@ -322,27 +342,36 @@ class PageTable:
                 f"{self.block} tokens of one kv head); nothing was changed. Finish or remove sequences, or make the "
                 "cache with more num_pages")
 
-    def _table_index(self, slots: torch.Tensor, j: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
-        """Flat index of (slot, kv head, block j) in the tables, or the spare entry where not ``ok``."""
+    def _table_index(self, slots: torch.Tensor, j: torch.Tensor, ok: Optional[torch.Tensor]) -> torch.Tensor:
+        """Flat index of (slot, kv head, block j) in the tables, or the spare entry where not ``ok`` (None: all ok)."""
         _, kvh, width = self.tables.shape
         g = torch.arange(kvh, device=self.device).view(1, -1, 1)
         idx = (slots.view(-1, 1, 1).to(torch.long) * kvh + g) * width + j.clamp(0, width - 1)
-        return torch.where(ok, idx, self._tables_flat.numel() - 1)
+        return idx if ok is None else torch.where(ok, idx, self._tables_flat.numel() - 1)
 
     # ------------------------------------------------------------------ eviction
-    def _evict(self, seqs: Sequence[_Seq], slots: torch.Tensor, at: Sequence[int]) -> None:
-        """Free, per (sequence, kv head), the pages not needed by queries from position ``at``."""
-        self._evict_apply(seqs, at, self._evict_candidates(seqs, slots, at))
+    def _evict(self, seqs: Sequence[_Seq], slots: torch.Tensor, shift: int) -> None:
+        """Free, per (sequence, kv head), the pages not needed by queries from ``shift`` tokens
+        before the sequence's end on."""
+        at = [max(s.length - shift, 0) for s in seqs]
+        self._evict_apply(seqs, at, self._evict_candidates(seqs, slots, at, shift))
 
-    def _evict_candidates(self, seqs, slots, at):
-        """What eviction at ``at`` would free, as device tensors; nothing changes yet."""
+    def _evict_candidates(self, seqs, slots, at, shift: int):
+        """What eviction at ``at`` (host integers: the lengths less ``shift``) would free, as
+        device tensors; nothing changes yet. The host only sizes the scan; the positions come
+        from the device lengths, so nothing is copied to the device."""
         # a sequence within a block of its global query rows has evicted nothing yet: scan from block 0
         g_rows = self._global_blocks
         width = max((a // self.block - (s.evicted_at // self.block if s.evicted_at // self.block > g_rows else 0)
                      for s, a in zip(seqs, at)), default=0)
         if not (self.can_evict and width > 0):
             return None
-        return self._candidates(slots, torch.tensor(at, dtype=torch.long).to(self.device), width)
+        return self._candidates(slots, self._device_lens(seqs, shift), width)
+
+    def _device_lens(self, seqs, shift: int = 0) -> torch.Tensor:
+        """The sequences' lengths less ``shift`` (at least 0), int64 on the device, read from ``lens``."""
+        lens = self.lens[self._slots(seqs)[1]].to(torch.long)
+        return (lens - shift).clamp(min=0) if shift else lens
 
     def _evict_apply(self, seqs, at, cand) -> None:
         if cand is not None:
@@ -380,7 +409,7 @@ class PageTable:
     def evict(self, seq_ids) -> None:
         seqs = self.seqs(seq_ids)
         if seqs:
-            self._evict(seqs, self.slots_tensor(seqs), [max(s.length - self.lookahead, 0) for s in seqs])
+            self._evict(seqs, self.slots_tensor(seqs), self.lookahead)
 
     # ------------------------------------------------------------------ planning a step
     def plan_step(self, seq_ids, n: int, *, consumer=None, counts: Optional[Sequence[int]] = None,
@@ -432,14 +461,17 @@ class PageTable:
         ends = [s + c for s, c in zip(starts, counts)]
         if seqs and max(ends) // b + 2 > self.tables.shape[2]:
             self.reserve(max_length=max(2 * self.tables.shape[2] * b, max(ends) + b))
-        slots = self.slots_tensor(seqs)
+        slots, slots_l, _ = self._slots(seqs)
+        if n == 1 and counts == (1,) * batch and not only_needed:
+            return self._plan_one(seq_ids, seqs, slots, starts)
         # pages the pattern no longer needs are freed first (the step's queries start at `starts`),
         # after the check below: an OutOfPagesError leaves everything as it was
         evict_at = [max(s - self.lookahead, 0) for s in starts]
-        freeing = self._evict_candidates(seqs, slots, evict_at)
+        freeing = self._evict_candidates(seqs, slots, evict_at, self.lookahead)
         dev = self.device
-        start_t = torch.tensor(starts, dtype=torch.long).to(dev).view(-1, 1, 1)
-        count_t = torch.tensor(counts, dtype=torch.long).to(dev).view(-1, 1, 1) if counts != (n,) * batch else n
+        # positions from the device lengths (equal to the host's): only padding crosses to the device
+        start_t = self.lens[slots_l].to(torch.long).view(-1, 1, 1)
+        count_t = self.to_device(counts).view(-1, 1, 1) if counts != (n,) * batch else n
         span = (n + b - 1) // b + 1
         first = start_t // b
         j = first + torch.arange(span, device=dev).view(1, 1, -1)                     # (b, 1, span)
@@ -451,7 +483,7 @@ class PageTable:
         if only_needed:
             keep_from = ((start_t + count_t - self.lookahead).clamp(min=0)) // b
             want = want & self.rules.needed(keep_from, j)
-            need = int(want.sum())  # a first prefill: one read, how many blocks the pattern keeps
+            need = self._count_first_write(starts, ends, want)
         else:
             # every touched block not yet held: all but a partly filled first block
             need = self.kv_heads * sum(-(-e // b) - -(-s // b) for s, e in zip(starts, ends))
@@ -463,28 +495,82 @@ class PageTable:
         self._free_known -= need
         # each new token's row in the pools: (batch, kv_heads, n)
         t = torch.arange(n, device=dev).view(1, 1, -1)
-        off_t = torch.tensor(offsets, dtype=torch.long).to(dev).view(-1, 1, 1) if any(offsets) else 0
+        off_t = self.to_device(offsets).view(-1, 1, 1) if any(offsets) else 0
         real = (t >= off_t) & (t < off_t + count_t)
         pos = start_t + t - off_t
         rel = (pos // b - first).clamp(0, span - 1).expand(batch, self.kv_heads, n)
         page = pages.gather(2, rel).to(torch.long)
         real = real & (page >= 0)
         dest = torch.where(real, page * b + pos % b, self.num_pages * b)
-        self.lens[slots.to(torch.long)] = torch.tensor(ends, dtype=torch.int32).to(dev)
+        self.lens[slots_l] = (start_t.view(-1) + (count_t.view(-1) if isinstance(count_t, torch.Tensor)
+                                                   else count_t)).to(torch.int32)
         for s, e in zip(seqs, ends):
             s.length = e
         if only_needed:
             for s, e in zip(seqs, ends):
                 s.evicted_at = max(s.evicted_at, e - self.lookahead)
-        return StepPlan(tuple(seq_ids), slots, self.lens[slots.to(torch.long)], max(ends, default=0),
+        return StepPlan(tuple(seq_ids), slots, self.lens[slots_l], max(ends, default=0),
                         min(ends, default=0), n=n, dest=dest.reshape(-1), starts=starts, counts=counts,
                         offsets=offsets, only_needed=only_needed)
 
+    def _count_first_write(self, starts, ends, want: torch.Tensor) -> int:
+        """Pages a write of only the needed blocks takes. Into empty sequences (a first prefill)
+        it is the keep rules' count at each end, computed on the host; otherwise read from
+        ``want`` (one sync)."""
+        if any(starts):
+            return int(want.sum())
+        b, rules = self.block, self._host_rules
+        total = 0
+        for e in ends:
+            j = torch.arange(-(-e // b)).view(1, 1, -1)
+            i = torch.full((1, 1, 1), max(e - self.lookahead, 0) // b)
+            total += int(rules.needed(i, j).sum())
+        return total
+
+    def _place_one(self, seqs, start: torch.Tensor, new_pages: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Map the block of each sequence's next token, count the token in ``lens``; returns each
+        token's row in the pools, (batch * kv_heads,), and the new lengths (int32, batch).
+        ``start``: the device lengths before the token, int64 (batch,). ``new_pages``: some
+        sequence may start a block (else no page is taken: the host knows). Device ops only."""
+        b = self.block
+        slots, slots_l, base = self._slots(seqs)
+        blk = (start // b).view(-1, 1, 1)
+        idx = base + blk                                        # (batch, kv_heads, 1); blk < width (reserve)
+        cur = self._tables_flat[idx]
+        if new_pages:
+            want = cur < 0
+            cur = torch.where(want, self._pop_free(want), cur)
+            self._tables_flat[torch.where(want, idx, self._tables_flat.numel() - 1)] = cur
+        dest = cur.to(torch.long) * b + (start % b).view(-1, 1, 1)
+        lens = (start + 1).to(torch.int32)
+        self.lens[slots_l] = lens
+        return dest.view(-1), lens
+
+    def _plan_one(self, seq_ids, seqs, slots, starts) -> StepPlan:
+        """A decode step (one token per sequence, no padding): positions from the device
+        lengths, eviction only when a bound crosses a block, pages taken only when a sequence
+        starts a block (the host knows both); nothing crosses to the device, nothing is read."""
+        b = self.block
+        evict_at = [max(s - self.lookahead, 0) for s in starts]
+        freeing = self._evict_candidates(seqs, slots, evict_at, self.lookahead)
+        need = self.kv_heads * sum(1 for s in starts if s % b == 0)
+        self._ensure_free(need, f"writing 1 token to {len(seqs)} sequence(s)", freeing)
+        # ---- from here on the state changes ----
+        self._evict_apply(seqs, evict_at, freeing)
+        start = self.lens[self._slots(seqs)[1]].to(torch.long)
+        dest, lens = self._place_one(seqs, start, need > 0)
+        self._free_known -= need
+        for s in seqs:
+            s.length += 1
+        ends = [s + 1 for s in starts]
+        return StepPlan(tuple(seq_ids), slots, lens, max(ends, default=0), min(ends, default=0),
+                        n=1, dest=dest, starts=tuple(starts), counts=(1,) * len(seqs), offsets=(0,) * len(seqs))
+
     def batch(self, seq_ids) -> DecodeBatch:
         seqs = self.seqs(seq_ids)
-        slots = self.slots_tensor(seqs)
+        slots, slots_l, _ = self._slots(seqs)
         lengths = [s.length for s in seqs]
-        return DecodeBatch(tuple(seq_ids), slots, self.lens[slots.to(torch.long)], max(lengths, default=0),
+        return DecodeBatch(tuple(seq_ids), slots, self.lens[slots_l], max(lengths, default=0),
                            min(lengths, default=0))
 
     # ------------------------------------------------------------------ rollback
@@ -542,7 +628,7 @@ class PageTable:
         g_rows = self._global_blocks
         if any(a // self.block > (s.evicted_at // self.block if s.evicted_at // self.block > g_rows else -1)
                for s, a in zip(seqs, at)):
-            self._evict(seqs, slots, at)
+            self._evict(seqs, slots, self.lookahead + self.block)
         need = self.kv_heads * sum(1 for s in seqs if s.length % self.block == 0)
         self._ensure_free(need, f"a decode step of {len(seqs)} sequence(s)")
         self._free_known -= need
@@ -559,19 +645,10 @@ class PageTable:
     def _plan_static(self, seq_ids) -> StepPlan:
         """One new token per sequence, from the device lengths: no host value, no host read."""
         seqs = self.seqs(seq_ids)
-        slots = self.slots_tensor(seqs)
-        s = slots.to(torch.long)
-        b = self.block
-        start = self.lens[s].to(torch.long)
+        slots, slots_l, _ = self._slots(seqs)
+        start = self.lens[slots_l].to(torch.long)
         if self.can_evict:  # the one block each kv head's eviction bound may have passed
             self.evict_tensors(slots, (start - self.lookahead).clamp(min=0), 1)
-        j = (start // b).view(-1, 1, 1).expand(len(seqs), self.kv_heads, 1)
-        idx = self._table_index(slots, j, torch.ones_like(j, dtype=torch.bool))
-        cur = self._tables_flat[idx]
-        want = cur < 0
-        pages = torch.where(want, self._pop_free(want), cur)
-        self._tables_flat[torch.where(want, idx, self._tables_flat.numel() - 1)] = pages
-        dest = pages.to(torch.long) * b + (start % b).view(-1, 1, 1)
-        self.lens[s] = (start + 1).to(torch.int32)
-        return StepPlan(tuple(seq_ids), slots, self.lens[s], self.static_max_len, 1, n=1, dest=dest.reshape(-1),
+        dest, lens = self._place_one(seqs, start, True)
+        return StepPlan(tuple(seq_ids), slots, lens, self.static_max_len, 1, n=1, dest=dest,
                         starts=(), counts=(1,) * len(seqs), offsets=(0,) * len(seqs))
