@@ -107,6 +107,10 @@ def test_length_aware_choice():
     # two residues per head: residue pairs do not apply
     two = s2dsl.parse("pattern p { block = 64 heads = 2 heads * { window 4 stride 8 stride 5 offset 1 } }")["p"]
     assert choose_forward_for_gpu(two, 128, 2 * LONG_SEQ, True).residue_span == 1
+    # the rules were measured on window/sink/stride heads: other constructs keep their tiles
+    for body in ROUND2.values():
+        other = s2dsl.parse(f"pattern p {{ block = 64 heads = 2 {body} }}")["p"]
+        assert choose_forward_for_gpu(other, 128, 8192, True) == choose_forward_for_gpu(other, 128)
 
 
 def test_kv_tma_ready():

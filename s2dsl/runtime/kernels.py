@@ -75,6 +75,8 @@ def choose_forward_for_gpu(pattern: Pattern, head_dim: int, seq_len: Optional[in
     TMA (which frees the registers that 64-row pointer tiles spill with): 4-17% faster on the
     H200 at 8K and 32K. Beyond LONG_SEQ, where residue blocks dominate, two residue blocks a
     period apart per 128-row step: 1-4% faster at 128K (H100 and H200), slower at 32K.
+    Plans with other constructs (token edges, relative strides, global rows, prefixes, top-k)
+    keep the default tiles: the rules were not measured on them.
     """
     big = head_dim > 128
     block_m = 64 if big else 128
@@ -85,7 +87,7 @@ def choose_forward_for_gpu(pattern: Pattern, head_dim: int, seq_len: Optional[in
                           block_n=min(pattern.block, 32 if big else 64),
                           window_span=2 if pattern.block <= 64 and not big else 1,
                           num_warps=4 if block_m == 64 else 8, num_stages=2 if big else 3)
-    if seq_len is None or big:
+    if seq_len is None or big or plan.extended or plan.has_topk:  # measured on window/sink/stride heads only
         return spec
     if seq_len <= SHORT_SEQ and kv_tma and pattern.block >= 64 and pattern.block % 64 == 0:
         return replace(spec, block_m=64, window_span=1, num_warps=4, kv_load="tma")
