@@ -36,7 +36,7 @@ layers Phi-3-style local-stride: a half-sparse plan).
     python benchmarks/bench_generate.py --out results/generate.json            # all of it, ~6 min
     python benchmarks/bench_generate.py --quick --out /tmp/quick.json          # ~1 min smoke run
     python benchmarks/bench_generate.py --points 32768x1 32768x8 --layer-contexts 32768 --out a.json
-    TRITON_INTERPRET=1 python benchmarks/bench_generate.py --tiny              # CPU: the script runs
+    TRITON_INTERPRET=1 python benchmarks/bench_generate.py --tiny              # CPU: every section, toy sizes
 """
 from __future__ import annotations
 
@@ -143,6 +143,15 @@ def decode(step, first, n: int):
         times.append(dt)
         tokens.append(tok)
     return times, torch.cat(tokens, 1)
+
+
+def bench_ms(fn, warmup: int = 10, rep: int = 50) -> float:
+    """Median milliseconds: triton.testing.do_bench on the GPU, a few timed calls elsewhere (--tiny)."""
+    if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        import triton
+        return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+    fn()
+    return ms([timed(fn)[1] for _ in range(3)])
 
 
 def ms(times, skip: int = 0) -> float:
@@ -314,18 +323,17 @@ def run_static(model, ids, steps, chunk, compiled: bool, warm_tokens: int):
 
 
 # ----------------------------------------------------------------------------- 3. where prefill time goes
-def prefill_parts(pattern, n: int, b: int):
+def prefill_parts(pattern, n: int, b: int, device, dtype, d: int = 64):
     """One layer at ``n`` tokens, batch ``b``: plan + scatter of 8 layers sharing a table (per
     layer), s2dsl's sparse prefill kernel, dense attention by SDPA and by s2dsl's kernel."""
-    import triton
     from s2dsl.runtime.kv_cache import PagedKVCache, dense_pattern
     free()
-    d, dev, dt = 64, torch.device("cuda"), torch.bfloat16
+    dev, dt = device, dtype
     q = torch.randn(b, pattern.heads, n, d, device=dev, dtype=dt)
     k, v = (torch.randn(b, pattern.kv_heads, n, d, device=dev, dtype=dt) for _ in range(2))
 
     def t(fn):
-        return triton.testing.do_bench(fn, warmup=3, rep=20, return_mode="median")
+        return bench_ms(fn, warmup=3, rep=20)
 
     pages = hf.pages_needed(pattern, n + 64, b, 64)
 
@@ -357,16 +365,13 @@ def prefill_parts(pattern, n: int, b: int):
 # ----------------------------------------------------------------------------- 4. static cache: HF or harness?
 def static_attention_probe(batch: int, context: int, device):
     """One layer's SDPA call as HF's static cache makes it vs over the valid keys."""
-    import triton
     max_len = context + 64
     q = torch.randn(batch, 32, 1, 64, device=device, dtype=torch.bfloat16)
     k = torch.randn(batch, 8, max_len, 64, device=device, dtype=torch.bfloat16)
     v = torch.randn_like(k)
     mask = torch.zeros(batch, 1, 1, max_len, dtype=torch.bool, device=device)
     mask[..., :context] = True
-
-    def t(fn):
-        return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
+    t = bench_ms
 
     return {
         "sdpa_masked_full_len_gqa_ms": t(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
@@ -399,13 +404,14 @@ def generate_probe(model, ids, steps):
 
 
 # ----------------------------------------------------------------------------- 5. one layer's call
-def layer_call_vs_kernel(pattern, context: int, batch: int = 8, calls: int = 100):
-    import triton
+def layer_call_vs_kernel(pattern, context: int, batch: int = 8, calls: int = 100, device=None, dtype=None,
+                         d: int = 64):
     from s2dsl.runtime.decode import _module, _splits, cached_attention
     from s2dsl.runtime.graphs import DecodeGraph
     from s2dsl.runtime.kv_cache import PagedKVCache
     free()
-    d, dev, dt = 64, torch.device("cuda"), torch.bfloat16
+    dev = device or torch.device("cuda")
+    dt = dtype or torch.bfloat16
     per_seq = hf.pages_needed(pattern, context + 3 * calls + 64, 1) + pattern.kv_heads * (3 * calls // 64 + 2)
 
     def filled(table=None):
@@ -444,14 +450,14 @@ def layer_call_vs_kernel(pattern, context: int, batch: int = 8, calls: int = 100
     out = torch.empty_like(q)
     lse = torch.empty(batch, pattern.heads, 1, dtype=torch.float32, device=dev)
     scale = 1 / math.sqrt(d)
-    kernel_ms = triton.testing.do_bench(
+    kernel_ms = bench_ms(
         lambda: module.launch(q, out, lse, solo.k_pages, solo.v_pages, solo.block_tables, batch_t.slots,
-                              batch_t.seq_lens, 1, n_splits, scale), warmup=25, rep=100, return_mode="median")
+                              batch_t.seq_lens, 1, n_splits, scale), warmup=25, rep=100)
     # eight layers sharing one plan per step
-    shared_ms = per_call(lambda: [cached_attention(c, ids, q, k, k) for c in caches], calls // 4) / len(caches)
+    shared_ms = per_call(lambda: [cached_attention(c, ids, q, k, k) for c in caches], max(calls // 4, 1)) / len(caches)
     # the one-layer step captured in a CUDA graph
     graph = DecodeGraph(lambda: cached_attention(solo, solo_ids, q, k, k), [solo.table], [solo_ids],
-                        max_length=solo.seq_len(solo_ids[0]) + 2 * calls + 8)
+                        max_length=solo.seq_len(solo_ids[0]) + 2 * calls + 8, capture=dev.type == "cuda")
     graph()
     graph()
     graph_ms = per_call(graph, calls)
@@ -489,7 +495,7 @@ def main():
     if args.quick or args.tiny:
         args.points, args.steps = ["4096x1", "4096x4"], 8
         args.compile_points = ["4096x1"]
-        args.layer_contexts = [8192] if not args.tiny else []
+        args.layer_contexts = [8192] if not args.tiny else [80]
     if args.tiny:
         args.points, args.steps, args.warm_tokens = ["96x2"], 3, 32
     if args.compile_points is None:
@@ -535,7 +541,7 @@ def main():
                 rows.append(dict(impl=f"{impl} (out of memory)", error=str(exc).split("\n")[0]))
                 free()
         extra = {}
-        if on_gpu and "static" not in args.skip and n * b <= 1 << 18:
+        if (on_gpu or args.tiny) and "static" not in args.skip and n * b <= 1 << 18:
             extra["static_probe"] = static_attention_probe(b, n, device)
         for r in rows:
             r.update(prompt=n, batch=b, chunk=chunk)
@@ -546,20 +552,23 @@ def main():
         del ids
         free()
 
-    if on_gpu and args.points:
+    # the sparse pattern of the plan; --tiny runs every section below on the CPU at toy sizes
+    sparse = plan["tiny_ls" if args.tiny else "phi3_local_stride"]
+    d = 16 if args.tiny else 64
+    if args.points:
         n, b = parse_point(args.points[0])
-        results["prefill_parts"].append(prefill_parts(plan["phi3_local_stride"] if not args.tiny else None, n, b))
+        results["prefill_parts"].append(prefill_parts(sparse, n, b, device, dtype, d))
         print("prefill parts:", json.dumps(results["prefill_parts"][-1]), flush=True)
-    if on_gpu and args.points and not args.no_generate_probe:
+    if args.points and not args.no_generate_probe:
         # the question is HF or harness, not length: a 4K prompt keeps the probe's prefills short
-        ids = torch.randint(1, model.config.vocab_size, (1, 4096), device=device)
-        results["generate_ms_per_token"] = generate_probe(model, ids, args.steps)
+        ids = torch.randint(1, model.config.vocab_size, (1, 64 if args.tiny else 4096), device=device)
+        results["generate_ms_per_token"] = generate_probe(model, ids, 2 if args.tiny else args.steps)
         print("generate():", results["generate_ms_per_token"], flush=True)
-    if on_gpu and not args.tiny:
-        for context in args.layer_contexts:
-            row = layer_call_vs_kernel(plan["phi3_local_stride"], context)
-            results["layer"].append(row)
-            print(json.dumps(row), flush=True)
+    for context in args.layer_contexts:
+        row = layer_call_vs_kernel(sparse, context, batch=2 if args.tiny else 8, calls=3 if args.tiny else 100,
+                                   device=device, dtype=dtype, d=d)
+        results["layer"].append(row)
+        print(json.dumps(row), flush=True)
     results["skipped"] = budget.skipped
     results["wall_s"] = time.perf_counter() - t0
     report(results)

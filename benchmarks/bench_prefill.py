@@ -82,9 +82,9 @@ def bench(fn, *args) -> float:
     return triton.testing.do_bench(lambda: fn(*args), warmup=50, rep=200, return_mode="median")
 
 
-def resource_report(pattern) -> list:
+def resource_report(pattern, n: int) -> list:
     """Registers, spills and shared memory of the compiled forward kernels (Triton's metadata)."""
-    spec = choose_forward(pattern, torch.bfloat16, DIM, "bhsd", torch.device("cuda"))
+    spec = choose_forward(pattern, torch.bfloat16, DIM, "bhsd", torch.device("cuda"), seq_len=n, kv_tma=True)
     module = forward_module(pattern, spec)
     report = []
     try:
@@ -112,12 +112,12 @@ def plan_memory(pattern, n: int) -> int:
 
 def plan_cost(pattern, n: int):
     """Host time and device memory to plan a new length (Triton's JIT excluded: warm)."""
-    spec = choose_forward(pattern, torch.bfloat16, DIM, "bhsd", torch.device("cuda"))
+    spec = choose_forward(pattern, torch.bfloat16, DIM, "bhsd", torch.device("cuda"), seq_len=n, kv_tma=True)
     forward_module(pattern, spec)  # warm
     t0 = time.perf_counter()
     for _ in range(100):
         lower(pattern)
-        spec = choose_forward(pattern, torch.bfloat16, DIM, "bhsd", torch.device("cuda"))
+        spec = choose_forward(pattern, torch.bfloat16, DIM, "bhsd", torch.device("cuda"), seq_len=n, kv_tma=True)
         forward_module(pattern, spec)
     return (time.perf_counter() - t0) / 100 * 1e3
 
@@ -208,7 +208,7 @@ def main():
                 row[key.replace("_ms", "_tflops")] = flops / ms / 1e9
             row["plan_ms"] = plan_cost(pattern, n)
             row["plan_extra_bytes_new_length"] = plan_memory(pattern, n + 3 * BLOCK + 5)
-            row["kernel_resources"] = resource_report(pattern)
+            row["kernel_resources"] = resource_report(pattern, n)
             rows.append(row)
             print(json.dumps(row), flush=True)
             if args.json:  # after every row, so a run cut short keeps what it measured

@@ -64,3 +64,67 @@ def test_gpu_host_tier_is_lossless(kv_dtype):
     assert torch.isfinite(out.float()).all()
     assert torch.equal(out, ref)
     assert tier.moved_up > 0 and tier.moved_down > 0
+
+
+def _tiny_llama_cuda():
+    from s2dsl.integrations import hf
+    from serving_helpers import tiny_llama
+    plan = ("pattern swa { block = 16 heads = 4 kv_heads = 2 causal heads * { window 1 topk 2 recent 3 } }\n"
+            "model tiny { layers = 2 rest -> swa }")
+    return tiny_llama(plan, seed=1, attn=hf.ATTN_IMPLEMENTATION).to("cuda", torch.bfloat16), hf
+
+
+def test_gpu_recomputed_kv_match_what_the_layer_wrote_in_bf16():
+    """bf16 recompute from the logged hidden states against the pages the prefill and decode steps
+    wrote: a product over a different set of rows may round differently, by about one bf16 step."""
+    model, hf = _tiny_llama_cuda()
+    ids = torch.randint(0, 100, (2, 45), device="cuda", generator=torch.Generator(device="cuda").manual_seed(6))
+    cache = hf.S2Cache(model, max_length=60, batch_size=2, gpu_pages=64, host_pages=0, recompute="hidden")
+    with torch.no_grad():
+        model(ids[:, :30], past_key_values=cache)
+        for n in range(30, 45):
+            model(ids[:, n:n + 1], past_key_values=cache)
+    worst = exact = 0
+    for p in cache.paged:
+        tables = p.table.tables
+        slot, g, j = torch.nonzero(tables >= 0).unbind(1)
+        k, v = p.table.tier._recompute[id(p)](slot.cpu(), g.cpu(), j.cpu())
+        pages = tables[slot, g, j].long()
+        valid = (torch.arange(16, device="cuda").view(1, -1) + j.view(-1, 1) * 16 < 45).unsqueeze(-1)
+        for got, pool in ((k, p.k_pages), (v, p.v_pages)):
+            ref = pool[pages].float()
+            diff = torch.where(valid, (got.float() - ref).abs(), 0)
+            # within two bf16 steps of each element (2^-7 relative), and mostly equal
+            assert bool((diff <= ref.abs() * 2 ** -6 + 1e-6).all()), diff.max().item()
+            worst = max(worst, diff.max().item())
+            exact += int((diff[valid.expand_as(diff)] == 0).sum())
+    print(f"bf16 recompute: largest K/V difference {worst:.3e}; {exact} elements bit-identical")
+
+
+def test_gpu_dropped_page_selected_again_gives_the_resident_logits():
+    model, hf = _tiny_llama_cuda()
+    ids = torch.randint(0, 100, (2, 51), device="cuda", generator=torch.Generator(device="cuda").manual_seed(7))
+    caches = [hf.S2Cache(model, max_length=60, batch_size=2),
+              hf.S2Cache(model, max_length=60, batch_size=2, gpu_pages=12, host_pages=0, recompute="hidden")]
+    with torch.no_grad():
+        for cache in caches:
+            model(ids[:, :40], past_key_values=cache)
+            for n in range(40, 50):
+                model(ids[:, n:n + 1], past_key_values=cache)
+        tier = caches[1].paged[0].table.tier
+        slot, g, j = torch.nonzero(tier.dropped).unbind(1)
+        assert slot.numel() == 4, tier.report()
+        logits = []
+        for cache in caches:
+            for p in cache.paged:
+                p._topk_state.selection.fill_(-1)
+                p._topk_state.selection[slot.cuda(), g.cuda(), 0] = j.cuda().to(torch.int32)
+            out = torch.full((2, 1, model.config.vocab_size), float("nan"), device="cuda")
+            out.copy_(model(ids[:, 50:51], past_key_values=cache).logits.float())
+            logits.append(out)
+    torch.cuda.synchronize()
+    assert tier.recomputed == 4, tier.report()
+    assert torch.isfinite(logits[1]).all()
+    change = ((logits[1] - logits[0]).abs().max() / logits[0].std()).item()
+    print(f"bf16 logits after reading 4 recomputed pages: largest change {change:.2e} of their std")
+    assert change < 2e-2

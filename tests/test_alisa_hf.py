@@ -105,6 +105,101 @@ def test_generate_over_a_gpu_budget_with_a_host_tier_is_lossless(swa_model):
     assert "host tier" in cache.debug_report()
 
 
+@kernels
+def test_generate_dropping_pages_gives_the_resident_tokens(swa_model):
+    """Phase 3 under generate(): 12 GPU pages and no host pages for 16 pages per layer; the
+    oldest pages the steps do not read are dropped."""
+    ids = torch.randint(0, 100, (2, 40), generator=torch.Generator().manual_seed(5))
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        ref = swa_model.generate(ids, past_key_values=hf.S2Cache(swa_model, max_length=60, batch_size=2), **kw)
+        cache = hf.S2Cache(swa_model, max_length=60, batch_size=2, gpu_pages=12, host_pages=0, recompute="hidden")
+        out = swa_model.generate(ids, past_key_values=cache, **kw)
+    assert torch.equal(out, ref)
+    tier = cache.paged[0].table.tier
+    assert tier.dropped_pages > 0 and tier.host_pages_in_use == 0, tier.report()
+    assert "dropped" in cache.debug_report()
+
+
+@kernels
+def test_a_dropped_page_selected_again_is_recomputed(swa_model):
+    """ALISA's decode-side scores rarely bring back a page that left the selection (only visited
+    blocks gain mass), so the test selects the dropped block 0 itself, in both caches, and steps:
+    the tiered cache recomputes it from the logged hidden states and gives the resident logits."""
+    ids = torch.randint(0, 100, (2, 51), generator=torch.Generator().manual_seed(7))
+    caches = [hf.S2Cache(swa_model, max_length=60, batch_size=2),
+              hf.S2Cache(swa_model, max_length=60, batch_size=2, gpu_pages=12, host_pages=0, recompute="hidden")]
+    logits = []
+    with torch.no_grad():
+        for cache in caches:
+            swa_model(ids[:, :40], past_key_values=cache)
+            for n in range(40, 50):
+                swa_model(ids[:, n:n + 1], past_key_values=cache)
+            logits.append(cache)
+        tier = caches[1].paged[0].table.tier
+        slot, g, j = torch.nonzero(tier.dropped).unbind(1)  # 4 blocks x 4 (sequence, kv head) > 12 pages
+        assert slot.numel() == 4, tier.report()
+        logits = []
+        for cache in caches:
+            for p in cache.paged:
+                p._topk_state.selection.fill_(-1)
+                p._topk_state.selection[slot, g, 0] = j.to(torch.int32)
+            logits.append(swa_model(ids[:, 50:51], past_key_values=cache).logits)
+    assert tier.recomputed == 4 and tier.pages_dropped_now == 4, tier.report()
+    for resident, tiered in zip(caches[0].paged, caches[1].paged):
+        for a, b in ((resident.k_pages, tiered.k_pages), (resident.v_pages, tiered.v_pages)):
+            want = a[resident.table.tables[slot, g, j].long()]
+            got = b[tiered.table.tables[slot, g, j].long()]
+            assert (got - want).abs().max().item() < 1e-5
+    torch.testing.assert_close(logits[1], logits[0], atol=1e-5, rtol=1e-5)
+    assert torch.equal(logits[1].argmax(-1), logits[0].argmax(-1))
+
+
+@kernels
+def test_recomputed_kv_equal_what_the_layer_wrote(swa_model):
+    """The recompute of every held page from the logged hidden states against the pages the
+    prefill and decode steps wrote: float32 on the CPU, equal to rounding (a product over other
+    rows rounds differently: about 1e-7)."""
+    ids = torch.randint(0, 100, (2, 37), generator=torch.Generator().manual_seed(6))
+    cache = hf.S2Cache(swa_model, max_length=60, batch_size=2, gpu_pages=64, host_pages=8, recompute="hidden")
+    with torch.no_grad():
+        swa_model(ids[:, :30], past_key_values=cache)
+        for n in range(30, 37):
+            swa_model(ids[:, n:n + 1], past_key_values=cache)
+    tier = cache.paged[0].table.tier
+    assert tier.dropped_pages == 0
+    for layer in cache.layers:
+        p = layer.paged
+        tables = p.table.tables
+        slot, g, j = torch.nonzero(tables >= 0).unbind(1)
+        k, v = p.table.tier._recompute[id(p)](slot, g, j)
+        pages = tables[slot, g, j].long()
+        valid = (torch.arange(16).view(1, -1) + j.view(-1, 1) * 16 < 37).unsqueeze(-1)
+        for got, pool in ((k, p.k_pages), (v, p.v_pages)):
+            err = (torch.where(valid, got - pool[pages], 0)).abs().max().item()
+            assert err < 1e-5, err
+
+
+def test_recompute_arguments_are_checked(swa_model):
+    with pytest.raises(ValueError, match="host_pages"):
+        hf.S2Cache(swa_model, max_length=40, gpu_pages=8, recompute="hidden")
+    with pytest.raises(ValueError, match="prefill"):
+        hf.S2Cache(swa_model, max_length=40, gpu_pages=8, host_pages=2, recompute="ids")
+    with pytest.raises(ValueError, match="hidden"):
+        hf.S2Cache(swa_model, max_length=40, gpu_pages=8, host_pages=2, recompute="tokens")
+
+
+@kernels
+def test_decode_graph_refuses_a_tiered_cache(swa_model):
+    ids = torch.randint(0, 100, (1, 20), generator=torch.Generator().manual_seed(8))
+    cache = hf.S2Cache(swa_model, max_length=40, batch_size=1, gpu_pages=8, host_pages=4)
+    with torch.no_grad():
+        swa_model(ids, past_key_values=cache)
+    with pytest.raises(RuntimeError, match="host tier"):
+        cache.decode_graph(swa_model, capture=False)
+    assert all(not p.table.static_max_len for p in cache.paged)  # refused before anything changed
+
+
 def test_tier_arguments_are_checked(swa_model):
     with pytest.raises(ValueError, match="gpu_pages"):
         hf.S2Cache(swa_model, max_length=40, host_pages=4)

@@ -78,6 +78,32 @@ def test_int8_pages_stay_within_the_bound():
                 assert steps <= bound + 1e-4, (g, j, steps)
 
 
+@interpreter
+@pytest.mark.parametrize("dtype,padded", [(torch.float16, False), (torch.float32, True)], ids=["f16", "f32-padded"])
+def test_int8_chunked_prefill_reads_the_pages_through_the_kernel(dtype, padded):
+    """A second prefill chunk (several queries over the cache: the decode kernel's tiled path, or
+    row by row for a padded batch) reads INT8 pages, dequantised in the kernel; checked against
+    the reference over the cache's dequantised K/V."""
+    g = torch.Generator().manual_seed(1)
+    # lookahead: eviction after the chunk stays behind its first query, so gather sees what it read
+    cache = PagedKVCache(PHI, num_pages=64, head_dim=D, dtype=dtype, kv_dtype=torch.int8, lookahead=48)
+    ids = [cache.add_sequence() for _ in range(2)]
+    n0, n1 = 37, 20
+    data = [[torch.randn(1, h, n0 + n1, D, generator=g).to(dtype) for h in (PHI.heads, PHI.kv_heads, PHI.kv_heads)]
+            for _ in ids]
+    for s, (q, k, v) in zip(ids, data):
+        cached_attention(cache, [s], q[:, :, :n0], k[:, :, :n0], v[:, :, :n0])
+    q, k, v = (torch.cat([d[j][:, :, n0:] for d in data]) for j in range(3))
+    lengths = [n1, n1 - 5] if padded else None
+    out = cached_attention(cache, ids, q, k, v, lengths=lengths)
+    assert torch.isfinite(out).all()
+    for b, s in enumerate(ids):
+        real = n1 if not padded else lengths[b]
+        kd, vd = cache.gather(s)
+        ref = s2dsl.reference_attention(q[b:b + 1, :, :real].float(), kd[None].float(), vd[None].float(), PHI)
+        torch.testing.assert_close(out[b:b + 1, :, :real].float(), ref, atol=TOL[dtype], rtol=TOL[dtype])
+
+
 def test_int8_kernel_is_generated_only_for_int8_caches():
     plain = decode_source(PHI, choose_decode(PHI, torch.float16, D, 1, torch.device("cpu")))
     int8 = decode_source(PHI, choose_decode(PHI, torch.float16, D, 1, torch.device("cpu"), kv_int8=True))

@@ -53,6 +53,51 @@ def test_spilling_to_the_host_is_lossless(pattern, kv_dtype, alternate):
         assert tiered.pages_in_use <= 16
 
 
+def _oracle(cache, data):
+    """A recompute callback that returns the K/V each sequence wrote (slot i holds data[i])."""
+    b = cache.block
+
+    def recompute(slots, kv_heads, blocks):
+        out = []
+        for which in (1, 2):
+            rows = []
+            for s, g, j in zip(slots.tolist(), kv_heads.tolist(), blocks.tolist()):
+                page = data[s][which][0, g, j * b:(j + 1) * b]
+                rows.append(torch.cat([page, page.new_zeros(b - page.shape[0], D)]))
+            out.append(torch.stack(rows))
+        return tuple(out)
+    return recompute
+
+
+@interpreter
+@pytest.mark.parametrize("host_pages", [1, 0])
+def test_dropping_past_the_host_budget_and_recomputing_is_lossless(host_pages):
+    """Phase 3: the host holds 1 page (or none); older pages are dropped (their GPU pages
+    poisoned) and made again by the layer's callback when a step reads them."""
+    data = _data(SWA, 66, 2)
+    resident = PagedKVCache(SWA, num_pages=64, head_dim=D, dtype=torch.float32)
+    ref, _ = decode_steps(resident, data, 40, 26, alternate=True)
+    tiered = PagedKVCache(SWA, num_pages=16, head_dim=D, dtype=torch.float32)
+    tier = HostTier(tiered.table, host_pages=host_pages, drop=True, poison=True)
+    tier.attach(tiered, recompute=_oracle(tiered, data))
+    out, ids = decode_steps(tiered, data, 40, 26, alternate=True)
+    assert [tiered.slot(s) for s in ids] == [0, 1]
+    assert torch.isfinite(out).all()
+    assert torch.equal(out, ref)
+    assert tier.dropped_pages > 0 and tier.recomputed > 0, tier.report()
+    # every page of a top-k kv head is kept somewhere or marked dropped: 5 blocks x 2 kv heads x 2
+    assert tiered.pages_in_use + tier.host_pages_in_use + tier.pages_dropped_now == 20
+    assert tier.host_pages_in_use <= host_pages and tiered.pages_in_use <= 16
+    assert tier.syncs == 2 * 26 + 2  # one device read per planned step (the prefills included)
+
+
+def test_a_dropping_tier_needs_each_layers_recompute():
+    cache = PagedKVCache(SWA, num_pages=4, head_dim=D, dtype=torch.float32)
+    tier = HostTier(cache.table, host_pages=1, drop=True)
+    with pytest.raises(ValueError, match="recompute"):
+        tier.attach(cache)
+
+
 @interpreter
 def test_nothing_moves_when_everything_fits():
     data = _data(SWA, 52, 1)

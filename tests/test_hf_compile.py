@@ -19,7 +19,7 @@ model tiny { layers = 2  every 2 -> dense  rest -> sparse }
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
 def test_compiled_forward_over_s2cache_equals_eager():
-    import torch._dynamo
+    from torch import _dynamo
     model = tiny_llama(PLAN, layers=2, attn=hf.ATTN_IMPLEMENTATION)
     ids = torch.randint(1, 100, (2, 30), generator=torch.Generator().manual_seed(3))
     runs = []
@@ -34,8 +34,8 @@ def test_compiled_forward_over_s2cache_equals_eager():
         runs.append(torch.cat(logits, 1))
         assert cache.get_seq_length() == 34
     torch.testing.assert_close(runs[1], runs[0], rtol=0, atol=0)
-    explained = torch._dynamo.explain(model.forward)(input_ids=tok, past_key_values=cache, use_cache=True)
+    explained = _dynamo.explain(model.forward)(input_ids=tok, past_key_values=cache, use_cache=True)
     reasons = {str(b.reason).split("\n")[0] for b in explained.break_reasons}
     # every break is the cache's own eager step (update, attention) of a layer, nothing else
     assert explained.graph_break_count >= 2 * 2 and all("disable" in r for r in reasons), reasons
-    torch._dynamo.reset()
+    _dynamo.reset()

@@ -44,6 +44,11 @@ class Specialization:
     order: str = "longest_first"  # program order; naive and tile_major are kept for measurements
     num_warps: int = 4
     num_stages: int = 2
+    # "pointer" or "tma": K/V tiles through tensor descriptors (Hopper's copy engine; the
+    # descriptor bounds the rows to kv_len and pads the head dim with zeros, so no load mask)
+    kv_load: str = "pointer"
+    window_ws: bool = False      # warp-specialise the unmasked window loop (tl.range(warp_specialize=True))
+    fuse_diagonal: bool = False  # one pipelined loop over the window's inner blocks and the diagonal, all masked
 
     @property
     def d_pad(self) -> int:
@@ -181,17 +186,30 @@ def generate_forward(plan: KernelPlan, spec: Specialization, *, name: str = "pat
 {indent(full, ' ' * 12)}
             acc, l_i, m_i = _visit(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, j, 1, rows, row_block,
                                    kv_len, window, full, qk_scale, True, CAUSAL, BLOCK, BLOCK, BLOCK_N, HEAD_DIM, D_PAD)"""
-    if spec.window_span == 1:
-        window_masked += """
-        for j in range(edge, first_block):  # inside every row's window: no mask
+    # the long loop; warp specialisation (a producer warp feeding the matmul warps) is opt-in
+    window_range = "tl.range({}, warp_specialize=True)" if spec.window_ws else "range({})"
+    if spec.fuse_diagonal and (spec.window_span != 1 or plan.has_ahead or plan.extended):
+        raise ValueError("fuse_diagonal needs window_span=1, and a plan without blocks ahead of the diagonal, "
+                         "token edges, relative strides, global rows or prefixes")
+    if spec.fuse_diagonal:
+        window_masked += f"""
+        # the window's inner blocks and the diagonal blocks in one software-pipelined loop, each
+        # visit masked per row: the diagonal's tiles load while the window's are computed
+        for j in {window_range.format("edge, last_block + 1")}:
+{indent(full, ' ' * 12)}
+            acc, l_i, m_i = _visit(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, j, 1, rows, row_block,
+                                   kv_len, window, full, qk_scale, True, CAUSAL, BLOCK, BLOCK, BLOCK_N, HEAD_DIM, D_PAD)"""
+    elif spec.window_span == 1:
+        window_masked += f"""
+        for j in {window_range.format("edge, first_block")}:  # inside every row's window: no mask
             acc, l_i, m_i = _visit(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, j, 1, rows, row_block,
                                    kv_len, window, True, qk_scale, False, CAUSAL, BLOCK, BLOCK, BLOCK_N, HEAD_DIM, D_PAD)"""
     else:
         window_masked += f"""
         # inside every row's window: no mask; kept blocks are contiguous, so take WINDOW_SPAN at a time
         whole = edge + (first_block - edge) // WINDOW_SPAN * WINDOW_SPAN
-        for j in range(edge, whole, WINDOW_SPAN):
-            acc, l_i, m_i = _visit(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, j, 1, rows, row_block,
+        for j in {window_range.format("edge, whole, WINDOW_SPAN")}:
+            acc, l_i, m_i = _visit(acc, l_i, m_i, q, k_wide, v_wide, stride_kn, stride_vn, j, 1, rows, row_block,
                                    kv_len, window, True, qk_scale, False, CAUSAL, BLOCK, BLOCK * WINDOW_SPAN,
                                    WIDE_N, HEAD_DIM, D_PAD)
         for j in {short.format("whole", "first_block")}:
@@ -209,7 +227,7 @@ def generate_forward(plan: KernelPlan, spec: Specialization, *, name: str = "pat
     window_bounds = _window_bounds(plan)
     if "edge" not in window_bounds:  # the window range is the diagonal blocks
         window_masked = diagonal
-    else:
+    elif not spec.fuse_diagonal:
         window_masked += diagonal
     topk_params, topk_args, topk_loop, topk_launch = "", "", "", ""
     if plan.has_topk:
@@ -237,7 +255,8 @@ def generate_forward(plan: KernelPlan, spec: Specialization, *, name: str = "pat
     if plan.extended:
         def visit(masked, wide=False):
             span, n = ("BLOCK * WINDOW_SPAN", "WIDE_N") if wide else ("BLOCK", "BLOCK_N")
-            return (f"acc, l_i, m_i = _visit(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, j, 1, rows, "
+            kv = "k_wide, v_wide" if wide else "k_base, v_base"
+            return (f"acc, l_i, m_i = _visit(acc, l_i, m_i, q, {kv}, stride_kn, stride_vn, j, 1, rows, "
                     f"row_block,\n                       kv_len, HeadTable, h, qk_scale, {masked}, CAUSAL, BLOCK, "
                     f"{span}, {n}, HEAD_DIM, D_PAD)")
         enumeration = f"""\
@@ -265,6 +284,24 @@ def generate_forward(plan: KernelPlan, spec: Specialization, *, name: str = "pat
         k_base = K + b * stride_kb + kv_h * stride_kh
         v_base = V + b * stride_vb + kv_h * stride_vh
         lse_base = Lse + b * stride_lb + h * stride_lh"""
+    k_load, v_load, launch_alloc, scratch = _POINTER_LOADS + ("", "")
+    if spec.kv_load == "tma":
+        if spec.residue_span != 1:
+            raise ValueError("kv_load='tma' loads rows a tile's blocks apart only with residue_span=1")
+        k_load, v_load = _TMA_LOADS
+        locate += _tma_descriptors(spec.window_span > 1)
+        launch_alloc = """
+    # device-side tensor descriptors take a little global scratch per program
+    triton.set_allocator(_scratch)"""
+        scratch = """
+
+def _scratch(size, alignment, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+"""
+    elif spec.kv_load != "pointer":
+        raise ValueError(f"kv_load must be 'pointer' or 'tma', got {spec.kv_load!r}")
+    else:
+        enumeration = enumeration.replace("k_wide, v_wide", "k_base, v_base")
 
     tables = per_device(("head_table", "The per-head table, then the head order, on ``device``.",
                          "torch.tensor([x for row in HEAD_TABLE for x in row] + HEAD_ORDER, dtype=torch.int32, "
@@ -309,14 +346,7 @@ def _visit(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, j, step, rows
         rel = s * BLOCK_N + tl.arange(0, BLOCK_N)
         # the rel-th row of the span lies in its (rel // BLOCK)-th block, step blocks apart
         cols = j * BLOCK + rel + (rel // BLOCK) * (step - 1) * BLOCK
-        # K is read transposed, [D_PAD, BLOCK_N]: column n is key row cols[n]
-        k_ptrs = k_base + cols[None, :] * stride_kn + offs_d[:, None]
-        if MASKED:
-            k = tl.load(k_ptrs, mask=(cols[None, :] < kv_len) & (offs_d[:, None] < HEAD_DIM), other=0.0)
-        elif HEAD_DIM != D_PAD:
-            k = tl.load(k_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
-        else:
-            k = tl.load(k_ptrs)
+{k_load}
         qk = tl.dot(q, k)
         if MASKED:
 {mask}
@@ -332,13 +362,7 @@ def _visit(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, j, step, rows
             alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        v_ptrs = v_base + cols[:, None] * stride_vn + offs_d[None, :]
-        if MASKED:
-            v = tl.load(v_ptrs, mask=(cols[:, None] < kv_len) & (offs_d[None, :] < HEAD_DIM), other=0.0)
-        elif HEAD_DIM != D_PAD:
-            v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-        else:
-            v = tl.load(v_ptrs)
+{v_load}
         acc = tl.dot(p.to(v.dtype), v, acc)
         m_i = m_new
     return acc, l_i, m_i
@@ -385,7 +409,7 @@ def kernel(Q, K, V, Out, Lse, HeadTable, CuSeqQ, CuSeqK, {topk_params}
         tl.store(lse_base + (rows - past), lse, mask=valid)
 
 
-{tables}
+{tables}{scratch}
 
 def launch(q, k, v, out, lse, q_strides, k_strides, v_strides, o_strides, lse_strides,
            batch, q_len, kv_len, max_q_len, cu_seqlens_q, cu_seqlens_k, sm_scale{topk_launch}):
@@ -394,7 +418,7 @@ def launch(q, k, v, out, lse, q_strides, k_strides, v_strides, o_strides, lse_st
     n_tiles = triton.cdiv(max_kv_len, BLOCK_M)  # tiles are aligned to absolute positions
     table = head_table(q.device)
     dummy = table  # stands in for the cu_seqlens pointers when they are unused
-    grid = (n_tiles * HEADS, batch)
+    grid = (n_tiles * HEADS, batch){launch_alloc}
     kernel[grid](q, k, v, out, lse, table,
                  cu_seqlens_q if cu_seqlens_q is not None else dummy,
                  cu_seqlens_k if cu_seqlens_k is not None else dummy, {topk_args}
@@ -406,3 +430,45 @@ def launch(q, k, v, out, lse, q_strides, k_strides, v_strides, o_strides, lse_st
                  num_warps=NUM_WARPS, num_stages=NUM_STAGES)
 '''
     return source
+
+
+_POINTER_LOADS = ("""\
+        # K is read transposed, [D_PAD, BLOCK_N]: column n is key row cols[n]
+        k_ptrs = k_base + cols[None, :] * stride_kn + offs_d[:, None]
+        if MASKED:
+            k = tl.load(k_ptrs, mask=(cols[None, :] < kv_len) & (offs_d[:, None] < HEAD_DIM), other=0.0)
+        elif HEAD_DIM != D_PAD:
+            k = tl.load(k_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
+        else:
+            k = tl.load(k_ptrs)""", """\
+        v_ptrs = v_base + cols[:, None] * stride_vn + offs_d[None, :]
+        if MASKED:
+            v = tl.load(v_ptrs, mask=(cols[:, None] < kv_len) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        elif HEAD_DIM != D_PAD:
+            v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+        else:
+            v = tl.load(v_ptrs)""")
+
+# k_base / v_base are tensor descriptors here; a chunk of BLOCK_N rows is contiguous (one
+# block, or a window span with step 1: residue pairs are refused), so it starts at cols[0]
+_TMA_LOADS = ("""\
+        row0 = j * BLOCK + s * BLOCK_N + (s * BLOCK_N // BLOCK) * (step - 1) * BLOCK
+        k = k_base.load([row0, 0]).T""", """\
+        v = v_base.load([row0, 0])""")
+
+
+def _tma_descriptors(wide: bool) -> str:
+    """K/V descriptors over this sequence's rows of its kv head: rows past kv_len and head-dim
+    columns past HEAD_DIM read as zeros."""
+    code = """
+        k_base = tl.make_tensor_descriptor(k_base, shape=[kv_len, HEAD_DIM], strides=[stride_kn, 1],
+                                           block_shape=[BLOCK_N, D_PAD])
+        v_base = tl.make_tensor_descriptor(v_base, shape=[kv_len, HEAD_DIM], strides=[stride_vn, 1],
+                                           block_shape=[BLOCK_N, D_PAD])"""
+    if wide:
+        code = """
+        k_wide = tl.make_tensor_descriptor(k_base, shape=[kv_len, HEAD_DIM], strides=[stride_kn, 1],
+                                           block_shape=[WIDE_N, D_PAD])
+        v_wide = tl.make_tensor_descriptor(v_base, shape=[kv_len, HEAD_DIM], strides=[stride_vn, 1],
+                                           block_shape=[WIDE_N, D_PAD])""" + code
+    return code

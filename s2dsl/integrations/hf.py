@@ -232,15 +232,121 @@ def reference_attention_forward(module, query: torch.Tensor, key: torch.Tensor, 
 # ------------------------------------------------------------------------------ the cache
 def pages_needed(pattern: Pattern, max_length: int, batch_size: int, lookahead: int = 0) -> int:
     """Pool size for ``batch_size`` sequences of up to ``max_length`` tokens under ``pattern``:
-    per (sequence, kv head) the blocks the pattern keeps at that length (``lookahead``
-    tokens back, for rollback), plus one."""
+    per (sequence, kv head) the blocks the pattern keeps at that length (``lookahead`` tokens
+    back, for rollback, and one block more: a decode step evicts for its first token, one behind
+    its last), plus the page a step may open."""
     from ..runtime.paging import KeepRules, kv_efficient_heads
     rules = KeepRules(pattern, kv_efficient_heads(pattern), "cpu")
-    n_blocks = -(-max_length // pattern.block)
-    i = max(n_blocks - 1 - -(-lookahead // pattern.block), 0)
-    j = torch.arange(n_blocks).view(1, 1, -1)
-    per_seq = int(rules.needed(torch.full((1, 1, 1), i), j).sum()) + pattern.kv_heads
+    per_seq = sum(rules.count_needed(max_length, lookahead + pattern.block)) + pattern.kv_heads
     return batch_size * per_seq
+
+
+class _HiddenLog:
+    """One layer's attention inputs (the normed hidden states its K/V projections read) per
+    sequence slot and position, in host memory (pinned beside a GPU): what a dropped page is
+    recomputed from (ALISA's phase 3). Writes from the GPU go through pinned staging buffers
+    without a sync; they land in the log at the next read (after the step's own sync)."""
+
+    def __init__(self, slots: int, capacity: int, hidden: int, dtype: torch.dtype, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.data = torch.zeros(slots, max(capacity, 1), hidden, dtype=dtype, pin_memory=self.cuda)
+        self.pending = []
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
+
+    def _grow(self, slots: int, capacity: int) -> None:
+        s, c, h = self.data.shape
+        if slots <= s and capacity <= c:
+            return
+        self._flush()
+        grown = torch.zeros(max(slots, s), max(capacity, 2 * c), h, dtype=self.data.dtype, pin_memory=self.cuda)
+        grown[:s, :c] = self.data
+        self.data = grown
+
+    def write(self, x: torch.Tensor, slots: Sequence[int], plan) -> None:
+        """Log the step's real tokens of ``x`` (batch, n, hidden) at their positions (``slots``:
+        each row's sequence slot, known on the host; ``plan``: the step's ``StepPlan`` with its
+        host-side starts, counts and offsets)."""
+        b, n, h = x.shape
+        self._grow(max(slots) + 1, max(s + c for s, c in zip(plan.starts, plan.counts)))
+        cap = self.data.shape[1]
+        src = torch.cat([torch.arange(o, o + c) + i * n for i, (o, c) in enumerate(zip(plan.offsets, plan.counts))])
+        dst = torch.cat([torch.arange(st, st + c) + sl * cap for sl, st, c in zip(slots, plan.starts, plan.counts)])
+        rows = x.detach().reshape(b * n, h).index_select(0, src.to(x.device))
+        if self.cuda:
+            staging = torch.empty(rows.shape, dtype=self.data.dtype, pin_memory=True)
+            staging.copy_(rows, non_blocking=True)
+            self.pending.append((staging, dst, torch.cuda.Event()))
+            self.pending[-1][2].record()
+        else:
+            self.data.view(-1, h).index_copy_(0, dst, rows.to(self.data.dtype))
+
+    def _flush(self) -> None:
+        h = self.data.shape[2]
+        for staging, dst, ev in self.pending:
+            ev.synchronize()
+            self.data.view(-1, h).index_copy_(0, dst, staging)
+        self.pending.clear()
+
+    def read(self, slots: torch.Tensor, blocks: torch.Tensor, block: int, device) -> torch.Tensor:
+        """The logged inputs of pages (slot, block): (m, block, hidden) on ``device`` (zeros past
+        what was logged)."""
+        self._flush()
+        s, cap, h = self.data.shape
+        pos = blocks.view(-1, 1) * block + torch.arange(block).view(1, -1)
+        idx = slots.view(-1, 1) * cap + pos.clamp(max=cap - 1)
+        rows = self.data.view(-1, h)[idx.view(-1)].view(-1, block, h)
+        rows = torch.where((pos < cap).unsqueeze(-1), rows, 0)
+        return rows.to(device, non_blocking=False)
+
+
+def _rotary_of(model):
+    """The model's rotary embedding module (Llama-style ``rotary_emb``), or None."""
+    for name, m in model.named_modules():
+        if name.split(".")[-1] == "rotary_emb":
+            return m
+    return None
+
+
+def _kv_recompute(module, rotary, log: _HiddenLog, block: int, device):
+    """The K/V of pages (slot, kv head, block) made again from the layer's logged inputs with the
+    layer's own projections, key norm (if any) and rotary embedding at the tokens' positions
+    (each sequence's own index: generate()'s positions, left padding included)."""
+    import sys
+    rope = getattr(sys.modules[type(module).__module__], "apply_rotary_pos_emb")
+    d = module.head_dim
+
+    def recompute(slots: torch.Tensor, kv_heads: torch.Tensor, blocks: torch.Tensor):
+        key = slots * (1 << 32) + blocks
+        uniq, inv = torch.unique(key, return_inverse=True)  # pages of one (slot, block): one product
+        us, ub = uniq // (1 << 32), uniq % (1 << 32)
+        with torch.no_grad():
+            x = log.read(us, ub, block, device)
+            u = x.shape[0]
+            k = module.k_proj(x).view(u, block, -1, d)
+            v = module.v_proj(x).view(u, block, -1, d).transpose(1, 2)
+            if getattr(module, "k_norm", None) is not None:
+                k = module.k_norm(k)
+            k = k.transpose(1, 2)
+            pos = (ub.view(-1, 1) * block + torch.arange(block).view(1, -1)).to(device)
+            cos, sin = rotary(x, pos)
+            _, k = rope(k, k, cos, sin)
+            g = kv_heads.to(device)
+            inv = inv.to(device)
+            return k[inv, g], v[inv, g]
+    return recompute
+
+
+def _capture_hidden(module, args, kwargs):
+    """Forward pre-hook of an attention module: hand its input to the S2Cache layer that logs it."""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    layers = getattr(cache, "layers", None)
+    if not layers or not getattr(cache, "_logs_hidden", False):
+        return
+    x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    layers[module.layer_idx]._hidden_in = x
 
 
 _CLASSES = {}
@@ -270,10 +376,15 @@ def _classes():
         is_croppable = True
 
         def __init__(self, pattern: Pattern, num_pages: int, group=None, lookahead: int = 0, kv_dtype=None,
-                     host_pages: Optional[int] = None):
+                     host_pages: Optional[int] = None, recompute=None):
             super().__init__()
             self.pattern, self.num_pages, self.lookahead = pattern, num_pages, lookahead
             self.kv_dtype, self.host_pages = kv_dtype, host_pages
+            # phase 3: (attention module, rotary embedding, capacity) to recompute dropped pages from
+            self.recompute = recompute
+            self.hidden_log: Optional[_HiddenLog] = None
+            self.tier_group = None
+            self._hidden_in = None
             self.group = group if group is not None else _Group(1)
             self.paged: Optional[PagedKVCache] = None
             self._length = 0
@@ -298,9 +409,18 @@ def _classes():
                 group.seq_ids = tuple(self.paged.add_sequence() for _ in range(b))
                 if self.host_pages is not None:
                     from ..runtime.host_tier import HostTier
-                    HostTier(group.table, self.host_pages)
+                    HostTier(group.table, self.host_pages, drop=self.recompute is not None, group=self.tier_group)
             if group.table.tier is not None:
-                group.table.tier.attach(self.paged)
+                fn = None
+                if self.recompute is not None:
+                    module, rotary, capacity = self.recompute
+                    x = self._hidden_in
+                    if x is None:
+                        raise RuntimeError("S2Cache(recompute='hidden'): the layer's input was not captured (an "
+                                           "attention module without the hook S2Cache installs)")
+                    self.hidden_log = _HiddenLog(b, capacity, x.shape[-1], x.dtype, key_states.device)
+                    fn = _kv_recompute(module, rotary, self.hidden_log, self.pattern.block, key_states.device)
+                group.table.tier.attach(self.paged, recompute=fn)
             self.is_initialized = True
 
         # A step keeps host state (each sequence's length, how far eviction has gone, the plan
@@ -338,6 +458,10 @@ def _classes():
             buf = query.new_empty(b, n, heads, d).transpose(1, 2)
             out = cached_attention(self.paged, self.seq_ids, query, key, value, scale=scale, lengths=lengths,
                                    left_padding=left, out=buf)
+            if self.hidden_log is not None:  # phase 3: what this step's pages are recomputed from
+                table = self.paged.table
+                self.hidden_log.write(self._hidden_in, [table.get(s).slot for s in self.seq_ids], table.plan)
+            self._hidden_in = None
             self._length += n
             group.length = max(group.length, self._length)
             return out
@@ -403,14 +527,21 @@ def _classes():
         (ALISA's channel-wise asymmetric quantisation, ``s2dsl.runtime.quant``).
         ``gpu_pages`` (per layer, an int or one per layer; in place of ``num_pages``) bounds the
         GPU pool and ``host_pages`` (per layer) adds ALISA's host tier (``s2dsl.runtime.host_tier``):
-        pages a step does not read wait in pinned host memory. ``debug_report()`` says where the
+        pages a step does not read wait in pinned host memory; each layer then has its own page
+        table (a step reads its own layer's top-k only). ``recompute="hidden"`` (with
+        ``host_pages``, 0 allowed) adds ALISA's phase 3: past the host budget the oldest pages are
+        dropped, and each layer logs its attention input (the normed hidden states its K/V
+        projections read) in host memory to recompute a dropped page when a step reads it again
+        (Llama-style attention: ``k_proj``, ``v_proj``, optional ``k_norm``, the model's
+        ``rotary_emb`` at each token's index in its sequence). ``debug_report()`` says where the
         pages are and which phase ALISA's cost model picks for the current lengths.
         """
 
         def __init__(self, model=None, *, max_length: Optional[int] = None, batch_size: int = 1,
                      num_pages: Union[int, Sequence[int], None] = None, patterns: Optional[Sequence[Pattern]] = None,
                      max_rollback: int = 64, kv_dtype: Optional[torch.dtype] = None,
-                     gpu_pages: Union[int, Sequence[int], None] = None, host_pages: Optional[int] = None):
+                     gpu_pages: Union[int, Sequence[int], None] = None, host_pages: Optional[int] = None,
+                     recompute: Optional[str] = None):
             if patterns is None:
                 patterns = getattr(model, "s2dsl_patterns", None)
                 if patterns is None:
@@ -424,6 +555,9 @@ def _classes():
                 raise ValueError("host_pages needs gpu_pages: the GPU pool the host tier backs")
             if host_pages is not None and host_pages < 0:
                 raise ValueError(f"host_pages must be >= 0, got {host_pages}")
+            rec = [None] * len(patterns)
+            if recompute is not None:
+                rec = self._recompute_sources(model, recompute, host_pages, max_length, len(patterns))
             if num_pages is None:
                 if max_length is None:
                     raise ValueError("give max_length (tokens per sequence) or num_pages to size the page pools")
@@ -433,14 +567,53 @@ def _classes():
             num_pages = list(num_pages)
             if len(num_pages) != len(patterns):
                 raise ValueError(f"{len(num_pages)} pool sizes for {len(patterns)} layers")
-            keys = [(p.fingerprint(), n) for p, n in zip(patterns, num_pages)]
+            # with a host tier every layer has its own page table: a layer's step reads its own top-k
+            # selection, and a table shared by L layers would have to keep the union of L selections
+            # on the GPU (the tiers still prepare a step together: runtime.host_tier.TierGroup)
+            keys = [(p.fingerprint(), n, i if host_pages is not None else None)
+                    for i, (p, n) in enumerate(zip(patterns, num_pages))]
             groups = {key: _Group(keys.count(key)) for key in keys}
             if kv_dtype is not None and kv_dtype != torch.int8 and not kv_dtype.is_floating_point:
                 raise ValueError(f"kv_dtype must be torch.int8 or a floating-point dtype; got {kv_dtype}")
-            super().__init__(layers=[S2CacheLayer(p, n, groups[key], max_rollback, kv_dtype, host_pages)
-                                     for p, n, key in zip(patterns, num_pages, keys)])
+            super().__init__(layers=[S2CacheLayer(p, n, groups[key], max_rollback, kv_dtype, host_pages, r)
+                                     for p, n, key, r in zip(patterns, num_pages, keys, rec)])
+            if host_pages is not None:
+                from ..runtime.host_tier import TierGroup
+                tiers = TierGroup()
+                for layer in self.layers:
+                    layer.tier_group = tiers
+            self._logs_hidden = recompute is not None
             self.max_length = max_length
             self._hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+
+        @staticmethod
+        def _recompute_sources(model, recompute, host_pages, max_length, n_layers):
+            """Per layer (attention module, rotary embedding, log capacity); installs the hooks that
+            hand each attention module's input to its layer."""
+            if recompute == "ids":
+                raise ValueError("recompute='ids' is not built: a dropped token's K/V at layer L depend on "
+                                 "every earlier token through layers 0..L-1, so recomputing from token ids "
+                                 "re-runs the dropped prefix's prefill per miss; use recompute='hidden'")
+            if recompute != "hidden":
+                raise ValueError(f"recompute must be None or 'hidden' (the layer's input hidden states), got "
+                                 f"{recompute!r}")
+            if host_pages is None:
+                raise ValueError("recompute='hidden' drops pages past the host budget: give host_pages (0: drop "
+                                 "whatever leaves the GPU pool)")
+            if model is None:
+                raise ValueError("recompute='hidden' needs the model (its K/V projections and rotary embedding)")
+            modules = attention_modules(model)
+            if len(modules) != n_layers:
+                raise ValueError(f"{n_layers} layer patterns for a model of {len(modules)} attention layers")
+            rotary = _rotary_of(model)
+            if rotary is None or not all(hasattr(m, "k_proj") and hasattr(m, "v_proj") for m in modules):
+                raise ValueError("recompute='hidden' runs Llama-style attention (k_proj, v_proj and a rotary_emb "
+                                 f"module); {type(model).__name__} is not")
+            for m in modules:
+                if not getattr(m, "_s2dsl_hidden_hook", False):
+                    m.register_forward_pre_hook(_capture_hidden, with_kwargs=True)
+                    m._s2dsl_hidden_hook = True
+            return [(m, rotary, max_length or 0) for m in modules]
 
         @property
         def paged(self) -> List[Optional[PagedKVCache]]:
@@ -466,6 +639,13 @@ def _classes():
             layers = list(self.layers)
             if any(layer.paged is None for layer in layers):
                 raise RuntimeError("decode_graph needs the cache filled by a prefill first")
+            if any(layer.paged.table.tier is not None for layer in layers):
+                # a tier decides on the host, per step, which pages move (and what to recompute from
+                # hidden states it logs on the host): work a replayed graph cannot do
+                raise RuntimeError("decode_graph does not run a cache with a host tier (gpu_pages/host_pages): "
+                                   "the tier moves and recomputes pages on the host before every step. Decode "
+                                   "eagerly (model.generate) over this cache, or size the GPU pool for every "
+                                   "page (S2Cache without gpu_pages/host_pages) to use CUDA graphs")
             max_length = max_length or self.max_length
             if max_length is None:
                 raise ValueError("give max_length: the longest a sequence may grow")
@@ -526,8 +706,10 @@ def _classes():
                     continue
                 seen.add(id(p.table))
                 tier = p.table.tier
+                log = (f"; hidden-state log {layer.hidden_log.nbytes / 2 ** 20:.1f} MiB"
+                       if layer.hidden_log is not None else "")
                 lines.append(f"layer {i} ({layer.pattern.name}, shared by {p.table.members}): GPU pool "
-                             f"{p.pages_in_use}/{p.num_pages} pages" + (f"; {tier.report()}" if tier else ""))
+                             f"{p.pages_in_use}/{p.num_pages} pages" + (f"; {tier.report()}" if tier else "") + log)
             first = next((layer for layer in self.layers if layer.paged is not None), None)
             if first is None:
                 return "\n".join(lines)

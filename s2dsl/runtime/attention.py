@@ -7,7 +7,7 @@ import torch
 
 from ..codegen.lower import lower
 from ..pattern import Pattern
-from .kernels import choose_forward, forward_module
+from .kernels import choose_forward, forward_module, kv_tma_ready
 from .validate import LAYOUTS, InputError, check_attention_inputs, check_scale, interpreter_compute_dtype
 
 # the checks live in validate.py, shared by every entry point; these names stay for importers
@@ -44,7 +44,9 @@ def forward(q, k, v, pattern: Pattern, *, scale: Optional[float] = None, layout:
         return (out32.to(q.dtype) if out is None else out.copy_(out32)), lse
     layout = "varlen" if varlen else layout
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    spec = choose_forward(pattern, q.dtype, head_dim, layout, q.device, tuning)
+    seq_len = None if varlen else k.shape[2 if layout == "bhsd" else 1]
+    spec = choose_forward(pattern, q.dtype, head_dim, layout, q.device, tuning, seq_len=seq_len,
+                          kv_tma=q.device.type == "cuda" and kv_tma_ready(k, v))
     module = forward_module(pattern, spec)
     if out is None:
         out = torch.empty_like(q)

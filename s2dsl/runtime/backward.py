@@ -30,10 +30,15 @@ def _divisor(block: int, target: int) -> int:
     return n
 
 
+#: forward-only fields of Specialization (the backward's loads and loops have no such variants)
+_FORWARD_ONLY = {"kv_load": "pointer", "window_ws": False, "fuse_diagonal": False}
+
+
 def _as_backward(spec: Specialization) -> BackwardSpecialization:
     if isinstance(spec, BackwardSpecialization):
         return spec
-    return BackwardSpecialization(**{f.name: getattr(spec, f.name) for f in fields(Specialization)})
+    return BackwardSpecialization(**{f.name: getattr(spec, f.name) for f in fields(Specialization)
+                                     if f.name not in _FORWARD_ONLY})
 
 
 def choose_backward(pattern: Pattern, dtype: torch.dtype, head_dim: int, layout: str,
@@ -60,7 +65,12 @@ def choose_backward(pattern: Pattern, dtype: torch.dtype, head_dim: int, layout:
                        capability=tuple(capability))
     if spec.block_m > block and lower(pattern).one_block_tiles:  # a dQ tile stays inside one query block
         spec = replace(spec, block_m=block)
-    return replace(spec, **(tuning or {}))
+    spec = replace(spec, **(tuning or {}))
+    changed = [name for name, default in _FORWARD_ONLY.items() if getattr(spec, name) != default]
+    if changed:
+        raise InputError(f"{', '.join(changed)}: forward-only variants; the backward has none (tune it with "
+                         "block_m/block_n/dkdv_*/num_warps/num_stages/one_grid/two_streams/flat_steps)")
+    return spec
 
 
 def choose_backward_for_gpu(pattern: Pattern, head_dim: int) -> BackwardSpecialization:

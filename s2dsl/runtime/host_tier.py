@@ -1,77 +1,120 @@
-"""ALISA's host tier: pages a decode step does not read live in (pinned) host memory.
+"""ALISA's host tier: pages a decode step does not read live in (pinned) host memory, and past
+the host budget they are dropped and recomputed when read again.
 
 A ``HostTier`` rides along one ``PageTable`` (``table.tier``) and the caches (layers) that share
 it. The GPU pool is the table's ``num_pages``; the host pool has ``host_pages`` slots per layer.
 Before the table plans a step (``prepare``) the tier
 
-1. forgets host pages nobody can read again (past a sequence's end after a crop, of a slot whose
-   sequence left, or no longer needed by a KV-efficient kv head's pattern);
+1. forgets host pages (and dropped pages) nobody can read again (past a sequence's end after a
+   crop, of a slot whose sequence left, or no longer needed by a KV-efficient kv head's pattern);
 2. brings up every host page the step reads: the static blocks of each kv head's q heads at the
    step's query (window, sinks, residue classes) and the current top-k selection of every layer
    sharing the table (``topk_state``: chosen by the previous step for this one);
 3. when the GPU pool is short of the pages these copies and the step's new tokens need, moves
-   pages the step does not read down to the host, oldest blocks first.
+   pages the step does not read down to the host, oldest blocks first;
+4. when the host pool is short too and the tier was made with ``drop=True`` (ALISA's phase 3),
+   drops the oldest pages the step does not read (host pages or the pages about to move down):
+   their bytes are gone, and when a step reads a dropped page again each layer's ``recompute``
+   callback (given to ``attach``) makes its K and V again on the device. The tier knows nothing
+   of what the callback keeps; ``s2dsl.integrations.hf`` keeps each layer's input hidden states
+   and runs the layer's own K/V projections and rotary embedding (see its docstring for why).
 
 Spilling is exact (the same bytes, INT8 codes with their scale and bias included), so decoding
-over a tiered cache gives exactly what the all-resident cache gives. A page moves only under
-pressure: with everything fitting the GPU pool, nothing moves.
+over a tiered cache gives exactly what the all-resident cache gives. Recomputing is as exact as
+the callback: the same weights on the same inputs, up to the rounding of a product whose rows
+are batched differently (about one unit in the last place; the tests measure it). An INT8 page
+is quantised again from the recomputed values, whole (within half a step of them). A page moves
+only under pressure: with everything fitting the GPU pool, nothing moves.
 
 On CUDA the copies run on a side stream; a layer waits (``wait``) only for its own copies before
 its step writes or reads its pool, so later layers' copies overlap earlier layers' compute.
-The bookkeeping reads the page tables on the host once per step (one sync per step and table).
+The bookkeeping reads the device once per step and table: one transfer holds the page tables,
+the free-page stack and every layer's top-k selection; everything after is planned on the host
+and mirrored onto the device with tensor ops.
 
 Limits: a first prefill writes the prompt's pages at once, so the GPU pool must hold one
 batch's prompt (its kept blocks); sequences spill from the next step on. CUDA-graph decode
-steps (static tables) do not tier.
+steps (static tables) do not tier: ``PageTable.enable_static`` refuses a tiered table.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
 from .paging import KeepRules, OutOfPagesError, PageTable
+from .quant import quantize_pages
 
-__all__ = ["HostTier", "HostFullError"]
+__all__ = ["HostTier", "TierGroup", "HostFullError", "Recompute"]
+
+#: ``recompute(slots, kv_heads, blocks)`` (int64 CPU tensors of m entries) -> ``(k, v)``, each
+#: ``[m, block, head_dim]`` on the pool's device: the K and V of those pages, made again
+Recompute = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple]
 
 
 class HostFullError(OutOfPagesError):
     """The host pool is full too (and this tier does not drop pages)."""
 
 
+class TierGroup:
+    """Tiers of page tables that step together (one per layer of a model, in layer order): the
+    first tier, whose table plans each step first, prepares every one from one read of the
+    device, so that the copies of later layers start at the step's beginning and overlap the
+    earlier layers' compute, and a step reads the device once, not once per layer. Each table
+    keeps its own residency: a layer's step reads its own top-k selection, so one layer's choice
+    moves none of another's pages."""
+
+    def __init__(self):
+        self.tiers: List["HostTier"] = []
+        self.pending: set = set()  # tiers prepared for the current step, not yet planned
+
+
 class HostTier:
     """Host pages for the caches sharing ``table`` (see the module docstring).
 
-    ``host_pages``: host slots per layer. ``poison``: write NaN into GPU pages as they move down
-    (tests: a kernel reading a page that is not resident would produce NaN)."""
+    ``host_pages``: host slots per layer. ``drop``: past the host budget, drop the oldest pages
+    and recompute them when read (every member then needs a ``recompute`` callback); without it
+    a full host raises ``HostFullError``. ``poison``: write NaN into GPU pages as they move down
+    or are dropped (tests: a kernel reading a page that is not resident would produce NaN)."""
 
-    def __init__(self, table: PageTable, host_pages: int, *, poison: bool = False):
+    def __init__(self, table: PageTable, host_pages: int, *, drop: bool = False, poison: bool = False,
+                 group: Optional["TierGroup"] = None):
         if host_pages < 0:
             raise ValueError(f"host_pages must be >= 0, got {host_pages}")
         if getattr(table, "tier", None) is not None:
             raise ValueError("this page table already has a host tier")
         self.table = table
         self.host_pages = host_pages
+        self.drop = drop
         self.poison = poison
         self.members: List = []
         self._host: Dict[int, List[torch.Tensor]] = {}
+        self._recompute: Dict[int, Recompute] = {}
         self._events: Dict[int, object] = {}
         self._free: List[int] = list(range(host_pages - 1, -1, -1))
         self.host_table = torch.full((0, table.kv_heads, 0), -1, dtype=torch.int32)
+        self.dropped = torch.zeros((0, table.kv_heads, 0), dtype=torch.bool)
         # what each kv head's step reads besides the top-k: its q heads' static components, as if
         # every head were KV-efficient (a top-k kv head keeps every page, but reads only these)
         self.reads_rules = KeepRules(table.pattern, (True,) * table.pattern.heads, torch.device("cpu"))
         self.evict_rules = KeepRules(table.pattern, table.efficient, torch.device("cpu"))
         self.moved_up = self.moved_down = 0  # pages, since creation
+        self.dropped_pages = self.recomputed = 0
+        self.syncs = 0  # device reads by the bookkeeping (one per step)
         self.cuda = table.device.type == "cuda"
         self._stream = torch.cuda.Stream(table.device) if self.cuda else None
+        self.group = group if group is not None else TierGroup()
+        self.group.tiers.append(self)
         table.tier = self
 
     # ------------------------------------------------------------------ members
-    def attach(self, cache) -> None:
-        """A cache (layer) of this table: give it host slots of its page shape."""
+    def attach(self, cache, recompute: Optional[Recompute] = None) -> None:
+        """A cache (layer) of this table: give it host slots of its page shape. ``recompute``:
+        how this layer makes a dropped page's K/V again (required with ``drop=True``)."""
         if cache.table is not self.table:
             raise ValueError("the cache does not use this tier's page table")
+        if self.drop and recompute is None:
+            raise ValueError("a tier that drops pages needs each layer's recompute callback (attach(cache, recompute))")
         pin = self.cuda
         shape = (self.host_pages,) + tuple(cache._k_all.shape[1:])
         bufs = [torch.empty(shape, dtype=cache.kv_dtype, pin_memory=pin),
@@ -80,10 +123,16 @@ class HostTier:
             bufs.append(torch.empty((4, self.host_pages, cache.head_dim), dtype=torch.float32, pin_memory=pin))
         self.members.append(cache)
         self._host[id(cache)] = bufs
+        if recompute is not None:
+            self._recompute[id(cache)] = recompute
 
     @property
     def host_pages_in_use(self) -> int:
         return self.host_pages - len(self._free)
+
+    @property
+    def pages_dropped_now(self) -> int:
+        return int(self.dropped.sum())
 
     def wait(self, cache) -> None:
         """Make the current stream wait for this layer's copies (CUDA); nothing on the CPU."""
@@ -93,67 +142,103 @@ class HostTier:
 
     # ------------------------------------------------------------------ a step
     def prepare(self, seq_ids: Sequence, n: int, only_needed: bool) -> None:
-        """Before the table plans writing ``n`` tokens to ``seq_ids``: make room, bring up reads."""
+        """Before the table plans writing ``n`` tokens to ``seq_ids``: make room, bring up reads
+        (for every tier of the group whose table holds the same sequences, at the first of them)."""
+        group = self.group
+        if self in group.pending:
+            group.pending.discard(self)
+            return
+        # the group's first tier (the first layer) begins a step; a later one prepares alone only
+        # when it was not prepared with the first (it joined the group during this step)
+        tiers = [self]
+        if self is group.tiers[0]:
+            tiers += [t for t in group.tiers[1:] if t.members and t._holds(seq_ids)]
+        reads = [t._device_state(seq_ids, n) for t in tiers]
+        # the step's one read of the device: every table, free stack and top-k selection together
+        flat = torch.cat([x.to(torch.long) for parts in reads for x in parts]).cpu()
+        self.syncs += 1
+        at = 0
+        for t, parts in zip(tiers, reads):
+            size = sum(x.numel() for x in parts)
+            t._prepare(flat[at:at + size], seq_ids, n, only_needed)
+            at += size
+        group.pending = set(tiers[1:])
+
+    def _holds(self, seq_ids) -> bool:
+        return all(s in self.table._seqs for s in seq_ids)
+
+    def _device_state(self, seq_ids, n: int) -> List[torch.Tensor]:
         t = self.table
-        seqs = t.seqs(seq_ids)
-        tables = t.tables.cpu()
-        self._fit(tables.shape)
-        self._release(tables)
-        b, kvh = t.block, t.kv_heads
-        width = tables.shape[2]
-        j = torch.arange(width).view(1, 1, -1)
-        # blocks each sequence of the step reads (all blocks: a chunk of several queries)
-        reads = torch.zeros(tables.shape, dtype=torch.bool)
-        step_slots = torch.tensor([s.slot for s in seqs], dtype=torch.long)
-        for s in seqs:
-            n_blocks = -(-s.length // b)
-            if n == 1:
-                i = torch.full((1, 1, 1), s.length // b, dtype=torch.long)
-                r = self.reads_rules.needed(i, j)[0]
-            else:
-                r = torch.ones(kvh, width, dtype=torch.bool)
-            reads[s.slot] = r & (j[0] < n_blocks)
+        step_slots = torch.tensor([t.get(s).slot for s in seq_ids], dtype=torch.long)
+        states = []
         if n == 1:
             for cache in self.members:
                 state = getattr(cache, "_topk_state", None)
-                if state is None:
-                    continue
-                sel = state.selection[step_slots.to(state.selection.device)].long().cpu()  # (batch, kvh, K)
-                for row, slot in enumerate(step_slots.tolist()):
-                    cols = sel[row].clamp(min=0, max=width - 1)
-                    chosen = torch.zeros(kvh, width, dtype=torch.long).scatter_reduce_(
-                        1, cols, (sel[row] >= 0).long(), reduce="amax")
-                    reads[slot] |= chosen.bool()
+                if state is not None and state.selection.shape[0] > 0:
+                    states.append(state.selection[step_slots.to(state.selection.device)])
+        self._n_states = len(states)
+        return [t.tables.reshape(-1), t.free_stack, t.n_free.view(1)] + [s.reshape(-1) for s in states]
+
+    def _prepare(self, flat: torch.Tensor, seq_ids: Sequence, n: int, only_needed: bool) -> None:
+        t = self.table
+        seqs = t.seqs(seq_ids)
+        step_slots = torch.tensor([s.slot for s in seqs], dtype=torch.long)
+        shape = t.tables.shape
+        n_tab = t.tables.numel()
+        tables = flat[:n_tab].view(shape).to(torch.int32)
+        self._stack = flat[n_tab:n_tab + t.free_stack.numel()].clone()
+        self._n_free = int(flat[n_tab + t.free_stack.numel()])
+        sels = (flat[n_tab + t.free_stack.numel() + 1:].view(self._n_states, len(seqs), t.kv_heads, -1)
+                if self._n_states else None)
+        self._fit(shape)
+        self._release()
+        b, kvh = t.block, t.kv_heads
+        width = shape[2]
+        j = torch.arange(width).view(1, 1, -1)
+        n_blocks = torch.tensor([-(-s.length // b) for s in seqs], dtype=torch.long).view(-1, 1, 1)
+        if n == 1:  # the blocks each kv head's static components read at the step's query
+            i = torch.tensor([s.length // b for s in seqs], dtype=torch.long).view(-1, 1, 1)
+            step_reads = self.reads_rules.needed(i, j)
+        else:  # a chunk of several queries: every block
+            step_reads = torch.ones(len(seqs), kvh, width, dtype=torch.bool)
+        if sels is not None:  # and every layer's top-k selection
+            for sel in sels:
+                hit = torch.zeros(len(seqs), kvh, width, dtype=torch.long)
+                hit.scatter_reduce_(2, sel.clamp(0, width - 1), (sel >= 0).long(), reduce="amax")
+                step_reads |= hit.bool()
+        reads = torch.zeros(shape, dtype=torch.bool)
+        reads[step_slots] = step_reads & (j < n_blocks)
         up = reads & (tables < 0) & (self.host_table >= 0)
-        n_up = int(up.sum())
-        new_pages = 0 if only_needed and n > 1 else kvh * sum(-(-(s.length + n) // b) - -(-s.length // b)
-                                                              for s in seqs)
-        if only_needed and n > 1:  # a first prefill: the blocks the pattern keeps afterwards (and the
-            # lookahead's, which eviction keeps behind)
-            back = -(-t.lookahead // b)
-            new_pages = sum(min(t.rules.count_needed(s.length + n)[g] + back, -(-(s.length + n) // b))
-                            for s in seqs for g in range(kvh))
-        short = n_up + new_pages - int(t.n_free)
+        rec = reads & self.dropped
+        n_up, n_rec = int(up.sum()), int(rec.sum())
+        if only_needed and n > 1:  # a first prefill: the blocks the pattern keeps afterwards
+            new_pages = sum(sum(t.rules.count_needed(s.length + n, t.lookahead)) for s in seqs)
+        else:
+            new_pages = kvh * sum(-(-(s.length + n) // b) - -(-s.length // b) for s in seqs)
+        short = n_up + n_rec + new_pages - self._n_free
         if short > 0:
             self._spill(tables, reads, short)
         if n_up:
             self._fetch(tables, up)
-        t._free_known = int(t.n_free)
+        if n_rec:
+            self._rebuild(tables, rec)
+        t._free_known = self._n_free
 
     # ------------------------------------------------------------------ internals
     def _fit(self, shape) -> None:
         if tuple(self.host_table.shape) == tuple(shape):
             return
-        grown = torch.full(shape, -1, dtype=torch.int32)
-        old = self.host_table
-        grown[:old.shape[0], :, :old.shape[2]] = old
-        self.host_table = grown
+        for name, fill, dtype in (("host_table", -1, torch.int32), ("dropped", False, torch.bool)):
+            old = getattr(self, name)
+            grown = torch.full(shape, fill, dtype=dtype)
+            grown[:old.shape[0], :, :old.shape[2]] = old
+            setattr(self, name, grown)
 
-    def _release(self, tables: torch.Tensor) -> None:
-        """Free the host slots of blocks no query can read again."""
+    def _release(self) -> None:
+        """Free the host slots (and forget the dropped pages) of blocks no query can read again."""
         ht = self.host_table
         held = ht >= 0
-        if not bool(held.any()):
+        if not bool((held | self.dropped).any()):
             return
         t = self.table
         lens = torch.zeros(ht.shape[0], dtype=torch.long)
@@ -164,48 +249,134 @@ class HostTier:
         j = torch.arange(ht.shape[2]).view(1, 1, -1)
         i = ((lens - t.lookahead).clamp(min=0) // t.block).view(-1, 1, 1)  # eviction's own lag (crop)
         gone = ~live.view(-1, 1, 1) | (j * t.block >= lens.view(-1, 1, 1)) | ~self.evict_rules.needed(i, j)
+        self.dropped &= ~gone
         gone = gone & held
         if bool(gone.any()):
             self._free.extend(ht[gone].tolist())
             ht[gone] = -1
 
+    def _push(self, pages: torch.Tensor) -> None:
+        """Return GPU pages to the pool: on the device, and on the host's mirror of the stack."""
+        t = self.table
+        t._push_free(pages.to(t.device, torch.int32), torch.ones(pages.shape, dtype=torch.bool, device=t.device))
+        self._stack[self._n_free:self._n_free + pages.numel()] = pages
+        self._n_free += pages.numel()
+
+    def _pop(self, count: int) -> torch.Tensor:
+        """Take ``count`` GPU pages off the pool; the host knows which from its mirror (no read)."""
+        t = self.table
+        t._pop_free(torch.ones(count, dtype=torch.bool, device=t.device))
+        pages = self._stack[self._n_free - count:self._n_free].flip(0).clone()
+        self._n_free -= count
+        return pages
+
+    def _unmap(self, tables: torch.Tensor, slot, g, j) -> None:
+        d = self.table.device
+        self.table.tables[slot.to(d), g.to(d), j.to(d)] = -1
+        tables[slot, g, j] = -1
+
     def _spill(self, tables: torch.Tensor, reads: torch.Tensor, count: int) -> None:
-        """Move ``count`` GPU pages the step does not read to the host, oldest blocks first."""
+        """Make ``count`` GPU pages free: move pages the step does not read to the host, oldest
+        blocks first; past the host budget drop the oldest unread pages instead (``drop``)."""
         cand = (tables >= 0) & ~reads
         idx = torch.nonzero(cand)  # (m, 3): slot, kv head, block
         if idx.shape[0] < count:
             raise OutOfPagesError(
                 f"the step needs {count} more GPU pages but only {idx.shape[0]} held pages are not read by it: "
                 f"raise gpu_pages (now {self.table.num_pages}) or lower the batch")
-        if len(self._free) < count:
-            raise HostFullError(f"the host tier is full ({self.host_pages} pages per layer): moving {count} pages "
-                                "down needs more; raise host_pages")
         idx = idx[torch.argsort(idx[:, 2], stable=True)][:count]
-        slot, g, j = idx.unbind(1)
-        pages = tables[slot, g, j].long()
-        hslots = torch.tensor([self._free.pop() for _ in range(count)], dtype=torch.long)
-        self._copy(None, hslots, pages, down=True)
+        short = count - len(self._free)
+        if short > 0:
+            if not self.drop:
+                raise HostFullError(f"the host tier is full ({self.host_pages} pages per layer): moving {count} "
+                                    "pages down needs more; raise host_pages, or drop and recompute the oldest "
+                                    "pages (S2Cache(recompute='hidden'), HostTier(drop=True))")
+            idx = self._drop_oldest(tables, reads, idx, short)
+        if idx.shape[0]:
+            slot, g, j = idx.unbind(1)
+            pages = tables[slot, g, j].long()
+            hslots = torch.tensor([self._free.pop() for _ in range(idx.shape[0])], dtype=torch.long)
+            self._copy(None, hslots, pages, down=True)
+            self._push(pages)
+            self._unmap(tables, slot, g, j)
+            self.host_table[slot, g, j] = hslots.to(torch.int32)
+            self.moved_down += idx.shape[0]
+
+    def _drop_oldest(self, tables, reads, spill: torch.Tensor, count: int) -> torch.Tensor:
+        """Drop the ``count`` oldest pages among the host's unread pages and the pages about to
+        move down (``spill``); returns the spill pages still to move."""
+        host = torch.nonzero((self.host_table >= 0) & ~reads)
+        both = torch.cat([host, spill])
+        on_host = torch.arange(both.shape[0]) < host.shape[0]
+        order = torch.argsort(both[:, 2], stable=True)[:count]
+        gone = torch.zeros(both.shape[0], dtype=torch.bool)
+        gone[order] = True
+        h = both[gone & on_host]
+        if h.shape[0]:
+            slot, g, j = h.unbind(1)
+            self._free.extend(self.host_table[slot, g, j].tolist())
+            self.host_table[slot, g, j] = -1
+            self.dropped[slot, g, j] = True
+        dev = both[gone & ~on_host]
+        if dev.shape[0]:
+            slot, g, j = dev.unbind(1)
+            pages = tables[slot, g, j].long()
+            if self.poison:
+                self._poison(pages)
+            self._push(pages)
+            self._unmap(tables, slot, g, j)
+            self.dropped[slot, g, j] = True
+        self.dropped_pages += int(gone.sum())
+        return both[~gone & ~on_host]
+
+    def _poison(self, pages: torch.Tensor) -> None:
         dev_pages = pages.to(self.table.device)
-        self.table._push_free(dev_pages.to(torch.int32), torch.ones_like(dev_pages, dtype=torch.bool))
-        self.table.tables[slot.to(self.table.device), g.to(self.table.device), j.to(self.table.device)] = -1
-        tables[slot, g, j] = -1
-        self.host_table[slot, g, j] = hslots.to(torch.int32)
-        self.moved_down += count
+        for cache in self.members:
+            for pool in (cache._k_all, cache._v_all):
+                if pool.is_floating_point():
+                    pool[dev_pages] = float("nan")
 
     def _fetch(self, tables: torch.Tensor, up: torch.Tensor) -> None:
         idx = torch.nonzero(up)
         slot, g, j = idx.unbind(1)
         hslots = self.host_table[slot, g, j].long()
-        dev_mask = torch.ones(idx.shape[0], dtype=torch.bool, device=self.table.device)
-        pages = self.table._pop_free(dev_mask).long()
+        pages = self._pop(idx.shape[0])
         self._copy(lambda host, dev, h, p: dev.index_copy_(0, p, host[h].to(dev.device, non_blocking=True)),
                    hslots, pages, down=False)
         d = self.table.device
-        self.table.tables[slot.to(d), g.to(d), j.to(d)] = pages.to(torch.int32)
-        tables[slot, g, j] = pages.cpu().to(torch.int32)
+        self.table.tables[slot.to(d), g.to(d), j.to(d)] = pages.to(d, torch.int32)
+        tables[slot, g, j] = pages.to(torch.int32)
         self.host_table[slot, g, j] = -1
         self._free.extend(hslots.tolist())
         self.moved_up += idx.shape[0]
+
+    def _rebuild(self, tables: torch.Tensor, rec: torch.Tensor) -> None:
+        """Recompute the dropped pages ``rec`` the step reads, every layer, into fresh GPU pages."""
+        idx = torch.nonzero(rec)
+        slot, g, j = idx.unbind(1)
+        pages = self._pop(idx.shape[0])
+        d = self.table.device
+        dev_pages = pages.to(d)
+        lens = {s.slot: s.length for s in self.table._seqs.values()}
+        b = self.table.block
+        valid = torch.tensor([min(max(lens.get(int(s), 0) - int(x) * b, 0), b) for s, x in zip(slot, j)],
+                             dtype=torch.long)
+        for cache in self.members:
+            k, v = self._recompute[id(cache)](slot, g, j)
+            with torch.no_grad():
+                if cache.quantized:
+                    for new, (ci, si, bi) in ((k, (cache._k_all, 0, 1)), (v, (cache._v_all, 2, 3))):
+                        qp = quantize_pages(new, valid.to(new.device))
+                        ci[dev_pages] = qp.codes
+                        cache._qparams[si, dev_pages] = qp.scale
+                        cache._qparams[bi, dev_pages] = qp.bias
+                else:
+                    cache._k_all[dev_pages] = k.to(cache.kv_dtype)
+                    cache._v_all[dev_pages] = v.to(cache.kv_dtype)
+        self.table.tables[slot.to(d), g.to(d), j.to(d)] = dev_pages.to(torch.int32)
+        tables[slot, g, j] = pages.to(torch.int32)
+        self.dropped[slot, g, j] = False
+        self.recomputed += idx.shape[0]
 
     def _copy(self, fn, hslots: torch.Tensor, pages: torch.Tensor, *, down: bool) -> None:
         """Run ``fn(host, device, host_slots, device_pages)`` for K, V (and scale/bias) of every layer."""
@@ -240,6 +411,9 @@ class HostTier:
                 ctx.__exit__(None, None, None)
 
     def report(self) -> str:
+        t = self.table
+        drop = (f"; dropped {self.dropped_pages} pages per layer ({self.pages_dropped_now} now), recomputed "
+                f"{self.recomputed}") if self.drop else ""
         return (f"host tier: {self.host_pages_in_use}/{self.host_pages} host pages per layer in use, "
-                f"{self.table.num_pages - int(self.table.n_free)}/{self.table.num_pages} GPU pages; moved up "
-                f"{self.moved_up}, down {self.moved_down} pages per layer")
+                f"{t.num_pages - int(t.n_free)}/{t.num_pages} GPU pages; moved up "
+                f"{self.moved_up}, down {self.moved_down} pages per layer{drop}")

@@ -110,11 +110,15 @@ class KeepRules:
         """Blocks below this (per kv head) are needed only if special (nothing below the global rows)."""
         return torch.where(i < self.global_rows, 0, i - self.window.clamp(min=1) + 1)
 
-    def count_needed(self, length: int) -> List[int]:
-        """Per kv head, the blocks a sequence of ``length`` tokens holds (host-side, for sizing)."""
+    def count_needed(self, length: int, lookahead: int = 0) -> List[int]:
+        """Per kv head, the blocks a sequence of ``length`` tokens holds once eviction has run
+        ``lookahead`` tokens behind its end: exactly what a first prefill of ``length`` tokens
+        keeps (``PageTable._plan`` with ``only_needed``). The one count every pool sizing uses
+        (host tier, ``hf.pages_needed``); host-side, no device read."""
         n_blocks = -(-length // self.block)
         j = torch.arange(n_blocks, device=self.window.device).view(1, 1, -1)
-        i = torch.full((1, 1, 1), length // self.block, dtype=torch.long, device=self.window.device)
+        i = torch.full((1, 1, 1), max(length - lookahead, 0) // self.block, dtype=torch.long,
+                       device=self.window.device)
         return self.needed(i, j).sum(-1).view(-1).tolist()
 
 

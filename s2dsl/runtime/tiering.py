@@ -8,11 +8,13 @@ later has to be kept somewhere. ALISA's three phases, chosen by what fits:
 2. the GPU holds what steps read (and as much else as fits), the host the rest: a page that the
    selection brings back from the host crosses the host link, on a side stream, overlapped with
    the previous layer's compute; only the part of the copy longer than that compute shows;
-3. past the host budget too, the oldest tokens are dropped (K/V of every kv head of a layer at
-   once), and when a dropped page is selected its K/V are recomputed on the GPU from the layer's
-   input hidden states, which are kept instead (``hidden`` numbers per token rather than
-   ``2 · kv_heads · head_dim``: cheaper to keep only when the model has few kv heads per hidden
-   unit, which grouped-query attention changes — ``Workload.recompute_saves_memory`` says which).
+3. past the host budget too, the oldest pages are dropped, and when a dropped page is selected
+   its K/V are recomputed on the GPU from the layer's input hidden states, which are kept (in host
+   memory) instead: ``hidden`` numbers per token rather than ``2 · kv_heads · head_dim``. With
+   multi-head attention that is half the bytes; under grouped-query attention it can be more
+   than the K/V it stands for (Llama-3-8B: 4096 vs 2 · 8 · 128 = 2048) —
+   ``Workload.recompute_saves_memory`` says which. Then phase 3 does not save memory; it only
+   keeps host memory for K/V pages at the budget while the hidden states grow beside it.
 
 ``plan`` takes the workload, the budgets and the machine's measured costs (``MachineCosts``,
 ``measure_machine`` on the GPU) and returns a ``TierPlan``: the phase, the split, the predicted
@@ -143,7 +145,7 @@ def plan(w: Workload, gpu_budget_bytes: float, host_budget_bytes: float, costs: 
                         f"KV ({w.total_bytes / (1 << 30):.2f} GiB) exceeds the GPU budget by "
                         f"{rest / (1 << 30):.2f} GiB, which the host holds; {moved:.1f} pages per layer step come "
                         f"back over the host link ({copy_ms:.3f} ms, {min(copy_ms, overlap_ms):.3f} ms hidden)")
-    # phase 3: drop the oldest tokens beyond both budgets; keep their hidden states on the GPU
+    # phase 3: drop the oldest tokens beyond both budgets; keep their hidden states (host memory)
     dropped_bytes = rest - host_budget_bytes
     per_token_kv = per_layer / (w.batch * w.context)
     per_token_hidden = w.hidden * w.hidden_bytes
@@ -154,7 +156,8 @@ def plan(w: Workload, gpu_budget_bytes: float, host_budget_bytes: float, costs: 
     if hidden_bytes > dropped_bytes:
         reason_mem = (f"keeping hidden states costs {hidden_bytes / (1 << 30):.2f} GiB, more than the K/V they "
                       f"replace ({dropped_bytes / (1 << 30):.2f} GiB: hidden {w.hidden} > 2·kv_heads·head_dim = "
-                      f"{2 * w.kv_heads * w.head_dim}); recompute here only bounds memory at the host budget")
+                      f"{2 * w.kv_heads * w.head_dim}); under this GQA shape dropping saves no memory, it only "
+                      "holds the host's K/V pages at the budget")
     else:
         reason_mem = f"hidden states take {hidden_bytes / (1 << 30):.2f} GiB in place of {dropped_bytes / (1 << 30):.2f} GiB of K/V"
     # the selected pages off the GPU lie on the host or were dropped, in proportion to the bytes

@@ -1,0 +1,461 @@
+"""One GPU run that sweeps the kernels' knobs at the DESIGN.md points, DKernel in the same run.
+
+Forward: every ``--fwd`` variant (fields of ``choose_forward``'s Specialization: tiles,
+``window_span``, ``kv_load="tma"``, ...) is checked against the float32 reference (bf16,
+random inputs, output poisoned with NaN, two lengths), then timed with DKernel at every
+(stride, length); per-loop cost comes from copies of the default kernel whose residue,
+unmasked-window or masked (edge + diagonal) loops run zero times (``--ablate``); each row has
+TFLOP/s on the blocks the pattern keeps and the compiler's resource report of each variant.
+Backward: ``backward()`` alone per ``--bwd`` tuning, gradients checked first. Decode: the
+decode kernel per ``--decode`` tuning and split count, SDPA dense decode beside it.
+
+Kernels compile in ``--workers`` processes before anything is timed (each check writes
+Triton's disk cache; the timing process then loads them), so a sweep of many variants fits
+in a few minutes. Sections run while ``--budget-s`` lasts; the JSON is written after each.
+
+    python benchmarks/sweep_kernels.py --out sweep.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch
+import triton
+
+BLOCK, WINDOW, HEADS, DIM = 64, 16, 32, 128
+T0 = time.perf_counter()
+
+# "default" is choose_forward's length-aware pick; "old" the 128-row tiles it used for every
+# length before 2026-11-27; the others are candidates (benchmarks/RESULTS.md says what each did)
+OLD = {"block_m": 128, "num_warps": 8, "window_span": 2, "kv_load": "pointer", "residue_span": 1}
+M64 = {"block_m": 64, "num_warps": 4, "window_span": 1, "residue_span": 1}
+FWD_DEFAULT = {
+    "default": {},
+    "old": OLD,
+    "old_res2": dict(OLD, residue_span=2),
+    "m64_tma": dict(M64, kv_load="tma"),
+    "m64_tma_fused": dict(M64, kv_load="tma", fuse_diagonal=True),
+    "m64_ptr": dict(M64, kv_load="pointer"),
+    "m64_ptr_res2": dict(M64, kv_load="pointer", residue_span=2),
+    "m64_tma_span2": dict(M64, kv_load="tma", window_span=2),
+    "m128_fused": dict(OLD, window_span=1, fuse_diagonal=True),
+}
+BWD_DEFAULT = {"default": {}, "stages3": {"num_stages": 3, "dkdv_num_stages": 3}, "dq_n32": {"block_n": 32}}
+DECODE_DEFAULT = {"default": {}, "warps8": {"num_warps": 8}, "stages4": {"num_stages": 4}, "stages2": {"num_stages": 2}}
+
+
+def pattern_for(stride: int):
+    import s2dsl
+    return s2dsl.local_stride(block=BLOCK, local_blocks=WINDOW, vert_stride=stride, heads=HEADS,
+                              name=f"local16_stride{stride}")
+
+
+def elapsed() -> float:
+    return time.perf_counter() - T0
+
+
+def rand(*shape, dtype=torch.bfloat16):
+    return torch.randn(*shape, device="cuda", dtype=dtype)
+
+
+# ---- loop ablations: the default kernel with one family of loops given an empty range ----
+
+ABLATIONS = {
+    "no_residue": [("for j in range(first, lo, period):", "for j in range(lo, lo, period):"),
+                   ("for j in range(first, paired, 2 * period):", "for j in range(lo, lo, 2 * period):"),
+                   ("for j in tl.range(paired, lo, period", "for j in tl.range(lo, lo, period")],
+    "no_window": [("for j in range(edge, whole, WINDOW_SPAN):", "for j in range(whole, whole, WINDOW_SPAN):"),
+                  ("for j in tl.range(whole, first_block, num_stages=1):",
+                   "for j in tl.range(first_block, first_block, num_stages=1):"),
+                  ("for j in range(edge, first_block):", "for j in range(first_block, first_block):")],
+    "no_masked": [("for j in tl.range(lo, edge, num_stages=1):", "for j in tl.range(edge, edge, num_stages=1):"),
+                  ("for j in tl.range(first_block, last_block + 1, num_stages=1):",
+                   "for j in tl.range(first_block, first_block, num_stages=1):")],
+}
+
+
+def ablated_module(pattern, tuning: dict, which: str):
+    """The generated forward module with one loop family emptied (timing only: its output is wrong)."""
+    import importlib.util
+    from s2dsl.runtime.kernels import choose_forward, forward_source
+    spec = choose_forward(pattern, torch.bfloat16, DIM, "bhsd", torch.device("cuda"), tuning)
+    source = forward_source(pattern, spec)
+    hits = 0
+    for old, new in ABLATIONS[which]:
+        hits += source.count(old)
+        source = source.replace(old, new)
+    if not hits:
+        raise RuntimeError(f"ablation {which}: no loop matched")
+    cache = Path(os.environ.get("S2DSL_CACHE_DIR", "/tmp")) / "ablations"
+    cache.mkdir(parents=True, exist_ok=True)
+    path = cache / f"{pattern.name}_{which}_{len(tuning)}.py"
+    path.write_text(source)
+    spec_ = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(module)
+    return module
+
+
+def launch_module(module, q, k, v, out, lse):
+    n = q.shape[2]
+    st = (q.stride(0), q.stride(1), q.stride(2))
+    module.launch(q, k, v, out, lse, st, st, st, st, (lse.stride(0), lse.stride(1)), q.shape[0], n, n, n,
+                  None, None, 1 / math.sqrt(DIM))
+
+
+# ---- work done in the compile pool (each also checks what it compiled) ----
+
+def _fwd_job(job):
+    """Check one forward variant (or compile one ablation); returns (key, result)."""
+    kind, stride, label, tuning = job
+    import s2dsl
+    from s2dsl.runtime.attention import forward
+    pattern = pattern_for(stride)
+    try:
+        if kind == "ablate":
+            module = ablated_module(pattern, {}, label)
+            q = rand(1, HEADS, 2048, DIM)
+            launch_module(module, q, q, q, torch.empty_like(q), torch.empty(1, HEADS, 2048, device="cuda"))
+            torch.cuda.synchronize()
+            return (kind, stride, label), {"compiled": True}
+        errs = {}
+        for n, dtype in ((2048 + 37, torch.bfloat16), (2048, torch.bfloat16), (1024, torch.float16)):
+            torch.manual_seed(n)
+            q, k, v = (rand(1, HEADS, n, DIM, dtype=dtype) for _ in range(3))
+            out = torch.full_like(q, float("nan"))
+            forward(q, k, v, pattern, tuning=tuning, out=out)
+            ref = s2dsl.reference_attention(q.float(), k.float(), v.float(), pattern)
+            errs[f"{n}_{str(dtype)[6:]}"] = ((out.float() - ref).norm() / ref.norm()).item()
+        ok = all(math.isfinite(e) and e < 2e-2 for e in errs.values())
+        return (kind, stride, label), {"ok": ok, "rel_err": errs}
+    except Exception as exc:  # noqa: BLE001 - a variant that does not compile or fit is a result
+        return (kind, stride, label), {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:400]}
+
+
+def _ref_grads(q, k, v, do, pattern):
+    import s2dsl
+    torch.backends.cuda.matmul.allow_tf32 = False
+    qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
+    s2dsl.reference_attention(qf, kf, vf, pattern, dtype=torch.float32).backward(do.float())
+    return qf.grad, kf.grad, vf.grad
+
+
+def _bwd_job(job):
+    _, stride, label, tuning = job
+    from s2dsl.runtime.attention import forward
+    from s2dsl.runtime.backward import backward
+    pattern = pattern_for(stride)
+    try:
+        errs = {}
+        for n in (2048, 2048 + 64):
+            torch.manual_seed(n)
+            q, k, v, do = (rand(1, HEADS, n, DIM) for _ in range(4))
+            out, lse = forward(q, k, v, pattern)
+            got = backward(q, k, v, out, lse, do, pattern, tuning=tuning)
+            want = _ref_grads(q, k, v, do, pattern)
+            errs[n] = max(((g.float() - w).norm() / w.norm()).item() for g, w in zip(got, want))
+        ok = all(math.isfinite(e) and e < 3e-2 for e in errs.values())
+        return ("bwd", stride, label), {"ok": ok, "rel_err": errs}
+    except Exception as exc:  # noqa: BLE001
+        return ("bwd", stride, label), {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:400]}
+
+
+def _decode_call(pattern, context, tuning, splits):
+    """A filled cache at ``context`` and a function launching the decode kernel with ``splits``."""
+    import s2dsl
+    from bench_decode import fill
+    from s2dsl.runtime.decode import choose_decode, decode_module
+    batch_n = 8
+    torch.manual_seed(context)
+    q = rand(batch_n, HEADS, 1, DIM)
+    cache, ids = fill(pattern, context)
+    batch = cache.batch(ids)
+    module = decode_module(pattern, choose_decode(pattern, q.dtype, DIM, 1, q.device, tuning))
+    out = torch.full_like(q, float("nan"))
+    lse = torch.empty(batch_n, HEADS, 1, device="cuda")
+    k0, v0 = cache.gather(ids[0])
+    ref = s2dsl.reference_attention(q[:1].float(), k0[None].float(), v0[None].float(), pattern)
+
+    def call(sp):
+        module.launch(q, out, lse, cache.k_pages, cache.v_pages, cache.block_tables, batch.slots,
+                      batch.seq_lens, 1, sp, 1 / math.sqrt(DIM))
+        return out
+
+    def error(sp):
+        out.fill_(float("nan"))
+        call(sp)
+        return ((out[:1].float() - ref).norm() / ref.norm()).item()
+    return q, cache, ids, call, error
+
+
+def _decode_job(job):
+    _, stride, label, (tuning, context, splits) = job
+    from bench_decode import pattern_for as dpattern
+    try:
+        *_, error = _decode_call(dpattern(stride), context, tuning, splits[0])
+        errs = {sp: error(sp) for sp in splits}
+        ok = all(math.isfinite(e) and e < 2e-2 for e in errs.values())
+        return ("dec", stride, label), {"ok": ok, "rel_err": errs}
+    except Exception as exc:  # noqa: BLE001
+        return ("dec", stride, label), {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:400]}
+
+
+def _job(job):
+    return {"bwd": _bwd_job, "dec": _decode_job}.get(job[0], _fwd_job)(job)
+
+
+# ---- timing in the main process ----
+
+def bench(fn, rep=120) -> float:
+    return triton.testing.do_bench(fn, warmup=20, rep=rep, return_mode="median")
+
+
+def resources(module) -> list:
+    out = []
+    try:
+        for caches in module.kernel.device_caches.values():
+            for compiled in caches[0].values():
+                compiled._init_handles()
+                out.append({"regs": compiled.n_regs, "spills": compiled.n_spills,
+                            "shared": compiled.metadata.shared})
+    except Exception as exc:  # noqa: BLE001 - Triton internals: report, don't fail
+        out.append({"error": str(exc)[:100]})
+    return out
+
+
+def sweep_forward(args, fwd, checks, rows, round_=1):
+    import dkernel_baseline
+    from bench_prefill import computed_blocks
+    from s2dsl.runtime.attention import forward
+    from s2dsl.runtime.kernels import choose_forward, forward_module
+    for stride in args.strides:
+        pattern = pattern_for(stride)
+        ablations = {}
+        for which in ABLATIONS if args.ablate else ():
+            if checks.get(("ablate", stride, which), {}).get("compiled"):
+                ablations[which] = ablated_module(pattern, {}, which)
+        for n in args.seqs:
+            if elapsed() > args.budget_s:
+                print(f"forward: budget spent, skipping stride {stride} n {n}", flush=True)
+                continue
+            torch.manual_seed(n)
+            q, k, v = (rand(1, HEADS, n, DIM) for _ in range(3))
+            rep = 120 if n <= 32768 else 200
+            row = {"section": "forward", "round": round_, "stride": stride, "seq": n}
+            try:
+                dk = dkernel_baseline.local_stride(HEADS, n, block=BLOCK, local_blocks=WINDOW, vert_stride=stride)
+                row["dkernel_ms"] = bench(lambda: dk(q, k, v), rep)
+            except Exception as exc:  # noqa: BLE001
+                row["dkernel_error"] = f"{type(exc).__name__}: {exc}"[:200]
+            flops = computed_blocks(pattern, n) * 4 * BLOCK * BLOCK * DIM
+            out = torch.empty_like(q)
+            for label, tuning in fwd.items():
+                if not checks.get(("fwd", stride, label), {}).get("ok"):
+                    continue
+                ms = bench(lambda: forward(q, k, v, pattern, tuning=tuning, out=out), rep)
+                row[f"ms {label}"] = ms
+                row[f"tflops {label}"] = flops / ms / 1e9
+                if n == args.seqs[0] and round_ == 1:
+                    spec = choose_forward(pattern, q.dtype, DIM, "bhsd", q.device, tuning, seq_len=n, kv_tma=True)
+                    row[f"resources {label}"] = resources(forward_module(pattern, spec))
+            lse = torch.empty(1, HEADS, n, device="cuda")
+            for which, module in ablations.items():
+                row[f"ms ablate {which}"] = bench(lambda: launch_module(module, q, k, v, out, lse), rep)
+            rows.append(row)
+            print(json.dumps({a: (round(b, 4) if isinstance(b, float) else b) for a, b in row.items()
+                              if not a.startswith("resources")}), flush=True)
+            write(args, rows, checks)
+            del q, k, v, out
+            torch.cuda.empty_cache()
+
+
+def sweep_backward(args, bwd, checks, rows):
+    from s2dsl.runtime.attention import forward
+    from s2dsl.runtime.backward import backward
+    for stride in args.strides:
+        pattern = pattern_for(stride)
+        for n in [s for s in args.seqs if s <= 32768]:
+            if elapsed() > args.budget_s:
+                print(f"backward: budget spent, skipping stride {stride} n {n}", flush=True)
+                continue
+            torch.manual_seed(n)
+            q, k, v, do = (rand(1, HEADS, n, DIM) for _ in range(4))
+            out, lse = forward(q, k, v, pattern)
+            row = {"section": "backward", "stride": stride, "seq": n, "fwd_ms": bench(lambda: forward(q, k, v, pattern))}
+            for label, tuning in bwd.items():
+                if checks.get(("bwd", stride, label), {}).get("ok"):
+                    row[f"bwd_ms {label}"] = bench(lambda: backward(q, k, v, out, lse, do, pattern, tuning=tuning))
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            write(args, rows, checks)
+            del q, k, v, do, out, lse
+            torch.cuda.empty_cache()
+
+
+def sweep_decode(args, dec, checks, rows):
+    from bench_decode import pattern_for as dpattern
+    from s2dsl.runtime.decode import _splits, kept_blocks_for_query
+    batch_n = 8
+    for stride in args.strides:
+        pattern = dpattern(stride)
+        for context in args.decode_seqs:
+            if elapsed() > args.budget_s:
+                print(f"decode: budget spent, skipping stride {stride} context {context}", flush=True)
+                continue
+            auto = _splits(pattern, batch_n, 1, context, 1, torch.device("cuda"))
+            pages = batch_n * sum(kept_blocks_for_query(pattern, g, context - 1, context - 1)
+                                  for g in range(pattern.kv_heads))
+            row = {"section": "decode", "stride": stride, "context": context, "auto_splits": auto}
+            for label, tuning in dec.items():
+                if not checks.get(("dec", stride, label), {}).get("ok"):
+                    continue
+                q, cache, ids, call, error = _decode_call(pattern, context, tuning, auto)
+                need = pages * cache.page_bytes
+                row["bytes"] = need
+                for sp in sorted({auto, *args.decode_splits}):
+                    err = error(sp)
+                    if not (math.isfinite(err) and err < 2e-2):
+                        row[f"bad {label} {sp}"] = err
+                        continue
+                    ms = bench(lambda: call(sp), 60)
+                    row[f"ms {label} {sp}"] = ms
+                    row[f"tbps {label} {sp}"] = need / (ms * 1e-3) / 1e12
+                del cache, call, error
+                torch.cuda.empty_cache()
+            qd, kd = rand(batch_n, HEADS, 1, DIM), rand(batch_n, HEADS, context, DIM)
+            vd = torch.randn_like(kd)
+            row["sdpa_ms"] = bench(lambda: torch.nn.functional.scaled_dot_product_attention(qd, kd, vd), 60)
+            row["sdpa_tbps"] = kd.numel() * 4 / (row["sdpa_ms"] * 1e-3) / 1e12
+            del kd, vd
+            torch.cuda.empty_cache()
+            rows.append(row)
+            print(json.dumps({a: (round(b, 4) if isinstance(b, float) else b) for a, b in row.items()}), flush=True)
+            write(args, rows, checks)
+
+
+def sweep_train(args, fwd, checks, rows):
+    """Forward+backward: s2dsl.attention + out.backward (the user's path), the kernels alone per
+    forward variant (``--train-fwd``), and DKernel's forward+backward, same inputs."""
+    import dkernel_baseline
+    import s2dsl
+    from s2dsl.runtime.attention import forward
+    from s2dsl.runtime.backward import backward
+    for stride in args.strides:
+        pattern = pattern_for(stride)
+        for n in [s for s in args.seqs if s <= 32768]:
+            if elapsed() > args.budget_s:
+                print(f"train: budget spent, skipping stride {stride} n {n}", flush=True)
+                continue
+            torch.manual_seed(n)
+            q, k, v, do = (rand(1, HEADS, n, DIM) for _ in range(4))
+            qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+            row = {"section": "train", "stride": stride, "seq": n}
+            row["s2dsl_autograd_ms"] = triton.testing.do_bench(
+                lambda: s2dsl.attention(qg, kg, vg, pattern).backward(do), warmup=20, rep=150,
+                grad_to_none=[qg, kg, vg], return_mode="median")
+            for label in args.train_fwd:
+                if checks.get(("fwd", stride, label), {}).get("ok"):
+                    def kernels():
+                        out, lse = forward(q, k, v, pattern, tuning=fwd[label])
+                        backward(q, k, v, out, lse, do, pattern)
+                    row[f"s2dsl_kernels_ms {label}"] = bench(kernels, 150)
+            try:
+                dk = dkernel_baseline.local_stride(HEADS, n, block=BLOCK, local_blocks=WINDOW, vert_stride=stride)
+                row["dkernel_ms"] = triton.testing.do_bench(lambda: dk(qg, kg, vg).backward(do), warmup=20, rep=150,
+                                                            grad_to_none=[qg, kg, vg], return_mode="median")
+            except Exception as exc:  # noqa: BLE001
+                row["dkernel_error"] = f"{type(exc).__name__}: {exc}"[:200]
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            write(args, rows, checks)
+            del q, k, v, do, qg, kg, vg
+            torch.cuda.empty_cache()
+
+
+def write(args, rows, checks):
+    if args.out:
+        Path(args.out).write_text(json.dumps({
+            "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "checks": {" ".join(map(str, k)): v for k, v in checks.items()} if checks else None,
+            "rows": rows}, indent=1, default=str))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="")
+    ap.add_argument("--seqs", type=int, nargs="+", default=[8192, 32768, 131072])
+    ap.add_argument("--strides", type=int, nargs="+", default=[8, 32])
+    ap.add_argument("--fwd", type=str, default="", help="JSON object label -> forward tuning")
+    ap.add_argument("--bwd", type=str, default="", help="JSON object label -> backward tuning ('{}' to skip)")
+    ap.add_argument("--decode", type=str, default="", help="JSON object label -> decode tuning ('{}' to skip)")
+    ap.add_argument("--decode-seqs", type=int, nargs="+", default=[32768, 131072])
+    ap.add_argument("--decode-splits", type=int, nargs="+", default=[4, 8, 16, 32])
+    ap.add_argument("--no-ablate", dest="ablate", action="store_false")
+    ap.add_argument("--workers", type=int, default=min(12, os.cpu_count() or 1))
+    ap.add_argument("--budget-s", type=float, default=200, help="no new point starts after this many seconds")
+    ap.add_argument("--rounds", type=int, default=2, help="forward sweeps (the second shows the spread)")
+    ap.add_argument("--train-fwd", nargs="*", default=["default", "old"],
+                    help="forward variants timed with the backward (kernels alone)")
+    args = ap.parse_args()
+    fwd = json.loads(args.fwd) if args.fwd else FWD_DEFAULT
+    bwd = json.loads(args.bwd) if args.bwd else BWD_DEFAULT
+    dec = json.loads(args.decode) if args.decode else DECODE_DEFAULT
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}", flush=True)
+    jobs = [("fwd", s, label, t) for s in args.strides for label, t in fwd.items()]
+    jobs += [("ablate", s, which, None) for s in args.strides for which in (ABLATIONS if args.ablate else ())]
+    jobs += [("bwd", s, label, t) for s in args.strides for label, t in bwd.items()]
+    splits = sorted({1, 2, 4, *args.decode_splits})
+    jobs += [("dec", s, label, (t, min(args.decode_seqs), splits)) for s in args.strides for label, t in dec.items()]
+    with mp.get_context("spawn").Pool(args.workers) as pool:
+        checks = dict(pool.map(_job, jobs, chunksize=1))
+    print(f"compiled and checked {len(jobs)} jobs in {elapsed():.0f} s", flush=True)
+    for key, res in checks.items():
+        print(" ".join(map(str, key)), json.dumps(res), flush=True)
+    rows = []
+    sweep_forward(args, fwd, checks, rows)
+    if dec:
+        sweep_decode(args, dec, checks, rows)
+    if args.train_fwd:
+        sweep_train(args, fwd, checks, rows)
+    if bwd:
+        sweep_backward(args, bwd, checks, rows)
+    for round_ in range(2, args.rounds + 1):
+        sweep_forward(args, fwd, checks, rows, round_)
+    write(args, rows, checks)
+    print(f"\ndone in {elapsed():.0f} s\n")
+    for r in rows:  # the short table the lead reads first
+        if r["section"] == "forward":
+            times = {a[3:]: b for a, b in r.items() if a.startswith("ms ") and not a.startswith("ms ablate")}
+            best = min(times, key=times.get) if times else "-"
+            dk = r.get("dkernel_ms", float("nan"))
+            print(f"fwd{r['round']} s{r['stride']} {r['seq'] // 1024}K DKernel {dk:.3f} | " + " ".join(
+                f"{a} {b:.3f} ({dk / b:.2f}x)" for a, b in times.items()) + f" | best {best}"
+                + "".join(f" | {a[9:]} {b:.3f}" for a, b in r.items() if a.startswith("ms ablate")))
+        elif r["section"] == "decode":
+            cells = {a[3:]: b for a, b in r.items() if a.startswith("ms ")}
+            best = min(cells, key=cells.get)
+            print(f"dec s{r['stride']} {r['context'] // 1024}K auto {r['auto_splits']} sdpa {r['sdpa_tbps']:.2f} TB/s | "
+                  f"default/auto {r.get('ms default ' + str(r['auto_splits']), float('nan')):.4f} | best {best} "
+                  f"{cells[best]:.4f} = {r['tbps ' + best]:.2f} TB/s ({r['tbps ' + best] / r['sdpa_tbps']:.0%})")
+        elif r["section"] == "train":
+            dk = r.get("dkernel_ms", float("nan"))
+            print(f"f+b s{r['stride']} {r['seq'] // 1024}K DKernel {dk:.3f} | autograd {r['s2dsl_autograd_ms']:.3f} "
+                  f"({dk / r['s2dsl_autograd_ms']:.2f}x) | " + " ".join(
+                      f"{a[17:]} {b:.3f} ({dk / b:.2f}x)" for a, b in r.items() if a.startswith("s2dsl_kernels_ms")))
+        else:
+            print(f"bwd s{r['stride']} {r['seq'] // 1024}K fwd {r['fwd_ms']:.3f} | " + " ".join(
+                f"{a[7:]} {b:.3f}" for a, b in r.items() if a.startswith("bwd_ms")))
+
+
+if __name__ == "__main__":
+    main()
