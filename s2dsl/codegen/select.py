@@ -231,19 +231,21 @@ def update_kernel(Lse, BlockLse, Sel, Score, RingIdx, RingMass, Steps, Slots, Se
                 add = tl.load(RingMass + at_r, mask=t < T, other=0.0)
                 tl.store(row + j_r, tl.load(row + j_r, mask=ok, other=0.0) + add, mask=ok)
                 tl.debug_barrier()  # a block listed in several rows: one row at a time
-            ok = _selectable(HeadTable, g, jr, i_next, width, GROUP, TABLE_WIDTH)
-            cv = tl.where(ok, tl.load(row + jr, mask=ok, other=0.0), float("-inf"))
-            topv, topi = _top(cv, jr, kk, K_MAX, K_PAD)
+            # (names differ per branch: the compiler types a name assigned in both branches once,
+            # and these have the ring's 2D shape here, the selection's 1D shape there)
+            ok_r = _selectable(HeadTable, g, jr, i_next, width, GROUP, TABLE_WIDTH)
+            cv_r = tl.where(ok_r, tl.load(row + jr, mask=ok_r, other=0.0), float("-inf"))
+            topv, topi = _top(cv_r, jr, kk, K_MAX, K_PAD)
         else:
             jp = tl.load(Sel + sg * K_MAX + kk, mask=(kk < K_MAX) & (fresh == 0), other=-1)
-            ok = _selectable(HeadTable, g, jp, i_next, width, GROUP, TABLE_WIDTH)
-            cv = tl.where(ok, tl.load(row + jp, mask=ok, other=0.0), float("-inf"))
-            topv, topi = _top(cv, jp, kk, K_MAX, K_PAD)
+            ok_p = _selectable(HeadTable, g, jp, i_next, width, GROUP, TABLE_WIDTH)
+            cv_p = tl.where(ok_p, tl.load(row + jp, mask=ok_p, other=0.0), float("-inf"))
+            topv, topi = _top(cv_p, jp, kk, K_MAX, K_PAD)
         for e0 in range(e_lo, i_next + 1, E_CH):
             je = e0 + ec
-            ok = _selectable(HeadTable, g, je, i_next, width, GROUP, TABLE_WIDTH)
-            cv = tl.where(ok, tl.load(row + je, mask=ok, other=0.0), float("-inf"))
-            topv, topi = _merge(topv, topi, cv, je, kk, K_MAX, K_PAD)
+            ok_e = _selectable(HeadTable, g, je, i_next, width, GROUP, TABLE_WIDTH)
+            cv_e = tl.where(ok_e, tl.load(row + je, mask=ok_e, other=0.0), float("-inf"))
+            topv, topi = _merge(topv, topi, cv_e, je, kk, K_MAX, K_PAD)
         tl.debug_barrier()
         tl.store(Sel + sg * K_MAX + kk, tl.where(kk < k_g, topi, -1), mask=kk < K_MAX)
 
