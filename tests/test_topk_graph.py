@@ -40,7 +40,9 @@ def _graph_steps(device, dtype, capture, steps, prompt=37, d=16):
     total = prompt + steps
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # topk heads keep every page
-        caches = [PagedKVCache(pattern, num_pages=64, head_dim=d, dtype=dtype, device=device, max_seqs=2)
+        # topk heads keep every page: two sequences x every kv head x every block, plus spare
+        pages = 2 * pattern.kv_heads * -(-total // pattern.block) + 8
+        caches = [PagedKVCache(pattern, num_pages=pages, head_dim=d, dtype=dtype, device=device, max_seqs=2)
                   for _ in range(2)]
     g = torch.Generator().manual_seed(5)
     q, k, v = (torch.randn(2, h, total, d, generator=g).to(device=device, dtype=dtype)
