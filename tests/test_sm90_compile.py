@@ -1,0 +1,152 @@
+"""Generated kernels compile for sm_90 — on a machine without a GPU.
+
+The Triton interpreter (the CPU tests) runs Python semantics and accepts code the GPU compiler
+refuses: a name given a 2D value in one branch of a runtime ``if`` and a 1D value in the other
+broke every top-k decode step on the first H200 run. Triton compiles for a named target with its
+bundled ptxas, so these tests capture real launches under the interpreter, then compile the same
+generated functions for ``GPUTarget("cuda", 90, 32)`` in a subprocess without the interpreter.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+import s2dsl
+
+_TYPES = {torch.float32: "*fp32", torch.int32: "*i32", torch.int64: "*i64", torch.bool: "*i1",
+          torch.uint8: "*u8", torch.int8: "*i8", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
+
+_COMPILE = """
+import importlib.util, json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+out = []
+for job in json.load(sys.stdin):
+    spec = importlib.util.spec_from_file_location("generated", job["file"])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    fn = getattr(module, job["name"])
+    attrs = {(i,): [["tt.divisibility", 16]] for i in job["div16"]}  # as the JIT marks aligned arguments
+    c = triton.compile(ASTSource(fn, job["sig"], job["consts"], attrs), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": job["warps"], "num_stages": job["stages"]})
+    out.append(c.metadata.shared)
+print(json.dumps(out))
+"""
+
+
+def _job(fn, args, kwargs) -> dict:
+    """Signature and constants of one launch of the interpreted function ``fn``."""
+    params = inspect.signature(fn).parameters
+    sig, consts, div16 = {}, {}, []
+    values = dict(zip(params, args), **{k: v for k, v in kwargs.items() if k in params})
+    for i, (name, p) in enumerate(params.items()):
+        value = values[name]
+        if "constexpr" in str(p.annotation):
+            sig[name], consts[name] = "constexpr", value
+        elif isinstance(value, torch.Tensor):
+            sig[name] = _TYPES[value.dtype]
+            div16.append(i)
+        elif isinstance(value, float):
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i64" if abs(int(value)) >= 2 ** 31 else "i32"
+            if int(value) % 16 == 0:
+                div16.append(i)
+    return {"file": fn.__code__.co_filename, "name": fn.__name__, "sig": sig, "consts": consts, "div16": div16,
+            "warps": kwargs.get("num_warps", 4), "stages": kwargs.get("num_stages", 2)}
+
+
+def _compile_sm90(jobs) -> list:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", _COMPILE], input=json.dumps(jobs), text=True, env=env,
+                       capture_output=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), reason="captures interpreted launches")
+def test_topk_decode_update_kernel_compiles_for_sm90(monkeypatch):
+    from s2dsl.runtime import topk_state
+    from s2dsl.runtime.decode import cached_attention
+    from s2dsl.runtime.kv_cache import PagedKVCache
+
+    jobs = []
+    init = topk_state.TopKDecodeState.__init__
+
+    def capturing_init(self, cache):
+        init(self, cache)
+        space = self._update.__globals__  # the generated module's namespace
+        kernel = space["update_kernel"]
+
+        class Capture:
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    jobs.append(_job(kernel.fn, args, kwargs))
+                    return kernel[grid](*args, **kwargs)
+                return launch
+        space["update_kernel"] = Capture()
+
+    monkeypatch.setattr(topk_state.TopKDecodeState, "__init__", capturing_init)
+    # with and without a ring of recent steps, and a group without top-k heads beside one with
+    bodies = ("heads * { window 2 sink 1 topk 3 recent 4 }", "heads * { window 2 topk 3 }",
+              "heads 0..1 { window 2 topk 2 recent 3 } heads 2..3 { window 3 stride 4 }")
+    torch.manual_seed(0)
+    for body in bodies:
+        pattern = s2dsl.parse(f"pattern t {{ block = 16 heads = 4 kv_heads = 2 causal {body} }}")["t"]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # topk heads keep every page
+            cache = PagedKVCache(pattern, num_pages=32, head_dim=16, dtype=torch.float32)
+        ids = [cache.add_sequence()]
+        q, k, v = (torch.randn(1, h, 50, 16) for h in (4, 2, 2))
+        cached_attention(cache, ids, q[:, :, :49], k[:, :, :49], v[:, :, :49])
+        cached_attention(cache, ids, q[:, :, 49:], k[:, :, 49:], v[:, :, 49:])
+    assert len(jobs) >= len(bodies)
+    unique = list({json.dumps(j["consts"], sort_keys=True): j for j in jobs}.values())
+    for shared in _compile_sm90(unique):
+        assert shared <= 232448  # sm_90's shared memory per block
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), reason="captures interpreted launches")
+def test_bidirectional_extended_forward_fits_sm90_shared_memory(monkeypatch):
+    """The forward the GPU would run for a bidirectional two-sided + relative plan at head dim 128
+    fits sm_90's shared memory (three stages asked 240 KB on the first H200 run)."""
+    from s2dsl.runtime import attention, kernels
+
+    pattern = s2dsl.parse("pattern bi { block = 64 heads = 2 bidirectional "
+                          "heads * { window 4 ahead 3 stride 3 relative } }")["bi"]
+    monkeypatch.setattr(kernels.torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    real_choose = attention.choose_forward
+
+    def gpu_spec(pattern, dtype, head_dim, layout, device, tuning=None, **kw):
+        kw["kv_tma"] = False
+        return real_choose(pattern, dtype, head_dim, layout, torch.device("cuda"), tuning, **kw)
+
+    monkeypatch.setattr(attention, "choose_forward", gpu_spec)
+    jobs = []
+    real_module = attention.forward_module
+
+    def capturing_module(pattern, spec, *a, **k):
+        module = real_module(pattern, spec, *a, **k)
+        kernel = module.kernel
+
+        class Capture:  # records the launch, runs nothing
+            def __getitem__(self, grid):
+                return lambda *args, **kwargs: jobs.append(_job(kernel.fn, args, kwargs))
+        monkeypatch.setattr(module, "kernel", Capture())
+        return module
+
+    monkeypatch.setattr(attention, "forward_module", capturing_module)
+    # fp16: the interpreter computes bf16 in float32 (see validate); fp16 tiles are the size of bf16 ones
+    q, k, v = (torch.randn(1, 2, 256, 128, dtype=torch.float16) for _ in range(3))
+    attention.forward(q, k, v, pattern)
+    assert jobs
+    for shared in _compile_sm90(jobs):
+        assert shared <= 232448, shared
