@@ -384,6 +384,11 @@ class HostTier:
         ctx = torch.cuda.stream(self._stream) if self.cuda else None
         if self.cuda:
             self._stream.wait_stream(torch.cuda.current_stream(self.table.device))
+            # dev_pages was allocated on the compute stream and is read by the side stream's
+            # copies, which may run after this returns: without this its memory goes back to the
+            # compute stream's pool at once and the next allocation there overwrites the indices
+            # (the H200's "index_copy_(): index out of bounds" in _fetch; never on the CPU)
+            dev_pages.record_stream(self._stream)
             ctx.__enter__()
         try:
             for cache in self.members:
