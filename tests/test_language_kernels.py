@@ -26,7 +26,6 @@ def distance_patterns(draw, prefix=None):
     block and token windows, relative strides, token sinks, global rows) with sinks, residues
     and dense heads."""
     mode = draw(st.sampled_from(["causal", "bidirectional", "prefix"])) if prefix is None else prefix
-    causal = mode != "bidirectional"
     heads = draw(st.sampled_from([1, 2, 4]))
     kv = draw(st.sampled_from([d for d in (1, 2) if heads % d == 0]))
     bodies = []

@@ -64,6 +64,20 @@ def _job(fn, args, kwargs) -> dict:
             "warps": kwargs.get("num_warps", 4), "stages": kwargs.get("num_stages", 2)}
 
 
+class _Capture:
+    """Stands in for an interpreted kernel: records each launch's job, then runs it or not."""
+
+    def __init__(self, kernel, jobs: list, run: bool):
+        self.kernel, self.jobs, self.run = kernel, jobs, run
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.jobs.append(_job(self.kernel.fn, args, kwargs))
+            if self.run:
+                self.kernel[grid](*args, **kwargs)
+        return launch
+
+
 def _compile_sm90(jobs) -> list:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, "-c", _COMPILE], input=json.dumps(jobs), text=True, env=env,
@@ -84,15 +98,7 @@ def test_topk_decode_update_kernel_compiles_for_sm90(monkeypatch):
     def capturing_init(self, cache):
         init(self, cache)
         space = self._update.__globals__  # the generated module's namespace
-        kernel = space["update_kernel"]
-
-        class Capture:
-            def __getitem__(self, grid):
-                def launch(*args, **kwargs):
-                    jobs.append(_job(kernel.fn, args, kwargs))
-                    return kernel[grid](*args, **kwargs)
-                return launch
-        space["update_kernel"] = Capture()
+        space["update_kernel"] = _Capture(space["update_kernel"], jobs, run=True)
 
     monkeypatch.setattr(topk_state.TopKDecodeState, "__init__", capturing_init)
     # with and without a ring of recent steps, and a group without top-k heads beside one with
@@ -135,12 +141,7 @@ def test_bidirectional_extended_forward_fits_sm90_shared_memory(monkeypatch):
 
     def capturing_module(pattern, spec, *a, **k):
         module = real_module(pattern, spec, *a, **k)
-        kernel = module.kernel
-
-        class Capture:  # records the launch, runs nothing
-            def __getitem__(self, grid):
-                return lambda *args, **kwargs: jobs.append(_job(kernel.fn, args, kwargs))
-        monkeypatch.setattr(module, "kernel", Capture())
+        monkeypatch.setattr(module, "kernel", _Capture(module.kernel, jobs, run=False))
         return module
 
     monkeypatch.setattr(attention, "forward_module", capturing_module)
