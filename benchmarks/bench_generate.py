@@ -245,7 +245,7 @@ def warm(model, make_cache, ids, chunk: int, warm_tokens: int):
     n = min(ids.shape[1], warm_tokens)
     w_chunk = n if chunk >= ids.shape[1] else max(n // 2, 16)
     with torch.no_grad():
-        cache = make_cache(n + 8)
+        cache = make_cache(n + 8, w_chunk if w_chunk < n else 0)
         tok = prefill(model, ids[:, :n], cache, w_chunk)
         decode(lambda t: model(t, past_key_values=cache, use_cache=True).logits, tok, 2)
     del cache
@@ -257,8 +257,11 @@ def run_s2dsl(model, plan, name, ids, steps, chunk, graph: bool, warm_tokens: in
     hf.apply(model, plan, model_name=name)
     free()
     b, n = ids.shape
-    warm(model, lambda m: hf.S2Cache(model, max_length=m, batch_size=b), ids, chunk, warm_tokens)
-    cache = hf.S2Cache(model, max_length=n + 2 * steps + 8, batch_size=b)
+    # a chunk after the first holds every block it writes until the next step's plan evicts:
+    # the pools are sized for it (the 128K x 8 run ran out of pages in the warm-up's second chunk)
+    warm(model, lambda m, c: hf.S2Cache(model, max_length=m, batch_size=b, prefill_chunk_size=c), ids, chunk,
+         warm_tokens)
+    cache = hf.S2Cache(model, max_length=n + 2 * steps + 8, batch_size=b, prefill_chunk_size=chunk if chunk < n else 0)
     with torch.no_grad():
         first, t_pre = timed(lambda: prefill(model, ids, cache, chunk))
         kv = cache.memory_bytes()
@@ -281,7 +284,7 @@ def run_s2dsl(model, plan, name, ids, steps, chunk, graph: bool, warm_tokens: in
 def run_dynamic(model, ids, steps, chunk, warm_tokens: int):
     from transformers import DynamicCache
     free()
-    warm(model, lambda m: DynamicCache(config=model.config), ids, chunk, warm_tokens)
+    warm(model, lambda m, c: DynamicCache(config=model.config), ids, chunk, warm_tokens)
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
         first, t_pre = timed(lambda: prefill(model, ids, cache, chunk))
@@ -303,7 +306,7 @@ def run_static(model, ids, steps, chunk, compiled: bool, warm_tokens: int):
     from transformers import StaticCache
     free()
     b, n = ids.shape
-    warm(model, lambda m: StaticCache(config=model.config, max_cache_len=m), ids, chunk, warm_tokens)
+    warm(model, lambda m, c: StaticCache(config=model.config, max_cache_len=m), ids, chunk, warm_tokens)
     cache = StaticCache(config=model.config, max_cache_len=n + 2 * steps + 16)
     with torch.no_grad():
         first, t_pre = timed(lambda: prefill(model, ids, cache, chunk))

@@ -39,7 +39,7 @@ from typing import List, Optional, Sequence, Union
 import torch
 
 from ..pattern import Pattern
-from ..runtime.kv_cache import PagedKVCache, dense_pattern
+from ..runtime.kv_cache import OutOfPagesError, PagedKVCache, dense_pattern
 
 # S2Cache and S2CacheLayer subclass transformers' classes, so they are built on first access
 # (module __getattr__) and left out of __all__: a star import does not import transformers
@@ -230,14 +230,22 @@ def reference_attention_forward(module, query: torch.Tensor, key: torch.Tensor, 
 
 
 # ------------------------------------------------------------------------------ the cache
-def pages_needed(pattern: Pattern, max_length: int, batch_size: int, lookahead: int = 0) -> int:
+def pages_needed(pattern: Pattern, max_length: int, batch_size: int, lookahead: int = 0, chunk: int = 0) -> int:
     """Pool size for ``batch_size`` sequences of up to ``max_length`` tokens under ``pattern``:
     per (sequence, kv head) the blocks the pattern keeps at that length (``lookahead`` tokens
     back, for rollback, and one block more: a decode step evicts for its first token, one behind
-    its last), plus the page a step may open."""
+    its last), plus the page a step may open.
+
+    ``chunk``: the longest step after the first prefill (chunked prefill, drafts verified in
+    one step). Such a step writes every block it touches and eviction catches up only with the
+    next step's plan, so at its end a sequence holds what queries from ``lookahead`` tokens
+    before the step's *start* need: the keep count ``chunk`` tokens further back (a first
+    prefill writes only what is kept, whatever its length)."""
     from ..runtime.paging import KeepRules, kv_efficient_heads
+    if chunk < 0:
+        raise ValueError(f"chunk must be >= 0 tokens, got {chunk}")
     rules = KeepRules(pattern, kv_efficient_heads(pattern), "cpu")
-    per_seq = sum(rules.count_needed(max_length, lookahead + pattern.block)) + pattern.kv_heads
+    per_seq = sum(rules.count_needed(max_length, lookahead + max(chunk, pattern.block))) + pattern.kv_heads
     return batch_size * per_seq
 
 
@@ -389,6 +397,7 @@ def _classes():
             self.paged: Optional[PagedKVCache] = None
             self._length = 0
             self._pending = 0
+            self.siblings = (self,)  # every layer of the cache (S2Cache sets it): a refused step rolls them back
 
         @property
         def seq_ids(self) -> tuple:
@@ -456,8 +465,17 @@ def _classes():
             # the kernel writes (b, n, heads, d) memory, so the caller's transpose back is free
             b, heads, _, d = query.shape
             buf = query.new_empty(b, n, heads, d).transpose(1, 2)
-            out = cached_attention(self.paged, self.seq_ids, query, key, value, scale=scale, lengths=lengths,
-                                   left_padding=left, out=buf)
+            try:
+                out = cached_attention(self.paged, self.seq_ids, query, key, value, scale=scale, lengths=lengths,
+                                       left_padding=left, out=buf)
+            except OutOfPagesError as exc:
+                self._undo_step(n)
+                if n == 1 or not group.length:
+                    raise
+                raise OutOfPagesError(f"{exc}. A step of {n} tokens after the first prefill (a prompt chunk) holds "
+                                      "every block it writes until the next step evicts: make the cache with "
+                                      f"S2Cache(..., prefill_chunk_size={n}) (or generate(prefill_chunk_size=...) "
+                                      "on the model's generation config)") from None
             if self.hidden_log is not None:  # phase 3: what this step's pages are recomputed from
                 table = self.paged.table
                 self.hidden_log.write(self._hidden_in, [table.get(s).slot for s in self.seq_ids], table.plan)
@@ -465,6 +483,29 @@ def _classes():
             self._length += n
             group.length = max(group.length, self._length)
             return out
+
+        def _undo_step(self, n: int) -> None:
+            """This layer's plan was refused (nothing of its group changed): roll back the layers of
+            other groups that already ran this step, so that the whole cache is as before it."""
+            self._pending = 0
+            done = {id(self.group)}
+            for layer in self.siblings:
+                g = layer.group
+                if layer._length != self._length + n or layer.paged is None:
+                    continue
+                layer._length -= n
+                if id(g) in done:
+                    continue
+                done.add(id(g))
+                plan, table = g.table.plan, g.table
+                if plan is not None and plan.only_needed:  # a first prefill: the sequences start afresh
+                    for s in g.seq_ids:
+                        table.remove_sequence(s)
+                    g.seq_ids = tuple(table.add_sequence() for _ in g.seq_ids)
+                elif plan is not None:
+                    for s, c in zip(g.seq_ids, plan.counts):
+                        table.crop(s, table.get(s).length - c)
+                g.length = self._length
 
         def get_seq_length(self) -> int:
             return self._length + self._pending
@@ -523,7 +564,11 @@ def _classes():
         decode step (assisted decoding verifies its drafts in one step) and ``max_rollback``
         tokens more (eviction runs that far behind the sequences' ends), which is what the
         first step of assisted decoding, a prefill with drafts, needs: at least the number of
-        draft tokens (transformers' default: 20). ``kv_dtype=torch.int8``: pages hold INT8 codes
+        draft tokens (transformers' default: 20). ``prefill_chunk_size``: the longest step after
+        the first prefill (a prompt fed in chunks; default: the model's
+        ``generation_config.prefill_chunk_size``, else 0): such a step holds every block it
+        writes until the next step evicts, so the pools are sized for it (``pages_needed``); a
+        longer one may raise ``OutOfPagesError``. ``kv_dtype=torch.int8``: pages hold INT8 codes
         (ALISA's channel-wise asymmetric quantisation, ``s2dsl.runtime.quant``).
         ``gpu_pages`` (per layer, an int or one per layer; in place of ``num_pages``) bounds the
         GPU pool and ``host_pages`` (per layer) adds ALISA's host tier (``s2dsl.runtime.host_tier``):
@@ -541,7 +586,7 @@ def _classes():
                      num_pages: Union[int, Sequence[int], None] = None, patterns: Optional[Sequence[Pattern]] = None,
                      max_rollback: int = 64, kv_dtype: Optional[torch.dtype] = None,
                      gpu_pages: Union[int, Sequence[int], None] = None, host_pages: Optional[int] = None,
-                     recompute: Optional[str] = None):
+                     recompute: Optional[str] = None, prefill_chunk_size: Optional[int] = None):
             if patterns is None:
                 patterns = getattr(model, "s2dsl_patterns", None)
                 if patterns is None:
@@ -558,10 +603,17 @@ def _classes():
             rec = [None] * len(patterns)
             if recompute is not None:
                 rec = self._recompute_sources(model, recompute, host_pages, max_length, len(patterns))
+            if prefill_chunk_size is None:  # generate(prefill_chunk_size=...) feeds the prompt in such chunks
+                config = getattr(model, "generation_config", None)
+                prefill_chunk_size = getattr(config, "prefill_chunk_size", None) or 0
+            if prefill_chunk_size < 0:
+                raise ValueError(f"prefill_chunk_size must be >= 0 tokens, got {prefill_chunk_size}")
+            self.prefill_chunk_size = prefill_chunk_size
             if num_pages is None:
                 if max_length is None:
                     raise ValueError("give max_length (tokens per sequence) or num_pages to size the page pools")
-                num_pages = [pages_needed(p, max_length, batch_size, max_rollback) for p in patterns]
+                num_pages = [pages_needed(p, max_length, batch_size, max_rollback, prefill_chunk_size)
+                             for p in patterns]
             elif isinstance(num_pages, int):
                 num_pages = [num_pages] * len(patterns)
             num_pages = list(num_pages)
@@ -577,6 +629,8 @@ def _classes():
                 raise ValueError(f"kv_dtype must be torch.int8 or a floating-point dtype; got {kv_dtype}")
             super().__init__(layers=[S2CacheLayer(p, n, groups[key], max_rollback, kv_dtype, host_pages, r)
                                      for p, n, key, r in zip(patterns, num_pages, keys, rec)])
+            for layer in self.layers:
+                layer.siblings = tuple(self.layers)
             if host_pages is not None:
                 from ..runtime.host_tier import TierGroup
                 tiers = TierGroup()
