@@ -61,3 +61,43 @@ def test_gpu_eager_decode_never_syncs():
         finally:
             torch.cuda.set_sync_debug_mode(0)
     assert torch.isfinite(logits.float()).all()
+
+
+def test_device_ops_per_layer_per_step(monkeypatch):
+    """The device ops of s2dsl's part of an eager decode step, per layer: the first layer of a
+    page table plans the step (a dozen small ops; more when a sequence starts a block or an
+    eviction bound crosses one), every other layer only writes its K/V and launches the
+    kernel. Counted with the kernels stubbed (the launch itself adds the kernel, and the
+    split-KV partials and combine where the context is long); a regression fails here."""
+    from collections import Counter
+    model = tiny_llama(PLAN, layers=4, attn=hf.ATTN_IMPLEMENTATION)
+    stub_decode_kernels(monkeypatch)
+    cache = hf.S2Cache(model, max_length=200, batch_size=2)
+    ids = torch.randint(1, 100, (2, 30))
+    layer_cls = type(cache.layers[0])
+    per_call, reads = [], Counter()
+    real = layer_cls._attend
+
+    def counted(self, *args, **kwargs):
+        with HostWork(monkeypatch) as work:
+            out = real(self, *args, **kwargs)
+        per_call.append((self.paged.table.plan.consumers.__len__() == 1, sum(work.ops.values())))
+        reads.update(work.reads)
+        return out
+
+    with torch.no_grad():
+        model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        tok = torch.ones(2, 1, dtype=torch.long)
+        model(tok, past_key_values=cache, use_cache=True)
+        monkeypatch.setattr(layer_cls, "_attend", counted)
+        for _ in range(40):  # 40 tokens: blocks of 16 start, eviction bounds cross
+            model(tok, past_key_values=cache, use_cache=True)
+    planning = [n for first, n in per_call if first]
+    others = [n for first, n in per_call if not first]
+    assert not reads, dict(reads)
+    assert len(planning) == 2 * 40 and len(others) == 2 * 40  # two page tables (sparse, dense) of two layers
+    # the other layers: the output buffer, the K and V writes, the log-sum-exp buffer
+    assert max(others) <= 4, sorted(Counter(others).items())
+    # those four and the plan: 12 ops in most steps (positions from the device lengths, each token's
+    # row in the pools, the new lengths), 26 when a sequence starts a block (taking pages)
+    assert sorted(planning)[len(planning) // 2] <= 16 and max(planning) <= 30, sorted(Counter(planning).items())

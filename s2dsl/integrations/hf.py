@@ -436,8 +436,14 @@ def _classes():
         # the layers of a step share) that a traced graph would freeze: under torch.compile the
         # cache's update and attention run eagerly (a graph break at each), and the step as a
         # CUDA graph is ``S2Cache.decode_graph``.
-        @torch.compiler.disable
         def update(self, key_states, value_states, *args, **kwargs):
+            # the disabled wrapper (dynamo's frame switch) costs an eager step a few microseconds a
+            # layer: taken only when dynamo traces this call
+            if torch.compiler.is_compiling():
+                return self._update_eager(key_states, value_states)
+            return self._update(key_states, value_states)
+
+        def _update(self, key_states, value_states):
             if not self.is_initialized:
                 self.lazy_initialization(key_states, value_states)
             if self._pending:
@@ -450,8 +456,12 @@ def _classes():
             key._s2dsl_layer = self
             return key, value_states
 
-        @torch.compiler.disable
         def attend(self, query, key, value, scale, attention_mask=None):
+            if torch.compiler.is_compiling():
+                return self._attend_eager(query, key, value, scale, attention_mask)
+            return self._attend(query, key, value, scale, attention_mask)
+
+        def _attend(self, query, key, value, scale, attention_mask=None):
             from ..runtime.decode import cached_attention
             n = query.shape[2]
             group = self.group
@@ -506,6 +516,9 @@ def _classes():
                     for s, c in zip(g.seq_ids, plan.counts):
                         table.crop(s, table.get(s).length - c)
                 g.length = self._length
+
+        _update_eager = torch.compiler.disable(_update)
+        _attend_eager = torch.compiler.disable(_attend)
 
         def get_seq_length(self) -> int:
             return self._length + self._pending
@@ -678,7 +691,8 @@ def _classes():
             """K/V bytes of the pages in use, all layers."""
             return sum(p.memory_bytes() for p in self.paged if p is not None)
 
-        def decode_graph(self, model, *, max_length: Optional[int] = None, capture: bool = True):
+        def decode_graph(self, model, *, max_length: Optional[int] = None, capture: bool = True,
+                         compile: Union[bool, str] = False):
             """A one-token decode step of ``model`` over this cache as a CUDA graph (after the prefill).
 
             Returns ``step(input_ids) -> logits``: ``input_ids`` (batch, 1), one new token per
@@ -688,6 +702,13 @@ def _classes():
             ``max_length``: the longest a sequence may grow (default: the length the cache was
             sized for). ``capture=False`` runs the same static step eagerly (CPU, debugging).
             Logits returned by a replay are overwritten by the next call.
+
+            ``compile=True`` (or a ``torch.compile`` backend name) captures the model's forward
+            compiled by ``torch.compile`` (the cache's update and attention stay eager: a graph
+            break at each): in an eagerly written model most kernels of a decode step are the
+            small ones around attention (norms, rotary embedding, activations, residual adds),
+            which a CUDA graph replays one by one and the compiler fuses. The first two calls
+            compile it (seconds to minutes for a large model).
             """
             from ..runtime.graphs import DecodeGraph
             layers = list(self.layers)
@@ -713,9 +734,13 @@ def _classes():
             # the step's positions: each sequence's own length, read on the device
             pos_of = first.paged.table
 
+            forward = model
+            if compile:
+                forward = torch.compile(model, dynamic=False, backend=compile if isinstance(compile, str) else "inductor")
+
             def step():
                 positions = pos_of.lens[slots].to(torch.long).view(batch, 1)
-                return model(input_ids=ids_buf, position_ids=positions, past_key_values=self, use_cache=True).logits
+                return forward(input_ids=ids_buf, position_ids=positions, past_key_values=self, use_cache=True).logits
 
             graph = DecodeGraph(step, tables, [g.seq_ids for g in groups], max_length=max_length, capture=capture)
 

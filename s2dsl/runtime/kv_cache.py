@@ -229,14 +229,15 @@ class PagedKVCache:
             return
         d = self.head_dim
         dest = plan.dest
-        with torch.no_grad():
-            if self.quantized:
+        if self.quantized:
+            with torch.no_grad():
                 self._write_int8(plan, dest, k, v)
-                return
-            if k.dtype != self.dtype:  # k, v are on the cache's device (checked)
-                k, v = k.to(self.dtype), v.to(self.dtype)
-            self._k_all.view(-1, d).index_copy_(0, dest, k.reshape(-1, d))
-            self._v_all.view(-1, d).index_copy_(0, dest, v.reshape(-1, d))
+            return
+        if k.dtype != self.dtype:  # k, v are on the cache's device (checked)
+            k, v = k.to(self.dtype), v.to(self.dtype)
+        # detached sources keep the pools out of autograd (cheaper per layer than a no_grad scope)
+        self._k_all.view(-1, d).index_copy_(0, dest, k.detach().reshape(-1, d))
+        self._v_all.view(-1, d).index_copy_(0, dest, v.detach().reshape(-1, d))
 
     def _write_int8(self, plan: StepPlan, dest: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Quantise on write, a whole page at a time: each page a write touches is dequantised,

@@ -201,6 +201,7 @@ class PageTable:
         self.lens = torch.zeros(self.tables.shape[0], dtype=torch.int32, device=self.device)
         self._free_slots: List[int] = list(range(self.tables.shape[0] - 1, -1, -1))
         self._seqs: Dict[Hashable, _Seq] = {}
+        self._seqs_memo = None  # (tuple of ids, their _Seq): see seqs()
         self._ids = itertools.count()
         self._slot_cache: Dict[Tuple[int, ...], torch.Tensor] = {}
         self.plan: Optional[StepPlan] = None
@@ -259,6 +260,7 @@ class PageTable:
         self.lens[slot] = 0
         self._seqs[seq_id] = _Seq(slot)
         self.plan = None
+        self._seqs_memo = None
         return seq_id
 
     def remove_sequence(self, seq_id: Hashable) -> None:
@@ -273,6 +275,7 @@ class PageTable:
         self._free_slots.append(seq.slot)
         del self._seqs[seq_id]
         self.plan = None
+        self._seqs_memo = None
 
     def get(self, seq_id) -> _Seq:
         try:
@@ -281,13 +284,21 @@ class PageTable:
             raise KeyError(f"no sequence {seq_id!r} in the cache (add it with add_sequence)") from None
 
     def seqs(self, seq_ids) -> List[_Seq]:
+        """The sequences of ``seq_ids``, checked (a tuple that was asked for last is not checked
+        again: every layer of every step asks for the batch's; the answer is read-only)."""
+        memo = self._seqs_memo
+        if memo is not None and memo[0] is seq_ids:
+            return memo[1]
         if isinstance(seq_ids, (str, bytes)) or not isinstance(seq_ids, Sequence) and not hasattr(seq_ids, "__iter__"):
             raise TypeError(f"seq_ids must be a list of sequence ids (one per batch row), got "
                             f"{type(seq_ids).__name__} {seq_ids!r}; for one sequence pass [{seq_ids!r}]")
-        seq_ids = list(seq_ids)
+        orig, seq_ids = seq_ids, list(seq_ids)
         if len(set(seq_ids)) != len(seq_ids):
             raise ValueError(f"sequence ids repeat in {seq_ids}")
-        return [self.get(s) for s in seq_ids]
+        seqs = [self.get(s) for s in seq_ids]
+        if type(orig) is tuple:  # immutable: the same object names the same sequences until one leaves
+            self._seqs_memo = (seq_ids, seqs)
+        return seqs
 
     def slots_tensor(self, seqs: Sequence[_Seq]) -> torch.Tensor:
         return self._slots(seqs)[0]
