@@ -46,6 +46,7 @@ import torch
 import s2dsl
 from s2dsl.integrations import hf
 from s2dsl.runtime import tiering
+from common import make_alisa_model as make_model
 
 
 def swa_plan(block: int, heads: int, kv_heads: int, layers: int, window: int, topk: int, recent: int = 16):
@@ -53,19 +54,6 @@ def swa_plan(block: int, heads: int, kv_heads: int, layers: int, window: int, to
             f"heads * {{ window {window} sink 1 topk {topk} recent {recent} }} }}\n"
             f"model bench {{ layers = {layers} rest -> swa }}")
     return s2dsl.parse(text, "<swa>")
-
-
-def make_model(tiny: bool, device, dtype):
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(0)
-    if tiny:
-        cfg = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1 << 12)
-    else:
-        cfg = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=8,
-                          num_attention_heads=32, num_key_value_heads=8, head_dim=64,
-                          max_position_embeddings=1 << 16, rope_theta=500000.0)
-    return LlamaForCausalLM(cfg).to(device, dtype).eval()
 
 
 def sync():

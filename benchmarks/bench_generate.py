@@ -32,8 +32,15 @@ layers Phi-3-style local-stride: a half-sparse plan).
 5. One layer's decode call (``cached_attention``: plan + write + attend) vs its kernel alone,
    at 32K and 128K, batch 8: the call alone, per layer when 8 layers share one plan per step,
    and the call replayed in a CUDA graph.
+6. ``--profile PATH``: torch.profiler summaries of an eager decode step, a graph step and one
+   layer's call at the first point (ops by host and device time, kernel launches, syncs and
+   allocations per call). ``--graph-compile`` adds the row "s2dsl graph compiled":
+   ``decode_graph(compile=True)``, the forward compiled by torch.compile inside the graph.
 
-    python benchmarks/bench_generate.py --out results/generate.json            # all of it, ~6 min
+The prompt is fed in chunks when it must be; the S2Cache is then sized for its chunks
+(``prefill_chunk_size``: a chunk holds every block it writes until the next step evicts).
+
+    PYTHONPATH=$PWD python benchmarks/bench_generate.py --out results/generate.json   # all of it, ~6 min
     python benchmarks/bench_generate.py --quick --out /tmp/quick.json          # ~1 min smoke run
     python benchmarks/bench_generate.py --points 32768x1 32768x8 --layer-contexts 32768 --out a.json
     TRITON_INTERPRET=1 python benchmarks/bench_generate.py --tiny              # CPU: every section, toy sizes
@@ -53,6 +60,8 @@ import torch.nn.functional as F
 
 import s2dsl
 from s2dsl.integrations import hf
+
+from common import make_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PLAN = os.path.join(HERE, "llama_bench.s2")
@@ -89,21 +98,6 @@ def peak_gib() -> float:
 
 def free_gib() -> float:
     return torch.cuda.mem_get_info()[0] / 2 ** 30 if torch.cuda.is_available() else float("inf")
-
-
-def make_model(tiny: bool, device, dtype):
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(0)
-    if tiny:
-        cfg = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1 << 12)
-    else:
-        cfg = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                          num_attention_heads=32, num_key_value_heads=8, head_dim=64,
-                          max_position_embeddings=1 << 18, rope_theta=500000.0)
-    model = LlamaForCausalLM(cfg).to(device, dtype).eval()
-    model.set_attn_implementation("sdpa")
-    return model
 
 
 def plan_of(tiny: bool):
@@ -252,8 +246,9 @@ def warm(model, make_cache, ids, chunk: int, warm_tokens: int):
     free()
 
 
-def run_s2dsl(model, plan, name, ids, steps, chunk, graph: bool, warm_tokens: int):
-    """One prefill, then eager steps and (on the GPU) steps of the captured graph on the same cache."""
+def run_s2dsl(model, plan, name, ids, steps, chunk, graph: bool, warm_tokens: int, graph_compile: bool = False):
+    """One prefill, then eager steps and (on the GPU) steps of the captured graph on the same cache
+    (``graph_compile``: then steps of the graph of the forward compiled by torch.compile)."""
     hf.apply(model, plan, model_name=name)
     free()
     b, n = ids.shape
@@ -261,7 +256,7 @@ def run_s2dsl(model, plan, name, ids, steps, chunk, graph: bool, warm_tokens: in
     # the pools are sized for it (the 128K x 8 run ran out of pages in the warm-up's second chunk)
     warm(model, lambda m, c: hf.S2Cache(model, max_length=m, batch_size=b, prefill_chunk_size=c), ids, chunk,
          warm_tokens)
-    cache = hf.S2Cache(model, max_length=n + 2 * steps + 8, batch_size=b, prefill_chunk_size=chunk if chunk < n else 0)
+    cache = hf.S2Cache(model, max_length=n + 3 * steps + 16, batch_size=b, prefill_chunk_size=chunk if chunk < n else 0)
     with torch.no_grad():
         first, t_pre = timed(lambda: prefill(model, ids, cache, chunk))
         kv = cache.memory_bytes()
@@ -276,6 +271,17 @@ def run_s2dsl(model, plan, name, ids, steps, chunk, graph: bool, warm_tokens: in
                              kv_gib=kv / 2 ** 30, dense_kv_gib=dense_kv / 2 ** 30,
                              first_calls_ms=[1e3 * t for t in g_times[:2]]))
             step.graph.close()
+        if graph and graph_compile:
+            try:
+                step = cache.decode_graph(model, compile=True)
+                c_times, _ = decode(step, tokens[:, -1:], steps + 2)
+                rows.append(dict(impl="s2dsl graph compiled", prefill_s=t_pre, decode_ms=ms(c_times, skip=2),
+                                 peak_gib=peak_gib(), kv_gib=kv / 2 ** 30, dense_kv_gib=dense_kv / 2 ** 30,
+                                 compile_s=sum(c_times[:2])))
+                step.graph.close()
+            except Exception as exc:  # a compiler failure is a result to report, not the end of the run
+                rows.append(dict(impl="s2dsl graph compiled (failed)", error=f"{type(exc).__name__}: {exc}"[:500]))
+            torch._dynamo.reset()
     del cache
     model.set_attn_implementation("sdpa")
     return rows
@@ -471,6 +477,76 @@ def layer_call_vs_kernel(pattern, context: int, batch: int = 8, calls: int = 100
                 shared_over_kernel=shared_ms / kernel_ms, graph_call_ms=graph_ms, graph_over_kernel=graph_ms / kernel_ms)
 
 
+# ----------------------------------------------------------------------------- 6. profiles (--profile)
+_SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy",
+          "cudaMemcpyAsync", "cudaMalloc", "cudaFree", "cudaHostAlloc", "cudaGraphLaunch")
+_LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC")
+
+
+def profile_summary(fn, reps: int, top: int = 25):
+    """``fn`` run ``reps`` times under torch.profiler: wall ms per call, the ops by host (self CPU)
+    and device time per call, and per call the CUDA runtime calls that sync or allocate and the
+    kernel launches."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    fn()
+    sync()
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        sync()
+        wall = (time.perf_counter() - t0) / reps
+    events = prof.key_averages()
+
+    def row(e, attr):
+        return dict(name=e.key, calls=e.count / reps, ms=getattr(e, attr, 0.0) / 1e3 / reps)
+
+    host = sorted(events, key=lambda e: -getattr(e, "self_cpu_time_total", 0.0))[:top]
+    dev = sorted(events, key=lambda e: -getattr(e, "self_device_time_total", 0.0))[:top]
+    return dict(wall_ms=1e3 * wall,
+                host_ops=[row(e, "self_cpu_time_total") for e in host],
+                device_ops=[row(e, "self_device_time_total") for e in dev if getattr(e, "self_device_time_total", 0)],
+                runtime_calls={e.key: e.count / reps for e in events if e.key in _SYNCS},
+                kernel_launches=sum(e.count for e in events if e.key in _LAUNCHES) / reps,
+                aten_ops=sum(e.count for e in events if e.key.startswith("aten::")) / reps)
+
+
+def profiles(model, plan, name, n: int, b: int, device, sparse, d: int):
+    """Where an eager decode step, a graph step and one layer's call spend their time."""
+    from s2dsl.runtime.decode import cached_attention
+    from s2dsl.runtime.kv_cache import PagedKVCache
+    hf.apply(model, plan, model_name=name)
+    free()
+    ids = torch.randint(1, model.config.vocab_size, (b, n), device=device)
+    cache = hf.S2Cache(model, max_length=n + 64, batch_size=b)
+    out = {"prompt": n, "batch": b}
+    with torch.no_grad():
+        tok = prefill(model, ids, cache, n)
+        out["eager_step"] = profile_summary(lambda: model(tok, past_key_values=cache, use_cache=True), 4)
+        if torch.cuda.is_available():
+            step = cache.decode_graph(model)
+            step(tok)
+            out["graph_step"] = profile_summary(lambda: step(tok), 4)
+            step.graph.close()
+    del cache
+    model.set_attn_implementation("sdpa")
+    free()
+    # one layer's call alone (its own page table, evicting after the step), as in section 5
+    pages = hf.pages_needed(sparse, n + 64, b, 0) + b * sparse.kv_heads * 4
+    solo = PagedKVCache(sparse, num_pages=pages, head_dim=d, dtype=model.dtype, device=device, max_seqs=b)
+    seqs = [solo.add_sequence() for _ in range(b)]
+    kk = torch.randn(b, sparse.kv_heads, n - 1, d, device=device, dtype=model.dtype)
+    solo.append(seqs, kk, kk, only_needed=True)
+    del kk
+    q = torch.randn(b, sparse.heads, 1, d, device=device, dtype=model.dtype)
+    k = torch.randn(b, sparse.kv_heads, 1, d, device=device, dtype=model.dtype)
+    out["layer_call"] = profile_summary(lambda: cached_attention(solo, seqs, q, k, k), 20)
+    del solo
+    free()
+    return out
+
+
 # ----------------------------------------------------------------------------- main
 def parse_point(text):
     n, b = text.lower().split("x")
@@ -489,6 +565,12 @@ def main():
     ap.add_argument("--layer-contexts", nargs="*", type=int, default=[32768, 131072])
     ap.add_argument("--skip", nargs="*", default=[], help="implementations to skip: s2dsl dynamic static")
     ap.add_argument("--no-generate-probe", action="store_true", help="skip timing generate() itself")
+    ap.add_argument("--graph-compile", action="store_true",
+                    help="also time S2Cache.decode_graph(compile=True): the forward compiled by torch.compile, "
+                         "captured in the graph (its first two calls compile it; reported as compile_s)")
+    ap.add_argument("--profile", default=None, metavar="PATH",
+                    help="torch.profiler summaries (JSON) of an eager decode step, a graph step and one layer's "
+                         "cached_attention call at the first point: ops by host and device time, syncs, kernels")
     ap.add_argument("--budget-s", type=float, default=300.0,
                     help="seconds the points may take; what would not fit is skipped (and listed)")
     ap.add_argument("--quick", action="store_true", help="small points (smoke run)")
@@ -535,7 +617,8 @@ def main():
                 continue
             try:
                 if impl == "s2dsl":
-                    rows += run_s2dsl(model, plan, name, ids, args.steps, chunk, on_gpu, args.warm_tokens)
+                    rows += run_s2dsl(model, plan, name, ids, args.steps, chunk, on_gpu, args.warm_tokens,
+                                      args.graph_compile)
                 elif impl == "dynamic":
                     rows.append(run_dynamic(model, ids, args.steps, chunk, args.warm_tokens))
                 else:
@@ -567,6 +650,17 @@ def main():
         ids = torch.randint(1, model.config.vocab_size, (1, 64 if args.tiny else 4096), device=device)
         results["generate_ms_per_token"] = generate_probe(model, ids, 2 if args.tiny else args.steps)
         print("generate():", results["generate_ms_per_token"], flush=True)
+    if args.profile and args.points:
+        n, b = parse_point(args.points[0])
+        prof = profiles(model, plan, name, n, b, device, sparse, d)
+        with open(args.profile, "w") as fh:
+            json.dump(prof, fh, indent=1)
+        for what in ("eager_step", "graph_step", "layer_call"):
+            if what in prof:
+                p = prof[what]
+                print(f"profile {what}: {p['wall_ms']:.3f} ms/call, {p['aten_ops']:.0f} aten ops, "
+                      f"{p['kernel_launches']:.0f} kernel launches, runtime calls {p['runtime_calls']}; top host ops "
+                      + ", ".join(f"{r['name']} {r['ms']:.3f}" for r in p["host_ops"][:6]), flush=True)
     for context in args.layer_contexts:
         row = layer_call_vs_kernel(sparse, context, batch=2 if args.tiny else 8, calls=3 if args.tiny else 100,
                                    device=device, dtype=dtype, d=d)

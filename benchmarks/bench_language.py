@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
@@ -31,6 +29,7 @@ import s2dsl
 from s2dsl.runtime.attention import forward
 
 import dkernel_baseline
+from common import bench, flex_block_attention
 
 BLOCK, LOCAL, HEADS, DIM = 64, 16, 32, 128
 
@@ -68,36 +67,20 @@ def sliding_window(tokens: int):
 
 
 def flex_sliding(tokens: int, n: int):
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
     def mask_mod(b, h, q_idx, kv_idx):
         return (q_idx >= kv_idx) & (q_idx - kv_idx < tokens)
 
-    mask = torch.compile(create_block_mask)(mask_mod, 1, 1, n, n, device="cuda", BLOCK_SIZE=BLOCK)
-    compiled = torch.compile(flex_attention)
-    return lambda q, k, v: compiled(q, k, v, block_mask=mask, kernel_options={"BLOCK_M": BLOCK, "BLOCK_N": BLOCK})
+    return flex_block_attention(mask_mod, 1, n, BLOCK)[0]
 
 
 def flex_bidirectional(stride: int, n: int):
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
     def mask_mod(b, h, q_idx, kv_idx):
         d = q_idx // BLOCK - kv_idx // BLOCK
         left = torch.clamp(d - LOCAL + 1, min=0)
         right = torch.clamp(-d - LOCAL + 1, min=0)
         return (left + right) % stride == 0
 
-    t0 = time.perf_counter()
-    mask = torch.compile(create_block_mask)(mask_mod, 1, 1, n, n, device="cuda", BLOCK_SIZE=BLOCK)
-    torch.cuda.synchronize()
-    plan_s = time.perf_counter() - t0
-    compiled = torch.compile(flex_attention)
-    options = {"BLOCK_M": BLOCK, "BLOCK_N": BLOCK}
-    return (lambda q, k, v: compiled(q, k, v, block_mask=mask, kernel_options=options)), plan_s
-
-
-def bench(fn, *args) -> float:
-    return triton.testing.do_bench(lambda: fn(*args), warmup=50, rep=200, return_mode="median")
+    return flex_block_attention(mask_mod, 1, n, BLOCK)
 
 
 def training_step(fn, n: int, seed: int = 1):

@@ -27,6 +27,7 @@ from s2dsl.runtime.attention import forward
 from s2dsl.runtime.kernels import choose_forward, forward_module
 
 import dkernel_baseline
+from common import bench, flex_block_attention
 
 BLOCK, WINDOW, HEADS, DIM = 64, 16, 32, 128
 
@@ -62,24 +63,11 @@ def check(pattern, n: int, dtype=torch.bfloat16, tuning=None) -> float:
 
 
 def flex_fn(stride: int, n: int):
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
     def mask_mod(b, h, q_idx, kv_idx):
         qb, kb = q_idx // BLOCK, kv_idx // BLOCK
         return (q_idx >= kv_idx) & ((qb - kb < WINDOW) | ((kb + h) % stride == 0))
 
-    t0 = time.perf_counter()
-    mask = torch.compile(create_block_mask)(mask_mod, 1, HEADS, n, n, device="cuda", BLOCK_SIZE=BLOCK)
-    torch.cuda.synchronize()
-    plan_s = time.perf_counter() - t0
-    compiled = torch.compile(flex_attention)
-    # 64-token blocks need 64-row tiles in Flex's kernel too
-    options = {"BLOCK_M": BLOCK, "BLOCK_N": BLOCK}
-    return (lambda q, k, v: compiled(q, k, v, block_mask=mask, kernel_options=options)), plan_s
-
-
-def bench(fn, *args) -> float:
-    return triton.testing.do_bench(lambda: fn(*args), warmup=50, rep=200, return_mode="median")
+    return flex_block_attention(mask_mod, HEADS, n, BLOCK)
 
 
 def resource_report(pattern, n: int) -> list:

@@ -203,14 +203,14 @@ def test_import_s2dsl_does_not_import_transformers():
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
 
 
-def _graph_greedy(model, prompts, new, capture, device="cpu"):
+def _graph_greedy(model, prompts, new, capture, device="cpu", compile=False):
     """Prefill a left-padded batch, then decode through S2Cache.decode_graph."""
     ids, mask = _left_padded(prompts)
     ids, mask = ids.to(device), mask.to(device)
     cache = hf.S2Cache(model, max_length=ids.shape[1] + new, batch_size=len(prompts))
     with torch.no_grad():
         logits = model(ids, attention_mask=mask, past_key_values=cache).logits[:, -1:]
-        step = cache.decode_graph(model, capture=capture)
+        step = cache.decode_graph(model, capture=capture, compile=compile)
         tokens = [logits.argmax(-1)]
         for _ in range(new - 1):
             tokens.append(step(tokens[-1])[:, -1:].argmax(-1))
@@ -230,6 +230,58 @@ def test_static_decode_step_through_the_model(model):
                              past_key_values=hf.S2Cache(model, max_length=40, batch_size=2))[:, ids.shape[1]:]
     assert torch.equal(out, ref)
     assert cache.get_seq_length() == ids.shape[1] + 5
+
+
+@kernels
+def test_compiled_static_decode_step(model):
+    """decode_graph(compile=...): the step's forward through torch.compile (the cache's update
+    and attention graph-broken, eager) gives the tokens of the uncompiled step."""
+    from torch import _dynamo
+    gen = torch.Generator().manual_seed(8)
+    prompts = [torch.randint(1, 100, (n,), generator=gen) for n in (34, 20)]
+    _use(model, hf.ATTN_IMPLEMENTATION)
+    plain, _ = _graph_greedy(model, prompts, 5, capture=False)
+    compiled, cache = _graph_greedy(model, prompts, 5, capture=False, compile="aot_eager")
+    _dynamo.reset()
+    assert torch.equal(compiled, plain)
+    assert cache.get_seq_length() == 34 + 4
+
+
+@pytest.mark.gpu
+def test_gpu_compiled_cuda_graph_step():
+    """bf16 on the GPU: the step compiled by inductor and captured in a CUDA graph, fed the
+    tokens of eager decoding, gives eager decoding's logits within bf16 noise at every step."""
+    if os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from torch import _dynamo
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=1000, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
+                         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096)
+    m = LlamaForCausalLM(config).to("cuda", torch.bfloat16).eval()
+    plan = PLAN.replace("block = 16", "block = 64").replace("heads = 4  kv_heads = 2", "heads = 8  kv_heads = 2") \
+        .replace("heads 0..1", "heads 0..3").replace("heads 2..3", "heads 4..7").replace("layers = 2", "layers = 4")
+    hf.apply(m, s2dsl.parse(plan), model_name="tiny")
+    ids = torch.randint(1, 1000, (2, 900), device="cuda")
+    runs = []
+    for compiled in (False, True):
+        cache = hf.S2Cache(m, max_length=960, batch_size=2)
+        with torch.no_grad():
+            tok = m(ids, past_key_values=cache, logits_to_keep=1).logits[:, -1:].argmax(-1)
+            step = cache.decode_graph(m, compile=compiled, capture=compiled)
+            feed = runs[0][1] if runs else None
+            logits, toks = [], []
+            for i in range(12):
+                out = step(tok if feed is None else feed[:, i:i + 1]).float().clone()
+                logits.append(out)
+                toks.append(tok if feed is None else feed[:, i:i + 1])
+                tok = out[:, -1:].argmax(-1)
+        runs.append((torch.cat(logits, 1), torch.cat(toks, 1)))
+    _dynamo.reset()
+    ref, got = runs[0][0], runs[1][0]
+    assert torch.isfinite(got).all()
+    err = ((got - ref).norm() / ref.norm()).item()
+    assert err < 3e-2, err
 
 
 @pytest.mark.gpu
