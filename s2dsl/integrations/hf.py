@@ -707,8 +707,9 @@ def _classes():
             compiled by ``torch.compile`` (the cache's update and attention stay eager: a graph
             break at each): in an eagerly written model most kernels of a decode step are the
             small ones around attention (norms, rotary embedding, activations, residual adds),
-            which a CUDA graph replays one by one and the compiler fuses. The first two calls
-            compile it (seconds to minutes for a large model).
+            which a CUDA graph replays one by one and the compiler fuses. The first call compiles
+            it (seconds to minutes for a large model), the first two run eagerly, the third
+            captures.
             """
             from ..runtime.graphs import DecodeGraph
             layers = list(self.layers)
@@ -737,12 +738,18 @@ def _classes():
             forward = model
             if compile:
                 forward = torch.compile(model, dynamic=False, backend=compile if isinstance(compile, str) else "inductor")
+            # each layer's frames after the cache's graph breaks are compiled per layer index
+            limit = max(torch._dynamo.config.recompile_limit, 2 * len(layers) + 8)
 
             def step():
                 positions = pos_of.lens[slots].to(torch.long).view(batch, 1)
-                return forward(input_ids=ids_buf, position_ids=positions, past_key_values=self, use_cache=True).logits
+                with torch._dynamo.config.patch(recompile_limit=limit):
+                    return forward(input_ids=ids_buf, position_ids=positions, past_key_values=self,
+                                   use_cache=True).logits
 
-            graph = DecodeGraph(step, tables, [g.seq_ids for g in groups], max_length=max_length, capture=capture)
+            # compiled: two eager steps, so that nothing is left to compile while the graph is captured
+            graph = DecodeGraph(step, tables, [g.seq_ids for g in groups], max_length=max_length, capture=capture,
+                                warmup=2 if compile else 1)
 
             def run(input_ids):
                 if input_ids.shape != ids_buf.shape:

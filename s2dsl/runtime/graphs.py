@@ -4,8 +4,9 @@ A decode step over the paged cache has static shapes once its page tables are wi
 for the longest sequence (``PageTable.enable_static``): one token per sequence, the page
 bookkeeping planned by device ops from the device lengths (``PageTable._plan_static``), the
 kernels reading lengths and page tables from device memory. ``DecodeGraph`` runs such a
-step: the first call eagerly (it compiles the kernels and is a real step), the second
-captures the step and replays it, every later call replays it. Before each step the host
+step: the first call eagerly (it compiles the kernels and is a real step; ``warmup`` calls
+when a compiled step needs a second one to settle), the next captures the step and replays
+it, every later call replays it. Before each step the host
 checks the pool and catches eviction up (``prepare_static``), after it counts the new token
 (``commit_static``); nothing inside the step waits for the host.
 
@@ -32,7 +33,7 @@ class DecodeGraph:
 
     def __init__(self, step: Callable[[], object], tables: Sequence[PageTable], seq_ids: Sequence[Sequence],
                  *, max_length: int, host_state: Optional[Tuple[Callable, Callable]] = None,
-                 on_commit: Optional[Callable[[], None]] = None, capture: bool = True):
+                 on_commit: Optional[Callable[[], None]] = None, capture: bool = True, warmup: int = 1):
         tables = list(tables)
         if len(seq_ids) != len(tables):
             raise ValueError(f"{len(seq_ids)} sequence-id lists for {len(tables)} page tables")
@@ -41,6 +42,9 @@ class DecodeGraph:
                              "step eagerly elsewhere")
         self.step, self.tables, self.seq_ids = step, tables, [list(s) for s in seq_ids]
         self.host_state, self.on_commit, self.capture = host_state, on_commit, capture
+        if warmup < 1:
+            raise ValueError(f"warmup must be >= 1 eager step (it compiles the kernels), got {warmup}")
+        self.warmup = warmup
         self.graph: Optional["torch.cuda.CUDAGraph"] = None
         self.outputs = None
         self.calls = 0
@@ -51,7 +55,7 @@ class DecodeGraph:
         for t, ids in zip(self.tables, self.seq_ids):
             t.prepare_static(ids)
         try:
-            if not self.capture or self.calls == 0:
+            if not self.capture or self.calls < self.warmup:
                 out = self._eager()
             else:
                 if self.graph is None:
