@@ -107,3 +107,21 @@ def test_chunked_prefill_through_s2cache_sized_for_its_chunks():
         for at in range(0, 256, 96):
             out = model(ids[:, at:at + 96], past_key_values=sized, use_cache=True, logits_to_keep=1).logits
     torch.testing.assert_close(out, ref, atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
+def test_refused_first_prefill_leaves_every_layer_empty():
+    """A prompt the sparse layer's pool cannot hold: the dense layer (its own page table, run
+    first) had written it; after the refusal every layer is empty and the cache takes a
+    shorter prompt as a first prefill."""
+    model = tiny_llama(PLAN, attn=hf.ATTN_IMPLEMENTATION)
+    cache = hf.S2Cache(model, num_pages=[64, 2], max_rollback=0)
+    ids = torch.randint(1, 100, (1, 200), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        with pytest.raises(OutOfPagesError):
+            model(ids, past_key_values=cache, use_cache=True)
+        assert cache.get_seq_length() == 0
+        assert [p.num_free_pages for p in cache.paged] == [64, 2]
+        assert all(p.seq_len(s) == 0 for p, layer in zip(cache.paged, cache.layers) for s in layer.seq_ids)
+        model(ids[:, :16], past_key_values=cache, use_cache=True)
+        assert cache.get_seq_length() == 16
