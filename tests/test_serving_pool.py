@@ -125,3 +125,16 @@ def test_refused_first_prefill_leaves_every_layer_empty():
         assert all(p.seq_len(s) == 0 for p, layer in zip(cache.paged, cache.layers) for s in layer.seq_ids)
         model(ids[:, :16], past_key_values=cache, use_cache=True)
         assert cache.get_seq_length() == 16
+
+
+def test_bad_sizes_are_refused():
+    from s2dsl.runtime.graphs import DecodeGraph
+    sparse = s2dsl.load(BENCH)["phi3_local_stride"]
+    with pytest.raises(ValueError, match="chunk"):
+        hf.pages_needed(sparse, 100, 1, 0, chunk=-1)
+    table = PageTable(sparse, num_pages=8, device="cpu")
+    with pytest.raises(ValueError, match="warmup"):
+        DecodeGraph(lambda: None, [table], [[]], max_length=64, capture=False, warmup=0)
+    model = tiny_llama(PLAN)
+    with pytest.raises(ValueError, match="prefill_chunk_size"):
+        hf.S2Cache(model, max_length=64, prefill_chunk_size=-1)
