@@ -273,7 +273,8 @@ def cached_attention(cache: PagedKVCache, seq_ids: Sequence[Hashable], q: torch.
            v.device, scale, None if out is None else (out.shape, out.dtype, out.device, out.stride(-1)))
     memo = cache._decode_memo
     checked = memo.get("checked")
-    if checked is not None and (scale is None or type(scale) is float) and checked[0] == sig:
+    plain = scale is None or type(scale) is float  # a tensor scale is checked every call, never memoised
+    if plain and checked is not None and checked[0] == sig:
         scale = checked[1]
     else:
         _check_q(q, cache, len(seqs))
@@ -285,7 +286,8 @@ def cached_attention(cache: PagedKVCache, seq_ids: Sequence[Hashable], q: torch.
         if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.device != q.device
                                 or out.stride(-1) != 1):
             raise InputError(f"out must be {tuple(q.shape)} {q.dtype} on {q.device} with a contiguous last dim")
-        memo["checked"] = (sig, scale)
+        if plain:
+            memo["checked"] = (sig, scale)
     n = q.shape[2]
     counts, offsets = padding_counts(len(seqs), n, lengths, left_padding)
     plan = table.plan_step(seq_ids, n, consumer=cache, counts=counts, offsets=offsets)

@@ -297,7 +297,7 @@ class PageTable:
             raise ValueError(f"sequence ids repeat in {seq_ids}")
         seqs = [self.get(s) for s in seq_ids]
         if type(orig) is tuple:  # immutable: the same object names the same sequences until one leaves
-            self._seqs_memo = (seq_ids, seqs)
+            self._seqs_memo = (orig, seqs)
         return seqs
 
     def slots_tensor(self, seqs: Sequence[_Seq]) -> torch.Tensor:
