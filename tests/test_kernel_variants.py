@@ -174,3 +174,87 @@ def test_backward_refuses_forward_only_variants():
     for tuning in ({"kv_load": "tma"}, {"fuse_diagonal": True}, {"window_ws": True}):
         with pytest.raises(InputError, match="forward-only"):
             choose_backward(pattern, torch.float32, 16, "bhsd", torch.device("cpu"), tuning)
+
+
+# ---- decode variants (issue 14): one flat loop over the split's kept blocks, several pages per step ----
+
+DEC_PATTERNS = {
+    "gqa": s2dsl.local_stride(block=16, local_blocks=2, vert_stride=3, heads=4, kv_heads=2),
+    "hetero": s2dsl.parse("pattern p { block = 16 heads = 4 kv_heads = 2 causal "
+                          "heads 0..0 { window 1 sink 1 stride 3 offset 1 } heads 1..1 { window 2 stride 2 } "
+                          "heads 2..2 { dense } heads 3..3 { sink 2 stride 4 offset 3 stride 5 } }")["p"],
+    "residues": s2dsl.parse("pattern p { block = 16 heads = 2 kv_heads = 1 causal "
+                            "heads 0..0 { window 1 stride 3 } heads 1..1 { window 1 stride 3 offset 1 } }")["p"],
+    "no_window": s2dsl.parse("pattern p { block = 16 heads = 2 causal heads * { sink 1 stride 3 offset h } }")["p"],
+    "mha_block32": s2dsl.local_stride(block=32, local_blocks=2, vert_stride=2, heads=2),
+}
+DEC_VARIANTS = {"flat": {"flat": True}, "pages2": {"flat": True, "pages_per_step": 2},
+                "pages4": {"flat": True, "pages_per_step": 4}}
+
+
+def _decode_steps(pattern, tuning, steps, dtype=torch.float32, seed=0, lengths=(70, 45)):
+    """Two sequences of different lengths: a prefill of each, then ``steps`` = [(new tokens, splits)]
+    over the pages with ``tuning``, each output against the reference; freed pages poisoned."""
+    from s2dsl.runtime.decode import cached_attention
+    from s2dsl.runtime.kv_cache import PagedKVCache
+    cache = PagedKVCache(pattern, num_pages=96, head_dim=16, dtype=dtype)
+    ids = [cache.add_sequence() for _ in lengths]
+    g = torch.Generator().manual_seed(seed)
+    total = max(lengths) + sum(n for n, _ in steps)
+    data = [tuple(torch.randn(1, h, total, 16, generator=g).to(dtype)
+                  for h in (pattern.heads, pattern.kv_heads, pattern.kv_heads)) for _ in ids]
+    pos = list(lengths)
+    for (q, k, v), s, n in zip(data, ids, lengths):
+        cached_attention(cache, [s], q[:, :, :n], k[:, :, :n], v[:, :, :n])
+    tol = 2e-5 if dtype == torch.float32 else 3e-3
+    for n, splits in steps:
+        free = list(cache.free_pages)
+        cache.k_pages[free] = float("nan")
+        cache.v_pages[free] = float("nan")
+        q, k, v = (torch.cat([d[t][:, :, p:p + n] for d, p in zip(data, pos)]) for t in range(3))
+        out = cached_attention(cache, ids, q, k, v, tuning=tuning, n_splits=splits)
+        assert torch.isfinite(out).all(), "the kernel read a page it should not have"
+        for b, ((qs, ks, vs), p) in enumerate(zip(data, pos)):
+            ref = s2dsl.reference_attention(qs[:, :, p:p + n], ks[:, :, :p + n], vs[:, :, :p + n], pattern)
+            torch.testing.assert_close(out[b:b + 1].float(), ref, atol=tol, rtol=tol)
+        pos = [p + n for p in pos]
+
+
+@interpreter
+@pytest.mark.parametrize("variant", DEC_VARIANTS)
+@pytest.mark.parametrize("name", DEC_PATTERNS)
+def test_decode_variants_match_reference(name, variant):
+    """Single tokens and short chunks; 1, 3 and 16 splits (16 leaves splits without a block)."""
+    _decode_steps(DEC_PATTERNS[name], DEC_VARIANTS[variant], [(1, 1), (1, 3), (3, 16), (1, 16)])
+
+
+@interpreter
+def test_decode_pages_float16():
+    _decode_steps(DEC_PATTERNS["gqa"], {"flat": True, "pages_per_step": 2}, [(1, 2), (2, 5)], dtype=torch.float16)
+
+
+@interpreter
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(pattern=patterns(causal=True), data=st.data())
+def test_decode_variants_random_patterns(pattern, data):
+    """Random (heterogeneous, extended, top-k) patterns: extended and top-k plans keep their own
+    loops under ``flat``; the rest run the flat loop at any pages per step and split count."""
+    tuning = {"flat": True, "pages_per_step": data.draw(st.sampled_from([1, 2, 4]), label="pages")}
+    steps = [(data.draw(st.sampled_from([1, 2, 5]), label="n"), data.draw(st.integers(1, 9), label="splits"))
+             for _ in range(2)]
+    _decode_steps(pattern, tuning, steps, seed=data.draw(st.integers(0, 99), label="seed"), lengths=(40, 23))
+
+
+def test_decode_variant_refusals():
+    from s2dsl.codegen.decode import DecodeSpecialization, generate_decode
+    plan = lower(DEC_PATTERNS["gqa"])
+    base = DecodeSpecialization(block_n=16)
+    for spec, match in ((replace(base, pages_per_step=2), "flat"),
+                        (replace(base, flat=True, pages_per_step=3), "power of two"),
+                        (replace(base, flat=True, pages_per_step=2, kv_int8=True), "INT8")):
+        with pytest.raises(ValueError, match=match):
+            generate_decode(plan, spec)
+    flat = generate_decode(plan, replace(base, flat=True))
+    assert "# -- sinks [0, n_s) --" not in flat and "_visit_pages" not in flat
+    assert "_visit_pages(" in generate_decode(plan, replace(base, flat=True, pages_per_step=4))
+    assert "# -- sinks [0, n_s) --" in generate_decode(plan, base)

@@ -48,6 +48,11 @@ class DecodeSpecialization:
     num_warps: int = 4
     num_stages: int = 2
     kv_int8: bool = False       # pages hold INT8 codes with a float32 scale and bias per page and channel
+    # issue 14: one loop over the split's kept blocks (sink, residue or window block by its
+    # number), every visit masked, instead of four short loops; with ``pages_per_step`` > 1 that
+    # many pages are gathered into one tile per step (more bytes in flight per program)
+    flat: bool = False
+    pages_per_step: int = 1
 
     @property
     def d_pad(self) -> int:
@@ -188,6 +193,105 @@ def _decode_topk_loop(plan: KernelPlan) -> str:
                 acc, l_i, m_i = _visit_mass(mass_base, mass_rows, acc, l_i, m_i, q, KPages, VPages, page, j, keep,
                                             pos, kv_len, stride_page, stride_tok, qk_scale, True, USE_DOT, BLOCK,
                                             BLOCK_N, HEAD_DIM, D_PAD)"""
+
+
+def _kth_block(res_mode: str, k: str) -> str:
+    """The kept block numbered ``k`` (scalar or vector): a sink, a residue block or a window block."""
+    if res_mode == "none":
+        return f"j = tl.where({k} < n_s, {k}, lo + ({k} - n_s - n_r))"
+    if res_mode == "one":
+        return f"j = tl.where({k} < n_s, {k}, tl.where({k} < n_s + n_r, first_r + ({k} - n_s) * P, lo + ({k} - n_s - n_r)))"
+    # idx clamped at 0: numbers outside the residues must still index the group's residue list
+    # NR is 0 for a group without residues (n_r = 0 there, j_r unused but computed: no division by 0)
+    return f"""idx = tl.maximum({k} - n_s, 0) + below_s
+nr = tl.maximum(NR, 1)
+j_r = base_r + (idx // nr) * P + tl.load(GroupTable + g * G_WIDTH + 5 + idx % nr)
+j = tl.where({k} < n_s, {k}, tl.where({k} < n_s + n_r, j_r, lo + ({k} - n_s - n_r)))"""
+
+
+def _flat_loops(res_mode: str, homo: bool, pages: int, max_residues: int, load_page: str, visit_masked: str) -> str:
+    """The split's kept blocks [k_begin, k_end) in one loop, ``pages`` blocks per step."""
+    if pages == 1:
+        return f"""
+        # -- every kept block of the split in one loop, by its number k (sinks, residue blocks, the
+        # window range), each visit masked per row: one loop for the pipeliner, not four short ones --
+        for k in range(k_begin, k_end):
+{_at(_kth_block(res_mode, "k"), 3)}
+            {load_page}
+{_at(visit_masked, 3)}"""
+    if homo:
+        special = {"none": "special = (j < S)[None, :]",
+                   "one": "special = ((j < S) | (j % P == R))[None, :]",
+                   "many": "sp = j < S\nfor t in range(0, NR):\n"
+                           "    sp = sp | (j % P == tl.load(GroupTable + g * G_WIDTH + 5 + t))\n"
+                           "special = sp[None, :]"}[res_mode]
+        width = "W"
+    else:
+        special = "special = j[None, :] < rS[:, None]"
+        if max_residues:
+            special += f"""
+for u in tl.static_range({max_residues}):  # u, not t: t is a run-time loop variable elsewhere
+    r_u = tl.load(HeadTable + h * H_WIDTH + 4 + u, mask=hq < GROUP, other=0)
+    special = special | ((u < rNR)[:, None] & (j[None, :] % rP[:, None] == r_u[:, None]))"""
+        width = "rW[:, None]"
+    return f"""
+        # -- every kept block of the split in one loop, PAGES blocks per step gathered into one tile
+        # (column c of the tile is token c % BLOCK_N of the split's block number k0 + c // BLOCK_N) --
+        offs_c = tl.arange(0, PAGES * BLOCK_N)
+        for k0 in range(k_begin, k_end, PAGES):
+            kk = k0 + offs_c // BLOCK_N
+            live = kk < k_end
+{_at(_kth_block(res_mode, "kk"), 3)}
+            # -1 (freed) only where no row keeps j
+            page = tl.maximum(tl.load(table_row + j, mask=live, other=0), 0)
+{_at(special, 3)}
+            dist = row_block[:, None] - j[None, :]
+            keep = (((dist >= 0) & (dist < {width})) | special) & row_valid[:, None] & live[None, :]
+            acc, l_i, m_i = _visit_pages(acc, l_i, m_i, q, KPages, VPages, page.to(tl.int64) * stride_page, j, keep,
+                                         live, pos, kv_len, stride_tok, qk_scale, USE_DOT, BLOCK, BLOCK_N, PAGES,
+                                         HEAD_DIM, D_PAD)"""
+
+
+_VISIT_PAGES = '''
+
+@triton.jit
+def _visit_pages(acc, l_i, m_i, q, KPages, VPages, base, j, keep, live, pos, kv_len, stride_tok, qk_scale,
+                 USE_DOT: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, PAGES: tl.constexpr,
+                 HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
+    """Online-softmax update of the rows with PAGES kept blocks at once: column c of the tile
+    reads block j[c] (its page at offset base[c]); keep: (rows, columns) block verdict."""
+    offs_d = tl.arange(0, D_PAD)
+    offs_c = tl.arange(0, PAGES * BLOCK_N)
+    d_ok = offs_d < HEAD_DIM
+    for s in tl.static_range(BLOCK // BLOCK_N):
+        tok = s * BLOCK_N + offs_c % BLOCK_N
+        cols = j * BLOCK + tok
+        if USE_DOT:
+            k = tl.load(KPages + base[None, :] + tok[None, :] * stride_tok + offs_d[:, None],
+                        mask=live[None, :] & d_ok[:, None], other=0.0)
+            qk = tl.dot(q, k)
+        else:
+            k = tl.load(KPages + base[:, None] + tok[:, None] * stride_tok + offs_d[None, :],
+                        mask=live[:, None] & d_ok[None, :], other=0.0)
+            qk = tl.sum(k.to(tl.float32) * q, 1)[None, :]
+        # rows past the length may hold anything (a reused page): p is 0 there, v must be too
+        v = tl.load(VPages + base[:, None] + tok[:, None] * stride_tok + offs_d[None, :],
+                    mask=(live & (cols < kv_len))[:, None] & d_ok[None, :], other=0.0)
+        ok = keep & (cols[None, :] <= pos[:, None])
+        qk = tl.where(ok, qk * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if USE_DOT:
+            acc = tl.dot(p.to(v.dtype), v, acc)
+        else:
+            acc += tl.sum(tl.sum(p, 0)[:, None] * v.to(tl.float32), 0)[None, :]
+        m_i = m_new
+    return acc, l_i, m_i
+'''
 
 
 _BLOCK_OK = """\
@@ -389,6 +493,20 @@ acc, l_i, m_i = _visit(acc, l_i, m_i, q, KPages, VPages, page, j, keep, pos, kv_
             {load_page}
 {_at(visit_masked, 3)}"""
 
+    pages = spec.pages_per_step
+    if pages < 1 or pages & (pages - 1):
+        raise ValueError(f"pages_per_step={pages} must be a power of two")
+    if pages > 1 and not spec.flat:
+        raise ValueError("pages_per_step > 1 needs flat=True (pages are gathered by their kept-block number)")
+    if pages > 1 and spec.kv_int8:
+        raise ValueError("pages_per_step > 1 does not dequantise INT8 pages; use pages_per_step=1")
+    # flat loops cover windows, sinks and strides; extended and top-k plans keep their own loops
+    flat = spec.flat and not extended and not plan.has_topk
+    pages_helper = ""
+    if flat:
+        loops = _flat_loops(res_mode, homo, pages, plan.max_residues, load_page, visit_masked)
+        pages_helper = _VISIT_PAGES if pages > 1 else ""
+
     topk_params = topk_launch = topk_args = topk_helpers = topk_loop = ""
     mass_setup = """
     # the attention mass of each visited window / selected block, for each q head's last query
@@ -438,6 +556,7 @@ HEAD_DIM = {spec.head_dim}
 D_PAD = {spec.d_pad}
 NUM_WARPS = {spec.num_warps}
 NUM_STAGES = {spec.num_stages}
+PAGES = {pages if flat else 1}
 
 
 @triton.jit
@@ -505,14 +624,15 @@ def _visit(acc, l_i, m_i, q, KPages, VPages, page, j, keep, pos, kv_len,{xargs} 
     return acc, l_i, m_i
 
 
-{topk_helpers}{pair_keep(plan) if extended else ""}
+{topk_helpers}{pages_helper}{pair_keep(plan) if extended else ""}
 @triton.jit
 def kernel(Q, KPages, VPages, BlockTable, Slots, SeqLens, Out, Lse, OutPart, LsePart, HeadTable, GroupTable,
            {topk_params}stride_qb, stride_qh, stride_qm, stride_ob, stride_oh, stride_om, stride_lb, stride_lh,
            stride_page, stride_tok, stride_bt_slot, stride_bt_head, q_len, n_tiles, n_splits, qk_scale,
            KV_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr, H_WIDTH: tl.constexpr,
            G_WIDTH: tl.constexpr, BLOCK_Q: tl.constexpr, ROWS: tl.constexpr, USE_DOT: tl.constexpr,
-           BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, SPLIT: tl.constexpr):
+           BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, SPLIT: tl.constexpr,
+           PAGES: tl.constexpr):
     pid = tl.program_id(0)
     split = tl.program_id(1)
     tile = pid % n_tiles
@@ -624,7 +744,7 @@ def launch(q, out, lse, k_pages, v_pages, block_table, slots, seq_lens, q_len, n
                  sm_scale * 1.4426950408889634,
                  KV_HEADS=KV_HEADS, GROUP=GROUP, BLOCK=BLOCK, H_WIDTH=H_WIDTH, G_WIDTH=G_WIDTH,
                  BLOCK_Q=BLOCK_Q, ROWS=ROWS, USE_DOT=USE_DOT, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM,
-                 D_PAD=D_PAD, SPLIT=split, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+                 D_PAD=D_PAD, SPLIT=split, PAGES=PAGES, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     if split:
         combine_kernel[(batch * HEADS * q_len,)](
             out_part, lse_part, out, lse, out.stride(0), out.stride(1), out.stride(2),
