@@ -189,7 +189,9 @@ DEC_PATTERNS = {
     "mha_block32": s2dsl.local_stride(block=32, local_blocks=2, vert_stride=2, heads=2),
 }
 DEC_VARIANTS = {"flat": {"flat": True}, "pages2": {"flat": True, "pages_per_step": 2},
-                "pages4": {"flat": True, "pages_per_step": 4}}
+                "pages4": {"flat": True, "pages_per_step": 4}, "prefetch": {"flat": True, "prefetch": True},
+                "prefetch2_dot": {"flat": True, "prefetch": True, "pages_per_step": 2, "force_dot": True},
+                "dot": {"force_dot": True}}
 
 
 def _decode_steps(pattern, tuning, steps, dtype=torch.float32, seed=0, lengths=(70, 45)):
@@ -239,7 +241,10 @@ def test_decode_pages_float16():
 def test_decode_variants_random_patterns(pattern, data):
     """Random (heterogeneous, extended, top-k) patterns: extended and top-k plans keep their own
     loops under ``flat``; the rest run the flat loop at any pages per step and split count."""
-    tuning = {"flat": True, "pages_per_step": data.draw(st.sampled_from([1, 2, 4]), label="pages")}
+    tuning = {"flat": True, "pages_per_step": data.draw(st.sampled_from([1, 2, 4]), label="pages"),
+              "prefetch": data.draw(st.booleans(), label="prefetch"), "force_dot": data.draw(st.booleans(), label="dot")}
+    if tuning["prefetch"]:
+        tuning["block_n"] = pattern.block  # whole pages
     steps = [(data.draw(st.sampled_from([1, 2, 5]), label="n"), data.draw(st.integers(1, 9), label="splits"))
              for _ in range(2)]
     _decode_steps(pattern, tuning, steps, seed=data.draw(st.integers(0, 99), label="seed"), lengths=(40, 23))
@@ -251,10 +256,32 @@ def test_decode_variant_refusals():
     base = DecodeSpecialization(block_n=16)
     for spec, match in ((replace(base, pages_per_step=2), "flat"),
                         (replace(base, flat=True, pages_per_step=3), "power of two"),
-                        (replace(base, flat=True, pages_per_step=2, kv_int8=True), "INT8")):
+                        (replace(base, flat=True, pages_per_step=2, kv_int8=True), "INT8"),
+                        (replace(base, prefetch=True), "flat"),
+                        (replace(base, flat=True, prefetch=True, kv_int8=True), "INT8"),
+                        (replace(base, flat=True, prefetch=True, block_n=8), "whole pages")):
         with pytest.raises(ValueError, match=match):
             generate_decode(plan, spec)
     flat = generate_decode(plan, replace(base, flat=True))
     assert "# -- sinks [0, n_s) --" not in flat and "_visit_pages" not in flat
     assert "_visit_pages(" in generate_decode(plan, replace(base, flat=True, pages_per_step=4))
     assert "# -- sinks [0, n_s) --" in generate_decode(plan, base)
+
+
+def test_split_policies():
+    """The split count: batch x kv heads x tiles programs against the SM count, a power of two,
+    never more than the kept blocks allow; "fine" splits batch 1 further than "occupancy"."""
+    from s2dsl.runtime.decode import MAX_SPLITS, SPLIT_POLICIES, _splits_for, kept_blocks_for_query
+    for batch in (1, 2, 8):
+        for blocks in (4, 64, 512, 2048):
+            kept = kept_blocks_for_query(STRIDE32, 0, blocks * 64 - 1, blocks * 64 - 1)
+            got = {p: _splits_for(STRIDE32, batch, 1, blocks, 1, 132, p) for p in SPLIT_POLICIES}
+            for policy, n in got.items():
+                target, min_blocks = SPLIT_POLICIES[policy]
+                assert n & (n - 1) == 0 and 1 <= n <= MAX_SPLITS
+                assert n < 2 * max(1, -(-kept // min_blocks))  # rounded up to a power of two at most
+                assert n < 2 * max(1, -(-target * 132 // (batch * 32)))
+            assert got["fine"] >= got["occupancy"]
+    # batch 1 at 32K stride 32: 32 programs before splitting
+    assert _splits_for(STRIDE32, 1, 1, 512, 1, 132, "occupancy") == 4
+    assert _splits_for(STRIDE32, 1, 1, 512, 1, 132, "fine") == 16  # 32 kept blocks, two per split

@@ -151,3 +151,51 @@ def test_bidirectional_extended_forward_fits_sm90_shared_memory(monkeypatch):
     assert jobs
     for shared in _compile_sm90(jobs):
         assert shared <= 232448, shared
+
+
+#: the decode kernel's loop forms timed by benchmarks/sweep_kernels.py (issue 14)
+DECODE_VARIANTS = ({}, {"flat": True}, {"flat": True, "pages_per_step": 2}, {"force_dot": True},
+                   {"flat": True, "prefetch": True}, {"flat": True, "prefetch": True, "force_dot": True},
+                   {"flat": True, "prefetch": True, "pages_per_step": 2, "num_warps": 8},
+                   {"flat": True, "pages_per_step": 2, "num_warps": 8}, {"flat": True, "pages_per_step": 4, "num_warps": 8})
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), reason="captures interpreted launches")
+def test_decode_variants_compile_for_sm90():
+    """The GPU specialisation (bf16, head dim 128, 64-token pages, 3 stages) of every decode loop
+    form: MHA (one row per program, no tl.dot), GQA (a group's rows through tl.dot), a group
+    of heads with different patterns and one with several residues, with and without splits."""
+    from dataclasses import replace
+    from s2dsl.codegen.decode import DecodeSpecialization
+    from s2dsl.runtime.decode import decode_module
+
+    patterns = [s2dsl.local_stride(block=64, local_blocks=16, vert_stride=8, heads=4),
+                s2dsl.local_stride(block=64, local_blocks=16, vert_stride=32, heads=8, kv_heads=2),
+                s2dsl.parse("pattern p { block = 64 heads = 4 kv_heads = 2 causal heads 0..0 { window 2 sink 1 } "
+                            "heads 1..1 { window 4 stride 3 offset 1 } heads 2..3 { window 1 stride 4 stride 6 } }")["p"]]
+    base = DecodeSpecialization(dtype="bfloat16", head_dim=128, capability=(9, 0), block_q=1, block_n=64,
+                                num_warps=4, num_stages=3)
+    jobs = []
+    for pattern in patterns:
+        b, pages = 2, 40
+        q = torch.zeros(b, pattern.heads, 1, 128, dtype=torch.bfloat16)
+        out = torch.empty_like(q)
+        lse = torch.empty(b, pattern.heads, 1)
+        k_pages = torch.zeros(pages, 64, 128, dtype=torch.bfloat16)
+        table = torch.zeros(b, pattern.kv_heads, 16, dtype=torch.int32)
+        slots = torch.arange(b, dtype=torch.int32)
+        lens = torch.full((b,), 1000, dtype=torch.int32)
+        for tuning in DECODE_VARIANTS:
+            module = decode_module(pattern, replace(base, **tuning))
+            space = module.launch.__globals__
+            saved = space["kernel"], space["combine_kernel"]
+            space["kernel"], space["combine_kernel"] = (_Capture(k, jobs, run=False) for k in saved)
+            try:
+                for splits in (1, 4):
+                    module.launch(q, out, lse, k_pages, k_pages, table, slots, lens, 1, splits, 0.1)
+            finally:
+                space["kernel"], space["combine_kernel"] = saved
+    unique = list({json.dumps([j["file"], j["name"], j["consts"], j["warps"]], sort_keys=True): j for j in jobs}.values())
+    assert len(unique) >= len(patterns) * len(DECODE_VARIANTS)
+    for job, shared in zip(unique, _compile_sm90(unique)):
+        assert shared <= 232448, (job["consts"], shared)

@@ -53,6 +53,12 @@ class DecodeSpecialization:
     # many pages are gathered into one tile per step (more bytes in flight per program)
     flat: bool = False
     pages_per_step: int = 1
+    # one row (MHA, one query) through tl.dot too, padded to 16 rows: Triton 3.6 pipelines
+    # (cp.async) only loads that feed a dot, so the one-row path loads each page synchronously
+    force_dot: bool = False
+    # flat loop, one page (or pages_per_step pages) per step: the next step's K/V are loaded into
+    # registers before this step's math, so two steps' pages are in flight (needs block_n == block)
+    prefetch: bool = False
 
     @property
     def d_pad(self) -> int:
@@ -195,6 +201,53 @@ def _decode_topk_loop(plan: KernelPlan) -> str:
                                             BLOCK_N, HEAD_DIM, D_PAD)"""
 
 
+_PREFETCH_HELPERS = '''
+
+@triton.jit
+def _load_pages(KPages, VPages, base, j, live, kv_len, stride_tok, USE_DOT: tl.constexpr, BLOCK: tl.constexpr,
+                BLOCK_N: tl.constexpr, PAGES: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
+    """K (transposed for tl.dot) and V of the PAGES blocks j (pages at offset base), one page each."""
+    offs_d = tl.arange(0, D_PAD)
+    offs_c = tl.arange(0, PAGES * BLOCK_N)
+    d_ok = offs_d < HEAD_DIM
+    tok = offs_c % BLOCK_N
+    if USE_DOT:
+        k = tl.load(KPages + base[None, :] + tok[None, :] * stride_tok + offs_d[:, None],
+                    mask=live[None, :] & d_ok[:, None], other=0.0)
+    else:
+        k = tl.load(KPages + base[:, None] + tok[:, None] * stride_tok + offs_d[None, :],
+                    mask=live[:, None] & d_ok[None, :], other=0.0)
+    # rows past the length may hold anything (a reused page): p is 0 there, v must be too
+    v = tl.load(VPages + base[:, None] + tok[:, None] * stride_tok + offs_d[None, :],
+                mask=(live & (j * BLOCK + tok < kv_len))[:, None] & d_ok[None, :], other=0.0)
+    return k, v
+
+
+@triton.jit
+def _update_pages(acc, l_i, m_i, q, k, v, j, keep, pos, qk_scale, USE_DOT: tl.constexpr, BLOCK: tl.constexpr,
+                  BLOCK_N: tl.constexpr, PAGES: tl.constexpr):
+    """Online-softmax update of the rows with loaded K/V of the blocks j; keep: (rows, columns)."""
+    cols = j * BLOCK + tl.arange(0, PAGES * BLOCK_N) % BLOCK_N
+    if USE_DOT:
+        qk = tl.dot(q, k)
+    else:
+        qk = tl.sum(k.to(tl.float32) * q, 1)[None, :]
+    ok = keep & (cols[None, :] <= pos[:, None])
+    qk = tl.where(ok, qk * qk_scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(qk - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if USE_DOT:
+        acc = tl.dot(p.to(v.dtype), v, acc)
+    else:
+        acc += tl.sum(tl.sum(p, 0)[:, None] * v.to(tl.float32), 0)[None, :]
+    return acc, l_i, m_new
+'''
+
+
 def _kth_block(res_mode: str, k: str) -> str:
     """The kept block numbered ``k`` (scalar or vector): a sink, a residue block or a window block."""
     if res_mode == "none":
@@ -209,9 +262,10 @@ j_r = base_r + (idx // nr) * P + tl.load(GroupTable + g * G_WIDTH + 5 + idx % nr
 j = tl.where({k} < n_s, {k}, tl.where({k} < n_s + n_r, j_r, lo + ({k} - n_s - n_r)))"""
 
 
-def _flat_loops(res_mode: str, homo: bool, pages: int, max_residues: int, load_page: str, visit_masked: str) -> str:
+def _flat_loops(res_mode: str, homo: bool, pages: int, max_residues: int, load_page: str, visit_masked: str,
+                prefetch: bool = False) -> str:
     """The split's kept blocks [k_begin, k_end) in one loop, ``pages`` blocks per step."""
-    if pages == 1:
+    if pages == 1 and not prefetch:
         return f"""
         # -- every kept block of the split in one loop, by its number k (sinks, residue blocks, the
         # window range), each visit masked per row: one loop for the pipeliner, not four short ones --
@@ -234,6 +288,32 @@ for u in tl.static_range({max_residues}):  # u, not t: t is a run-time loop vari
     r_u = tl.load(HeadTable + h * H_WIDTH + 4 + u, mask=hq < GROUP, other=0)
     special = special | ((u < rNR)[:, None] & (j[None, :] % rP[:, None] == r_u[:, None]))"""
         width = "rW[:, None]"
+    if prefetch:
+        return f"""
+        # -- every kept block of the split in one loop, PAGES blocks per step gathered into one tile;
+        # the next step's K/V are asked for before this step's math (registers, two steps in flight) --
+        offs_c = tl.arange(0, PAGES * BLOCK_N)
+        kk = k_begin + offs_c // BLOCK_N
+        live = kk < k_end
+{_at(_kth_block(res_mode, "kk"), 2)}
+        page = tl.maximum(tl.load(table_row + j, mask=live, other=0), 0)  # -1 (freed) only where no row keeps j
+        k_t, v_t = _load_pages(KPages, VPages, page.to(tl.int64) * stride_page, j, live, kv_len, stride_tok, USE_DOT,
+                               BLOCK, BLOCK_N, PAGES, HEAD_DIM, D_PAD)
+        for k0 in range(k_begin, k_end, PAGES):
+{_at(special, 3)}
+            dist = row_block[:, None] - j[None, :]
+            keep = (((dist >= 0) & (dist < {width})) | special) & row_valid[:, None] & live[None, :]
+            j_cur = j
+            k_cur = k_t
+            v_cur = v_t
+            kk = k0 + PAGES + offs_c // BLOCK_N
+            live = kk < k_end
+{_at(_kth_block(res_mode, "kk"), 3)}
+            page = tl.maximum(tl.load(table_row + j, mask=live, other=0), 0)
+            k_t, v_t = _load_pages(KPages, VPages, page.to(tl.int64) * stride_page, j, live, kv_len, stride_tok,
+                                   USE_DOT, BLOCK, BLOCK_N, PAGES, HEAD_DIM, D_PAD)
+            acc, l_i, m_i = _update_pages(acc, l_i, m_i, q, k_cur, v_cur, j_cur, keep, pos, qk_scale, USE_DOT, BLOCK,
+                                          BLOCK_N, PAGES)"""
     return f"""
         # -- every kept block of the split in one loop, PAGES blocks per step gathered into one tile
         # (column c of the tile is token c % BLOCK_N of the split's block number k0 + c // BLOCK_N) --
@@ -314,7 +394,7 @@ def generate_decode(plan: KernelPlan, spec: DecodeSpecialization, *, name: str =
     groups = group_params(plan)
     group = plan.group_size
     rows = group * spec.block_q
-    use_dot = rows > 1
+    use_dot = rows > 1 or spec.force_dot
     rows_pad = max(16, 1 << (rows - 1).bit_length()) if use_dot else 1
     # q heads of one kv head that differ need per-row masks on every block, not only in the window range
     homo = all(len(set(plan.params[kv * group:(kv + 1) * group])) == 1 for kv in range(plan.kv_heads))
@@ -496,16 +576,19 @@ acc, l_i, m_i = _visit(acc, l_i, m_i, q, KPages, VPages, page, j, keep, pos, kv_
     pages = spec.pages_per_step
     if pages < 1 or pages & (pages - 1):
         raise ValueError(f"pages_per_step={pages} must be a power of two")
-    if pages > 1 and not spec.flat:
-        raise ValueError("pages_per_step > 1 needs flat=True (pages are gathered by their kept-block number)")
-    if pages > 1 and spec.kv_int8:
-        raise ValueError("pages_per_step > 1 does not dequantise INT8 pages; use pages_per_step=1")
+    if (pages > 1 or spec.prefetch) and not spec.flat:
+        raise ValueError("pages_per_step > 1 and prefetch need flat=True (pages are gathered by their kept-block "
+                         "number)")
+    if (pages > 1 or spec.prefetch) and spec.kv_int8:
+        raise ValueError("pages_per_step > 1 and prefetch do not dequantise INT8 pages; use the default loops")
+    if spec.prefetch and spec.block_n != plan.block:
+        raise ValueError(f"prefetch loads whole pages: block_n={spec.block_n} must be the block {plan.block}")
     # flat loops cover windows, sinks and strides; extended and top-k plans keep their own loops
     flat = spec.flat and not extended and not plan.has_topk
     pages_helper = ""
     if flat:
-        loops = _flat_loops(res_mode, homo, pages, plan.max_residues, load_page, visit_masked)
-        pages_helper = _VISIT_PAGES if pages > 1 else ""
+        loops = _flat_loops(res_mode, homo, pages, plan.max_residues, load_page, visit_masked, spec.prefetch)
+        pages_helper = _PREFETCH_HELPERS if spec.prefetch else _VISIT_PAGES if pages > 1 else ""
 
     topk_params = topk_launch = topk_args = topk_helpers = topk_loop = ""
     mass_setup = """
