@@ -285,3 +285,45 @@ def test_split_policies():
     # batch 1 at 32K stride 32: 32 programs before splitting
     assert _splits_for(STRIDE32, 1, 1, 512, 1, 132, "occupancy") == 4
     assert _splits_for(STRIDE32, 1, 1, 512, 1, 132, "fine") == 16  # 32 kept blocks, two per split
+
+
+GPU_DEC_VARIANTS = {"flat": {"flat": True}, "flat_pages2_w8": {"flat": True, "pages_per_step": 2, "num_warps": 8},
+                    "prefetch": {"flat": True, "prefetch": True}, "prefetch_w8": {"flat": True, "prefetch": True,
+                                                                                  "num_warps": 8},
+                    "prefetch_dot": {"flat": True, "prefetch": True, "force_dot": True}, "dot": {"force_dot": True}}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kv_heads", [8, 2])
+@pytest.mark.parametrize("variant", GPU_DEC_VARIANTS)
+def test_gpu_decode_variants(variant, kv_heads):
+    """bf16 on the GPU, head dim 128, 64-token pages: two sequences of different lengths, single
+    tokens and a 3-token step, automatic and forced splits (16: some without a block); outputs
+    poisoned with NaN before each call and freed pages after it, against the float32 reference."""
+    from s2dsl.runtime.decode import cached_attention
+    from s2dsl.runtime.kv_cache import PagedKVCache
+    pattern = s2dsl.local_stride(block=64, local_blocks=4, vert_stride=8, heads=8, kv_heads=kv_heads)
+    tuning = GPU_DEC_VARIANTS[variant]
+    torch.manual_seed(kv_heads)
+    lengths, steps = (3000, 1500), [(1, None), (1, 1), (3, 5), (1, 16), (1, None)]
+    total = max(lengths) + sum(n for n, _ in steps)
+    data = [tuple(torch.randn(1, h, total, 128, device="cuda", dtype=torch.bfloat16)
+                  for h in (8, kv_heads, kv_heads)) for _ in lengths]
+    cache = PagedKVCache(pattern, num_pages=2 * kv_heads * 40, head_dim=128, dtype=torch.bfloat16, device="cuda")
+    ids = [cache.add_sequence() for _ in lengths]
+    for (q, k, v), s, n in zip(data, ids, lengths):
+        cached_attention(cache, [s], q[:, :, :n], k[:, :, :n], v[:, :, :n])
+    pos = list(lengths)
+    for n, splits in steps:
+        free = list(cache.free_pages)
+        cache.k_pages[free] = float("nan")
+        cache.v_pages[free] = float("nan")
+        q, k, v = (torch.cat([d[t][:, :, p:p + n] for d, p in zip(data, pos)]) for t in range(3))
+        out = torch.full_like(q, float("nan"))
+        cached_attention(cache, ids, q, k, v, tuning=tuning, n_splits=splits, out=out)
+        for b, ((qs, ks, vs), p) in enumerate(zip(data, pos)):
+            ref = s2dsl.reference_attention(*(t.float() for t in (qs[:, :, p:p + n], ks[:, :, :p + n],
+                                                                   vs[:, :, :p + n])), pattern)
+            err = ((out[b:b + 1].float() - ref).norm() / ref.norm()).item()
+            assert err < 1e-2, (variant, n, splits, err)
+        pos = [p + n for p in pos]
