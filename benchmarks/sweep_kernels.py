@@ -44,17 +44,20 @@ T0 = time.perf_counter()
 OLD = {"block_m": 128, "num_warps": 8, "window_span": 2, "kv_load": "pointer", "residue_span": 1}
 M64 = {"block_m": 64, "num_warps": 4, "window_span": 1, "residue_span": 1}
 # the forward variants still worth timing (issue 14; RESULTS.md has the rest): the diagonal fused
-# into the window loop (short tiles: kernels.SHORT_FUSE_DIAGONAL; 128-row tiles), two window
-# blocks per step on the short tiles, and 64-row pointer tiles with and without residue pairs
-# (14.53 ms at 128K stride 32 against the default's 14.69 in run 2)
+# into the window loop (short tiles: kernels.SHORT_FUSE_DIAGONAL; 128-row tiles), 64-row
+# pointer tiles with and without residue pairs (14.53 ms at 128K stride 32 against the
+# default's 14.69 in run 2), and persistent programs over the default's tiles
 FWD_DEFAULT = {
     "default": {},
     "old": OLD,
     "m64_tma_fused": dict(M64, kv_load="tma", fuse_diagonal=True),
-    "m64_tma_span2": dict(M64, kv_load="tma", window_span=2),
     "m64_ptr": dict(M64, kv_load="pointer"),
     "m64_ptr_res2": dict(M64, kv_load="pointer", residue_span=2),
     "m128_fused": dict(OLD, window_span=1, fuse_diagonal=True),
+    # persistent programs over the default's tiles (kernels.FORWARD_PERSISTENT), per SM: two
+    # fit with 64-row tiles (214 regs, 113 KB shared), one with 128-row tiles
+    "persist2": {"persistent": 2},
+    "persist1": {"persistent": 1},
 }
 # the backward's knobs were timed on 2026-11-27 (the default stayed): '{}' skips the section
 BWD_DEFAULT = {}

@@ -36,7 +36,8 @@ def _check(out, lse, q, k, v, pattern, layout, tol):
 def test_variants_match_reference(pattern, data):
     """kv_load='tma': rows past kv_len and head-dim columns past HEAD_DIM come back as zeros
     from the descriptor, so ragged lengths and padded head dims need no load masks;
-    fuse_diagonal: the window's inner blocks visited masked, in one loop with the diagonal."""
+    fuse_diagonal: the window's inner blocks visited masked, in one loop with the diagonal;
+    persistent: programs (2 or 6 under the interpreter) each take several tiles in turn."""
     lk = data.draw(st.integers(1, 80), label="kv_len")
     lq = data.draw(st.integers(1, lk), label="q_len")
     d = data.draw(st.sampled_from([16, 24, 32]), label="head_dim")
@@ -45,7 +46,8 @@ def test_variants_match_reference(pattern, data):
     fuse = data.draw(st.booleans(), label="fuse_diagonal")
     tuning = {"kv_load": data.draw(st.sampled_from(["tma", "pointer"]), label="kv_load"), "fuse_diagonal": fuse,
               "block_m": data.draw(st.sampled_from([16, 32]), label="block_m"), "block_n": 16,
-              "window_span": 1 if fuse else data.draw(st.sampled_from([1, 2]), label="window_span")}
+              "window_span": 1 if fuse else data.draw(st.sampled_from([1, 2]), label="window_span"),
+              "persistent": data.draw(st.sampled_from([0, 1, 3]), label="persistent")}
     q, k, v = random_inputs(2, pattern.heads, pattern.kv_heads, lq, lk, d, dtype, layout, seed=lq * 7 + lk)
     out = torch.full_like(q, float("nan"))
     _, lse = forward(q, k, v, pattern, layout=layout, tuning=tuning, out=out)
@@ -134,6 +136,9 @@ def test_refusals():
     source = generate_forward(plan, spec)
     assert "make_tensor_descriptor" not in source and "warp_specialize" not in source
     assert "warp_specialize=True" in generate_forward(plan, replace(spec, window_ws=True))
+    assert "num_programs" not in source and "tl.num_programs(0)" in generate_forward(plan, replace(spec, persistent=2))
+    with pytest.raises(ValueError, match="persistent"):
+        generate_forward(plan, replace(spec, persistent=-1))
 
 
 @pytest.mark.gpu
@@ -171,7 +176,7 @@ def test_gpu_short_sequence_choice(n, layout):
 def test_backward_refuses_forward_only_variants():
     from s2dsl.runtime.backward import choose_backward
     pattern = s2dsl.local_stride(block=16, local_blocks=2, vert_stride=3, heads=2)
-    for tuning in ({"kv_load": "tma"}, {"fuse_diagonal": True}, {"window_ws": True}):
+    for tuning in ({"kv_load": "tma"}, {"fuse_diagonal": True}, {"window_ws": True}, {"persistent": 2}):
         with pytest.raises(InputError, match="forward-only"):
             choose_backward(pattern, torch.float32, 16, "bhsd", torch.device("cpu"), tuning)
 

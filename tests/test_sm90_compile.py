@@ -199,3 +199,39 @@ def test_decode_variants_compile_for_sm90():
     assert len(unique) >= len(patterns) * len(DECODE_VARIANTS)
     for job, shared in zip(unique, _compile_sm90(unique)):
         assert shared <= 232448, (job["consts"], shared)
+
+
+#: forward variants timed by benchmarks/sweep_kernels.py (issue 14), on top of the GPU's pick at 8K
+FORWARD_VARIANTS = ({}, {"persistent": 2}, {"fuse_diagonal": True}, {"fuse_diagonal": True, "persistent": 2},
+                    {"window_span": 2}, {"kv_load": "pointer"}, {"kv_load": "pointer", "residue_span": 2},
+                    {"block_m": 128, "num_warps": 8, "window_span": 2, "kv_load": "pointer", "persistent": 1},
+                    {"block_m": 128, "num_warps": 8, "window_span": 1, "kv_load": "pointer", "fuse_diagonal": True})
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), reason="captures interpreted launches")
+def test_forward_variants_compile_for_sm90():
+    """bf16, head dim 128, block 64, local 16 / stride 32: every forward variant of the sweep
+    compiles for sm_90 and fits its shared memory (the persistent loop around the body too)."""
+    from dataclasses import replace
+    from s2dsl.runtime.kernels import choose_forward_for_gpu, forward_module
+
+    pattern = s2dsl.local_stride(block=64, local_blocks=16, vert_stride=32, heads=4)
+    base = replace(choose_forward_for_gpu(pattern, 128, 8192, True), dtype="bfloat16", head_dim=128, layout="bhsd")
+    n = 1024
+    q = torch.zeros(1, 4, n, 128, dtype=torch.bfloat16)
+    lse = torch.empty(1, 4, n)
+    st = (q.stride(0), q.stride(1), q.stride(2))
+    jobs = []
+    for tuning in FORWARD_VARIANTS:
+        module = forward_module(pattern, replace(base, **tuning))
+        space = module.launch.__globals__
+        saved = space["kernel"]
+        space["kernel"] = _Capture(saved, jobs, run=False)
+        try:
+            module.launch(q, q, q, torch.empty_like(q), lse, st, st, st, st, (lse.stride(0), lse.stride(1)), 1, n,
+                          n, n, None, None, 0.1)
+        finally:
+            space["kernel"] = saved
+    assert len({j["file"] for j in jobs}) == len(FORWARD_VARIANTS)
+    for job, shared in zip(jobs, _compile_sm90(jobs)):
+        assert shared <= 232448, (job["file"], shared)
