@@ -61,17 +61,19 @@ FWD_DEFAULT = {
 }
 # the backward's knobs were timed on 2026-11-27 (the default stayed): '{}' skips the section
 BWD_DEFAULT = {}
-# decode (issue 14): the segmented loops (default) against one flat loop over the split's kept
-# blocks, with several pages per step, the next page's K/V prefetched into registers, and the
+# decode (issue 14): the segmented loops (default) against V's load issued with K's (the sm_90
+# SASS of the default waits for K, reduces, then loads V), one flat loop over the split's kept
+# blocks, several pages per step, the next page's K/V prefetched into registers, and the
 # one-row (MHA) path through tl.dot (the only loads Triton 3.6 pipelines with cp.async);
 # warps / stages / split counts of the default loops were timed on 2026-11-27 (within 1-2%)
 DECODE_DEFAULT = {
     "default": {},
+    "early_v": {"early_v": True},
     "flat": {"flat": True},
+    "flat_early_v": {"flat": True, "early_v": True},
     "flat_pages2_w8": {"flat": True, "pages_per_step": 2, "num_warps": 8},
     "prefetch": {"flat": True, "prefetch": True},
     "prefetch_w8": {"flat": True, "prefetch": True, "num_warps": 8},
-    "prefetch_dot": {"flat": True, "prefetch": True, "force_dot": True},
     "dot": {"force_dot": True},
 }
 

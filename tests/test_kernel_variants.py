@@ -196,7 +196,8 @@ DEC_PATTERNS = {
 DEC_VARIANTS = {"flat": {"flat": True}, "pages2": {"flat": True, "pages_per_step": 2},
                 "pages4": {"flat": True, "pages_per_step": 4}, "prefetch": {"flat": True, "prefetch": True},
                 "prefetch2_dot": {"flat": True, "prefetch": True, "pages_per_step": 2, "force_dot": True},
-                "dot": {"force_dot": True}}
+                "dot": {"force_dot": True}, "early_v": {"early_v": True},
+                "flat_early_v_dot": {"flat": True, "early_v": True, "force_dot": True}}
 
 
 def _decode_steps(pattern, tuning, steps, dtype=torch.float32, seed=0, lengths=(70, 45)):
@@ -247,7 +248,8 @@ def test_decode_variants_random_patterns(pattern, data):
     """Random (heterogeneous, extended, top-k) patterns: extended and top-k plans keep their own
     loops under ``flat``; the rest run the flat loop at any pages per step and split count."""
     tuning = {"flat": True, "pages_per_step": data.draw(st.sampled_from([1, 2, 4]), label="pages"),
-              "prefetch": data.draw(st.booleans(), label="prefetch"), "force_dot": data.draw(st.booleans(), label="dot")}
+              "prefetch": data.draw(st.booleans(), label="prefetch"), "force_dot": data.draw(st.booleans(), label="dot"),
+              "early_v": data.draw(st.booleans(), label="early_v")}
     if tuning["prefetch"]:
         tuning["block_n"] = pattern.block  # whole pages
     steps = [(data.draw(st.sampled_from([1, 2, 5]), label="n"), data.draw(st.integers(1, 9), label="splits"))
@@ -271,6 +273,9 @@ def test_decode_variant_refusals():
     assert "# -- sinks [0, n_s) --" not in flat and "_visit_pages" not in flat
     assert "_visit_pages(" in generate_decode(plan, replace(base, flat=True, pages_per_step=4))
     assert "# -- sinks [0, n_s) --" in generate_decode(plan, base)
+    early = generate_decode(plan, replace(base, early_v=True))
+    visit = early[early.index("def _visit("):]
+    assert visit.index("v = tl.load(v_ptrs") < visit.index("k = tl.load(k_ptrs")
 
 
 def test_split_policies():
@@ -292,7 +297,7 @@ def test_split_policies():
     assert _splits_for(STRIDE32, 1, 1, 512, 1, 132, "fine") == 16  # 32 kept blocks, two per split
 
 
-GPU_DEC_VARIANTS = {"flat": {"flat": True}, "flat_pages2_w8": {"flat": True, "pages_per_step": 2, "num_warps": 8},
+GPU_DEC_VARIANTS = {"flat": {"flat": True}, "early_v": {"early_v": True}, "flat_pages2_w8": {"flat": True, "pages_per_step": 2, "num_warps": 8},
                     "prefetch": {"flat": True, "prefetch": True}, "prefetch_w8": {"flat": True, "prefetch": True,
                                                                                   "num_warps": 8},
                     "prefetch_dot": {"flat": True, "prefetch": True, "force_dot": True}, "dot": {"force_dot": True}}
@@ -332,3 +337,26 @@ def test_gpu_decode_variants(variant, kv_heads):
             err = ((out[b:b + 1].float() - ref).norm() / ref.norm()).item()
             assert err < 1e-2, (variant, n, splits, err)
         pos = [p + n for p in pos]
+
+
+@interpreter
+@pytest.mark.parametrize("tuning", [{"early_v": True}, {"flat": True, "early_v": True}], ids=["early_v", "flat"])
+def test_decode_variants_int8_pages(tuning):
+    """INT8 pages (dequantised in the kernel) through the one-page-per-step variants, against the
+    reference on the cache's dequantised K/V."""
+    from s2dsl.runtime.decode import cached_attention
+    from s2dsl.runtime.kv_cache import PagedKVCache
+    pattern = DEC_PATTERNS["gqa"]
+    g = torch.Generator().manual_seed(3)
+    cache = PagedKVCache(pattern, num_pages=64, head_dim=16, dtype=torch.float32, kv_dtype=torch.int8, lookahead=16)
+    ids = [cache.add_sequence() for _ in range(2)]
+    data = [[torch.randn(1, h, 60, 16, generator=g) for h in (4, 2, 2)] for _ in ids]
+    for d, s in zip(data, ids):
+        cached_attention(cache, [s], *(t[:, :, :50] for t in d))
+    for pos, splits in ((50, 1), (51, 3)):
+        q, k, v = (torch.cat([d[t][:, :, pos:pos + 1] for d in data]) for t in range(3))
+        out = cached_attention(cache, ids, q, k, v, n_splits=splits, tuning=tuning)
+        for b, s in enumerate(ids):
+            kd, vd = cache.gather(s)
+            ref = s2dsl.reference_attention(q[b:b + 1], kd[None].float(), vd[None].float(), pattern)
+            torch.testing.assert_close(out[b:b + 1], ref, atol=2e-5, rtol=2e-5)

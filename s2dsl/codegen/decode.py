@@ -59,6 +59,9 @@ class DecodeSpecialization:
     # flat loop, one page (or pages_per_step pages) per step: the next step's K/V are loaded into
     # registers before this step's math, so two steps' pages are in flight (needs block_n == block)
     prefetch: bool = False
+    # one page per step (the default and flat loops): V's load issued with K's, before the
+    # scores are computed, so both are in flight at once (V held in registers meanwhile)
+    early_v: bool = False
 
     @property
     def d_pad(self) -> int:
@@ -834,7 +837,30 @@ def launch(q, out, lse, k_pages, v_pages, block_table, slots, seq_lens, q_len, n
             lse.stride(0), lse.stride(1), HEADS, q_len, n_splits,
             SPLITS=triton.next_power_of_2(n_splits), HEAD_DIM=HEAD_DIM, D_PAD=D_PAD, num_warps=4)
 '''
+    if spec.early_v:
+        source = _early_v(source)
     return _int8(source) if spec.kv_int8 else _without_int8(source)
+
+
+_V_LOAD = """\
+        v_ptrs = VPages + base + offs_n[:, None] * stride_tok + offs_d[None, :]
+        if MASKED:  # rows past the length may hold anything (a reused page): p is 0 there, v must be too
+            v = tl.load(v_ptrs, mask=(j * BLOCK + offs_n[:, None] < kv_len) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        elif HEAD_DIM != D_PAD:
+            v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+        else:
+            v = tl.load(v_ptrs)
+        if KV_INT8:  # masked lanes load code 0: finite after the FMA, and p is 0 there
+            v = (v.to(tl.float32) * v_sc[None, :] + v_bi[None, :]).to(q.dtype)
+"""
+_STEP = "        offs_n = s * BLOCK_N + tl.arange(0, BLOCK_N)\n"
+
+
+def _early_v(source: str) -> str:
+    """``_visit`` with V's load moved up to just after the step's offsets, before K's."""
+    assert source.count(_V_LOAD) == 1 and source.count(_STEP) == 1, "the visit's loads moved: update _early_v"
+    source = source.replace(_V_LOAD, "")
+    return source.replace(_STEP, _STEP + "        # V asked for with K: both pages in flight at once\n" + _V_LOAD)
 
 
 def _without_int8(source: str) -> str:

@@ -71,9 +71,9 @@ def choose_decode(pattern: Pattern, dtype: torch.dtype, head_dim: int, q_len: in
 
 
 #: the decode kernel's loops on a GPU: {} = one loop per kind of kept block (sinks, residue
-#: blocks, window), one page per step; benchmarks/sweep_kernels.py times the alternatives
-#: ({"flat": True} one loop over all kept blocks, "pages_per_step": 2 or 4 pages per step) in
-#: the same run, and flipping the default is this one line (issue 14)
+#: blocks, window), one page per step, V loaded after K's scores; benchmarks/sweep_kernels.py
+#: times the alternatives (DecodeSpecialization's early_v, flat, pages_per_step, prefetch,
+#: force_dot) in the same run, and flipping the default is this one line (issue 14)
 GPU_DECODE_LOOPS: dict = {}
 
 
