@@ -97,7 +97,7 @@ def compile_decode(pattern, tuning: dict, head_dim: int, dtype: str, tmp: Path):
             sig[name] = "*" + elem
         elif name in ("Lse", "OutPart", "LsePart"):
             sig[name] = "*fp32"
-        elif name in ("BlockTable", "Slots", "SeqLens", "HeadTable", "GroupTable"):
+        elif name in ("BlockTable", "Slots", "SeqLens", "HeadTable", "GroupTable", "Count"):
             sig[name] = "*i32"
         else:
             sig[name] = "fp32" if name == "qk_scale" else "i32"

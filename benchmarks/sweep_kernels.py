@@ -64,13 +64,16 @@ BWD_DEFAULT = {}
 # decode (issue 14): the segmented loops (default) against V's load issued with K's (the sm_90
 # SASS of the default waits for K, reduces, then loads V), one flat loop over the split's kept
 # blocks, several pages per step, the next page's K/V prefetched into registers, and the
-# one-row (MHA) path through tl.dot (the only loads Triton 3.6 pipelines with cp.async);
+# one-row (MHA) path through tl.dot (the only loads Triton 3.6 pipelines with cp.async), and
+# the splits merged by the last program of each group instead of a combine launch;
 # warps / stages / split counts of the default loops were timed on 2026-11-27 (within 1-2%)
 DECODE_DEFAULT = {
     "default": {},
     "early_v": {"early_v": True},
     "flat": {"flat": True},
     "flat_early_v": {"flat": True, "early_v": True},
+    "early_v_fused": {"early_v": True, "fused_combine": True},
+    "prefetch_fused": {"flat": True, "prefetch": True, "fused_combine": True},
     "flat_pages2_w8": {"flat": True, "pages_per_step": 2, "num_warps": 8},
     "prefetch": {"flat": True, "prefetch": True},
     "prefetch_w8": {"flat": True, "prefetch": True, "num_warps": 8},

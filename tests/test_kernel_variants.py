@@ -197,7 +197,8 @@ DEC_VARIANTS = {"flat": {"flat": True}, "pages2": {"flat": True, "pages_per_step
                 "pages4": {"flat": True, "pages_per_step": 4}, "prefetch": {"flat": True, "prefetch": True},
                 "prefetch2_dot": {"flat": True, "prefetch": True, "pages_per_step": 2, "force_dot": True},
                 "dot": {"force_dot": True}, "early_v": {"early_v": True},
-                "flat_early_v_dot": {"flat": True, "early_v": True, "force_dot": True}}
+                "flat_early_v_dot": {"flat": True, "early_v": True, "force_dot": True},
+                "fused": {"fused_combine": True}, "flat_early_v_fused": {"flat": True, "early_v": True, "fused_combine": True}}
 
 
 def _decode_steps(pattern, tuning, steps, dtype=torch.float32, seed=0, lengths=(70, 45)):
@@ -249,7 +250,8 @@ def test_decode_variants_random_patterns(pattern, data):
     loops under ``flat``; the rest run the flat loop at any pages per step and split count."""
     tuning = {"flat": True, "pages_per_step": data.draw(st.sampled_from([1, 2, 4]), label="pages"),
               "prefetch": data.draw(st.booleans(), label="prefetch"), "force_dot": data.draw(st.booleans(), label="dot"),
-              "early_v": data.draw(st.booleans(), label="early_v")}
+              "early_v": data.draw(st.booleans(), label="early_v"),
+              "fused_combine": data.draw(st.booleans(), label="fused_combine")}
     if tuning["prefetch"]:
         tuning["block_n"] = pattern.block  # whole pages
     steps = [(data.draw(st.sampled_from([1, 2, 5]), label="n"), data.draw(st.integers(1, 9), label="splits"))
@@ -297,7 +299,8 @@ def test_split_policies():
     assert _splits_for(STRIDE32, 1, 1, 512, 1, 132, "fine") == 16  # 32 kept blocks, two per split
 
 
-GPU_DEC_VARIANTS = {"flat": {"flat": True}, "early_v": {"early_v": True}, "flat_pages2_w8": {"flat": True, "pages_per_step": 2, "num_warps": 8},
+GPU_DEC_VARIANTS = {"flat": {"flat": True}, "early_v": {"early_v": True},
+                    "early_v_fused": {"early_v": True, "fused_combine": True}, "flat_pages2_w8": {"flat": True, "pages_per_step": 2, "num_warps": 8},
                     "prefetch": {"flat": True, "prefetch": True}, "prefetch_w8": {"flat": True, "prefetch": True,
                                                                                   "num_warps": 8},
                     "prefetch_dot": {"flat": True, "prefetch": True, "force_dot": True}, "dot": {"force_dot": True}}

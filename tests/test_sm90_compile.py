@@ -154,7 +154,8 @@ def test_bidirectional_extended_forward_fits_sm90_shared_memory(monkeypatch):
 
 
 #: the decode kernel's loop forms timed by benchmarks/sweep_kernels.py (issue 14)
-DECODE_VARIANTS = ({}, {"flat": True}, {"early_v": True}, {"flat": True, "early_v": True, "force_dot": True}, {"flat": True, "pages_per_step": 2}, {"force_dot": True},
+DECODE_VARIANTS = ({}, {"flat": True}, {"early_v": True}, {"early_v": True, "fused_combine": True},
+                   {"flat": True, "early_v": True, "fused_combine": True}, {"flat": True, "early_v": True, "force_dot": True}, {"flat": True, "pages_per_step": 2}, {"force_dot": True},
                    {"flat": True, "prefetch": True}, {"flat": True, "prefetch": True, "force_dot": True},
                    {"flat": True, "prefetch": True, "pages_per_step": 2, "num_warps": 8},
                    {"flat": True, "pages_per_step": 2, "num_warps": 8}, {"flat": True, "pages_per_step": 4, "num_warps": 8})

@@ -62,6 +62,9 @@ class DecodeSpecialization:
     # one page per step (the default and flat loops): V's load issued with K's, before the
     # scores are computed, so both are in flight at once (V held in registers meanwhile)
     early_v: bool = False
+    # with splits: the last program of a (sequence, kv head, tile) to finish merges the splits'
+    # partials (an arrival count per group, reset by that program), instead of a combine launch
+    fused_combine: bool = False
 
     @property
     def d_pad(self) -> int:
@@ -839,7 +842,73 @@ def launch(q, out, lse, k_pages, v_pages, block_table, slots, seq_lens, q_len, n
 '''
     if spec.early_v:
         source = _early_v(source)
+    if spec.fused_combine:
+        source = _fused_combine(source)
     return _int8(source) if spec.kv_int8 else _without_int8(source)
+
+
+_MERGE = """\
+        # the last of the group's n_splits programs to arrive merges every split's partials: each
+        # program's stores come before its arrival (barrier, then a release at gpu scope), and the
+        # last one reads them after its acquire, past L1 (.cg)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(Count + pid, 1, sem="acq_rel", scope="gpu")
+        if arrived == n_splits - 1:
+            tl.atomic_xchg(Count + pid, 0)  # ready for the next launch
+            first = ((b.to(tl.int64) * KV_HEADS * GROUP + h) * q_len + qi) * n_splits
+            m_all = tl.full([ROWS], float("-inf"), tl.float32)
+            den = tl.zeros([ROWS], tl.float32)
+            o_all = tl.zeros([ROWS, D_PAD], tl.float32)
+            for s2 in range(0, n_splits):
+                lse_s = tl.load(LsePart + first + s2, mask=row_valid, other=float("-inf"), cache_modifier=".cg")
+                o_s = tl.load(OutPart + (first + s2)[:, None] * D_PAD + offs_d[None, :], mask=row_valid[:, None],
+                              other=0.0, cache_modifier=".cg")
+                m_new = tl.maximum(m_all, lse_s)
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                scale_old = tl.exp(m_all - m_safe)
+                w = tl.exp(lse_s - m_safe)
+                den = den * scale_old + w
+                o_all = o_all * scale_old[:, None] + o_s * w[:, None]
+                m_all = m_new
+            den_safe = tl.where(den == 0.0, 1.0, den)
+            m_fin = tl.where(m_all == float("-inf"), 0.0, m_all)
+            o_ptrs = Out + b.to(tl.int64) * stride_ob + h[:, None] * stride_oh + qi[:, None] * stride_om + offs_d[None, :]
+            tl.store(o_ptrs, (o_all / den_safe[:, None]).to(Out.dtype.element_ty), mask=q_mask)
+            tl.store(Lse + b * stride_lb + h * stride_lh + qi, tl.where(den == 0.0, float("-inf"), m_fin + tl.log(den_safe)),
+                     mask=row_valid)
+"""
+
+
+def _fused_combine(source: str) -> str:
+    """The merge moved into the kernel (see ``_MERGE``) and the combine launch dropped."""
+    edits = [("        tl.store(LsePart + part, lse, mask=row_valid)\n",
+              "        tl.store(LsePart + part, lse, mask=row_valid)\n" + _MERGE),
+             ("OutPart, LsePart, HeadTable, GroupTable,", "OutPart, LsePart, Count, HeadTable, GroupTable,"),
+             ("out_part, lse_part,\n                 head_table,", "out_part, lse_part, count,\n                 head_table,"),
+             ("    grid = (batch * KV_HEADS * n_tiles, n_splits)\n",
+              "    grid = (batch * KV_HEADS * n_tiles, n_splits)\n"
+              "    count = _arrivals(q.device, grid[0]) if split else lse  # unused without splits\n"),
+             ("    if split:\n        combine_kernel[", "    if False:  # merged inside the kernel\n        combine_kernel["),
+             ("\ndef launch(", _ARRIVALS + "\ndef launch(")]
+    for old, new in edits:
+        assert source.count(old) == 1, f"fused_combine: {old!r} moved"
+        source = source.replace(old, new)
+    return source
+
+
+_ARRIVALS = '''
+_counts = {}
+
+
+def _arrivals(device, n):
+    """Per-device arrival counts, zero between launches (the last program of a group resets its
+    own); grown, never shrunk. Launches of this module on one stream only, one after another."""
+    have = _counts.get(str(device))
+    if have is None or have.numel() < n:
+        have = _counts[str(device)] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+    return have
+
+'''
 
 
 _V_LOAD = """\
