@@ -63,8 +63,10 @@ def choose_decode(pattern: Pattern, dtype: torch.dtype, head_dim: int, q_len: in
         block_n = min(pattern.block, 64 if head_dim <= 128 else 32)
         spec = DecodeSpecialization(block_n=block_n, num_warps=4, num_stages=3 if head_dim <= 128 else 2,
                                     **GPU_DECODE_LOOPS)
-        if kv_int8:  # INT8 pages are dequantised one page per step
-            spec = replace(spec, pages_per_step=1)
+        if kv_int8:  # INT8 pages are dequantised one page per step, in _visit
+            spec = replace(spec, pages_per_step=1, prefetch=False)
+        if spec.block_n != pattern.block:  # prefetch loads whole pages
+            spec = replace(spec, prefetch=False)
     spec = replace(spec, dtype=_DTYPES[dtype], head_dim=head_dim, capability=tuple(capability), block_q=block_q,
                    kv_int8=bool(kv_int8))
     return replace(spec, **(tuning or {}))
