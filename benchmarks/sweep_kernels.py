@@ -44,7 +44,7 @@ T0 = time.perf_counter()
 OLD = {"block_m": 128, "num_warps": 8, "window_span": 2, "kv_load": "pointer", "residue_span": 1}
 M64 = {"block_m": 64, "num_warps": 4, "window_span": 1, "residue_span": 1}
 # the forward variants still worth timing (issue 14; RESULTS.md has the rest): the diagonal fused
-# into the window loop (short tiles: kernels.SHORT_FUSE_DIAGONAL; 128-row tiles), 64-row
+# into the window loop (short tiles: kernels.SHORT_FUSE_DIAGONAL), 64-row
 # pointer tiles with and without residue pairs (14.53 ms at 128K stride 32 against the
 # default's 14.69 in run 2), and persistent programs over the default's tiles
 FWD_DEFAULT = {
@@ -53,14 +53,14 @@ FWD_DEFAULT = {
     "m64_tma_fused": dict(M64, kv_load="tma", fuse_diagonal=True),
     "m64_ptr": dict(M64, kv_load="pointer"),
     "m64_ptr_res2": dict(M64, kv_load="pointer", residue_span=2),
-    "m128_fused": dict(OLD, window_span=1, fuse_diagonal=True),
     # persistent programs over the default's tiles (kernels.FORWARD_PERSISTENT), per SM: two
     # fit with 64-row tiles (214 regs, 113 KB shared), one with 128-row tiles
     "persist2": {"persistent": 2},
     "persist1": {"persistent": 1},
 }
-# the backward's knobs were timed on 2026-11-27 (the default stayed): '{}' skips the section
-BWD_DEFAULT = {}
+# the backward's knobs were timed on 2026-11-27 (the default stayed): by default only its default
+# is compiled and gradient-checked in the pool (the train section times it), not timed alone
+BWD_DEFAULT = {"default": {}}
 # decode (issue 14): the segmented loops (default) against V's load issued with K's (the sm_90
 # SASS of the default waits for K, reduces, then loads V), one flat loop over the split's kept
 # blocks, several pages per step, the next page's K/V prefetched into registers, and the
@@ -436,7 +436,7 @@ def main():
     ap.add_argument("--seqs", type=int, nargs="+", default=[8192, 32768, 131072])
     ap.add_argument("--strides", type=int, nargs="+", default=[8, 32])
     ap.add_argument("--fwd", type=str, default="", help="JSON object label -> forward tuning")
-    ap.add_argument("--bwd", type=str, default="", help="JSON object label -> backward tuning ('{}' to skip)")
+    ap.add_argument("--bwd", type=str, default="", help="JSON object label -> backward tuning, timed alone")
     ap.add_argument("--decode", type=str, default="", help="JSON object label -> decode tuning ('{}' to skip)")
     ap.add_argument("--decode-seqs", type=int, nargs="+", default=[32768, 131072])
     ap.add_argument("--decode-splits", type=int, nargs="*", default=[],
@@ -457,7 +457,8 @@ def main():
     jobs += [("ablate", s, which, None) for s in args.strides for which in (ABLATIONS if args.ablate else ())]
     jobs += [("bwd", s, label, t) for s in args.strides for label, t in bwd.items()]
     splits = sorted({1, 4, 16, *args.decode_splits})
-    jobs += [("dec", s, label, (t, min(args.decode_seqs), splits)) for s in args.strides for label, t in dec.items()]
+    # decode checks at 4K tokens (batch 1 and 3): the kernels are the same at every length
+    jobs += [("dec", s, label, (t, 4096, splits)) for s in args.strides for label, t in dec.items()]
     with mp.get_context("spawn").Pool(args.workers) as pool:
         checks = dict(pool.map(_job, jobs, chunksize=1))
     print(f"compiled and checked {len(jobs)} jobs in {elapsed():.0f} s", flush=True)
@@ -469,7 +470,7 @@ def main():
         sweep_decode(args, dec, checks, rows)
     if args.train_fwd:
         sweep_train(args, fwd, checks, rows)
-    if bwd:
+    if args.bwd:  # timed alone only when asked for
         sweep_backward(args, bwd, checks, rows)
     for round_ in range(2, args.rounds + 1):
         sweep_forward(args, fwd, checks, rows, round_)
