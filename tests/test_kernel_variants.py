@@ -146,7 +146,7 @@ def test_refusals():
 @pytest.mark.parametrize("layout", ["bhsd", "bshd"])
 def test_gpu_short_sequence_choice(n, layout):
     """bf16 on the GPU: the short-sequence default (TMA, 64-row tiles), with the diagonal fused
-    into the window loop, and the pointer fallback for K/V that descriptors cannot take,
+    into the window loop, persistent programs (64- and 128-row tiles), and the pointer fallback for K/V that descriptors cannot take,
     against the float32 reference."""
     torch.manual_seed(n)
     pattern = s2dsl.local_stride(block=64, local_blocks=4, vert_stride=8, heads=8, kv_heads=2)
@@ -157,7 +157,9 @@ def test_gpu_short_sequence_choice(n, layout):
     to_bhsd = (lambda t: t) if layout == "bhsd" else (lambda t: t.transpose(1, 2))
     ref = s2dsl.reference_attention(*(to_bhsd(t).float() for t in (q, k, v)), pattern)
     for tuning in (None, {"fuse_diagonal": True}, {"block_m": 128, "num_warps": 8, "kv_load": "tma",
-                                                    "window_span": 1, "fuse_diagonal": True}):
+                                                    "window_span": 1, "fuse_diagonal": True},
+                   {"persistent": 2}, {"persistent": 1, "block_m": 128, "num_warps": 8, "kv_load": "pointer",
+                                       "window_span": 2}):
         out = torch.full_like(q, float("nan"))
         forward(q, k, v, pattern, layout=layout, out=out, tuning=tuning)
         err = ((to_bhsd(out).float() - ref).norm() / ref.norm()).item()
