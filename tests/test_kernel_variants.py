@@ -231,9 +231,16 @@ def _decode_steps(pattern, tuning, steps, dtype=torch.float32, seed=0, lengths=(
         pos = [p + n for p in pos]
 
 
+#: every variant on some pattern, every pattern under some variant (the fast default)
+DEC_FAST = [("gqa", "flat_early_v_fused"), ("hetero", "prefetch2_dot"), ("residues", "pages4"),
+            ("no_window", "prefetch"), ("mha_block32", "pages2"), ("hetero", "flat"), ("residues", "fused"),
+            ("mha_block32", "dot"), ("gqa", "early_v"), ("no_window", "flat_early_v_dot")]
+DEC_ALL = [pytest.param(n, v, marks=[] if (n, v) in DEC_FAST else [pytest.mark.slow])
+           for n in DEC_PATTERNS for v in DEC_VARIANTS]
+
+
 @interpreter
-@pytest.mark.parametrize("variant", DEC_VARIANTS)
-@pytest.mark.parametrize("name", DEC_PATTERNS)
+@pytest.mark.parametrize("name,variant", DEC_ALL)
 def test_decode_variants_match_reference(name, variant):
     """Single tokens and short chunks; 1, 3 and 16 splits (16 leaves splits without a block)."""
     _decode_steps(DEC_PATTERNS[name], DEC_VARIANTS[variant], [(1, 1), (1, 3), (3, 16), (1, 16)])
