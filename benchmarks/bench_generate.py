@@ -432,6 +432,8 @@ def layer_call_vs_kernel(pattern, context: int, batch: int = 8, calls: int = 100
     caches += [filled(caches[0].table) for _ in range(7)]  # the other sparse layers of a step
     ids = [caches[0].add_sequence() for _ in range(batch)]
     solo = filled()
+    for c in (caches[0], solo):  # tables as wide as the run needs: no copy while timing
+        c.table.reserve(max_length=context + 3 * calls + 64)
     solo_ids = [solo.add_sequence() for _ in range(batch)]
     for s, s_solo in zip(ids, solo_ids):
         kk = torch.randn(1, pattern.kv_heads, context - 1, d, device=dev, dtype=dt)

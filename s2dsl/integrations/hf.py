@@ -374,6 +374,7 @@ def _classes():
             self.table = None
             self.seq_ids: tuple = ()
             self.length = 0          # tokens per row, padding included (HF's view)
+            self.max_length = None   # what the cache was sized for: the tables are made that wide
             self.mask = self.padding = None
 
     class S2CacheLayer(CacheLayerMixin):
@@ -415,6 +416,8 @@ def _classes():
                 # the other layers join as they start: plan once per step; evict in the next plan,
                 # so that the last step can be cropped (assisted decoding)
                 group.table.defer_eviction = True
+                if group.max_length:  # wide enough from the start: no table copy (or recompile) mid-generation
+                    group.table.reserve(slots=b, max_length=group.max_length)
                 group.seq_ids = tuple(self.paged.add_sequence() for _ in range(b))
                 if self.host_pages is not None:
                     from ..runtime.host_tier import HostTier
@@ -638,6 +641,8 @@ def _classes():
             keys = [(p.fingerprint(), n, i if host_pages is not None else None)
                     for i, (p, n) in enumerate(zip(patterns, num_pages))]
             groups = {key: _Group(keys.count(key)) for key in keys}
+            for g in groups.values():
+                g.max_length = max_length
             if kv_dtype is not None and kv_dtype != torch.int8 and not kv_dtype.is_floating_point:
                 raise ValueError(f"kv_dtype must be torch.int8 or a floating-point dtype; got {kv_dtype}")
             super().__init__(layers=[S2CacheLayer(p, n, groups[key], max_rollback, kv_dtype, host_pages, r)

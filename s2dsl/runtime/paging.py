@@ -216,6 +216,10 @@ class PageTable:
 
     # ------------------------------------------------------------------ storage
     def _alloc_tables(self, slots: int, width: int):
+        # a multiple of 16 blocks: the decode kernel's table strides stay divisible by 16, which
+        # Triton specialises integer arguments on, so growing the tables never recompiles it (a
+        # lone layer's call at 32K measured 104x its kernel: a recompile when the width doubled)
+        width = -(-width // 16) * 16
         # one spare element after the tables takes the writes of masked-out lanes
         self._tables_flat = torch.full((slots * self.kv_heads * width + 1,), -1, dtype=torch.int32,
                                        device=self.device)
