@@ -135,6 +135,139 @@ def decode_attention(pattern, tail: int, device, record: list):
     return attn
 
 
+# ---------------------------------------------------------------- decode-time selection candidates
+# (issue 11's quality gap): torch reference of what each candidate keeps for each decoded row,
+# run on the CPU as on the GPU; the prompt is attended densely (decode-time KV sparsity, as Quest
+# and ALISA's decode measure it), the query region one row at a time under the candidate's selection.
+# A candidate = (scorer, page in tokens): the window is the budget's first half rounded to pages,
+# the selection the rest, in pages of that size (page 1 = token-granular).
+
+#: scorers: "alisa" = attention mass the page got over all previous decode steps (seeded by the
+#: dense attention of the prompt's last OBSERVATION_ROWS rows, as runtime/topk_state.py does);
+#: "quest" = upper bound of q.k over the page from its keys' channel-wise min and max (Quest,
+#: max over the kv group's q heads; no history); "oracle" = the row's true dense mass per page
+SCORERS = ("alisa", "quest", "oracle")
+OBSERVATION_ROWS = 16
+
+
+def decode_candidates(block: int):
+    """(name, scorer, page tokens) studied at decode; pages of the task block, half of it, and tokens."""
+    pages = sorted({block, max(1, block // 4)}, reverse=True)
+    out = [("window only", None, block)]
+    for scorer in SCORERS:
+        for page in pages + [1]:
+            out.append((f"{scorer} page {page}" if page > 1 else f"{scorer} token", scorer, page))
+    return out
+
+
+def _page_sums(x: torch.Tensor, page: int) -> torch.Tensor:
+    """Sum of the last dim of ``x`` over pages of ``page`` entries (the last page zero-padded)."""
+    n = x.shape[-1]
+    n_pages = -(-n // page)
+    return F.pad(x, (0, n_pages * page - n)).view(*x.shape[:-1], n_pages, page).sum(-1)
+
+
+def quest_bounds(q: torch.Tensor, k: torch.Tensor, page: int, group: int = 1) -> torch.Tensor:
+    """Quest's page score: per (q row, kv page), sum over channels of max(q_c min_c, q_c max_c),
+    the largest q.k any key of the page could give; the max over the kv group's q heads.
+    q (b, H, rows, d), k (b, H_kv, T, d) -> (b, H, rows, pages). Pages are full (the last one
+    is padded with its own keys' extremes)."""
+    b, hk, T, d = k.shape
+    n_pages = -(-T // page)
+    pad = n_pages * page - T
+    kp = torch.cat([k, k[:, :, -1:].expand(b, hk, pad, d)], 2) if pad else k
+    kp = kp.view(b, hk, n_pages, page, d)
+    lo, hi = kp.amin(3), kp.amax(3)                                                   # (b, hk, pages, d)
+    qg = q.view(b, hk, group, q.shape[2], 1, d)
+    ub = torch.maximum(qg * lo[:, :, None, None], qg * hi[:, :, None, None]).sum(-1)  # (b, hk, G, rows, pages)
+    return ub.amax(2, keepdim=True).expand_as(ub).reshape(b, hk * group, q.shape[2], n_pages)
+
+
+def candidate_attention(scorer, page: int, window_tokens: int, select_tokens: int, tail: int, record: list,
+                        query_rows=None):
+    """q, k, v (b, H, T, d) -> out: the prompt dense, the last ``tail`` rows each attending its
+    window (``window_tokens`` rounded to pages) plus ``select_tokens // page`` pages chosen by
+    ``scorer`` among those wholly before the window (None: the window alone, of window + select
+    tokens). Appends per call (layer) each head's mean dense-attention share on what rows kept: over
+    all ``tail`` rows, and over ``query_rows`` (indices into the tail: the queried keys' rows)."""
+    @torch.no_grad()
+    def attn(q, k, v):
+        b, H, T, d = q.shape
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        first = T - tail
+        qf, kf, vf = q.float(), k.float(), v.float()
+        logits = (qf[:, :, first:] @ kf.transpose(-1, -2)) * d ** -0.5                  # (b, H, tail, T)
+        pos = torch.arange(first, T, device=q.device)
+        cols = torch.arange(T, device=q.device)
+        causal = cols.view(1, -1) <= pos.view(-1, 1)
+        dense = torch.softmax(logits.masked_fill(~causal, float("-inf")), -1)
+        w_pages = max(1, window_tokens // page) if scorer else max(1, (window_tokens + select_tokens) // page)
+        k_pages = select_tokens // page if scorer else 0
+        row_page, col_page = pos // page, cols // page
+        window = causal & (col_page.view(1, -1) > row_page.view(-1, 1) - w_pages)     # (tail, T)
+        n_pages = -(-T // page)
+        selectable = torch.arange(n_pages, device=q.device).view(1, -1) <= (row_page - w_pages).view(-1, 1)
+        keep = window.expand(b, H, tail, T).clone()
+        if k_pages > 0 and scorer in ("quest", "oracle"):
+            score = quest_bounds(qf[:, :, first:], kf, page) if scorer == "quest" else _page_sums(dense, page)
+            score = score.masked_fill(~selectable, float("-inf"))
+            val, idx = score.topk(min(k_pages, n_pages), -1)
+            chosen = torch.zeros_like(score, dtype=torch.bool).scatter_(-1, idx, val > float("-inf"))
+            keep |= chosen.repeat_interleave(page, -1)[..., :T]
+        probs = None
+        if k_pages > 0 and scorer == "alisa":  # sequential: each step's selection is the history's
+            rows_obs = min(OBSERVATION_ROWS, first)
+            ql = qf[:, :, first - rows_obs:first]
+            lo = (ql @ kf[:, :, :first].transpose(-1, -2)) * d ** -0.5
+            fut = cols[:first].view(1, -1) > torch.arange(first - rows_obs, first, device=q.device).view(-1, 1)
+            seed = torch.softmax(lo.masked_fill(fut, float("-inf")), -1).sum(2)         # (b, H, first)
+            score = _page_sums(F.pad(seed, (0, T - first)), page)                       # (b, H, n_pages)
+            probs = torch.zeros_like(dense)
+            for r in range(tail):
+                s = score.masked_fill(~selectable[r], float("-inf"))
+                val, idx = s.topk(min(k_pages, n_pages), -1)
+                chosen = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, idx, val > float("-inf"))
+                keep[:, :, r] |= chosen.repeat_interleave(page, -1)[..., :T]
+                p_r = torch.softmax(logits[:, :, r].masked_fill(~keep[:, :, r], float("-inf")), -1)
+                probs[:, :, r] = p_r
+                score = score + _page_sums(p_r, page)                                    # the mass this step gave
+        if probs is None:
+            probs = torch.softmax(logits.masked_fill(~keep, float("-inf")), -1)
+        out = out.clone()
+        out[:, :, first:] = (probs @ vf).to(out.dtype)
+        kept = (dense * keep).sum(-1)                                                    # (b, H, tail)
+        qr = kept if query_rows is None else kept[:, :, query_rows]
+        record.append((kept.mean((0, 2)).tolist(), qr.mean((0, 2)).tolist()))
+        return out
+    return attn
+
+
+def decode_study(model, cfg, eval_set, device, sparsity: float, tail: int, vis) -> dict:
+    """Every decode-time candidate at this KV sparsity: accuracy, answer perplexity, recovery."""
+    budget = max(2, round((1 - sparsity) * cfg.n_blocks))
+    w = max(1, budget // 2)
+    res = {}
+    T = eval_set[0][0].shape[1]
+    query_rows = (eval_set[0][1] - (T - tail)).tolist()  # the queried keys' rows: where retrieval happens
+    for name, scorer, page in decode_candidates(cfg.block):
+        calls = []
+        r = evaluate_method(model, cfg, eval_set, device, candidate_attention(
+            scorer, page, w * cfg.block, (budget - w) * cfg.block, tail, calls, query_rows), vis)
+        per_call = torch.tensor(calls).view(-1, cfg.layers, 2, cfg.heads)              # (batches, layers, rows, heads)
+        r["recovery_per_layer_head"] = per_call[:, :, 0].mean(0).tolist()
+        r["recovery_mean"] = float(per_call[:, :, 0].mean())
+        r["recovery_min_head"] = float(per_call[:, :, 0].mean(0).min())
+        r["recovery_query_rows_per_layer_head"] = per_call[:, :, 1].mean(0).tolist()
+        r["recovery_query_rows_mean"] = float(per_call[:, :, 1].mean())
+        r["recovery_query_rows_max_head"] = float(per_call[:, :, 1].mean(0).max())
+        r.update(scorer=scorer, page=page, window_tokens=w * cfg.block, select_tokens=(budget - w) * cfg.block)
+        res[name] = r
+        print(f"  decode {sparsity:.0%} {name:16s}: accuracy {r['accuracy']:.3f}  ppl {r['answer_perplexity']:.3f}  "
+              f"recovery {r['recovery_mean']:.3f} (min head {r['recovery_min_head']:.3f}; query rows "
+              f"{r['recovery_query_rows_mean']:.3f}, best head {r['recovery_query_rows_max_head']:.3f})", flush=True)
+    return res
+
+
 def use(model, attn):
     for layer in model.layers:
         layer.attn = attn
@@ -278,6 +411,22 @@ def plot(result: dict, path: Path):
     fig.savefig(path, dpi=110)
 
 
+def print_candidates(result: dict):
+    """The decode-time candidates as a markdown table: accuracy / recovery per sparsity."""
+    rows = result["sparsities"]
+    names = list(rows[0]["decode_candidates"])
+    print("\n| decode-time selection | " + " | ".join(f"{r['sparsity']:.0%} acc / rec / query-row rec (best head)"
+                                                   for r in rows) + " |")
+    print("|---|" + "---|" * len(rows))
+    print("| dense | " + " | ".join(f"{result['dense']['accuracy']:.3f} / 1.000 / 1.000 (1.000)" for _ in rows) + " |")
+    for n in names:
+        print(f"| {n} | " + " | ".join(f"{r['decode_candidates'][n]['accuracy']:.3f} / "
+                                        f"{r['decode_candidates'][n]['recovery_mean']:.3f} / "
+                                        f"{r['decode_candidates'][n]['recovery_query_rows_mean']:.3f} "
+                                        f"({r['decode_candidates'][n]['recovery_query_rows_max_head']:.3f})"
+                                        for r in rows) + " |")
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", choices=sorted(tt.CONFIGS), default="gpu")
@@ -290,6 +439,11 @@ def main(argv=None) -> dict:
                     help="sequences of each such batch it runs (default: all on CUDA, 4 on the CPU)")
     ap.add_argument("--block", type=int, default=None,
                     help="pattern block in tokens (default per config); the task keeps each pair inside one block")
+    ap.add_argument("--parts", nargs="+", choices=("methods", "candidates"), default=["methods", "candidates"],
+                    help="methods: the patterns above (prefill and the library's decode path); candidates: the "
+                         "decode-time selection candidates (torch reference, any device)")
+    ap.add_argument("--load", type=str, default=None, help="a dense model's state_dict saved by --save (skips training)")
+    ap.add_argument("--save", type=str, default=None, help="save the trained dense model's state_dict here")
     args = ap.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cfg = tt.CONFIGS[args.config]
@@ -304,7 +458,14 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     torch.set_float32_matmul_precision("high")
     t_start = time.perf_counter()
-    model, cfg, train_s = train_dense(cfg, device, budget)
+    if args.load:
+        model, train_s = tt.build(cfg, None, "mask", device), 0.0
+        model.load_state_dict(torch.load(args.load, map_location=device))
+        model.eval()
+    else:
+        model, cfg, train_s = train_dense(cfg, device, budget)
+    if args.save:
+        torch.save(model.state_dict(), args.save)
     gen = torch.Generator().manual_seed(cfg.seed + 12345)
     eval_set = [tt.make_batch(cfg, cfg.batch, gen, device) for _ in range(cfg.eval_batches)]
     vis = ["direct"] * cfg.n_blocks  # dense sees everything
@@ -324,7 +485,9 @@ def main(argv=None) -> dict:
     for s in args.sparsities:
         pats = method_patterns(cfg, s)
         row = {"sparsity": s, "budget_blocks": pats["_budget"], "window_blocks": pats["_window"], "methods": {}}
-        for name in METHODS:
+        if "candidates" in args.parts:
+            row["decode_candidates"] = decode_study(model, cfg, eval_set, device, s, tail, vis)
+        for name in (METHODS if "methods" in args.parts else ()):
             p = pats[name.split(" ")[0]]
             est = "last_row" if name.endswith("(last row)") else "pooled"
             if name.endswith("(decode)"):  # ALISA's path: decode the query region step by step
@@ -355,7 +518,10 @@ def main(argv=None) -> dict:
         (out / "topk_quality.json").write_text(json.dumps(result, indent=1))
     result["total_s"] = time.perf_counter() - t_start
     (out / "topk_quality.json").write_text(json.dumps(result, indent=1))
-    plot(result, out / "topk_quality.png")
+    if "methods" in args.parts:
+        plot(result, out / "topk_quality.png")
+    if "candidates" in args.parts:
+        print_candidates(result)
     print(f"wrote {out / 'topk_quality.json'} and {out / 'topk_quality.png'} ({result['total_s']:.0f} s)")
     return result
 
