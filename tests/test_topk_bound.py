@@ -171,3 +171,45 @@ def test_a_host_tier_with_by_bound_heads_is_refused():
     cache.table = Tiered(cache.table)
     with pytest.raises(ValueError, match="host tier"):
         TopKDecodeState(cache)
+
+
+@pytest.mark.skipif(__import__("os").environ.get("TRITON_INTERPRET", "0") in ("", "0"),
+                    reason="captures interpreted launches")
+def test_bound_kernel_compiles_for_sm90(monkeypatch):
+    """The bound kernel a GPU would launch (fp32 and bf16 queries, GQA 2, head dim 16 and 128)
+    compiles for sm_90 with Triton's bundled ptxas (the interpreter accepts code the GPU compiler
+    refuses; see test_sm90_compile)."""
+    import json
+    import warnings
+
+    from test_sm90_compile import _Capture, _compile_sm90
+
+    from s2dsl.runtime import topk_state
+    from s2dsl.runtime.decode import cached_attention
+    from s2dsl.runtime.kv_cache import PagedKVCache
+
+    jobs = []
+    init = topk_state.TopKDecodeState.__init__
+
+    def capturing_init(self, cache):
+        init(self, cache)
+        space = self._bound_scores.__globals__  # the generated module's namespace
+        if not isinstance(space["bound_kernel"], _Capture):
+            space["bound_kernel"] = _Capture(space["bound_kernel"], jobs, run=True)
+
+    monkeypatch.setattr(topk_state.TopKDecodeState, "__init__", capturing_init)
+    torch.manual_seed(0)
+    for d in (16, 128):
+        pattern = s2dsl.parse(BOUND)["p"]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # topk heads keep every page
+            cache = PagedKVCache(pattern, num_pages=32, head_dim=d, dtype=torch.float32)
+        ids = [cache.add_sequence()]
+        q, k, v = (torch.randn(1, h, 60, d) for h in (4, 2, 2))
+        cached_attention(cache, ids, q[:, :, :57], k[:, :, :57], v[:, :, :57])
+        cached_attention(cache, ids, q[:, :, 57:], k[:, :, 57:], v[:, :, 57:])
+    assert jobs
+    unique = list({json.dumps(j["consts"], sort_keys=True): j for j in jobs}.values())
+    unique += [dict(j, sig=dict(j["sig"], Q="*bf16")) for j in unique]  # the GPU's queries are bf16
+    for shared in _compile_sm90(unique):
+        assert shared <= 232448
