@@ -8,15 +8,25 @@ last query block keeps ``B = (1 - sparsity) * n_blocks`` kv blocks):
 * ``window``:        ``window B``
 * ``window+stride``: ``window B/2  stride S offset h`` (S so that the shard holds the other B/2)
 * ``window+topk``:   ``window B/2  topk B/2`` (ALISA's SWA) with the prefill's default
-  block-pooled estimator, and again with the ``last_row`` estimator (ALISA / SnapKV)
+  block-pooled estimator, again with the ``last_row`` estimator (ALISA / SnapKV), and with the
+  ``bound`` estimator (Quest's q.k upper bound from each kv block's key min / max, the largest
+  over the query block's rows)
 * ``window+topk (decode)``: the same pattern on ALISA's own path: the prompt prefilled into a
   ``PagedKVCache`` (the top-k scores seeded from its last rows), then the query region decoded
   one token at a time (teacher-forced) through ``cached_attention``, each step's K blocks chosen
   by the attention the previous steps gave them (``runtime/topk_state.py``); its recovery is
   measured on the decoded rows, with the selection each step used
+* ``window+topk by bound (decode)``: the same path with ``topk B/2 by bound`` — each step's blocks
+  chosen by Quest's q.k upper bound from each page's key min / max, from the step's own query
+  (no history; the library's answer to the candidate study below)
 * ``dense``
 
-and measures, per method and sparsity: retrieval accuracy (overall and by distance), the
+and, separately, the *decode-time selection candidates* (``--parts candidates``, a torch
+reference that runs on the CPU as on the GPU): the prompt attended densely, the query region one
+row at a time under a window plus pages picked by ALISA's accumulated mass, by Quest's bound or
+by the row's true mass (oracle), at pages of the block, a quarter block and single tokens.
+
+It measures, per method and sparsity: retrieval accuracy (overall and by distance), the
 answers' perplexity (exp of their mean cross-entropy), and the *attention recovery* per layer
 and head: the share of the dense model's attention mass (rows of the last query block, where
 the queries are) that falls on the kept tokens. For window+topk it also reports two oracles
@@ -27,6 +37,8 @@ them measures whether block granularity is too coarse.
     python examples/topk_quality.py --out benchmarks/results/topk_quality           # one GPU, ~2-3 min
     TRITON_INTERPRET=1 python examples/topk_quality.py --config cpu --out /tmp/tq   # smoke run (decode method
                                                                                     # on 4 sequences)
+    python examples/topk_quality.py --config cpu_quality --parts candidates --out /tmp/tqc  # the candidate
+                                                                                    # study on the CPU, ~4 min
 
 Writes ``topk_quality.json`` and ``topk_quality.png`` under ``--out``.
 """
@@ -53,7 +65,13 @@ import train_tiny as tt
 
 SPARSITIES = (0.5, 0.8, 0.9)
 # window+topk twice: with the prefill's default block-pooled estimator and with ALISA/SnapKV's last row
-METHODS = ("window", "window+stride", "window+topk", "window+topk (last row)", "window+topk (decode)")
+METHODS = ("window", "window+stride", "window+topk", "window+topk (last row)", "window+topk (bound)",
+           "window+topk (decode)", "window+topk by bound (decode)")
+# the pattern each method runs (method_patterns' keys)
+METHOD_PATTERN = {"window": "window", "window+stride": "window+stride", "window+topk": "window+topk",
+                  "window+topk (last row)": "window+topk", "window+topk (bound)": "window+topk",
+                  "window+topk (decode)": "window+topk",
+                  "window+topk by bound (decode)": "window+topk by bound"}
 
 
 def method_patterns(cfg: tt.Config, sparsity: float) -> dict:
@@ -67,10 +85,11 @@ def method_patterns(cfg: tt.Config, sparsity: float) -> dict:
 pattern win {{ block = {B} heads = {H} heads * {{ window {budget} }} }}
 pattern win_stride {{ block = {B} heads = {H} heads * {{ window {w} stride {stride} offset h }} }}
 pattern win_topk {{ block = {B} heads = {H} heads * {{ window {w} topk {rest} }} }}
+pattern win_topk_bound {{ block = {B} heads = {H} heads * {{ window {w} topk {rest} by bound }} }}
 """
     f = s2dsl.parse(text, "<topk_quality>")
     return {"window": f["win"], "window+stride": f["win_stride"], "window+topk": f["win_topk"],
-            "_budget": budget, "_window": w}
+            "window+topk by bound": f["win_topk_bound"], "_budget": budget, "_window": w}
 
 
 def attention_for(pattern, device, estimator: str = "pooled"):
@@ -123,6 +142,8 @@ def decode_attention(pattern, tail: int, device, record: list):
             for t in range(first, T):
                 used = state.selection[slots].clone()                                  # (b, kv, K)
                 outs.append(cached_attention(cache, ids, qc[:, :, t:t + 1], kc[:, :, t:t + 1], vc[:, :, t:t + 1]))
+                if state.has_bound:  # 'by bound' selects inside the step, from its query
+                    used = state.selection[slots].clone()
                 sel = used.repeat_interleave(pattern.group_size, 1)
                 sel = torch.where(torch.arange(sel.shape[-1], device=device).view(1, 1, -1)
                                   < torch.tensor(ks, device=device).view(1, -1, 1), sel, -1).unsqueeze(2)
@@ -488,8 +509,8 @@ def main(argv=None) -> dict:
         if "candidates" in args.parts:
             row["decode_candidates"] = decode_study(model, cfg, eval_set, device, s, tail, vis)
         for name in (METHODS if "methods" in args.parts else ()):
-            p = pats[name.split(" ")[0]]
-            est = "last_row" if name.endswith("(last row)") else "pooled"
+            p = pats[METHOD_PATTERN[name]]
+            est = "last_row" if name.endswith("(last row)") else "bound" if name.endswith("(bound)") else "pooled"
             if name.endswith("(decode)"):  # ALISA's path: decode the query region step by step
                 calls = []
                 res = evaluate_method(model, cfg, decode_set, device, decode_attention(p, tail, device, calls), vis)

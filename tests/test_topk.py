@@ -495,7 +495,7 @@ def test_quality_study_recovery_is_bounded_by_its_oracles():
     assert all(abs(x - 1.0) < 1e-5 for layer in full for x in layer)
     for sparsity in (0.5, 0.8):
         pats = tq.method_patterns(cfg, sparsity)
-        for est in ("pooled", "last_row"):
+        for est in ("pooled", "last_row", "bound"):
             rec = tq.recovery(cfg, captured, pats["window+topk"], cfg.block, est)
             for kept, block, token in zip(*(torch.tensor(rec[n]).flatten() for n in
                                             ("kept", "block_oracle", "token_oracle"))):

@@ -213,3 +213,70 @@ def test_bound_kernel_compiles_for_sm90(monkeypatch):
     unique += [dict(j, sig=dict(j["sig"], Q="*bf16")) for j in unique]  # the GPU's queries are bf16
     for shared in _compile_sm90(unique):
         assert shared <= 232448
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(lq=st.integers(1, 70), extra=st.integers(0, 40), seed=st.integers(0, 99))
+def test_bound_prefill_estimator_picks_the_largest_bounds(lq, extra, seed):
+    """select_blocks(estimator="bound"): per (head, query block) the K selectable kv blocks with the
+    largest max over the block's rows of sum_c max(q_c lo_c, q_c hi_c), brute force; with GQA and a
+    past (queries the last lq of lq + extra keys, not block-aligned)."""
+    from s2dsl.runtime.topk import select_blocks
+
+    pattern = s2dsl.parse("pattern p { block = 16 heads = 4 kv_heads = 2 heads 0..1 { window 1 sink 1 topk 2 } "
+                          "heads 2..3 { window 2 topk h - 1 } }")["p"]
+    lk = lq + extra
+    q, k, _ = random_inputs(1, 4, 2, lq, lk, 16, torch.float32, seed=seed)
+    sel = select_blocks(q, k, pattern, estimator="bound")
+    past, B = lk - lq, 16
+    first = past // B
+    for h in range(4):
+        kk = lower(pattern).params[h].topk
+        for r in range(sel.shape[2]):
+            i = first + r
+            rows = [t - past for t in range(max(i * B, past), min((i + 1) * B, lk))]
+            cands = [j for j in range(i + 1) if not pattern.keeps(h, i, j)]
+            score = {}
+            for j in cands:
+                keys = k[0, h // 2, j * B:min((j + 1) * B, lk)]
+                lo, hi = keys.amin(0), keys.amax(0)
+                qs = q[0, h, rows]
+                score[j] = torch.maximum(qs * lo, qs * hi).sum(-1).max().item()
+            got = [j for j in sel[0, h, r].tolist() if j >= 0]
+            assert len(got) == min(kk, len(cands)) and set(got) <= set(cands)
+            want = sorted(score.values(), reverse=True)[:len(got)]
+            assert sorted((score[j] for j in got), reverse=True) == pytest.approx(want, rel=1e-4, abs=1e-4)
+
+
+def test_decode_candidate_study_is_bounded_by_its_oracles():
+    """examples/topk_quality.py's decode-time candidates: Quest's bound is >= every q.k of its page;
+    with pages of one token the bound is q.k itself, so quest picks what the oracle picks; at any
+    page, no scorer recovers more than the oracle (the most mass a window + K pages can hold); a
+    budget of everything keeps everything."""
+    import sys
+    from conftest import EXAMPLES
+    sys.path.insert(0, str(EXAMPLES))
+    import topk_quality as tq
+
+    g = torch.Generator().manual_seed(1)
+    b, H, T, d, tail = 2, 3, 96, 16, 6
+    q, k, v = (torch.randn(b, H, T, d, generator=g) * s for s in (2.0, 1.0, 1.0))
+    ub = tq.quest_bounds(q[:, :, -tail:], k, 16)                                      # (b, H, tail, 6)
+    dots = (q[:, :, -tail:] @ k.transpose(-1, -2)).view(b, H, tail, 6, 16).amax(-1)
+    assert (ub >= dots - 1e-4).all()
+    torch.testing.assert_close(tq.quest_bounds(q, k, 1), q @ k.transpose(-1, -2), atol=1e-4, rtol=1e-4)
+    rec = {}
+    for scorer in (None, "alisa", "quest", "oracle"):
+        for page in (16, 4, 1):
+            calls = []
+            out = tq.candidate_attention(scorer, page, 16, 32, tail, calls, [0, 2, 4])(q, k, v)
+            assert out.shape == q.shape and torch.isfinite(out).all()
+            rec[scorer, page] = torch.tensor(calls[0][0])
+            assert ((rec[scorer, page] >= 0) & (rec[scorer, page] <= 1 + 1e-5)).all()
+    for page in (16, 4, 1):
+        for scorer in ("alisa", "quest"):
+            assert (rec[scorer, page] <= rec["oracle", page] + 1e-5).all(), (scorer, page)
+    torch.testing.assert_close(rec["quest", 1], rec["oracle", 1])
+    calls = []
+    tq.candidate_attention("quest", 16, 16, T, tail, calls)(q, k, v)
+    torch.testing.assert_close(torch.tensor(calls[0][0]), torch.ones(H))
