@@ -138,16 +138,22 @@ def decode_attention(pattern, tail: int, device, record: list):
             outs = [cached_attention(cache, ids, qc[:, :, :first], kc[:, :, :first], vc[:, :, :first])]
             state = state_for(cache)
             slots = torch.tensor([cache.slot(i) for i in ids], device=device).long()
+            static_rows = {}
             kept = torch.zeros(b, H, device=device)
             for t in range(first, T):
                 used = state.selection[slots].clone()                                  # (b, kv, K)
                 outs.append(cached_attention(cache, ids, qc[:, :, t:t + 1], kc[:, :, t:t + 1], vc[:, :, t:t + 1]))
                 if state.has_bound:  # 'by bound' selects inside the step, from its query
                     used = state.selection[slots].clone()
-                sel = used.repeat_interleave(pattern.group_size, 1)
+                sel = used.repeat_interleave(pattern.group_size, 1).long()
                 sel = torch.where(torch.arange(sel.shape[-1], device=device).view(1, 1, -1)
-                                  < torch.tensor(ks, device=device).view(1, -1, 1), sel, -1).unsqueeze(2)
-                mask = pattern.token_mask(1, t + 1, selection=sel.cpu()).to(device)[:, :, 0]  # (b, H, t + 1)
+                                  < torch.tensor(ks, device=device).view(1, -1, 1), sel, -1)     # (b, H, K)
+                i = t // pattern.block
+                if i not in static_rows:  # the static blocks of query block i, per head
+                    static_rows[i] = pattern.block_mask(i + 1)[:, i].to(device)               # (H, i + 1)
+                keep_b = F.pad(static_rows[i], (0, 1)).unsqueeze(0).expand(b, -1, -1).clone()  # + a spare column
+                keep_b.scatter_(-1, torch.where(sel >= 0, sel, i + 1), True)                    # -1: the spare
+                mask = keep_b[..., :i + 1].repeat_interleave(pattern.block, -1)[..., :t + 1]    # (b, H, t + 1)
                 logits = torch.einsum("bhd,bhnd->bhn", q[:, :, t].float(), k[:, :, :t + 1].float()) / math.sqrt(d)
                 probs = torch.softmax(logits, -1)                                       # the dense row
                 kept += (probs * mask).sum(-1)
@@ -455,7 +461,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--train-budget", type=float, default=None, help="seconds of training (default per config)")
     ap.add_argument("--sparsities", type=float, nargs="+", default=list(SPARSITIES))
     ap.add_argument("--decode-batches", type=int, default=None,
-                    help="eval batches the decode method runs (default: all on CUDA, 1 on the CPU)")
+                    help="eval batches the decode methods run (default: 8 on CUDA, 1 on the CPU)")
     ap.add_argument("--decode-sequences", type=int, default=None,
                     help="sequences of each such batch it runs (default: all on CUDA, 4 on the CPU)")
     ap.add_argument("--block", type=int, default=None,
@@ -474,6 +480,8 @@ def main(argv=None) -> dict:
         torch.set_num_threads(1)
         if args.decode_batches is None:  # the interpreter runs every decode step's kernels in Python
             args.decode_batches, args.decode_sequences = 1, args.decode_sequences or 4
+    elif args.decode_batches is None:  # two decode methods step through the kernels eagerly: bounded time
+        args.decode_batches = 8
     budget = args.train_budget if args.train_budget is not None else (200.0 if device == "cuda" else 20.0)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

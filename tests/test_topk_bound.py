@@ -280,3 +280,27 @@ def test_decode_candidate_study_is_bounded_by_its_oracles():
     calls = []
     tq.candidate_attention("quest", 16, 16, T, tail, calls)(q, k, v)
     torch.testing.assert_close(torch.tensor(calls[0][0]), torch.ones(H))
+
+
+def test_analysis_counts_the_key_bounds_in_the_decode_cache():
+    """A 'by bound' kv head holds, beside every page, its keys' float32 min / max (2 x head_dim x 4
+    bytes per block); the CLI's component list says 'by bound'."""
+    import sympy
+    from s2dsl.analysis import N
+
+    mass = s2dsl.parse(BOUND.replace(" by bound", ""))["p"]
+    bound = s2dsl.parse(BOUND)["p"]
+    for d in (64, 128):
+        a, b = s2dsl.analyze(mass, head_dim=d), s2dsl.analyze(bound, head_dim=d)
+        assert sympy.simplify(b.groups[0].kv_bytes - a.groups[0].kv_bytes - 2 * d * 4 * N) == 0
+        assert sympy.simplify(b.heads[0].kv_bytes - a.heads[0].kv_bytes - 2 * d * 4 * N) == 0
+    from s2dsl.cli import main
+    import io
+    import contextlib
+    import tempfile
+    with tempfile.NamedTemporaryFile("w", suffix=".s2", delete=False) as f:
+        f.write(BOUND)
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        main(["check", f.name])
+    assert "topk 2 by bound" in buf.getvalue()
