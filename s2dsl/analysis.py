@@ -840,7 +840,8 @@ def analyze(pattern: Pattern, *, head_dim: int = 128, dtype_bytes: int = 2) -> P
 
 
     try:
-        groups, union_total, union_lim, union_exact = _group_and_union_forms(pattern, forms, bytes_per_block, 2 * head_dim * 4)
+        groups, union_total, union_lim, union_exact = _group_and_union_forms(pattern, forms, bytes_per_block,
+                                                                             2 * head_dim * 4)
     except AnalysisLimit as exc:
         raise AnalysisLimit(f"pattern {pattern.name}: {reason}; but the union of its heads has no short closed "
                             f"form for its costs ({exc})") from None
