@@ -119,6 +119,8 @@ def prefill_rows(pattern, window: int, n: int, no_flex: bool) -> dict:
     row["s2dsl_total_ms"] = bench(lambda: forward(q, k, v, pattern))
     row["s2dsl_select_ms"] = bench(lambda: select_blocks(q, k, pattern))
     row["s2dsl_kernel_ms"] = bench(lambda: forward(q, k, v, pattern, selection=sel))
+    # the 'bound' estimator (Quest's q.k upper bound per kv block, max over the query block's rows)
+    row["s2dsl_select_bound_ms"] = bench(lambda: select_blocks(q, k, pattern, estimator="bound"))
     with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
         kr, vr = (t.repeat_interleave(HEADS // KV_HEADS, 1) for t in (k, v))
         row["sdpa_flash_ms"] = bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, kr, vr,
@@ -308,10 +310,12 @@ def main():
             torch.cuda.empty_cache()
     nan = float("nan")
     if result["prefill"]:
-        print("\nprefill (ms)\n| seq | s2dsl total | select | kernel | SDPA flash | Flex same blocks | kept |")
-        print("|---|---|---|---|---|---|---|")
+        print("\nprefill (ms)\n| seq | s2dsl total | select | select (bound) | kernel | SDPA flash | Flex same blocks "
+              "| kept |")
+        print("|---|---|---|---|---|---|---|---|")
         for r in result["prefill"]:
-            print(f"| {r['seq']} | {r['s2dsl_total_ms']:.2f} | {r['s2dsl_select_ms']:.2f} | {r['s2dsl_kernel_ms']:.2f} "
+            print(f"| {r['seq']} | {r['s2dsl_total_ms']:.2f} | {r['s2dsl_select_ms']:.2f} "
+                  f"| {r['s2dsl_select_bound_ms']:.2f} | {r['s2dsl_kernel_ms']:.2f} "
                   f"| {r['sdpa_flash_ms']:.2f} | {r.get('flex_same_mask_ms', nan):.2f} "
                   f"| {r.get('kept_block_fraction', nan):.3f} |")
     if result["decode"]:

@@ -59,6 +59,26 @@ def test_forward_bf16_matches_reference(pattern, lq, lk):
     torch.testing.assert_close(lse[finite], ref_lse[finite], atol=2e-2, rtol=1e-3)
 
 
+@pytest.mark.parametrize("lq,lk", [(3000, 3000), (333, 2000)])
+def test_bound_prefill_estimator_bf16(lq, lk):
+    """select_blocks(estimator="bound") on bf16 inputs (16-bit products): its picks' bounds are the top
+    bounds by a float32 recomputation up to bf16 rounding, and the forward with them (NaN-poisoned)
+    matches the float32 reference."""
+    pattern = MIXED
+    q, k, v = _inputs(pattern, 2, lq, lk, 128, seed=7)
+    sel = select_blocks(q, k, pattern, estimator="bound")
+    out = torch.full_like(q, float("nan"))
+    out, _ = forward(q, k, v, pattern, out=out, selection=sel)
+    ref = s2dsl.reference_attention(q, k, v, pattern, selection=sel)
+    assert torch.isfinite(out).all() and _rel_err(out, ref) < 1e-2
+    # mostly the blocks a float32 selection picks (bf16 products reorder near-ties only; a wrong
+    # head or row mapping would overlap by about K / candidates, ~0.1 here)
+    sel32 = select_blocks(q.float(), k.float(), pattern, estimator="bound")
+    assert (sel >= 0).sum() == (sel32 >= 0).sum()
+    shared = ((sel.unsqueeze(-1) == sel32.unsqueeze(-2)).any(-1) & (sel >= 0)).sum()
+    assert shared >= 0.6 * (sel >= 0).sum()
+
+
 @pytest.mark.parametrize("pattern", [ALISA, MIXED], ids=lambda p: p.name)
 def test_backward_bf16_matches_float64_autograd(pattern):
     q, k, v = _inputs(pattern, 1, 1500, 1500, 64, seed=1)

@@ -130,8 +130,11 @@ def _bound_scores(q, centre_t, radius_t, block: int, lead: int, r0: int, r1: int
     b, t, q_len, d = q.shape
     lo_row = max(r0 * block - lead, 0)
     hi_row = min(r1 * block - lead, q_len)
-    rows = q[:, :, lo_row:hi_row].float()
-    ub = rows @ centre_t + rows.abs() @ radius_t                                     # (b, T, rows, n_cols)
+    rows = q[:, :, lo_row:hi_row]
+    if rows.dtype not in (torch.float16, torch.bfloat16):
+        rows = rows.float()
+    # 16-bit queries multiply in their own dtype (tensor cores; the bound only ranks candidates)
+    ub = (rows @ centre_t.to(rows.dtype)).float() + (rows.abs() @ radius_t.to(rows.dtype)).float()
     front = lo_row + lead - r0 * block                                                # rows before q's first
     back = (r1 - r0) * block - front - ub.shape[2]
     ub = torch.nn.functional.pad(ub, (0, 0, front, back), value=float("-inf"))
