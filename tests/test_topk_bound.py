@@ -304,3 +304,23 @@ def test_analysis_counts_the_key_bounds_in_the_decode_cache():
     with contextlib.redirect_stdout(buf):
         main(["check", f.name])
     assert "topk 2 by bound" in buf.getvalue()
+
+
+def test_int8_pages_keep_the_bounds_of_the_keys_as_given():
+    """An INT8 cache keeps its key bounds from the 16/32-bit keys (before rounding): the same bounds,
+    so the same pages, as a float cache fed the same tokens."""
+    from s2dsl.runtime.decode import cached_attention
+    from s2dsl.runtime.topk_state import state_for
+
+    pattern = s2dsl.parse(BOUND)["p"]
+    caches = [_cache(pattern), _cache(pattern, kv_dtype=torch.int8)]
+    q, k, v = random_inputs(1, 4, 2, 90, 90, 16, torch.float32, seed=9)
+    ids = [[c.add_sequence()] for c in caches]
+    for c, i in zip(caches, ids):
+        cached_attention(c, i, q[:, :, :80], k[:, :, :80], v[:, :, :80])
+    for t in range(80, 84):
+        for c, i in zip(caches, ids):
+            cached_attention(c, i, q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1])
+        torch.testing.assert_close(caches[1].key_bounds, caches[0].key_bounds)
+        sels = [state_for(c).selection[c.slot(i[0])] for c, i in zip(caches, ids)]
+        assert torch.equal(sels[0], sels[1])
