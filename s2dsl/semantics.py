@@ -180,7 +180,7 @@ class _Resolver:
             at = f" (the first at line {first.line})" if first else ""
             raise self.error(f"head {h} has {len(topks)} 'topk' components{at}; a head selects its dynamic "
                              "blocks once", topks[1],
-                             hint="merge them into one 'topk K [recent R]' (K may use h)")
+                             hint="merge them into one 'topk K [by mass|bound] [recent R]' (K may use h)")
         for c in group.components:
             if isinstance(c, ir.Window):
                 unit = "tokens" if c.tokens else "blocks"

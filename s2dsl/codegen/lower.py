@@ -188,7 +188,7 @@ def lower(pattern: Pattern) -> KernelPlan:
         topk = recent = 0
         if len(spec.topk) > 1:
             raise UnsupportedPattern(f"pattern {pattern.name}: head {h} has {len(spec.topk)} topk components; "
-                                     "give each head one 'topk K [recent R]'")
+                                     "give each head one 'topk K [by mass|bound] [recent R]'")
         if spec.topk and not spec.dense:  # a dense head already sees every block
             topk, recent = spec.topk[0].k, spec.topk[0].recent or 0
             if topk > MAX_TOPK:
