@@ -500,7 +500,8 @@ def main(argv=None) -> dict:
     vis = ["direct"] * cfg.n_blocks  # dense sees everything
     result = {"config": asdict(cfg), "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
               "train_s": train_s, "chance": 1 / cfg.n_values, "rows": cfg.block,
-              "estimator": "block-pooled q.k (s2dsl.runtime.topk.select_blocks)"}
+              "estimator": "block-pooled q.k (s2dsl.runtime.topk.select_blocks)",
+              "loaded_model": args.load}  # a loaded model's training is not in "config" / "train_s"
     result["dense"] = evaluate_method(model, cfg, eval_set, device, attention_for(None, device), vis)
     print(f"dense: accuracy {result['dense']['accuracy']:.3f}, answer perplexity "
           f"{result['dense']['answer_perplexity']:.3f}", flush=True)
