@@ -128,3 +128,32 @@ def test_gpu_dropped_page_selected_again_gives_the_resident_logits():
     change = ((logits[1] - logits[0]).abs().max() / logits[0].std()).item()
     print(f"bf16 logits after reading 4 recomputed pages: largest change {change:.2e} of their std")
     assert change < 2e-2
+
+
+def test_gpu_int8_decode_write_kernel_matches_the_torch_quantiser(monkeypatch):
+    """bf16 decode writes into INT8 pages by the generated kernel against the torch ops it
+    replaced (same arithmetic; the GPU compiler may fuse a multiply-add, so a code may differ by
+    one step where a value sits on a rounding edge)."""
+    from s2dsl.runtime import kv_cache
+    g = torch.Generator(device="cuda").manual_seed(2)
+    k = torch.randn(4, 8, 300, D, device="cuda", generator=g, dtype=torch.bfloat16)
+    v = torch.randn(4, 8, 300, D, device="cuda", generator=g, dtype=torch.bfloat16)
+    caches = []
+    for fused in (False, True):
+        real = kv_cache.write_decode_tokens
+        with monkeypatch.context() as m:
+            m.setattr(kv_cache, "write_decode_tokens", lambda *a, _f=fused: _f and real(*a))
+            cache = PagedKVCache(STATIC, num_pages=4 * 8 * 6, head_dim=D, dtype=torch.bfloat16, device="cuda",
+                                 kv_dtype=torch.int8, evict=False)
+            ids = [cache.add_sequence() for _ in range(4)]
+            cache.append(ids, k[:, :, :100], v[:, :, :100])
+            for pos in range(100, 300):
+                cache.append(ids, k[:, :, pos:pos + 1], v[:, :, pos:pos + 1])
+        caches.append(cache)
+    torch.cuda.synchronize()
+    ref, got = caches
+    assert torch.equal(ref.table.tables, got.table.tables)
+    for a, b in ((ref._k_all, got._k_all), (ref._v_all, got._v_all)):
+        assert (a.int() - b.int()).abs().max().item() <= 1
+        assert (a != b).float().mean().item() < 1e-3
+    torch.testing.assert_close(got._qparams, ref._qparams, rtol=1e-5, atol=1e-6)
