@@ -189,15 +189,34 @@ def test_recompute_arguments_are_checked(swa_model):
         hf.S2Cache(swa_model, max_length=40, gpu_pages=8, host_pages=2, recompute="tokens")
 
 
-@kernels
-def test_decode_graph_refuses_a_tiered_cache(swa_model):
-    ids = torch.randint(0, 100, (1, 20), generator=torch.Generator().manual_seed(8))
-    cache = hf.S2Cache(swa_model, max_length=40, batch_size=1, gpu_pages=8, host_pages=4)
+def _greedy(model, ids, cache, steps, graph=False):
+    """Prefill, then ``steps`` greedy tokens: eager forwards, or (``graph``) through
+    ``cache.decode_graph`` (static steps, run eagerly on the CPU: ``capture=False``)."""
     with torch.no_grad():
-        swa_model(ids, past_key_values=cache)
-    with pytest.raises(RuntimeError, match="host tier"):
-        cache.decode_graph(swa_model, capture=False)
-    assert all(not p.table.static_max_len for p in cache.paged)  # refused before anything changed
+        tok = model(ids, past_key_values=cache).logits[:, -1:].argmax(-1)
+        step = cache.decode_graph(model, capture=False) if graph else \
+            (lambda t: model(t, past_key_values=cache).logits)
+        out = [tok]
+        for _ in range(steps):
+            tok = step(tok)[:, -1:].argmax(-1)
+            out.append(tok)
+    return torch.cat(out, 1)
+
+
+@kernels
+@pytest.mark.parametrize("host_pages,recompute", [(8, None), (0, "hidden")], ids=["host", "drop"])
+def test_decode_graph_steps_a_tiered_cache_losslessly(swa_model, host_pages, recompute):
+    """Static (CUDA-graph) steps over a tiered cache: the tier moves, drops and recomputes pages in
+    the host part before each step; the tokens are the all-resident eager cache's."""
+    ids = torch.randint(0, 100, (2, 40), generator=torch.Generator().manual_seed(8))
+    ref = _greedy(swa_model, ids, hf.S2Cache(swa_model, max_length=60, batch_size=2), 16)
+    cache = hf.S2Cache(swa_model, max_length=60, batch_size=2, gpu_pages=12, host_pages=host_pages,
+                       recompute=recompute)
+    out = _greedy(swa_model, ids, cache, 16, graph=True)
+    assert torch.equal(out, ref)
+    tier = cache.paged[0].table.tier
+    assert (tier.dropped_pages if recompute else tier.moved_down) > 0, tier.report()
+    assert all(p.table.static_max_len for p in cache.paged)
 
 
 def test_tier_arguments_are_checked(swa_model):

@@ -32,9 +32,13 @@ The bookkeeping reads the device once per step and table: one transfer holds the
 the free-page stack and every layer's top-k selection; everything after is planned on the host
 and mirrored onto the device with tensor ops.
 
+CUDA-graph decode steps (``PageTable.enable_static``) tier too: the tier prepares in the host
+part before each step (``prepare_static``), where pages move up, down, are dropped or
+recomputed in place in the pools and tables the graph reads, and the step waits for those
+copies before it starts (``settle``); the captured step itself moves nothing.
+
 Limits: a first prefill writes the prompt's pages at once, so the GPU pool must hold one
-batch's prompt (its kept blocks); sequences spill from the next step on. CUDA-graph decode
-steps (static tables) do not tier: ``PageTable.enable_static`` refuses a tiered table.
+batch's prompt (its kept blocks); sequences spill from the next step on.
 """
 from __future__ import annotations
 
@@ -147,6 +151,13 @@ class HostTier:
         ev = self._events.pop(id(cache), None)
         if ev is not None:
             torch.cuda.current_stream(self.table.device).wait_event(ev)
+
+    def settle(self) -> None:
+        """Before a static (CUDA-graph) step: the current stream waits for every copy now (a
+        captured step cannot wait on events recorded outside it; it reads the pools in place)."""
+        if self.cuda:
+            torch.cuda.current_stream(self.table.device).wait_stream(self._stream)
+        self._events.clear()
 
     # ------------------------------------------------------------------ a step
     def prepare(self, seq_ids: Sequence, n: int, only_needed: bool) -> None:
