@@ -272,7 +272,10 @@ class _HiddenLog:
         b, n, h = x.shape
         self._grow(max(slots) + 1, max(s + c for s, c in zip(plan.starts, plan.counts)))
         cap = self.data.shape[1]
-        dst = torch.cat([torch.arange(st, st + c) + sl * cap for sl, st, c in zip(slots, plan.starts, plan.counts)])
+        if n == 1 and all(c == 1 for c in plan.counts):  # a decode step: one row per sequence
+            dst = torch.tensor([sl * cap + st for sl, st in zip(slots, plan.starts)])
+        else:
+            dst = torch.cat([torch.arange(st, st + c) + sl * cap for sl, st, c in zip(slots, plan.starts, plan.counts)])
         rows = x.detach().reshape(b * n, h)
         if any(c != n for c in plan.counts):  # padding: only the real tokens (an index list to the device)
             src = torch.cat([torch.arange(o, o + c) + i * n for i, (o, c) in enumerate(zip(plan.offsets, plan.counts))])
