@@ -189,6 +189,42 @@ def test_recompute_arguments_are_checked(swa_model):
         hf.S2Cache(swa_model, max_length=40, gpu_pages=8, host_pages=2, recompute="tokens")
 
 
+REL_PLAN = """
+pattern rel { block = 16  heads = 4  kv_heads = 2  causal  heads * { window 1  sink 1  stride 2 relative } }
+model tiny { layers = 2  rest -> rel }
+"""
+
+
+@pytest.fixture(scope="module")
+def rel_run():
+    """A relative stride reads every 2nd block below the window, alternating as the query crosses
+    blocks: a block left behind at one crossing is read again at the next, so under a GPU budget
+    it comes back up (or is recomputed) by itself, with no selection to force."""
+    model = tiny_llama(REL_PLAN, seed=1, attn=hf.ATTN_IMPLEMENTATION)
+    ids = torch.randint(0, 100, (2, 40), generator=torch.Generator().manual_seed(5))
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=50, min_new_tokens=50, do_sample=False,
+              pad_token_id=0)
+    with torch.no_grad():
+        ref = model.generate(ids, past_key_values=hf.S2Cache(model, max_length=90, batch_size=2), **kw)
+    return model, ids, kw, ref
+
+
+@kernels
+@pytest.mark.parametrize("host_pages,recompute", [(24, None), (0, "hidden")], ids=["host", "drop"])
+def test_generate_brings_pages_back_by_itself_losslessly(rel_run, host_pages, recompute):
+    """generate() over 16 GPU pages per layer (20 needed at the end): at block 4 the unread block 1
+    leaves the GPU, at block 5 the relative stride reads it again, and the tier moves it up from
+    the host or recomputes it from the logged hidden states; the tokens are the resident cache's."""
+    model, ids, kw, ref = rel_run
+    cache = hf.S2Cache(model, max_length=90, batch_size=2, gpu_pages=16, host_pages=host_pages,
+                       recompute=recompute)
+    with torch.no_grad():
+        out = model.generate(ids, past_key_values=cache, **kw)
+    assert torch.equal(out, ref)
+    tier = cache.paged[0].table.tier
+    assert (tier.recomputed if recompute else tier.moved_up) > 0, tier.report()
+
+
 def _greedy(model, ids, cache, steps, graph=False):
     """Prefill, then ``steps`` greedy tokens: eager forwards, or (``graph``) through
     ``cache.decode_graph`` (static steps, run eagerly on the CPU: ``capture=False``)."""

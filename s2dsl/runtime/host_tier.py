@@ -49,11 +49,49 @@ import torch
 from .paging import KeepRules, OutOfPagesError, PageTable
 from .quant import quantize_pages
 
-__all__ = ["HostTier", "TierGroup", "HostFullError", "Recompute"]
+__all__ = ["HostTier", "TierGroup", "HostFullError", "Recompute", "StepReads"]
 
 #: ``recompute(slots, kv_heads, blocks)`` (int64 CPU tensors of m entries) -> ``(k, v)``, each
 #: ``[m, block, head_dim]`` on the pool's device: the K and V of those pages, made again
 Recompute = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple]
+
+
+class StepReads:
+    """The blocks a one-token step reads per kv head: its q heads' static components at the
+    query's block. ``KeepRules`` (every head taken as KV-efficient) gives window, sinks,
+    residues and global rows; a relative stride, which ``KeepRules`` must count as "keep
+    everything" (its blocks come back as the query moves), reads only the blocks at a multiple
+    of its stride beyond the window, ``(i - j - W + 1) % S == 0``: the blocks that move up (or
+    are recomputed) when the query crosses into the next block."""
+
+    def __init__(self, pattern):
+        self.rules = KeepRules(pattern, (True,) * pattern.heads, torch.device("cpu"))
+        self.block = pattern.block
+        g = pattern.group_size
+        self.relative = {}
+        for kv in range(pattern.kv_heads):
+            specs = [pattern.head_specs[h] for h in range(kv * g, (kv + 1) * g)]
+            if any(s.relative for s in specs) and not any(s.dense for s in specs):
+                self.relative[kv] = specs
+
+    def needed(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        """``i``: query block (batch, 1, 1); ``j``: (1, 1, width) -> (batch, kv_heads, width)."""
+        out = self.rules.needed(i, j)
+        if not self.relative:
+            return out
+        out = out.expand(i.shape[0], out.shape[1], j.shape[-1]).clone()
+        d = i - j
+        for kv, specs in self.relative.items():
+            m = j >= i
+            for s in specs:
+                w, _, sink = s.blocks_touched(self.block)
+                m = m | ((d >= 0) & (d < max(w, 1))) | (j < sink) | (i < s.global_rows)
+                for mod, r in s.residues:
+                    m = m | (j % mod == r)
+                if s.relative:
+                    m = m | s.keeps_relative(d)
+            out[:, kv] = m[:, 0]
+        return out
 
 
 class HostFullError(OutOfPagesError):
@@ -100,7 +138,7 @@ class HostTier:
         self.dropped = torch.zeros((0, table.kv_heads, 0), dtype=torch.bool)
         # what each kv head's step reads besides the top-k: its q heads' static components, as if
         # every head were KV-efficient (a top-k kv head keeps every page, but reads only these)
-        self.reads_rules = KeepRules(table.pattern, (True,) * table.pattern.heads, torch.device("cpu"))
+        self.reads_rules = StepReads(table.pattern)
         self.evict_rules = KeepRules(table.pattern, table.efficient, torch.device("cpu"))
         self.moved_up = self.moved_down = 0  # pages, since creation
         self.dropped_pages = self.recomputed = 0
