@@ -74,20 +74,20 @@ def check(pattern, n: int = 3000, steps: int = 4, batch: int = 2) -> float:
     return worst
 
 
-def fill(pattern, context: int):
-    """A cache holding ``context`` tokens of BATCH sequences: the first context-1 by a prefill that
+def fill(pattern, context: int, batch: int = BATCH):
+    """A cache holding ``context`` tokens of ``batch`` sequences: the first context-1 by a prefill that
     keeps only what the pattern needs, the last (the query's own) appended."""
     per_seq = sum(kept_blocks_for_query(pattern, g, context - 1, context - 1) + 1 for g in range(pattern.kv_heads))
-    cache = PagedKVCache(pattern, num_pages=BATCH * per_seq, head_dim=DIM, dtype=DTYPE, device="cuda",
-                         max_seqs=BATCH)
-    ids = [cache.add_sequence() for _ in range(BATCH)]
+    cache = PagedKVCache(pattern, num_pages=batch * per_seq, head_dim=DIM, dtype=DTYPE, device="cuda",
+                         max_seqs=batch)
+    ids = [cache.add_sequence() for _ in range(batch)]
     for s in ids:
         k = torch.randn(1, pattern.kv_heads, context - 1, DIM, device="cuda", dtype=DTYPE)
         v = torch.randn_like(k)
         cache.append([s], k, v, only_needed=True)
         del k, v
     cache.evict(ids)
-    last = torch.randn(BATCH, pattern.kv_heads, 1, DIM, device="cuda", dtype=DTYPE)
+    last = torch.randn(batch, pattern.kv_heads, 1, DIM, device="cuda", dtype=DTYPE)
     cache.append(ids, last, last)
     return cache, ids
 

@@ -8,6 +8,10 @@ The integer arguments are marked 16-divisible and the pointers 16-aligned, as Tr
 marks them at a launch over torch tensors with lengths that are multiples of 16.
 
     python benchmarks/compile_report.py --stride 32 --variants '[{}, {"kv_load": "tma", "block_m": 64}]'
+    python benchmarks/compile_report.py --decode --variants '[{}, {"flat": true, "pages_per_step": 2}]'
+
+``--decode``: the decode kernel's GPU specialisation (one query, 64-token pages, the split
+path) instead, with ``--kv-heads`` q-head groups (32: MHA, one row per program).
 """
 from __future__ import annotations
 
@@ -68,6 +72,42 @@ def compile_forward(pattern, tuning: dict, head_dim: int, dtype: str, tmp: Path)
                           options={"num_warps": module.NUM_WARPS, "num_stages": module.NUM_STAGES})
 
 
+_DEC_CONSTS = "KV_HEADS GROUP BLOCK H_WIDTH G_WIDTH BLOCK_Q ROWS USE_DOT BLOCK_N HEAD_DIM D_PAD PAGES".split()
+_DEC_ALIGNED = {"stride_qb", "stride_qh", "stride_ob", "stride_oh", "stride_page", "stride_tok", "stride_bt_slot",
+                "stride_bt_head"}
+
+
+def compile_decode(pattern, tuning: dict, head_dim: int, dtype: str, tmp: Path):
+    """Triton's compiled decode kernel (split path) for the GPU specialisation with ``tuning``."""
+    from s2dsl.codegen.decode import generate_decode
+    from s2dsl.runtime.decode import choose_decode
+    import torch
+    spec = choose_decode(pattern, getattr(torch, dtype), head_dim, 1, torch.device("cpu"))
+    gpu = dict(block_n=min(pattern.block, 64 if head_dim <= 128 else 32), num_warps=4,
+               num_stages=3 if head_dim <= 128 else 2, capability=(9, 0))  # choose_decode's GPU pick
+    spec = replace(spec, **dict(gpu, **tuning))
+    module = _module(generate_decode(lower(pattern), spec), tmp)
+    names = module.kernel.arg_names
+    elem = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[dtype]
+    sig, consts = {}, {}
+    for name in names:
+        if name in _DEC_CONSTS or name == "SPLIT":
+            sig[name], consts[(names.index(name),)] = "constexpr", True if name == "SPLIT" else getattr(module, name)
+        elif name in ("Q", "KPages", "VPages", "Out"):
+            sig[name] = "*" + elem
+        elif name in ("Lse", "OutPart", "LsePart"):
+            sig[name] = "*fp32"
+        elif name in ("BlockTable", "Slots", "SeqLens", "HeadTable", "GroupTable", "Count"):
+            sig[name] = "*i32"
+        else:
+            sig[name] = "fp32" if name == "qk_scale" else "i32"
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+             if sig[n].startswith("*") or n in _DEC_ALIGNED}
+    src = triton.compiler.ASTSource(fn=module.kernel, signature=sig, constexprs=consts, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": module.NUM_WARPS, "num_stages": module.NUM_STAGES})
+
+
 def report(compiled) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
@@ -86,13 +126,17 @@ def main():
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--variants", default='[{}]', help="JSON list of Specialization overrides")
+    ap.add_argument("--decode", action="store_true", help="the decode kernel (DecodeSpecialization overrides)")
+    ap.add_argument("--kv-heads", type=int, default=32, help="decode: kv heads of the 32 q heads")
     args = ap.parse_args()
-    pattern = s2dsl.local_stride(block=64, local_blocks=16, vert_stride=args.stride, heads=32)
+    pattern = s2dsl.local_stride(block=64, local_blocks=16, vert_stride=args.stride, heads=32,
+                                 kv_heads=args.kv_heads if args.decode else None)
+    build = compile_decode if args.decode else compile_forward
     with tempfile.TemporaryDirectory() as tmp:
         for tuning in json.loads(args.variants):
             try:
-                print(json.dumps(tuning), json.dumps(report(compile_forward(pattern, tuning, args.head_dim,
-                                                                            args.dtype, Path(tmp)))))
+                print(json.dumps(tuning), json.dumps(report(build(pattern, tuning, args.head_dim, args.dtype,
+                                                                  Path(tmp)))))
             except Exception as exc:  # noqa: BLE001 - a variant that does not compile is a result
                 print(json.dumps(tuning), f"{type(exc).__name__}: {str(exc)[:200]}")
 

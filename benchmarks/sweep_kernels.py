@@ -1,13 +1,17 @@
-"""One GPU run that sweeps the kernels' knobs at the DESIGN.md points, DKernel in the same run.
+"""One GPU run that sweeps the kernels' knobs at the DESIGN.md points, DKernel and SDPA in the same run.
 
 Forward: every ``--fwd`` variant (fields of ``choose_forward``'s Specialization: tiles,
-``window_span``, ``kv_load="tma"``, ...) is checked against the float32 reference (bf16,
-random inputs, output poisoned with NaN, two lengths), then timed with DKernel at every
-(stride, length); per-loop cost comes from copies of the default kernel whose residue,
-unmasked-window or masked (edge + diagonal) loops run zero times (``--ablate``); each row has
-TFLOP/s on the blocks the pattern keeps and the compiler's resource report of each variant.
-Backward: ``backward()`` alone per ``--bwd`` tuning, gradients checked first. Decode: the
-decode kernel per ``--decode`` tuning and split count, SDPA dense decode beside it.
+``window_span``, ``kv_load="tma"``, ``fuse_diagonal``, ...) is checked against the float32
+reference (bf16, random inputs, output poisoned with NaN, two lengths), then timed with DKernel
+at every (stride, length), twice (``--rounds``) to show the spread; each row has TFLOP/s on the
+blocks the pattern keeps and the compiler's resource report of each variant; ``--ablate`` adds
+copies of the default kernel whose residue, unmasked-window or masked loops run zero times.
+Forward+backward: ``s2dsl.attention`` + backward and the kernels alone, DKernel's f+b beside.
+Backward: ``backward()`` alone per ``--bwd`` tuning (none by default), gradients checked first.
+Decode: every ``--decode`` variant (DecodeSpecialization fields: ``flat``, ``pages_per_step``,
+``prefetch``, ``force_dot``, warps) checked at batch 1 and 3 with 1, 4 and 16 splits, then
+timed at batch 1 and 8, 32K and 128K, with the split count of each policy
+(``decode.SPLIT_POLICIES``), SDPA dense decode's achieved bandwidth in the same run.
 
 Kernels compile in ``--workers`` processes before anything is timed (each check writes
 Triton's disk cache; the timing process then loads them), so a sweep of many variants fits
@@ -39,19 +43,42 @@ T0 = time.perf_counter()
 # length before 2026-11-27; the others are candidates (benchmarks/RESULTS.md says what each did)
 OLD = {"block_m": 128, "num_warps": 8, "window_span": 2, "kv_load": "pointer", "residue_span": 1}
 M64 = {"block_m": 64, "num_warps": 4, "window_span": 1, "residue_span": 1}
+# the forward variants still worth timing (issue 14; RESULTS.md has the rest): the diagonal fused
+# into the window loop (short tiles: kernels.SHORT_FUSE_DIAGONAL), 64-row
+# pointer tiles with and without residue pairs (14.53 ms at 128K stride 32 against the
+# default's 14.69 in run 2), and persistent programs over the default's tiles
 FWD_DEFAULT = {
     "default": {},
     "old": OLD,
-    "old_res2": dict(OLD, residue_span=2),
-    "m64_tma": dict(M64, kv_load="tma"),
     "m64_tma_fused": dict(M64, kv_load="tma", fuse_diagonal=True),
     "m64_ptr": dict(M64, kv_load="pointer"),
     "m64_ptr_res2": dict(M64, kv_load="pointer", residue_span=2),
-    "m64_tma_span2": dict(M64, kv_load="tma", window_span=2),
-    "m128_fused": dict(OLD, window_span=1, fuse_diagonal=True),
+    # persistent programs over the default's tiles (kernels.FORWARD_PERSISTENT), per SM: two
+    # fit with 64-row tiles (214 regs, 113 KB shared), one with 128-row tiles
+    "persist2": {"persistent": 2},
+    "persist1": {"persistent": 1},
 }
-BWD_DEFAULT = {"default": {}, "stages3": {"num_stages": 3, "dkdv_num_stages": 3}, "dq_n32": {"block_n": 32}}
-DECODE_DEFAULT = {"default": {}, "warps8": {"num_warps": 8}, "stages4": {"num_stages": 4}, "stages2": {"num_stages": 2}}
+# the backward's knobs were timed on 2026-11-27 (the default stayed): by default only its default
+# is compiled and gradient-checked in the pool (the train section times it), not timed alone
+BWD_DEFAULT = {"default": {}}
+# decode (issue 14): the segmented loops (default) against V's load issued with K's (the sm_90
+# SASS of the default waits for K, reduces, then loads V), one flat loop over the split's kept
+# blocks, several pages per step, the next page's K/V prefetched into registers, and the
+# one-row (MHA) path through tl.dot (the only loads Triton 3.6 pipelines with cp.async), and
+# the splits merged by the last program of each group instead of a combine launch;
+# warps / stages / split counts of the default loops were timed on 2026-11-27 (within 1-2%)
+DECODE_DEFAULT = {
+    "default": {},
+    "early_v": {"early_v": True},
+    "flat": {"flat": True},
+    "flat_early_v": {"flat": True, "early_v": True},
+    "early_v_fused": {"early_v": True, "fused_combine": True},
+    "prefetch_fused": {"flat": True, "prefetch": True, "fused_combine": True},
+    "flat_pages2_w8": {"flat": True, "pages_per_step": 2, "num_warps": 8},
+    "prefetch": {"flat": True, "prefetch": True},
+    "prefetch_w8": {"flat": True, "prefetch": True, "num_warps": 8},
+    "dot": {"force_dot": True},
+}
 
 
 def pattern_for(stride: int):
@@ -170,21 +197,25 @@ def _bwd_job(job):
         return ("bwd", stride, label), {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:400]}
 
 
-def _decode_call(pattern, context, tuning, splits):
-    """A filled cache at ``context`` and a function launching the decode kernel with ``splits``."""
+def _decode_setup(pattern, context, batch_n):
+    """A filled cache at ``context`` for ``batch_n`` sequences, queries, and the float32 reference
+    of the first sequence's query (on the K/V the cache holds)."""
     import s2dsl
     from bench_decode import fill
-    from s2dsl.runtime.decode import choose_decode, decode_module
-    batch_n = 8
-    torch.manual_seed(context)
+    torch.manual_seed(context + batch_n)
     q = rand(batch_n, HEADS, 1, DIM)
-    cache, ids = fill(pattern, context)
-    batch = cache.batch(ids)
-    module = decode_module(pattern, choose_decode(pattern, q.dtype, DIM, 1, q.device, tuning))
-    out = torch.full_like(q, float("nan"))
-    lse = torch.empty(batch_n, HEADS, 1, device="cuda")
+    cache, ids = fill(pattern, context, batch_n)
     k0, v0 = cache.gather(ids[0])
     ref = s2dsl.reference_attention(q[:1].float(), k0[None].float(), v0[None].float(), pattern)
+    return q, cache, cache.batch(ids), ref
+
+
+def _decode_call(pattern, q, cache, batch, ref, tuning):
+    """Functions launching the decode kernel of ``tuning`` with a split count, and its error."""
+    from s2dsl.runtime.decode import choose_decode, decode_module
+    module = decode_module(pattern, choose_decode(pattern, q.dtype, DIM, 1, q.device, tuning))
+    out = torch.full_like(q, float("nan"))
+    lse = torch.empty(q.shape[0], HEADS, 1, device=q.device)
 
     def call(sp):
         module.launch(q, out, lse, cache.k_pages, cache.v_pages, cache.block_tables, batch.slots,
@@ -195,15 +226,18 @@ def _decode_call(pattern, context, tuning, splits):
         out.fill_(float("nan"))
         call(sp)
         return ((out[:1].float() - ref).norm() / ref.norm()).item()
-    return q, cache, ids, call, error
+    return call, error
 
 
 def _decode_job(job):
     _, stride, label, (tuning, context, splits) = job
     from bench_decode import pattern_for as dpattern
     try:
-        *_, error = _decode_call(dpattern(stride), context, tuning, splits[0])
-        errs = {sp: error(sp) for sp in splits}
+        pattern = dpattern(stride)
+        errs = {}
+        for batch_n in (1, 3):
+            _, error = _decode_call(pattern, *_decode_setup(pattern, context, batch_n), tuning)
+            errs.update({f"b{batch_n} s{sp}": error(sp) for sp in splits})
         ok = all(math.isfinite(e) and e < 2e-2 for e in errs.values())
         return ("dec", stride, label), {"ok": ok, "rel_err": errs}
     except Exception as exc:  # noqa: BLE001
@@ -303,44 +337,50 @@ def sweep_backward(args, bwd, checks, rows):
 
 
 def sweep_decode(args, dec, checks, rows):
+    """Per (batch, stride, context): every decode variant at the split counts of both policies
+    (and ``--decode-splits``), then SDPA dense decode on the same card; TB/s on needed bytes."""
     from bench_decode import pattern_for as dpattern
-    from s2dsl.runtime.decode import _splits, kept_blocks_for_query
-    batch_n = 8
-    for stride in args.strides:
-        pattern = dpattern(stride)
-        for context in args.decode_seqs:
-            if elapsed() > args.budget_s:
-                print(f"decode: budget spent, skipping stride {stride} context {context}", flush=True)
-                continue
-            auto = _splits(pattern, batch_n, 1, context, 1, torch.device("cuda"))
-            pages = batch_n * sum(kept_blocks_for_query(pattern, g, context - 1, context - 1)
-                                  for g in range(pattern.kv_heads))
-            row = {"section": "decode", "stride": stride, "context": context, "auto_splits": auto}
-            for label, tuning in dec.items():
-                if not checks.get(("dec", stride, label), {}).get("ok"):
+    from s2dsl.runtime.decode import SPLIT_POLICIES, _splits, kept_blocks_for_query
+    dev = torch.device("cuda")
+    for batch_n in args.decode_batches:
+        for stride in args.strides:
+            pattern = dpattern(stride)
+            for context in args.decode_seqs:
+                if elapsed() > args.budget_s:
+                    print(f"decode: budget spent, skipping batch {batch_n} stride {stride} context {context}",
+                          flush=True)
                     continue
-                q, cache, ids, call, error = _decode_call(pattern, context, tuning, auto)
+                auto = {p: _splits(pattern, batch_n, 1, context, 1, dev, p) for p in SPLIT_POLICIES}
+                pages = batch_n * sum(kept_blocks_for_query(pattern, g, context - 1, context - 1)
+                                      for g in range(pattern.kv_heads))
+                q, cache, batch, ref = _decode_setup(pattern, context, batch_n)
                 need = pages * cache.page_bytes
-                row["bytes"] = need
-                for sp in sorted({auto, *args.decode_splits}):
-                    err = error(sp)
-                    if not (math.isfinite(err) and err < 2e-2):
-                        row[f"bad {label} {sp}"] = err
+                row = {"section": "decode", "batch": batch_n, "stride": stride, "context": context,
+                       "auto_splits": auto, "bytes": need}
+                for label, tuning in dec.items():
+                    if not checks.get(("dec", stride, label), {}).get("ok"):
                         continue
-                    ms = bench(lambda: call(sp), 60)
-                    row[f"ms {label} {sp}"] = ms
-                    row[f"tbps {label} {sp}"] = need / (ms * 1e-3) / 1e12
-                del cache, call, error
+                    call, error = _decode_call(pattern, q, cache, batch, ref, tuning)
+                    for sp in sorted({*auto.values(), *args.decode_splits}):
+                        err = error(sp)
+                        if not (math.isfinite(err) and err < 2e-2):
+                            row[f"bad {label} {sp}"] = err
+                            continue
+                        ms = bench(lambda: call(sp), 60)
+                        row[f"ms {label} {sp}"] = ms
+                        row[f"tbps {label} {sp}"] = need / (ms * 1e-3) / 1e12
+                del q, cache, batch
                 torch.cuda.empty_cache()
-            qd, kd = rand(batch_n, HEADS, 1, DIM), rand(batch_n, HEADS, context, DIM)
-            vd = torch.randn_like(kd)
-            row["sdpa_ms"] = bench(lambda: torch.nn.functional.scaled_dot_product_attention(qd, kd, vd), 60)
-            row["sdpa_tbps"] = kd.numel() * 4 / (row["sdpa_ms"] * 1e-3) / 1e12
-            del kd, vd
-            torch.cuda.empty_cache()
-            rows.append(row)
-            print(json.dumps({a: (round(b, 4) if isinstance(b, float) else b) for a, b in row.items()}), flush=True)
-            write(args, rows, checks)
+                qd, kd = rand(batch_n, HEADS, 1, DIM), rand(batch_n, HEADS, context, DIM)
+                vd = torch.randn_like(kd)
+                row["sdpa_ms"] = bench(lambda: torch.nn.functional.scaled_dot_product_attention(qd, kd, vd), 60)
+                row["sdpa_tbps"] = kd.numel() * 4 / (row["sdpa_ms"] * 1e-3) / 1e12
+                del kd, vd
+                torch.cuda.empty_cache()
+                rows.append(row)
+                print(json.dumps({a: (round(b, 4) if isinstance(b, float) else b) for a, b in row.items()}),
+                      flush=True)
+                write(args, rows, checks)
 
 
 def sweep_train(args, fwd, checks, rows):
@@ -396,15 +436,17 @@ def main():
     ap.add_argument("--seqs", type=int, nargs="+", default=[8192, 32768, 131072])
     ap.add_argument("--strides", type=int, nargs="+", default=[8, 32])
     ap.add_argument("--fwd", type=str, default="", help="JSON object label -> forward tuning")
-    ap.add_argument("--bwd", type=str, default="", help="JSON object label -> backward tuning ('{}' to skip)")
+    ap.add_argument("--bwd", type=str, default="", help="JSON object label -> backward tuning, timed alone")
     ap.add_argument("--decode", type=str, default="", help="JSON object label -> decode tuning ('{}' to skip)")
     ap.add_argument("--decode-seqs", type=int, nargs="+", default=[32768, 131072])
-    ap.add_argument("--decode-splits", type=int, nargs="+", default=[4, 8, 16, 32])
-    ap.add_argument("--no-ablate", dest="ablate", action="store_false")
+    ap.add_argument("--decode-splits", type=int, nargs="*", default=[],
+                    help="split counts timed besides those of each split policy")
+    ap.add_argument("--decode-batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--ablate", action="store_true", help="time the loop ablations too (RESULTS.md has them)")
     ap.add_argument("--workers", type=int, default=min(12, os.cpu_count() or 1))
     ap.add_argument("--budget-s", type=float, default=200, help="no new point starts after this many seconds")
     ap.add_argument("--rounds", type=int, default=2, help="forward sweeps (the second shows the spread)")
-    ap.add_argument("--train-fwd", nargs="*", default=["default", "old"],
+    ap.add_argument("--train-fwd", nargs="*", default=["default"],
                     help="forward variants timed with the backward (kernels alone)")
     args = ap.parse_args()
     fwd = json.loads(args.fwd) if args.fwd else FWD_DEFAULT
@@ -414,8 +456,9 @@ def main():
     jobs = [("fwd", s, label, t) for s in args.strides for label, t in fwd.items()]
     jobs += [("ablate", s, which, None) for s in args.strides for which in (ABLATIONS if args.ablate else ())]
     jobs += [("bwd", s, label, t) for s in args.strides for label, t in bwd.items()]
-    splits = sorted({1, 2, 4, *args.decode_splits})
-    jobs += [("dec", s, label, (t, min(args.decode_seqs), splits)) for s in args.strides for label, t in dec.items()]
+    splits = sorted({1, 4, 16, *args.decode_splits})
+    # decode checks at 4K tokens (batch 1 and 3): the kernels are the same at every length
+    jobs += [("dec", s, label, (t, 4096, splits)) for s in args.strides for label, t in dec.items()]
     with mp.get_context("spawn").Pool(args.workers) as pool:
         checks = dict(pool.map(_job, jobs, chunksize=1))
     print(f"compiled and checked {len(jobs)} jobs in {elapsed():.0f} s", flush=True)
@@ -427,13 +470,28 @@ def main():
         sweep_decode(args, dec, checks, rows)
     if args.train_fwd:
         sweep_train(args, fwd, checks, rows)
-    if bwd:
+    if args.bwd:  # timed alone only when asked for
         sweep_backward(args, bwd, checks, rows)
     for round_ in range(2, args.rounds + 1):
         sweep_forward(args, fwd, checks, rows, round_)
     write(args, rows, checks)
     print(f"\ndone in {elapsed():.0f} s\n")
-    for r in rows:  # the short table the lead reads first
+    summary(rows)
+
+
+def _best_per_variant(cells: dict) -> dict:
+    """'label splits' -> ms, as label -> (best ms, its split count)."""
+    best = {}
+    for key, ms in cells.items():
+        label, sp = key.rsplit(" ", 1)
+        if label not in best or ms < best[label][0]:
+            best[label] = (ms, sp)
+    return best
+
+
+def summary(rows):
+    """The short table the lead reads first."""
+    for r in rows:
         if r["section"] == "forward":
             times = {a[3:]: b for a, b in r.items() if a.startswith("ms ") and not a.startswith("ms ablate")}
             best = min(times, key=times.get) if times else "-"
@@ -443,10 +501,16 @@ def main():
                 + "".join(f" | {a[9:]} {b:.3f}" for a, b in r.items() if a.startswith("ms ablate")))
         elif r["section"] == "decode":
             cells = {a[3:]: b for a, b in r.items() if a.startswith("ms ")}
+            if not cells:
+                continue
             best = min(cells, key=cells.get)
-            print(f"dec s{r['stride']} {r['context'] // 1024}K auto {r['auto_splits']} sdpa {r['sdpa_tbps']:.2f} TB/s | "
-                  f"default/auto {r.get('ms default ' + str(r['auto_splits']), float('nan')):.4f} | best {best} "
-                  f"{cells[best]:.4f} = {r['tbps ' + best]:.2f} TB/s ({r['tbps ' + best] / r['sdpa_tbps']:.0%})")
+            now = f"default {r['auto_splits']['occupancy']}"
+            base = cells.get(now, float("nan"))
+            print(f"dec b{r['batch']} s{r['stride']} {r['context'] // 1024}K splits {r['auto_splits']} "
+                  f"sdpa {r['sdpa_tbps']:.2f} TB/s | default {base:.4f} = "
+                  f"{r.get('tbps ' + now, float('nan')) / r['sdpa_tbps']:.0%} | best {best} {cells[best]:.4f} = "
+                  f"{r['tbps ' + best]:.2f} TB/s ({r['tbps ' + best] / r['sdpa_tbps']:.0%}) | " + " ".join(
+                      f"{v} {ms:.4f}@{sp}" for v, (ms, sp) in _best_per_variant(cells).items()))
         elif r["section"] == "train":
             dk = r.get("dkernel_ms", float("nan"))
             print(f"f+b s{r['stride']} {r['seq'] // 1024}K DKernel {dk:.3f} | autograd {r['s2dsl_autograd_ms']:.3f} "

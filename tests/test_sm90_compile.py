@@ -151,3 +151,88 @@ def test_bidirectional_extended_forward_fits_sm90_shared_memory(monkeypatch):
     assert jobs
     for shared in _compile_sm90(jobs):
         assert shared <= 232448, shared
+
+
+#: the decode kernel's loop forms timed by benchmarks/sweep_kernels.py (issue 14)
+DECODE_VARIANTS = ({}, {"flat": True}, {"early_v": True}, {"early_v": True, "fused_combine": True},
+                   {"flat": True, "early_v": True, "fused_combine": True}, {"flat": True, "early_v": True, "force_dot": True}, {"flat": True, "pages_per_step": 2}, {"force_dot": True},
+                   {"flat": True, "prefetch": True}, {"flat": True, "prefetch": True, "force_dot": True},
+                   {"flat": True, "prefetch": True, "pages_per_step": 2, "num_warps": 8},
+                   {"flat": True, "pages_per_step": 2, "num_warps": 8}, {"flat": True, "pages_per_step": 4, "num_warps": 8})
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), reason="captures interpreted launches")
+def test_decode_variants_compile_for_sm90():
+    """The GPU specialisation (bf16, head dim 128, 64-token pages, 3 stages) of every decode loop
+    form: MHA (one row per program, no tl.dot), GQA (a group's rows through tl.dot), a group
+    of heads with different patterns and one with several residues, with and without splits."""
+    from dataclasses import replace
+    from s2dsl.codegen.decode import DecodeSpecialization
+    from s2dsl.runtime.decode import decode_module
+
+    patterns = [s2dsl.local_stride(block=64, local_blocks=16, vert_stride=8, heads=4),
+                s2dsl.local_stride(block=64, local_blocks=16, vert_stride=32, heads=8, kv_heads=2),
+                s2dsl.parse("pattern p { block = 64 heads = 4 kv_heads = 2 causal heads 0..0 { window 2 sink 1 } "
+                            "heads 1..1 { window 4 stride 3 offset 1 } heads 2..3 { window 1 stride 4 stride 6 } }")["p"]]
+    base = DecodeSpecialization(dtype="bfloat16", head_dim=128, capability=(9, 0), block_q=1, block_n=64,
+                                num_warps=4, num_stages=3)
+    jobs = []
+    for pattern in patterns:
+        b, pages = 2, 40
+        q = torch.zeros(b, pattern.heads, 1, 128, dtype=torch.bfloat16)
+        out = torch.empty_like(q)
+        lse = torch.empty(b, pattern.heads, 1)
+        k_pages = torch.zeros(pages, 64, 128, dtype=torch.bfloat16)
+        table = torch.zeros(b, pattern.kv_heads, 16, dtype=torch.int32)
+        slots = torch.arange(b, dtype=torch.int32)
+        lens = torch.full((b,), 1000, dtype=torch.int32)
+        for tuning in DECODE_VARIANTS:
+            module = decode_module(pattern, replace(base, **tuning))
+            space = module.launch.__globals__
+            saved = space["kernel"], space["combine_kernel"]
+            space["kernel"], space["combine_kernel"] = (_Capture(k, jobs, run=False) for k in saved)
+            try:
+                for splits in (1, 4):
+                    module.launch(q, out, lse, k_pages, k_pages, table, slots, lens, 1, splits, 0.1)
+            finally:
+                space["kernel"], space["combine_kernel"] = saved
+    unique = list({json.dumps([j["file"], j["name"], j["consts"], j["warps"]], sort_keys=True): j for j in jobs}.values())
+    assert len(unique) >= len(patterns) * len(DECODE_VARIANTS)
+    for job, shared in zip(unique, _compile_sm90(unique)):
+        assert shared <= 232448, (job["consts"], shared)
+
+
+#: forward variants timed by benchmarks/sweep_kernels.py (issue 14), on top of the GPU's pick at 8K
+FORWARD_VARIANTS = ({}, {"persistent": 2}, {"fuse_diagonal": True}, {"fuse_diagonal": True, "persistent": 2},
+                    {"window_span": 2}, {"kv_load": "pointer"}, {"kv_load": "pointer", "residue_span": 2},
+                    {"block_m": 128, "num_warps": 8, "window_span": 2, "kv_load": "pointer", "persistent": 1},
+                    {"block_m": 128, "num_warps": 8, "window_span": 1, "kv_load": "pointer", "fuse_diagonal": True})
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), reason="captures interpreted launches")
+def test_forward_variants_compile_for_sm90():
+    """bf16, head dim 128, block 64, local 16 / stride 32: every forward variant of the sweep
+    compiles for sm_90 and fits its shared memory (the persistent loop around the body too)."""
+    from dataclasses import replace
+    from s2dsl.runtime.kernels import choose_forward_for_gpu, forward_module
+
+    pattern = s2dsl.local_stride(block=64, local_blocks=16, vert_stride=32, heads=4)
+    base = replace(choose_forward_for_gpu(pattern, 128, 8192, True), dtype="bfloat16", head_dim=128, layout="bhsd")
+    n = 1024
+    q = torch.zeros(1, 4, n, 128, dtype=torch.bfloat16)
+    lse = torch.empty(1, 4, n)
+    st = (q.stride(0), q.stride(1), q.stride(2))
+    jobs = []
+    for tuning in FORWARD_VARIANTS:
+        module = forward_module(pattern, replace(base, **tuning))
+        space = module.launch.__globals__
+        saved = space["kernel"]
+        space["kernel"] = _Capture(saved, jobs, run=False)
+        try:
+            module.launch(q, q, q, torch.empty_like(q), lse, st, st, st, st, (lse.stride(0), lse.stride(1)), 1, n,
+                          n, n, None, None, 0.1)
+        finally:
+            space["kernel"] = saved
+    assert len({j["file"] for j in jobs}) == len(FORWARD_VARIANTS)
+    for job, shared in zip(jobs, _compile_sm90(jobs)):
+        assert shared <= 232448, (job["file"], shared)

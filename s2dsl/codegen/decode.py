@@ -48,6 +48,23 @@ class DecodeSpecialization:
     num_warps: int = 4
     num_stages: int = 2
     kv_int8: bool = False       # pages hold INT8 codes with a float32 scale and bias per page and channel
+    # issue 14: one loop over the split's kept blocks (sink, residue or window block by its
+    # number), every visit masked, instead of four short loops; with ``pages_per_step`` > 1 that
+    # many pages are gathered into one tile per step (more bytes in flight per program)
+    flat: bool = False
+    pages_per_step: int = 1
+    # one row (MHA, one query) through tl.dot too, padded to 16 rows: Triton 3.6 pipelines
+    # (cp.async) only loads that feed a dot, so the one-row path loads each page synchronously
+    force_dot: bool = False
+    # flat loop, one page (or pages_per_step pages) per step: the next step's K/V are loaded into
+    # registers before this step's math, so two steps' pages are in flight (needs block_n == block)
+    prefetch: bool = False
+    # one page per step (the default and flat loops): V's load issued with K's, before the
+    # scores are computed, so both are in flight at once (V held in registers meanwhile)
+    early_v: bool = False
+    # with splits: the last program of a (sequence, kv head, tile) to finish merges the splits'
+    # partials (an arrival count per group, reset by that program), instead of a combine launch
+    fused_combine: bool = False
 
     @property
     def d_pad(self) -> int:
@@ -190,6 +207,179 @@ def _decode_topk_loop(plan: KernelPlan) -> str:
                                             BLOCK_N, HEAD_DIM, D_PAD)"""
 
 
+_PREFETCH_HELPERS = '''
+
+@triton.jit
+def _load_pages(KPages, VPages, base, j, live, kv_len, stride_tok, USE_DOT: tl.constexpr, BLOCK: tl.constexpr,
+                BLOCK_N: tl.constexpr, PAGES: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
+    """K (transposed for tl.dot) and V of the PAGES blocks j (pages at offset base), one page each."""
+    offs_d = tl.arange(0, D_PAD)
+    offs_c = tl.arange(0, PAGES * BLOCK_N)
+    d_ok = offs_d < HEAD_DIM
+    tok = offs_c % BLOCK_N
+    if USE_DOT:
+        k = tl.load(KPages + base[None, :] + tok[None, :] * stride_tok + offs_d[:, None],
+                    mask=live[None, :] & d_ok[:, None], other=0.0)
+    else:
+        k = tl.load(KPages + base[:, None] + tok[:, None] * stride_tok + offs_d[None, :],
+                    mask=live[:, None] & d_ok[None, :], other=0.0)
+    # rows past the length may hold anything (a reused page): p is 0 there, v must be too
+    v = tl.load(VPages + base[:, None] + tok[:, None] * stride_tok + offs_d[None, :],
+                mask=(live & (j * BLOCK + tok < kv_len))[:, None] & d_ok[None, :], other=0.0)
+    return k, v
+
+
+@triton.jit
+def _update_pages(acc, l_i, m_i, q, k, v, j, keep, pos, qk_scale, USE_DOT: tl.constexpr, BLOCK: tl.constexpr,
+                  BLOCK_N: tl.constexpr, PAGES: tl.constexpr):
+    """Online-softmax update of the rows with loaded K/V of the blocks j; keep: (rows, columns)."""
+    cols = j * BLOCK + tl.arange(0, PAGES * BLOCK_N) % BLOCK_N
+    if USE_DOT:
+        qk = tl.dot(q, k)
+    else:
+        qk = tl.sum(k.to(tl.float32) * q, 1)[None, :]
+    ok = keep & (cols[None, :] <= pos[:, None])
+    qk = tl.where(ok, qk * qk_scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(qk - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if USE_DOT:
+        acc = tl.dot(p.to(v.dtype), v, acc)
+    else:
+        acc += tl.sum(tl.sum(p, 0)[:, None] * v.to(tl.float32), 0)[None, :]
+    return acc, l_i, m_new
+'''
+
+
+def _kth_block(res_mode: str, k: str) -> str:
+    """The kept block numbered ``k`` (scalar or vector): a sink, a residue block or a window block."""
+    if res_mode == "none":
+        return f"j = tl.where({k} < n_s, {k}, lo + ({k} - n_s - n_r))"
+    if res_mode == "one":
+        return f"j = tl.where({k} < n_s, {k}, tl.where({k} < n_s + n_r, first_r + ({k} - n_s) * P, lo + ({k} - n_s - n_r)))"
+    # idx clamped at 0: numbers outside the residues must still index the group's residue list
+    # NR is 0 for a group without residues (n_r = 0 there, j_r unused but computed: no division by 0)
+    return f"""idx = tl.maximum({k} - n_s, 0) + below_s
+nr = tl.maximum(NR, 1)
+j_r = base_r + (idx // nr) * P + tl.load(GroupTable + g * G_WIDTH + 5 + idx % nr)
+j = tl.where({k} < n_s, {k}, tl.where({k} < n_s + n_r, j_r, lo + ({k} - n_s - n_r)))"""
+
+
+def _flat_loops(res_mode: str, homo: bool, pages: int, max_residues: int, load_page: str, visit_masked: str,
+                prefetch: bool = False) -> str:
+    """The split's kept blocks [k_begin, k_end) in one loop, ``pages`` blocks per step."""
+    if pages == 1 and not prefetch:
+        return f"""
+        # -- every kept block of the split in one loop, by its number k (sinks, residue blocks, the
+        # window range), each visit masked per row: one loop for the pipeliner, not four short ones --
+        for k in range(k_begin, k_end):
+{_at(_kth_block(res_mode, "k"), 3)}
+            {load_page}
+{_at(visit_masked, 3)}"""
+    if homo:
+        special = {"none": "special = (j < S)[None, :]",
+                   "one": "special = ((j < S) | (j % P == R))[None, :]",
+                   "many": "sp = j < S\nfor t in range(0, NR):\n"
+                           "    sp = sp | (j % P == tl.load(GroupTable + g * G_WIDTH + 5 + t))\n"
+                           "special = sp[None, :]"}[res_mode]
+        width = "W"
+    else:
+        special = "special = j[None, :] < rS[:, None]"
+        if max_residues:
+            special += f"""
+for u in tl.static_range({max_residues}):  # u, not t: t is a run-time loop variable elsewhere
+    r_u = tl.load(HeadTable + h * H_WIDTH + 4 + u, mask=hq < GROUP, other=0)
+    special = special | ((u < rNR)[:, None] & (j[None, :] % rP[:, None] == r_u[:, None]))"""
+        width = "rW[:, None]"
+    if prefetch:
+        return f"""
+        # -- every kept block of the split in one loop, PAGES blocks per step gathered into one tile;
+        # the next step's K/V are asked for before this step's math (registers, two steps in flight) --
+        offs_c = tl.arange(0, PAGES * BLOCK_N)
+        kk = k_begin + offs_c // BLOCK_N
+        live = kk < k_end
+{_at(_kth_block(res_mode, "kk"), 2)}
+        page = tl.maximum(tl.load(table_row + j, mask=live, other=0), 0)  # -1 (freed) only where no row keeps j
+        k_t, v_t = _load_pages(KPages, VPages, page.to(tl.int64) * stride_page, j, live, kv_len, stride_tok, USE_DOT,
+                               BLOCK, BLOCK_N, PAGES, HEAD_DIM, D_PAD)
+        for k0 in range(k_begin, k_end, PAGES):
+{_at(special, 3)}
+            dist = row_block[:, None] - j[None, :]
+            keep = (((dist >= 0) & (dist < {width})) | special) & row_valid[:, None] & live[None, :]
+            j_cur = j
+            k_cur = k_t
+            v_cur = v_t
+            kk = k0 + PAGES + offs_c // BLOCK_N
+            live = kk < k_end
+{_at(_kth_block(res_mode, "kk"), 3)}
+            page = tl.maximum(tl.load(table_row + j, mask=live, other=0), 0)
+            k_t, v_t = _load_pages(KPages, VPages, page.to(tl.int64) * stride_page, j, live, kv_len, stride_tok,
+                                   USE_DOT, BLOCK, BLOCK_N, PAGES, HEAD_DIM, D_PAD)
+            acc, l_i, m_i = _update_pages(acc, l_i, m_i, q, k_cur, v_cur, j_cur, keep, pos, qk_scale, USE_DOT, BLOCK,
+                                          BLOCK_N, PAGES)"""
+    return f"""
+        # -- every kept block of the split in one loop, PAGES blocks per step gathered into one tile
+        # (column c of the tile is token c % BLOCK_N of the split's block number k0 + c // BLOCK_N) --
+        offs_c = tl.arange(0, PAGES * BLOCK_N)
+        for k0 in range(k_begin, k_end, PAGES):
+            kk = k0 + offs_c // BLOCK_N
+            live = kk < k_end
+{_at(_kth_block(res_mode, "kk"), 3)}
+            # -1 (freed) only where no row keeps j
+            page = tl.maximum(tl.load(table_row + j, mask=live, other=0), 0)
+{_at(special, 3)}
+            dist = row_block[:, None] - j[None, :]
+            keep = (((dist >= 0) & (dist < {width})) | special) & row_valid[:, None] & live[None, :]
+            acc, l_i, m_i = _visit_pages(acc, l_i, m_i, q, KPages, VPages, page.to(tl.int64) * stride_page, j, keep,
+                                         live, pos, kv_len, stride_tok, qk_scale, USE_DOT, BLOCK, BLOCK_N, PAGES,
+                                         HEAD_DIM, D_PAD)"""
+
+
+_VISIT_PAGES = '''
+
+@triton.jit
+def _visit_pages(acc, l_i, m_i, q, KPages, VPages, base, j, keep, live, pos, kv_len, stride_tok, qk_scale,
+                 USE_DOT: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, PAGES: tl.constexpr,
+                 HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
+    """Online-softmax update of the rows with PAGES kept blocks at once: column c of the tile
+    reads block j[c] (its page at offset base[c]); keep: (rows, columns) block verdict."""
+    offs_d = tl.arange(0, D_PAD)
+    offs_c = tl.arange(0, PAGES * BLOCK_N)
+    d_ok = offs_d < HEAD_DIM
+    for s in tl.static_range(BLOCK // BLOCK_N):
+        tok = s * BLOCK_N + offs_c % BLOCK_N
+        cols = j * BLOCK + tok
+        if USE_DOT:
+            k = tl.load(KPages + base[None, :] + tok[None, :] * stride_tok + offs_d[:, None],
+                        mask=live[None, :] & d_ok[:, None], other=0.0)
+            qk = tl.dot(q, k)
+        else:
+            k = tl.load(KPages + base[:, None] + tok[:, None] * stride_tok + offs_d[None, :],
+                        mask=live[:, None] & d_ok[None, :], other=0.0)
+            qk = tl.sum(k.to(tl.float32) * q, 1)[None, :]
+        # rows past the length may hold anything (a reused page): p is 0 there, v must be too
+        v = tl.load(VPages + base[:, None] + tok[:, None] * stride_tok + offs_d[None, :],
+                    mask=(live & (cols < kv_len))[:, None] & d_ok[None, :], other=0.0)
+        ok = keep & (cols[None, :] <= pos[:, None])
+        qk = tl.where(ok, qk * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if USE_DOT:
+            acc = tl.dot(p.to(v.dtype), v, acc)
+        else:
+            acc += tl.sum(tl.sum(p, 0)[:, None] * v.to(tl.float32), 0)[None, :]
+        m_i = m_new
+    return acc, l_i, m_i
+'''
+
+
 _BLOCK_OK = """\
             # the row's own pattern keeps block j, and the causal cut (which bounds the length too)
             ok = keep[:, None] & (cols[None, :] <= pos[:, None])"""
@@ -210,7 +400,7 @@ def generate_decode(plan: KernelPlan, spec: DecodeSpecialization, *, name: str =
     groups = group_params(plan)
     group = plan.group_size
     rows = group * spec.block_q
-    use_dot = rows > 1
+    use_dot = rows > 1 or spec.force_dot
     rows_pad = max(16, 1 << (rows - 1).bit_length()) if use_dot else 1
     # q heads of one kv head that differ need per-row masks on every block, not only in the window range
     homo = all(len(set(plan.params[kv * group:(kv + 1) * group])) == 1 for kv in range(plan.kv_heads))
@@ -389,6 +579,23 @@ acc, l_i, m_i = _visit(acc, l_i, m_i, q, KPages, VPages, page, j, keep, pos, kv_
             {load_page}
 {_at(visit_masked, 3)}"""
 
+    pages = spec.pages_per_step
+    if pages < 1 or pages & (pages - 1):
+        raise ValueError(f"pages_per_step={pages} must be a power of two")
+    if (pages > 1 or spec.prefetch) and not spec.flat:
+        raise ValueError("pages_per_step > 1 and prefetch need flat=True (pages are gathered by their kept-block "
+                         "number)")
+    if (pages > 1 or spec.prefetch) and spec.kv_int8:
+        raise ValueError("pages_per_step > 1 and prefetch do not dequantise INT8 pages; use the default loops")
+    if spec.prefetch and spec.block_n != plan.block:
+        raise ValueError(f"prefetch loads whole pages: block_n={spec.block_n} must be the block {plan.block}")
+    # flat loops cover windows, sinks and strides; extended and top-k plans keep their own loops
+    flat = spec.flat and not extended and not plan.has_topk
+    pages_helper = ""
+    if flat:
+        loops = _flat_loops(res_mode, homo, pages, plan.max_residues, load_page, visit_masked, spec.prefetch)
+        pages_helper = _PREFETCH_HELPERS if spec.prefetch else _VISIT_PAGES if pages > 1 else ""
+
     topk_params = topk_launch = topk_args = topk_helpers = topk_loop = ""
     mass_setup = """
     # the attention mass of each visited window / selected block, for each q head's last query
@@ -438,6 +645,7 @@ HEAD_DIM = {spec.head_dim}
 D_PAD = {spec.d_pad}
 NUM_WARPS = {spec.num_warps}
 NUM_STAGES = {spec.num_stages}
+PAGES = {pages if flat else 1}
 
 
 @triton.jit
@@ -505,14 +713,15 @@ def _visit(acc, l_i, m_i, q, KPages, VPages, page, j, keep, pos, kv_len,{xargs} 
     return acc, l_i, m_i
 
 
-{topk_helpers}{pair_keep(plan) if extended else ""}
+{topk_helpers}{pages_helper}{pair_keep(plan) if extended else ""}
 @triton.jit
 def kernel(Q, KPages, VPages, BlockTable, Slots, SeqLens, Out, Lse, OutPart, LsePart, HeadTable, GroupTable,
            {topk_params}stride_qb, stride_qh, stride_qm, stride_ob, stride_oh, stride_om, stride_lb, stride_lh,
            stride_page, stride_tok, stride_bt_slot, stride_bt_head, q_len, n_tiles, n_splits, qk_scale,
            KV_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr, H_WIDTH: tl.constexpr,
            G_WIDTH: tl.constexpr, BLOCK_Q: tl.constexpr, ROWS: tl.constexpr, USE_DOT: tl.constexpr,
-           BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, SPLIT: tl.constexpr):
+           BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, SPLIT: tl.constexpr,
+           PAGES: tl.constexpr):
     pid = tl.program_id(0)
     split = tl.program_id(1)
     tile = pid % n_tiles
@@ -624,14 +833,103 @@ def launch(q, out, lse, k_pages, v_pages, block_table, slots, seq_lens, q_len, n
                  sm_scale * 1.4426950408889634,
                  KV_HEADS=KV_HEADS, GROUP=GROUP, BLOCK=BLOCK, H_WIDTH=H_WIDTH, G_WIDTH=G_WIDTH,
                  BLOCK_Q=BLOCK_Q, ROWS=ROWS, USE_DOT=USE_DOT, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM,
-                 D_PAD=D_PAD, SPLIT=split, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+                 D_PAD=D_PAD, SPLIT=split, PAGES=PAGES, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     if split:
         combine_kernel[(batch * HEADS * q_len,)](
             out_part, lse_part, out, lse, out.stride(0), out.stride(1), out.stride(2),
             lse.stride(0), lse.stride(1), HEADS, q_len, n_splits,
             SPLITS=triton.next_power_of_2(n_splits), HEAD_DIM=HEAD_DIM, D_PAD=D_PAD, num_warps=4)
 '''
+    if spec.early_v:
+        source = _early_v(source)
+    if spec.fused_combine:
+        source = _fused_combine(source)
     return _int8(source) if spec.kv_int8 else _without_int8(source)
+
+
+_MERGE = """\
+        # the last of the group's n_splits programs to arrive merges every split's partials: each
+        # program's stores come before its arrival (barrier, then a release at gpu scope), and the
+        # last one reads them after its acquire, past L1 (.cg)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(Count + pid, 1, sem="acq_rel", scope="gpu")
+        if arrived == n_splits - 1:
+            tl.atomic_xchg(Count + pid, 0)  # ready for the next launch
+            first = ((b.to(tl.int64) * KV_HEADS * GROUP + h) * q_len + qi) * n_splits
+            m_all = tl.full([ROWS], float("-inf"), tl.float32)
+            den = tl.zeros([ROWS], tl.float32)
+            o_all = tl.zeros([ROWS, D_PAD], tl.float32)
+            for s2 in range(0, n_splits):
+                lse_s = tl.load(LsePart + first + s2, mask=row_valid, other=float("-inf"), cache_modifier=".cg")
+                o_s = tl.load(OutPart + (first + s2)[:, None] * D_PAD + offs_d[None, :], mask=row_valid[:, None],
+                              other=0.0, cache_modifier=".cg")
+                m_new = tl.maximum(m_all, lse_s)
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                scale_old = tl.exp(m_all - m_safe)
+                w = tl.exp(lse_s - m_safe)
+                den = den * scale_old + w
+                o_all = o_all * scale_old[:, None] + o_s * w[:, None]
+                m_all = m_new
+            den_safe = tl.where(den == 0.0, 1.0, den)
+            m_fin = tl.where(m_all == float("-inf"), 0.0, m_all)
+            o_ptrs = Out + b.to(tl.int64) * stride_ob + h[:, None] * stride_oh + qi[:, None] * stride_om + offs_d[None, :]
+            tl.store(o_ptrs, (o_all / den_safe[:, None]).to(Out.dtype.element_ty), mask=q_mask)
+            tl.store(Lse + b * stride_lb + h * stride_lh + qi, tl.where(den == 0.0, float("-inf"), m_fin + tl.log(den_safe)),
+                     mask=row_valid)
+"""
+
+
+def _fused_combine(source: str) -> str:
+    """The merge moved into the kernel (see ``_MERGE``) and the combine launch dropped."""
+    edits = [("        tl.store(LsePart + part, lse, mask=row_valid)\n",
+              "        tl.store(LsePart + part, lse, mask=row_valid)\n" + _MERGE),
+             ("OutPart, LsePart, HeadTable, GroupTable,", "OutPart, LsePart, Count, HeadTable, GroupTable,"),
+             ("out_part, lse_part,\n                 head_table,", "out_part, lse_part, count,\n                 head_table,"),
+             ("    grid = (batch * KV_HEADS * n_tiles, n_splits)\n",
+              "    grid = (batch * KV_HEADS * n_tiles, n_splits)\n"
+              "    count = _arrivals(q.device, grid[0]) if split else lse  # unused without splits\n"),
+             ("    if split:\n        combine_kernel[", "    if False:  # merged inside the kernel\n        combine_kernel["),
+             ("\ndef launch(", _ARRIVALS + "\ndef launch(")]
+    for old, new in edits:
+        assert source.count(old) == 1, f"fused_combine: {old!r} moved"
+        source = source.replace(old, new)
+    return source
+
+
+_ARRIVALS = '''
+_counts = {}
+
+
+def _arrivals(device, n):
+    """Per-device arrival counts, zero between launches (the last program of a group resets its
+    own); grown, never shrunk. Launches of this module on one stream only, one after another."""
+    have = _counts.get(str(device))
+    if have is None or have.numel() < n:
+        have = _counts[str(device)] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+    return have
+
+'''
+
+
+_V_LOAD = """\
+        v_ptrs = VPages + base + offs_n[:, None] * stride_tok + offs_d[None, :]
+        if MASKED:  # rows past the length may hold anything (a reused page): p is 0 there, v must be too
+            v = tl.load(v_ptrs, mask=(j * BLOCK + offs_n[:, None] < kv_len) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        elif HEAD_DIM != D_PAD:
+            v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+        else:
+            v = tl.load(v_ptrs)
+        if KV_INT8:  # masked lanes load code 0: finite after the FMA, and p is 0 there
+            v = (v.to(tl.float32) * v_sc[None, :] + v_bi[None, :]).to(q.dtype)
+"""
+_STEP = "        offs_n = s * BLOCK_N + tl.arange(0, BLOCK_N)\n"
+
+
+def _early_v(source: str) -> str:
+    """``_visit`` with V's load moved up to just after the step's offsets, before K's."""
+    assert source.count(_V_LOAD) == 1 and source.count(_STEP) == 1, "the visit's loads moved: update _early_v"
+    source = source.replace(_V_LOAD, "")
+    return source.replace(_STEP, _STEP + "        # V asked for with K: both pages in flight at once\n" + _V_LOAD)
 
 
 def _without_int8(source: str) -> str:

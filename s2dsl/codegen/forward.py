@@ -49,6 +49,9 @@ class Specialization:
     kv_load: str = "pointer"
     window_ws: bool = False      # warp-specialise the unmasked window loop (tl.range(warp_specialize=True))
     fuse_diagonal: bool = False  # one pipelined loop over the window's inner blocks and the diagonal, all masked
+    # persistent programs (issue 14): 0 = one program per (tile, head); P = P programs per SM,
+    # each taking every P*SMs-th work item of the longest-first order (grid-stride)
+    persistent: int = 0
 
     @property
     def d_pad(self) -> int:
@@ -429,7 +432,48 @@ def launch(q, k, v, out, lse, q_strides, k_strides, v_strides, o_strides, lse_st
                  HEAD_DIM=HEAD_DIM, D_PAD=D_PAD,
                  num_warps=NUM_WARPS, num_stages=NUM_STAGES)
 '''
+    if spec.persistent:
+        source = _persistent(source, spec.persistent)
     return source
+
+
+def _persistent(source: str, per_sm: int) -> str:
+    """The kernel's body in a grid-stride loop over the work items (the program ids of the
+    one-program-per-tile launch, in the same longest-first order), and a launch of
+    ``per_sm`` programs per SM: no program start per tile, no tail of short last programs."""
+    if per_sm < 0:
+        raise ValueError(f"persistent={per_sm} must be >= 0 (programs per SM)")
+    lines = source.split("\n")
+    start = next(i for i, line in enumerate(lines) if line.startswith("def kernel("))
+    body = next(i for i in range(start, len(lines)) if lines[i].endswith("tl.constexpr):")) + 1
+    end = next(i for i in range(body, len(lines)) if lines[i] and not lines[i].startswith(" "))
+    while not lines[end - 1].strip():
+        end -= 1
+    pid = [i for i in range(body, end) if lines[i].strip() == "pid = tl.program_id(0)"]
+    assert len(pid) == 1, "the program order names pid once"
+    lines[pid[0]] = lines[pid[0]].replace("tl.program_id(0)", "work")
+    wrapped = ["    # persistent: this program takes every num_programs-th work item, longest first",
+               "    for work in range(tl.program_id(0), n_tiles * HEADS, tl.num_programs(0)):"]
+    wrapped += ["    " + line if line.strip() else line for line in lines[body:end]]
+    lines[body:end] = wrapped
+    source = "\n".join(lines)
+    old = "    grid = (n_tiles * HEADS, batch)"
+    assert old in source
+    return source.replace(old, f"""\
+    sms = _sm_count(q.device)
+    grid = (max(1, min(n_tiles * HEADS, {per_sm} * sms // batch)), batch)""") + '''
+
+_sms = {}
+
+
+def _sm_count(device):
+    """SMs of ``device`` (the interpreter: 2, so that programs take several work items)."""
+    if device.type != "cuda":
+        return 2
+    if device.index not in _sms:
+        _sms[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _sms[device.index]
+'''
 
 
 _POINTER_LOADS = ("""\

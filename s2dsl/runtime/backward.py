@@ -31,7 +31,7 @@ def _divisor(block: int, target: int) -> int:
 
 
 #: forward-only fields of Specialization (the backward's loads and loops have no such variants)
-_FORWARD_ONLY = {"kv_load": "pointer", "window_ws": False, "fuse_diagonal": False}
+_FORWARD_ONLY = {"kv_load": "pointer", "window_ws": False, "fuse_diagonal": False, "persistent": 0}
 
 
 def _as_backward(spec: Specialization) -> BackwardSpecialization:

@@ -61,10 +61,22 @@ def choose_decode(pattern: Pattern, dtype: torch.dtype, head_dim: int, q_len: in
         spec = DecodeSpecialization(block_n=block_n, num_warps=4, num_stages=1)
     else:  # one page per step; bandwidth-bound, so enough loads in flight
         block_n = min(pattern.block, 64 if head_dim <= 128 else 32)
-        spec = DecodeSpecialization(block_n=block_n, num_warps=4, num_stages=3 if head_dim <= 128 else 2)
+        spec = DecodeSpecialization(block_n=block_n, num_warps=4, num_stages=3 if head_dim <= 128 else 2,
+                                    **GPU_DECODE_LOOPS)
+        if kv_int8:  # INT8 pages are dequantised one page per step, in _visit
+            spec = replace(spec, pages_per_step=1, prefetch=False)
+        if spec.block_n != pattern.block:  # prefetch loads whole pages
+            spec = replace(spec, prefetch=False)
     spec = replace(spec, dtype=_DTYPES[dtype], head_dim=head_dim, capability=tuple(capability), block_q=block_q,
                    kv_int8=bool(kv_int8))
     return replace(spec, **(tuning or {}))
+
+
+#: the decode kernel's loops on a GPU: {} = one loop per kind of kept block (sinks, residue
+#: blocks, window), one page per step, V loaded after K's scores; benchmarks/sweep_kernels.py
+#: times the alternatives (DecodeSpecialization's early_v, flat, pages_per_step, prefetch,
+#: force_dot) in the same run, and flipping the default is this one line (issue 14)
+GPU_DECODE_LOOPS: dict = {}
 
 
 def decode_module(pattern: Pattern, spec: DecodeSpecialization, cache: Optional[KernelCache] = None) -> ModuleType:
@@ -102,28 +114,35 @@ def _module(pattern: Pattern, dtype: torch.dtype, head_dim: int, q_len: int, dev
 
 
 @lru_cache(maxsize=4096)
-def _splits_for(pattern: Pattern, batch: int, n_tiles: int, max_blocks: int, q_len: int, sms: int) -> int:
+def _splits_for(pattern: Pattern, batch: int, n_tiles: int, max_blocks: int, q_len: int, sms: int,
+                policy: str = "") -> int:
     # the longest sequence's kept blocks, at the start of its last block (within one block of exact)
     max_len = max_blocks * pattern.block
     kept = max(kept_blocks_for_query(pattern, g, max_len - q_len, max_len - 1) for g in range(pattern.kv_heads))
     programs = batch * pattern.kv_heads * n_tiles
-    want = math.ceil(SPLIT_TARGET * sms / programs)
-    splits = max(1, min(want, math.ceil(kept / MIN_BLOCKS_PER_SPLIT), MAX_SPLITS))
+    target, min_blocks = SPLIT_POLICIES[policy or SPLIT_POLICY]
+    want = math.ceil(target * sms / programs)
+    splits = max(1, min(want, math.ceil(kept / min_blocks), MAX_SPLITS))
     return 1 << (splits - 1).bit_length()  # a power of two: 3 splits read 15-20% slower than 2 or 4
 
 
-#: programs per SM the split count aims for (before rounding up to a power of two); kept
-#: blocks per split at least; splits at most. On an H100 (batch 8, 32 kv heads, 32K-128K)
-#: 2, 4 and 8 splits read equally fast, 3 was 15-20% slower (benchmarks/RESULTS.md).
-SPLIT_TARGET, MIN_BLOCKS_PER_SPLIT, MAX_SPLITS = 4, 8, 64
+#: per policy: programs per SM the split count aims for (before rounding up to a power of two)
+#: and kept blocks per split at least; splits at most. On an H100 (batch 8, 32 kv heads,
+#: 32K-128K) 2, 4 and 8 splits read equally fast, 3 was 15-20% slower (benchmarks/RESULTS.md).
+#: "fine" (issue 14) splits few sequences (batch 1: 32 programs before splitting) down to two
+#: blocks per program; the split count stays batch x kv heads x pages against the SM count.
+SPLIT_POLICIES = {"occupancy": (4, 8), "fine": (8, 2)}
+SPLIT_POLICY = "occupancy"  # the default policy: flipping it is this one line
+MAX_SPLITS = 64
 
 
-def _splits(pattern: Pattern, batch: int, n_tiles: int, max_len: int, q_len: int, device: torch.device) -> int:
+def _splits(pattern: Pattern, batch: int, n_tiles: int, max_len: int, q_len: int, device: torch.device,
+            policy: str = "") -> int:
     """Split the kept blocks of long contexts so that the programs fill the GPU."""
     if device.type != "cuda" or max_len == 0:
         return 1
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return _splits_for(pattern, batch, n_tiles, -(-max_len // pattern.block), q_len, sms)
+    return _splits_for(pattern, batch, n_tiles, -(-max_len // pattern.block), q_len, sms, policy)
 
 
 @lru_cache(maxsize=None)

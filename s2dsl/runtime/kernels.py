@@ -67,6 +67,14 @@ def choose_forward(pattern: Pattern, dtype: torch.dtype, head_dim: int, layout: 
 SHORT_SEQ = 32768
 #: more than this many kv tokens: residue blocks two at a time (one 128-row tile)
 LONG_SEQ = 65536
+#: the short-sequence tiles with the window's inner blocks and the diagonal in one masked,
+#: pipelined loop (benchmarks/sweep_kernels.py "m64_tma_fused" times it beside the default;
+#: flipping the default is this one line, issue 14)
+SHORT_FUSE_DIAGONAL = False
+#: persistent programs per SM by tile rows (0: one program per tile), for the plans the
+#: length rules apply to; the sweep's "persist2" / "persist1" time 2 and 1 (issue 14), and
+#: flipping the default is this one line, e.g. {64: 2, 128: 1}
+FORWARD_PERSISTENT = {64: 0, 128: 0}
 
 
 def choose_forward_for_gpu(pattern: Pattern, head_dim: int, seq_len: Optional[int] = None,
@@ -94,10 +102,10 @@ def choose_forward_for_gpu(pattern: Pattern, head_dim: int, seq_len: Optional[in
     if seq_len is None or big or plan.extended or plan.has_topk:  # measured on window/sink/stride heads only
         return spec
     if seq_len <= SHORT_SEQ and kv_tma and pattern.block >= 64 and pattern.block % 64 == 0:
-        return replace(spec, block_m=64, window_span=1, num_warps=4, kv_load="tma")
-    if seq_len > LONG_SEQ and plan.max_residues == 1:
-        return replace(spec, residue_span=2)
-    return spec
+        spec = replace(spec, block_m=64, window_span=1, num_warps=4, kv_load="tma", fuse_diagonal=SHORT_FUSE_DIAGONAL)
+    elif seq_len > LONG_SEQ and plan.max_residues == 1:
+        spec = replace(spec, residue_span=2)
+    return replace(spec, persistent=FORWARD_PERSISTENT.get(spec.block_m, 0))
 
 
 def forward_module(pattern: Pattern, spec: Specialization, cache: Optional[KernelCache] = None) -> ModuleType:
