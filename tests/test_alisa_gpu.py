@@ -168,7 +168,10 @@ def test_gpu_captured_steps_over_a_tier_move_and_recompute_pages_losslessly(host
     from serving_helpers import tiny_llama
     plan = ("pattern rel { block = 16 heads = 4 kv_heads = 2 causal heads * { window 1 sink 1 stride 2 relative } }\n"
             "model tiny { layers = 2 rest -> rel }")
-    model = tiny_llama(plan, seed=1, attn=hf.ATTN_IMPLEMENTATION).to("cuda", torch.bfloat16)
+    # float32 where pages are recomputed: a bf16 product over other rows may round a K/V element
+    # differently, and a random model's near-tied logits turn that into a different token
+    dtype = torch.float32 if recompute else torch.bfloat16
+    model = tiny_llama(plan, seed=1, attn=hf.ATTN_IMPLEMENTATION).to("cuda", dtype)
     ids = torch.randint(0, 100, (2, 40), device="cuda", generator=torch.Generator(device="cuda").manual_seed(5))
 
     def run(cache):
@@ -187,7 +190,4 @@ def test_gpu_captured_steps_over_a_tier_move_and_recompute_pages_losslessly(host
     out = run(cache)
     tier = cache.paged[0].table.tier
     assert (tier.recomputed if recompute else tier.moved_up) > 0, tier.report()
-    if recompute:  # a recomputed page may round differently in bf16: nearly all tokens equal
-        assert (out == ref).float().mean().item() >= 0.9
-    else:
-        assert torch.equal(out, ref)
+    assert torch.equal(out, ref)
