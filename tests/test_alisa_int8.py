@@ -152,3 +152,25 @@ def test_int8_decode_write_kernel_equals_the_torch_quantiser(monkeypatch, dtype)
     assert torch.equal(fused.table.tables, torch_path.table.tables)
     assert torch.equal(fused._k_all, torch_path._k_all) and torch.equal(fused._v_all, torch_path._v_all)
     assert torch.equal(fused._qparams, torch_path._qparams)
+
+
+@interpreter
+@pytest.mark.parametrize("block,head_dim", [(64, 64), (64, 128), (16, 96)])
+def test_int8_decode_write_kernel_compiles_for_sm90(block, head_dim):
+    """The write kernel the GPU runs (bf16 K/V) compiles for sm_90 (the interpreter accepts what
+    the GPU compiler may refuse; see test_sm90_compile)."""
+    from test_sm90_compile import _Capture, _compile_sm90
+    from s2dsl.runtime.quant import _write_module
+    module = _write_module(block, head_dim)
+    space = module.launch.__globals__
+    jobs, saved = [], space["write_kernel"]
+    space["write_kernel"] = _Capture(saved, jobs, run=False)
+    try:
+        codes = torch.zeros(9, block, head_dim, dtype=torch.int8)
+        new = torch.zeros(4, head_dim, dtype=torch.bfloat16)
+        module.launch(codes, codes, torch.zeros(4, 9, head_dim), new, new, torch.arange(4) * block)
+    finally:
+        space["write_kernel"] = saved
+    assert len(jobs) == 1
+    for shared in _compile_sm90(jobs):
+        assert shared <= 232448

@@ -13,7 +13,7 @@ own page) takes this path.
 """
 from __future__ import annotations
 
-QUANT_CODEGEN_VERSION = "qw-1"
+QUANT_CODEGEN_VERSION = "qw-2"
 
 
 def _pow2(n: int) -> int:
@@ -37,9 +37,11 @@ BLOCK = {block}
 HEAD_DIM = {head_dim}
 B_PAD = {_pow2(block)}
 D_PAD = {_pow2(head_dim)}
-QMIN = -128.0
-LEVELS = 255.0
-TINY = 1e-12
+# kernel constants: a jitted function reads only constexpr globals
+QMIN = tl.constexpr(-128.0)
+QMAX = tl.constexpr(127.0)
+LEVELS = tl.constexpr(255.0)
+TINY = tl.constexpr(1e-12)
 
 
 @triton.jit
@@ -83,7 +85,7 @@ def write_kernel(KCodes, VCodes, QParams, KNew, VNew, Dest, qp_stride,
     q = tl.floor(up)
     odd = (q - 2.0 * tl.floor(q * 0.5)) != 0.0
     q = tl.where((up == q) & odd, q - 1.0, q)
-    q = tl.minimum(tl.maximum(q, QMIN), 127.0)
+    q = tl.minimum(tl.maximum(q, QMIN), QMAX)
     q = tl.where(live, q, QMIN)
     q = tl.where(flat[None, :], QMIN, q)
     if which == 0:
