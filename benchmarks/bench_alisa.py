@@ -48,6 +48,8 @@ dense KV 2.7x the budget) and 256 x 8 x 1024 (top-1: reads 4 of 20 blocks, budge
     python benchmarks/bench_alisa.py --out benchmarks/results/alisa.json
     python benchmarks/bench_alisa.py --points 512x8x2048 --out /tmp/a.json
     TRITON_INTERPRET=1 python benchmarks/bench_alisa.py --tiny --out /tmp/tiny.json  # CPU smoke run
+    TRITON_INTERPRET=1 python benchmarks/bench_alisa.py --tiny --no-correctness --points 40x2x8 \
+        --budget-s 100000 --out /tmp/rows.json  # CPU smoke run of the throughput rows
 """
 from __future__ import annotations
 
@@ -236,7 +238,9 @@ LARGE_POINT_RUNS = ("s2dsl swa resident graph", "s2dsl swa + host tier graph", "
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--points", nargs="*", default=["512x8x1024", "256x8x1024"], help="prompt x batch x new tokens")
+    ap.add_argument("--points", nargs="*", default=None,
+                    help="prompt x batch x new tokens (default 512x8x1024 256x8x1024; --tiny: 40x2x24)")
+    ap.add_argument("--no-correctness", action="store_true", help="skip part 1 (CPU smoke runs of the rows)")
     ap.add_argument("--tiny", action="store_true", help="tiny model (CPU smoke run under TRITON_INTERPRET=1)")
     ap.add_argument("--budget-s", type=float, default=330.0,
                     help="skip the runs not started after this many seconds (recorded as skipped)")
@@ -247,10 +251,7 @@ def main():
     tiny = args.tiny or device.type != "cuda"
     t0 = time.perf_counter()
     model = make_model(tiny, device, dtype)
-    cfg = model.config
-    heads, kvh, layers = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.num_hidden_layers
     block = 16 if tiny else 64
-    stride = 2 if tiny else 8
     results = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", points=[])
 
     def save():
@@ -263,7 +264,18 @@ def main():
         print(f"host link {costs.h2d_gbps:.1f} GB/s, HBM copy {costs.hbm_tbps:.2f} TB/s, "
               f"bf16 matmul {costs.matmul_tflops:.0f} TFLOP/s")
 
-    # 1. correctness
+    points = args.points or (["40x2x24"] if tiny else ["512x8x1024", "256x8x1024"])
+    if not args.no_correctness:
+        correctness(model, args, device, tiny, block, results, t0)
+        save()
+    throughput(model, args, device, tiny, block, points, results, save, t0)
+    save()
+
+
+def correctness(model, args, device, tiny, block, results, t0):
+    """Part 1 (see the module docstring)."""
+    cfg = model.config
+    heads, kvh, layers = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.num_hidden_layers
     prompt, batch = (40, 2) if tiny else (128, 2)
     plan = swa_plan(block, heads, kvh, layers, window=1 if tiny else 2, topk=2)
     pattern = hf.layer_patterns(model, plan, model_name="bench")[0]
@@ -317,12 +329,16 @@ def main():
           f"({c['moving_moved_up']} pages up), drop {c['moving_drop_tokens_equal_share']:.1%} equal "
           f"({c['moving_recomputed']} recomputed); INT8 agrees on {c['int8_token_agreement']:.1%} of greedy tokens, "
           f"logits change {logit_err:.2e} of their std [{time.perf_counter() - t0:.0f} s]")
-    save()
 
-    # 3. throughput
+
+def throughput(model, args, device, tiny, block, points, results, save, t0):
+    """Part 3 (see the module docstring)."""
+    cfg = model.config
+    heads, kvh, layers = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.num_hidden_layers
+    stride = 2 if tiny else 8
     print(f"{'point':>14} {'dense/budget':>12} {'impl':>36} {'tok/s':>9} {'ms/step':>8} {'up/step':>8} "
           f"{'rec/step':>8}  phase")
-    for n_point, spec in enumerate(args.points if not tiny else ["40x2x24"]):
+    for n_point, spec in enumerate(points):
         prompt, batch, steps = map(int, spec.split("x"))
         final = prompt + steps
         n_final = -(-final // block)
@@ -400,7 +416,6 @@ def main():
         results["points"].append(point)
         save()
         print(f"[{time.perf_counter() - t0:.0f} s]")
-    save()
 
 
 if __name__ == "__main__":
