@@ -196,7 +196,8 @@ def run_hf(model, ids, steps, kind, time_from=0):
         cache = DynamicCache(config=model.config)
     tokens, secs = greedy(model, ids, cache, steps, time_from)
     del cache
-    return tokens, dict(tokens_per_s=b * (steps - time_from) / secs, decode_s=secs)
+    return tokens, dict(tokens_per_s=b * (steps - time_from) / secs, ms_per_step=1e3 * secs / (steps - time_from),
+                        decode_s=secs)
 
 
 def recompute_error(model, plan, ids, prompt, device):
@@ -359,7 +360,7 @@ def throughput(model, args, device, tiny, block, points, results, save, t0):
                      moving_dense_over_budget=total / mgpu,
                      moving_read_share=reads_per_step(mpattern, final) / n_final, rows=[])
         tier = dict(host_pages=total)
-        drop = dict(host_pages=(total - gpu) // 2, recompute="hidden")
+        drop = dict(host_pages=max((total - gpu) // 2, 0), recompute="hidden")
         runs = [("s2dsl swa resident", plan, resident, dict(host_pages=None), False),
                 ("s2dsl swa resident graph", plan, resident, dict(host_pages=None), True),
                 ("s2dsl swa + host tier", plan, gpu, tier, False),
@@ -369,7 +370,7 @@ def throughput(model, args, device, tiny, block, points, results, save, t0):
                 ("s2dsl swa drop/recompute graph", plan, gpu, drop, True),
                 ("moving resident graph", mplan, resident, dict(host_pages=None), True),
                 ("moving + host tier graph", mplan, mgpu, tier, True),
-                ("moving drop/recompute graph", mplan, mgpu, dict(host_pages=(total - mgpu) // 2,
+                ("moving drop/recompute graph", mplan, mgpu, dict(host_pages=max((total - mgpu) // 2, 0),
                                                                   recompute="hidden"), True)]
         hf_runs = ["offloaded_static", "dense_gpu", "offloaded"]
         wanted = (lambda name: True) if n_point == 0 else (lambda name: name in LARGE_POINT_RUNS)
