@@ -17,6 +17,10 @@ One GPU run, every baseline in the same run (ALISA-style ``window W sink 1 topk 
    replayed from a CUDA graph; one layer's whole ``cached_attention`` step (page plan, K/V
    write, attention, bookkeeping) as a static ``DecodeGraph`` step; SDPA over the dense
    contiguous cache (GQA by ``enable_gqa`` and by repeated kv heads; the faster counts).
+   Twice: ALISA's scoring (``recent 16``, by the attention mass of the last steps, updated after
+   the step) and ``topk K by bound`` (Quest: each page scored from the step's own query by the q.k
+   upper bound of its keys' min / max, before the step; its "update" column times that selection,
+   the bound kernel and a topk).
 
 Prints tables and writes JSON to --out.
 
@@ -44,6 +48,12 @@ def alisa(window: int, k: int, recent: int = 16):
     name = f"alisa_w{window}_k{k}"
     return s2dsl.parse(f"pattern {name} {{ block = {BLOCK} heads = {HEADS} kv_heads = {KV_HEADS} "
                        f"heads * {{ window {window} sink {SINK} topk {k} recent {recent} }} }}")[name]
+
+
+def quest(window: int, k: int):
+    name = f"quest_w{window}_k{k}"
+    return s2dsl.parse(f"pattern {name} {{ block = {BLOCK} heads = {HEADS} kv_heads = {KV_HEADS} "
+                       f"heads * {{ window {window} sink {SINK} topk {k} by bound }} }}")[name]
 
 
 def bench(fn) -> float:
@@ -109,6 +119,8 @@ def prefill_rows(pattern, window: int, n: int, no_flex: bool) -> dict:
     row["s2dsl_total_ms"] = bench(lambda: forward(q, k, v, pattern))
     row["s2dsl_select_ms"] = bench(lambda: select_blocks(q, k, pattern))
     row["s2dsl_kernel_ms"] = bench(lambda: forward(q, k, v, pattern, selection=sel))
+    # the 'bound' estimator (Quest's q.k upper bound per kv block, max over the query block's rows)
+    row["s2dsl_select_bound_ms"] = bench(lambda: select_blocks(q, k, pattern, estimator="bound"))
     with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
         kr, vr = (t.repeat_interleave(HEADS // KV_HEADS, 1) for t in (k, v))
         row["sdpa_flash_ms"] = bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, kr, vr,
@@ -180,10 +192,14 @@ def decode_rows(pattern, n: int, batch: int) -> dict:
     info = cache.batch(ids)
     row["selected_blocks_per_kv_head"] = float((state.selection[info.slots.long()] >= 0).sum(-1).float().mean())
 
-    # check: a step against the reference replaying its selection (first sequence)
+    # check: a step against the reference replaying its selection (first sequence); a bound
+    # selection is made inside the step, from its query
+    row["scorer"] = "bound" if state.has_bound else "mass"
     used = state.selection[info.slots[:1].long()].clone()
     out = torch.full_like(q, float("nan"))
     out = paged_attention(q, cache, info, out=out)
+    if state.has_bound:
+        used = state.selection[info.slots[:1].long()].clone()
     sel = torch.full((1, HEADS, 1, used.shape[-1]), -1, dtype=torch.int32, device="cuda")
     sel[0, :, 0] = used[0].repeat_interleave(HEADS // KV_HEADS, 0)
     kc = torch.cat([k[:1], kn[:1]], 2)
@@ -208,7 +224,10 @@ def decode_rows(pattern, n: int, batch: int) -> dict:
     row["s2dsl_kernel_ms"] = bench(kernel)
     row["s2dsl_kernel_graph_ms"] = bench(_graphed(kernel))
     stale = torch.zeros(batch, dtype=torch.bool, device="cuda")  # no sequence new to its slot
-    row["s2dsl_update_ms"] = bench(_graphed(lambda: state.after_step(info.slots, info.seq_lens, lse, 1, stale)))
+    if state.has_bound:  # the selection before the step: bound kernel + topk
+        row["s2dsl_update_ms"] = bench(_graphed(lambda: state.before_step(cache, q, info.slots, info.seq_lens)))
+    else:
+        row["s2dsl_update_ms"] = bench(_graphed(lambda: state.after_step(info.slots, info.seq_lens, lse, 1, stale)))
     step = lambda: paged_attention(q, cache, info, out=kout)  # noqa: E731
     row["s2dsl_step_eager_ms"] = bench(step)
     row["s2dsl_step_graph_ms"] = bench(_graphed(step))
@@ -241,6 +260,8 @@ def decode_rows(pattern, n: int, batch: int) -> dict:
     row["dense_kv_bytes"] = 2 * k.numel() * k.element_size()
     needed = min(-(-n // BLOCK), pattern.head_specs[0].window + SINK + pattern.head_specs[0].topk[0].k)
     row["topk_needed_bytes"] = 2 * batch * KV_HEADS * needed * BLOCK * DIM * k.element_size()
+    if row["scorer"] == "bound":  # the selection reads each page's key min / max (float32)
+        row["bound_bytes"] = 2 * batch * KV_HEADS * -(-n // BLOCK) * DIM * 4
     row["s2dsl_kernel_GBps_needed"] = row["topk_needed_bytes"] / row["s2dsl_kernel_graph_ms"] / 1e6
     row["sdpa_dense_GBps"] = row["dense_kv_bytes"] / row["sdpa_dense_ms"] / 1e6
     return row
@@ -255,6 +276,8 @@ def main():
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--no-prefill", action="store_true")
     ap.add_argument("--no-decode", action="store_true")
+    ap.add_argument("--scorers", nargs="+", choices=("mass", "bound"), default=["mass", "bound"],
+                    help="decode: ALISA's accumulated mass (recent 16) and/or Quest's bound ('by bound')")
     ap.add_argument("--out", type=str, default="")
     args = ap.parse_args()
     if any(n % BLOCK for n in args.seqs):
@@ -276,26 +299,31 @@ def main():
         print(json.dumps(row), flush=True)
         save()
         torch.cuda.empty_cache()
+    decode_patterns = {"mass": pattern, "bound": quest(args.window, args.topk)}
+    result["decode_patterns"] = {s: decode_patterns[s].to_source() for s in args.scorers}
     for n in [] if args.no_decode else args.seqs:
-        row = decode_rows(pattern, n, args.batch)
-        result["decode"].append(row)
-        print(json.dumps(row), flush=True)
-        save()
-        torch.cuda.empty_cache()
+        for scorer in args.scorers:
+            row = decode_rows(decode_patterns[scorer], n, args.batch)
+            result["decode"].append(row)
+            print(json.dumps(row), flush=True)
+            save()
+            torch.cuda.empty_cache()
     nan = float("nan")
     if result["prefill"]:
-        print("\nprefill (ms)\n| seq | s2dsl total | select | kernel | SDPA flash | Flex same blocks | kept |")
-        print("|---|---|---|---|---|---|---|")
+        print("\nprefill (ms)\n| seq | s2dsl total | select | select (bound) | kernel | SDPA flash | Flex same blocks "
+              "| kept |")
+        print("|---|---|---|---|---|---|---|---|")
         for r in result["prefill"]:
-            print(f"| {r['seq']} | {r['s2dsl_total_ms']:.2f} | {r['s2dsl_select_ms']:.2f} | {r['s2dsl_kernel_ms']:.2f} "
+            print(f"| {r['seq']} | {r['s2dsl_total_ms']:.2f} | {r['s2dsl_select_ms']:.2f} "
+                  f"| {r['s2dsl_select_bound_ms']:.2f} | {r['s2dsl_kernel_ms']:.2f} "
                   f"| {r['sdpa_flash_ms']:.2f} | {r.get('flex_same_mask_ms', nan):.2f} "
                   f"| {r.get('kept_block_fraction', nan):.3f} |")
     if result["decode"]:
-        print("\ndecode (ms, batch %d)\n| seq | kernel (graph) | update | step eager | step graph | step/kernel "
-              "| cached_attention graph | SDPA dense |" % args.batch)
-        print("|---|---|---|---|---|---|---|---|")
+        print("\ndecode (ms, batch %d)\n| seq | scorer | kernel (graph) | selection (update / bound) | step eager "
+              "| step graph | step/kernel | cached_attention graph | SDPA dense |" % args.batch)
+        print("|---|---|---|---|---|---|---|---|---|")
         for r in result["decode"]:
-            print(f"| {r['seq']} | {r['s2dsl_kernel_graph_ms']:.3f} | {r['s2dsl_update_ms']:.3f} "
+            print(f"| {r['seq']} | {r['scorer']} | {r['s2dsl_kernel_graph_ms']:.3f} | {r['s2dsl_update_ms']:.3f} "
                   f"| {r['s2dsl_step_eager_ms']:.3f} | {r['s2dsl_step_graph_ms']:.3f} | {r['step_over_kernel']:.2f} "
                   f"| {r.get('s2dsl_cached_step_graph_ms', nan):.3f} | {r['sdpa_dense_ms']:.3f} |")
     save()

@@ -130,6 +130,12 @@ CONFIGS: Dict[str, Config] = {
     # with the generated kernels under the Triton interpreter
     "cpu": Config(seq=128, block=16, d_model=64, heads=4, stride=2, layers=2, window=1, n_pairs=4,
                   n_queries=4, batch=32, steps=300, eval_every=100, kernel_check_steps=2),
+    # the top-k quality study on the CPU (examples/topk_quality.py --config cpu_quality): dense
+    # only, 512 tokens = 32 blocks, so 80% / 90% KV sparsity keep a handful of blocks; the length
+    # curriculum finds the retrieval at 128 tokens first (as the GPU config does at 512)
+    "cpu_quality": Config(seq=512, block=16, d_model=64, heads=4, stride=2, layers=2, window=2, n_pairs=8,
+                          n_queries=4, batch=16, steps=900, lr=3e-3, warmup=50, eval_batches=8, eval_every=0,
+                          curriculum="0.3:128,0.55:256"),
     # one H100: 65536 tokens a step (16 x 4096 at the end of the length curriculum); 8 heads of
     # 32, stride 4 (two heads per shard: with one head per shard the S2 runs learn markedly
     # slower), window 2 blocks. A first run trained on 4096 tokens from the start (1500 steps,

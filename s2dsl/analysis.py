@@ -778,7 +778,7 @@ def _kv_efficient(spec: HeadSpec) -> bool:
 
 
 # --------------------------------------------------------------------------- analyze
-def _group_and_union_forms(pattern, forms, bytes_per_block):
+def _group_and_union_forms(pattern, forms, bytes_per_block, bound_bytes_per_block=0):
     b = pattern.block
     groups = []
     g = pattern.group_size
@@ -790,7 +790,10 @@ def _group_and_union_forms(pattern, forms, bytes_per_block):
             gkv = N
         else:
             gkv = forms(_union(specs, b))[2]
-        groups.append(GroupCoverage(kv_head, members, gc, gce, bytes_per_block * gkv))
+        kv_bytes = bytes_per_block * gkv
+        if any(t.by == "bound" for s in specs if not s.dense for t in s.topk):  # the pages' key min / max
+            kv_bytes = kv_bytes + bound_bytes_per_block * N
+        groups.append(GroupCoverage(kv_head, members, gc, gce, kv_bytes))
 
     union = _union(pattern.head_specs, b)
     _, union_total, _, union_lim, union_exact = forms(union, _union_rel(pattern.head_specs))
@@ -826,8 +829,10 @@ def analyze(pattern: Pattern, *, head_dim: int = 128, dtype_bytes: int = 2) -> P
                                 f"its costs ({exc})") from None
         eff = _kv_efficient(spec)
         kv_blocks = N if spec.topk else kv
-        costs.append(HeadCost(h, row, total, flops_per_block * total, bytes_per_block * kv_blocks, lim, eff,
-                              exact))
+        kv_bytes = bytes_per_block * kv_blocks
+        if any(t.by == "bound" for t in spec.topk) and not spec.dense:  # + each page's float32 key min / max
+            kv_bytes = kv_bytes + 2 * head_dim * 4 * N
+        costs.append(HeadCost(h, row, total, flops_per_block * total, kv_bytes, lim, eff, exact))
         desc = (_empty_rows(spec, pattern.causal) if spec.is_classic and not pattern.prefix
                 else _empty_rows_extended(spec, pattern.causal, b, pattern.prefix))
         if desc is not None:
@@ -835,7 +840,8 @@ def analyze(pattern: Pattern, *, head_dim: int = 128, dtype_bytes: int = 2) -> P
 
 
     try:
-        groups, union_total, union_lim, union_exact = _group_and_union_forms(pattern, forms, bytes_per_block)
+        groups, union_total, union_lim, union_exact = _group_and_union_forms(pattern, forms, bytes_per_block,
+                                                                             2 * head_dim * 4)
     except AnalysisLimit as exc:
         raise AnalysisLimit(f"pattern {pattern.name}: {reason}; but the union of its heads has no short closed "
                             f"form for its costs ({exc})") from None

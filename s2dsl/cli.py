@@ -110,7 +110,8 @@ def _describe(spec: HeadSpec) -> str:
         if spec.global_rows:
             parts.append(f"global {spec.global_rows}")
     for t in spec.topk:
-        parts.append(f"topk {t.k}" + ("" if t.recent is None else f" recent {t.recent}"))
+        parts.append(f"topk {t.k}" + ("" if t.by == "mass" else f" by {t.by}")
+                     + ("" if t.recent is None else f" recent {t.recent}"))
     return " + ".join(parts) or "nothing"
 
 

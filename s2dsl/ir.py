@@ -186,6 +186,7 @@ class TopK:
     k: Expr
     recent: Optional[Expr] = None
     span: Optional[Span] = _span()
+    by: str = "mass"  # how decode scores the candidates: "mass" (ALISA) or "bound" (Quest)
 
 
 Component = Union[Window, Sink, Stride, Shard, Dense, TopK, RelativeStride, GlobalRows]

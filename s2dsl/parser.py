@@ -4,7 +4,7 @@ from __future__ import annotations
 from functools import lru_cache
 from importlib import resources
 
-from lark import Lark, Transformer, Tree, v_args
+from lark import Lark, Token, Transformer, Tree, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
 
 from . import ir
@@ -99,7 +99,9 @@ class _ToIR(Transformer):
         return ir.Dense(_span(meta))
 
     def topk(self, meta, c):
-        return ir.TopK(c[0], c[1] if len(c) > 1 else None, _span(meta))
+        by = next((str(x) for x in c[1:] if isinstance(x, Token) and x.type == "SCORER"), "mass")
+        rest = [x for x in c[1:] if not (isinstance(x, Token) and x.type == "SCORER")]
+        return ir.TopK(c[0], rest[0] if rest and rest[0] is not None else None, _span(meta), by)
 
     def range_span(self, meta, c):
         return (c[0], c[1])

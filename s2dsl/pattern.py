@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # torch is imported where masks are built, so the front end s
 class TopKSpec:
     k: int
     recent: Optional[int] = None
+    by: str = "mass"  # decode scoring: "mass" (ALISA) or "bound" (Quest)
 
 
 @dataclass(frozen=True)
@@ -227,8 +228,10 @@ class Pattern:
         # computed once: the runtime reads these on every call, also inside torch.compile'd code
         if self.prefix and not self.causal:
             raise ValueError(f"pattern {self.name}: a prefix only makes sense for a causal pattern")
-        specs = [[s.window, s.sink, [list(r) for r in s.residues], s.dense, [[t.k, t.recent] for t in s.topk]]
-                 + ([s.extras()] if s.extras() else []) for s in self.head_specs]
+        # 'by mass' (the default) adds nothing: the fingerprints of earlier patterns stay
+        topks = [[[t.k, t.recent] + ([t.by] if t.by != "mass" else []) for t in s.topk] for s in self.head_specs]
+        specs = [[s.window, s.sink, [list(r) for r in s.residues], s.dense, tk] + ([s.extras()] if s.extras() else [])
+                 for s, tk in zip(self.head_specs, topks)]
         fields = [self.block, self.heads, self.kv_heads, self.causal, specs] + ([self.prefix] if self.prefix else [])
         object.__setattr__(self, "_static", all(s.is_static for s in self.head_specs))  # read inside compiled code
         object.__setattr__(self, "_fingerprint", hashlib.sha256(

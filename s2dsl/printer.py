@@ -49,7 +49,8 @@ def format_component(c: ir.Component) -> str:
     if isinstance(c, ir.Dense):
         return "dense"
     recent = "" if c.recent is None else f" recent {format_expr(c.recent)}"
-    return f"topk {format_expr(c.k)}{recent}"
+    by = "" if c.by == "mass" else f" by {c.by}"
+    return f"topk {format_expr(c.k)}{by}{recent}"
 
 
 def _selector(sel: ir.LayerSelector) -> str:
@@ -186,7 +187,7 @@ def pattern_def_from_specs(pattern) -> ir.PatternDef:
             comps += [ir.RelativeStride(ir.Num(s)) for s in spec.relative]
             if spec.global_rows:
                 comps.append(ir.GlobalRows(ir.Num(spec.global_rows)))
-            comps += [ir.TopK(ir.Num(t.k), None if t.recent is None else ir.Num(t.recent)) for t in spec.topk]
+            comps += [ir.TopK(ir.Num(t.k), None if t.recent is None else ir.Num(t.recent), by=t.by) for t in spec.topk]
             groups.append(ir.HeadGroup(ir.Num(start), ir.Num(h - 1), tuple(comps)))
             start = h
     kv = None if pattern.kv_heads == pattern.heads else ir.Num(pattern.kv_heads)

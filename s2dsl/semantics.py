@@ -180,7 +180,7 @@ class _Resolver:
             at = f" (the first at line {first.line})" if first else ""
             raise self.error(f"head {h} has {len(topks)} 'topk' components{at}; a head selects its dynamic "
                              "blocks once", topks[1],
-                             hint="merge them into one 'topk K [recent R]' (K may use h)")
+                             hint="merge them into one 'topk K [by mass|bound] [recent R]' (K may use h)")
         for c in group.components:
             if isinstance(c, ir.Window):
                 unit = "tokens" if c.tokens else "blocks"
@@ -244,7 +244,11 @@ class _Resolver:
                 if recent is not None and recent < 1:
                     raise self.error(f"topk {k} recent {recent} for head {h}: recent counts decode steps and "
                                      "must be >= 1", c, hint="use recent R with R >= 1, or leave it out")
-                parts.append(("topk", k, recent))
+                if recent is not None and c.by == "bound":  # a bound needs no history to sum over
+                    raise self.error(f"topk {k} by bound recent {recent} for head {h}: 'recent' sums attention "
+                                     "mass over decode steps, and 'by bound' scores each step from its own query",
+                                     c, hint="drop 'recent', or score 'by mass'")
+                parts.append(("topk", k, recent, c.by))
         return combine_components(parts, block)
 
     # ----------------------------------------------------------------- model

@@ -59,6 +59,26 @@ def test_forward_bf16_matches_reference(pattern, lq, lk):
     torch.testing.assert_close(lse[finite], ref_lse[finite], atol=2e-2, rtol=1e-3)
 
 
+@pytest.mark.parametrize("lq,lk", [(3000, 3000), (333, 2000)])
+def test_bound_prefill_estimator_bf16(lq, lk):
+    """select_blocks(estimator="bound") on bf16 inputs (16-bit products): its picks' bounds are the top
+    bounds by a float32 recomputation up to bf16 rounding, and the forward with them (NaN-poisoned)
+    matches the float32 reference."""
+    pattern = MIXED
+    q, k, v = _inputs(pattern, 2, lq, lk, 128, seed=7)
+    sel = select_blocks(q, k, pattern, estimator="bound")
+    out = torch.full_like(q, float("nan"))
+    out, _ = forward(q, k, v, pattern, out=out, selection=sel)
+    ref = s2dsl.reference_attention(q, k, v, pattern, selection=sel)
+    assert torch.isfinite(out).all() and _rel_err(out, ref) < 1e-2
+    # mostly the blocks a float32 selection picks (bf16 products reorder near-ties only; a wrong
+    # head or row mapping would overlap by about K / candidates, ~0.1 here)
+    sel32 = select_blocks(q.float(), k.float(), pattern, estimator="bound")
+    assert (sel >= 0).sum() == (sel32 >= 0).sum()
+    shared = ((sel.unsqueeze(-1) == sel32.unsqueeze(-2)).any(-1) & (sel >= 0)).sum()
+    assert shared >= 0.6 * (sel >= 0).sum()
+
+
 @pytest.mark.parametrize("pattern", [ALISA, MIXED], ids=lambda p: p.name)
 def test_backward_bf16_matches_float64_autograd(pattern):
     q, k, v = _inputs(pattern, 1, 1500, 1500, 64, seed=1)
@@ -123,6 +143,75 @@ def test_topk_decode_step_captured_in_a_cuda_graph():
     from test_topk_graph import _graph_steps
 
     _graph_steps("cuda", torch.bfloat16, capture=True, steps=40, prompt=200, d=64)
+
+
+def test_bound_topk_decode_step_captured_in_a_cuda_graph():
+    """As above with a 'topk ... by bound' kv head: its pages scored and picked inside the captured step."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from test_topk_graph import BOUND_GQA, _graph_steps
+
+    _graph_steps("cuda", torch.bfloat16, capture=True, steps=40, prompt=200, d=64, text=BOUND_GQA)
+
+
+QUEST = s2dsl.parse("""
+pattern quest {
+    block = 64  heads = 32  kv_heads = 8
+    heads * { window 4  sink 1  topk 8 by bound }
+}""")["quest"]
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_bound_decode_bf16_picks_the_top_bounds_and_matches_reference(d):
+    """bf16 'by bound' decode at GQA 4 (batch 4, ~3K tokens, a 5-token chunk among single steps):
+    each step's pages are the top K of the q.k upper bound from the pages' key min / max (computed
+    here in float32 from the keys), and the output (NaN-poisoned first) is the float32 reference
+    given that selection."""
+    from s2dsl.runtime.decode import cached_attention
+    from s2dsl.runtime.kv_cache import PagedKVCache
+    from s2dsl.runtime.topk_state import state_for
+
+    pattern = QUEST
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cache = PagedKVCache(pattern, num_pages=2048, head_dim=d, dtype=torch.bfloat16, device="cuda", max_seqs=4)
+    total, prompt = 3000, 2900
+    q, k, v = _inputs(pattern, 4, total, total, d, seed=4)
+    ids = [cache.add_sequence() for _ in range(4)]
+    cached_attention(cache, ids, q[:, :, :prompt], k[:, :, :prompt], v[:, :, :prompt])
+    state = state_for(cache)
+    slots = torch.tensor([cache.slot(s) for s in ids], device="cuda")
+    B, G = pattern.block, pattern.group_size
+    pos = prompt
+    for n in (1, 1, 5, 1, 1):
+        out = torch.full_like(q[:, :, :n], float("nan"))
+        out = cached_attention(cache, ids, q[:, :, pos:pos + n], k[:, :, pos:pos + n], v[:, :, pos:pos + n], out=out)
+        pos += n
+        assert torch.isfinite(out).all()
+        used = state.selection[slots]
+        i_last = (pos - 1) // B
+        n_full = i_last  # blocks before the query's own (the window covers it anyway)
+        keys = k[:, :, :n_full * B].float().view(4, pattern.kv_heads, n_full, B, d)
+        lo, hi = keys.amin(3), keys.amax(3)                                              # (b, kv, blocks, d)
+        qs = q[:, :, pos - n:pos].float().view(4, pattern.kv_heads, G * n, 1, d)
+        bound = torch.maximum(qs * lo[:, :, None], qs * hi[:, :, None]).sum(-1).amax(2)  # (b, kv, blocks)
+        cand = torch.ones(n_full, dtype=torch.bool, device="cuda")
+        cand[0] = False                                        # the sink
+        cand[max(0, i_last - 3):] = False                      # the window
+        bound = bound.masked_fill(~cand, float("-inf"))
+        for b in range(4):
+            for g in range(pattern.kv_heads):
+                got = used[b, g][used[b, g] >= 0].long()
+                assert got.numel() == 8
+                want = bound[b, g].topk(8).values
+                # the same bounds, up to float rounding of near-ties
+                torch.testing.assert_close(bound[b, g][got].sort().values, want.sort().values, atol=1e-2, rtol=1e-3)
+            sel = torch.full((1, pattern.heads, i_last - (pos - n) // B + 1, 8), -1, dtype=torch.int32, device="cuda")
+            sel[0] = used[b].repeat_interleave(G, 0).unsqueeze(1)
+            ref = s2dsl.reference_attention(q[b:b + 1, :, pos - n:pos].float(), k[b:b + 1, :, :pos].float(),
+                                            v[b:b + 1, :, :pos].float(), pattern, selection=sel)
+            assert _rel_err(out[b:b + 1], ref) < 2e-2
 
 
 def test_hf_decode_graph_with_a_topk_plan_captured():

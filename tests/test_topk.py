@@ -387,7 +387,8 @@ def test_decode_replays_the_selection_and_scores_the_last_steps(name):
     torch.testing.assert_close(out, s2dsl.reference_attention(q[:1, :, :1], k[:1, :, :1], v[:1, :, :1], pattern))
 
 
-def test_hf_generation_with_a_topk_plan_that_reaches_every_block_equals_dense():
+@pytest.mark.parametrize("scoring", ["recent 2", pytest.param("by bound", marks=pytest.mark.slow)])
+def test_hf_generation_with_a_topk_plan_that_reaches_every_block_equals_dense(scoring):
     """Through hf.S2Cache (prefill kernel, then decode steps with selections): top-k with K above
     the number of candidate blocks attends like dense attention, so greedy tokens match SDPA's."""
     pytest.importorskip("transformers")
@@ -399,7 +400,7 @@ def test_hf_generation_with_a_topk_plan_that_reaches_every_block_equals_dense():
     config = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
     model = LlamaForCausalLM(config).eval()
-    plan = s2dsl.parse("pattern t { block = 16 heads = 4 kv_heads = 2 heads * { window 1 topk 8 recent 2 } } "
+    plan = s2dsl.parse(f"pattern t {{ block = 16 heads = 4 kv_heads = 2 heads * {{ window 1 topk 8 {scoring} }} }} "
                        "model tiny { layers = 2 rest -> t }")
     hf.apply(model, plan, model_name="tiny")
     ids = torch.randint(0, 100, (2, 37), generator=torch.Generator().manual_seed(2))
@@ -495,7 +496,7 @@ def test_quality_study_recovery_is_bounded_by_its_oracles():
     assert all(abs(x - 1.0) < 1e-5 for layer in full for x in layer)
     for sparsity in (0.5, 0.8):
         pats = tq.method_patterns(cfg, sparsity)
-        for est in ("pooled", "last_row"):
+        for est in ("pooled", "last_row", "bound"):
             rec = tq.recovery(cfg, captured, pats["window+topk"], cfg.block, est)
             for kept, block, token in zip(*(torch.tensor(rec[n]).flatten() for n in
                                             ("kept", "block_oracle", "token_oracle"))):

@@ -14,6 +14,8 @@ from s2dsl.codegen.lower import lower
 # ALISA's sparse window attention with per-group K (kv head 1: K 1 < K max 2) and a static group
 ALISA_GQA = ("pattern p { block = 16 heads = 6 kv_heads = 3 heads 0..1 { window 1 topk 2 recent 3 } "
              "heads 2..3 { window 1 topk 1 recent 2 } heads 4..5 { window 2 sink 1 } }")
+# kv head 0 scores by bound (selected inside the step, from its query) beside a 'by mass' kv head
+BOUND_GQA = ALISA_GQA.replace("topk 2 recent 3", "topk 2 by bound")
 
 
 def _replay_selection(pattern, group_sel, n_rows):
@@ -26,7 +28,7 @@ def _replay_selection(pattern, group_sel, n_rows):
     return sel
 
 
-def _graph_steps(device, dtype, capture, steps, prompt=37, d=16):
+def _graph_steps(device, dtype, capture, steps, prompt=37, d=16, text=ALISA_GQA):
     """Top-k decode steps through DecodeGraph (static plan; captured and replayed on CUDA) and a
     twin cache stepping with host-planned calls: eagerly the same selections and outputs; each
     output the reference given the selection its step used."""
@@ -36,7 +38,7 @@ def _graph_steps(device, dtype, capture, steps, prompt=37, d=16):
     from s2dsl.runtime.kv_cache import PagedKVCache
     from s2dsl.runtime.topk_state import state_for
 
-    pattern = s2dsl.parse(ALISA_GQA)["p"]
+    pattern = s2dsl.parse(text)["p"]
     total = prompt + steps
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # topk heads keep every page
@@ -60,6 +62,9 @@ def _graph_steps(device, dtype, capture, steps, prompt=37, d=16):
         used = states[0].selection[[caches[0].slot(s) for s in ids[0]]].clone()
         out = graph().clone()
         twin = cached_attention(caches[1], ids[1], *bufs)
+        for g, bound in enumerate(states[0].bound_groups):  # chosen inside the step, from its query
+            if bound:
+                used[:, g] = states[0].selection[[caches[0].slot(s) for s in ids[0]], g]
         same = torch.equal(states[0].selection[[caches[0].slot(s) for s in ids[0]]],
                            states[1].selection[[caches[1].slot(s) for s in ids[1]]])
         if not capture:
@@ -76,8 +81,9 @@ def _graph_steps(device, dtype, capture, steps, prompt=37, d=16):
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
-def test_topk_decode_runs_as_a_static_graph_step():
-    _graph_steps("cpu", torch.float32, capture=False, steps=6)
+@pytest.mark.parametrize("text", [ALISA_GQA, BOUND_GQA], ids=["by_mass", "by_bound"])
+def test_topk_decode_runs_as_a_static_graph_step(text):
+    _graph_steps("cpu", torch.float32, capture=False, steps=6, text=text)
 
 
 TOPK_PLAN = ("pattern t { block = 16 heads = 4 kv_heads = 2 heads 0..1 { window 1 topk 2 recent 3 } "

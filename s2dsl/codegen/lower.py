@@ -54,6 +54,7 @@ class HeadParams:
     ahead_tokens: int = 0
     block_ahead: int = 0
     global_rows: int = 0  # the first global_rows query blocks keep every kv block
+    bound: bool = False   # decode scores its topk candidates by a q.k upper bound (Quest), not by mass
 
 
 @dataclass(frozen=True)
@@ -187,7 +188,7 @@ def lower(pattern: Pattern) -> KernelPlan:
         topk = recent = 0
         if len(spec.topk) > 1:
             raise UnsupportedPattern(f"pattern {pattern.name}: head {h} has {len(spec.topk)} topk components; "
-                                     "give each head one 'topk K [recent R]'")
+                                     "give each head one 'topk K [by mass|bound] [recent R]'")
         if spec.topk and not spec.dense:  # a dense head already sees every block
             topk, recent = spec.topk[0].k, spec.topk[0].recent or 0
             if topk > MAX_TOPK:
@@ -219,7 +220,13 @@ def lower(pattern: Pattern) -> KernelPlan:
         inner = max(spec.window, spec.window_tokens // pattern.block) if spec.window_tokens else spec.window
         params.append(HeadParams(window, sink, period, residues, topk, recent, ahead,
                                  spec.relative[0] if spec.relative else NO_PERIOD, spec.window_tokens, spec.window,
-                                 inner, spec.sink_tokens, spec.sink, spec.ahead_tokens, spec.ahead, spec.global_rows))
+                                 inner, spec.sink_tokens, spec.sink, spec.ahead_tokens, spec.ahead, spec.global_rows,
+                                 bool(topk) and spec.topk[0].by == "bound"))
+    group = pattern.group_size
+    for g in range(pattern.kv_heads):  # decode selects once per kv head: one way of scoring per group
+        if len({p.bound for p in params[g * group:(g + 1) * group] if p.topk}) > 1:
+            raise UnsupportedPattern(f"pattern {pattern.name}: kv head {g}'s q heads mix 'topk ... by bound' and "
+                                     "'by mass'; decode selects once per kv head, so its topk heads must score alike")
     return KernelPlan(pattern.block, pattern.heads, pattern.kv_heads, pattern.causal, tuple(params), pattern.prefix)
 
 

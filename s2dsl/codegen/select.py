@@ -22,13 +22,21 @@ top K by merging candidate lists. Why the candidates suffice: a block's score is
 received in the last ``R`` steps, so a block outside the ring scores 0; with ``R = 0`` (every
 step) a block that is neither selected nor static gains nothing, so it can only come back
 through the blocks that newly became selectable (leaving the window, or new).
+
+``bound_kernel`` scores, for ``topk ... by bound`` kv heads, every selectable page of a decode
+step from the step's own queries (Quest): with a page's keys between ``lo`` and ``hi`` channel by
+channel, no key of it can give ``q.k`` above ``sum_c max(q_c lo_c, q_c hi_c)``; the score is that
+bound's max over the kv head's q heads and the step's queries, ``-inf`` where the page is static,
+beyond the causal cut or not held. One program per (sequence, kv head, chunk of pages); it reads
+``2 * head_dim`` floats per page, a ``block / 2``-th of the page's keys and values. The top K is
+then one ``torch.topk`` over the scores.
 """
 from __future__ import annotations
 
 from .lower import KernelPlan
 from .snippets import static_keeps
 
-SELECT_CODEGEN_VERSION = "sel-2"
+SELECT_CODEGEN_VERSION = "sel-3"
 
 
 def generate_select(plan: KernelPlan, *, name: str = "pattern", fingerprint: str = "") -> str:
@@ -248,6 +256,56 @@ def update_kernel(Lse, BlockLse, Sel, Score, RingIdx, RingMass, Steps, Slots, Se
             topv, topi = _merge(topv, topi, cv_e, je, kk, K_MAX, K_PAD)
         tl.debug_barrier()
         tl.store(Sel + sg * K_MAX + kk, tl.where(kk < k_g, topi, -1), mask=kk < K_MAX)
+
+
+@triton.jit
+def bound_kernel(Q, Bounds, Tables, Slots, SeqLens, IsBound, HeadTable, Scores, q_len, width, bounds_stride,
+                 stride_qb, stride_qh, stride_qm, stride_ts, stride_tg,
+                 KV: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 D_PAD: tl.constexpr, BLOCK_C: tl.constexpr, TABLE_WIDTH: tl.constexpr):
+    pid = tl.program_id(0)   # (batch row, kv head)
+    b = pid // KV
+    g = pid % KV
+    j = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    out = Scores + pid.to(tl.int64) * width + j
+    if tl.load(IsBound + g) == 0:
+        tl.store(out, tl.full([BLOCK_C], float("-inf"), tl.float32), mask=j < width)
+    else:
+        slot = tl.load(Slots + b).to(tl.int64)
+        n = tl.load(SeqLens + b)
+        i_last = (n - 1) // BLOCK  # the step's last query; the kernel masks earlier rows' own static blocks
+        ok = _selectable(HeadTable, g, j, i_last, width, GROUP, TABLE_WIDTH)
+        page = tl.load(Tables + slot * stride_ts + g * stride_tg + j, mask=ok, other=-1).to(tl.int64)
+        ok = ok & (page >= 0)
+        d = tl.arange(0, D_PAD)
+        m = ok[:, None] & (d[None, :] < HEAD_DIM)
+        lo = tl.load(Bounds + page[:, None] * HEAD_DIM + d[None, :], mask=m, other=0.0)
+        hi = tl.load(Bounds + bounds_stride + page[:, None] * HEAD_DIM + d[None, :], mask=m, other=0.0)
+        best = tl.full([BLOCK_C], float("-inf"), tl.float32)
+        for r in range(0, q_len):
+            for u in tl.static_range(GROUP):
+                q = tl.load(Q + b * stride_qb + (g * GROUP + u) * stride_qh + r * stride_qm + d,
+                            mask=d < HEAD_DIM, other=0.0).to(tl.float32)
+                ub = tl.sum(tl.maximum(q[None, :] * lo, q[None, :] * hi), 1)
+                best = tl.maximum(best, ub)
+        tl.store(out, tl.where(ok, best, float("-inf")), mask=j < width)
+
+
+def bound_scores(q, key_bounds, tables, slots, seq_lens, is_bound, width):
+    # (batch, kv heads, width) float32: each page's q.k upper bound for the step's queries q
+    # (batch, heads, q_len, dim), -inf where not selectable or not a 'by bound' kv head
+    batch, heads, q_len, d = q.shape
+    kv = tables.shape[1]
+    scores = torch.empty(batch, kv, width, dtype=torch.float32, device=q.device)
+    if scores.numel() == 0:
+        return scores
+    block_c = 16
+    grid = (batch * kv, triton.cdiv(width, block_c))
+    bound_kernel[grid](q, key_bounds, tables, slots, seq_lens, is_bound, head_table(q.device), scores, q_len, width,
+                       key_bounds.stride(0), q.stride(0), q.stride(1), q.stride(2), tables.stride(0),
+                       tables.stride(1), KV=kv, GROUP=heads // kv, BLOCK=BLOCK, HEAD_DIM=d,
+                       D_PAD=max(16, triton.next_power_of_2(d)), BLOCK_C=block_c, TABLE_WIDTH=TABLE_WIDTH)
+    return scores
 
 
 def update(lse, block_lse, sel, score, ring_idx, ring_mass, steps, slots, seq_lens, fresh, group_info, q_len, wcap):

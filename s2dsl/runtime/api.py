@@ -28,7 +28,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patter
     Dynamic ``topk`` heads select their blocks per query block from the inputs
     (``s2dsl.runtime.topk``); ``selection=`` gives them instead (checked: in range, outside the
     static set, causal, no repeats, at most K per row) and ``return_selection=True`` appends the
-    selection used to the result; ``topk_estimator`` is ``"pooled"`` or ``"last_row"``
+    selection used to the result; ``topk_estimator`` is ``"pooled"``, ``"last_row"`` or ``"bound"``
     (``s2dsl.runtime.topk.select_blocks``). Gradients hold the selection fixed.
     """
     validate.check_pattern(pattern)

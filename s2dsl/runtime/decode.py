@@ -249,6 +249,7 @@ def _attend(q, cache: PagedKVCache, batch: DecodeBatch, scale: float, n_splits, 
         # sequences new to their slot start afresh
         fresh = batch.seq_lens == q_len if fresh is None else fresh
         topk.reset(batch.slots, fresh)
+        topk.before_step(cache, kq, batch.slots, batch.seq_lens)
         extra = topk.kernel_args()
     kout = out if compute == q.dtype else torch.empty_like(kq)
     if int8:  # int8 pages are dequantised inside the kernel, to the compute dtype

@@ -112,6 +112,12 @@ class PagedKVCache:
         if self.quantized:
             self._qparams = torch.zeros(4, num_pages + 1, head_dim, dtype=torch.float32, device=self.device)
             self.k_scale, self.k_bias, self.v_scale, self.v_bias = self._qparams
+        # 'topk ... by bound' heads: per page, the channel-wise min ([0]) and max ([1]) of its keys
+        # (float32, from the keys as written, before any INT8 rounding), kept at each write; decode
+        # scores a page by the q.k upper bound they give (s2dsl.runtime.topk_state)
+        self.key_bounds = None
+        if any(t.by == "bound" for s in pattern.head_specs if not s.dense for t in s.topk):
+            self.key_bounds = torch.zeros(2, num_pages + 1, head_dim, dtype=torch.float32, device=self.device)
 
     @property
     def shared(self) -> bool:
@@ -230,6 +236,8 @@ class PagedKVCache:
         d = self.head_dim
         dest = plan.dest
         with torch.no_grad():
+            if self.key_bounds is not None:
+                self._write_bounds(dest, k)
             if self.quantized:
                 self._write_int8(plan, dest, k, v)
                 return
@@ -237,6 +245,22 @@ class PagedKVCache:
                 k, v = k.to(self.dtype), v.to(self.dtype)
             self._k_all.view(-1, d).index_copy_(0, dest, k.reshape(-1, d))
             self._v_all.view(-1, d).index_copy_(0, dest, v.reshape(-1, d))
+
+    def _write_bounds(self, dest: torch.Tensor, k: torch.Tensor) -> None:
+        """Widen each written page's key min / max by its new keys; a page whose first row is written
+        starts afresh (its earlier contents were another block's). Device ops only, no sync. A crop
+        leaves a page's bounds as wide as before: still bounds, maybe looser."""
+        d = self.head_dim
+        page = torch.div(dest.to(torch.long), self.block, rounding_mode="floor")
+        # pages whose first row is written; the others aim at the spare page (a fixed size: no sync)
+        starts = torch.where(dest % self.block == 0, page, self.num_pages)
+        kf = k.detach().reshape(-1, d).to(device=self.device, dtype=torch.float32)
+        lo, hi = self.key_bounds
+        lo.index_fill_(0, starts, float("inf"))
+        hi.index_fill_(0, starts, float("-inf"))
+        at = page.view(-1, 1).expand(-1, d)
+        lo.scatter_reduce_(0, at, kf, reduce="amin")
+        hi.scatter_reduce_(0, at, kf, reduce="amax")
 
     def _write_int8(self, plan: StepPlan, dest: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Quantise on write, a whole page at a time: each page a write touches is dequantised,

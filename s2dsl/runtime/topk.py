@@ -17,6 +17,10 @@ blocks so memory stays bounded at long contexts. ``estimator="last_row"`` scores
 the attention of each query block's last query over every key, summed per kv block (ALISA /
 SnapKV's observation row): exact for that row, ``block`` times the work of the pooled score.
 
+``estimator="bound"`` scores each kv block by Quest's upper bound of q·k from its keys'
+channel-wise min / max, the largest over the query block's rows (the prefill counterpart of a
+decode ``topk ... by bound``).
+
 Packed batches (``cu_seqlens_q`` / ``cu_seqlens_k``): each sequence selects by itself, row ``r``
 of sequence ``b`` being its own query block ``past_b // block + r`` (``past_b`` = its keys
 minus its queries); the selection is ``[sequences, heads, most rows of any sequence, K]``,
@@ -101,7 +105,40 @@ def pooled_blocks(x: torch.Tensor, block: int, offset: int = 0) -> torch.Tensor:
     return sums / counts.view(1, 1, -1, 1).to(torch.float32)
 
 
-ESTIMATORS = ("pooled", "last_row")
+ESTIMATORS = ("pooled", "last_row", "bound")
+
+
+def key_block_bounds(k: torch.Tensor, block: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per kv block of ``k`` (batch, kv_heads, n, d): the centre and half-range of its keys'
+    channel-wise min / max, float32 ``(batch, kv_heads, blocks, d)`` each (a partial last block
+    over the keys it holds). ``q.centre + |q|.radius`` is the largest ``q.k`` any key of the
+    block can give (Quest's bound, the decode path's ``by bound``)."""
+    b, h, n, d = k.shape
+    n_blocks = -(-n // block)
+    kf = k.float()
+    pad = n_blocks * block - n
+    if pad:  # repeat the last key: min / max over the real ones
+        kf = torch.cat([kf, kf[:, :, -1:].expand(b, h, pad, d)], 2)
+    kf = kf.view(b, h, n_blocks, block, d)
+    lo, hi = kf.amin(3), kf.amax(3)
+    return (lo + hi) * 0.5, (hi - lo) * 0.5
+
+
+def _bound_scores(q, centre_t, radius_t, block: int, lead: int, r0: int, r1: int):
+    """Per query block r0..r1 (rows of ``q`` from position ``lead`` of the first block) and kv
+    block: the largest upper bound of q.k over the query block's rows, ``(b, T, r1 - r0, n_cols)``."""
+    b, t, q_len, d = q.shape
+    lo_row = max(r0 * block - lead, 0)
+    hi_row = min(r1 * block - lead, q_len)
+    rows = q[:, :, lo_row:hi_row]
+    if rows.dtype not in (torch.float16, torch.bfloat16):
+        rows = rows.float()
+    # 16-bit queries multiply in their own dtype (tensor cores; the bound only ranks candidates)
+    ub = (rows @ centre_t.to(rows.dtype)).float() + (rows.abs() @ radius_t.to(rows.dtype)).float()
+    front = lo_row + lead - r0 * block                                                # rows before q's first
+    back = (r1 - r0) * block - front - ub.shape[2]
+    ub = torch.nn.functional.pad(ub, (0, 0, front, back), value=float("-inf"))
+    return ub.view(b, t, r1 - r0, block, -1).amax(3)
 
 
 def _last_row_scores(q, k, pattern: Pattern, rows: torch.Tensor, heads_t: torch.Tensor, causal: bool):
@@ -129,8 +166,11 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, pattern: Pattern, *, layout:
     """The prefill selection for ``q`` over ``k`` (see the module docstring for its layout).
 
     ``estimator``: ``"pooled"`` (default; mean query of the query block . mean key of the kv
-    block) or ``"last_row"`` (ALISA / SnapKV: the attention of the query block's last query
-    over every key, summed per kv block; exact for that row, O(query blocks * keys) work).
+    block), ``"last_row"`` (ALISA / SnapKV: the attention of the query block's last query
+    over every key, summed per kv block; exact for that row, O(query blocks * keys) work) or
+    ``"bound"`` (Quest's upper bound of q.k from the kv block's key min / max, the largest over
+    the query block's rows: a block some row could attend strongly wins; O(queries * kv blocks)
+    work, a ``block``-th of the attention's).
     ``cu_seqlens_q`` / ``cu_seqlens_k``: packed (total, heads, dim) inputs, one selection per sequence.
     """
     if estimator not in ESTIMATORS:
@@ -166,6 +206,13 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, pattern: Pattern, *, layout:
         k_pool = pooled_blocks(k, block).index_select(1, heads_t // pattern.group_size)  # (b, T, n_cols, d)
         k_t = k_pool.transpose(-1, -2).contiguous()
         chunk = max(1, SCORE_CHUNK_ELEMENTS // max(1, batch * len(dyn) * n_cols))
+    elif estimator == "bound":
+        q_dyn = q if len(dyn) == heads else q.index_select(1, heads_t)
+        centre, radius = key_block_bounds(k, block)
+        kv_of = heads_t // pattern.group_size
+        centre_t = centre.index_select(1, kv_of).transpose(-1, -2).contiguous()      # (b, T, d, n_cols)
+        radius_t = radius.index_select(1, kv_of).transpose(-1, -2).contiguous()
+        chunk = max(1, SCORE_CHUNK_ELEMENTS // max(1, batch * len(dyn) * n_cols * block))
     else:
         chunk = max(1, SCORE_CHUNK_ELEMENTS // max(1, batch * heads * kv_len))
     per_head_k = torch.tensor([ks[h] for h in dyn], device=q.device).view(1, -1, 1, 1)
@@ -177,6 +224,8 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, pattern: Pattern, *, layout:
         r1 = min(n_rows, r0 + chunk)
         if estimator == "pooled":
             scores = torch.matmul(q_pool[:, :, r0:r1], k_t).contiguous()           # (b, T, rows, n_cols)
+        elif estimator == "bound":
+            scores = _bound_scores(q_dyn, centre_t, radius_t, block, (kv_len - q_len) % block, r0, r1).contiguous()
         else:
             rows = torch.arange(first + r0, first + r1, device=q.device)
             scores = _last_row_scores(q, k, pattern, rows, heads_t, pattern.causal)

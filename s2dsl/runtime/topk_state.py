@@ -25,6 +25,14 @@ candidates. No host sync, nothing in Python per block, static shapes: a step is 
 capturable. Only the window's and the selection's masses are kept (sinks and residue blocks
 are static for good: never selected).
 
+A kv head whose topk heads score ``by bound`` (Quest) keeps no history: before each step
+(``before_step``) the generated ``bound_kernel`` scores every selectable page by the largest
+``q.k`` its keys' channel-wise min / max allow (``PagedKVCache.key_bounds``, kept at each
+write) for this step's queries, and one ``torch.topk`` picks the step's K pages. The update
+kernel then selects nothing for such a kv head (its K is 0 there). Measured on a recall task
+(``examples/topk_quality.py``), this query-aware score keeps what the next query needs where
+the accumulated mass (which reflects what the *previous* queries needed) cannot.
+
 A first prefill (``seed``) starts the scores from the dense attention of the prompt's last
 rows (SnapKV's observation window), so the first decode step already has a meaningful
 selection; with ``recent`` the seed is a ring row like a step's: the window's blocks and the
@@ -66,7 +74,7 @@ class TopKDecodeState:
         plan = lower(pattern)
         self.pattern = pattern
         module = exclusion_module(pattern)  # looked up once, not per step
-        self._exclude, self._update = module.exclude, module.update
+        self._exclude, self._update, self._bound_scores = module.exclude, module.update, module.bound_scores
         self.block = pattern.block
         self.heads = pattern.heads
         self.kv_heads = pattern.kv_heads
@@ -80,6 +88,14 @@ class TopKDecodeState:
         # a group with a dense q head keeps every block: nothing to select, no window to track
         group_k = [0 if w >= UNBOUNDED else k for w, k in zip(window, group_k)]
         window = [1 if w >= UNBOUNDED else w for w in window]
+        # 'by bound' kv heads select before each step from its queries; the update selects for the others
+        self.bound_groups = [bool(k) and any(p.bound for p in ps if p.topk) for k, ps in zip(group_k, members)]
+        self.has_bound = any(self.bound_groups)
+        self.has_mass = any(k and not b for k, b in zip(group_k, self.bound_groups))
+        if self.has_bound and cache.table.tier is not None:
+            raise ValueError(f"pattern {pattern.name}: 'topk ... by bound' heads select their pages just before the "
+                             "step reads them, which a host tier cannot fetch in time; score 'by mass' with a tier")
+        self.is_bound = torch.tensor(self.bound_groups, dtype=torch.int32, device=self.device)
         self.ring_size = max(max(recent), 1)
         # the window-range blocks a step's masses land on: the group's window, reached from the
         # first query of the decode kernel's last tile
@@ -87,7 +103,8 @@ class TopKDecodeState:
         self.row_width = self.wcap + self.k_max
         self.recent = torch.tensor(recent, dtype=torch.long, device=self.device)
         self.group_k = torch.tensor(group_k, device=self.device)
-        self.group_info = torch.tensor([[r, k, w] for r, k, w in zip(recent, group_k, window)], dtype=torch.int32,
+        self.group_info = torch.tensor([[r, 0 if bd else k, w] for r, k, w, bd in
+                                        zip(recent, group_k, window, self.bound_groups)], dtype=torch.int32,
                                        device=self.device)
         self.head_ids = torch.arange(pattern.heads, dtype=torch.int32, device=self.device).view(self.kv_heads,
                                                                                                self.group)
@@ -138,11 +155,31 @@ class TopKDecodeState:
         s = slots.long()
         self.selection.index_copy_(0, s, self.selection.index_select(0, s).masked_fill(fresh.view(-1, 1, 1), -1))
 
+    def before_step(self, cache, q: torch.Tensor, slots: torch.Tensor, seq_lens: torch.Tensor):
+        """For 'by bound' kv heads: this step's selection, the top K pages by the q.k upper bound
+        of ``q`` (batch, heads, q_len, dim; the step's queries, already appended) over each page's
+        key bounds. Device ops only (one generated kernel, one topk): capturable, no host sync."""
+        if not self.has_bound:
+            return
+        scores = self._bound_scores(q, cache.key_bounds, cache.block_tables, slots, seq_lens, self.is_bound,
+                                    self.width)
+        take = min(self.k_max, self.width)
+        values, index = torch.topk(scores, take, dim=-1)
+        used = torch.arange(take, device=self.device).view(1, 1, -1) < self.group_k.view(1, -1, 1)
+        sel = torch.where((values > float("-inf")) & used, index, -1).to(torch.int32)
+        if take < self.k_max:
+            sel = torch.cat([sel, sel.new_full((*sel.shape[:2], self.k_max - take), -1)], -1)
+        s = slots.long()
+        mine = self.is_bound.view(1, -1, 1) != 0
+        self.selection.index_copy_(0, s, torch.where(mine, sel, self.selection.index_select(0, s)))
+
     def after_step(self, slots: torch.Tensor, seq_lens: torch.Tensor, lse: torch.Tensor, q_len: int,
                    fresh: torch.Tensor):
         """Record this step's masses (the decode kernel's ``block_lse``; ``lse`` (batch, heads,
         q_len)) and select the blocks for each sequence's next query (position ``seq_lens``);
         ``fresh`` rows start their slot's scores afresh."""
+        if not self.has_mass:  # every topk kv head scores by bound: no history to keep
+            return
         if lse.stride(-1) != 1:
             lse = lse.contiguous()
         self._update(lse, self.block_lse, self.selection, self.score, self.ring_idx, self.ring_mass, self.steps,
