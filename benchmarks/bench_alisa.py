@@ -1,38 +1,55 @@
 """ALISA end to end: decode throughput with a GPU KV budget below the KV the batch needs.
 
-One GPU run, about 4 minutes on an H100. A Llama-shaped model with random weights (8 layers,
-hidden 2048, 32 q / 8 kv heads, head dim 64), bf16, every layer under ALISA's sparse window
-attention (SWA): a window of recent blocks + a sink + the top-k blocks by the attention mass of
-the last steps, sized to read ~20% of the final context's pages (80% KV sparsity).
+One GPU run, about 5-6 minutes on an H100 (``--budget-s``, default 330, skips the remaining
+runs, each recorded as skipped, once the run has taken that long; the second point's HF
+OffloadedCache run, the slowest, comes last). A Llama-shaped model with
+random weights (8 layers, hidden 2048, 32 q / 8 kv heads, head dim 64), bf16, every layer under
+ALISA's sparse window attention (SWA): a window of recent blocks + a sink + the top-k blocks by
+the attention mass of the last steps, sized to read ~20% of the final context's pages (80% KV
+sparsity).
 
-1. Correctness (prompt 128, batch 2, decoding until the KV is 2 blocks per kv head over the budget): greedy tokens
-   of S2Cache with a GPU budget + host tier equal those of the all-resident S2Cache (spilling is
-   lossless); with a host budget too small (phase 3: drop + recompute from the logged hidden
-   states) the share of equal tokens and the largest difference of recomputed K/V from what the
-   layer wrote (bf16: a product over other rows rounds differently); INT8's tokens agree with
-   16-bit's (share) and its logits change by a measured amount (teacher-forced, all-resident).
+1. Correctness (prompt 128, batch 2, decoding until the KV is 2 blocks per kv head over the
+   budget): greedy tokens of S2Cache with a GPU budget + host tier equal those of the
+   all-resident S2Cache (spilling is lossless), eagerly and through ``decode_graph`` (CUDA
+   graph steps, the tier working in the host part before each); with a host budget too small
+   (phase 3: drop + recompute from the logged hidden states) the share of equal tokens and the
+   largest difference of recomputed K/V from what the layer wrote (bf16: a product over other
+   rows rounds differently); INT8's tokens agree with 16-bit's (share) and its logits change by
+   a measured amount (teacher-forced, all-resident). Random weights keep SWA's selection still,
+   so nothing comes back up under SWA: the "moving" pattern (``window 2 sink 1 stride S
+   relative``: every S-th block beyond the window, a residue that shifts by one at every block
+   crossing) reads again, at the next crossings, the blocks it left behind, so pages really
+   move up (host tier) or are recomputed (phase 3); its tokens are checked against its
+   all-resident run too.
 2. Host link: pinned host -> device bandwidth and the other machine costs (``measure_machine``).
 3. Per point (prompt x batch x new tokens): decode tokens/s, timed over the second half of the
    new tokens (where the KV exceeds the budget), of
-   * s2dsl SWA, GPU pool = the budget, the rest on the host (16-bit and INT8);
+   * s2dsl SWA all on the GPU (no budget), eager and in a CUDA graph: what tiering costs;
+   * s2dsl SWA, GPU pool = the budget, the rest on the host (16-bit and INT8), eager
+     (``generate()``'s path) and in a CUDA graph (``S2Cache.decode_graph``);
    * s2dsl SWA, GPU pool = the budget, host = half the rest, the oldest dropped and recomputed
-     (phase 3);
+     (phase 3), in a CUDA graph (phase 3's eager path is checked in part 1);
+   * the moving pattern, all on the GPU / host tier / phase 3 (graph): pages moved up and
+     recomputed per step and what they cost against its all-resident run;
    * HF SDPA + offloaded DynamicCache (``offloading=True``: transformers 5's OffloadedCache),
      and the offloaded StaticCache (OffloadedStaticCache) if it runs;
    * HF SDPA + DynamicCache all on the GPU (no budget: the upper bound where memory allows);
-   with the dense KV / budget ratio, the pages moved and the phase the cost model chose.
+   with the dense KV / budget ratio, the pages moved and the phase the cost model chose. The
+   second (larger) point runs a subset (``LARGE_POINT_RUNS``).
 
 Budget (``budget_pages``), per layer and (sequence, kv head): every layer has its own page table
 under a tier, so a step reads its own layer's pages only: the static blocks at the query (window +
-sink) and the kv head's top-k selection (the group shares one list of k_max blocks), one page
-more for slack; and at least the prompt's blocks plus one (a first prefill does not spill, and a
-top-k kv head keeps every block). The default point (512 x 8 x 1024, window 2, sink 1, top-2)
-reads 5 of 24 blocks at the end (79% sparsity), budget 9 pages: the dense KV is 2.7x the budget
-(``--points 512x8x2048``: 8 of 40 blocks, 4.4x, about twice as long).
+sink, and the relative residue) and the kv head's top-k selection (the group shares one list of
+k_max blocks), one page more for slack; and at least the prompt's blocks plus one (a first
+prefill does not spill, and a top-k kv head keeps every block). The default points: 512 x 8 x
+1024 (window 2, sink 1, top-2: reads 5 of 24 blocks at the end, 79% sparsity, budget 9 pages:
+dense KV 2.7x the budget) and 256 x 8 x 1024 (top-1: reads 4 of 20 blocks, budget 5: 4.0x).
 
     python benchmarks/bench_alisa.py --out benchmarks/results/alisa.json
     python benchmarks/bench_alisa.py --points 512x8x2048 --out /tmp/a.json
     TRITON_INTERPRET=1 python benchmarks/bench_alisa.py --tiny --out /tmp/tiny.json  # CPU smoke run
+    TRITON_INTERPRET=1 python benchmarks/bench_alisa.py --tiny --no-correctness --points 40x2x8 \
+        --budget-s 100000 --out /tmp/rows.json  # CPU smoke run of the throughput rows
 """
 from __future__ import annotations
 
@@ -56,6 +73,15 @@ def swa_plan(block: int, heads: int, kv_heads: int, layers: int, window: int, to
     return s2dsl.parse(text, "<swa>")
 
 
+def moving_plan(block: int, heads: int, kv_heads: int, layers: int, window: int, stride: int):
+    """Every ``stride``-th block beyond the window (a relative stride): the residue it reads shifts
+    by one block at every block crossing, so the blocks it left behind are read again later."""
+    text = (f"pattern moving {{ block = {block} heads = {heads} kv_heads = {kv_heads} causal "
+            f"heads * {{ window {window} sink 1 stride {stride} relative }} }}\n"
+            f"model bench {{ layers = {layers} rest -> moving }}")
+    return s2dsl.parse(text, "<moving>")
+
+
 def sync():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -67,17 +93,24 @@ def free():
         torch.cuda.empty_cache()
 
 
-def greedy(model, ids, cache, steps, time_from: int = 0):
-    """Prefill, then ``steps`` greedy one-token steps; returns (tokens, seconds of the steps from
+def greedy(model, ids, cache, steps, time_from: int = 0, graph: bool = False):
+    """Prefill, then ``steps`` greedy one-token steps, eagerly or (``graph``) through
+    ``cache.decode_graph`` (captured on a GPU); returns (tokens, seconds of the steps from
     ``time_from`` on)."""
     with torch.no_grad():
         tok = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1:].argmax(-1)
+        if graph:
+            run = cache.decode_graph(model, capture=torch.cuda.is_available())
+            step = lambda t: run(t)  # noqa: E731
+        else:
+            step = lambda t: model(t, past_key_values=cache, use_cache=True).logits  # noqa: E731
         out = [tok]
+        t = time.perf_counter()
         for n in range(steps):
             if n == time_from:
                 sync()
                 t = time.perf_counter()
-            tok = model(tok, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            tok = step(tok)[:, -1:].argmax(-1)
             out.append(tok)
         sync()
     return torch.cat(out, 1), time.perf_counter() - t
@@ -91,33 +124,48 @@ def teacher_forced(model, ids, cache, prompt):
                           for n in range(prompt, ids.shape[1])], 1).float()
 
 
-def budget_pages(pattern, prompt: int, batch: int) -> int:
-    """GPU pages per layer: per (sequence, kv head) what one step reads (static blocks at the
-    query and the group's k_max selected blocks) plus one, and at least the prompt's blocks plus
-    one (a top-k kv head keeps every block, and a first prefill does not spill)."""
+def reads_per_step(pattern, final: int) -> int:
+    """Blocks one (sequence, kv head) reads at the last query: window + sink (+ the relative
+    residue below the window) + the group's k_max selected blocks."""
     from s2dsl.codegen.lower import lower
     g = pattern.group_size
-    static = max(max(s.window + s.sink for s in pattern.head_specs[kv * g:(kv + 1) * g])
-                 for kv in range(pattern.kv_heads))
-    reads = static + lower(pattern).max_topk
-    return batch * pattern.kv_heads * max(-(-prompt // pattern.block) + 1, reads + 1)
+    n = -(-final // pattern.block)
+    worst = 0
+    for kv in range(pattern.kv_heads):
+        specs = pattern.head_specs[kv * g:(kv + 1) * g]
+        w = max(s.window for s in specs)
+        sink = max(s.sink for s in specs)
+        rel = min((r for s in specs for r in s.relative), default=0)
+        worst = max(worst, w + sink + (-(-max(n - w - sink, 0) // rel) if rel else 0))
+    return worst + lower(pattern).max_topk
 
 
-def run_s2dsl(model, plan, ids, steps, gpu_pages, host_pages, kv_dtype=None, recompute=None, time_from=0):
+def budget_pages(pattern, prompt: int, batch: int, final: int) -> int:
+    """GPU pages per layer: per (sequence, kv head) what one step reads plus one, and at least the
+    prompt's blocks plus one (a top-k kv head keeps every block, and a first prefill does not spill)."""
+    return batch * pattern.kv_heads * max(-(-prompt // pattern.block) + 1, reads_per_step(pattern, final) + 1)
+
+
+def run_s2dsl(model, plan, ids, steps, gpu_pages, host_pages, kv_dtype=None, recompute=None, time_from=0,
+              graph=False):
     hf.apply(model, plan, model_name="bench")
     model.set_attn_implementation(hf.ATTN_IMPLEMENTATION)
     free()
     b, n = ids.shape
     cache = hf.S2Cache(model, max_length=n + steps + 8, batch_size=b, gpu_pages=gpu_pages, host_pages=host_pages,
                        kv_dtype=kv_dtype, recompute=recompute)
-    tokens, secs = greedy(model, ids, cache, steps, time_from)
+    tokens, secs = greedy(model, ids, cache, steps, time_from, graph)
     tiers = [p.table.tier for p in cache.paged if p.table.tier is not None]
     report = cache.debug_report()
-    row = dict(tokens_per_s=b * (steps - time_from) / secs, decode_s=secs,
+    timed = steps - time_from
+    row = dict(tokens_per_s=b * timed / secs, ms_per_step=1e3 * secs / timed, decode_s=secs,
                moved_up=sum(t.moved_up for t in tiers), moved_down=sum(t.moved_down for t in tiers),
                dropped=sum(t.dropped_pages for t in tiers), recomputed=sum(t.recomputed for t in tiers),
                gpu_pool_pages=gpu_pages, host_pages=host_pages, phase=report.split("cost model")[-1].strip(),
-               gpu_kv_gib=sum(p.num_pages * p.page_bytes for p in cache.paged) / 2 ** 30)
+               graph=graph, gpu_kv_gib=sum(p.num_pages * p.page_bytes for p in cache.paged) / 2 ** 30)
+    # per step over the whole decode (all layers): what the moving pattern brings back
+    row["moved_up_per_step"] = row["moved_up"] / steps
+    row["recomputed_per_step"] = row["recomputed"] / steps
     del cache
     model.set_attn_implementation("sdpa")
     return tokens, row
@@ -136,7 +184,8 @@ def run_hf(model, ids, steps, kind, time_from=0):
         cache = DynamicCache(config=model.config)
     tokens, secs = greedy(model, ids, cache, steps, time_from)
     del cache
-    return tokens, dict(tokens_per_s=b * (steps - time_from) / secs, decode_s=secs)
+    return tokens, dict(tokens_per_s=b * (steps - time_from) / secs, ms_per_step=1e3 * secs / (steps - time_from),
+                        decode_s=secs)
 
 
 def recompute_error(model, plan, ids, prompt, device):
@@ -170,10 +219,20 @@ def recompute_error(model, plan, ids, prompt, device):
     return worst
 
 
+#: the runs of the second and later points (the first runs all): the fast ones and the baselines
+LARGE_POINT_RUNS = ("s2dsl swa resident graph", "s2dsl swa + host tier graph", "s2dsl swa + host tier int8 graph",
+                    "s2dsl swa drop/recompute graph", "moving resident graph", "moving + host tier graph",
+                    "hf sdpa offloaded_static", "hf sdpa dense_gpu", "hf sdpa offloaded")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--points", nargs="*", default=["512x8x1024"], help="prompt x batch x new tokens")
+    ap.add_argument("--points", nargs="*", default=None,
+                    help="prompt x batch x new tokens (default 512x8x1024 256x8x1024; --tiny: 40x2x24)")
+    ap.add_argument("--no-correctness", action="store_true", help="skip part 1 (CPU smoke runs of the rows)")
     ap.add_argument("--tiny", action="store_true", help="tiny model (CPU smoke run under TRITON_INTERPRET=1)")
+    ap.add_argument("--budget-s", type=float, default=330.0,
+                    help="skip the runs not started after this many seconds (recorded as skipped)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -181,8 +240,6 @@ def main():
     tiny = args.tiny or device.type != "cuda"
     t0 = time.perf_counter()
     model = make_model(tiny, device, dtype)
-    cfg = model.config
-    heads, kvh = cfg.num_attention_heads, cfg.num_key_value_heads
     block = 16 if tiny else 64
     results = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", points=[])
 
@@ -196,14 +253,25 @@ def main():
         print(f"host link {costs.h2d_gbps:.1f} GB/s, HBM copy {costs.hbm_tbps:.2f} TB/s, "
               f"bf16 matmul {costs.matmul_tflops:.0f} TFLOP/s")
 
-    # 1. correctness
+    points = args.points or (["40x2x24"] if tiny else ["512x8x1024", "256x8x1024"])
+    if not args.no_correctness:
+        correctness(model, args, device, tiny, block, results, t0)
+        save()
+    throughput(model, args, device, tiny, block, points, results, save, t0)
+    save()
+
+
+def correctness(model, args, device, tiny, block, results, t0):
+    """Part 1 (see the module docstring)."""
+    cfg = model.config
+    heads, kvh, layers = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.num_hidden_layers
     prompt, batch = (40, 2) if tiny else (128, 2)
-    plan = swa_plan(block, heads, kvh, cfg.num_hidden_layers, window=1 if tiny else 2, topk=2)
+    plan = swa_plan(block, heads, kvh, layers, window=1 if tiny else 2, topk=2)
     pattern = hf.layer_patterns(model, plan, model_name="bench")[0]
-    gpu = budget_pages(pattern, prompt, batch)
-    per = gpu // (batch * kvh)
+    per = budget_pages(pattern, prompt, batch, prompt) // (batch * kvh)
     steps = (per + 2) * block - prompt  # decode until each (sequence, kv head) holds 2 blocks over the budget
     final = prompt + steps
+    gpu = batch * kvh * per
     ids = torch.randint(1, cfg.vocab_size, (batch, prompt), device=device,
                         generator=torch.Generator(device=device).manual_seed(0))
     total = batch * kvh * -(-final // block)
@@ -211,8 +279,19 @@ def main():
     out, row = run_s2dsl(model, plan, ids, steps, gpu, total)
     assert torch.equal(out, ref), "tokens with the host tier differ from the all-resident cache"
     assert row["moved_down"] > 0, "the correctness run never exceeded the GPU budget"
+    g_out, _ = run_s2dsl(model, plan, ids, steps, gpu, total, graph=True)
     dropped, drow = run_s2dsl(model, plan, ids, steps, gpu, 0, recompute="hidden")
     q8, _ = run_s2dsl(model, plan, ids, steps, gpu, total, torch.int8)
+    # the moving pattern (stride 3 over 12 blocks: its residue comes back at later crossings):
+    # pages come back up / are recomputed by themselves (graph steps)
+    mplan = moving_plan(block, heads, kvh, layers, window=1 if tiny else 2, stride=2 if tiny else 3)
+    mpattern = hf.layer_patterns(model, mplan, model_name="bench")[0]
+    m_steps = (8 if tiny else 12) * block - prompt
+    m_total = batch * kvh * -(-(prompt + m_steps) // block)
+    mgpu = budget_pages(mpattern, prompt, batch, prompt + m_steps)
+    m_ref, _ = run_s2dsl(model, mplan, ids, m_steps, m_total + batch * kvh, None, graph=True)
+    m_up, mrow = run_s2dsl(model, mplan, ids, m_steps, mgpu, m_total, graph=True)
+    m_rec, mrec = run_s2dsl(model, mplan, ids, m_steps, mgpu, 0, recompute="hidden", graph=True)
     full = torch.cat([ids, ref[:, 1:]], 1)
     rec_err = recompute_error(model, plan, full[:, :prompt + 64], prompt, device)
     hf.apply(model, plan, model_name="bench")
@@ -225,61 +304,107 @@ def main():
     logit_err = ((int8 - exact).abs().max() / exact.std()).item()
     results["correctness"] = dict(
         tiered_tokens_equal=True, moved_down=row["moved_down"], moved_up=row["moved_up"],
+        graph_tiered_tokens_equal=bool(torch.equal(g_out, ref)),
         drop_tokens_equal_share=(dropped == ref).float().mean().item(), dropped=drow["dropped"],
         recomputed=drow["recomputed"], recompute_kv_max_rel_error=rec_err,
+        moving_host_tokens_equal=bool(torch.equal(m_up, m_ref)), moving_moved_up=mrow["moved_up"],
+        moving_drop_tokens_equal_share=(m_rec == m_ref).float().mean().item(), moving_recomputed=mrec["recomputed"],
         int8_token_agreement=(q8 == ref).float().mean().item(), int8_logit_max_change_over_std=logit_err)
     c = results["correctness"]
-    print(f"correctness: host tier lossless (moved {c['moved_down']} pages down, {c['moved_up']} up); drop + "
-          f"recompute: {c['drop_tokens_equal_share']:.1%} tokens equal ({c['dropped']} pages dropped, "
-          f"{c['recomputed']} recomputed), recomputed K/V max error {rec_err:.2e} of max |K/V|; INT8 agrees on "
-          f"{c['int8_token_agreement']:.1%} of greedy tokens, logits change {logit_err:.2e} of their std "
-          f"[{time.perf_counter() - t0:.0f} s]")
-    save()
-    if tiny:
-        return
+    print(f"correctness: host tier lossless (moved {c['moved_down']} pages down, {c['moved_up']} up; graph steps "
+          f"equal: {c['graph_tiered_tokens_equal']}); drop + recompute: {c['drop_tokens_equal_share']:.1%} tokens "
+          f"equal ({c['dropped']} pages dropped, {c['recomputed']} recomputed), recomputed K/V max error "
+          f"{rec_err:.2e} of max |K/V|; moving pattern: host tier equal {c['moving_host_tokens_equal']} "
+          f"({c['moving_moved_up']} pages up), drop {c['moving_drop_tokens_equal_share']:.1%} equal "
+          f"({c['moving_recomputed']} recomputed); INT8 agrees on {c['int8_token_agreement']:.1%} of greedy tokens, "
+          f"logits change {logit_err:.2e} of their std [{time.perf_counter() - t0:.0f} s]")
 
-    # 3. throughput
-    print(f"{'point':>14} {'dense/budget':>12} {'impl':>34} {'tok/s':>9} {'up':>7} {'dropped':>7}  phase")
-    for spec in args.points:
+
+def throughput(model, args, device, tiny, block, points, results, save, t0):
+    """Part 3 (see the module docstring)."""
+    cfg = model.config
+    heads, kvh, layers = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.num_hidden_layers
+    stride = 2 if tiny else 8
+    print(f"{'point':>14} {'dense/budget':>12} {'impl':>36} {'tok/s':>9} {'ms/step':>8} {'up/step':>8} "
+          f"{'rec/step':>8}  phase")
+    for n_point, spec in enumerate(points):
         prompt, batch, steps = map(int, spec.split("x"))
         final = prompt + steps
         n_final = -(-final // block)
-        window, sink = 2, 1
+        window, sink = (1, 1) if tiny else (2, 1)
         topk = max(1, round(0.2 * n_final) - window - sink)
-        plan = swa_plan(block, heads, kvh, cfg.num_hidden_layers, window=window, topk=topk)
+        plan = swa_plan(block, heads, kvh, layers, window=window, topk=topk)
         pattern = hf.layer_patterns(model, plan, model_name="bench")[0]
+        mplan = moving_plan(block, heads, kvh, layers, window=window, stride=stride)
+        mpattern = hf.layer_patterns(model, mplan, model_name="bench")[0]
         ids = torch.randint(1, cfg.vocab_size, (batch, prompt), device=device)
-        gpu = budget_pages(pattern, prompt, batch)
+        gpu = budget_pages(pattern, prompt, batch, final)
+        mgpu = budget_pages(mpattern, prompt, batch, final)
         total = batch * kvh * n_final
+        resident = total + batch * kvh
         ratio = total / gpu
         half = steps // 2
-        point = dict(point=spec, dense_over_budget=ratio, read_share=(window + sink + topk) / n_final, rows=[])
-        runs = [("s2dsl swa + host tier", dict(host_pages=total)),
-                ("s2dsl swa + host tier int8", dict(host_pages=total, kv_dtype=torch.int8)),
-                ("s2dsl swa + drop/recompute (phase 3)", dict(host_pages=(total - gpu) // 2, recompute="hidden"))]
-        for name, kw in runs:
-            try:
-                _, row = run_s2dsl(model, plan, ids, steps, gpu, time_from=half, **kw)
-            except Exception as exc:  # report and go on: one failure must not lose the run
-                row = dict(error=f"{type(exc).__name__}: {exc}")
+        point = dict(point=spec, dense_over_budget=ratio, read_share=reads_per_step(pattern, final) / n_final,
+                     moving_dense_over_budget=total / mgpu,
+                     moving_read_share=reads_per_step(mpattern, final) / n_final, rows=[])
+        tier = dict(host_pages=total)
+        drop = dict(host_pages=max((total - gpu) // 2, 0), recompute="hidden")
+        runs = [("s2dsl swa resident", plan, resident, dict(host_pages=None), False),
+                ("s2dsl swa resident graph", plan, resident, dict(host_pages=None), True),
+                ("s2dsl swa + host tier", plan, gpu, tier, False),
+                ("s2dsl swa + host tier graph", plan, gpu, tier, True),
+                ("s2dsl swa + host tier int8", plan, gpu, dict(tier, kv_dtype=torch.int8), False),
+                ("s2dsl swa + host tier int8 graph", plan, gpu, dict(tier, kv_dtype=torch.int8), True),
+                ("s2dsl swa drop/recompute graph", plan, gpu, drop, True),
+                ("moving resident graph", mplan, resident, dict(host_pages=None), True),
+                ("moving + host tier graph", mplan, mgpu, tier, True),
+                ("moving drop/recompute graph", mplan, mgpu, dict(host_pages=max((total - mgpu) // 2, 0),
+                                                                  recompute="hidden"), True)]
+        hf_runs = ["offloaded_static", "dense_gpu", "offloaded"]
+        wanted = (lambda name: True) if n_point == 0 else (lambda name: name in LARGE_POINT_RUNS)
+        for name, p, pool, kw, graph in runs:
+            if not wanted(name):
+                continue
+            if time.perf_counter() - t0 > args.budget_s:
+                row = dict(skipped=f"time budget ({args.budget_s:.0f} s) spent")
+            else:
+                try:
+                    _, row = run_s2dsl(model, p, ids, steps, pool, time_from=half, graph=graph, **kw)
+                except Exception as exc:  # report and go on: one failure must not lose the run
+                    row = dict(error=f"{type(exc).__name__}: {exc}")
             row["impl"] = name
             point["rows"].append(row)
-        for kind in ("offloaded", "offloaded_static", "dense_gpu"):
-            try:
-                _, row = run_hf(model, ids, steps, kind, time_from=half)
-            except Exception as exc:
-                row = dict(error=f"{type(exc).__name__}: {exc}")
-            row["impl"] = f"hf sdpa {kind}"
+        for kind in hf_runs:
+            name = f"hf sdpa {kind}"
+            if not wanted(name):
+                continue
+            if tiny and kind == "offloaded_static":
+                continue  # transformers' offloaded static cache wants CUDA streams
+            if time.perf_counter() - t0 > args.budget_s:
+                row = dict(skipped=f"time budget ({args.budget_s:.0f} s) spent")
+            else:
+                try:
+                    _, row = run_hf(model, ids, steps, kind, time_from=half)
+                except Exception as exc:
+                    row = dict(error=f"{type(exc).__name__}: {exc}")
+            row["impl"] = name
             point["rows"].append(row)
+        by = {r["impl"]: r for r in point["rows"]}
+        for name, base in (("s2dsl swa + host tier graph", "s2dsl swa resident graph"),
+                           ("moving + host tier graph", "moving resident graph"),
+                           ("moving drop/recompute graph", "moving resident graph")):
+            if "ms_per_step" in by.get(name, {}) and "ms_per_step" in by.get(base, {}):
+                by[name]["ms_over_resident"] = by[name]["ms_per_step"] - by[base]["ms_per_step"]
         for row in point["rows"]:
-            phase = row.get("phase", row.get("error", ""))[:90]
+            phase = row.get("phase", row.get("error", row.get("skipped", "")))[:90]
             tps = f"{row['tokens_per_s']:9.1f}" if "tokens_per_s" in row else f"{'-':>9}"
-            print(f"{spec:>14} {ratio:12.2f} {row['impl']:>34} {tps} {row.get('moved_up', ''):>7} "
-                  f"{row.get('dropped', ''):>7}  {phase}")
+            ms = f"{row['ms_per_step']:8.2f}" if "ms_per_step" in row else f"{'-':>8}"
+            up = f"{row['moved_up_per_step']:8.2f}" if "moved_up_per_step" in row else f"{'':>8}"
+            rc = f"{row['recomputed_per_step']:8.2f}" if "recomputed_per_step" in row else f"{'':>8}"
+            print(f"{spec:>14} {ratio:12.2f} {row['impl']:>36} {tps} {ms} {up} {rc}  {phase}")
         results["points"].append(point)
         save()
         print(f"[{time.perf_counter() - t0:.0f} s]")
-    save()
 
 
 if __name__ == "__main__":

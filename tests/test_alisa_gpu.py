@@ -128,3 +128,66 @@ def test_gpu_dropped_page_selected_again_gives_the_resident_logits():
     change = ((logits[1] - logits[0]).abs().max() / logits[0].std()).item()
     print(f"bf16 logits after reading 4 recomputed pages: largest change {change:.2e} of their std")
     assert change < 2e-2
+
+
+def test_gpu_int8_decode_write_kernel_matches_the_torch_quantiser(monkeypatch):
+    """bf16 decode writes into INT8 pages by the generated kernel against the torch ops it
+    replaced (same arithmetic; the GPU compiler may fuse a multiply-add, so a code may differ by
+    one step where a value sits on a rounding edge)."""
+    from s2dsl.runtime import kv_cache
+    g = torch.Generator(device="cuda").manual_seed(2)
+    k = torch.randn(4, 8, 300, D, device="cuda", generator=g, dtype=torch.bfloat16)
+    v = torch.randn(4, 8, 300, D, device="cuda", generator=g, dtype=torch.bfloat16)
+    caches = []
+    for fused in (False, True):
+        real = kv_cache.write_decode_tokens
+        with monkeypatch.context() as m:
+            m.setattr(kv_cache, "write_decode_tokens", lambda *a, _f=fused: _f and real(*a))
+            cache = PagedKVCache(STATIC, num_pages=4 * 8 * 6, head_dim=D, dtype=torch.bfloat16, device="cuda",
+                                 kv_dtype=torch.int8, evict=False)
+            ids = [cache.add_sequence() for _ in range(4)]
+            cache.append(ids, k[:, :, :100], v[:, :, :100])
+            for pos in range(100, 300):
+                cache.append(ids, k[:, :, pos:pos + 1], v[:, :, pos:pos + 1])
+        caches.append(cache)
+    torch.cuda.synchronize()
+    ref, got = caches
+    assert torch.equal(ref.table.tables, got.table.tables)
+    for a, b in ((ref._k_all, got._k_all), (ref._v_all, got._v_all)):
+        assert (a.int() - b.int()).abs().max().item() <= 1
+        assert (a != b).float().mean().item() < 1e-3
+    torch.testing.assert_close(got._qparams, ref._qparams, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("host_pages,recompute", [(24, None), (0, "hidden")], ids=["host", "drop"])
+def test_gpu_captured_steps_over_a_tier_move_and_recompute_pages_losslessly(host_pages, recompute):
+    """CUDA-graph decode steps (decode_graph, captured) over a tiered cache under a relative-stride
+    pattern, whose reads come back at block crossings: pages move up from pinned memory (or are
+    recomputed) in the host part before each replay; the tokens are the resident graph steps'."""
+    from s2dsl.integrations import hf
+    from serving_helpers import tiny_llama
+    plan = ("pattern rel { block = 16 heads = 4 kv_heads = 2 causal heads * { window 1 sink 1 stride 2 relative } }\n"
+            "model tiny { layers = 2 rest -> rel }")
+    # float32 where pages are recomputed: a bf16 product over other rows may round a K/V element
+    # differently, and a random model's near-tied logits turn that into a different token
+    dtype = torch.float32 if recompute else torch.bfloat16
+    model = tiny_llama(plan, seed=1, attn=hf.ATTN_IMPLEMENTATION).to("cuda", dtype)
+    ids = torch.randint(0, 100, (2, 40), device="cuda", generator=torch.Generator(device="cuda").manual_seed(5))
+
+    def run(cache):
+        with torch.no_grad():
+            tok = model(ids, past_key_values=cache).logits[:, -1:].argmax(-1)
+            step = cache.decode_graph(model)
+            out = [tok]
+            for _ in range(60):
+                tok = step(tok)[:, -1:].argmax(-1)
+                out.append(tok)
+        torch.cuda.synchronize()
+        return torch.cat(out, 1)
+
+    ref = run(hf.S2Cache(model, max_length=110, batch_size=2))
+    cache = hf.S2Cache(model, max_length=110, batch_size=2, gpu_pages=16, host_pages=host_pages, recompute=recompute)
+    out = run(cache)
+    tier = cache.paged[0].table.tier
+    assert (tier.recomputed if recompute else tier.moved_up) > 0, tier.report()
+    assert torch.equal(out, ref)

@@ -189,15 +189,70 @@ def test_recompute_arguments_are_checked(swa_model):
         hf.S2Cache(swa_model, max_length=40, gpu_pages=8, host_pages=2, recompute="tokens")
 
 
-@kernels
-def test_decode_graph_refuses_a_tiered_cache(swa_model):
-    ids = torch.randint(0, 100, (1, 20), generator=torch.Generator().manual_seed(8))
-    cache = hf.S2Cache(swa_model, max_length=40, batch_size=1, gpu_pages=8, host_pages=4)
+REL_PLAN = """
+pattern rel { block = 16  heads = 4  kv_heads = 2  causal  heads * { window 1  sink 1  stride 2 relative } }
+model tiny { layers = 2  rest -> rel }
+"""
+
+
+@pytest.fixture(scope="module")
+def rel_run():
+    """A relative stride reads every 2nd block below the window, alternating as the query crosses
+    blocks: a block left behind at one crossing is read again at the next, so under a GPU budget
+    it comes back up (or is recomputed) by itself, with no selection to force."""
+    model = tiny_llama(REL_PLAN, seed=1, attn=hf.ATTN_IMPLEMENTATION)
+    ids = torch.randint(0, 100, (2, 40), generator=torch.Generator().manual_seed(5))
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=50, min_new_tokens=50, do_sample=False,
+              pad_token_id=0)
     with torch.no_grad():
-        swa_model(ids, past_key_values=cache)
-    with pytest.raises(RuntimeError, match="host tier"):
-        cache.decode_graph(swa_model, capture=False)
-    assert all(not p.table.static_max_len for p in cache.paged)  # refused before anything changed
+        ref = model.generate(ids, past_key_values=hf.S2Cache(model, max_length=90, batch_size=2), **kw)
+    return model, ids, kw, ref
+
+
+@kernels
+@pytest.mark.parametrize("host_pages,recompute", [(24, None), (0, "hidden")], ids=["host", "drop"])
+def test_generate_brings_pages_back_by_itself_losslessly(rel_run, host_pages, recompute):
+    """generate() over 16 GPU pages per layer (20 needed at the end): at block 4 the unread block 1
+    leaves the GPU, at block 5 the relative stride reads it again, and the tier moves it up from
+    the host or recomputes it from the logged hidden states; the tokens are the resident cache's."""
+    model, ids, kw, ref = rel_run
+    cache = hf.S2Cache(model, max_length=90, batch_size=2, gpu_pages=16, host_pages=host_pages,
+                       recompute=recompute)
+    with torch.no_grad():
+        out = model.generate(ids, past_key_values=cache, **kw)
+    assert torch.equal(out, ref)
+    tier = cache.paged[0].table.tier
+    assert (tier.recomputed if recompute else tier.moved_up) > 0, tier.report()
+
+
+def _greedy(model, ids, cache, steps, graph=False):
+    """Prefill, then ``steps`` greedy tokens: eager forwards, or (``graph``) through
+    ``cache.decode_graph`` (static steps, run eagerly on the CPU: ``capture=False``)."""
+    with torch.no_grad():
+        tok = model(ids, past_key_values=cache).logits[:, -1:].argmax(-1)
+        step = cache.decode_graph(model, capture=False) if graph else \
+            (lambda t: model(t, past_key_values=cache).logits)
+        out = [tok]
+        for _ in range(steps):
+            tok = step(tok)[:, -1:].argmax(-1)
+            out.append(tok)
+    return torch.cat(out, 1)
+
+
+@kernels
+@pytest.mark.parametrize("host_pages,recompute", [(8, None), (0, "hidden")], ids=["host", "drop"])
+def test_decode_graph_steps_a_tiered_cache_losslessly(swa_model, host_pages, recompute):
+    """Static (CUDA-graph) steps over a tiered cache: the tier moves, drops and recomputes pages in
+    the host part before each step; the tokens are the all-resident eager cache's."""
+    ids = torch.randint(0, 100, (2, 40), generator=torch.Generator().manual_seed(8))
+    ref = _greedy(swa_model, ids, hf.S2Cache(swa_model, max_length=60, batch_size=2), 16)
+    cache = hf.S2Cache(swa_model, max_length=60, batch_size=2, gpu_pages=12, host_pages=host_pages,
+                       recompute=recompute)
+    out = _greedy(swa_model, ids, cache, 16, graph=True)
+    assert torch.equal(out, ref)
+    tier = cache.paged[0].table.tier
+    assert (tier.dropped_pages if recompute else tier.moved_down) > 0, tier.report()
+    assert all(p.table.static_max_len for p in cache.paged)
 
 
 def test_tier_arguments_are_checked(swa_model):

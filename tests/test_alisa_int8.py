@@ -117,3 +117,60 @@ def test_int8_cache_refuses_other_kv_dtypes_and_counts_bytes():
     a = PagedKVCache(PHI, num_pages=4, head_dim=D, dtype=torch.float16)
     b = PagedKVCache(PHI, num_pages=4, head_dim=D, dtype=torch.float16, kv_dtype=torch.int8)
     assert b.page_bytes == a.page_bytes // 2 + 4 * 4 * D
+
+
+def _decode_writes(monkeypatch, fused: bool, dtype):
+    """Prefill (torch quantiser) then 40 one-token writes of two sequences, by the fused kernel
+    (``fused``) or by the torch ops it replaces; a channel held constant exercises flat pages."""
+    from s2dsl.runtime import kv_cache
+    real, used = kv_cache.write_decode_tokens, []
+    monkeypatch.setattr(kv_cache, "write_decode_tokens", lambda *a: fused and used.append(real(*a)) is None)
+    g = torch.Generator().manual_seed(4)
+    cache = PagedKVCache(PHI, num_pages=40, head_dim=D, dtype=dtype, kv_dtype=torch.int8, evict=False)
+    ids = [cache.add_sequence() for _ in range(2)]
+    k = torch.randn(2, PHI.kv_heads, 60, D, generator=g) * torch.logspace(-3, 2, D)  # channels of all scales
+    v = torch.randn(2, PHI.kv_heads, 60, D, generator=g)
+    k[..., 3] = 0.25  # a flat channel
+    k, v = k.to(dtype), v.to(dtype)
+    for b, s in enumerate(ids):
+        cache.append([s], k[b:b + 1, :, :13 + b], v[b:b + 1, :, :13 + b])
+    for pos in range(14, 54):
+        cache.append(ids, k[:, :, pos:pos + 1], v[:, :, pos:pos + 1])
+    assert used == ([True] * 40 if fused else [])
+    return cache
+
+
+@interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_int8_decode_write_kernel_equals_the_torch_quantiser(monkeypatch, dtype):
+    """The generated write kernel (one launch for K and V per decode step) produces exactly the
+    codes, scales and biases of the torch ops it replaced: same float32 arithmetic, rounding half
+    to even, partly filled pages, flat channels and page boundaries included."""
+    with monkeypatch.context() as m:
+        torch_path = _decode_writes(m, False, dtype)
+    fused = _decode_writes(monkeypatch, True, dtype)
+    assert torch.equal(fused.table.tables, torch_path.table.tables)
+    assert torch.equal(fused._k_all, torch_path._k_all) and torch.equal(fused._v_all, torch_path._v_all)
+    assert torch.equal(fused._qparams, torch_path._qparams)
+
+
+@interpreter
+@pytest.mark.parametrize("block,head_dim", [(64, 64), (64, 128), (16, 96)])
+def test_int8_decode_write_kernel_compiles_for_sm90(block, head_dim):
+    """The write kernel the GPU runs (bf16 K/V) compiles for sm_90 (the interpreter accepts what
+    the GPU compiler may refuse; see test_sm90_compile)."""
+    from test_sm90_compile import _Capture, _compile_sm90
+    from s2dsl.runtime.quant import _write_module
+    module = _write_module(block, head_dim)
+    space = module.launch.__globals__
+    jobs, saved = [], space["write_kernel"]
+    space["write_kernel"] = _Capture(saved, jobs, run=False)
+    try:
+        codes = torch.zeros(9, block, head_dim, dtype=torch.int8)
+        new = torch.zeros(4, head_dim, dtype=torch.bfloat16)
+        module.launch(codes, codes, torch.zeros(4, 9, head_dim), new, new, torch.arange(4) * block)
+    finally:
+        space["write_kernel"] = saved
+    assert len(jobs) == 1
+    for shared in _compile_sm90(jobs):
+        assert shared <= 232448

@@ -3,6 +3,7 @@ smaller than the KV must give exactly the outputs of the all-resident cache. Pag
 pool are poisoned with NaN, so reading one that was not brought back would show."""
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -131,3 +132,33 @@ def test_one_tier_per_table():
         HostTier(cache.table, host_pages=1)
     with pytest.raises(ValueError, match="host_pages"):
         HostTier(PagedKVCache(SWA, num_pages=4, head_dim=D).table, host_pages=-1)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), reason="captures interpreted launches")
+def test_bench_moving_pattern_decode_compiles_for_sm90():
+    """bench_alisa's relative-stride ("moving") pattern at the bench's GPU shape (bf16, head dim 64,
+    64-token pages, GQA 32/8): its decode kernel compiles for sm_90 without a GPU."""
+    from test_sm90_compile import _Capture, _compile_sm90
+    from s2dsl.codegen.decode import DecodeSpecialization
+    from s2dsl.runtime.decode import decode_module
+    pattern = s2dsl.parse("pattern moving { block = 64 heads = 32 kv_heads = 8 causal "
+                          "heads * { window 2 sink 1 stride 8 relative } }")["moving"]
+    spec = DecodeSpecialization(dtype="bfloat16", head_dim=64, capability=(9, 0), block_q=1, block_n=64,
+                                num_warps=4, num_stages=3)
+    module = decode_module(pattern, spec)
+    space = module.launch.__globals__
+    jobs, saved = [], (space["kernel"], space["combine_kernel"])
+    space["kernel"], space["combine_kernel"] = (_Capture(k, jobs, run=False) for k in saved)
+    try:
+        q = torch.zeros(2, 32, 1, 64, dtype=torch.bfloat16)
+        pages = torch.zeros(40, 64, 64, dtype=torch.bfloat16)
+        table = torch.zeros(2, 8, 16, dtype=torch.int32)
+        for splits in (1, 2):
+            module.launch(q, torch.empty_like(q), torch.empty(2, 32, 1), pages, pages, table,
+                          torch.arange(2, dtype=torch.int32), torch.full((2,), 1000, dtype=torch.int32), 1, splits, 0.1)
+    finally:
+        space["kernel"], space["combine_kernel"] = saved
+    assert jobs
+    unique = list({json.dumps([j["name"], j["consts"]], sort_keys=True): j for j in jobs}.values())
+    for shared in _compile_sm90(unique):
+        assert shared <= 232448

@@ -34,7 +34,7 @@ functions here, never by ``import s2dsl``.
 from __future__ import annotations
 
 import os
-from typing import List, Optional, Sequence, Union
+from typing import List, NamedTuple, Optional, Sequence, Union
 
 import torch
 
@@ -280,9 +280,14 @@ class _HiddenLog:
         b, n, h = x.shape
         self._grow(max(slots) + 1, max(s + c for s, c in zip(plan.starts, plan.counts)))
         cap = self.data.shape[1]
-        src = torch.cat([torch.arange(o, o + c) + i * n for i, (o, c) in enumerate(zip(plan.offsets, plan.counts))])
-        dst = torch.cat([torch.arange(st, st + c) + sl * cap for sl, st, c in zip(slots, plan.starts, plan.counts)])
-        rows = x.detach().reshape(b * n, h).index_select(0, src.to(x.device))
+        if n == 1 and all(c == 1 for c in plan.counts):  # a decode step: one row per sequence
+            dst = torch.tensor([sl * cap + st for sl, st in zip(slots, plan.starts)])
+        else:
+            dst = torch.cat([torch.arange(st, st + c) + sl * cap for sl, st, c in zip(slots, plan.starts, plan.counts)])
+        rows = x.detach().reshape(b * n, h)
+        if any(c != n for c in plan.counts):  # padding: only the real tokens (an index list to the device)
+            src = torch.cat([torch.arange(o, o + c) + i * n for i, (o, c) in enumerate(zip(plan.offsets, plan.counts))])
+            rows = rows.index_select(0, src.to(x.device))
         if self.cuda:
             staging = torch.empty(rows.shape, dtype=self.data.dtype, pin_memory=True)
             staging.copy_(rows, non_blocking=True)
@@ -308,6 +313,14 @@ class _HiddenLog:
         rows = self.data.view(-1, h)[idx.view(-1)].view(-1, block, h)
         rows = torch.where((pos < cap).unsqueeze(-1), rows, 0)
         return rows.to(device, non_blocking=False)
+
+
+class _LogStep(NamedTuple):
+    """The host side of a one-token graph step, as ``_HiddenLog.write`` reads a ``StepPlan``."""
+
+    starts: tuple
+    counts: tuple
+    offsets: tuple
 
 
 def _rotary_of(model):
@@ -392,6 +405,7 @@ def _classes():
             # phase 3: (attention module, rotary embedding, capacity) to recompute dropped pages from
             self.recompute = recompute
             self.hidden_log: Optional[_HiddenLog] = None
+            self._static_hidden: Optional[torch.Tensor] = None  # a graph step's input, logged after it
             self.tier_group = None
             self._hidden_in = None
             self.group = group if group is not None else _Group(1)
@@ -491,7 +505,13 @@ def _classes():
                                       "on the model's generation config)") from None
             if self.hidden_log is not None:  # phase 3: what this step's pages are recomputed from
                 table = self.paged.table
-                self.hidden_log.write(self._hidden_in, [table.get(s).slot for s in self.seq_ids], table.plan)
+                if table.in_static_step:  # a graph step: the host logs this buffer after the step
+                    x = self._hidden_in[:, -1]
+                    if self._static_hidden is None or self._static_hidden.shape != x.shape:
+                        self._static_hidden = torch.empty_like(x)  # the first (eager) static step makes it
+                    self._static_hidden.copy_(x)
+                else:
+                    self.hidden_log.write(self._hidden_in, [table.get(s).slot for s in self.seq_ids], table.plan)
             self._hidden_in = None
             self._length += n
             group.length = max(group.length, self._length)
@@ -706,7 +726,11 @@ def _classes():
             bookkeeping, K/V writes and attention all run on the device with static shapes.
             ``max_length``: the longest a sequence may grow (default: the length the cache was
             sized for). ``capture=False`` runs the same static step eagerly (CPU, debugging).
-            Logits returned by a replay are overwritten by the next call.
+            Logits returned by a replay are overwritten by the next call. With a host tier
+            (``gpu_pages``/``host_pages``) the tier moves, drops and recomputes pages in the
+            host part before each step, in place, and the graph step reads them; a layer that
+            logs its input for recompute (``recompute="hidden"``) copies it into a buffer inside
+            the step, which the host logs after it.
 
             ``compile=True`` (or a ``torch.compile`` backend name) captures the model's forward
             compiled by ``torch.compile`` (the cache's update and attention stay eager: a graph
@@ -720,13 +744,6 @@ def _classes():
             layers = list(self.layers)
             if any(layer.paged is None for layer in layers):
                 raise RuntimeError("decode_graph needs the cache filled by a prefill first")
-            if any(layer.paged.table.tier is not None for layer in layers):
-                # a tier decides on the host, per step, which pages move (and what to recompute from
-                # hidden states it logs on the host): work a replayed graph cannot do
-                raise RuntimeError("decode_graph does not run a cache with a host tier (gpu_pages/host_pages): "
-                                   "the tier moves and recomputes pages on the host before every step. Decode "
-                                   "eagerly (model.generate) over this cache, or size the GPU pool for every "
-                                   "page (S2Cache without gpu_pages/host_pages) to use CUDA graphs")
             max_length = max_length or self.max_length
             if max_length is None:
                 raise ValueError("give max_length: the longest a sequence may grow")
@@ -756,13 +773,22 @@ def _classes():
             graph = DecodeGraph(step, tables, [g.seq_ids for g in groups], max_length=max_length, capture=capture,
                                 warmup=2 if compile else 1)
 
+            logged = [layer for layer in layers if layer.hidden_log is not None]
+
             def run(input_ids):
                 if input_ids.shape != ids_buf.shape:
                     raise ValueError(f"input_ids must be {tuple(ids_buf.shape)} (one token per sequence), got "
                                      f"{tuple(input_ids.shape)}")
                 before = [(layer._length, layer.group.length) for layer in layers]
+                if logged:  # each token's position, before the step
+                    table = logged[0].paged.table
+                    rows = [table.get(s) for s in logged[0].seq_ids]
+                    at = _LogStep(tuple(r.length for r in rows), (1,) * batch, (0,) * batch)
+                    log_slots = [r.slot for r in rows]
                 ids_buf.copy_(input_ids)
                 out = graph()
+                for layer in logged:  # phase 3: the step left each layer's input in a buffer; log it
+                    layer.hidden_log.write(layer._static_hidden.view(batch, 1, -1), log_slots, at)
                 for layer, (n, _) in zip(layers, before):  # Python ran for an eager step, not for a replay
                     layer._length = n + 1
                     layer._pending = 0

@@ -32,9 +32,13 @@ The bookkeeping reads the device once per step and table: one transfer holds the
 the free-page stack and every layer's top-k selection; everything after is planned on the host
 and mirrored onto the device with tensor ops.
 
+CUDA-graph decode steps (``PageTable.enable_static``) tier too: the tier prepares in the host
+part before each step (``prepare_static``), where pages move up, down, are dropped or
+recomputed in place in the pools and tables the graph reads, and the step waits for those
+copies before it starts (``settle``); the captured step itself moves nothing.
+
 Limits: a first prefill writes the prompt's pages at once, so the GPU pool must hold one
-batch's prompt (its kept blocks); sequences spill from the next step on. CUDA-graph decode
-steps (static tables) do not tier: ``PageTable.enable_static`` refuses a tiered table.
+batch's prompt (its kept blocks); sequences spill from the next step on.
 """
 from __future__ import annotations
 
@@ -45,11 +49,49 @@ import torch
 from .paging import KeepRules, OutOfPagesError, PageTable
 from .quant import quantize_pages
 
-__all__ = ["HostTier", "TierGroup", "HostFullError", "Recompute"]
+__all__ = ["HostTier", "TierGroup", "HostFullError", "Recompute", "StepReads"]
 
 #: ``recompute(slots, kv_heads, blocks)`` (int64 CPU tensors of m entries) -> ``(k, v)``, each
 #: ``[m, block, head_dim]`` on the pool's device: the K and V of those pages, made again
 Recompute = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple]
+
+
+class StepReads:
+    """The blocks a one-token step reads per kv head: its q heads' static components at the
+    query's block. ``KeepRules`` (every head taken as KV-efficient) gives window, sinks,
+    residues and global rows; a relative stride, which ``KeepRules`` must count as "keep
+    everything" (its blocks come back as the query moves), reads only the blocks at a multiple
+    of its stride beyond the window, ``(i - j - W + 1) % S == 0``: the blocks that move up (or
+    are recomputed) when the query crosses into the next block."""
+
+    def __init__(self, pattern):
+        self.rules = KeepRules(pattern, (True,) * pattern.heads, torch.device("cpu"))
+        self.block = pattern.block
+        g = pattern.group_size
+        self.relative = {}
+        for kv in range(pattern.kv_heads):
+            specs = [pattern.head_specs[h] for h in range(kv * g, (kv + 1) * g)]
+            if any(s.relative for s in specs) and not any(s.dense for s in specs):
+                self.relative[kv] = specs
+
+    def needed(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        """``i``: query block (batch, 1, 1); ``j``: (1, 1, width) -> (batch, kv_heads, width)."""
+        out = self.rules.needed(i, j)
+        if not self.relative:
+            return out
+        out = out.expand(i.shape[0], out.shape[1], j.shape[-1]).clone()
+        d = i - j
+        for kv, specs in self.relative.items():
+            m = j >= i
+            for s in specs:
+                w, _, sink = s.blocks_touched(self.block)
+                m = m | ((d >= 0) & (d < max(w, 1))) | (j < sink) | (i < s.global_rows)
+                for mod, r in s.residues:
+                    m = m | (j % mod == r)
+                if s.relative:
+                    m = m | s.keeps_relative(d)
+            out[:, kv] = m[:, 0]
+        return out
 
 
 class HostFullError(OutOfPagesError):
@@ -96,11 +138,19 @@ class HostTier:
         self.dropped = torch.zeros((0, table.kv_heads, 0), dtype=torch.bool)
         # what each kv head's step reads besides the top-k: its q heads' static components, as if
         # every head were KV-efficient (a top-k kv head keeps every page, but reads only these)
-        self.reads_rules = KeepRules(table.pattern, (True,) * table.pattern.heads, torch.device("cpu"))
+        self.reads_rules = StepReads(table.pattern)
         self.evict_rules = KeepRules(table.pattern, table.efficient, torch.device("cpu"))
         self.moved_up = self.moved_down = 0  # pages, since creation
         self.dropped_pages = self.recomputed = 0
         self.syncs = 0  # device reads by the bookkeeping (one per step)
+        # the fast path's host caches (see _step_reads_absent), invalidated by _version
+        self._version = 0
+        self._absent_at = -1
+        self._absent_any = False
+        self._static_key = None
+        self._release_key = None
+        self._slots_memo = (None, None)
+        self._sel_shapes: List[tuple] = []
         self.cuda = table.device.type == "cuda"
         self._stream = torch.cuda.Stream(table.device) if self.cuda else None
         self.group = group if group is not None else TierGroup()
@@ -140,6 +190,13 @@ class HostTier:
         if ev is not None:
             torch.cuda.current_stream(self.table.device).wait_event(ev)
 
+    def settle(self) -> None:
+        """Before a static (CUDA-graph) step: the current stream waits for every copy now (a
+        captured step cannot wait on events recorded outside it; it reads the pools in place)."""
+        if self.cuda:
+            torch.cuda.current_stream(self.table.device).wait_stream(self._stream)
+        self._events.clear()
+
     # ------------------------------------------------------------------ a step
     def prepare(self, seq_ids: Sequence, n: int, only_needed: bool) -> None:
         """Before the table plans writing ``n`` tokens to ``seq_ids``: make room, bring up reads
@@ -153,9 +210,10 @@ class HostTier:
         tiers = [self]
         if self is group.tiers[0]:
             tiers += [t for t in group.tiers[1:] if t.members and t._holds(seq_ids)]
-        reads = [t._device_state(seq_ids, n) for t in tiers]
-        # the step's one read of the device: every table, free stack and top-k selection together
-        flat = torch.cat([x.to(torch.long) for parts in reads for x in parts]).cpu()
+        reads = [t._device_state() for t in tiers]
+        # the step's one read of the device: every table, free stack and top-k selection together,
+        # all int32 (the free count's int64 as its two words), so the read is one cat and one copy
+        flat = torch.cat([x for parts in reads for x in parts]).cpu()
         self.syncs += 1
         at = 0
         for t, parts in zip(tiers, reads):
@@ -167,32 +225,51 @@ class HostTier:
     def _holds(self, seq_ids) -> bool:
         return all(s in self.table._seqs for s in seq_ids)
 
-    def _device_state(self, seq_ids, n: int) -> List[torch.Tensor]:
+    def _device_state(self) -> List[torch.Tensor]:
+        """What the step's read takes from the device: views, no device op. The selections are
+        read whole (every slot): indexing the step's slots on the device would copy the slot
+        list there first."""
         t = self.table
-        step_slots = torch.tensor([t.get(s).slot for s in seq_ids], dtype=torch.long)
         states = []
-        if n == 1:
-            for cache in self.members:
-                state = getattr(cache, "_topk_state", None)
-                if state is not None and state.selection.shape[0] > 0:
-                    states.append(state.selection[step_slots.to(state.selection.device)])
-        self._n_states = len(states)
-        return [t.tables.reshape(-1), t.free_stack, t.n_free.view(1)] + [s.reshape(-1) for s in states]
+        for cache in self.members:
+            state = getattr(cache, "_topk_state", None)
+            if state is not None and state.selection.shape[0] > 0:
+                states.append(state.selection)
+        self._sel_shapes = [tuple(x.shape) for x in states]
+        return ([t.tables.reshape(-1), t.free_stack, t.n_free.view(1).view(torch.int32)]
+                + [x.reshape(-1) for x in states])
 
     def _prepare(self, flat: torch.Tensor, seq_ids: Sequence, n: int, only_needed: bool) -> None:
         t = self.table
         seqs = t.seqs(seq_ids)
-        step_slots = torch.tensor([s.slot for s in seqs], dtype=torch.long)
         shape = t.tables.shape
-        n_tab = t.tables.numel()
-        tables = flat[:n_tab].view(shape).to(torch.int32)
-        self._stack = flat[n_tab:n_tab + t.free_stack.numel()].clone()
-        self._n_free = int(flat[n_tab + t.free_stack.numel()])
-        sels = (flat[n_tab + t.free_stack.numel() + 1:].view(self._n_states, len(seqs), t.kv_heads, -1)
-                if self._n_states else None)
+        n_tab, n_stack = t.tables.numel(), t.free_stack.numel()
+        tables = flat[:n_tab].view(shape)
+        self._stack_raw = flat[n_tab:n_tab + n_stack]
+        self._stack = None  # made from the raw words when the slow path needs it
+        self._n_free = int(flat[n_tab + n_stack])  # the low word of the int64 count (< 2**31)
+        at = n_tab + n_stack + 2
+        sels_all = []
+        for shp in self._sel_shapes:
+            size = shp[0] * shp[1] * shp[2]
+            sels_all.append(flat[at:at + size].view(shp))
+            at += size
         self._fit(shape)
-        self._release()
+        self._release_if_moved(seqs)
         b, kvh = t.block, t.kv_heads
+        if n == 1:
+            new_pages = kvh * sum(1 for s in seqs if s.length % b == 0)
+        elif only_needed:  # a first prefill: the blocks the pattern keeps afterwards
+            new_pages = sum(sum(t.rules.count_needed(s.length + n, t.lookahead)) for s in seqs)
+        else:
+            new_pages = kvh * sum(-(-(s.length + n) // b) - -(-s.length // b) for s in seqs)
+        if n == 1 and new_pages <= self._n_free and not self._step_reads_absent(seqs, sels_all):
+            # the usual decode step: nothing it reads is off the GPU and its new pages fit
+            t._free_known = self._n_free
+            return
+        self._stack = self._stack_raw.long()
+        step_slots = self._slots_of(seqs)
+        sels = [x[step_slots] for x in sels_all] if n == 1 else []
         width = shape[2]
         j = torch.arange(width).view(1, 1, -1)
         n_blocks = torch.tensor([-(-s.length // b) for s in seqs], dtype=torch.long).view(-1, 1, 1)
@@ -201,20 +278,15 @@ class HostTier:
             step_reads = self.reads_rules.needed(i, j)
         else:  # a chunk of several queries: every block
             step_reads = torch.ones(len(seqs), kvh, width, dtype=torch.bool)
-        if sels is not None:  # and every layer's top-k selection
-            for sel in sels:
-                hit = torch.zeros(len(seqs), kvh, width, dtype=torch.long)
-                hit.scatter_reduce_(2, sel.clamp(0, width - 1), (sel >= 0).long(), reduce="amax")
-                step_reads |= hit.bool()
+        for sel in sels:  # and every layer's top-k selection
+            hit = torch.zeros(len(seqs), kvh, width, dtype=torch.long)
+            hit.scatter_reduce_(2, sel.long().clamp(0, width - 1), (sel >= 0).long(), reduce="amax")
+            step_reads |= hit.bool()
         reads = torch.zeros(shape, dtype=torch.bool)
         reads[step_slots] = step_reads & (j < n_blocks)
         up = reads & (tables < 0) & (self.host_table >= 0)
         rec = reads & self.dropped
         n_up, n_rec = int(up.sum()), int(rec.sum())
-        if only_needed and n > 1:  # a first prefill: the blocks the pattern keeps afterwards
-            new_pages = sum(sum(t.rules.count_needed(s.length + n, t.lookahead)) for s in seqs)
-        else:
-            new_pages = kvh * sum(-(-(s.length + n) // b) - -(-s.length // b) for s in seqs)
         short = n_up + n_rec + new_pages - self._n_free
         if short > 0:
             self._spill(tables, reads, short)
@@ -222,7 +294,61 @@ class HostTier:
             self._fetch(tables, up)
         if n_rec:
             self._rebuild(tables, rec)
+        self._version += 1  # residency changed (or may have): the fast path's caches start again
         t._free_known = self._n_free
+
+    def _slots_of(self, seqs) -> torch.Tensor:
+        key = tuple(s.slot for s in seqs)
+        if self._slots_memo[0] != key:
+            self._slots_memo = (key, torch.tensor(key, dtype=torch.long))
+        return self._slots_memo[1]
+
+    def _step_reads_absent(self, seqs, sels_all) -> bool:
+        """Does a one-token step of ``seqs`` read a block that is not on the GPU (on the host or
+        dropped)? The fast path's question, on host tensors cached per residency version and per
+        query block: most steps pay a gather and an ``any`` per top-k selection."""
+        if self._absent_at != self._version:
+            self._absent = (self.host_table >= 0) | self.dropped
+            self._absent_any = bool(self._absent.any())
+            self._absent_at = self._version
+            self._static_key = None
+        if not self._absent_any:
+            return False
+        b = self.table.block
+        key = (self._version, tuple((s.slot, s.length // b, -(-s.length // b)) for s in seqs))
+        if self._static_key != key:
+            slots = self._slots_of(seqs)
+            width = self._absent.shape[2]
+            j = torch.arange(width).view(1, 1, -1)
+            i = torch.tensor([s.length // b for s in seqs], dtype=torch.long).view(-1, 1, 1)
+            n_blocks = torch.tensor([-(-s.length // b) for s in seqs], dtype=torch.long).view(-1, 1, 1)
+            absent = self._absent[slots]
+            self._static_hit = bool((absent & self.reads_rules.needed(i, j) & (j < n_blocks)).any())
+            # one column more, never absent, where a selection's -1 (no block) lands
+            self._absent_steps = torch.cat([absent, torch.zeros_like(absent[:, :, :1])], 2)
+            self._static_key = key
+        if self._static_hit:
+            return True
+        cols = self._absent_steps.shape[2]
+        slots = self._slots_of(seqs)
+        for sel in sels_all:
+            idx = sel[slots].long().remainder_(cols)  # -1 -> the spare column
+            if bool(self._absent_steps.gather(2, idx).any()):
+                return True
+        return False
+
+    def _release_if_moved(self, seqs) -> None:
+        """``_release`` when a block could have become unreadable since it last ran: a sequence
+        left, was cropped or crossed a block (its end or its eviction bound); else nothing."""
+        t = self.table
+        b, la = t.block, t.lookahead
+        key = tuple((s.slot, max(s.length - la, 0) // b, -(-s.length // b)) for s in t._seqs.values())
+        if key == self._release_key:
+            return
+        self._release_key = key
+        if self._absent_at == self._version and not self._absent_any:
+            return  # nothing on the host or dropped: nothing to release
+        self._release()
 
     # ------------------------------------------------------------------ internals
     def _fit(self, shape) -> None:
@@ -233,6 +359,7 @@ class HostTier:
             grown = torch.full(shape, fill, dtype=dtype)
             grown[:old.shape[0], :, :old.shape[2]] = old
             setattr(self, name, grown)
+        self._version += 1
 
     def _release(self) -> None:
         """Free the host slots (and forget the dropped pages) of blocks no query can read again."""
@@ -254,6 +381,7 @@ class HostTier:
         if bool(gone.any()):
             self._free.extend(ht[gone].tolist())
             ht[gone] = -1
+        self._version += 1
 
     def _push(self, pages: torch.Tensor) -> None:
         """Return GPU pages to the pool: on the device, and on the host's mirror of the stack."""

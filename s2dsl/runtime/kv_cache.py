@@ -35,7 +35,7 @@ import torch
 
 from ..pattern import Pattern
 from .paging import DecodeBatch, OutOfPagesError, PageTable, StepPlan, kv_efficient_heads
-from .quant import QuantizedPages, dequantize_pages, quantize_pages
+from .quant import QuantizedPages, dequantize_pages, quantize_pages, write_decode_tokens
 
 __all__ = ["PagedKVCache", "OutOfPagesError", "dense_pattern", "DecodeBatch", "StepPlan", "PageTable"]
 
@@ -276,6 +276,8 @@ class PagedKVCache:
         widenings of a decoded page, about one step in tests, against half a step.)"""
         d, blk = self.head_dim, self.block
         dest = dest.to(torch.long)
+        if plan.n == 1 and write_decode_tokens(self._k_all, self._v_all, self._qparams, k.detach(), v.detach(), dest):
+            return  # a decode step: one generated kernel for both pools (the torch ops below, fused)
         page, off = dest // blk, dest % blk
         if plan.n == 1:  # decoding: one token per (sequence, kv head), each in its own page; no sync
             pages, inv = page, torch.arange(page.numel(), device=page.device)

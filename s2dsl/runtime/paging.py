@@ -623,9 +623,6 @@ class PageTable:
         """Plan one-token steps with device ops alone, for sequences of up to ``max_length``
         tokens: the tables are made that wide now, and the host learns of each step only through
         ``prepare_static`` (before) and ``commit_static`` (after). ``disable_static`` ends it."""
-        if self.tier is not None:
-            raise RuntimeError("static (CUDA-graph) decode steps do not move pages between tiers: use a cache "
-                               "without a host tier (host_pages) for them")
         self.reserve(slots=slots, max_length=max_length)
         self.static_max_len = max_length
 
@@ -643,6 +640,9 @@ class PageTable:
                 raise ValueError(f"a static step past max_length={self.static_max_len} tokens: enable_static with "
                                  "a larger max_length")
         slots = self.slots_tensor(seqs)  # made here, outside the step
+        if self.tier is not None:  # pages move (and are recomputed) here, before the step, not inside it
+            self.tier.prepare(seq_ids, 1, False)
+            self.tier.settle()
         at = [max(s.length - self.lookahead - self.block, 0) for s in seqs]
         g_rows = self._global_blocks
         if any(a // self.block > (s.evicted_at // self.block if s.evicted_at // self.block > g_rows else -1)

@@ -21,7 +21,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-__all__ = ["QuantizedPages", "quantize_pages", "dequantize_pages", "QMIN", "QMAX"]
+__all__ = ["QuantizedPages", "quantize_pages", "dequantize_pages", "write_decode_tokens", "QMIN", "QMAX"]
 
 QMIN, QMAX = -128, 127
 _LEVELS = QMAX - QMIN  # 255 steps between the page's minimum and maximum
@@ -86,3 +86,42 @@ def dequantize_pages(q: QuantizedPages, dtype: torch.dtype = torch.float32) -> t
     """``x_q · scale + bias``: the reference for what the kernels compute in registers."""
     codes, scale, bias = q
     return (codes.float() * scale.unsqueeze(1) + bias.unsqueeze(1)).to(dtype)
+
+
+def write_decode_tokens(k_codes: torch.Tensor, v_codes: torch.Tensor, qparams: torch.Tensor, k: torch.Tensor,
+                        v: torch.Tensor, dest: torch.Tensor) -> bool:
+    """One new token per page into INT8 pools, each page requantised whole over the rows up to
+    the new one, in one generated kernel (``s2dsl.codegen.quant``) for K and V: what
+    ``quantize_pages`` does to the dequantised page with the row put in, without the forty
+    torch launches. ``k``/``v``: ``[m, head_dim]``; ``dest``: int64 ``[m]``, each token's row in
+    the pools viewed as ``(pages * block, head_dim)``; two tokens of one page are not allowed
+    (except in the scratch page of padding, whose contents nobody reads). Returns False, doing
+    nothing, where no kernel runs (CPU tensors without ``TRITON_INTERPRET=1``)."""
+    from .kernels import interpreting
+    if k_codes.device.type != "cuda" and not interpreting():
+        return False
+    block, head_dim = k_codes.shape[1], k_codes.shape[2]
+    if interpreting() and k.dtype == torch.bfloat16:  # the interpreter's numpy has no bfloat16
+        k, v = k.float(), v.float()
+    k = k.reshape(-1, head_dim)
+    v = v.reshape(-1, head_dim)
+    if k.stride(0) != head_dim or k.stride(1) != 1:
+        k = k.contiguous()
+    if v.stride(0) != head_dim or v.stride(1) != 1:
+        v = v.contiguous()
+    _write_module(block, head_dim).launch(k_codes, v_codes, qparams, k, v, dest)
+    return True
+
+
+def _write_module(block: int, head_dim: int):
+    key = (block, head_dim)
+    module = _WRITE_MODULES.get(key)
+    if module is None:
+        from ..codegen.quant import QUANT_CODEGEN_VERSION, generate_quant_write
+        from .cache import cache_key, codegen_fingerprint, default_cache
+        ck = cache_key(QUANT_CODEGEN_VERSION, codegen_fingerprint(), "quant_write", block, head_dim)
+        module = _WRITE_MODULES[key] = default_cache().get(ck, lambda: generate_quant_write(block, head_dim))
+    return module
+
+
+_WRITE_MODULES: dict = {}

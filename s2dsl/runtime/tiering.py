@@ -215,12 +215,18 @@ def workload_for(pattern, *, batch: int, context: int, head_dim: int, hidden: in
     """The ``Workload`` of decoding ``batch`` sequences of ``context`` tokens under ``pattern``: the
     pages a step reads per kv head are the decode kernel's own count of its static blocks (largest
     over kv heads) plus the pattern's top-k."""
+    import torch
     from ..codegen.lower import lower
     from .decode import kept_blocks_for_query
+    from .host_tier import StepReads
     top = lower(pattern).max_topk if lower(pattern).has_topk else 0
     last = max(context - 1, 0)
     static = max(kept_blocks_for_query(pattern, g, last, last) for g in range(pattern.kv_heads))
     pages = math.ceil(max(context, 1) / pattern.block)
+    # the tier's own count (a relative stride's residue beyond the window included)
+    tier_reads = StepReads(pattern).needed(torch.full((1, 1, 1), last // pattern.block),
+                                           torch.arange(pages).view(1, 1, -1))
+    static = max(static, int(tier_reads.sum(-1).max()))
     read = min(static + top, pages)
     w = Workload(batch=batch, context=max(context, 1), kv_heads=pattern.kv_heads, head_dim=head_dim,
                  block=pattern.block, hidden=hidden, read_pages=read, topk_pages=min(top, read), churn=churn,
