@@ -247,6 +247,19 @@ def test_compiled_static_decode_step(model):
     assert cache.get_seq_length() == 34 + 4
 
 
+def _gpu_model(max_positions: int):
+    """A 4-layer bf16 Llama on the GPU (8 q / 2 kv heads) under PLAN at block 64."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=1000, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
+                         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=max_positions)
+    m = LlamaForCausalLM(config).to("cuda", torch.bfloat16).eval()
+    plan = PLAN.replace("block = 16", "block = 64").replace("heads = 4  kv_heads = 2", "heads = 8  kv_heads = 2") \
+        .replace("heads 0..1", "heads 0..3").replace("heads 2..3", "heads 4..7").replace("layers = 2", "layers = 4")
+    hf.apply(m, s2dsl.parse(plan), model_name="tiny")
+    return m
+
+
 @pytest.mark.gpu
 def test_gpu_compiled_cuda_graph_step():
     """bf16 on the GPU: the step compiled by inductor and captured in a CUDA graph, fed the
@@ -254,14 +267,7 @@ def test_gpu_compiled_cuda_graph_step():
     if os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     from torch import _dynamo
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=1000, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
-                         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096)
-    m = LlamaForCausalLM(config).to("cuda", torch.bfloat16).eval()
-    plan = PLAN.replace("block = 16", "block = 64").replace("heads = 4  kv_heads = 2", "heads = 8  kv_heads = 2") \
-        .replace("heads 0..1", "heads 0..3").replace("heads 2..3", "heads 4..7").replace("layers = 2", "layers = 4")
-    hf.apply(m, s2dsl.parse(plan), model_name="tiny")
+    m = _gpu_model(max_positions=4096)
     ids = torch.randint(1, 1000, (2, 900), device="cuda")
     runs = []
     for compiled in (False, True):
@@ -290,14 +296,7 @@ def test_gpu_cuda_graph_generation():
     eager decoding through S2Cache."""
     if os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=1000, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
-                         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096)
-    m = LlamaForCausalLM(config).to("cuda", torch.bfloat16).eval()
-    plan = PLAN.replace("block = 16", "block = 64").replace("heads = 4  kv_heads = 2", "heads = 8  kv_heads = 2") \
-        .replace("heads 0..1", "heads 0..3").replace("heads 2..3", "heads 4..7").replace("layers = 2", "layers = 4")
-    hf.apply(m, s2dsl.parse(plan), model_name="tiny")
+    m = _gpu_model(max_positions=4096)
     gen = torch.Generator().manual_seed(9)
     prompts = [torch.randint(1, 1000, (n,), generator=gen) for n in (1500, 700, 64)]
     graphed, _ = _graph_greedy(m, prompts, 40, capture=True, device="cuda")
@@ -335,14 +334,7 @@ def test_gpu_chunked_prefill_gathers_and_matches_one_prefill():
     kernel) gives the last logits of one prefill (dense layers: SDPA) within bf16 noise."""
     if os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=1000, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
-                         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=8192)
-    m = LlamaForCausalLM(config).to("cuda", torch.bfloat16).eval()
-    plan = PLAN.replace("block = 16", "block = 64").replace("heads = 4  kv_heads = 2", "heads = 8  kv_heads = 2") \
-        .replace("heads 0..1", "heads 0..3").replace("heads 2..3", "heads 4..7").replace("layers = 2", "layers = 4")
-    hf.apply(m, s2dsl.parse(plan), model_name="tiny")
+    m = _gpu_model(max_positions=8192)
     ids = torch.randint(1, 1000, (2, 4096), device="cuda")
     last = []
     for chunk in (4096, 1024):
