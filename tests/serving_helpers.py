@@ -102,3 +102,15 @@ def stub_decode_kernels(monkeypatch):
         spec, _ = real(cache, compute, d, q_len, device)
         return spec, _Stub()
     monkeypatch.setattr(decode, "_kernel_for", fake)
+
+
+def replay_selection(pattern, group_sel, n_rows):
+    """The per-q-head selection a decode step used, as the reference takes it: (1, heads,
+    n_rows, K_max), q head h taking the first K_h blocks of its kv head's row of ``group_sel``."""
+    from s2dsl.codegen.lower import lower
+    ks = [p.topk for p in lower(pattern).params]
+    sel = torch.full((1, pattern.heads, n_rows, max(ks)), -1, dtype=torch.int32)
+    for h, kh in enumerate(ks):
+        if kh:
+            sel[0, h, :, :kh] = group_sel[pattern.kv_head_of(h), :kh]
+    return sel

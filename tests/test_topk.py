@@ -19,6 +19,7 @@ from s2dsl.runtime.attention import InputError
 from s2dsl.runtime.topk import pooled_blocks, select_blocks, selection_shape, transpose_selection
 
 from kernel_strategies import head_body, random_inputs
+from serving_helpers import replay_selection
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3}
@@ -256,15 +257,6 @@ DECODE_PATTERNS = {
 }
 
 
-def _replay_selection(pattern, group_sel, n_rows):
-    """The per-q-head selection a decode step used: q head h takes the first K_h of its kv head's."""
-    ks = _ks(pattern)
-    k_max = max(ks)
-    sel = torch.full((1, pattern.heads, n_rows, k_max), -1, dtype=torch.int32)
-    for h, kh in enumerate(ks):
-        if kh:
-            sel[0, h, :, :kh] = group_sel[pattern.kv_head_of(h), :kh]
-    return sel
 
 
 def _block_mass(pattern, q, k, sel):
@@ -349,7 +341,7 @@ def test_decode_replays_the_selection_and_scores_the_last_steps(name):
         scores = state.running_scores(torch.tensor([cache.slot(s) for s in ids]))
         for b, s in enumerate(ids):
             first = (pos - n) // pattern.block
-            replay = _replay_selection(pattern, before[b], (pos - 1) // pattern.block - first + 1)
+            replay = replay_selection(pattern, before[b], (pos - 1) // pattern.block - first + 1)
             qb, kb, vb = q[b:b + 1, :, pos - n:pos], k[b:b + 1, :, :pos], v[b:b + 1, :, :pos]
             ref = s2dsl.reference_attention(qb, kb, vb, pattern, selection=replay)
             torch.testing.assert_close(out[b:b + 1], ref, atol=2e-5, rtol=2e-5)

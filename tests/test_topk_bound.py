@@ -13,6 +13,7 @@ from s2dsl.codegen.lower import UnsupportedPattern, lower
 from s2dsl.errors import S2Error
 
 from kernel_strategies import random_inputs
+from serving_helpers import replay_selection
 
 BOUND = """
 pattern p {
@@ -102,13 +103,6 @@ def _bound_pick(pattern, q, k, i_last, g, kk):
     return sorted(cands, key=lambda j: -scores[j])[:kk], scores
 
 
-def _replay(pattern, group_sel, n_rows):
-    ks = [p.topk for p in lower(pattern).params]
-    sel = torch.full((1, pattern.heads, n_rows, max(ks)), -1, dtype=torch.int32)
-    for h, kh in enumerate(ks):
-        if kh:
-            sel[0, h, :, :kh] = group_sel[pattern.kv_head_of(h), :kh]
-    return sel
 
 
 @pytest.mark.parametrize("name", ["bound", "mixed"])
@@ -151,7 +145,7 @@ def test_decode_selects_by_the_bound_of_the_steps_own_queries(name):
                 # the same pages, up to ties in the bound
                 assert sorted(scores[j] for j in got) == pytest.approx(sorted(scores[j] for j in want), rel=1e-5)
             first = (pos - n) // pattern.block
-            replay = _replay(pattern, used[b], (pos - 1) // pattern.block - first + 1)
+            replay = replay_selection(pattern, used[b], (pos - 1) // pattern.block - first + 1)
             ref = s2dsl.reference_attention(q[b:b + 1, :, pos - n:pos], k[b:b + 1, :, :pos], v[b:b + 1, :, :pos],
                                             pattern, selection=replay)
             torch.testing.assert_close(out[b:b + 1], ref, atol=2e-5, rtol=2e-5)

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import s2dsl
-from s2dsl.codegen.lower import lower
+
+from serving_helpers import replay_selection
 
 # ALISA's sparse window attention with per-group K (kv head 1: K 1 < K max 2) and a static group
 ALISA_GQA = ("pattern p { block = 16 heads = 6 kv_heads = 3 heads 0..1 { window 1 topk 2 recent 3 } "
@@ -18,14 +19,6 @@ ALISA_GQA = ("pattern p { block = 16 heads = 6 kv_heads = 3 heads 0..1 { window 
 BOUND_GQA = ALISA_GQA.replace("topk 2 recent 3", "topk 2 by bound")
 
 
-def _replay_selection(pattern, group_sel, n_rows):
-    """The per-q-head selection a decode step used: q head h takes the first K_h of its kv head's."""
-    ks = [p.topk for p in lower(pattern).params]
-    sel = torch.full((1, pattern.heads, n_rows, max(ks)), -1, dtype=torch.int32)
-    for h, kh in enumerate(ks):
-        if kh:
-            sel[0, h, :, :kh] = group_sel[pattern.kv_head_of(h), :kh]
-    return sel
 
 
 def _graph_steps(device, dtype, capture, steps, prompt=37, d=16, text=ALISA_GQA):
@@ -72,7 +65,7 @@ def _graph_steps(device, dtype, capture, steps, prompt=37, d=16, text=ALISA_GQA)
         # a replay's split count is chosen for max_length, the twin's for the lengths: in bf16 a
         # near-tie may then select differently; each output is held to the reference below
         for b in range(2):
-            replay = _replay_selection(pattern, used[b].cpu(), 1).to(device)
+            replay = replay_selection(pattern, used[b].cpu(), 1).to(device)
             ref = s2dsl.reference_attention(q[b:b + 1, :, pos:pos + 1].float(), k[b:b + 1, :, :pos + 1].float(),
                                             v[b:b + 1, :, :pos + 1].float(), pattern, selection=replay)
             err = ((out[b:b + 1].float() - ref).norm() / ref.norm()).item()
