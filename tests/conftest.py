@@ -1,4 +1,4 @@
-"""Shared test setup: the repository root on sys.path, paths, and the ``gpu`` marker."""
+"""Shared test setup: the repository root on sys.path, paths, and the ``gpu`` and ``slow`` markers."""
 from __future__ import annotations
 
 import os
@@ -14,7 +14,15 @@ if str(ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked ``gpu`` need a CUDA device; skip them without one."""
+    """Tests marked ``gpu`` need a CUDA device; skip them without one. Tests marked ``slow`` run
+    only when asked for (``S2DSL_SLOW=1``, or a ``-m`` expression naming them): the default run
+    keeps a fast representative of each (CI has 2 cores and 30 minutes)."""
+    run_slow = os.environ.get("S2DSL_SLOW") == "1" or "slow" in (config.getoption("markexpr") or "")
+    if not run_slow:
+        skip_slow = pytest.mark.skip(reason="slow: set S2DSL_SLOW=1 (or -m slow) to run it")
+        for item in items:
+            if item.get_closest_marker("slow") is not None:
+                item.add_marker(skip_slow)
     try:
         import torch
         has_cuda = torch.cuda.is_available()

@@ -240,7 +240,9 @@ def _greedy(model, ids, cache, steps, graph=False):
 
 
 @kernels
-@pytest.mark.parametrize("host_pages,recompute", [(8, None), (0, "hidden")], ids=["host", "drop"])
+# the recomputing case is the slower one on the interpreter (~47 s); test_alisa_gpu captures it on a GPU
+@pytest.mark.parametrize("host_pages,recompute",
+                         [(8, None), pytest.param(0, "hidden", marks=pytest.mark.slow)], ids=["host", "drop"])
 def test_decode_graph_steps_a_tiered_cache_losslessly(swa_model, host_pages, recompute):
     """Static (CUDA-graph) steps over a tiered cache: the tier moves, drops and recomputes pages in
     the host part before each step; the tokens are the all-resident eager cache's."""
