@@ -236,3 +236,42 @@ def test_forward_variants_compile_for_sm90():
     assert len({j["file"] for j in jobs}) == len(FORWARD_VARIANTS)
     for job, shared in zip(jobs, _compile_sm90(jobs)):
         assert shared <= 232448, (job["file"], shared)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), reason="captures interpreted launches")
+def test_prefill_selection_kernels_compile_for_sm90():
+    """The prefill selection's generated kernels as the GPU runs them (bf16, head dim 128, block 64,
+    the GPU's pooling step): pooled keys, pooled top-k per query tile (padded and packed batches,
+    causal and bidirectional, K 16 and the largest K kept in registers) and the score mode the
+    bound / last-row estimators use."""
+    from s2dsl.runtime import topk as topk_mod
+
+    jobs = []
+    cases = [("causal heads * { window 16 sink 1 topk 16 }", "pooled"),
+             ("causal heads * { window 16 sink 1 topk 16 }", "bound"),
+             ("causal heads 0..1 { window 4 topk 128 } heads 2..3 { window 4 stride 8 }", "pooled"),
+             ("bidirectional heads * { window 2 topk 3 }", "pooled")]
+    for body, estimator in cases:
+        pattern = s2dsl.parse(f"pattern s {{ block = 64 heads = 4 kv_heads = 2 {body} }}")["s"]
+        module = topk_mod._prefill_info(pattern)[0]
+        saved = {n: getattr(module, n) for n in ("pool_kernel", "select_kernel", "pool_step")}
+        module.pool_kernel, module.select_kernel = (_Capture(saved[n], jobs, run=False)
+                                                    for n in ("pool_kernel", "select_kernel"))
+        module.pool_step = lambda device: min(4, pattern.block)  # the GPU's, not the interpreter's whole block
+        try:
+            q = torch.zeros(1, 4, 1024, 128, dtype=torch.bfloat16)
+            k = torch.zeros(1, 2, 1024, 128, dtype=torch.bfloat16)
+            topk_mod.select_blocks(q, k, pattern, estimator=estimator)
+            if estimator == "pooled":
+                cu = torch.tensor([0, 300, 1024], dtype=torch.int32)
+                topk_mod.select_blocks(q[0].transpose(0, 1), k[0].transpose(0, 1), pattern, cu_seqlens_q=cu,
+                                       cu_seqlens_k=cu)
+        finally:
+            for n, v in saved.items():
+                setattr(module, n, v)
+    unique = list({json.dumps([j["name"], j["consts"]], sort_keys=True): j for j in jobs}.values())
+    assert {j["name"] for j in unique} == {"pool_kernel", "select_kernel"}
+    assert {(j["consts"]["FROM_SCORES"], j["consts"]["PACKED"]) for j in unique if j["name"] == "select_kernel"} \
+        >= {(False, False), (False, True), (True, False)}
+    for job, shared in zip(unique, _compile_sm90(unique)):
+        assert shared <= 232448, (job["name"], job["consts"], shared)

@@ -11,9 +11,14 @@ per (query block, K).
 
 Estimator (``select_blocks``): the block-pooled score of MInference's block-sparse heads. Per
 head, the mean query of each query block dotted with the mean key of each kv block (the kv
-head's, under grouped-query attention); the K best candidates outside the static set win.
-Its cost is one ``[query blocks, D] x [D, kv blocks]`` product per head, chunked over query
-blocks so memory stays bounded at long contexts. ``estimator="last_row"`` scores instead with
+head's, under grouped-query attention); the K best candidates outside the static set win, the
+later block among equal scores (``order_keys``). It runs as two generated launches
+(``codegen/select.py``): the keys pooled per kv block, then one program per (head, tile of 16
+query blocks) pools its queries, scores them against the pooled keys tile by tile up to the
+causal cut and keeps a running top K in registers; nothing of size query blocks x kv blocks is
+written, and there is no host sync. (K above the kernel's register limit takes the torch path:
+score chunks, the generated exclusion, a top-k of the same keys.)
+``estimator="last_row"`` scores instead with
 the attention of each query block's last query over every key, summed per kv block (ALISA /
 SnapKV's observation row): exact for that row, ``block`` times the work of the pooled score.
 
@@ -28,6 +33,7 @@ shorter sequences' extra rows unused (-1).
 """
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import List, Optional, Tuple, Union
 
 import torch
@@ -38,7 +44,7 @@ from ..pattern import Pattern
 from .cache import cache_key, codegen_fingerprint, default_cache
 
 __all__ = ["ESTIMATORS", "selection_shape", "select_blocks", "check_selection", "topk_heads", "exclusion_module",
-           "pooled_blocks", "SCORE_CHUNK_ELEMENTS", "packed_lengths", "first_blocks"]
+           "pooled_blocks", "SCORE_CHUNK_ELEMENTS", "packed_lengths", "first_blocks", "order_keys", "NONE_KEY"]
 
 #: float32 scores held at once while selecting (the query blocks are taken in chunks)
 SCORE_CHUNK_ELEMENTS = 1 << 26
@@ -159,6 +165,44 @@ def _last_row_scores(q, k, pattern: Pattern, rows: torch.Tensor, heads_t: torch.
     return probs.view(b, heads, len(rows), n_cols, block).sum(-1).index_select(1, heads_t).contiguous()
 
 
+#: the int64 key of an excluded candidate, below every real one (see ``order_keys``)
+NONE_KEY = -(1 << 63)
+
+
+def order_keys(scores: torch.Tensor, n_valid: Optional[int] = None) -> torch.Tensor:
+    """int64 keys ranking float32 ``scores`` (..., kv blocks) as the generated selection does: by
+    score, then by kv block, the later block first among equal scores (ties are decided, not left
+    to the sort); ``-inf`` and NaN scores, and blocks at or past ``n_valid``, are ``NONE_KEY``."""
+    s = scores.float()
+    bits = torch.where(s == 0, torch.zeros_like(s), s).view(torch.int32).long()   # -0.0 ties with 0.0
+    cols = torch.arange(s.shape[-1], device=s.device)
+    key = (torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF) << 32) | cols
+    drop = torch.isnan(s) | (s == float("-inf"))
+    if n_valid is not None:
+        drop = drop | (cols >= n_valid)
+    return torch.where(drop, NONE_KEY, key)
+
+
+@lru_cache(maxsize=256)
+def _prefill_info(pattern: Pattern):
+    """Per pattern, looked up once: the generated module, each head's K, the top-k heads, the largest K."""
+    ks = topk_heads(pattern)
+    return exclusion_module(pattern), ks, tuple(h for h, kk in enumerate(ks) if kk), max(ks)
+
+
+def _heads_tensor(module, dyn, device):
+    """The top-k heads as an int32 device tensor, made once per (module, device): no host copy per call."""
+    memo = module.__dict__.setdefault("_dyn_heads", {})
+    key = (dyn, str(device))
+    if key not in memo:
+        memo[key] = torch.tensor(dyn, dtype=torch.int32, device=device)
+    return memo[key]
+
+
+def _fused(module, k_max: int) -> bool:
+    return 1 << max(k_max - 1, 0).bit_length() <= module.FUSED_K
+
+
 @torch.no_grad()
 def select_blocks(q: torch.Tensor, k: torch.Tensor, pattern: Pattern, *, layout: str = "bhsd",
                   estimator: str = "pooled", cu_seqlens_q: Optional[torch.Tensor] = None,
@@ -172,12 +216,25 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, pattern: Pattern, *, layout:
     the query block's rows: a block some row could attend strongly wins; O(queries * kv blocks)
     work, a ``block``-th of the attention's).
     ``cu_seqlens_q`` / ``cu_seqlens_k``: packed (total, heads, dim) inputs, one selection per sequence.
+
+    Each row holds its head's K selectable blocks of highest score, best first; among equal scores
+    the later block wins (``order_keys``). The pooled estimator is two generated launches (keys
+    pooled per kv block; then per (head, query-block tile) the queries pooled, scored against the
+    pooled keys and the K best kept while walking the kv blocks), with no block score matrix in
+    memory; the other estimators compute their scores in chunks of query blocks and pick from them
+    with the same generated kernel.
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    module, ks, dyn, k_max = _prefill_info(pattern)
     if cu_seqlens_q is not None:
         q_lens, kv_lens = packed_lengths(cu_seqlens_q, cu_seqlens_k)
         shape, _ = packed_selection_shape(pattern, q_lens, kv_lens)
+        if estimator == "pooled" and _fused(module, k_max) and dyn and shape[2]:  # every sequence in one launch
+            sel = torch.empty(shape, dtype=torch.int32, device=q.device)
+            cq, ck = cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32)
+            packed = (cq[:-1], cq[1:] - cq[:-1], ck[:-1], ck[1:] - ck[:-1])
+            return module.select_pooled(_last_dim_unit(q), _last_dim_unit(k), sel, 0, max(kv_lens), packed)
         sel = torch.full(shape, -1, dtype=torch.int32, device=q.device)
         q0 = k0 = 0
         for b, (lq, lk) in enumerate(zip(q_lens, kv_lens)):  # sequences select by themselves
@@ -191,15 +248,18 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, pattern: Pattern, *, layout:
     batch, heads, q_len, _ = q.shape
     kv_len = k.shape[2]
     shape, first = selection_shape(pattern, batch, q_len, kv_len)
-    sel = torch.full(shape, -1, dtype=torch.int32, device=q.device)
-    ks = topk_heads(pattern)
-    dyn = [h for h, kk in enumerate(ks) if kk]
-    n_rows, k_max = shape[2], shape[3]
+    n_rows = shape[2]
     if not dyn or n_rows == 0 or k_max == 0:
-        return sel
+        return torch.full(shape, -1, dtype=torch.int32, device=q.device)
+    fused = _fused(module, k_max)
+    if estimator == "pooled" and fused:
+        sel = torch.empty(shape, dtype=torch.int32, device=q.device)
+        return module.select_pooled(_last_dim_unit(q), _last_dim_unit(k), sel, q_len, kv_len)
+    sel = torch.full(shape, -1, dtype=torch.int32, device=q.device)
     block = pattern.block
     n_cols = -(-kv_len // block)
-    heads_t = torch.tensor(dyn, dtype=torch.long, device=q.device)
+    heads_i32 = _heads_tensor(module, dyn, q.device)
+    heads_t = heads_i32.long()
     if estimator == "pooled":
         q_dyn = q if len(dyn) == heads else q.index_select(1, heads_t)
         q_pool = pooled_blocks(q_dyn, block, kv_len - q_len)                             # (b, T, n_rows, d)
@@ -215,11 +275,6 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, pattern: Pattern, *, layout:
         chunk = max(1, SCORE_CHUNK_ELEMENTS // max(1, batch * len(dyn) * n_cols * block))
     else:
         chunk = max(1, SCORE_CHUNK_ELEMENTS // max(1, batch * heads * kv_len))
-    per_head_k = torch.tensor([ks[h] for h in dyn], device=q.device).view(1, -1, 1, 1)
-    module = exclusion_module(pattern)
-    heads_arg = heads_t.to(torch.int32).view(-1, 1).contiguous()
-    n_valid = torch.full((batch,), n_cols, dtype=torch.int32, device=q.device)
-    take = min(k_max, n_cols)
     for r0 in range(0, n_rows, chunk):
         r1 = min(n_rows, r0 + chunk)
         if estimator == "pooled":
@@ -229,13 +284,32 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, pattern: Pattern, *, layout:
         else:
             rows = torch.arange(first + r0, first + r1, device=q.device)
             scores = _last_row_scores(q, k, pattern, rows, heads_t, pattern.causal)
-        row_block = torch.full((batch,), first + r0, dtype=torch.int32, device=q.device)
-        module.exclude(scores, heads_arg, row_block, n_valid)
-        values, index = torch.topk(scores, take, dim=-1)
-        slot = torch.arange(take, device=q.device).view(1, 1, 1, -1)
-        keep = (values > float("-inf")) & (slot < per_head_k)
-        sel[:, heads_t, r0:r1, :take] = torch.where(keep, index, -1).to(torch.int32)
+        scores = scores.float().contiguous()
+        if fused:
+            module.select_scores(scores, sel, heads_i32, r0, q_len, kv_len)
+        else:
+            _pick_by_keys(module, scores, sel, heads_i32, ks, first + r0, r0)
     return sel
+
+
+def _last_dim_unit(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _pick_by_keys(module, scores, sel, heads_i32, ks, row_block: int, r0: int):
+    """The same picks as the generated kernel, in torch ops (for K beyond what it keeps in registers):
+    the static and causally forbidden blocks excluded by the generated ``exclude``, then a top-k of
+    ``order_keys``."""
+    batch, n_head_rows, rows, n_cols = scores.shape
+    dev = scores.device
+    module.exclude(scores, heads_i32.view(-1, 1).contiguous(), torch.full((batch,), row_block, dtype=torch.int32,
+                   device=dev), torch.full((batch,), n_cols, dtype=torch.int32, device=dev))
+    take = min(sel.shape[-1], n_cols)
+    top = torch.topk(order_keys(scores), take, dim=-1).values
+    per_head_k = torch.tensor([ks[h] for h in heads_i32.tolist()], device=dev).view(1, -1, 1, 1)
+    slot = torch.arange(take, device=dev).view(1, 1, 1, -1)
+    picked = torch.where((top != NONE_KEY) & (slot < per_head_k), top & 0xFFFFFFFF, -1).to(torch.int32)
+    sel[:, heads_i32.long(), r0:r0 + rows, :take] = picked
 
 
 def check_selection(sel, pattern: Pattern, batch: int, q_len: int, kv_len: int, device: torch.device,
