@@ -6,8 +6,10 @@ One GPU run, every baseline in the same run (ALISA-style ``window W sink 1 topk 
 1. correctness first: the bf16 forward against the float32 reference given the same selection
    (poisoned output); FlexAttention's output against ours on the same blocks (32K); each decode
    configuration's step against the reference replaying the selection it used;
-2. prefill (batch 1): s2dsl end to end (selection + kernel), the selection alone, the kernel
-   alone given the selection; SDPA flash (dense causal); FlexAttention given a BlockMask built
+2. prefill (batch 1): s2dsl end to end (selection + kernel), the selection alone (the generated
+   select kernels; and its torch path — block score matrix, exclusion, top-k — the way it ran
+   before, with the share of picks both paths agree on), the kernel alone given the selection,
+   the 'bound' estimator's selection; SDPA flash (dense causal); FlexAttention given a BlockMask built
    from *our* selection (``BlockMask.from_kv_blocks``: per (head, query block) the window's and
    sink's blocks and the selected ones as full blocks, the diagonal block causal), so both
    kernels visit the same blocks;
@@ -22,7 +24,9 @@ One GPU run, every baseline in the same run (ALISA-style ``window W sink 1 topk 
    upper bound of its keys' min / max, before the step; its "update" column times that selection,
    the bound kernel and a topk).
 
-Prints tables and writes JSON to --out.
+Prints tables and writes JSON to --out (after every row). ``--budget-s`` skips the parts that
+would start too late (listed under "skipped"); ``--scorers bound mass`` runs the bound decode
+rows at every length before the mass ones.
 
     python benchmarks/bench_topk.py --seqs 32768 131072 --out benchmarks/results/topk.json
 """
@@ -110,15 +114,39 @@ def flex_block_mask(sel: torch.Tensor, window: int, n: int):
     return mask, (int(full_num.sum()) + HEADS * nb) / (HEADS * nb * (nb + 1) / 2)
 
 
+def _torch_path(pattern):
+    """Context: select_blocks through its torch path (block score matrix, exclusion kernel, top-k of
+    the same keys), the way every selection ran before the generated select_kernel."""
+    import contextlib
+    from s2dsl.runtime import topk as topk_mod
+
+    @contextlib.contextmanager
+    def ctx():
+        module = topk_mod._prefill_info(pattern)[0]
+        saved, module.FUSED_K = module.FUSED_K, 0
+        try:
+            yield
+        finally:
+            module.FUSED_K = saved
+    return ctx()
+
+
 def prefill_rows(pattern, window: int, n: int, no_flex: bool) -> dict:
     torch.manual_seed(1)
     q = torch.randn(1, HEADS, n, DIM, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(1, KV_HEADS, n, DIM, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     sel = select_blocks(q, k, pattern)
     row = {"pattern": pattern.name, "seq": n}
-    row["s2dsl_total_ms"] = bench(lambda: forward(q, k, v, pattern))
+    with _torch_path(pattern):
+        sel_torch = select_blocks(q, k, pattern)
+        row["s2dsl_select_torch_path_ms"] = bench(lambda: select_blocks(q, k, pattern))
+    # the two paths score in float32 in different orders: near-equal candidates may swap
+    same = (sel.sort(-1).values == sel_torch.sort(-1).values).float().mean().item()
+    row["select_same_as_torch_path"] = same
+    assert same > 0.99, row
     row["s2dsl_select_ms"] = bench(lambda: select_blocks(q, k, pattern))
     row["s2dsl_kernel_ms"] = bench(lambda: forward(q, k, v, pattern, selection=sel))
+    row["s2dsl_total_ms"] = bench(lambda: forward(q, k, v, pattern))
     # the 'bound' estimator (Quest's q.k upper bound per kv block, max over the query block's rows)
     row["s2dsl_select_bound_ms"] = bench(lambda: select_blocks(q, k, pattern, estimator="bound"))
     with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
@@ -137,11 +165,17 @@ def prefill_rows(pattern, window: int, n: int, no_flex: bool) -> dict:
             compiled = torch.compile(flex_attention)
             options = {"BLOCK_M": BLOCK, "BLOCK_N": BLOCK}
             fn = lambda: compiled(q, k, v, block_mask=mask, enable_gqa=True, kernel_options=options)  # noqa: E731
+            t0 = time.perf_counter()
             if n <= 32768:
                 ref = forward(q, k, v, pattern, selection=sel)[0]
                 row["flex_rel_err_vs_s2dsl"] = rel(fn(), ref)
                 assert row["flex_rel_err_vs_s2dsl"] < 2e-2, row
+            else:
+                fn()
+            torch.cuda.synchronize()
+            row["flex_first_call_s"] = time.perf_counter() - t0  # compile included
             row["flex_same_mask_ms"] = bench(fn)
+            row["s2dsl_total_over_flex"] = row["s2dsl_total_ms"] / row["flex_same_mask_ms"]
         except Exception as exc:  # noqa: BLE001 - a baseline failing is a result too
             row["flex_error"] = f"{type(exc).__name__}: {exc}"[:300]
     return row
@@ -278,8 +312,11 @@ def main():
     ap.add_argument("--no-decode", action="store_true")
     ap.add_argument("--scorers", nargs="+", choices=("mass", "bound"), default=["mass", "bound"],
                     help="decode: ALISA's accumulated mass (recent 16) and/or Quest's bound ('by bound')")
+    ap.add_argument("--budget-s", type=float, default=0,
+                    help="skip the parts that would start too late to end within this many seconds (0: none)")
     ap.add_argument("--out", type=str, default="")
     args = ap.parse_args()
+    start = time.perf_counter()
     if any(n % BLOCK for n in args.seqs):
         ap.error(f"--seqs must be multiples of the block ({BLOCK})")
     pattern = alisa(args.window, args.topk)
@@ -293,31 +330,43 @@ def main():
             with open(args.out, "w") as f:
                 json.dump(result, f, indent=1)
 
-    for n in [] if args.no_prefill else args.seqs:
-        row = prefill_rows(pattern, args.window, n, args.no_flex)
-        result["prefill"].append(row)
+    result["skipped"] = []
+
+    def room(what: str, reserve: float) -> bool:
+        # start a part only if it should end inside --budget-s (the rows saved so far stay)
+        elapsed = time.perf_counter() - start
+        if args.budget_s and elapsed + reserve > args.budget_s:
+            result["skipped"].append(what)
+            print(f"skipped (budget, {elapsed:.0f} s spent): {what}", flush=True)
+            return False
+        return True
+
+    def add(kind: str, row: dict):
+        row["elapsed_s"] = round(time.perf_counter() - start, 1)
+        result[kind].append(row)
         print(json.dumps(row), flush=True)
         save()
         torch.cuda.empty_cache()
+
+    for n in [] if args.no_prefill else args.seqs:
+        if room(f"prefill {n}", 40):
+            add("prefill", prefill_rows(pattern, args.window, n, args.no_flex))
     decode_patterns = {"mass": pattern, "bound": quest(args.window, args.topk)}
     result["decode_patterns"] = {s: decode_patterns[s].to_source() for s in args.scorers}
-    for n in [] if args.no_decode else args.seqs:
-        for scorer in args.scorers:
-            row = decode_rows(decode_patterns[scorer], n, args.batch)
-            result["decode"].append(row)
-            print(json.dumps(row), flush=True)
-            save()
-            torch.cuda.empty_cache()
+    for scorer in args.scorers:  # one scorer at every length first: --scorers bound mass puts bound first
+        for n in [] if args.no_decode else args.seqs:
+            if room(f"decode {scorer} {n}", 25):
+                add("decode", decode_rows(decode_patterns[scorer], n, args.batch))
     nan = float("nan")
     if result["prefill"]:
-        print("\nprefill (ms)\n| seq | s2dsl total | select | select (bound) | kernel | SDPA flash | Flex same blocks "
-              "| kept |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("\nprefill (ms)\n| seq | s2dsl total | select | kernel | select, torch path | select (bound) "
+              "| SDPA flash | Flex same blocks | total / Flex | kept |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         for r in result["prefill"]:
-            print(f"| {r['seq']} | {r['s2dsl_total_ms']:.2f} | {r['s2dsl_select_ms']:.2f} "
-                  f"| {r['s2dsl_select_bound_ms']:.2f} | {r['s2dsl_kernel_ms']:.2f} "
+            print(f"| {r['seq']} | {r['s2dsl_total_ms']:.2f} | {r['s2dsl_select_ms']:.3f} | {r['s2dsl_kernel_ms']:.2f} "
+                  f"| {r['s2dsl_select_torch_path_ms']:.3f} | {r['s2dsl_select_bound_ms']:.2f} "
                   f"| {r['sdpa_flash_ms']:.2f} | {r.get('flex_same_mask_ms', nan):.2f} "
-                  f"| {r.get('kept_block_fraction', nan):.3f} |")
+                  f"| {r.get('s2dsl_total_over_flex', nan):.3f} | {r.get('kept_block_fraction', nan):.3f} |")
     if result["decode"]:
         print("\ndecode (ms, batch %d)\n| seq | scorer | kernel (graph) | selection (update / bound) | step eager "
               "| step graph | step/kernel | cached_attention graph | SDPA dense |" % args.batch)
@@ -326,6 +375,8 @@ def main():
             print(f"| {r['seq']} | {r['scorer']} | {r['s2dsl_kernel_graph_ms']:.3f} | {r['s2dsl_update_ms']:.3f} "
                   f"| {r['s2dsl_step_eager_ms']:.3f} | {r['s2dsl_step_graph_ms']:.3f} | {r['step_over_kernel']:.2f} "
                   f"| {r.get('s2dsl_cached_step_graph_ms', nan):.3f} | {r['sdpa_dense_ms']:.3f} |")
+    result["elapsed_s"] = round(time.perf_counter() - start, 1)
+    print(f"elapsed {result['elapsed_s']} s; skipped: {result['skipped'] or 'nothing'}")
     save()
 
 
