@@ -226,7 +226,7 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, pattern: Pattern, *, layout:
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
-    module, ks, dyn, k_max = _prefill_info(pattern)
+    module, _, dyn, k_max = _prefill_info(pattern)
     if cu_seqlens_q is not None:
         q_lens, kv_lens = packed_lengths(cu_seqlens_q, cu_seqlens_k)
         shape, _ = packed_selection_shape(pattern, q_lens, kv_lens)
@@ -288,7 +288,7 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, pattern: Pattern, *, layout:
         if fused:
             module.select_scores(scores, sel, heads_i32, r0, q_len, kv_len)
         else:
-            _pick_by_keys(module, scores, sel, heads_i32, ks, first + r0, r0)
+            _pick_by_keys(module, scores, sel, heads_i32, first + r0, r0)
     return sel
 
 
@@ -296,7 +296,7 @@ def _last_dim_unit(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _pick_by_keys(module, scores, sel, heads_i32, ks, row_block: int, r0: int):
+def _pick_by_keys(module, scores, sel, heads_i32, row_block: int, r0: int):
     """The same picks as the generated kernel, in torch ops (for K beyond what it keeps in registers):
     the static and causally forbidden blocks excluded by the generated ``exclude``, then a top-k of
     ``order_keys``."""
@@ -306,7 +306,7 @@ def _pick_by_keys(module, scores, sel, heads_i32, ks, row_block: int, r0: int):
                    device=dev), torch.full((batch,), n_cols, dtype=torch.int32, device=dev))
     take = min(sel.shape[-1], n_cols)
     top = torch.topk(order_keys(scores), take, dim=-1).values
-    per_head_k = torch.tensor([ks[h] for h in heads_i32.tolist()], device=dev).view(1, -1, 1, 1)
+    per_head_k = module.prefill_tables(dev)[1].index_select(0, heads_i32).view(1, -1, 1, 1)  # no host read
     slot = torch.arange(take, device=dev).view(1, 1, 1, -1)
     picked = torch.where((top != NONE_KEY) & (slot < per_head_k), top & 0xFFFFFFFF, -1).to(torch.int32)
     sel[:, heads_i32.long(), r0:r0 + rows, :take] = picked
