@@ -281,7 +281,7 @@ def _launch_select(q, pooled, scores, sel, heads_t, packed, q_len, kv_len, n_col
                         *strides, FROM_SCORES=from_scores, PACKED=packed is not None, CAUSAL=CAUSAL, HEADS=HEADS,
                         KV=kv, GROUP=HEADS // kv, BLOCK=BLOCK, HEAD_DIM=d, D_PAD=max(16, triton.next_power_of_2(d)),
                         BLOCK_R=SEL_ROWS, BLOCK_C=max(64, k_pad), K_MAX=k_max, K_PAD=k_pad, TABLE_WIDTH=TABLE_WIDTH,
-                        SUB=pool_step(sel.device))
+                        SUB=pool_step(sel.device), num_warps=8 if k_pad >= 128 else 4)  # (K 128: no spills at 8)
 
 
 def select_pooled(q, k, sel, q_len, kv_len, packed=None):
