@@ -36,15 +36,16 @@ __all__ = ["DecodeGraph", "opaque_handle", "opaque_attention"]
 # compiled code in pieces (the norms, rotary embedding and MLP around attention then cannot
 # fuse across it, and each piece is a frame of its own); a custom op is one opaque node in a
 # single graph instead: the compiler fuses everything around it and calls back into eager code
-# for the cache. Layers find their step through an int handle (a graph constant).
+# for the cache. Layers find their step through an int handle (a graph constant). A handle is
+# the smallest one free, so the layers of a new cache that replaces an old one get the old
+# one's handles: the same graph again, which inductor's graph cache serves without compiling.
 _STEPS: "dict[int, weakref.ReferenceType]" = {}
-_HANDLES = itertools.count(1)
 
 
 def opaque_handle(step) -> int:
     """A handle for ``opaque_attention`` that calls the bound method ``step(q, k, v, scale, mask)``
-    (held weakly: the handle dies with its object)."""
-    handle = next(_HANDLES)
+    (held weakly: the handle is free again once its object is gone)."""
+    handle = next(h for h in itertools.count(1) if h not in _STEPS)
     _STEPS[handle] = weakref.WeakMethod(step)
     weakref.finalize(step.__self__, _STEPS.pop, handle, None)
     return handle
