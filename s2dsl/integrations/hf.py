@@ -757,12 +757,13 @@ def _classes():
             the step, which the host logs after it.
 
             ``compile=True`` (or a ``torch.compile`` backend name) captures the model's forward
-            compiled by ``torch.compile`` (the cache's update and attention stay eager: a graph
-            break at each): in an eagerly written model most kernels of a decode step are the
-            small ones around attention (norms, rotary embedding, activations, residual adds),
-            which a CUDA graph replays one by one and the compiler fuses. The first call compiles
-            it (seconds to minutes for a large model), the first two run eagerly, the third
-            captures.
+            compiled by ``torch.compile``: one graph, each layer's cache update + attention an
+            opaque op in it (``s2dsl::opaque_attention``, eager inside), so that the small kernels
+            around attention (norms, rotary embedding, activations, residual adds), which a CUDA
+            graph replays one by one, are fused; each page table's plan of the step (positions,
+            eviction, the new token's page) is compiled too (``PageTable.compile_static``). The
+            first call compiles (seconds to a minute for a large model), the first two run
+            eagerly, the third captures.
             """
             from ..runtime.graphs import DecodeGraph
             layers = list(self.layers)
@@ -783,7 +784,8 @@ def _classes():
 
             forward = model
             if compile:
-                forward = torch.compile(model, dynamic=False, backend=compile if isinstance(compile, str) else "inductor")
+                backend = compile if isinstance(compile, str) else "inductor"
+                forward = torch.compile(model, dynamic=False, backend=backend)
             # each layer's frames after the cache's graph breaks are compiled per layer index
             limit = max(torch._dynamo.config.recompile_limit, 2 * len(layers) + 8)
 
@@ -802,6 +804,10 @@ def _classes():
             # compiled: two eager steps, so that nothing is left to compile while the graph is captured
             graph = DecodeGraph(step, tables, [g.seq_ids for g in groups], max_length=max_length, capture=capture,
                                 warmup=2 if compile else 1)
+            if compile:  # each table's plan of the step: its few dozen small ops as a few fused kernels
+                for t in tables:
+                    if t.tier is None:  # a tier's table plans around its own host state: left eager
+                        t.compile_static(backend)
 
             logged = [layer for layer in layers if layer.hidden_log is not None]
 
