@@ -277,7 +277,7 @@ GRAPH_COMPILE_S = 60.0
 
 
 def run_s2dsl(model, plan, name, ids, steps, chunk, graph: bool, warm_tokens: int, graph_compile: bool = False,
-              budget=None):
+              budget=None, fused_combine: bool = False):
     """One prefill, then eager steps and (on the GPU) steps of the captured graph on the same cache
     (``graph_compile``: then steps of the graph of the forward compiled by torch.compile, if
     ``budget`` has the seconds left)."""
@@ -290,7 +290,7 @@ def run_s2dsl(model, plan, name, ids, steps, chunk, graph: bool, warm_tokens: in
          warm_tokens)
     d = model.config.hidden_size // model.config.num_attention_heads
     warm_prefill_kernels(model, n, chunk, getattr(model.config, "head_dim", None) or d)
-    cache = hf.S2Cache(model, max_length=n + 3 * steps + 16, batch_size=b, prefill_chunk_size=chunk if chunk < n else 0)
+    cache = hf.S2Cache(model, max_length=n + 5 * steps + 24, batch_size=b, prefill_chunk_size=chunk if chunk < n else 0)
     with torch.no_grad():
         first, t_pre = timed(lambda: prefill(model, ids, cache, chunk))
         kv = cache.memory_bytes()
@@ -317,11 +317,39 @@ def run_s2dsl(model, plan, name, ids, steps, chunk, graph: bool, warm_tokens: in
                                  peak_gib=peak_gib(), kv_gib=kv / 2 ** 30, dense_kv_gib=dense_kv / 2 ** 30,
                                  compile_s=sum(c_times[:3])))
                 step.graph.close()
+                if fused_combine:  # the same, the decode kernel merging its splits in its last program
+                    rows.append(_fused_combine_row(model, cache, tokens[:, -1:], steps, t_pre, kv, dense_kv))
             except Exception as exc:  # a compiler failure is a result to report, not the end of the run
                 rows.append(dict(impl="s2dsl graph compiled (failed)", error=f"{type(exc).__name__}: {exc}"[:500]))
     del cache
     model.set_attn_implementation("sdpa")
     return rows
+
+
+def _fused_combine_row(model, cache, tok, steps, t_pre, kv, dense_kv):
+    """``decode_graph(compile=True)`` steps with the decode kernel's ``fused_combine`` variant
+    (issue 14: the split-KV partials merged by the last program of each (sequence, kv head),
+    no combine launch; it halved short batch-1 decode kernels in the variants sweep), on the
+    same cache right after the default's row. The default is put back after."""
+    from s2dsl.runtime import decode as dec
+    saved = dict(dec.GPU_DECODE_LOOPS)
+
+    def reset_kernels():
+        dec._module.cache_clear()
+        for p in cache.paged:
+            p._decode_memo.clear()
+    try:
+        dec.GPU_DECODE_LOOPS.update(fused_combine=True)
+        reset_kernels()
+        step = cache.decode_graph(model, compile=True)
+        f_times, _ = decode(step, tok, steps + 3)
+        step.graph.close()
+    finally:
+        dec.GPU_DECODE_LOOPS.clear()
+        dec.GPU_DECODE_LOOPS.update(saved)
+        reset_kernels()
+    return dict(impl="s2dsl graph compiled fused_combine", prefill_s=t_pre, decode_ms=ms(f_times, skip=3),
+                peak_gib=peak_gib(), kv_gib=kv / 2 ** 30, dense_kv_gib=dense_kv / 2 ** 30)
 
 
 # batch sizes whose compiled graph step inductor has compiled in this run: a later cache of the
@@ -622,6 +650,9 @@ def main():
     ap.add_argument("--graph-compile", action="store_true",
                     help="also time S2Cache.decode_graph(compile=True): the forward compiled by torch.compile, "
                          "captured in the graph (its first call compiles it, the third captures; reported as compile_s)")
+    ap.add_argument("--fused-combine", action="store_true",
+                    help="with --graph-compile: also time the compiled graph step with the decode kernel's "
+                         "fused_combine variant (row 's2dsl graph compiled fused_combine'), same cache")
     ap.add_argument("--profile", default=None, metavar="PATH",
                     help="torch.profiler summaries (JSON) of an eager decode step, a graph step and one layer's "
                          "cached_attention call at the first point: ops by host and device time, syncs, kernels")
@@ -690,7 +721,7 @@ def main():
             try:
                 if impl == "s2dsl":
                     rows += run_s2dsl(model, plan, name, ids, args.steps, chunk, on_gpu, args.warm_tokens,
-                                      args.graph_compile, budget)
+                                      args.graph_compile, budget, args.fused_combine)
                 elif impl == "dynamic":
                     rows.append(run_dynamic(model, ids, args.steps, chunk, args.warm_tokens))
                 else:
