@@ -290,7 +290,7 @@ def run_s2dsl(model, plan, name, ids, steps, chunk, graph: bool, warm_tokens: in
          warm_tokens)
     d = model.config.hidden_size // model.config.num_attention_heads
     warm_prefill_kernels(model, n, chunk, getattr(model.config, "head_dim", None) or d)
-    cache = hf.S2Cache(model, max_length=n + 5 * steps + 24, batch_size=b, prefill_chunk_size=chunk if chunk < n else 0)
+    cache = hf.S2Cache(model, max_length=n + 5 * steps + 32, batch_size=b, prefill_chunk_size=chunk if chunk < n else 0)
     with torch.no_grad():
         first, t_pre = timed(lambda: prefill(model, ids, cache, chunk))
         kv = cache.memory_bytes()
@@ -311,11 +311,11 @@ def run_s2dsl(model, plan, name, ids, steps, chunk, graph: bool, warm_tokens: in
         elif graph and graph_compile:
             try:
                 step = cache.decode_graph(model, compile=True)
-                c_times, _ = decode(step, tokens[:, -1:], steps + 3)
+                c_times, _ = decode(step, tokens[:, -1:], steps + 4)
                 _GRAPH_COMPILED[b] = True
-                rows.append(dict(impl="s2dsl graph compiled", prefill_s=t_pre, decode_ms=ms(c_times, skip=3),
+                rows.append(dict(impl="s2dsl graph compiled", prefill_s=t_pre, decode_ms=ms(c_times, skip=4),
                                  peak_gib=peak_gib(), kv_gib=kv / 2 ** 30, dense_kv_gib=dense_kv / 2 ** 30,
-                                 compile_s=sum(c_times[:3])))
+                                 compile_s=sum(c_times[:4])))
                 step.graph.close()
                 if fused_combine:  # the same, the decode kernel merging its splits in its last program
                     rows.append(_fused_combine_row(model, cache, tokens[:, -1:], steps, t_pre, kv, dense_kv))
@@ -342,13 +342,13 @@ def _fused_combine_row(model, cache, tok, steps, t_pre, kv, dense_kv):
         dec.GPU_DECODE_LOOPS.update(fused_combine=True)
         reset_kernels()
         step = cache.decode_graph(model, compile=True)
-        f_times, _ = decode(step, tok, steps + 3)
+        f_times, _ = decode(step, tok, steps + 4)
         step.graph.close()
     finally:
         dec.GPU_DECODE_LOOPS.clear()
         dec.GPU_DECODE_LOOPS.update(saved)
         reset_kernels()
-    return dict(impl="s2dsl graph compiled fused_combine", prefill_s=t_pre, decode_ms=ms(f_times, skip=3),
+    return dict(impl="s2dsl graph compiled fused_combine", prefill_s=t_pre, decode_ms=ms(f_times, skip=4),
                 peak_gib=peak_gib(), kv_gib=kv / 2 ** 30, dense_kv_gib=dense_kv / 2 ** 30)
 
 
@@ -606,7 +606,7 @@ def profiles(model, plan, name, n: int, b: int, device, sparse, d: int, compiled
             step.graph.close()
             if compiled:  # the forward compiled by inductor inside the graph
                 step = cache.decode_graph(model, compile=True)
-                for _ in range(3):  # compile, settle, capture
+                for _ in range(4):  # compile, settle (three eager steps), capture
                     step(tok)
                 out["graph_step_compiled"] = profile_summary(lambda: step(tok), 4)
                 step.graph.close()
@@ -649,7 +649,7 @@ def main():
     ap.add_argument("--no-generate-probe", action="store_true", help="skip timing generate() itself")
     ap.add_argument("--graph-compile", action="store_true",
                     help="also time S2Cache.decode_graph(compile=True): the forward compiled by torch.compile, "
-                         "captured in the graph (its first call compiles it, the third captures; reported as compile_s)")
+                         "captured in the graph (its first call compiles it, the fourth captures; reported as compile_s)")
     ap.add_argument("--fused-combine", action="store_true",
                     help="with --graph-compile: also time the compiled graph step with the decode kernel's "
                          "fused_combine variant (row 's2dsl graph compiled fused_combine'), same cache")

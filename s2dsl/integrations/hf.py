@@ -762,8 +762,8 @@ def _classes():
             around attention (norms, rotary embedding, activations, residual adds), which a CUDA
             graph replays one by one, are fused; each page table's plan of the step (positions,
             eviction, the new token's page) is compiled too (``PageTable.compile_static``). The
-            first call compiles (seconds to a minute for a large model), the first two run
-            eagerly, the third captures.
+            first call compiles (seconds to a minute for a large model), the first three run
+            eagerly, the fourth captures.
             """
             from ..runtime.graphs import DecodeGraph
             layers = list(self.layers)
@@ -801,9 +801,11 @@ def _classes():
                     for layer in layers:
                         layer.graph_step = False
 
-            # compiled: two eager steps, so that nothing is left to compile while the graph is captured
+            # compiled: three eager steps, so that nothing is left to compile while the graph is captured
+            # (the page tables' compiled plans recompile once at the second step on the CPU: their
+            # first call comes from inside the model's first compiled call)
             graph = DecodeGraph(step, tables, [g.seq_ids for g in groups], max_length=max_length, capture=capture,
-                                warmup=2 if compile else 1)
+                                warmup=3 if compile else 1)
             if compile:  # each table's plan of the step: its few dozen small ops as a few fused kernels
                 for t in tables:
                     if t.tier is None:  # a tier's table plans around its own host state: left eager
