@@ -272,8 +272,9 @@ def _dense(pattern) -> bool:
     return pattern.causal and not pattern.prefix and all(h.dense for h in pattern.head_specs)
 
 
-#: seconds a first decode_graph(compile=True) may take to compile (inductor, 16 layers)
-GRAPH_COMPILE_S = 60.0
+#: seconds a first decode_graph(compile=True) may take to compile (inductor, 16 layers; 15 s in
+#: the first GPU probe); a later one of the same batch retraces and hits inductor's cache
+GRAPH_COMPILE_S = 45.0
 
 
 def run_s2dsl(model, plan, name, ids, steps, chunk, graph: bool, warm_tokens: int, graph_compile: bool = False,
@@ -306,7 +307,7 @@ def run_s2dsl(model, plan, name, ids, steps, chunk, graph: bool, warm_tokens: in
                              first_calls_ms=[1e3 * t for t in g_times[:2]]))
             step.graph.close()
         if graph and graph_compile and budget is not None and not budget.allow(
-                f"s2dsl graph compiled at {n}x{b}", GRAPH_COMPILE_S * (not _GRAPH_COMPILED.get(b)) + steps * 0.05, 0):
+                f"s2dsl graph compiled at {n}x{b}", (10 if _GRAPH_COMPILED.get(b) else GRAPH_COMPILE_S) + steps * 0.05, 0):
             rows.append(dict(impl="s2dsl graph compiled (skipped)", reason=budget.skipped[-1]["reason"]))
         elif graph and graph_compile:
             try:
@@ -714,7 +715,9 @@ def main():
                 continue
             est_s, est_gib = estimate(model, n, b, chunk, args.steps, sparse_share if impl == "s2dsl" else 1.0)
             compiled = impl == "static" and point in args.compile_points and on_gpu
-            est_s += 60 * compiled * ("forward" not in _COMPILED)
+            # torch.compile: the first compile, and a recompile at every new cache size or batch
+            est_s += compiled * (60 if "forward" not in _COMPILED else 40)
+            est_s += 10 * (impl == "s2dsl")  # warm-ups and kernel compiles at a new length
             if not budget.allow(f"{impl} at {n}x{b}", est_s, est_gib):
                 rows.append(dict(impl=f"{impl} (skipped)", reason=budget.skipped[-1]["reason"]))
                 continue

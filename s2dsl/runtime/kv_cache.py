@@ -116,8 +116,10 @@ class PagedKVCache:
         self._v_all = torch.zeros(num_pages + 1, self.block, head_dim, dtype=self.kv_dtype, device=self.device)
         self.k_pages = self._k_all[:num_pages]
         self.v_pages = self._v_all[:num_pages]
-        # a decode step's K/V write: one Triton kernel for both pools where Triton runs (runtime.kv_write)
-        self._fused_write = self.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+        # rows up to which a write is one Triton kernel for both pools (runtime.kv_write): a decode
+        # step's; under the interpreter (CPU tests) only small steps, whose programs it runs one by one
+        self._fused_rows = (_kv_write().MAX_ROWS if self.device.type == "cuda"
+                            else 32 if os.environ.get("TRITON_INTERPRET") == "1" else 0)
         if self.quantized:
             self._qparams = torch.zeros(4, num_pages + 1, head_dim, dtype=torch.float32, device=self.device)
             self.k_scale, self.k_bias, self.v_scale, self.v_bias = self._qparams
@@ -254,7 +256,7 @@ class PagedKVCache:
             k, v = k.to(self.dtype), v.to(self.dtype)
         # detached sources keep the pools out of autograd (cheaper per layer than a no_grad scope)
         k_rows, v_rows = k.detach().reshape(-1, d), v.detach().reshape(-1, d)
-        if self._fused_write and dest.numel() <= _kv_write().MAX_ROWS and k_rows.stride(1) == 1 \
+        if dest.numel() <= self._fused_rows and k_rows.stride(1) == 1 \
                 and v_rows.stride(1) == 1:  # a decode step's few rows: one launch for both pools
             _kv_write().write_kv_rows(self._k_all.view(-1, d), self._v_all.view(-1, d), k_rows, v_rows, dest)
             return
