@@ -246,9 +246,42 @@ def warm(model, make_cache, ids, chunk: int, warm_tokens: int):
     free()
 
 
-def run_s2dsl(model, plan, name, ids, steps, chunk, graph: bool, warm_tokens: int, graph_compile: bool = False):
+def warm_prefill_kernels(model, n: int, chunk: int, d: int):
+    """Launch s2dsl's prefill kernel once at every (queries, keys) length the timed prefill of
+    ``n`` tokens in ``chunk``-token forwards launches, batch 1: the forward kernel is chosen per
+    key length (short / long variants, runtime.kernels.choose_forward_for_gpu), so a warm-up on
+    a short prompt leaves a long prompt's variant to compile inside the timed prefill (the 128K
+    prefill of the last run, slower than HF's, likely paid that). Dense layers of a one-forward
+    prefill run SDPA (nothing to compile); chunks after the first run the layer's own pattern."""
+    patterns = {p.fingerprint(): p for p in model.s2dsl_patterns if chunk < n or not _dense(p)}
+    q_len = min(chunk, n)
+    dev, dt = model.device, model.dtype
+    with torch.no_grad():
+        for p in patterns.values():
+            q = torch.randn(1, p.heads, q_len, d, device=dev, dtype=dt)
+            for end in sorted(set(range(q_len, n + 1, q_len)) | {n}):
+                kv = torch.randn(1, p.kv_heads, end, d, device=dev, dtype=dt)
+                s2dsl.attention(q[:, :, -min(q_len, end):], kv, kv, p)
+                del kv
+            del q
+    sync()
+    free()
+
+
+def _dense(pattern) -> bool:
+    return pattern.causal and not pattern.prefix and all(h.dense for h in pattern.head_specs)
+
+
+#: seconds a first decode_graph(compile=True) may take to compile (inductor, 16 layers; 15 s in
+#: the first GPU probe); a later one of the same batch retraces and hits inductor's cache
+GRAPH_COMPILE_S = 45.0
+
+
+def run_s2dsl(model, plan, name, ids, steps, chunk, graph: bool, warm_tokens: int, graph_compile: bool = False,
+              budget=None, fused_combine: bool = False):
     """One prefill, then eager steps and (on the GPU) steps of the captured graph on the same cache
-    (``graph_compile``: then steps of the graph of the forward compiled by torch.compile)."""
+    (``graph_compile``: then steps of the graph of the forward compiled by torch.compile, if
+    ``budget`` has the seconds left)."""
     hf.apply(model, plan, model_name=name)
     free()
     b, n = ids.shape
@@ -256,7 +289,9 @@ def run_s2dsl(model, plan, name, ids, steps, chunk, graph: bool, warm_tokens: in
     # the pools are sized for it (the 128K x 8 run ran out of pages in the warm-up's second chunk)
     warm(model, lambda m, c: hf.S2Cache(model, max_length=m, batch_size=b, prefill_chunk_size=c), ids, chunk,
          warm_tokens)
-    cache = hf.S2Cache(model, max_length=n + 3 * steps + 16, batch_size=b, prefill_chunk_size=chunk if chunk < n else 0)
+    d = model.config.hidden_size // model.config.num_attention_heads
+    warm_prefill_kernels(model, n, chunk, getattr(model.config, "head_dim", None) or d)
+    cache = hf.S2Cache(model, max_length=n + 5 * steps + 32, batch_size=b, prefill_chunk_size=chunk if chunk < n else 0)
     with torch.no_grad():
         first, t_pre = timed(lambda: prefill(model, ids, cache, chunk))
         kv = cache.memory_bytes()
@@ -271,20 +306,56 @@ def run_s2dsl(model, plan, name, ids, steps, chunk, graph: bool, warm_tokens: in
                              kv_gib=kv / 2 ** 30, dense_kv_gib=dense_kv / 2 ** 30,
                              first_calls_ms=[1e3 * t for t in g_times[:2]]))
             step.graph.close()
-        if graph and graph_compile:
+        if graph and graph_compile and budget is not None and not budget.allow(
+                f"s2dsl graph compiled at {n}x{b}", (10 if _GRAPH_COMPILED.get(b) else GRAPH_COMPILE_S) + steps * 0.05, 0):
+            rows.append(dict(impl="s2dsl graph compiled (skipped)", reason=budget.skipped[-1]["reason"]))
+        elif graph and graph_compile:
             try:
                 step = cache.decode_graph(model, compile=True)
-                c_times, _ = decode(step, tokens[:, -1:], steps + 3)
-                rows.append(dict(impl="s2dsl graph compiled", prefill_s=t_pre, decode_ms=ms(c_times, skip=3),
+                c_times, _ = decode(step, tokens[:, -1:], steps + 4)
+                _GRAPH_COMPILED[b] = True
+                rows.append(dict(impl="s2dsl graph compiled", prefill_s=t_pre, decode_ms=ms(c_times, skip=4),
                                  peak_gib=peak_gib(), kv_gib=kv / 2 ** 30, dense_kv_gib=dense_kv / 2 ** 30,
-                                 compile_s=sum(c_times[:3])))
+                                 compile_s=sum(c_times[:4])))
                 step.graph.close()
+                if fused_combine:  # the same, the decode kernel merging its splits in its last program
+                    rows.append(_fused_combine_row(model, cache, tokens[:, -1:], steps, t_pre, kv, dense_kv))
             except Exception as exc:  # a compiler failure is a result to report, not the end of the run
                 rows.append(dict(impl="s2dsl graph compiled (failed)", error=f"{type(exc).__name__}: {exc}"[:500]))
-            torch._dynamo.reset()
     del cache
     model.set_attn_implementation("sdpa")
     return rows
+
+
+def _fused_combine_row(model, cache, tok, steps, t_pre, kv, dense_kv):
+    """``decode_graph(compile=True)`` steps with the decode kernel's ``fused_combine`` variant
+    (issue 14: the split-KV partials merged by the last program of each (sequence, kv head),
+    no combine launch; it halved short batch-1 decode kernels in the variants sweep), on the
+    same cache right after the default's row. The default is put back after."""
+    from s2dsl.runtime import decode as dec
+    saved = dict(dec.GPU_DECODE_LOOPS)
+
+    def reset_kernels():
+        dec._module.cache_clear()
+        for p in cache.paged:
+            p._decode_memo.clear()
+    try:
+        dec.GPU_DECODE_LOOPS.update(fused_combine=True)
+        reset_kernels()
+        step = cache.decode_graph(model, compile=True)
+        f_times, _ = decode(step, tok, steps + 4)
+        step.graph.close()
+    finally:
+        dec.GPU_DECODE_LOOPS.clear()
+        dec.GPU_DECODE_LOOPS.update(saved)
+        reset_kernels()
+    return dict(impl="s2dsl graph compiled fused_combine", prefill_s=t_pre, decode_ms=ms(f_times, skip=4),
+                peak_gib=peak_gib(), kv_gib=kv / 2 ** 30, dense_kv_gib=dense_kv / 2 ** 30)
+
+
+# batch sizes whose compiled graph step inductor has compiled in this run: a later cache of the
+# same batch gets the same layer handles, the same graph, and inductor's cache serves it
+_GRAPH_COMPILED = {}
 
 
 def run_dynamic(model, ids, steps, chunk, warm_tokens: int):
@@ -511,11 +582,14 @@ def profile_summary(fn, reps: int, top: int = 25):
                 device_ops=[row(e, "self_device_time_total") for e in dev if getattr(e, "self_device_time_total", 0)],
                 runtime_calls={e.key: e.count / reps for e in events if e.key in _SYNCS},
                 kernel_launches=sum(e.count for e in events if e.key in _LAUNCHES) / reps,
+                # kernels run on the device, a graph's replayed ones included (launches count host calls)
+                kernels=sum(e.count for e in events if str(getattr(e, "device_type", "")).endswith("CUDA")) / reps,
                 aten_ops=sum(e.count for e in events if e.key.startswith("aten::")) / reps)
 
 
-def profiles(model, plan, name, n: int, b: int, device, sparse, d: int):
-    """Where an eager decode step, a graph step and one layer's call spend their time."""
+def profiles(model, plan, name, n: int, b: int, device, sparse, d: int, compiled: bool = False):
+    """Where an eager decode step, a graph step (``compiled``: also the graph step of
+    ``decode_graph(compile=True)``) and one layer's call spend their time."""
     from s2dsl.runtime.decode import cached_attention
     from s2dsl.runtime.kv_cache import PagedKVCache
     hf.apply(model, plan, model_name=name)
@@ -531,6 +605,13 @@ def profiles(model, plan, name, n: int, b: int, device, sparse, d: int):
             step(tok)
             out["graph_step"] = profile_summary(lambda: step(tok), 4)
             step.graph.close()
+            if compiled:  # the forward compiled by inductor inside the graph
+                step = cache.decode_graph(model, compile=True)
+                for _ in range(4):  # compile, settle (three eager steps), capture
+                    step(tok)
+                out["graph_step_compiled"] = profile_summary(lambda: step(tok), 4)
+                step.graph.close()
+                _GRAPH_COMPILED[b] = True
     del cache
     model.set_attn_implementation("sdpa")
     free()
@@ -569,7 +650,10 @@ def main():
     ap.add_argument("--no-generate-probe", action="store_true", help="skip timing generate() itself")
     ap.add_argument("--graph-compile", action="store_true",
                     help="also time S2Cache.decode_graph(compile=True): the forward compiled by torch.compile, "
-                         "captured in the graph (its first call compiles it, the third captures; reported as compile_s)")
+                         "captured in the graph (its first call compiles it, the fourth captures; reported as compile_s)")
+    ap.add_argument("--fused-combine", action="store_true",
+                    help="with --graph-compile: also time the compiled graph step with the decode kernel's "
+                         "fused_combine variant (row 's2dsl graph compiled fused_combine'), same cache")
     ap.add_argument("--profile", default=None, metavar="PATH",
                     help="torch.profiler summaries (JSON) of an eager decode step, a graph step and one layer's "
                          "cached_attention call at the first point: ops by host and device time, syncs, kernels")
@@ -602,6 +686,24 @@ def main():
     print("check:", results["check"], flush=True)
     budget = Budget(args.budget_s, on_gpu)
     sparse_share = 0.5 + 0.5 * 0.25  # dense layers + the sparse layers' ~1/8 stride and window, generously
+    # the sparse pattern of the plan; --tiny runs every section below on the CPU at toy sizes
+    sparse = plan["tiny_ls" if args.tiny else "phi3_local_stride"]
+    d = 16 if args.tiny else 64
+    # the profile first: it is short, and its kernel counts say where a step's time goes
+    if args.profile and args.points:
+        n, b = parse_point(args.points[0])
+        est = estimate(model, n, b, n, 8)
+        if budget.allow(f"profiles at {n}x{b}", est[0] + 20 + GRAPH_COMPILE_S * args.graph_compile, est[1]):
+            prof = profiles(model, plan, name, n, b, device, sparse, d, compiled=args.graph_compile and on_gpu)
+            with open(args.profile, "w") as fh:
+                json.dump(prof, fh, indent=1)
+            for what in ("eager_step", "graph_step", "graph_step_compiled", "layer_call"):
+                if what in prof:
+                    p = prof[what]
+                    print(f"profile {what}: {p['wall_ms']:.3f} ms/call, {p['aten_ops']:.0f} aten ops, "
+                          f"{p['kernel_launches']:.0f} kernel launches, {p.get('kernels', 0):.0f} kernels run, "
+                          f"runtime calls {p['runtime_calls']}; top device ops "
+                          + ", ".join(f"{r['name'][:40]} {r['ms']:.3f}" for r in p["device_ops"][:6]), flush=True)
 
     for point in args.points:
         n, b = parse_point(point)
@@ -613,14 +715,16 @@ def main():
                 continue
             est_s, est_gib = estimate(model, n, b, chunk, args.steps, sparse_share if impl == "s2dsl" else 1.0)
             compiled = impl == "static" and point in args.compile_points and on_gpu
-            est_s += 60 * compiled * ("forward" not in _COMPILED)
+            # torch.compile: the first compile, and a recompile at every new cache size or batch
+            est_s += compiled * (60 if "forward" not in _COMPILED else 40)
+            est_s += 10 * (impl == "s2dsl")  # warm-ups and kernel compiles at a new length
             if not budget.allow(f"{impl} at {n}x{b}", est_s, est_gib):
                 rows.append(dict(impl=f"{impl} (skipped)", reason=budget.skipped[-1]["reason"]))
                 continue
             try:
                 if impl == "s2dsl":
                     rows += run_s2dsl(model, plan, name, ids, args.steps, chunk, on_gpu, args.warm_tokens,
-                                      args.graph_compile)
+                                      args.graph_compile, budget, args.fused_combine)
                 elif impl == "dynamic":
                     rows.append(run_dynamic(model, ids, args.steps, chunk, args.warm_tokens))
                 else:
@@ -640,10 +744,7 @@ def main():
         del ids
         free()
 
-    # the sparse pattern of the plan; --tiny runs every section below on the CPU at toy sizes
-    sparse = plan["tiny_ls" if args.tiny else "phi3_local_stride"]
-    d = 16 if args.tiny else 64
-    if args.points:
+    if args.points and budget.allow("prefill parts", 15, 0):
         n, b = parse_point(args.points[0])
         results["prefill_parts"].append(prefill_parts(sparse, n, b, device, dtype, d))
         print("prefill parts:", json.dumps(results["prefill_parts"][-1]), flush=True)
@@ -652,18 +753,9 @@ def main():
         ids = torch.randint(1, model.config.vocab_size, (1, 64 if args.tiny else 4096), device=device)
         results["generate_ms_per_token"] = generate_probe(model, ids, 2 if args.tiny else args.steps)
         print("generate():", results["generate_ms_per_token"], flush=True)
-    if args.profile and args.points:
-        n, b = parse_point(args.points[0])
-        prof = profiles(model, plan, name, n, b, device, sparse, d)
-        with open(args.profile, "w") as fh:
-            json.dump(prof, fh, indent=1)
-        for what in ("eager_step", "graph_step", "layer_call"):
-            if what in prof:
-                p = prof[what]
-                print(f"profile {what}: {p['wall_ms']:.3f} ms/call, {p['aten_ops']:.0f} aten ops, "
-                      f"{p['kernel_launches']:.0f} kernel launches, runtime calls {p['runtime_calls']}; top host ops "
-                      + ", ".join(f"{r['name']} {r['ms']:.3f}" for r in p["host_ops"][:6]), flush=True)
     for context in args.layer_contexts:
+        if not budget.allow(f"layer call at {context}", 20, 0):
+            continue
         row = layer_call_vs_kernel(sparse, context, batch=2 if args.tiny else 8, calls=3 if args.tiny else 100,
                                    device=device, dtype=dtype, d=d)
         results["layer"].append(row)

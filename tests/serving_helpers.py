@@ -88,8 +88,9 @@ class HostWork:
 
 
 def stub_decode_kernels(monkeypatch):
-    """Make the decode path's kernel lookups return a module whose launch does nothing (host
-    work is what is measured; the Triton interpreter would read tensors itself)."""
+    """Make the decode path's kernel lookups return a module whose launch does nothing, and the
+    K/V write kernel's launches nothing (host work is what is measured; the Triton interpreter
+    would read tensors itself)."""
     from s2dsl.runtime import decode
 
     class _Stub:
@@ -102,6 +103,13 @@ def stub_decode_kernels(monkeypatch):
         spec, _ = real(cache, compute, d, q_len, device)
         return spec, _Stub()
     monkeypatch.setattr(decode, "_kernel_for", fake)
+    # the K/V write kernel too (one launch on a GPU; the interpreter would add its own tensor ops)
+    from s2dsl.runtime import kv_write
+
+    class _NoLaunch:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+    monkeypatch.setattr(kv_write, "kv_rows_kernel", _NoLaunch())
 
 
 def replay_selection(pattern, group_sel, n_rows):

@@ -496,6 +496,48 @@ def test_static_decode_plan_is_device_ops_only(monkeypatch):
     st_.table.disable_static()
 
 
+def test_compiled_static_plan_equals_the_eager_one():
+    """``PageTable.compile_static``: the static step's device ops compiled by inductor leave the
+    tables, free stack, lengths and pages exactly as the eager ops do, step by step, through
+    blocks starting and eviction (lookahead 3) with a sequence of its own length beside."""
+    from torch import _dynamo
+    from torch._dynamo.utils import counters
+    _dynamo.reset()
+    counters.clear()
+    lookahead = 3
+    caches = [PagedKVCache(PHI, num_pages=40, head_dim=D, dtype=torch.float32, lookahead=lookahead)
+              for _ in range(2)]
+    k, v = _kv(120, PHI.kv_heads)
+    ids = []
+    for cache in caches:
+        a, b = cache.add_sequence(), cache.add_sequence()
+        cache.append([a], k[:, :, :37], v[:, :, :37], only_needed=True)
+        cache.append([b], k[:, :, :5], v[:, :, :5])
+        ids.append([a, b])
+        cache.table.enable_static(max_length=200)
+    caches[1].table.compile_static("inductor")
+    for t in range(37, 100):
+        kk = torch.stack([k[0, :, t:t + 1], k[0, :, t - 32:t - 31]])
+        vv = torch.stack([v[0, :, t:t + 1], v[0, :, t - 32:t - 31]])
+        plans = []
+        for cache, i in zip(caches, ids):
+            cache.table.prepare_static(i)
+            plans.append(cache.append(i, kk, vv))
+            cache.table.commit_static(i)
+        a, b = (c.table for c in caches)
+        assert torch.equal(plans[1].dest, plans[0].dest) and torch.equal(plans[1].seq_lens, plans[0].seq_lens)
+        for name in ("_tables_flat", "free_stack", "n_free", "lens"):
+            assert torch.equal(getattr(b, name), getattr(a, name)), (t, name)
+        assert torch.equal(caches[1].k_pages, caches[0].k_pages)
+        _check_tables(caches[1])
+    assert b._static_fn is not None
+    assert dict(counters["stats"]).get("unique_graphs") == 1, dict(counters["stats"])  # compiled once, no recompile
+    for cache in caches:
+        cache.table.disable_static()
+    assert b._static_fn is None
+    _dynamo.reset()
+
+
 def test_the_last_step_can_be_cropped_whole_when_eviction_waits_for_the_next_plan():
     """With eviction in the next step's plan (shared tables, S2Cache), a step's tokens can all be
     rolled back without any lookahead; one token further back is refused."""

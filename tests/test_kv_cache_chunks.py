@@ -1,5 +1,5 @@
 """Chunked prefill over the pages: long chunks gather the sequences' K/V and run the prefill
-kernel (``decode.GATHER_PREFILL_MIN``), short ones the decode kernel; both equal the dense
+kernel (``decode.GATHER_PREFILL_MIN``; SDPA for a dense pattern), short ones the decode kernel; both equal the dense
 reference, with freed pages poisoned and sequences of different lengths in one batch."""
 from __future__ import annotations
 
@@ -29,6 +29,9 @@ def test_long_chunks_gather_and_equal_the_reference(pattern, monkeypatch):
     gathered = []
     real = decode._gathered_prefill
     monkeypatch.setattr(decode, "_gathered_prefill", lambda *a: gathered.append(1) or real(*a))
+    sdpa = []
+    real_sdpa = decode._sdpa_chunk
+    monkeypatch.setattr(decode, "_sdpa_chunk", lambda *a: sdpa.append(1) or real_sdpa(*a))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         cache = PagedKVCache(pattern, num_pages=64, head_dim=D, dtype=torch.float32, lookahead=5)
@@ -54,3 +57,5 @@ def test_long_chunks_gather_and_equal_the_reference(pattern, monkeypatch):
             cache.k_pages[free] = float("nan")
             cache.v_pages[free] = float("nan")
     assert len(gathered) == 3  # the 24-, 33- and 9-token chunks
+    # a dense layer's chunk of one length per row runs SDPA (lower-right causal): the 9-token one
+    assert len(sdpa) == (1 if decode._dense(pattern) else 0)

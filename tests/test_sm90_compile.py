@@ -275,3 +275,22 @@ def test_prefill_selection_kernels_compile_for_sm90():
         >= {(False, False), (False, True), (True, False)}
     for job, shared in zip(unique, _compile_sm90(unique)):
         assert shared <= 232448, (job["name"], job["consts"], shared)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), reason="captures interpreted launches")
+def test_kv_write_kernel_compiles_for_sm90(monkeypatch):
+    """The decode step's K/V write kernel (runtime.kv_write), as a decode step launches it, in
+    16-bit and float32 pools."""
+    from s2dsl.runtime import kv_write
+    from s2dsl.runtime.kv_cache import PagedKVCache
+    jobs = []
+    monkeypatch.setattr(kv_write, "kv_rows_kernel", _Capture(kv_write.kv_rows_kernel, jobs, run=True))
+    pattern = s2dsl.local_stride(block=16, local_blocks=2, vert_stride=4, heads=4, kv_heads=2)
+    for dtype, d in ((torch.float16, 64), (torch.float32, 80)):
+        cache = PagedKVCache(pattern, num_pages=8, head_dim=d, dtype=dtype)
+        ids = [cache.add_sequence(), cache.add_sequence()]
+        k = torch.randn(2, 2, 1, d).to(dtype)
+        cache.append(ids, k, k)
+        assert torch.equal(cache.gather(ids[1])[0][:, -1], k[1, :, 0])
+    assert len(jobs) == 2
+    _compile_sm90(jobs)

@@ -412,7 +412,10 @@ def _classes():
             self.paged: Optional[PagedKVCache] = None
             self._length = 0
             self._pending = 0
+            self.graph_step = False  # inside S2Cache.decode_graph's step (positions given)
             self.siblings = (self,)  # every layer of the cache (S2Cache sets it): a refused step rolls them back
+            from ..runtime.graphs import opaque_handle
+            self._opaque = opaque_handle(self._attend_opaque)  # how a compiled graph calls this layer's step
 
         @property
         def seq_ids(self) -> tuple:
@@ -450,13 +453,23 @@ def _classes():
             self.is_initialized = True
 
         # A step keeps host state (each sequence's length, how far eviction has gone, the plan
-        # the layers of a step share) that a traced graph would freeze: under torch.compile the
-        # cache's update and attention run eagerly (a graph break at each), and the step as a
-        # CUDA graph is ``S2Cache.decode_graph``.
+        # the layers of a step share) that a traced graph would freeze. Under torch.compile the
+        # update only tags the keys (traced, no break) and the attention is one opaque custom op
+        # (``runtime.graphs.opaque_attention``) that runs ``_attend`` eagerly: the rest of the
+        # layer compiles into one graph around it. A layer that logs its input for recompute, or
+        # one not yet started, takes the disabled eager functions instead (a graph break at each).
+        # The step as a CUDA graph is ``S2Cache.decode_graph``.
         def update(self, key_states, value_states, *args, **kwargs):
             # the disabled wrapper (dynamo's frame switch) costs an eager step a few microseconds a
             # layer: taken only when dynamo traces this call
             if torch.compiler.is_compiling():
+                if self.is_initialized and self.recompute is None:
+                    if key_states.shape[0] != len(self.seq_ids):
+                        raise ValueError(f"S2Cache holds {len(self.seq_ids)} sequences; got a batch of "
+                                         f"{key_states.shape[0]}")
+                    key = key_states.view(key_states.shape)
+                    key._s2dsl_layer = self
+                    return key, value_states
                 return self._update_eager(key_states, value_states)
             return self._update(key_states, value_states)
 
@@ -475,7 +488,14 @@ def _classes():
 
         def attend(self, query, key, value, scale, attention_mask=None):
             if torch.compiler.is_compiling():
+                if self.recompute is None:
+                    from ..runtime.graphs import opaque_attention
+                    return opaque_attention(query, key, value, attention_mask, self._opaque,
+                                            None if scale is None else float(scale))
                 return self._attend_eager(query, key, value, scale, attention_mask)
+            return self._attend(query, key, value, scale, attention_mask)
+
+        def _attend_opaque(self, query, key, value, scale, attention_mask):
             return self._attend(query, key, value, scale, attention_mask)
 
         def _attend(self, query, key, value, scale, attention_mask=None):
@@ -544,6 +564,10 @@ def _classes():
         _attend_eager = torch.compiler.disable(_attend)
 
         def get_seq_length(self) -> int:
+            if self.graph_step and torch.compiler.is_compiling():
+                # a graph step passes its positions and its attention reads lengths on the device: a
+                # traced length would be a constant that recompiles the step for every token
+                return 0
             return self._length + self._pending
 
         def get_mask_sizes(self, query_length: int):
@@ -733,12 +757,13 @@ def _classes():
             the step, which the host logs after it.
 
             ``compile=True`` (or a ``torch.compile`` backend name) captures the model's forward
-            compiled by ``torch.compile`` (the cache's update and attention stay eager: a graph
-            break at each): in an eagerly written model most kernels of a decode step are the
-            small ones around attention (norms, rotary embedding, activations, residual adds),
-            which a CUDA graph replays one by one and the compiler fuses. The first call compiles
-            it (seconds to minutes for a large model), the first two run eagerly, the third
-            captures.
+            compiled by ``torch.compile``: one graph, each layer's cache update + attention an
+            opaque op in it (``s2dsl::opaque_attention``, eager inside), so that the small kernels
+            around attention (norms, rotary embedding, activations, residual adds), which a CUDA
+            graph replays one by one, are fused; each page table's plan of the step (positions,
+            eviction, the new token's page) is compiled too (``PageTable.compile_static``). The
+            first call compiles (seconds to a minute for a large model), the first three run
+            eagerly, the fourth captures.
             """
             from ..runtime.graphs import DecodeGraph
             layers = list(self.layers)
@@ -759,19 +784,32 @@ def _classes():
 
             forward = model
             if compile:
-                forward = torch.compile(model, dynamic=False, backend=compile if isinstance(compile, str) else "inductor")
+                backend = compile if isinstance(compile, str) else "inductor"
+                forward = torch.compile(model, dynamic=False, backend=backend)
             # each layer's frames after the cache's graph breaks are compiled per layer index
             limit = max(torch._dynamo.config.recompile_limit, 2 * len(layers) + 8)
 
             def step():
                 positions = pos_of.lens[slots].to(torch.long).view(batch, 1)
-                with torch._dynamo.config.patch(recompile_limit=limit):
-                    return forward(input_ids=ids_buf, position_ids=positions, past_key_values=self,
-                                   use_cache=True).logits
+                for layer in layers:
+                    layer.graph_step = True
+                try:
+                    with torch._dynamo.config.patch(recompile_limit=limit):
+                        return forward(input_ids=ids_buf, position_ids=positions, past_key_values=self,
+                                       use_cache=True).logits
+                finally:
+                    for layer in layers:
+                        layer.graph_step = False
 
-            # compiled: two eager steps, so that nothing is left to compile while the graph is captured
+            # compiled: three eager steps, so that nothing is left to compile while the graph is captured
+            # (the page tables' compiled plans recompile once at the second step on the CPU: their
+            # first call comes from inside the model's first compiled call)
             graph = DecodeGraph(step, tables, [g.seq_ids for g in groups], max_length=max_length, capture=capture,
-                                warmup=2 if compile else 1)
+                                warmup=3 if compile else 1)
+            if compile:  # each table's plan of the step: its few dozen small ops as a few fused kernels
+                for t in tables:
+                    if t.tier is None:  # a tier's table plans around its own host state: left eager
+                        t.compile_static(backend)
 
             logged = [layer for layer in layers if layer.hidden_log is not None]
 

@@ -350,6 +350,8 @@ def _gathered_prefill(q, cache: PagedKVCache, plan: StepPlan, scale, return_lse)
     ends = [s + n for s in plan.starts]
     k, v = cache.gather_rows(plan.slots, max(ends))
     if len(set(ends)) == 1:
+        if not return_lse and _dense(cache.pattern):  # as a first prefill's dense layers: SDPA's flash
+            return _sdpa_chunk(q, k, v, scale, cache.pattern)
         return attention(q, k, v, cache.pattern, scale=scale, return_lse=return_lse)
     return padded_attention(q, k, v, cache.pattern, q_counts=[n] * b, q_offsets=[0] * b, k_counts=ends,
                             k_offsets=[0] * b, scale=scale, return_lse=return_lse)
@@ -367,6 +369,16 @@ def _prefill(q, k, v, pattern, plan: StepPlan, scale, return_lse):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
                                               enable_gqa=pattern.kv_heads != pattern.heads)
     return attention(q, k, v, pattern, scale=scale, return_lse=return_lse)
+
+
+def _sdpa_chunk(q, k, v, scale, pattern):
+    """Dense causal attention of the last ``n`` positions of ``k, v`` (a chunk after the first):
+    SDPA with the causal diagonal aligned to the keys' end (torch's lower-right causal bias,
+    which its flash kernel serves with grouped kv heads)."""
+    from torch.nn.attention.bias import causal_lower_right
+    mask = causal_lower_right(q.shape[2], k.shape[2])
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                          enable_gqa=pattern.kv_heads != pattern.heads)
 
 
 @lru_cache(maxsize=256)

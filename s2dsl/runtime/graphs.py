@@ -19,13 +19,62 @@ every step instead.
 """
 from __future__ import annotations
 
+import itertools
+import weakref
 from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 
 from .paging import PageTable
 
-__all__ = ["DecodeGraph"]
+__all__ = ["DecodeGraph", "opaque_handle", "opaque_attention"]
+
+
+# ---------------------------------------------------------------------------- one opaque call per layer
+# A cache step keeps host state (lengths, the shared plan, eviction) that a traced graph would
+# freeze, so under torch.compile it must run eagerly. A graph break there splits every layer's
+# compiled code in pieces (the norms, rotary embedding and MLP around attention then cannot
+# fuse across it, and each piece is a frame of its own); a custom op is one opaque node in a
+# single graph instead: the compiler fuses everything around it and calls back into eager code
+# for the cache. Layers find their step through an int handle (a graph constant). A handle is
+# the smallest one free, so the layers of a new cache that replaces an old one get the old
+# one's handles: the same graph again, which inductor's graph cache serves without compiling.
+_STEPS: "dict[int, weakref.ReferenceType]" = {}
+
+
+def opaque_handle(step) -> int:
+    """A handle for ``opaque_attention`` that calls the bound method ``step(q, k, v, scale, mask)``
+    (held weakly: the handle is free again once its object is gone)."""
+    handle = next(h for h in itertools.count(1) if h not in _STEPS)
+    _STEPS[handle] = weakref.WeakMethod(step)
+    weakref.finalize(step.__self__, _STEPS.pop, handle, None)
+    return handle
+
+
+@torch.library.custom_op("s2dsl::opaque_attention", mutates_args=())
+def opaque_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+                     handle: int, scale: Optional[float]) -> torch.Tensor:
+    """The step registered as ``handle``: q (b, h, n, d) -> (b, h, n, d) in (b, n, h, d) memory."""
+    ref = _STEPS.get(handle)
+    step = ref() if ref is not None else None
+    if step is None:
+        raise RuntimeError(f"s2dsl::opaque_attention: handle {handle} names no live cache layer (a compiled "
+                           "graph outlived its cache)")
+    out = step(q, k, v, scale, mask)
+    b, h, n, d = q.shape
+    if out.shape != (b, h, n, d) or out.stride() != _transposed_strides(b, h, n, d):
+        out = out.transpose(1, 2).contiguous().transpose(1, 2)  # the layout the fake promises
+    return out
+
+
+def _transposed_strides(b, h, n, d):
+    return (n * h * d, d, h * d, 1)
+
+
+@opaque_attention.register_fake
+def _(q, k, v, mask, handle, scale):
+    b, h, n, d = q.shape
+    return q.new_empty(b, n, h, d).transpose(1, 2)
 
 
 class DecodeGraph:

@@ -28,6 +28,7 @@ one (``table=``), so a step is planned once and each layer only scatters its K/V
 """
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Hashable, List, Optional, Sequence, Tuple
 
@@ -45,6 +46,12 @@ def dense_pattern(heads: int, kv_heads: int, block: int = 64, name: str = "full_
     from ..frontend import parse
     text = f"pattern {name} {{ block = {block} heads = {heads} kv_heads = {kv_heads} causal heads * {{ dense }} }}"
     return parse(text, f"<{name}>")[name]
+
+
+def _kv_write():
+    """runtime.kv_write, imported on first use (it imports Triton)."""
+    from . import kv_write
+    return kv_write
 
 
 class PagedKVCache:
@@ -109,6 +116,10 @@ class PagedKVCache:
         self._v_all = torch.zeros(num_pages + 1, self.block, head_dim, dtype=self.kv_dtype, device=self.device)
         self.k_pages = self._k_all[:num_pages]
         self.v_pages = self._v_all[:num_pages]
+        # rows up to which a write is one Triton kernel for both pools (runtime.kv_write): a decode
+        # step's; under the interpreter (CPU tests) only small steps, whose programs it runs one by one
+        self._fused_rows = (_kv_write().MAX_ROWS if self.device.type == "cuda"
+                            else 32 if os.environ.get("TRITON_INTERPRET") == "1" else 0)
         if self.quantized:
             self._qparams = torch.zeros(4, num_pages + 1, head_dim, dtype=torch.float32, device=self.device)
             self.k_scale, self.k_bias, self.v_scale, self.v_bias = self._qparams
@@ -244,8 +255,13 @@ class PagedKVCache:
         if k.dtype != self.dtype:  # k, v are on the cache's device (checked)
             k, v = k.to(self.dtype), v.to(self.dtype)
         # detached sources keep the pools out of autograd (cheaper per layer than a no_grad scope)
-        self._k_all.view(-1, d).index_copy_(0, dest, k.detach().reshape(-1, d))
-        self._v_all.view(-1, d).index_copy_(0, dest, v.detach().reshape(-1, d))
+        k_rows, v_rows = k.detach().reshape(-1, d), v.detach().reshape(-1, d)
+        if dest.numel() <= self._fused_rows and k_rows.stride(1) == 1 \
+                and v_rows.stride(1) == 1:  # a decode step's few rows: one launch for both pools
+            _kv_write().write_kv_rows(self._k_all.view(-1, d), self._v_all.view(-1, d), k_rows, v_rows, dest)
+            return
+        self._k_all.view(-1, d).index_copy_(0, dest, k_rows)
+        self._v_all.view(-1, d).index_copy_(0, dest, v_rows)
 
     def _write_bounds(self, dest: torch.Tensor, k: torch.Tensor) -> None:
         """Widen each written page's key min / max by its new keys; a page whose first row is written

@@ -212,6 +212,7 @@ class PageTable:
         self.defer_eviction = False
         self.static_max_len = 0  # > 0: tables fixed, for static steps (CUDA graphs hold them)
         self.in_static_step = False  # between prepare_static and commit_static: plan by device ops alone
+        self._static_fn = None  # compile_static: the static plan's device ops compiled
         self.tier = None  # an ALISA host tier (s2dsl.runtime.host_tier): readies the pages before each plan
 
     # ------------------------------------------------------------------ storage
@@ -551,8 +552,13 @@ class PageTable:
         token's row in the pools, (batch * kv_heads,), and the new lengths (int32, batch).
         ``start``: the device lengths before the token, int64 (batch,). ``new_pages``: some
         sequence may start a block (else no page is taken: the host knows). Device ops only."""
+        _, slots_l, base = self._slots(seqs)
+        return self._place_tensors(slots_l, base, start, new_pages)
+
+    def _place_tensors(self, slots_l: torch.Tensor, base: torch.Tensor, start: torch.Tensor,
+                       new_pages: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``_place_one`` on the slots' tensors (``_slots``): device ops only."""
         b = self.block
-        slots, slots_l, base = self._slots(seqs)
         blk = (start // b).view(-1, 1, 1)
         idx = base + blk                                        # (batch, kv_heads, 1); blk < width (reserve)
         cur = self._tables_flat[idx]
@@ -626,7 +632,17 @@ class PageTable:
         self.reserve(slots=slots, max_length=max_length)
         self.static_max_len = max_length
 
+    def _static_device(self, slots: torch.Tensor, slots_l: torch.Tensor, base: torch.Tensor):
+        """A static step's device ops: the positions from the device lengths, eviction of the one
+        block each kv head's bound may have passed, the new token's page and row. Returns (each
+        token's row in the pools, the new lengths)."""
+        start = self.lens[slots_l].to(torch.long)
+        if self.can_evict:
+            self.evict_tensors(slots, (start - self.lookahead).clamp(min=0), 1)
+        return self._place_tensors(slots_l, base, start, True)
+
     def disable_static(self) -> None:
+        self._static_fn = None
         self.static_max_len = 0
         self.in_static_step = False
         self.plan = None
@@ -661,13 +677,16 @@ class PageTable:
         self.plan = None
         self.in_static_step = False
 
+    def compile_static(self, backend: str = "inductor") -> None:
+        """Run the device ops of each static step's plan (``_static_device``: a few dozen small
+        ops, eviction included) as one function compiled by ``torch.compile`` (a handful of
+        fused kernels), until ``disable_static``. The eager ops remain the reference."""
+        self._static_fn = torch.compile(self._static_device, dynamic=False, fullgraph=True, backend=backend)
+
     def _plan_static(self, seq_ids) -> StepPlan:
         """One new token per sequence, from the device lengths: no host value, no host read."""
         seqs = self.seqs(seq_ids)
-        slots, slots_l, _ = self._slots(seqs)
-        start = self.lens[slots_l].to(torch.long)
-        if self.can_evict:  # the one block each kv head's eviction bound may have passed
-            self.evict_tensors(slots, (start - self.lookahead).clamp(min=0), 1)
-        dest, lens = self._place_one(seqs, start, True)
+        slots, slots_l, base = self._slots(seqs)
+        dest, lens = (self._static_fn or self._static_device)(slots, slots_l, base)
         return StepPlan(tuple(seq_ids), slots, lens, self.static_max_len, 1, n=1, dest=dest,
                         starts=(), counts=(1,) * len(seqs), offsets=(0,) * len(seqs))
