@@ -469,14 +469,27 @@ class HostTier:
         slot, g, j = idx.unbind(1)
         hslots = self.host_table[slot, g, j].long()
         pages = self._pop(idx.shape[0])
-        self._copy(lambda host, dev, h, p: dev.index_copy_(0, p, host[h].to(dev.device, non_blocking=True)),
-                   hslots, pages, down=False)
+        self._copy(lambda host, dev, h, p: dev.index_copy_(0, p, self._gathered(host, 0, h).to(
+            dev.device, non_blocking=True)), hslots, pages, down=False)
         d = self.table.device
         self.table.tables[slot.to(d), g.to(d), j.to(d)] = pages.to(d, torch.int32)
         tables[slot, g, j] = pages.to(torch.int32)
         self.host_table[slot, g, j] = -1
         self._free.extend(hslots.tolist())
         self.moved_up += idx.shape[0]
+
+    def _gathered(self, host: torch.Tensor, dim: int, idx: torch.Tensor) -> torch.Tensor:
+        """``host``'s slots ``idx`` (along ``dim``) gathered on the host: into pinned memory on
+        CUDA, so that the copy up is asynchronous. From pageable memory a "non-blocking" copy
+        makes the host wait for the copy stream first, and that stream waits for the compute
+        stream (the step before): the host would stall there and the copies would not overlap
+        anything. torch's pinned allocator keeps the buffer until the copy that reads it is done."""
+        if not self.cuda:
+            return host.index_select(dim, idx)
+        shape = list(host.shape)
+        shape[dim] = idx.numel()
+        staging = torch.empty(shape, dtype=host.dtype, pin_memory=True)
+        return torch.index_select(host, dim, idx, out=staging)
 
     def _rebuild(self, tables: torch.Tensor, rec: torch.Tensor) -> None:
         """Recompute the dropped pages ``rec`` the step reads, every layer, into fresh GPU pages."""
@@ -534,7 +547,8 @@ class HostTier:
                     for h_buf, pool in zip(host, pools):
                         fn(h_buf, pool, hslots, dev_pages)
                     if cache.quantized:
-                        cache._qparams[:, dev_pages] = host[2][:, hslots].to(cache._qparams.device, non_blocking=True)
+                        cache._qparams[:, dev_pages] = self._gathered(host[2], 1, hslots).to(
+                            cache._qparams.device, non_blocking=True)
                 if self.cuda:
                     ev = torch.cuda.Event()
                     ev.record(self._stream)
