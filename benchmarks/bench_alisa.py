@@ -29,7 +29,9 @@ sparsity).
    * s2dsl SWA, GPU pool = the budget, host = half the rest, the oldest dropped and recomputed
      (phase 3), in a CUDA graph (phase 3's eager path is checked in part 1);
    * the moving pattern, all on the GPU / host tier / phase 3 (graph): pages moved up and
-     recomputed per step and what they cost against its all-resident run;
+     recomputed per step and what they cost against its all-resident run; the host tier again
+     with ``HostTier.graph_overlap`` off (every copy up before the replay instead of each layer
+     waiting for its own inside it);
    * HF SDPA + offloaded DynamicCache (``offloading=True``: transformers 5's OffloadedCache),
      and the offloaded StaticCache (OffloadedStaticCache) if it runs;
    * HF SDPA + DynamicCache all on the GPU (no budget: the upper bound where memory allows);
@@ -150,7 +152,17 @@ def budget_pages(pattern, prompt: int, batch: int, final: int) -> int:
 
 
 def run_s2dsl(model, plan, ids, steps, gpu_pages, host_pages, kv_dtype=None, recompute=None, time_from=0,
-              graph=False):
+              graph=False, overlap=True):
+    """``overlap=False``: graph steps wait for every copy up before each replay (``HostTier.graph_overlap``)."""
+    from s2dsl.runtime.host_tier import HostTier
+    HostTier.graph_overlap = overlap
+    try:
+        return _run_s2dsl(model, plan, ids, steps, gpu_pages, host_pages, kv_dtype, recompute, time_from, graph)
+    finally:
+        HostTier.graph_overlap = True
+
+
+def _run_s2dsl(model, plan, ids, steps, gpu_pages, host_pages, kv_dtype, recompute, time_from, graph):
     hf.apply(model, plan, model_name="bench")
     model.set_attn_implementation(hf.ATTN_IMPLEMENTATION)
     free()
@@ -395,6 +407,7 @@ def throughput(model, args, device, tiny, block, points, results, save, t0, hf_r
                 ("s2dsl swa drop/recompute graph", plan, gpu, drop, True),
                 ("moving resident graph", mplan, resident, dict(host_pages=None), True),
                 ("moving + host tier graph", mplan, mgpu, tier, True),
+                ("moving + host tier graph, no overlap", mplan, mgpu, dict(tier, overlap=False), True),
                 ("moving drop/recompute graph", mplan, mgpu, dict(host_pages=max((total - mgpu) // 2, 0),
                                                                   recompute="hidden"), True)]
         wanted = (lambda name: True) if n_point == 0 else (lambda name: name in LARGE_POINT_RUNS)
@@ -419,6 +432,7 @@ def throughput(model, args, device, tiny, block, points, results, save, t0, hf_r
         by = {r["impl"]: r for r in point["rows"]}
         for name, base in (("s2dsl swa + host tier graph", "s2dsl swa resident graph"),
                            ("moving + host tier graph", "moving resident graph"),
+                           ("moving + host tier graph, no overlap", "moving resident graph"),
                            ("moving drop/recompute graph", "moving resident graph")):
             if "ms_per_step" in by.get(name, {}) and "ms_per_step" in by.get(base, {}):
                 by[name]["ms_over_resident"] = by[name]["ms_per_step"] - by[base]["ms_per_step"]
