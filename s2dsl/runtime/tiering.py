@@ -2,13 +2,15 @@
 
 A decode step of one layer reads, per (sequence, kv head), the pages its pattern needs now:
 the window, the static shards, the current top-k. Everything else a top-k head may select
-later has to be kept somewhere. ALISA's three phases, chosen by what fits:
+later has to be kept somewhere. ALISA's three phases, chosen by what fits and by what costs
+less:
 
 1. every page on the GPU: the step costs its kernel only;
 2. the GPU holds what steps read (and as much else as fits), the host the rest: a page that the
    selection brings back from the host crosses the host link, on a side stream, overlapped with
    the previous layer's compute; only the part of the copy longer than that compute shows;
-3. past the host budget too, the oldest pages are dropped, and when a dropped page is selected
+3. past the host budget too — or before it, when recomputing a page costs less than fetching
+   it (a slow link, a fast recompute) — the oldest pages are dropped, and when a dropped page is selected
    its K/V are recomputed on the GPU from the layer's input hidden states, which are kept (in host
    memory) instead: ``hidden`` numbers per token rather than ``2 · kv_heads · head_dim``. With
    multi-head attention that is half the bytes; under grouped-query attention it can be more
@@ -16,8 +18,9 @@ later has to be kept somewhere. ALISA's three phases, chosen by what fits:
    ``Workload.recompute_saves_memory`` says which. Then phase 3 does not save memory; it only
    keeps host memory for K/V pages at the budget while the hidden states grow beside it.
 
-``plan`` takes the workload, the budgets and the machine's measured costs (``MachineCosts``,
-``measure_machine`` on the GPU) and returns a ``TierPlan``: the phase, the split, the predicted
+``plan`` takes the workload, the budgets and the machine's measured costs (``MachineCosts``:
+``measure_machine`` on the GPU for the link, HBM and matmul rates; ``fit_recompute`` for the
+recompute, timed through the recompute path itself) and returns a ``TierPlan``: the phase, the split, the predicted
 time per step and its parts, and a sentence saying why — the debug report the cache exposes.
 Churn (the share of a step's selected pages that the previous step did not select) is what
 makes phases 2 and 3 cost anything; ALISA's accumulated scores keep it low; measure it with the
