@@ -20,6 +20,11 @@ last query block keeps ``B = (1 - sparsity) * n_blocks`` kv blocks):
   chosen by Quest's q.k upper bound from each page's key min / max, from the step's own query
   (no history; the library's answer to the candidate study below)
 * ``dense``
+* with ``--kv-int8``: the two decode methods again over an INT8 paged cache (``PagedKVCache(...,
+  kv_dtype=torch.int8)``: channel-wise asymmetric codes, dequantised inside the decode kernel),
+  and ``dense (decode)`` / ``dense (decode, INT8)``: the whole-context pattern through the same
+  decode path in 16 bits and in INT8; each INT8 method also reports its answer logits' change
+  against its 16-bit twin (largest and mean absolute difference over the 16-bit logits' std)
 
 and, separately, the *decode-time selection candidates* (``--parts candidates``, a torch
 reference that runs on the CPU as on the GPU): the prompt attended densely, the query region one
@@ -72,6 +77,12 @@ METHOD_PATTERN = {"window": "window", "window+stride": "window+stride", "window+
                   "window+topk (last row)": "window+topk", "window+topk (bound)": "window+topk",
                   "window+topk (decode)": "window+topk",
                   "window+topk by bound (decode)": "window+topk by bound"}
+# --kv-int8: the decode path over an INT8 paged cache, each beside its 16-bit twin (issue 12)
+INT8_METHODS = ("dense (decode)", "dense (decode, INT8)", "window+topk (decode, INT8)",
+                "window+topk by bound (decode, INT8)")
+METHOD_PATTERN.update({"dense (decode)": "dense", "dense (decode, INT8)": "dense",
+                       "window+topk (decode, INT8)": "window+topk",
+                       "window+topk by bound (decode, INT8)": "window+topk by bound"})
 
 
 def method_patterns(cfg: tt.Config, sparsity: float) -> dict:
@@ -86,10 +97,11 @@ pattern win {{ block = {B} heads = {H} heads * {{ window {budget} }} }}
 pattern win_stride {{ block = {B} heads = {H} heads * {{ window {w} stride {stride} offset h }} }}
 pattern win_topk {{ block = {B} heads = {H} heads * {{ window {w} topk {rest} }} }}
 pattern win_topk_bound {{ block = {B} heads = {H} heads * {{ window {w} topk {rest} by bound }} }}
+pattern whole {{ block = {B} heads = {H} heads * {{ window {nb} }} }}
 """
     f = s2dsl.parse(text, "<topk_quality>")
     return {"window": f["win"], "window+stride": f["win_stride"], "window+topk": f["win_topk"],
-            "window+topk by bound": f["win_topk_bound"], "_budget": budget, "_window": w}
+            "window+topk by bound": f["win_topk_bound"], "dense": f["whole"], "_budget": budget, "_window": w}
 
 
 def attention_for(pattern, device, estimator: str = "pooled"):
@@ -110,12 +122,14 @@ def attention_for(pattern, device, estimator: str = "pooled"):
     return reference
 
 
-def decode_attention(pattern, tail: int, device, record: list):
+def decode_attention(pattern, tail: int, device, record: list, kv_dtype=None):
     """q, k, v (batch, heads, T, dim) -> out, the way a decode produces it: the first ``T - tail``
     tokens prefilled through a paged cache, the last ``tail`` decoded one step at a time. The model
     is causal, so running a whole layer this way gives exactly the rows a token-by-token decode
     computes (with this layer's cache and top-k state). Appends, per call (layer), each head's
-    mean share of the dense attention of the decoded rows on what the step kept."""
+    mean share of the dense attention of the decoded rows on what the step kept. ``kv_dtype``:
+    ``torch.int8`` stores the cache's pages as INT8 codes (the prompt's own prefill attends its
+    16-bit K/V, every decoded row reads INT8, as in serving)."""
     import warnings
     from s2dsl.runtime.decode import cached_attention
     from s2dsl.runtime.kv_cache import PagedKVCache
@@ -131,7 +145,7 @@ def decode_attention(pattern, tail: int, device, record: list):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # topk heads keep every page
             cache = PagedKVCache(pattern, num_pages=b * pattern.kv_heads * (T // pattern.block + 2), head_dim=d,
-                                 dtype=kernel_dtype, device=device, max_seqs=b)
+                                 dtype=kernel_dtype, device=device, max_seqs=b, kv_dtype=kv_dtype)
         ids = [cache.add_sequence() for _ in range(b)]
         with torch.autocast(device, enabled=False):
             first = T - tail
@@ -140,10 +154,11 @@ def decode_attention(pattern, tail: int, device, record: list):
             slots = torch.tensor([cache.slot(i) for i in ids], device=device).long()
             static_rows = {}
             kept = torch.zeros(b, H, device=device)
+            none = torch.full((b, pattern.kv_heads, 1), -1, dtype=torch.long, device=device)  # a static pattern
             for t in range(first, T):
-                used = state.selection[slots].clone()                                  # (b, kv, K)
+                used = none if state is None else state.selection[slots].clone()       # (b, kv, K)
                 outs.append(cached_attention(cache, ids, qc[:, :, t:t + 1], kc[:, :, t:t + 1], vc[:, :, t:t + 1]))
-                if state.has_bound:  # 'by bound' selects inside the step, from its query
+                if state is not None and state.has_bound:  # 'by bound' selects inside the step, from its query
                     used = state.selection[slots].clone()
                 sel = used.repeat_interleave(pattern.group_size, 1).long()
                 sel = torch.where(torch.arange(sel.shape[-1], device=device).view(1, 1, -1)
@@ -399,7 +414,7 @@ def plot(result: dict, path: Path):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    methods = list(METHODS)
+    methods = [m for m in result["sparsities"][0]["methods"]]  # the ones this run measured
     sp = [r["sparsity"] for r in result["sparsities"]]
     ax = axes[0]
     for m in methods:
@@ -413,10 +428,11 @@ def plot(result: dict, path: Path):
     ax = axes[1]
     for m in methods:
         ax.plot(sp, [r["methods"][m]["recovery_mean"] for r in result["sparsities"]], "o-", label=m)
-    ax.plot(sp, [r["methods"]["window+topk"]["block_oracle_mean"] for r in result["sparsities"]], "k^:",
-            label="window + best blocks (oracle)")
-    ax.plot(sp, [r["methods"]["window+topk"]["token_oracle_mean"] for r in result["sparsities"]], "kv:",
-            label="token oracle, same budget")
+    if "window+topk" in methods:
+        ax.plot(sp, [r["methods"]["window+topk"]["block_oracle_mean"] for r in result["sparsities"]], "k^:",
+                label="window + best blocks (oracle)")
+        ax.plot(sp, [r["methods"]["window+topk"]["token_oracle_mean"] for r in result["sparsities"]], "kv:",
+                label="token oracle, same budget")
     ax.set_xlabel("KV sparsity")
     ax.set_ylabel("attention recovery (mean over heads)")
     ax.legend(fontsize=8)
@@ -471,7 +487,18 @@ def main(argv=None) -> dict:
                          "decode-time selection candidates (torch reference, any device)")
     ap.add_argument("--load", type=str, default=None, help="a dense model's state_dict saved by --save (skips training)")
     ap.add_argument("--save", type=str, default=None, help="save the trained dense model's state_dict here")
+    ap.add_argument("--kv-int8", action="store_true",
+                    help="also run the decode methods over an INT8 paged cache, and dense through the decode path "
+                         "in 16 bits and INT8 (%s)" % ", ".join(INT8_METHODS))
+    ap.add_argument("--methods", nargs="+", default=None, metavar="NAME",
+                    help="run only these methods (names as printed; default: all, with --kv-int8's)")
     args = ap.parse_args(argv)
+    names = list(METHODS) + (list(INT8_METHODS) if args.kv_int8 else [])
+    if args.methods is not None:
+        unknown = sorted(set(args.methods) - set(names))
+        if unknown:
+            raise SystemExit(f"unknown method(s) {unknown}; choose from {names}")
+        names = [n for n in names if n in args.methods]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cfg = tt.CONFIGS[args.config]
     if args.block is not None:
@@ -512,17 +539,32 @@ def main(argv=None) -> dict:
     rows = args.decode_sequences or cfg.batch
     decode_set = [(x[:rows], qpos, y[:rows], dist[:rows]) for x, qpos, y, dist in eval_set[:decode_batches]]
     result["sparsities"] = []
+    answer_logits = {}  # method -> the answer logits of its last evaluation (INT8 vs 16-bit twin)
+    hook = model.register_forward_hook(lambda m, i, o: answer_logits.setdefault("_last", []).append(o.detach().float()))
     for s in args.sparsities:
         pats = method_patterns(cfg, s)
         row = {"sparsity": s, "budget_blocks": pats["_budget"], "window_blocks": pats["_window"], "methods": {}}
         if "candidates" in args.parts:
             row["decode_candidates"] = decode_study(model, cfg, eval_set, device, s, tail, vis)
-        for name in (METHODS if "methods" in args.parts else ()):
+        for name in (names if "methods" in args.parts else ()):
             p = pats[METHOD_PATTERN[name]]
             est = "last_row" if name.endswith("(last row)") else "bound" if name.endswith("(bound)") else "pooled"
-            if name.endswith("(decode)"):  # ALISA's path: decode the query region step by step
+            answer_logits["_last"] = []
+            if "(decode" in name:  # ALISA's path: decode the query region step by step
                 calls = []
-                res = evaluate_method(model, cfg, decode_set, device, decode_attention(p, tail, device, calls), vis)
+                kv_dtype = torch.int8 if name.endswith("INT8)") else None
+                res = evaluate_method(model, cfg, decode_set, device,
+                                      decode_attention(p, tail, device, calls, kv_dtype), vis)
+                answer_logits[name] = torch.cat(answer_logits["_last"])
+                twin = answer_logits.get(name.replace(", INT8", ""))
+                if kv_dtype is not None and twin is not None:
+                    diff = (answer_logits[name] - twin).abs()
+                    std = float(twin.std())
+                    res["int8_vs_16bit"] = {
+                        "twin": name.replace(", INT8", ""), "logit_std": std,
+                        "max_abs_logit_change_over_std": float(diff.max()) / std,
+                        "mean_abs_logit_change_over_std": float(diff.mean()) / std,
+                        "argmax_agreement": float((answer_logits[name].argmax(-1) == twin.argmax(-1)).float().mean())}
                 per_call = torch.tensor(calls).view(-1, cfg.layers, cfg.heads)         # (batches, layers, heads)
                 rec = {"kept": per_call.mean(0).tolist(), "block_oracle": [], "token_oracle": []}
                 res["eval_sequences"] = sum(x.shape[0] for x, *_ in decode_set)
@@ -543,9 +585,14 @@ def main(argv=None) -> dict:
             print(f"sparsity {s:.0%} {name:22s}: accuracy {res['accuracy']:.3f}  ppl {res['answer_perplexity']:.3f}  "
                   f"recovery {res['recovery_mean']:.3f} (min head {res['recovery_min_head']:.3f})"
                   + (f"  block oracle {res['block_oracle_mean']:.3f}  token oracle {res['token_oracle_mean']:.3f}"
-                     if "block_oracle_mean" in res else ""), flush=True)
+                     if "block_oracle_mean" in res else "")
+                  + (f"  INT8 vs 16-bit logits: max {res['int8_vs_16bit']['max_abs_logit_change_over_std']:.4f}, "
+                     f"mean {res['int8_vs_16bit']['mean_abs_logit_change_over_std']:.4f} of their std, argmax "
+                     f"agreement {res['int8_vs_16bit']['argmax_agreement']:.3f}" if "int8_vs_16bit" in res else ""),
+                  flush=True)
         result["sparsities"].append(row)
         (out / "topk_quality.json").write_text(json.dumps(result, indent=1))
+    hook.remove()
     result["total_s"] = time.perf_counter() - t_start
     (out / "topk_quality.json").write_text(json.dumps(result, indent=1))
     if "methods" in args.parts:

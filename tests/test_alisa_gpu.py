@@ -169,12 +169,18 @@ def test_gpu_int8_decode_write_kernel_matches_the_torch_quantiser(monkeypatch):
         assert ((deq[0] - deq[1]).abs() <= 1.01 * ref._qparams[sc].unsqueeze(1) + 1e-6).all()
 
 
-@pytest.mark.parametrize("host_pages,recompute", [(24, None), (0, "hidden")], ids=["host", "drop"])
-def test_gpu_captured_steps_over_a_tier_move_and_recompute_pages_losslessly(host_pages, recompute):
+@pytest.mark.parametrize("host_pages,recompute,overlap", [(24, None, True), (24, None, False), (0, "hidden", True)],
+                         ids=["host", "host-copies-before-replay", "drop"])
+def test_gpu_captured_steps_over_a_tier_move_and_recompute_pages_losslessly(host_pages, recompute, overlap,
+                                                                             monkeypatch):
     """CUDA-graph decode steps (decode_graph, captured) over a tiered cache under a relative-stride
     pattern, whose reads come back at block crossings: pages move up from pinned memory (or are
-    recomputed) in the host part before each replay; the tokens are the resident graph steps'."""
+    recomputed) in the host part before each replay; the tokens are the resident graph steps'.
+    With ``graph_overlap`` each captured layer waits for its own copies (an external event wait
+    node), without it the replay waits for all of them first."""
     from s2dsl.integrations import hf
+    from s2dsl.runtime.host_tier import HostTier
+    monkeypatch.setattr(HostTier, "graph_overlap", overlap)
     from serving_helpers import tiny_llama
     plan = ("pattern rel { block = 16 heads = 4 kv_heads = 2 causal heads * { window 1 sink 1 stride 2 relative } }\n"
             "model tiny { layers = 2 rest -> rel }")
@@ -201,3 +207,5 @@ def test_gpu_captured_steps_over_a_tier_move_and_recompute_pages_losslessly(host
     tier = cache.paged[0].table.tier
     assert (tier.recomputed if recompute else tier.moved_up) > 0, tier.report()
     assert torch.equal(out, ref)
+    # the captured step waits per layer exactly when overlap is on
+    assert all(p.table.tier._graph_waits == overlap for p in cache.paged)

@@ -104,3 +104,89 @@ def test_workload_for_counts_what_a_decode_step_reads():
     # the phase follows the budgets: all fits -> 1; a quarter on the GPU, the rest on the host -> 2
     assert plan(w, w.total_bytes, 0).phase == 1
     assert plan(w, w.total_bytes / 4, w.total_bytes).phase == 2
+
+
+# ---------------------------------------------------------------- drop or keep: the costs decide
+def mha(**kw) -> Workload:
+    # ALISA's own shape (MHA: hidden = kv_heads * head_dim), SWA with churn, a third off the GPU
+    base = dict(batch=8, context=16384, kv_heads=32, head_dim=128, block=64, hidden=4096,
+                read_pages=16384 // 64 // 5, topk_pages=16384 // 64 // 10, churn=0.2, layers=32)
+    base.update(kw)
+    return Workload(**base)
+
+
+def test_slow_link_and_fast_recompute_drop_although_the_host_has_room():
+    w = mha()
+    slow_link = MachineCosts(h2d_gbps=1.0, recompute_page_ms=1e-4)
+    p = plan(w, w.total_bytes / 3, w.total_bytes, slow_link)
+    assert p.phase == 3 and p.host_bytes == 0  # everything off the GPU dropped: recompute is cheaper
+    assert p.recompute_ms > 0 and p.transfer_ms == 0 and p.pages_recomputed > 0
+    assert "cheaper than fetching" in p.reason and "measured on this machine" in p.report()
+    # the reverse: a fast link and a slow recompute keep the pages on the host
+    fast_link = MachineCosts(h2d_gbps=1000.0, recompute_page_ms=10.0)
+    q = plan(w, w.total_bytes / 3, w.total_bytes, fast_link)
+    assert q.phase == 2 and q.dropped_tokens == 0 and q.recompute_ms == 0 and q.pages_up > 0
+    assert "beats recomputing" in q.reason
+    # and past the host budget it drops only what the budget forces
+    r = plan(w, w.total_bytes / 3, w.total_bytes / 3, fast_link)
+    assert r.phase == 3 and r.host_bytes == pytest.approx(w.total_bytes / 3)
+    assert "exceeds GPU + host budgets" in r.reason
+    # both choices predict the cheaper of the two for their machine
+    assert p.step_ms < plan(w, w.total_bytes / 3, w.total_bytes, slow_link, can_drop=False).step_ms
+    assert q.step_ms < plan(w, w.total_bytes / 3, 0, fast_link).step_ms
+
+
+@pytest.mark.parametrize("rec_ms", [1e-4, 1e-3, 1e-2, 1e-1])
+def test_the_drop_point_moves_with_the_recompute_cost(rec_ms):
+    # the link fixed: recompute cheaper than a fetch -> drop; dearer -> keep on the host
+    w = mha()
+    costs = MachineCosts(h2d_gbps=20.0, recompute_page_ms=rec_ms)
+    p = plan(w, w.total_bytes / 3, w.total_bytes, costs)
+    fetch = costs.fetch_ms_per_page(w)
+    assert p.phase == (3 if rec_ms < fetch else 2)
+    assert p.fetch_page_ms == pytest.approx(fetch) and p.recompute_page_ms == rec_ms
+
+
+def test_an_overlap_that_hides_the_copies_keeps_pages_on_the_host():
+    w = mha()
+    costs = MachineCosts(h2d_gbps=1.0, recompute_page_ms=1e-4)
+    assert plan(w, w.total_bytes / 3, w.total_bytes, costs).phase == 3
+    assert plan(w, w.total_bytes / 3, w.total_bytes, costs, overlap_ms=1e6).phase == 2
+
+
+def test_modelled_recompute_moves_the_hidden_states_and_counts_the_products():
+    # without a measurement, GQA (hidden bigger than K+V) never recomputes by choice: its hidden
+    # states cost more link time than the page they replace
+    w = llama(churn=0.5)
+    c = MachineCosts()
+    assert not c.recompute_measured
+    assert c.recompute_ms_per_page(w) > c.fetch_ms_per_page(w)
+    assert plan(w, w.total_bytes / 2, w.total_bytes, c).phase == 2
+    assert "modelled, not measured" in plan(w, w.total_bytes / 2, w.total_bytes, c).report()
+
+
+def test_no_recompute_source_refuses_past_the_host_budget():
+    w = mha()
+    with pytest.raises(ValueError, match="nothing can be dropped"):
+        plan(w, w.total_bytes / 3, w.total_bytes / 4, can_drop=False)
+    with pytest.raises(ValueError):
+        MachineCosts(recompute_page_ms=0.0)
+
+
+def test_fit_recompute_recovers_a_linear_cost():
+    import time
+    import torch
+    from s2dsl.runtime.tiering import fit_recompute, with_recompute
+
+    def slow(slots, kv_heads, blocks):  # 3 ms a call + 2 ms a page
+        time.sleep(3e-3 + 2e-3 * slots.numel())
+
+    m = 6
+    fit = fit_recompute(slow, torch.zeros(m, dtype=torch.long), torch.zeros(m, dtype=torch.long),
+                        torch.arange(m), reps=3)
+    assert fit.recompute_page_ms == pytest.approx(2.0, rel=0.3)
+    assert fit.recompute_fixed_ms == pytest.approx(3.0, abs=1.5)
+    costs = with_recompute(MachineCosts(h2d_gbps=55.0), fit)
+    assert costs.h2d_gbps == 55.0 and costs.recompute_measured
+    with pytest.raises(ValueError, match="m >= 2"):
+        fit_recompute(slow, torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long), torch.arange(1))

@@ -871,18 +871,46 @@ def _classes():
             p = first.paged
             if costs is None:
                 costs = _machine_costs(p.device)
+            fit = self._fit_recompute(first)
+            if fit is not None and not costs.recompute_measured:
+                costs = tiering.with_recompute(costs, fit)
             context = max(p.seq_len(s) for s in first.seq_ids)
             n_layers = len(self.layers)
             hidden = self._hidden or 2 * p.kv_heads * p.head_dim
             w = tiering.workload_for(first.pattern, batch=len(first.seq_ids), context=context, head_dim=p.head_dim,
-                                     hidden=hidden, layers=n_layers, kv_int8=p.quantized)
+                                     hidden=hidden, layers=n_layers, kv_int8=p.quantized,
+                                     kv_bytes=p.k_pages.element_size(), hidden_bytes=p.dtype.itemsize)
             host = (first.host_pages or 0) * p.page_bytes * n_layers
             try:
-                decision = tiering.plan(w, p.num_pages * p.page_bytes * n_layers, host, costs).report()
+                decision = tiering.plan(w, p.num_pages * p.page_bytes * n_layers, host, costs,
+                                        can_drop=first.recompute is not None).report()
             except ValueError as exc:
                 decision = f"no phase serves this: {exc}"
             lines.append(f"cost model (batch {w.batch}, {context} tokens, {n_layers} layers): {decision}")
             return "\n".join(lines)
+
+        def _fit_recompute(self, layer, pages: int = 8):
+            """The recompute's cost fitted once on this machine through the first layer's own
+            recompute path (its logged inputs, projections and rotary embedding) over up to
+            ``pages`` blocks of its first sequence (``tiering.fit_recompute``); None without a
+            recompute source or before a sequence holds two blocks."""
+            fit = getattr(self, "_recompute_fit", None)
+            if fit is not None:
+                return fit
+            p = layer.paged
+            tier = p.table.tier
+            fn = tier._recompute.get(id(p)) if tier is not None else None
+            if fn is None or not layer.seq_ids:
+                return None
+            sid = layer.seq_ids[0]
+            m = min(pages, p.seq_len(sid) // p.block)
+            if m < 2:
+                return None
+            from ..runtime import tiering
+            slot = torch.full((m,), p.slot(sid), dtype=torch.long)
+            self._recompute_fit = tiering.fit_recompute(fn, slot, torch.zeros(m, dtype=torch.long),
+                                                        torch.arange(m), p.device)
+            return self._recompute_fit
 
         def dense_bytes(self) -> int:
             """What a dense cache of the same sequences would hold, all layers."""

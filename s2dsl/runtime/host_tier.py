@@ -34,8 +34,14 @@ and mirrored onto the device with tensor ops.
 
 CUDA-graph decode steps (``PageTable.enable_static``) tier too: the tier prepares in the host
 part before each step (``prepare_static``), where pages move up, down, are dropped or
-recomputed in place in the pools and tables the graph reads, and the step waits for those
-copies before it starts (``settle``); the captured step itself moves nothing.
+recomputed in place in the pools and tables the graph reads; the captured step itself moves
+nothing. The copies up overlap the replay: each layer's copies end with a record of that
+layer's own event, made ``external`` (``torch.cuda.Event(external=True)``), and the layer's
+``wait`` inside the captured step becomes a graph node that waits for that event, so a replay
+waits for layer L's pages only where layer L reads them (``graph_overlap``; without it, or
+before a step was captured that way, ``settle`` makes the whole step wait for every copy).
+Pages moving down and pages recomputed are done before the replay starts in either case (a
+copy down makes room the step's own pages need; a recompute runs on the compute stream).
 
 Limits: a first prefill writes the prompt's pages at once, so the GPU pool must hold one
 batch's prompt (its kept blocks); sequences spill from the next step on.
@@ -114,13 +120,19 @@ class TierGroup:
 class HostTier:
     """Host pages for the caches sharing ``table`` (see the module docstring).
 
+    ``graph_overlap`` (class-wide; benchmarks turn it off to time the difference): captured
+    steps wait per layer for that layer's copies up instead of waiting for all before a replay.
+
     ``host_pages``: host slots per layer. ``drop``: past the host budget, drop the oldest pages
     and recompute them when read (every member then needs a ``recompute`` callback); without it
     a full host raises ``HostFullError``. ``poison``: write NaN into GPU pages as they move down
     or are dropped (tests: a kernel reading a page that is not resident would produce NaN)."""
 
+    graph_overlap = True
+
     def __init__(self, table: PageTable, host_pages: int, *, drop: bool = False, poison: bool = False,
                  group: Optional["TierGroup"] = None):
+        self._graph_waits = False  # a captured step waits per layer (see settle)
         if host_pages < 0:
             raise ValueError(f"host_pages must be >= 0, got {host_pages}")
         if getattr(table, "tier", None) is not None:
@@ -132,7 +144,8 @@ class HostTier:
         self.members: List = []
         self._host: Dict[int, List[torch.Tensor]] = {}
         self._recompute: Dict[int, Recompute] = {}
-        self._events: Dict[int, object] = {}
+        self._events: Dict[int, object] = {}  # per layer: its copies' event, until it waits
+        self._layer_events: Dict[int, object] = {}  # per layer, CUDA: one external event, reused
         self._free: List[int] = list(range(host_pages - 1, -1, -1))
         self.host_table = torch.full((0, table.kv_heads, 0), -1, dtype=torch.int32)
         self.dropped = torch.zeros((0, table.kv_heads, 0), dtype=torch.bool)
@@ -173,6 +186,14 @@ class HostTier:
             bufs.append(torch.empty((4, self.host_pages, cache.head_dim), dtype=torch.float32, pin_memory=pin))
         self.members.append(cache)
         self._host[id(cache)] = bufs
+        if self.cuda:
+            try:  # external: captured, a wait on it is a graph node waiting for the record before each replay
+                ev = torch.cuda.Event(external=True)
+            except TypeError:  # a torch without external events: graph steps wait for every copy (settle)
+                ev = None
+            if ev is not None:
+                ev.record(self._stream)  # created now: a wait on a never-recorded event captures nothing
+            self._layer_events[id(cache)] = ev
         if recompute is not None:
             self._recompute[id(cache)] = recompute
 
@@ -185,16 +206,31 @@ class HostTier:
         return int(self.dropped.sum())
 
     def wait(self, cache) -> None:
-        """Make the current stream wait for this layer's copies (CUDA); nothing on the CPU."""
+        """Make the current stream wait for this layer's copies (CUDA); nothing on the CPU.
+        While a step is being captured the wait is on the layer's external event: the graph
+        then waits, at every replay, for the copies recorded before it (``settle``)."""
+        if not self.cuda:
+            return
+        stream = torch.cuda.current_stream(self.table.device)
+        ev = self._layer_events.get(id(cache))
+        if ev is not None and self.graph_overlap and torch.cuda.is_current_stream_capturing():
+            stream.wait_event(ev)
+            self._graph_waits = True
+            return
         ev = self._events.pop(id(cache), None)
         if ev is not None:
-            torch.cuda.current_stream(self.table.device).wait_event(ev)
+            stream.wait_event(ev)
 
     def settle(self) -> None:
-        """Before a static (CUDA-graph) step: the current stream waits for every copy now (a
-        captured step cannot wait on events recorded outside it; it reads the pools in place)."""
-        if self.cuda:
-            torch.cuda.current_stream(self.table.device).wait_stream(self._stream)
+        """Before a static (CUDA-graph) step. Once a captured step waits per layer (``wait``),
+        nothing: the replay's layers wait for their own copies. Else the current stream waits
+        for every copy now (an eager static step, or the step that is about to be captured)."""
+        if not self.cuda:
+            self._events.clear()
+            return
+        if self._graph_waits and self.graph_overlap:
+            return  # the pending events stay for an eager static step's own waits
+        torch.cuda.current_stream(self.table.device).wait_stream(self._stream)
         self._events.clear()
 
     # ------------------------------------------------------------------ a step
@@ -469,14 +505,27 @@ class HostTier:
         slot, g, j = idx.unbind(1)
         hslots = self.host_table[slot, g, j].long()
         pages = self._pop(idx.shape[0])
-        self._copy(lambda host, dev, h, p: dev.index_copy_(0, p, host[h].to(dev.device, non_blocking=True)),
-                   hslots, pages, down=False)
+        self._copy(lambda host, dev, h, p: dev.index_copy_(0, p, self._gathered(host, 0, h).to(
+            dev.device, non_blocking=True)), hslots, pages, down=False)
         d = self.table.device
         self.table.tables[slot.to(d), g.to(d), j.to(d)] = pages.to(d, torch.int32)
         tables[slot, g, j] = pages.to(torch.int32)
         self.host_table[slot, g, j] = -1
         self._free.extend(hslots.tolist())
         self.moved_up += idx.shape[0]
+
+    def _gathered(self, host: torch.Tensor, dim: int, idx: torch.Tensor) -> torch.Tensor:
+        """``host``'s slots ``idx`` (along ``dim``) gathered on the host: into pinned memory on
+        CUDA, so that the copy up is asynchronous. From pageable memory a "non-blocking" copy
+        makes the host wait for the copy stream first, and that stream waits for the compute
+        stream (the step before): the host would stall there and the copies would not overlap
+        anything. torch's pinned allocator keeps the buffer until the copy that reads it is done."""
+        if not self.cuda:
+            return host.index_select(dim, idx)
+        shape = list(host.shape)
+        shape[dim] = idx.numel()
+        staging = torch.empty(shape, dtype=host.dtype, pin_memory=True)
+        return torch.index_select(host, dim, idx, out=staging)
 
     def _rebuild(self, tables: torch.Tensor, rec: torch.Tensor) -> None:
         """Recompute the dropped pages ``rec`` the step reads, every layer, into fresh GPU pages."""
@@ -534,9 +583,12 @@ class HostTier:
                     for h_buf, pool in zip(host, pools):
                         fn(h_buf, pool, hslots, dev_pages)
                     if cache.quantized:
-                        cache._qparams[:, dev_pages] = host[2][:, hslots].to(cache._qparams.device, non_blocking=True)
+                        cache._qparams[:, dev_pages] = self._gathered(host[2], 1, hslots).to(
+                            cache._qparams.device, non_blocking=True)
                 if self.cuda:
-                    ev = torch.cuda.Event()
+                    ev = self._layer_events.get(id(cache))
+                    if ev is None:
+                        ev = torch.cuda.Event()
                     ev.record(self._stream)
                     self._events[id(cache)] = ev
         finally:

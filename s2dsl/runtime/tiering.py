@@ -2,13 +2,15 @@
 
 A decode step of one layer reads, per (sequence, kv head), the pages its pattern needs now:
 the window, the static shards, the current top-k. Everything else a top-k head may select
-later has to be kept somewhere. ALISA's three phases, chosen by what fits:
+later has to be kept somewhere. ALISA's three phases, chosen by what fits and by what costs
+less:
 
 1. every page on the GPU: the step costs its kernel only;
 2. the GPU holds what steps read (and as much else as fits), the host the rest: a page that the
    selection brings back from the host crosses the host link, on a side stream, overlapped with
    the previous layer's compute; only the part of the copy longer than that compute shows;
-3. past the host budget too, the oldest pages are dropped, and when a dropped page is selected
+3. past the host budget too — or before it, when recomputing a page costs less than fetching
+   it (a slow link, a fast recompute) — the oldest pages are dropped, and when a dropped page is selected
    its K/V are recomputed on the GPU from the layer's input hidden states, which are kept (in host
    memory) instead: ``hidden`` numbers per token rather than ``2 · kv_heads · head_dim``. With
    multi-head attention that is half the bytes; under grouped-query attention it can be more
@@ -16,8 +18,9 @@ later has to be kept somewhere. ALISA's three phases, chosen by what fits:
    ``Workload.recompute_saves_memory`` says which. Then phase 3 does not save memory; it only
    keeps host memory for K/V pages at the budget while the hidden states grow beside it.
 
-``plan`` takes the workload, the budgets and the machine's measured costs (``MachineCosts``,
-``measure_machine`` on the GPU) and returns a ``TierPlan``: the phase, the split, the predicted
+``plan`` takes the workload, the budgets and the machine's measured costs (``MachineCosts``:
+``measure_machine`` on the GPU for the link, HBM and matmul rates; ``fit_recompute`` for the
+recompute, timed through the recompute path itself) and returns a ``TierPlan``: the phase, the split, the predicted
 time per step and its parts, and a sentence saying why — the debug report the cache exposes.
 Churn (the share of a step's selected pages that the previous step did not select) is what
 makes phases 2 and 3 cost anything; ALISA's accumulated scores keep it low; measure it with the
@@ -27,22 +30,54 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-__all__ = ["MachineCosts", "Workload", "TierPlan", "plan", "measure_machine"]
+from typing import Optional
+
+__all__ = ["MachineCosts", "Workload", "TierPlan", "plan", "measure_machine", "fit_recompute", "with_recompute"]
 
 
 @dataclass(frozen=True)
 class MachineCosts:
-    """What one machine does per second; ``measure_machine`` fits them on a GPU."""
+    """What one machine does per second; ``measure_machine`` fits them on a GPU.
+
+    ``recompute_page_ms`` / ``recompute_fixed_ms``: the time of recomputing dropped pages on this
+    machine, fitted on the recompute path itself (``fit_recompute``: per page, and per layer step
+    that recomputes anything). Left ``None``, a page's recompute is modelled from the link and
+    the matmul rate (``recompute_ms_per_page``)."""
 
     h2d_gbps: float = 20.0        # pinned host → device copies (ALISA's machines: ~20 GB/s)
     hbm_tbps: float = 3.0         # what the decode kernel reaches on the bytes it reads
     matmul_tflops: float = 300.0  # bf16 products of the recompute's shape (tokens x hidden x kv width)
     step_overhead_ms: float = 0.0  # fixed host/launch cost per layer step
+    recompute_page_ms: Optional[float] = None  # measured per page (fit_recompute), else modelled
+    recompute_fixed_ms: float = 0.0            # measured per layer step that recomputes
 
     def __post_init__(self):
         for name in ("h2d_gbps", "hbm_tbps", "matmul_tflops"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.recompute_page_ms is not None and not self.recompute_page_ms > 0:
+            raise ValueError(f"recompute_page_ms must be positive, got {self.recompute_page_ms}")
+        if not self.recompute_fixed_ms >= 0:
+            raise ValueError(f"recompute_fixed_ms must be >= 0, got {self.recompute_fixed_ms}")
+
+    @property
+    def recompute_measured(self) -> bool:
+        return self.recompute_page_ms is not None
+
+    def fetch_ms_per_page(self, w: "Workload") -> float:
+        """One page (K and V of one kv head's block) up the host link."""
+        return w.page_bytes / (self.h2d_gbps * 1e9) * 1e3
+
+    def recompute_ms_per_page(self, w: "Workload") -> float:
+        """One dropped page made again: the measured figure, else the model of what the recompute
+        does — its block's logged hidden states up the link and the K and V projections of every
+        kv head over them (the callback projects whole tokens; pages of one block read by several
+        kv heads share the product, which this bound does not count)."""
+        if self.recompute_page_ms is not None:
+            return self.recompute_page_ms
+        link = w.block * w.hidden * w.hidden_bytes / (self.h2d_gbps * 1e9) * 1e3
+        flops = 2 * w.block * w.hidden * 2 * w.kv_heads * w.head_dim
+        return link + flops / (self.matmul_tflops * 1e12) * 1e3
 
 
 @dataclass(frozen=True)
@@ -104,74 +139,167 @@ class TierPlan:
     recompute_ms: float
     step_ms: float             # per layer
     reason: str
+    pages_up: float = 0.0          # per layer step, expected
+    pages_recomputed: float = 0.0  # per layer step, expected
+    fetch_page_ms: float = 0.0     # the costs the choice compared, per page
+    recompute_page_ms: float = 0.0
+    recompute_measured: bool = False
+    h2d_gbps: float = 0.0
 
     def report(self) -> str:
-        gib = 1 << 30
-        return (f"phase {self.phase}: GPU {self.gpu_bytes / gib:.2f} GiB, host {self.host_bytes / gib:.2f} GiB, "
+        costs = ""
+        if self.phase > 1:
+            costs = (f" Costs: host link {self.h2d_gbps:.1f} GB/s, fetch {self.fetch_page_ms * 1e3:.2f} us/page, "
+                     f"recompute {self.recompute_page_ms * 1e3:.2f} us/page "
+                     f"({'measured on this machine' if self.recompute_measured else 'modelled, not measured'}); "
+                     f"expected per layer step: {self.pages_up:.2f} pages up, {self.pages_recomputed:.2f} recomputed.")
+        return (f"phase {self.phase}: GPU {_size(self.gpu_bytes)}, host {_size(self.host_bytes)}, "
                 f"{self.dropped_tokens} tokens dropped per sequence; step {self.step_ms:.3f} ms/layer "
                 f"(kernel {self.kernel_ms:.3f}, transfer {self.transfer_ms:.3f}, recompute {self.recompute_ms:.3f}). "
-                f"{self.reason}")
+                f"{self.reason}{costs}")
+
+
+def _size(nbytes: float) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.2f} {unit}"
+    return f"{nbytes:.0f} B"
 
 
 def plan(w: Workload, gpu_budget_bytes: float, host_budget_bytes: float, costs: MachineCosts = MachineCosts(),
-         overlap_ms: float = 0.0) -> TierPlan:
+         overlap_ms: float = 0.0, can_drop: bool = True) -> TierPlan:
     """Choose the phase and split for ``w`` under the budgets (bytes of KV, all layers).
 
+    Past the GPU budget the bytes that do not fit are either kept on the host (a selected page
+    comes back over the link) or dropped (it is recomputed): ALISA's choice between phases 2 and
+    3. Dropping is forced past the host budget, and chosen before it when the costs say so: the
+    predicted step is compared at the least drop the budgets allow, at dropping everything off
+    the GPU, and at the drop where the copies just fit behind ``overlap_ms`` (the step's time is
+    convex in the dropped bytes, so one of these is its minimum); ties keep the smaller drop.
+    ``can_drop=False`` (no recompute source): past the host budget nothing serves.
+
     ``overlap_ms``: compute per layer that a side-stream copy can hide behind (the previous
-    layer's attention and MLP)."""
+    layer's attention and MLP); a recompute runs on the compute stream and hides behind nothing."""
     if gpu_budget_bytes < 0 or host_budget_bytes < 0:
         raise ValueError("budgets must be >= 0")
     per_layer = w.total_bytes / w.layers
     kernel_ms = w.read_bytes / w.layers / (costs.hbm_tbps * 1e12) * 1e3 + costs.step_overhead_ms
     if w.total_bytes <= gpu_budget_bytes:
         return TierPlan(1, w.total_bytes, 0.0, 0, kernel_ms, 0.0, 0.0, kernel_ms,
-                        f"all {w.total_bytes / (1 << 30):.2f} GiB of KV fit the GPU budget: nothing moves")
+                        f"all {_size(w.total_bytes)} of KV fit the GPU budget: nothing moves",
+                        h2d_gbps=costs.h2d_gbps)
     if w.read_bytes > gpu_budget_bytes:
         raise ValueError(f"the GPU budget ({gpu_budget_bytes / (1 << 30):.2f} GiB) is below what one step reads "
                          f"({w.read_bytes / (1 << 30):.2f} GiB): no split can serve this batch; lower the batch "
                          "or the pattern's budget")
     gpu = gpu_budget_bytes
     rest = w.total_bytes - gpu
-    # a selected page is off the GPU with the probability that a non-read page is: the GPU
-    # holds every read page plus an even share of the others
+    least_drop = max(0.0, rest - host_budget_bytes)
+    if least_drop > 0 and not can_drop:
+        raise ValueError(f"KV exceeds the GPU and host budgets by {least_drop / (1 << 30):.2f} GiB and nothing "
+                         "can be dropped (no recompute source): raise host_pages or recompute dropped pages")
+    # a selected page is off the GPU with the probability that a non-read page is: the GPU holds
+    # every read page plus an even share of the others; off the GPU it lies on the host or was
+    # dropped, in proportion to the bytes
     others = w.total_bytes - w.read_bytes
-    off_gpu = rest / others if others > 0 else 0.0
-    new_pages = w.layers * w.batch * w.kv_heads * w.topk_pages * w.churn
-    moved = new_pages * off_gpu / w.layers  # per layer step
-    if rest <= host_budget_bytes:
-        copy_ms = moved * w.page_bytes / (costs.h2d_gbps * 1e9) * 1e3
-        transfer_ms = max(0.0, copy_ms - overlap_ms)
+    new_pages = w.batch * w.kv_heads * w.topk_pages * w.churn  # per layer step
+    fetch_page = costs.fetch_ms_per_page(w)
+    rec_page = costs.recompute_ms_per_page(w)
+
+    def step(drop: float):
+        up = new_pages * (rest - drop) / others if others > 0 else 0.0
+        rec = new_pages * drop / others if others > 0 else 0.0
+        copy_ms = up * fetch_page
+        recompute_ms = rec * rec_page + (costs.recompute_fixed_ms if rec > 0 else 0.0)
+        return max(0.0, copy_ms - overlap_ms) + recompute_ms, up, rec, copy_ms, recompute_ms
+
+    choices = [least_drop]
+    if can_drop:
+        choices.append(rest)
+        if new_pages > 0 and fetch_page > 0 and others > 0:  # the copies just fit behind the overlap
+            hidden_up = overlap_ms / fetch_page
+            choices.append(min(rest, max(least_drop, rest - hidden_up * others / new_pages)))
+    choices.sort()
+    drop = min(choices, key=lambda d: step(d)[0])  # min keeps the first (smallest drop) of equals
+    extra, up, rec, copy_ms, recompute_ms = step(drop)
+    transfer_ms = max(0.0, copy_ms - overlap_ms)
+    common = dict(pages_up=up, pages_recomputed=rec, fetch_page_ms=fetch_page, recompute_page_ms=rec_page,
+                  recompute_measured=costs.recompute_measured, h2d_gbps=costs.h2d_gbps)
+    if drop == 0:
+        why = ""
+        if can_drop and new_pages > 0:
+            why = (f"; fetching a page ({fetch_page * 1e3:.2f} us) beats recomputing it ({rec_page * 1e3:.2f} us), "
+                   "so nothing is dropped while the host has room")
         return TierPlan(2, gpu, rest, 0, kernel_ms, transfer_ms, 0.0, kernel_ms + transfer_ms,
-                        f"KV ({w.total_bytes / (1 << 30):.2f} GiB) exceeds the GPU budget by "
-                        f"{rest / (1 << 30):.2f} GiB, which the host holds; {moved:.1f} pages per layer step come "
-                        f"back over the host link ({copy_ms:.3f} ms, {min(copy_ms, overlap_ms):.3f} ms hidden)")
-    # phase 3: drop the oldest tokens beyond both budgets; keep their hidden states (host memory)
-    dropped_bytes = rest - host_budget_bytes
+                        f"KV ({_size(w.total_bytes)}) exceeds the GPU budget by "
+                        f"{_size(rest)}, which the host holds; {up:.1f} pages per layer step come "
+                        f"back over the host link ({copy_ms:.3f} ms, {min(copy_ms, overlap_ms):.3f} ms hidden)" + why,
+                        **common)
+    # phase 3: drop the oldest tokens; keep their hidden states (host memory)
     per_token_kv = per_layer / (w.batch * w.context)
     per_token_hidden = w.hidden * w.hidden_bytes
-    dropped_tokens = math.ceil(dropped_bytes / w.layers / w.batch / per_token_kv)
+    dropped_tokens = math.ceil(drop / w.layers / w.batch / per_token_kv)
     if dropped_tokens >= w.context:
         raise ValueError("the budgets cannot hold even the recent pages: raise the GPU or host budget")
     hidden_bytes = w.layers * w.batch * dropped_tokens * per_token_hidden
-    if hidden_bytes > dropped_bytes:
-        reason_mem = (f"keeping hidden states costs {hidden_bytes / (1 << 30):.2f} GiB, more than the K/V they "
-                      f"replace ({dropped_bytes / (1 << 30):.2f} GiB: hidden {w.hidden} > 2·kv_heads·head_dim = "
+    if hidden_bytes > drop:
+        reason_mem = (f"keeping hidden states costs {_size(hidden_bytes)}, more than the K/V they "
+                      f"replace ({_size(drop)}: hidden {w.hidden} > 2·kv_heads·head_dim = "
                       f"{2 * w.kv_heads * w.head_dim}); under this GQA shape dropping saves no memory, it only "
                       "holds the host's K/V pages at the budget")
     else:
-        reason_mem = f"hidden states take {hidden_bytes / (1 << 30):.2f} GiB in place of {dropped_bytes / (1 << 30):.2f} GiB of K/V"
-    # the selected pages off the GPU lie on the host or were dropped, in proportion to the bytes
-    from_host = new_pages / w.layers * host_budget_bytes / others
-    recompute_pages = new_pages / w.layers * dropped_bytes / others
-    flops = recompute_pages * w.block * w.hidden * 2 * w.head_dim * 2  # one kv head's K and V projections
-    recompute_ms = flops / (costs.matmul_tflops * 1e12) * 1e3
-    copy_ms = from_host * w.page_bytes / (costs.h2d_gbps * 1e9) * 1e3
-    transfer_ms = max(0.0, copy_ms - overlap_ms)
-    return TierPlan(3, gpu, host_budget_bytes, dropped_tokens, kernel_ms, transfer_ms, recompute_ms,
+        reason_mem = f"hidden states take {_size(hidden_bytes)} in place of {_size(drop)} of K/V"
+    if drop > least_drop:
+        why = (f"recomputing a page ({rec_page * 1e3:.2f} us) is cheaper than fetching what the overlap does not hide "
+               f"({fetch_page * 1e3:.2f} us a page): {_size(drop)} are dropped although the host "
+               f"budget needs only {_size(least_drop)} dropped")
+    else:
+        why = f"KV exceeds GPU + host budgets by {_size(drop)}"
+    host_used = rest - drop
+    return TierPlan(3, gpu, host_used, dropped_tokens, kernel_ms, transfer_ms, recompute_ms,
                     kernel_ms + transfer_ms + recompute_ms,
-                    f"KV exceeds GPU + host budgets by {dropped_bytes / (1 << 30):.2f} GiB: the oldest "
-                    f"{dropped_tokens} tokens per sequence are dropped and recomputed when selected "
-                    f"({recompute_pages:.1f} pages per layer step); {reason_mem}")
+                    f"{why}: the oldest {dropped_tokens} tokens per sequence are dropped and recomputed when selected "
+                    f"({rec:.1f} pages per layer step); {reason_mem}", **common)
+
+
+def _time_ms(fn, device, reps: int) -> float:
+    """Median wall time of ``fn()`` in ms after one warm-up call (CUDA: synchronised around it)."""
+    import time
+    import torch
+    cuda = torch.device(device).type == "cuda"
+    fn()
+    times = []
+    for _ in range(reps):
+        if cuda:
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def fit_recompute(recompute, slots, kv_heads, blocks, device="cpu", reps: int = 5) -> MachineCosts:
+    """Fit the recompute's cost on this machine by running the recompute path itself:
+    ``recompute(slots, kv_heads, blocks)`` (a ``host_tier.Recompute``: int64 CPU tensors of m
+    pages, each of a different block so that no product is shared) on the first page and on all
+    m; the line through the two medians gives the time per page and per call. Host work, the
+    log's copy up the link and the products are all in it (wall time, synchronised on CUDA).
+    Returns a ``MachineCosts`` whose recompute fields hold the fit (the others are defaults):
+    ``with_recompute(costs, fit)`` puts them into measured costs."""
+    m = int(slots.numel())
+    if m < 2 or kv_heads.numel() != m or blocks.numel() != m:
+        raise ValueError("fit_recompute needs m >= 2 pages (slots, kv_heads, blocks of m entries each)")
+    one = _time_ms(lambda: recompute(slots[:1], kv_heads[:1], blocks[:1]), device, reps)
+    many = _time_ms(lambda: recompute(slots, kv_heads, blocks), device, reps)
+    per_page = max((many - one) / (m - 1), 1e-6)  # a flat line (noise) still counts a page as something
+    return MachineCosts(recompute_page_ms=per_page, recompute_fixed_ms=max(one - per_page, 0.0))
+
+
+def with_recompute(costs: MachineCosts, fit: MachineCosts) -> MachineCosts:
+    """``costs`` with the recompute figures of ``fit`` (``fit_recompute``)."""
+    return replace(costs, recompute_page_ms=fit.recompute_page_ms, recompute_fixed_ms=fit.recompute_fixed_ms)
 
 
 def measure_machine(device="cuda", nbytes: int = 256 << 20) -> MachineCosts:
@@ -211,10 +339,12 @@ def with_int8(w: Workload) -> Workload:
 
 
 def workload_for(pattern, *, batch: int, context: int, head_dim: int, hidden: int, layers: int = 1,
-                 kv_int8: bool = False, churn: float = 0.1) -> Workload:
+                 kv_int8: bool = False, churn: float = 0.1, kv_bytes: float = 2.0,
+                 hidden_bytes: float = 2.0) -> Workload:
     """The ``Workload`` of decoding ``batch`` sequences of ``context`` tokens under ``pattern``: the
     pages a step reads per kv head are the decode kernel's own count of its static blocks (largest
-    over kv heads) plus the pattern's top-k."""
+    over kv heads) plus the pattern's top-k. ``kv_bytes`` / ``hidden_bytes``: bytes per element
+    of the cache's K/V and of the model's hidden states (``kv_int8`` overrides the first)."""
     import torch
     from ..codegen.lower import lower
     from .decode import kept_blocks_for_query
@@ -230,5 +360,5 @@ def workload_for(pattern, *, batch: int, context: int, head_dim: int, hidden: in
     read = min(static + top, pages)
     w = Workload(batch=batch, context=max(context, 1), kv_heads=pattern.kv_heads, head_dim=head_dim,
                  block=pattern.block, hidden=hidden, read_pages=read, topk_pages=min(top, read), churn=churn,
-                 layers=layers)
+                 layers=layers, kv_bytes=kv_bytes, hidden_bytes=hidden_bytes)
     return with_int8(w) if kv_int8 else w
