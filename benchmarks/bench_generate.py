@@ -417,23 +417,45 @@ def prefill_parts(pattern, n: int, b: int, device, dtype, d: int = 64):
 
     pages = hf.pages_needed(pattern, n + 64, b, 64)
 
-    def plan_and_write():
-        caches = [PagedKVCache(pattern, num_pages=pages, head_dim=d, dtype=dt, device=dev, max_seqs=b)]
-        caches += [PagedKVCache(pattern, num_pages=pages, head_dim=d, dtype=dt, device=dev, table=caches[0].table)
+    dense = dense_pattern(pattern.heads, pattern.kv_heads, pattern.block)
+
+    def plan_and_write(pat, token_kernel=True):
+        # token_kernel=False: the index_copy_ write (two launches, every skipped row copied onto the
+        # scratch page), the A/B reference of runtime.kv_write.write_kv_tokens
+        pg = pages if pat is pattern else hf.pages_needed(pat, n + 64, b, 64)
+        caches = [PagedKVCache(pat, num_pages=pg, head_dim=d, dtype=dt, device=dev, max_seqs=b)]
+        caches += [PagedKVCache(pat, num_pages=pg, head_dim=d, dtype=dt, device=dev, table=caches[0].table)
                    for _ in range(7)]
+        if not token_kernel:
+            for c in caches:
+                c._token_rows = 0
         ids = [caches[0].add_sequence() for _ in range(b)]
         sync()
         t0 = time.perf_counter()
         for c in caches:
-            c.append(ids, k, v, only_needed=True)
+            c.append(ids, kt, vt, only_needed=True)
         sync()
-        return 1e3 * (time.perf_counter() - t0) / len(caches)
+        ms = 1e3 * (time.perf_counter() - t0) / len(caches)
+        return ms, caches[-1].gather(ids[-1])  # the last layer's K/V as its pages hold them
 
-    plan_and_write()
-    write_ms = statistics.median(plan_and_write() for _ in range(3))
-    dense = dense_pattern(pattern.heads, pattern.kv_heads, pattern.block)
+    # as HF hands them: (b, n, kv_heads, d) memory, transposed
+    kt, vt = k.transpose(1, 2).contiguous().transpose(1, 2), v.transpose(1, 2).contiguous().transpose(1, 2)
+    walls = {}
+    for label, pat in (("", pattern), ("_dense", dense)):
+        got = {}
+        for tk in (True, False):
+            got[tk] = plan_and_write(pat, tk)[1]
+            walls[label + ("" if tk else "_index_copy")] = statistics.median(plan_and_write(pat, tk)[0]
+                                                                             for _ in range(3))
+        assert all(torch.equal(a, r) for a, r in zip(got[True], got[False])), \
+            f"prefill write{label}: the token kernel's pages differ from index_copy_'s"
+        del got
+        free()
     row = dict(prompt=n, batch=b,
-               plan_and_write_ms_per_layer=write_ms,
+               plan_and_write_ms_per_layer=walls[""],
+               plan_and_write_index_copy_ms_per_layer=walls["_index_copy"],
+               dense_plan_and_write_ms_per_layer=walls["_dense"],
+               dense_plan_and_write_index_copy_ms_per_layer=walls["_dense_index_copy"],
                s2dsl_sparse_kernel_ms=t(lambda: s2dsl.attention(q, k, v, pattern)),
                sdpa_dense_ms=t(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)),
                s2dsl_dense_kernel_ms=t(lambda: s2dsl.attention(q, k, v, dense)))
@@ -744,8 +766,10 @@ def main():
         del ids
         free()
 
-    if args.points and budget.allow("prefill parts", 15, 0):
-        n, b = parse_point(args.points[0])
+    for point in args.points:  # each point's: the write and the kernels grow differently with length
+        n, b = parse_point(point)
+        if not budget.allow(f"prefill parts at {point}", 15 * max(n * b // 32768, 1) ** 0.5, 0):
+            continue
         results["prefill_parts"].append(prefill_parts(sparse, n, b, device, dtype, d))
         print("prefill parts:", json.dumps(results["prefill_parts"][-1]), flush=True)
     if args.points and not args.no_generate_probe:
@@ -782,7 +806,9 @@ def report(results):
                   f"{r['peak_gib']:.1f} | {kv} |")
     for r in results["prefill_parts"]:
         print(f"\nprefill parts at {r['prompt']}x{r['batch']}, one layer: plan+write {r['plan_and_write_ms_per_layer']:.2f} "
-              f"ms, s2dsl sparse {r['s2dsl_sparse_kernel_ms']:.2f} ms, SDPA dense {r['sdpa_dense_ms']:.2f} ms, "
+              f"ms (index_copy_ {r['plan_and_write_index_copy_ms_per_layer']:.2f}; dense pattern "
+              f"{r['dense_plan_and_write_ms_per_layer']:.2f}, index_copy_ {r['dense_plan_and_write_index_copy_ms_per_layer']:.2f}), "
+              f"s2dsl sparse {r['s2dsl_sparse_kernel_ms']:.2f} ms, SDPA dense {r['sdpa_dense_ms']:.2f} ms, "
               f"s2dsl dense-pattern kernel {r['s2dsl_dense_kernel_ms']:.2f} ms")
     if results["layer"]:
         print("\n| context | batch | call ms | kernel ms | call/kernel | shared plan ms/layer | shared/kernel "
