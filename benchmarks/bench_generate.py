@@ -572,6 +572,47 @@ def layer_call_vs_kernel(pattern, context: int, batch: int = 8, calls: int = 100
                 shared_over_kernel=shared_ms / kernel_ms, graph_call_ms=graph_ms, graph_over_kernel=graph_ms / kernel_ms)
 
 
+def split_sweep(pattern, context: int, batch: int, device, dtype, d: int = 64, splits=(8, 16, 32, 64, 128)):
+    """The decode kernel (with its combine) of one layer at ``context`` tokens, batch ``batch``,
+    for the pattern and the dense pattern, at each split count against the default's choice: is
+    the split policy leaving bandwidth unused where a step is long (batch 1, few programs)?"""
+    from s2dsl.runtime.decode import _module, _splits
+    from s2dsl.runtime.kv_cache import PagedKVCache, dense_pattern
+    free()
+    rows = []
+    for pat in (pattern, dense_pattern(pattern.heads, pattern.kv_heads, pattern.block)):
+        cache = PagedKVCache(pat, num_pages=hf.pages_needed(pat, context + 64, batch, 64), head_dim=d, dtype=dtype,
+                             device=device, max_seqs=batch)
+        ids = [cache.add_sequence() for _ in range(batch)]
+        kk = torch.randn(batch, pat.kv_heads, context, d, device=device, dtype=dtype)
+        cache.append(ids, kk, kk, only_needed=True)
+        del kk
+        q = torch.randn(batch, pat.heads, 1, d, device=device, dtype=dtype)
+        bt = cache.batch(ids)
+        _, module = _module(pat, dtype, d, 1, device)
+        out = torch.empty_like(q)
+        lse = torch.empty(batch, pat.heads, 1, dtype=torch.float32, device=device)
+        default = _splits(pat, batch, 1, bt.max_len, 1, device)
+        row = dict(pattern=pat.name, context=context, batch=batch, default_splits=default,
+                   kv_mb=cache.memory_bytes() / 2 ** 20)
+        ref = None
+        for n_splits in sorted(set(splits) | {default}):
+            row[f"ms_{n_splits}"] = bench_ms(lambda: module.launch(q, out, lse, cache.k_pages, cache.v_pages,
+                                                                   cache.block_tables, bt.slots, bt.seq_lens, 1,
+                                                                   n_splits, 1 / math.sqrt(d)), warmup=10, rep=50)
+            if ref is None:
+                ref = out.float().clone()
+            err = (out.float() - ref).abs().max().item()
+            assert err < 2e-2, f"split sweep: {n_splits} splits differ from {min(splits)} by {err}"
+        best = min((k for k in row if k.startswith("ms_")), key=row.get)
+        row["best"], row["default_ms"] = best, row[f"ms_{default}"]
+        row["gb_per_s_default"] = cache.memory_bytes() / row["default_ms"] / 1e6
+        rows.append(row)
+        del cache, q, out
+        free()
+    return rows
+
+
 # ----------------------------------------------------------------------------- 6. profiles (--profile)
 _SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy",
           "cudaMemcpyAsync", "cudaMalloc", "cudaFree", "cudaHostAlloc", "cudaGraphLaunch")
@@ -679,6 +720,9 @@ def main():
     ap.add_argument("--profile", default=None, metavar="PATH",
                     help="torch.profiler summaries (JSON) of an eager decode step, a graph step and one layer's "
                          "cached_attention call at the first point: ops by host and device time, syncs, kernels")
+    ap.add_argument("--split-sweep", action="store_true",
+                    help="at each point: one layer's decode kernel (+ combine) at split counts 8..128 against the "
+                         "default choice, for the sparse and the dense pattern (a few seconds)")
     ap.add_argument("--budget-s", type=float, default=300.0,
                     help="seconds the points may take; what would not fit is skipped (and listed)")
     ap.add_argument("--quick", action="store_true", help="small points (smoke run)")
@@ -766,6 +810,15 @@ def main():
         del ids
         free()
 
+    if args.split_sweep:
+        results["split_sweep"] = []
+        for point in args.points:
+            n, b = parse_point(point)
+            if budget.allow(f"split sweep at {point}", 10, 0):
+                for r in split_sweep(sparse, n, b, device, dtype, d, splits=(2, 4) if args.tiny else
+                                     (8, 16, 32, 64, 128)):
+                    results["split_sweep"].append(r)
+                    print("split sweep:", json.dumps(r), flush=True)
     for point in args.points:  # each point's: the write and the kernels grow differently with length
         n, b = parse_point(point)
         if not budget.allow(f"prefill parts at {point}", 15 * max(n * b // 32768, 1) ** 0.5, 0):
