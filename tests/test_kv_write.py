@@ -9,10 +9,11 @@ import s2dsl
 from s2dsl.runtime import kv_write
 from s2dsl.runtime.kv_cache import PagedKVCache
 
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
-                                reason="runs the Triton kernel under the interpreter")
+interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
+                                 reason="runs the Triton kernel under the interpreter")
 
 
+@interpreted
 @pytest.mark.parametrize("src_dtype,pool_dtype", [(torch.float16, torch.float16), (torch.float32, torch.float16),
                                                   (torch.float32, torch.float32)])
 def test_write_kv_tokens_matches_index_copy_and_skips(src_dtype, pool_dtype):
@@ -36,12 +37,14 @@ def test_write_kv_tokens_matches_index_copy_and_skips(src_dtype, pool_dtype):
     assert (kp[skip] == 7).all() and (vp[skip] == 7).all()  # the scratch row is never written
 
 
+@interpreted
 def test_write_kv_tokens_refuses_mismatched_dest():
     k = torch.zeros(1, 2, 4, 8)
     with pytest.raises(ValueError, match="rows"):
         kv_write.write_kv_tokens(torch.zeros(16, 8), torch.zeros(16, 8), k, k, torch.zeros(5, dtype=torch.long), 15)
 
 
+@interpreted
 def test_first_prefill_is_one_write_launch_per_layer_and_keeps_what_index_copy_keeps(monkeypatch):
     """8 layers sharing a table: every layer's write is one token-kernel launch and no other
     device op; the pages hold what the index_copy_ path writes (the reference: the token kernel
@@ -92,3 +95,37 @@ def test_first_prefill_is_one_write_launch_per_layer_and_keeps_what_index_copy_k
         kr, vr = r.gather(rid[0])
         assert torch.equal(kc, kr) and torch.equal(vc, vr)
         assert (c._k_all[-1] == 0).all() and (c._v_all[-1] == 0).all()  # the scratch page stays untouched
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("pattern_kind", ["sparse", "dense"])
+def test_gpu_prefill_write_matches_index_copy_(pattern_kind):
+    """bf16, HF's transposed K/V, 8K tokens x 2 sequences into layers sharing a table: the token
+    kernel's pages equal index_copy_'s, bit for bit, and the scratch page is never written."""
+    from s2dsl.integrations import hf
+    from s2dsl.runtime.kv_cache import dense_pattern
+    pattern = s2dsl.local_stride(block=64, local_blocks=4, vert_stride=8, heads=8, kv_heads=4)
+    if pattern_kind == "dense":
+        pattern = dense_pattern(8, 4, 64)
+    n, b, d = 8192, 2, 64
+    torch.manual_seed(0)
+    k = torch.randn(b, n, 4, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    v = torch.randn(b, n, 4, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    pages = hf.pages_needed(pattern, n + 64, b, 64)
+    got = []
+    for token_kernel in (True, False):
+        cs = [PagedKVCache(pattern, num_pages=pages, head_dim=d, dtype=torch.bfloat16, device="cuda", max_seqs=b)]
+        cs.append(PagedKVCache(pattern, num_pages=pages, head_dim=d, dtype=torch.bfloat16, device="cuda",
+                               table=cs[0].table))
+        if not token_kernel:
+            for c in cs:
+                c._token_rows = 0
+        ids = [cs[0].add_sequence() for _ in range(b)]
+        for c in cs:
+            c.append(ids, k, v, only_needed=True)
+        got.append([c.gather(s) for c in cs for s in ids])
+        if token_kernel:
+            assert (cs[1]._k_all[-1] == 0).all() and (cs[1]._v_all[-1] == 0).all()
+    for (ka, va), (kb, vb) in zip(*got):
+        assert torch.equal(ka, kb) and torch.equal(va, vb)
