@@ -771,6 +771,23 @@ def main():
                           f"runtime calls {p['runtime_calls']}; top device ops "
                           + ", ".join(f"{r['name'][:40]} {r['ms']:.3f}" for r in p["device_ops"][:6]), flush=True)
 
+    # the parts first: short, and what they isolate (the prefill write, the split policy) is what the
+    # points' totals are then read against
+    if args.split_sweep:
+        results["split_sweep"] = []
+        for point in args.points:
+            n, b = parse_point(point)
+            if budget.allow(f"split sweep at {point}", 10, 0):
+                for r in split_sweep(sparse, n, b, device, dtype, d, splits=(2, 4) if args.tiny else
+                                     (8, 16, 32, 64, 128)):
+                    results["split_sweep"].append(r)
+                    print("split sweep:", json.dumps(r), flush=True)
+    for point in args.points:  # each point's: the write and the kernels grow differently with length
+        n, b = parse_point(point)
+        if not budget.allow(f"prefill parts at {point}", 15 * max(n * b // 32768, 1) ** 0.5, 0):
+            continue
+        results["prefill_parts"].append(prefill_parts(sparse, n, b, device, dtype, d))
+        print("prefill parts:", json.dumps(results["prefill_parts"][-1]), flush=True)
     for point in args.points:
         n, b = parse_point(point)
         ids = torch.randint(1, model.config.vocab_size, (b, n), device=device)
@@ -810,21 +827,6 @@ def main():
         del ids
         free()
 
-    if args.split_sweep:
-        results["split_sweep"] = []
-        for point in args.points:
-            n, b = parse_point(point)
-            if budget.allow(f"split sweep at {point}", 10, 0):
-                for r in split_sweep(sparse, n, b, device, dtype, d, splits=(2, 4) if args.tiny else
-                                     (8, 16, 32, 64, 128)):
-                    results["split_sweep"].append(r)
-                    print("split sweep:", json.dumps(r), flush=True)
-    for point in args.points:  # each point's: the write and the kernels grow differently with length
-        n, b = parse_point(point)
-        if not budget.allow(f"prefill parts at {point}", 15 * max(n * b // 32768, 1) ** 0.5, 0):
-            continue
-        results["prefill_parts"].append(prefill_parts(sparse, n, b, device, dtype, d))
-        print("prefill parts:", json.dumps(results["prefill_parts"][-1]), flush=True)
     if args.points and not args.no_generate_probe:
         # the question is HF or harness, not length: a 4K prompt keeps the probe's prefills short
         ids = torch.randint(1, model.config.vocab_size, (1, 64 if args.tiny else 4096), device=device)
