@@ -417,23 +417,45 @@ def prefill_parts(pattern, n: int, b: int, device, dtype, d: int = 64):
 
     pages = hf.pages_needed(pattern, n + 64, b, 64)
 
-    def plan_and_write():
-        caches = [PagedKVCache(pattern, num_pages=pages, head_dim=d, dtype=dt, device=dev, max_seqs=b)]
-        caches += [PagedKVCache(pattern, num_pages=pages, head_dim=d, dtype=dt, device=dev, table=caches[0].table)
+    dense = dense_pattern(pattern.heads, pattern.kv_heads, pattern.block)
+
+    def plan_and_write(pat, token_kernel=True):
+        # token_kernel=False: the index_copy_ write (two launches, every skipped row copied onto the
+        # scratch page), the A/B reference of runtime.kv_write.write_kv_tokens
+        pg = pages if pat is pattern else hf.pages_needed(pat, n + 64, b, 64)
+        caches = [PagedKVCache(pat, num_pages=pg, head_dim=d, dtype=dt, device=dev, max_seqs=b)]
+        caches += [PagedKVCache(pat, num_pages=pg, head_dim=d, dtype=dt, device=dev, table=caches[0].table)
                    for _ in range(7)]
+        if not token_kernel:
+            for c in caches:
+                c._token_rows = 0
         ids = [caches[0].add_sequence() for _ in range(b)]
         sync()
         t0 = time.perf_counter()
         for c in caches:
-            c.append(ids, k, v, only_needed=True)
+            c.append(ids, kt, vt, only_needed=True)
         sync()
-        return 1e3 * (time.perf_counter() - t0) / len(caches)
+        ms = 1e3 * (time.perf_counter() - t0) / len(caches)
+        return ms, caches[-1].gather(ids[-1])  # the last layer's K/V as its pages hold them
 
-    plan_and_write()
-    write_ms = statistics.median(plan_and_write() for _ in range(3))
-    dense = dense_pattern(pattern.heads, pattern.kv_heads, pattern.block)
+    # as HF hands them: (b, n, kv_heads, d) memory, transposed
+    kt, vt = k.transpose(1, 2).contiguous().transpose(1, 2), v.transpose(1, 2).contiguous().transpose(1, 2)
+    walls = {}
+    for label, pat in (("", pattern), ("_dense", dense)):
+        got = {}
+        for tk in (True, False):
+            got[tk] = plan_and_write(pat, tk)[1]
+            walls[label + ("" if tk else "_index_copy")] = statistics.median(plan_and_write(pat, tk)[0]
+                                                                             for _ in range(3))
+        assert all(torch.equal(a, r) for a, r in zip(got[True], got[False])), \
+            f"prefill write{label}: the token kernel's pages differ from index_copy_'s"
+        del got
+        free()
     row = dict(prompt=n, batch=b,
-               plan_and_write_ms_per_layer=write_ms,
+               plan_and_write_ms_per_layer=walls[""],
+               plan_and_write_index_copy_ms_per_layer=walls["_index_copy"],
+               dense_plan_and_write_ms_per_layer=walls["_dense"],
+               dense_plan_and_write_index_copy_ms_per_layer=walls["_dense_index_copy"],
                s2dsl_sparse_kernel_ms=t(lambda: s2dsl.attention(q, k, v, pattern)),
                sdpa_dense_ms=t(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)),
                s2dsl_dense_kernel_ms=t(lambda: s2dsl.attention(q, k, v, dense)))
@@ -550,6 +572,47 @@ def layer_call_vs_kernel(pattern, context: int, batch: int = 8, calls: int = 100
                 shared_over_kernel=shared_ms / kernel_ms, graph_call_ms=graph_ms, graph_over_kernel=graph_ms / kernel_ms)
 
 
+def split_sweep(pattern, context: int, batch: int, device, dtype, d: int = 64, splits=(8, 16, 32, 64, 128)):
+    """The decode kernel (with its combine) of one layer at ``context`` tokens, batch ``batch``,
+    for the pattern and the dense pattern, at each split count against the default's choice: is
+    the split policy leaving bandwidth unused where a step is long (batch 1, few programs)?"""
+    from s2dsl.runtime.decode import _module, _splits
+    from s2dsl.runtime.kv_cache import PagedKVCache, dense_pattern
+    free()
+    rows = []
+    for pat in (pattern, dense_pattern(pattern.heads, pattern.kv_heads, pattern.block)):
+        cache = PagedKVCache(pat, num_pages=hf.pages_needed(pat, context + 64, batch, 64), head_dim=d, dtype=dtype,
+                             device=device, max_seqs=batch)
+        ids = [cache.add_sequence() for _ in range(batch)]
+        kk = torch.randn(batch, pat.kv_heads, context, d, device=device, dtype=dtype)
+        cache.append(ids, kk, kk, only_needed=True)
+        del kk
+        q = torch.randn(batch, pat.heads, 1, d, device=device, dtype=dtype)
+        bt = cache.batch(ids)
+        _, module = _module(pat, dtype, d, 1, device)
+        out = torch.empty_like(q)
+        lse = torch.empty(batch, pat.heads, 1, dtype=torch.float32, device=device)
+        default = _splits(pat, batch, 1, bt.max_len, 1, device)
+        row = dict(pattern=pat.name, context=context, batch=batch, default_splits=default,
+                   kv_mb=cache.memory_bytes() / 2 ** 20)
+        ref = None
+        for n_splits in sorted(set(splits) | {default}):
+            row[f"ms_{n_splits}"] = bench_ms(lambda: module.launch(q, out, lse, cache.k_pages, cache.v_pages,
+                                                                   cache.block_tables, bt.slots, bt.seq_lens, 1,
+                                                                   n_splits, 1 / math.sqrt(d)), warmup=10, rep=50)
+            if ref is None:
+                ref = out.float().clone()
+            err = (out.float() - ref).abs().max().item()
+            assert err < 2e-2, f"split sweep: {n_splits} splits differ from {min(splits)} by {err}"
+        best = min((k for k in row if k.startswith("ms_")), key=row.get)
+        row["best"], row["default_ms"] = best, row[f"ms_{default}"]
+        row["gb_per_s_default"] = cache.memory_bytes() / row["default_ms"] / 1e6
+        rows.append(row)
+        del cache, q, out
+        free()
+    return rows
+
+
 # ----------------------------------------------------------------------------- 6. profiles (--profile)
 _SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy",
           "cudaMemcpyAsync", "cudaMalloc", "cudaFree", "cudaHostAlloc", "cudaGraphLaunch")
@@ -657,6 +720,9 @@ def main():
     ap.add_argument("--profile", default=None, metavar="PATH",
                     help="torch.profiler summaries (JSON) of an eager decode step, a graph step and one layer's "
                          "cached_attention call at the first point: ops by host and device time, syncs, kernels")
+    ap.add_argument("--split-sweep", action="store_true",
+                    help="at each point: one layer's decode kernel (+ combine) at split counts 8..128 against the "
+                         "default choice, for the sparse and the dense pattern (a few seconds)")
     ap.add_argument("--budget-s", type=float, default=300.0,
                     help="seconds the points may take; what would not fit is skipped (and listed)")
     ap.add_argument("--quick", action="store_true", help="small points (smoke run)")
@@ -705,6 +771,23 @@ def main():
                           f"runtime calls {p['runtime_calls']}; top device ops "
                           + ", ".join(f"{r['name'][:40]} {r['ms']:.3f}" for r in p["device_ops"][:6]), flush=True)
 
+    # the parts first: short, and what they isolate (the prefill write, the split policy) is what the
+    # points' totals are then read against
+    if args.split_sweep:
+        results["split_sweep"] = []
+        for point in args.points:
+            n, b = parse_point(point)
+            if budget.allow(f"split sweep at {point}", 10, 0):
+                for r in split_sweep(sparse, n, b, device, dtype, d, splits=(2, 4) if args.tiny else
+                                     (8, 16, 32, 64, 128)):
+                    results["split_sweep"].append(r)
+                    print("split sweep:", json.dumps(r), flush=True)
+    for point in args.points:  # each point's: the write and the kernels grow differently with length
+        n, b = parse_point(point)
+        if not budget.allow(f"prefill parts at {point}", 15 * max(n * b // 32768, 1) ** 0.5, 0):
+            continue
+        results["prefill_parts"].append(prefill_parts(sparse, n, b, device, dtype, d))
+        print("prefill parts:", json.dumps(results["prefill_parts"][-1]), flush=True)
     for point in args.points:
         n, b = parse_point(point)
         ids = torch.randint(1, model.config.vocab_size, (b, n), device=device)
@@ -744,10 +827,6 @@ def main():
         del ids
         free()
 
-    if args.points and budget.allow("prefill parts", 15, 0):
-        n, b = parse_point(args.points[0])
-        results["prefill_parts"].append(prefill_parts(sparse, n, b, device, dtype, d))
-        print("prefill parts:", json.dumps(results["prefill_parts"][-1]), flush=True)
     if args.points and not args.no_generate_probe:
         # the question is HF or harness, not length: a 4K prompt keeps the probe's prefills short
         ids = torch.randint(1, model.config.vocab_size, (1, 64 if args.tiny else 4096), device=device)
@@ -782,7 +861,9 @@ def report(results):
                   f"{r['peak_gib']:.1f} | {kv} |")
     for r in results["prefill_parts"]:
         print(f"\nprefill parts at {r['prompt']}x{r['batch']}, one layer: plan+write {r['plan_and_write_ms_per_layer']:.2f} "
-              f"ms, s2dsl sparse {r['s2dsl_sparse_kernel_ms']:.2f} ms, SDPA dense {r['sdpa_dense_ms']:.2f} ms, "
+              f"ms (index_copy_ {r['plan_and_write_index_copy_ms_per_layer']:.2f}; dense pattern "
+              f"{r['dense_plan_and_write_ms_per_layer']:.2f}, index_copy_ {r['dense_plan_and_write_index_copy_ms_per_layer']:.2f}), "
+              f"s2dsl sparse {r['s2dsl_sparse_kernel_ms']:.2f} ms, SDPA dense {r['sdpa_dense_ms']:.2f} ms, "
               f"s2dsl dense-pattern kernel {r['s2dsl_dense_kernel_ms']:.2f} ms")
     if results["layer"]:
         print("\n| context | batch | call ms | kernel ms | call/kernel | shared plan ms/layer | shared/kernel "

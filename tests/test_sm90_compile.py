@@ -294,3 +294,22 @@ def test_kv_write_kernel_compiles_for_sm90(monkeypatch):
         assert torch.equal(cache.gather(ids[1])[0][:, -1], k[1, :, 0])
     assert len(jobs) == 2
     _compile_sm90(jobs)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), reason="captures interpreted launches")
+def test_kv_token_write_kernel_compiles_for_sm90(monkeypatch):
+    """The prefill K/V write kernel (runtime.kv_write.write_kv_tokens), as a first prefill through
+    the cache launches it: a transposed bf16-shaped projection into 16-bit pools, float32 into float32."""
+    from s2dsl.runtime import kv_write
+    from s2dsl.runtime.kv_cache import PagedKVCache
+    jobs = []
+    monkeypatch.setattr(kv_write, "kv_tokens_kernel", _Capture(kv_write.kv_tokens_kernel, jobs, run=True))
+    pattern = s2dsl.local_stride(block=16, local_blocks=2, vert_stride=4, heads=4, kv_heads=2)
+    for dtype, d in ((torch.float16, 64), (torch.float32, 80)):
+        cache = PagedKVCache(pattern, num_pages=16, head_dim=d, dtype=dtype)
+        ids = [cache.add_sequence()]
+        k = torch.randn(1, 100, 2, d).to(dtype).transpose(1, 2)
+        cache.append(ids, k, k, only_needed=True)
+        assert torch.equal(cache.gather(ids[0])[0][:, -1], k[0, :, -1])
+    assert len(jobs) == 2
+    _compile_sm90(jobs)

@@ -118,8 +118,11 @@ class PagedKVCache:
         self.v_pages = self._v_all[:num_pages]
         # rows up to which a write is one Triton kernel for both pools (runtime.kv_write): a decode
         # step's; under the interpreter (CPU tests) only small steps, whose programs it runs one by one
-        self._fused_rows = (_kv_write().MAX_ROWS if self.device.type == "cuda"
-                            else 32 if os.environ.get("TRITON_INTERPRET") == "1" else 0)
+        interp = os.environ.get("TRITON_INTERPRET") == "1"
+        self._fused_rows = _kv_write().MAX_ROWS if self.device.type == "cuda" else 32 if interp else 0
+        # rows up to which a longer write (a prefill's) is the masked token kernel, which skips the
+        # rows aimed at the scratch page (runtime.kv_write); under the interpreter small ones only
+        self._token_rows = 1 << 62 if self.device.type == "cuda" else 8192 if interp else 0
         if self.quantized:
             self._qparams = torch.zeros(4, num_pages + 1, head_dim, dtype=torch.float32, device=self.device)
             self.k_scale, self.k_bias, self.v_scale, self.v_bias = self._qparams
@@ -251,6 +254,13 @@ class PagedKVCache:
         if self.quantized:
             with torch.no_grad():
                 self._write_int8(plan, dest, k, v)
+            return
+        if (self._fused_rows < dest.numel() <= self._token_rows and k.stride(3) == 1 and v.stride(3) == 1
+                and k.is_floating_point() and v.is_floating_point()):
+            # a prefill's rows: one launch for both pools, read in place, the skipped blocks' rows
+            # (aimed at the scratch page) neither read nor written
+            _kv_write().write_kv_tokens(self._k_all.view(-1, d), self._v_all.view(-1, d), k.detach(), v.detach(),
+                                        dest, self.num_pages * self.block)
             return
         if k.dtype != self.dtype:  # k, v are on the cache's device (checked)
             k, v = k.to(self.dtype), v.to(self.dtype)
