@@ -35,7 +35,10 @@ layers Phi-3-style local-stride: a half-sparse plan).
 6. ``--profile PATH``: torch.profiler summaries of an eager decode step, a graph step and one
    layer's call at the first point (ops by host and device time, kernel launches, syncs and
    allocations per call). ``--graph-compile`` adds the row "s2dsl graph compiled":
-   ``decode_graph(compile=True)``, the forward compiled by torch.compile inside the graph.
+   ``decode_graph(compile=True)``, the forward compiled by torch.compile inside the graph, and
+   the row "s2dsl graph compiled tuned" (``tune_splits=True``: each layer's split count
+   measured at the first step; its ``splits`` field gives policy vs tuned per pattern and
+   shape; ``--no-tune-splits`` drops it).
 
 The prompt is fed in chunks when it must be; the S2Cache is then sized for its chunks
 (``prefill_chunk_size``: a chunk holds every block it writes until the next step evicts).
@@ -278,7 +281,7 @@ GRAPH_COMPILE_S = 45.0
 
 
 def run_s2dsl(model, plan, name, ids, steps, chunk, graph: bool, warm_tokens: int, graph_compile: bool = False,
-              budget=None, fused_combine: bool = False):
+              budget=None, fused_combine: bool = False, tune_splits: bool = True):
     """One prefill, then eager steps and (on the GPU) steps of the captured graph on the same cache
     (``graph_compile``: then steps of the graph of the forward compiled by torch.compile, if
     ``budget`` has the seconds left)."""
@@ -318,6 +321,15 @@ def run_s2dsl(model, plan, name, ids, steps, chunk, graph: bool, warm_tokens: in
                                  peak_gib=peak_gib(), kv_gib=kv / 2 ** 30, dense_kv_gib=dense_kv / 2 ** 30,
                                  compile_s=sum(c_times[:4])))
                 step.graph.close()
+                if tune_splits and budget.allow(f"s2dsl graph compiled tuned at {n}x{b}",
+                                                TUNE_ROW_S + steps * 0.05, 0):
+                    try:
+                        rows.append(_tuned_row(model, cache, tokens[:, -1:], steps, t_pre, kv, dense_kv))
+                    except Exception as exc:  # reported as its own row; the rows after it still run
+                        rows.append(dict(impl="s2dsl graph compiled tuned (failed)",
+                                         error=f"{type(exc).__name__}: {exc}"[:500]))
+                elif tune_splits:
+                    rows.append(dict(impl="s2dsl graph compiled tuned (skipped)", reason=budget.skipped[-1]["reason"]))
                 if fused_combine:  # the same, the decode kernel merging its splits in its last program
                     rows.append(_fused_combine_row(model, cache, tokens[:, -1:], steps, t_pre, kv, dense_kv))
             except Exception as exc:  # a compiler failure is a result to report, not the end of the run
@@ -325,6 +337,34 @@ def run_s2dsl(model, plan, name, ids, steps, chunk, graph: bool, warm_tokens: in
     del cache
     model.set_attn_implementation("sdpa")
     return rows
+
+
+#: seconds the tuned compiled row may take besides its steps: a retrace that inductor's cache
+#: serves (the same batch was just compiled), each layer's split timing, a few new kernel variants
+TUNE_ROW_S = 20.0
+
+
+def _tuned_row(model, cache, tok, steps, t_pre, kv, dense_kv):
+    """``decode_graph(compile=True, tune_splits=True)`` steps on the same cache, right after the
+    untuned compiled row: the split count of each layer's decode kernel measured at the first
+    eager step, the fastest captured. Reports each pattern's policy and tuned split counts."""
+    from s2dsl.runtime import decode as dec
+    t0 = time.perf_counter()
+    try:
+        step = cache.decode_graph(model, compile=True, tune_splits=True)
+        t_times, _ = decode(step, tok, steps + 4)
+        step.graph.close()
+    finally:
+        chosen = {}
+        for p in cache.paged:
+            if p is None:
+                continue
+            for key, (policy, tuned) in dec.split_choices(p).items():
+                chosen.setdefault(p.pattern.name, {})[str(key)] = {"policy": policy, "tuned": tuned}
+            dec.enable_split_tuning(p, False)  # later rows on this cache use the policy again
+    return dict(impl="s2dsl graph compiled tuned", prefill_s=t_pre, decode_ms=ms(t_times, skip=4),
+                peak_gib=peak_gib(), kv_gib=kv / 2 ** 30, dense_kv_gib=dense_kv / 2 ** 30,
+                first_calls_s=sum(t_times[:4]), setup_s=time.perf_counter() - t0, splits=chosen)
 
 
 def _fused_combine_row(model, cache, tok, steps, t_pre, kv, dense_kv):
@@ -717,6 +757,9 @@ def main():
     ap.add_argument("--fused-combine", action="store_true",
                     help="with --graph-compile: also time the compiled graph step with the decode kernel's "
                          "fused_combine variant (row 's2dsl graph compiled fused_combine'), same cache")
+    ap.add_argument("--no-tune-splits", action="store_true",
+                    help="with --graph-compile: skip the row 's2dsl graph compiled tuned' (the compiled graph step "
+                         "with decode_graph(tune_splits=True): split counts measured per layer, same cache)")
     ap.add_argument("--profile", default=None, metavar="PATH",
                     help="torch.profiler summaries (JSON) of an eager decode step, a graph step and one layer's "
                          "cached_attention call at the first point: ops by host and device time, syncs, kernels")
@@ -807,7 +850,7 @@ def main():
             try:
                 if impl == "s2dsl":
                     rows += run_s2dsl(model, plan, name, ids, args.steps, chunk, on_gpu, args.warm_tokens,
-                                      args.graph_compile, budget, args.fused_combine)
+                                      args.graph_compile, budget, args.fused_combine, not args.no_tune_splits)
                 elif impl == "dynamic":
                     rows.append(run_dynamic(model, ids, args.steps, chunk, args.warm_tokens))
                 else:

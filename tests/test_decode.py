@@ -330,3 +330,55 @@ def test_gpu_pool_past_2_to_the_31_elements():
     assert min(held) * GPU_PHI.block * d >= 2 ** 31
     for _ in range(20):
         _step(cache, [s], data, pos, 1)
+
+
+# --- measured split counts (decode_graph(tune_splits=True)): the choosing logic with a fake timer
+
+
+def test_split_candidates_are_powers_of_two_within_bounds():
+    from s2dsl.runtime import decode as dec
+    for policy in range(1, dec.MAX_SPLITS + 1):
+        cands = dec.split_candidates(policy)
+        assert cands and all(1 <= s <= dec.MAX_SPLITS and s & (s - 1) == 0 for s in cands)
+        assert dec._pow2(policy) in cands
+    assert dec.split_candidates(64) == (16, 32, 64)
+    assert dec.split_candidates(1) == (1, 2)
+
+
+def test_tuned_split_choice_picks_the_fastest_once_and_never_while_capturing(monkeypatch):
+    from s2dsl.runtime import decode as dec
+    calls = []
+
+    def timer(cands):
+        calls.append(cands)
+        return {s: {16: 3.0, 32: 1.0, 64: 2.0}[s] for s in cands}
+    key = ("splits", 1, 1, 512, 1)
+    monkeypatch.setattr(dec, "_capturing", lambda: True)
+    memo = {}
+    assert dec._tuned_choice(memo, key, 64, timer) == 64  # inside a capture: the policy, nothing timed
+    assert not calls and not memo
+    monkeypatch.setattr(dec, "_capturing", lambda: False)
+    assert dec._tuned_choice(memo, key, 64, timer) == 32
+    assert calls == [(16, 32, 64)]
+    monkeypatch.setattr(dec, "_capturing", lambda: True)  # a later capture reuses the measured count
+    assert dec._tuned_choice(memo, key, 64, timer) == 32 and len(calls) == 1
+    # a candidate within the noise margin of the policy's count does not replace it
+    assert dec.pick_splits(64, lambda c: {s: 1.0 - 0.01 * (s == 32) for s in c}) == 64
+    assert dec.pick_splits(64, lambda c: {s: 1.0 - 0.1 * (s == 16) for s in c}) == 16
+
+
+def test_split_tuning_is_ignored_off_cuda():
+    """On the CPU the decode call splits nothing and times nothing: the same output as untuned."""
+    from s2dsl.runtime import decode as dec
+    pattern = dense_pattern(2, 1, 16)
+    outs = []
+    for tune in (False, True):
+        cache = PagedKVCache(pattern, num_pages=16, head_dim=D, dtype=torch.float32)
+        if tune:
+            dec.enable_split_tuning(cache)
+        (q, k, v), = _data(pattern, [40])
+        seqs = [cache.add_sequence()]
+        cache.append(seqs, k, v)
+        outs.append(paged_attention(q[:, :, -1:], cache, seqs))
+        assert dec.split_choices(cache) == {}
+    assert torch.equal(outs[0], outs[1])

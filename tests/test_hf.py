@@ -203,14 +203,14 @@ def test_import_s2dsl_does_not_import_transformers():
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
 
 
-def _graph_greedy(model, prompts, new, capture, device="cpu", compile=False):
+def _graph_greedy(model, prompts, new, capture, device="cpu", compile=False, tune_splits=False):
     """Prefill a left-padded batch, then decode through S2Cache.decode_graph."""
     ids, mask = _left_padded(prompts)
     ids, mask = ids.to(device), mask.to(device)
     cache = hf.S2Cache(model, max_length=ids.shape[1] + new, batch_size=len(prompts))
     with torch.no_grad():
         logits = model(ids, attention_mask=mask, past_key_values=cache).logits[:, -1:]
-        step = cache.decode_graph(model, capture=capture, compile=compile)
+        step = cache.decode_graph(model, capture=capture, compile=compile, tune_splits=tune_splits)
         tokens = [logits.argmax(-1)]
         for _ in range(new - 1):
             tokens.append(step(tokens[-1])[:, -1:].argmax(-1))
@@ -245,6 +245,19 @@ def test_compiled_static_decode_step(model):
     _dynamo.reset()
     assert torch.equal(compiled, plain)
     assert cache.get_seq_length() == 34 + 4
+
+
+@kernels
+def test_tune_splits_is_ignored_off_cuda(model):
+    """decode_graph(tune_splits=True) on the CPU: no split to tune, nothing timed, the same tokens."""
+    from s2dsl.runtime.decode import split_choices
+    gen = torch.Generator().manual_seed(8)
+    prompts = [torch.randint(1, 100, (n,), generator=gen) for n in (20, 12)]
+    _use(model, hf.ATTN_IMPLEMENTATION)
+    plain, _ = _graph_greedy(model, prompts, 3, capture=False)
+    tuned, cache = _graph_greedy(model, prompts, 3, capture=False, tune_splits=True)
+    assert torch.equal(tuned, plain)
+    assert all(split_choices(layer.paged) == {} for layer in cache.layers)
 
 
 def _gpu_model(max_positions: int):
@@ -288,6 +301,45 @@ def test_gpu_compiled_cuda_graph_step():
     assert torch.isfinite(got).all()
     err = ((got - ref).norm() / ref.norm()).item()
     assert err < 3e-2, err
+
+
+@pytest.mark.gpu
+def test_gpu_tuned_splits_compiled_graph_gives_the_untuned_tokens():
+    """bf16 on the GPU: the compiled graph step with tune_splits=True, fed the untuned step's
+    tokens, predicts the same tokens (where the untuned top two logits are not a near tie) with
+    logits within bf16 noise; each tuned count is one of its candidates, measured before capture."""
+    if os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from torch import _dynamo
+    from s2dsl.runtime.decode import split_candidates, split_choices
+    m = _gpu_model(max_positions=8192)
+    ids = torch.randint(1, 1000, (1, 4000), device="cuda")
+    runs = []
+    for tune in (False, True):
+        cache = hf.S2Cache(m, max_length=4040, batch_size=1)
+        with torch.no_grad():
+            tok = m(ids, past_key_values=cache, logits_to_keep=1).logits[:, -1:].argmax(-1)
+            step = cache.decode_graph(m, compile=True, tune_splits=tune)
+            feed = runs[0][1] if runs else None
+            logits, toks = [], []
+            for i in range(10):
+                t = tok if feed is None else feed[:, i:i + 1]
+                out = step(t).float().clone()
+                logits.append(out)
+                toks.append(t)
+                tok = out[:, -1:].argmax(-1)
+            step.graph.close()
+        runs.append((torch.cat(logits, 1), torch.cat(toks, 1), cache))
+    _dynamo.reset()
+    ref, got, cache = runs[0][0], runs[1][0], runs[1][2]
+    choices = [c for layer in cache.layers for c in split_choices(layer.paged).values()]
+    assert choices and all(tuned in split_candidates(policy) for policy, tuned in choices)
+    assert torch.isfinite(got).all()
+    assert ((got - ref).norm() / ref.norm()).item() < 3e-2
+    top2 = ref.topk(2, dim=-1).values
+    clear = (top2[..., 0] - top2[..., 1]) > 0.05
+    assert clear.any()
+    assert torch.equal(got.argmax(-1)[clear], ref.argmax(-1)[clear])
 
 
 @pytest.mark.gpu

@@ -741,7 +741,7 @@ def _classes():
             return sum(p.memory_bytes() for p in self.paged if p is not None)
 
         def decode_graph(self, model, *, max_length: Optional[int] = None, capture: bool = True,
-                         compile: Union[bool, str] = False):
+                         compile: Union[bool, str] = False, tune_splits: bool = False):
             """A one-token decode step of ``model`` over this cache as a CUDA graph (after the prefill).
 
             Returns ``step(input_ids) -> logits``: ``input_ids`` (batch, 1), one new token per
@@ -764,8 +764,19 @@ def _classes():
             eviction, the new token's page) is compiled too (``PageTable.compile_static``). The
             first call compiles (seconds to a minute for a large model), the first three run
             eagerly, the fourth captures.
+
+            ``tune_splits=True``: each layer's decode kernel times its candidate split counts (a
+            quarter to double the policy's, powers of two, ``decode.split_candidates``) on
+            scratch outputs at the first eager step, and the graph captures the fastest (a few
+            dozen extra launches per layer, once). It stays on for this cache's later decode
+            calls of new shapes. Ignored off CUDA (the CPU has no split).
             """
             from ..runtime.graphs import DecodeGraph
+            if tune_splits:
+                from ..runtime.decode import enable_split_tuning
+                for layer in self.layers:
+                    if layer.paged is not None:
+                        enable_split_tuning(layer.paged)
             layers = list(self.layers)
             if any(layer.paged is None for layer in layers):
                 raise RuntimeError("decode_graph needs the cache filled by a prefill first")

@@ -22,7 +22,7 @@ import math
 from dataclasses import replace
 from functools import lru_cache
 from types import ModuleType
-from typing import Hashable, Optional, Sequence, Union
+from typing import Hashable, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +40,7 @@ from .padding import padded_attention, right_align
 from .topk_state import state_for
 
 __all__ = ["paged_attention", "cached_attention", "choose_decode", "decode_module", "decode_source",
-           "kept_blocks_for_query"]
+           "kept_blocks_for_query", "enable_split_tuning", "split_choices", "split_candidates", "pick_splits"]
 
 #: queries per program at most (chunked prefill is tiled by this many queries)
 MAX_BLOCK_Q = 16
@@ -185,14 +185,104 @@ def _kernel_for(cache: PagedKVCache, compute: torch.dtype, d: int, q_len: int, d
     return hit
 
 
-def _splits_memo(cache: PagedKVCache, b: int, n_tiles: int, max_len: int, q_len: int, device: torch.device) -> int:
+def _splits_memo(cache: PagedKVCache, b: int, n_tiles: int, max_len: int, q_len: int, device: torch.device,
+                 launch=None) -> int:
+    """The split count for this call shape, memoised on the cache. With split tuning on
+    (``enable_split_tuning``) and ``launch(n_splits, out, lse)`` given, the policy's count is
+    replaced by the fastest measured candidate, once per key."""
     if device.type != "cuda" or max_len == 0:
         return 1
     key = ("splits", b, n_tiles, -(-max_len // cache.block), q_len)
-    hit = cache._decode_memo.get(key)
+    memo = cache._decode_memo
+    hit = memo.get(key)
     if hit is None:
-        hit = cache._decode_memo[key] = _splits(cache.pattern, b, n_tiles, max_len, q_len, device)
+        hit = memo[key] = _splits(cache.pattern, b, n_tiles, max_len, q_len, device)
+    if launch is None or not memo.get(_TUNE):
+        return hit
+    return _tuned_choice(memo, key, hit, lambda cands: _time_launches(launch, cands))
+
+
+#: memo flag: measure the split count per call shape (``enable_split_tuning``)
+_TUNE = "tune_splits"
+#: timed launches per candidate (after one untimed launch that compiles and warms it)
+TUNE_REPS = 8
+#: a candidate replaces the policy's count only when this much faster (timing noise)
+TUNE_MARGIN = 0.03
+
+
+def enable_split_tuning(cache: PagedKVCache, on: bool = True) -> None:
+    """Let the decode calls on ``cache`` pick their split count by timing, on CUDA: at the first
+    call of each shape (batch, query tiles, blocks of the longest sequence, queries) outside
+    a CUDA-graph capture, the kernel (+ combine) runs on scratch outputs for the candidates of
+    ``split_candidates`` and the fastest is memoised on the cache; a capture reuses it (a shape
+    first seen during a capture keeps the policy's count). Off CUDA, and for dynamic top-k
+    patterns (whose kernel updates the selection state), the policy decides: tuning is ignored."""
+    memo = cache._decode_memo
+    memo[_TUNE] = bool(on)
+
+
+def split_choices(cache: PagedKVCache) -> dict:
+    """{(batch, n_tiles, max_blocks, q_len): (policy's splits, measured splits)} for the shapes tuned so far."""
+    memo = cache._decode_memo
+    return {k[1:]: (memo.get(("splits",) + k[1:]), v) for k, v in memo.items()
+            if isinstance(k, tuple) and k and k[0] == "tuned"}
+
+
+def split_candidates(policy: int) -> Tuple[int, ...]:
+    """Powers of two from a quarter to double the policy's count, within [1, MAX_SPLITS]."""
+    base = _pow2(max(1, policy))
+    return tuple(s for s in (base // 4, base // 2, base, base * 2) if 1 <= s <= MAX_SPLITS)
+
+
+def pick_splits(policy: int, timer) -> int:
+    """The fastest of ``split_candidates(policy)`` by ``timer(candidates) -> {splits: seconds}``;
+    the policy's own count unless another beats it by ``TUNE_MARGIN``."""
+    cands = split_candidates(policy)
+    if len(cands) < 2:
+        return policy
+    times = timer(cands)
+    best = min(cands, key=lambda s: times[s])
+    base = _pow2(max(1, policy))
+    if base in times and times[best] > (1 - TUNE_MARGIN) * times[base]:
+        return policy
+    return best
+
+
+def _capturing() -> bool:
+    if torch.compiler.is_compiling():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _tuned_choice(memo: dict, key: tuple, policy: int, timer) -> int:
+    tkey = ("tuned",) + key[1:]
+    hit = memo.get(tkey)
+    if hit is None:
+        if _capturing():  # launches can't be timed (or synced) inside a capture: the policy's count
+            return policy
+        hit = memo[tkey] = pick_splits(policy, timer)
     return hit
+
+
+def _time_launches(launch, cands) -> dict:
+    """Seconds per launch of each candidate split count, by CUDA events. Each candidate's launches
+    queue behind a device-side sleep, so that they run back to back (a launch costs the host
+    more than a short kernel runs)."""
+    for s in cands:  # compiles each variant, outside the timing
+        launch(s)
+    torch.cuda.synchronize()
+    times = {}
+    for s in cands:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        if hasattr(torch.cuda, "_sleep"):
+            torch.cuda._sleep(2_000_000)  # ~1 ms: longer than the host takes to queue TUNE_REPS launches
+        start.record()
+        for _ in range(TUNE_REPS):
+            launch(s)
+        end.record()
+        end.synchronize()
+        times[s] = start.elapsed_time(end) / 1e3 / TUNE_REPS
+    return times
 
 
 def paged_attention(q: torch.Tensor, cache: PagedKVCache, seqs: Union[Sequence[Hashable], DecodeBatch], *,
@@ -240,8 +330,6 @@ def _attend(q, cache: PagedKVCache, batch: DecodeBatch, scale: float, n_splits, 
     lse = torch.empty(b, heads, q_len, dtype=torch.float32, device=q.device)
     if q.numel() == 0:
         return (out, lse) if return_lse else out
-    if n_splits is None:
-        n_splits = _splits_memo(cache, b, -(-q_len // spec.block_q), batch.max_len, q_len, q.device)
     # dynamic top-k: the kernel reads the selection, writes each block's mass (static patterns have none)
     topk = None if pattern.is_static else state_for(cache)
     extra = {}
@@ -258,6 +346,13 @@ def _attend(q, cache: PagedKVCache, batch: DecodeBatch, scale: float, n_splits, 
         pages = (cache.k_pages, cache.v_pages)
     else:
         pages = (cache.k_pages.to(compute), cache.v_pages.to(compute))
+    if n_splits is None:
+        launch = None
+        if topk is None and cache._decode_memo.get(_TUNE):  # timed on scratch outputs: the step's are untouched
+            def launch(s):
+                module.launch(kq, torch.empty_like(kout), torch.empty_like(lse), *pages, cache.block_tables,
+                              batch.slots, batch.seq_lens, q_len, s, scale)
+        n_splits = _splits_memo(cache, b, -(-q_len // spec.block_q), batch.max_len, q_len, q.device, launch)
     module.launch(kq, kout, lse, *pages, cache.block_tables, batch.slots, batch.seq_lens,
                   q_len, int(n_splits), scale, **extra)
     if kout is not out:
