@@ -906,7 +906,7 @@ def _classes():
             context = max(p.seq_len(s) for s in first.seq_ids)
             head = f"cost model (batch {len(first.seq_ids)}, {context} tokens, {len(self.layers)} layers): "
             if tier is not None and tier.drop:
-                own = tier.policy or tiering.DropPolicy(self.costs, hidden=self._hidden, fit=self._first_fit)
+                own = tier.policy or self.drop_policy
                 d = own.decide(tier)
                 limit = tier.drop_limit()  # what the tier applies at its next short step
                 decision = d.plan.report() if d.plan is not None else d.reason
