@@ -35,7 +35,9 @@ sparsity).
    * HF SDPA + offloaded DynamicCache (``offloading=True``: transformers 5's OffloadedCache),
      and the offloaded StaticCache (OffloadedStaticCache) if it runs;
    * HF SDPA + DynamicCache all on the GPU (no budget: the upper bound where memory allows);
-   with the dense KV / budget ratio, the pages moved and the phase the cost model chose. The
+   with the dense KV / budget ratio, the pages moved, the phase the cost model chose and, for
+   the rows that drop, the drop point the tiers applied (``drop_point``: ``drop="cost"``, the
+   default, with the measured link and the recompute fitted on the machine). The
    second (larger) point runs the graph rows only (``LARGE_POINT_RUNS``) and every HF row.
    HF's rows run first of all, before anything of s2dsl (a fresh process: no graph pools, no
    patched attention), each timed over 64 steps at the middle of the s2dsl rows' timed stretch
@@ -172,11 +174,14 @@ def _run_s2dsl(model, plan, ids, steps, gpu_pages, host_pages, kv_dtype, recompu
     tokens, secs = greedy(model, ids, cache, steps, time_from, graph)
     tiers = [p.table.tier for p in cache.paged if p.table.tier is not None]
     report = cache.debug_report()
+    lines = report.splitlines()
+    phase = next((ln.split(": ", 1)[-1] for ln in lines if ln.startswith("cost model (")), "")
+    drop_point = next((ln for ln in lines if ln.startswith("drop=")), None)  # the drop point the tiers apply
     timed = steps - time_from
     row = dict(tokens_per_s=b * timed / secs, ms_per_step=1e3 * secs / timed, decode_s=secs,
                moved_up=sum(t.moved_up for t in tiers), moved_down=sum(t.moved_down for t in tiers),
                dropped=sum(t.dropped_pages for t in tiers), recomputed=sum(t.recomputed for t in tiers),
-               gpu_pool_pages=gpu_pages, host_pages=host_pages, phase=report.split("cost model")[-1].strip(),
+               gpu_pool_pages=gpu_pages, host_pages=host_pages, phase=phase, drop_point=drop_point,
                graph=graph, gpu_kv_gib=sum(p.num_pages * p.page_bytes for p in cache.paged) / 2 ** 30)
     # per step over the whole decode (all layers): what the moving pattern brings back
     row["moved_up_per_step"] = row["moved_up"] / steps
@@ -438,6 +443,9 @@ def throughput(model, args, device, tiny, block, points, results, save, t0, hf_r
                 by[name]["ms_over_resident"] = by[name]["ms_per_step"] - by[base]["ms_per_step"]
         for row in point["rows"]:
             phase = row.get("phase", row.get("error", row.get("skipped", "")))[:90]
+            if row.get("drop_point"):  # phase 3 rows: where the tiers drop (the cost model's point)
+                dp = row["drop_point"]
+                phase = dp[dp.find("drop past"):].split(" per layer")[0] + " | " + phase[:60]
             tps = f"{row['tokens_per_s']:9.1f}" if "tokens_per_s" in row else f"{'-':>9}"
             ms = f"{row['ms_per_step']:8.2f}" if "ms_per_step" in row else f"{'-':>8}"
             up = f"{row['moved_up_per_step']:8.2f}" if "moved_up_per_step" in row else f"{'':>8}"

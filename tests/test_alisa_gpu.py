@@ -209,3 +209,48 @@ def test_gpu_captured_steps_over_a_tier_move_and_recompute_pages_losslessly(host
     assert torch.equal(out, ref)
     # the captured step waits per layer exactly when overlap is on
     assert all(p.table.tier._graph_waits == overlap for p in cache.paged)
+
+
+@pytest.mark.parametrize("slow_link", [True, False], ids=["slow-link", "measured"])
+def test_gpu_tiers_drop_where_the_cost_model_says(slow_link):
+    """drop="cost" on the GPU under captured steps: with a slow modelled link the tiers drop
+    everything that leaves the GPU while the host has room; with the machine's measured link and
+    the recompute fitted through the cache's own path the tiers apply whatever the model chose.
+    Either way the tokens are the resident graph steps' and debug_report states the applied limit."""
+    from s2dsl.integrations import hf
+    from s2dsl.runtime.tiering import MachineCosts
+    from serving_helpers import tiny_llama
+    plan = ("pattern swa { block = 16 heads = 4 kv_heads = 2 causal heads * { window 1 topk 2 recent 3 } }\n"
+            "model tiny { layers = 2 rest -> swa }")
+    model = tiny_llama(plan, seed=1, attn=hf.ATTN_IMPLEMENTATION).to("cuda", torch.float32)
+    ids = torch.randint(0, 100, (2, 40), device="cuda", generator=torch.Generator(device="cuda").manual_seed(5))
+
+    def run(cache):
+        with torch.no_grad():
+            tok = model(ids, past_key_values=cache).logits[:, -1:].argmax(-1)
+            step = cache.decode_graph(model)
+            out = [tok]
+            for _ in range(60):
+                tok = step(tok)[:, -1:].argmax(-1)
+                out.append(tok)
+        torch.cuda.synchronize()
+        return torch.cat(out, 1)
+
+    ref = run(hf.S2Cache(model, max_length=110, batch_size=2))
+    costs = MachineCosts(h2d_gbps=1e-6, recompute_page_ms=1e-3) if slow_link else None
+    cache = hf.S2Cache(model, max_length=110, batch_size=2, gpu_pages=12, host_pages=24, recompute="hidden",
+                       costs=costs)
+    out = run(cache)
+    assert torch.equal(out, ref)
+    tiers = [p.table.tier for p in cache.paged]
+    applied = [t.decision for t in tiers]  # at each tier's last short step
+    assert all(d is not None for d in applied)
+    assert all(t.host_pages_in_use <= d.host_limit for t, d in zip(tiers, applied)), [t.report() for t in tiers]
+    report = cache.debug_report()  # the decision for the current length bucket, as the tiers would apply it
+    print(report)
+    limit = tiers[0].decision.host_limit
+    assert f"drop past {limit} of 24 host pages per layer" in report
+    if slow_link:
+        assert limit == 0 and all(t.dropped_pages > 0 and t.moved_down == 0 for t in tiers), report
+    else:
+        assert "measured on this machine" in report, report

@@ -269,3 +269,54 @@ def test_tier_arguments_are_checked(swa_model):
         hf.S2Cache(swa_model, max_length=40, host_pages=4)
     with pytest.raises(ValueError, match="not both"):
         hf.S2Cache(swa_model, num_pages=4, gpu_pages=4)
+
+
+@pytest.fixture(scope="module")
+def swa_ref(swa_model):
+    ids = torch.randint(0, 100, (2, 40), generator=torch.Generator().manual_seed(5))
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        ref = swa_model.generate(ids, past_key_values=hf.S2Cache(swa_model, max_length=60, batch_size=2), **kw)
+    return ids, kw, ref
+
+
+@kernels
+@pytest.mark.parametrize("drop", ["cost", "budget"])
+def test_generate_drops_where_the_cost_model_says(swa_model, swa_ref, drop):
+    """A slow modelled link (~1 kB/s) and a recompute of 1 us a page: with drop="cost" (the
+    default) the tiers drop every page that leaves the GPU although the host has 8 slots, and the
+    tokens are the resident ones; drop="budget" keeps them on the host. The report states the
+    drop point each tier applies."""
+    from s2dsl.runtime.tiering import MachineCosts
+    ids, kw, ref = swa_ref
+    costs = MachineCosts(h2d_gbps=1e-6, recompute_page_ms=1e-3)
+    cache = hf.S2Cache(swa_model, max_length=60, batch_size=2, gpu_pages=12, host_pages=8, recompute="hidden",
+                       costs=costs, **({} if drop == "cost" else dict(drop="budget")))
+    with torch.no_grad():
+        out = swa_model.generate(ids, past_key_values=cache, **kw)
+    assert torch.equal(out, ref)
+    tiers = [p.table.tier for p in cache.paged]
+    report = cache.debug_report()
+    if drop == "cost":
+        assert all(t.decision is not None and t.decision.host_limit == 0 for t in tiers)
+        assert all(t.dropped_pages > 0 and t.host_pages_in_use == 0 and t.moved_down == 0 for t in tiers), report
+        assert "drop='cost' in force: drop past 0 of 8 host pages per layer (phase 3" in report, report
+        assert "drops past 0 host pages (cost)" in report
+        assert cache.drop_policy.decide(tiers[0]) is tiers[0].decision  # the report's numbers are the tier's
+    else:
+        assert all(t.dropped_pages == 0 and t.host_pages_in_use > 0 for t in tiers), report
+        assert "drop='budget' in force: drop past 8 of 8 host pages per layer (host_pages); the cost model " \
+               "would drop past 0" in report, report
+
+
+def test_drop_arguments_are_checked(swa_model):
+    from s2dsl.runtime.tiering import MachineCosts
+    with pytest.raises(ValueError, match="drop must be"):
+        hf.S2Cache(swa_model, max_length=40, gpu_pages=8, host_pages=2, recompute="hidden", drop="early")
+    with pytest.raises(ValueError, match="recompute='hidden'"):
+        hf.S2Cache(swa_model, max_length=40, gpu_pages=8, host_pages=2, drop="cost")
+    with pytest.raises(TypeError, match="MachineCosts"):
+        hf.S2Cache(swa_model, max_length=40, gpu_pages=8, host_pages=2, recompute="hidden", costs=20.0)
+    cache = hf.S2Cache(swa_model, max_length=40, gpu_pages=8, host_pages=2, recompute="hidden", drop="budget",
+                       costs=MachineCosts())
+    assert cache.drop_policy is not None and all(layer.drop_policy is None for layer in cache.layers)

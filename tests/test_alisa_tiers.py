@@ -3,6 +3,7 @@ smaller than the KV must give exactly the outputs of the all-resident cache. Pag
 pool are poisoned with NaN, so reading one that was not brought back would show."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -12,6 +13,7 @@ import torch
 import s2dsl
 from s2dsl.runtime.host_tier import HostFullError, HostTier
 from s2dsl.runtime.kv_cache import OutOfPagesError, PagedKVCache
+from s2dsl.runtime.tiering import DropPolicy, MachineCosts
 
 from serving_helpers import decode_steps
 
@@ -162,3 +164,94 @@ def test_bench_moving_pattern_decode_compiles_for_sm90():
     unique = list({json.dumps([j["name"], j["consts"]], sort_keys=True): j for j in jobs}.values())
     for shared in _compile_sm90(unique):
         assert shared <= 232448
+
+
+# the cost model's drop point, applied (HostTier(drop="cost", policy=...)): a link of ~1 kB/s
+# against a recompute of 1 us a page, and the other way round
+SLOW_LINK = MachineCosts(h2d_gbps=1e-6, recompute_page_ms=1e-3)
+FAST_LINK = MachineCosts(h2d_gbps=1e3, recompute_page_ms=10.0)
+
+
+@functools.lru_cache(maxsize=1)
+def _cost_run():
+    """Two sequences of 60 tokens decoding 8 alternate steps over the block crossing at 64 (the
+    pool of 16 pages holds 4 blocks x 2 kv heads x 2 sequences), and the resident outputs."""
+    data = _data(SWA, 68, 2)
+    resident = PagedKVCache(SWA, num_pages=64, head_dim=D, dtype=torch.float32)
+    return data, decode_steps(resident, data, 60, 8, alternate=True)[0]
+
+
+@interpreter
+@pytest.mark.parametrize("costs", [SLOW_LINK, FAST_LINK], ids=["slow-link", "fast-link"])
+def test_the_tier_drops_where_the_cost_model_says(costs):
+    """Host room for every page (12 host pages, 20 pages for 16 GPU pages): over a slow link the
+    cost model drops everything that leaves the GPU (phase 3 by choice: the host stays empty);
+    over a fast link nothing is dropped and the host holds what left. Both decode exactly."""
+    data, ref = _cost_run()
+    tiered = PagedKVCache(SWA, num_pages=16, head_dim=D, dtype=torch.float32)
+    policy = DropPolicy(costs)
+    tier = HostTier(tiered.table, host_pages=12, drop="cost", policy=policy, poison=True)
+    tier.attach(tiered, recompute=_oracle(tiered, data))
+    out, _ = decode_steps(tiered, data, 60, 8, alternate=True)
+    assert torch.equal(out, ref)
+    d = tier.decision
+    assert d is not None and d is policy.decide(tier) and tier.drop_limit() == d.host_limit
+    assert tiered.pages_in_use + tier.host_pages_in_use + tier.pages_dropped_now == 20
+    if costs is SLOW_LINK:
+        assert d.plan.phase == 3 and d.host_limit == 0, d.report()
+        assert tier.dropped_pages > 0 and tier.recomputed > 0 and tier.host_pages_in_use == 0, tier.report()
+        assert tier.moved_down == 0
+    else:
+        assert d.plan.phase == 2 and d.host_limit == 12, d.report()
+        assert tier.dropped_pages == 0 and tier.moved_down > 0 and tier.host_pages_in_use > 0, tier.report()
+    assert f"drop past {d.host_limit} of 12 host pages" in d.report()
+    assert f"drops past {d.host_limit} host pages (cost)" in tier.report()
+    # a plan per length bucket, not per step: every short step came at 65..68 tokens (5 pages)
+    assert len(policy._decisions) == 1
+
+
+def _lengths(cache, lengths):
+    ids = [cache.add_sequence() for _ in lengths]
+    for s, n in zip(ids, lengths):
+        cache.table.get(s).length = n  # the policy reads lengths only: no K/V needed
+    return ids
+
+
+def test_drop_policy_plans_per_bucket_and_batch_and_applies_the_plans_host_bytes():
+    """A link whose copies the overlap half hides: the cheapest drop keeps some pages on the host
+    (the copies of those just fit behind the overlap): the limit is the plan's host bytes in pages,
+    strictly between 0 and host_pages."""
+    cache = PagedKVCache(SWA, num_pages=16, head_dim=D, dtype=torch.float32)
+    # a page is 2 x 16 x 16 x 4 bytes = 2 KiB: 1 ms a page over 2.048 MB/s, recompute 0.5 ms
+    policy = DropPolicy(MachineCosts(h2d_gbps=2.048e-3, recompute_page_ms=0.5), overlap_ms=0.2)
+    tier = HostTier(cache.table, host_pages=4, drop="cost", policy=policy)
+    tier.attach(cache, recompute=lambda *a: None)
+    _lengths(cache, [79, 79])  # the step writes token 80: 5 pages
+    d = policy.decide(tier)
+    assert d.plan.phase == 3 and 0 < d.host_limit < 4, d.report()
+    assert d.host_limit == int(d.plan.host_bytes / (d.plan.gpu_bytes / cache.num_pages) + 1e-9)
+    assert tier.drop_limit() == d.host_limit and tier.decision is d
+    cache.table.get(0).length = 80  # its step writes the 6th page: the next bucket, planned anew
+    assert policy.decide(tier) is not d and len(policy._decisions) == 2
+    cache.table.get(0).length = 90  # the same bucket: the same decision
+    assert len(policy._decisions) == 2 and policy.decide(tier) is policy.decide(tier)
+    _lengths(cache, [90])  # a third sequence: the batch changed
+    policy.decide(tier)
+    assert len(policy._decisions) == 3
+    assert [DropPolicy.bucket(n) for n in (1, 4, 5, 8, 9, 10, 11, 17, 33)] == [1, 4, 5, 8, 10, 10, 12, 20, 40]
+
+
+def test_drop_modes_are_checked():
+    cache = PagedKVCache(SWA, num_pages=4, head_dim=D, dtype=torch.float32)
+    with pytest.raises(ValueError, match="drop must be"):
+        HostTier(cache.table, host_pages=1, drop="sometimes")
+    with pytest.raises(ValueError, match="policy"):
+        HostTier(cache.table, host_pages=1, drop="cost")
+    with pytest.raises(ValueError, match="'cost' only"):
+        HostTier(cache.table, host_pages=1, drop="budget", policy=DropPolicy())
+    with pytest.raises(TypeError, match="MachineCosts"):
+        DropPolicy(costs=20.0)
+    with pytest.raises(ValueError, match="overlap_ms"):
+        DropPolicy(overlap_ms=-1)
+    tier = HostTier(cache.table, host_pages=1, drop=True)  # True keeps its old meaning: past host_pages
+    assert tier.drop_mode == "budget" and tier.drop_limit() == 1

@@ -407,6 +407,7 @@ def _classes():
             self.hidden_log: Optional[_HiddenLog] = None
             self._static_hidden: Optional[torch.Tensor] = None  # a graph step's input, logged after it
             self.tier_group = None
+            self.drop_mode, self.drop_policy = "budget", None  # S2Cache sets them (drop=, costs=)
             self._hidden_in = None
             self.group = group if group is not None else _Group(1)
             self.paged: Optional[PagedKVCache] = None
@@ -438,7 +439,8 @@ def _classes():
                 group.seq_ids = tuple(self.paged.add_sequence() for _ in range(b))
                 if self.host_pages is not None:
                     from ..runtime.host_tier import HostTier
-                    HostTier(group.table, self.host_pages, drop=self.recompute is not None, group=self.tier_group)
+                    HostTier(group.table, self.host_pages, drop=self.drop_mode if self.recompute is not None else False,
+                             policy=self.drop_policy if self.recompute is not None else None, group=self.tier_group)
             if group.table.tier is not None:
                 fn = None
                 if self.recompute is not None:
@@ -638,15 +640,22 @@ def _classes():
         dropped, and each layer logs its attention input (the normed hidden states its K/V
         projections read) in host memory to recompute a dropped page when a step reads it again
         (Llama-style attention: ``k_proj``, ``v_proj``, optional ``k_norm``, the model's
-        ``rotary_emb`` at each token's index in its sequence). ``debug_report()`` says where the
-        pages are and which phase ALISA's cost model picks for the current lengths.
+        ``rotary_emb`` at each token's index in its sequence). ``drop`` (with ``recompute``):
+        ``"cost"`` (the default) drops where ALISA's cost model says (``tiering.DropPolicy``:
+        before the host budget is full when recomputing a page costs less than fetching it,
+        re-planned per batch and length bucket), ``"budget"`` only past ``host_pages``.
+        ``costs``: the ``tiering.MachineCosts`` it plans with (default: measured once on the GPU,
+        the model's defaults on the CPU; the recompute fitted through the first layer's own
+        recompute path unless given). ``debug_report()`` says where the pages are and the
+        decision in force.
         """
 
         def __init__(self, model=None, *, max_length: Optional[int] = None, batch_size: int = 1,
                      num_pages: Union[int, Sequence[int], None] = None, patterns: Optional[Sequence[Pattern]] = None,
                      max_rollback: int = 64, kv_dtype: Optional[torch.dtype] = None,
                      gpu_pages: Union[int, Sequence[int], None] = None, host_pages: Optional[int] = None,
-                     recompute: Optional[str] = None, prefill_chunk_size: Optional[int] = None):
+                     recompute: Optional[str] = None, prefill_chunk_size: Optional[int] = None,
+                     drop: Optional[str] = None, costs=None):
             if patterns is None:
                 patterns = getattr(model, "s2dsl_patterns", None)
                 if patterns is None:
@@ -661,6 +670,17 @@ def _classes():
             if host_pages is not None and host_pages < 0:
                 raise ValueError(f"host_pages must be >= 0, got {host_pages}")
             rec = [None] * len(patterns)
+            from ..runtime import tiering
+            if drop is not None and recompute is None:
+                raise ValueError(f"drop={drop!r} chooses when pages are dropped; dropping needs recompute='hidden' "
+                                 "(what a dropped page is made again from)")
+            drop = "cost" if drop is None else drop
+            if drop not in tiering.DROP_MODES:
+                raise ValueError(f"drop must be 'cost' (where the cost model says, never past host_pages) or "
+                                 f"'budget' (only past host_pages); got {drop!r}")
+            if costs is not None and not isinstance(costs, tiering.MachineCosts):
+                raise TypeError(f"costs must be a tiering.MachineCosts, got {type(costs).__name__}")
+            self.costs = costs
             if recompute is not None:
                 rec = self._recompute_sources(model, recompute, host_pages, max_length, len(patterns))
             if prefill_chunk_size is None:  # generate(prefill_chunk_size=...) feeds the prompt in such chunks
@@ -701,6 +721,16 @@ def _classes():
             self._logs_hidden = recompute is not None
             self.max_length = max_length
             self._hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+            self.drop_policy = None
+            if recompute is not None:  # one policy for every layer's tier: the layers share its plans
+                self.drop_policy = tiering.DropPolicy(costs, hidden=self._hidden, fit=self._first_fit)
+                for layer in self.layers:
+                    layer.drop_mode = drop
+                    layer.drop_policy = self.drop_policy if drop == "cost" else None
+
+        def _first_fit(self):
+            first = next((layer for layer in self.layers if layer.paged is not None), None)
+            return self._fit_recompute(first) if first is not None else None
 
         @staticmethod
         def _recompute_sources(model, recompute, host_pages, max_length, n_layers):
@@ -857,10 +887,13 @@ def _classes():
                     p.evict()
 
         def debug_report(self, costs=None) -> str:
-            """Where each layer's pages are (GPU pool, host tier) and the phase ALISA's cost model
-            (``s2dsl.runtime.tiering.plan``) picks for the current batch and length under this
-            cache's budgets, with why. ``costs``: ``MachineCosts`` (default: measured once on a
-            GPU, the model's defaults on the CPU)."""
+            """Where each layer's pages are (GPU pool, host tier) and ALISA's cost model
+            (``s2dsl.runtime.tiering.plan``) for the current batch and length under this cache's
+            budgets, with why. A cache that drops (``recompute``) states the drop point in force:
+            with ``drop="cost"`` the decision the tiers apply (``tiering.DropPolicy``, the same
+            object and numbers), with ``drop="budget"`` ``host_pages`` beside what the model would
+            choose. ``costs``: ``MachineCosts`` to ask the model with instead (a what-if line
+            when the tiers plan with their own)."""
             from ..runtime import tiering
             lines, seen = [], set()
             for i, layer in enumerate(self.layers):
@@ -880,24 +913,40 @@ def _classes():
             if first is None:
                 return "\n".join(lines)
             p = first.paged
-            if costs is None:
-                costs = _machine_costs(p.device)
+            tier = p.table.tier
+            context = max(p.seq_len(s) for s in first.seq_ids)
+            head = f"cost model (batch {len(first.seq_ids)}, {context} tokens, {len(self.layers)} layers): "
+            if tier is not None and tier.drop:
+                own = tier.policy or self.drop_policy
+                d = own.decide(tier)
+                limit = tier.drop_limit()  # what the tier applies at its next short step
+                decision = d.plan.report() if d.plan is not None else d.reason
+                if tier.drop_mode == "cost":
+                    lines.append(head + decision)
+                    lines.append(f"drop='cost' {d.report()}")
+                else:
+                    lines.append(head + decision)
+                    lines.append(f"drop='budget' in force: drop past {limit} of {tier.host_pages} host pages per layer "
+                                 f"(host_pages); the cost model would drop past {d.host_limit}")
+                if costs is not None:
+                    alt = tiering.DropPolicy(costs, hidden=self._hidden, fit=self._first_fit).decide(tier)
+                    lines.append(f"with the given costs: {alt.report()}")
+                return "\n".join(lines)
+            costs = costs or self.costs or tiering.machine_costs(p.device)
             fit = self._fit_recompute(first)
             if fit is not None and not costs.recompute_measured:
                 costs = tiering.with_recompute(costs, fit)
-            context = max(p.seq_len(s) for s in first.seq_ids)
             n_layers = len(self.layers)
             hidden = self._hidden or 2 * p.kv_heads * p.head_dim
             w = tiering.workload_for(first.pattern, batch=len(first.seq_ids), context=context, head_dim=p.head_dim,
                                      hidden=hidden, layers=n_layers, kv_int8=p.quantized,
                                      kv_bytes=p.k_pages.element_size(), hidden_bytes=p.dtype.itemsize)
-            host = (first.host_pages or 0) * p.page_bytes * n_layers
+            host = (first.host_pages or 0) * w.page_bytes * n_layers
             try:
-                decision = tiering.plan(w, p.num_pages * p.page_bytes * n_layers, host, costs,
-                                        can_drop=first.recompute is not None).report()
+                decision = tiering.plan(w, p.num_pages * w.page_bytes * n_layers, host, costs, can_drop=False).report()
             except ValueError as exc:
                 decision = f"no phase serves this: {exc}"
-            lines.append(f"cost model (batch {w.batch}, {context} tokens, {n_layers} layers): {decision}")
+            lines.append(head + decision)
             return "\n".join(lines)
 
         def _fit_recompute(self, layer, pages: int = 8):
@@ -934,19 +983,6 @@ def _classes():
 
     _CLASSES.update(S2CacheLayer=S2CacheLayer, S2Cache=S2Cache, _Group=_Group)
     return _CLASSES
-
-
-_COSTS = {}
-
-
-def _machine_costs(device):
-    """ALISA's machine costs, measured once per CUDA device (defaults elsewhere)."""
-    from ..runtime import tiering
-    if device.type != "cuda":
-        return tiering.MachineCosts()
-    if str(device) not in _COSTS:
-        _COSTS[str(device)] = tiering.measure_machine(device)
-    return _COSTS[str(device)]
 
 
 def __getattr__(name):  # S2Cache, S2CacheLayer: built when first asked for

@@ -12,8 +12,11 @@ Before the table plans a step (``prepare``) the tier
    sharing the table (``topk_state``: chosen by the previous step for this one);
 3. when the GPU pool is short of the pages these copies and the step's new tokens need, moves
    pages the step does not read down to the host, oldest blocks first;
-4. when the host pool is short too and the tier was made with ``drop=True`` (ALISA's phase 3),
-   drops the oldest pages the step does not read (host pages or the pages about to move down):
+4. when the host pool is short too and the tier was made with ``drop`` (ALISA's phase 3),
+   drops the oldest pages the step does not read (host pages or the pages about to move down) —
+   past ``host_pages`` (``drop="budget"``), or with ``drop="cost"`` past the host pages the cost
+   model keeps (``tiering.DropPolicy``: earlier when recomputing a page costs less than bringing
+   it back over the link):
    their bytes are gone, and when a step reads a dropped page again each layer's ``recompute``
    callback (given to ``attach``) makes its K and V again on the device. The tier knows nothing
    of what the callback keeps; ``s2dsl.integrations.hf`` keeps each layer's input hidden states
@@ -54,6 +57,7 @@ import torch
 
 from .paging import KeepRules, OutOfPagesError, PageTable
 from .quant import quantize_pages
+from .tiering import DROP_MODES, DropPolicy
 
 __all__ = ["HostTier", "TierGroup", "HostFullError", "Recompute", "StepReads"]
 
@@ -123,23 +127,39 @@ class HostTier:
     ``graph_overlap`` (class-wide; benchmarks turn it off to time the difference): captured
     steps wait per layer for that layer's copies up instead of waiting for all before a replay.
 
-    ``host_pages``: host slots per layer. ``drop``: past the host budget, drop the oldest pages
-    and recompute them when read (every member then needs a ``recompute`` callback); without it
-    a full host raises ``HostFullError``. ``poison``: write NaN into GPU pages as they move down
-    or are dropped (tests: a kernel reading a page that is not resident would produce NaN)."""
+    ``host_pages``: host slots per layer. ``drop``: drop the oldest pages instead of moving them
+    down and recompute them when read (every member then needs a ``recompute`` callback):
+    ``"budget"`` (or ``True``) only past ``host_pages``; ``"cost"`` past the host pages the cost
+    model keeps (``policy``: a ``tiering.DropPolicy``, asked only when the GPU pool is short; see
+    ``drop_limit``), never past ``host_pages``. Without it (``False``) a full host raises
+    ``HostFullError``. ``poison``: write NaN into GPU pages as they move down or are dropped
+    (tests: a kernel reading a page that is not resident would produce NaN)."""
 
     graph_overlap = True
 
-    def __init__(self, table: PageTable, host_pages: int, *, drop: bool = False, poison: bool = False,
-                 group: Optional["TierGroup"] = None):
+    def __init__(self, table: PageTable, host_pages: int, *, drop=False, poison: bool = False,
+                 group: Optional["TierGroup"] = None, policy=None):
         self._graph_waits = False  # a captured step waits per layer (see settle)
         if host_pages < 0:
             raise ValueError(f"host_pages must be >= 0, got {host_pages}")
+        if drop is True:
+            drop = "budget"
+        if drop is not False and drop not in DROP_MODES:
+            raise ValueError(f"drop must be False, True (= 'budget'), 'budget' (drop only past host_pages) or "
+                             f"'cost' (drop where the cost model says, never past host_pages); got {drop!r}")
+        if drop == "cost" and not isinstance(policy, DropPolicy):
+            raise ValueError("drop='cost' needs policy=tiering.DropPolicy(costs, ...): the cost model that "
+                             "chooses the drop point")
+        if policy is not None and drop != "cost":
+            raise ValueError(f"a policy chooses the drop point of drop='cost' only (got drop={drop!r})")
         if getattr(table, "tier", None) is not None:
             raise ValueError("this page table already has a host tier")
         self.table = table
         self.host_pages = host_pages
-        self.drop = drop
+        self.drop = drop is not False
+        self.drop_mode = drop if self.drop else None
+        self.policy = policy
+        self.decision = None  # the last tiering.DropDecision applied (drop="cost")
         self.poison = poison
         self.members: List = []
         self._host: Dict[int, List[torch.Tensor]] = {}
@@ -200,6 +220,15 @@ class HostTier:
     @property
     def host_pages_in_use(self) -> int:
         return self.host_pages - len(self._free)
+
+    def drop_limit(self) -> int:
+        """Host pages per layer past which the oldest pages are dropped: ``host_pages``, or with
+        ``drop="cost"`` the policy's decision for the tier's batch and length bucket (planned
+        once per bucket; ``host_pages=0`` needs no plan)."""
+        if self.drop_mode != "cost" or self.host_pages == 0:
+            return self.host_pages
+        self.decision = self.policy.decide(self)
+        return self.decision.host_limit
 
     @property
     def pages_dropped_now(self) -> int:
@@ -449,7 +478,10 @@ class HostTier:
                 f"the step needs {count} more GPU pages but only {idx.shape[0]} held pages are not read by it: "
                 f"raise gpu_pages (now {self.table.num_pages}) or lower the batch")
         idx = idx[torch.argsort(idx[:, 2], stable=True)][:count]
-        short = count - len(self._free)
+        # a dropping tier's host room ends at its drop limit (below host_pages when the cost model
+        # drops early; a lowered limit drops the host's excess here too, oldest first)
+        room = self.drop_limit() - self.host_pages_in_use if self.drop else len(self._free)
+        short = count - room
         if short > 0:
             if not self.drop:
                 raise HostFullError(f"the host tier is full ({self.host_pages} pages per layer): moving {count} "
@@ -597,8 +629,14 @@ class HostTier:
 
     def report(self) -> str:
         t = self.table
-        drop = (f"; dropped {self.dropped_pages} pages per layer ({self.pages_dropped_now} now), recomputed "
-                f"{self.recomputed}") if self.drop else ""
+        drop = ""
+        if self.drop:
+            if self.drop_mode == "cost" and self.host_pages and self.decision is None:
+                at = "the cost model's point (not planned yet: no step was short of GPU pages)"
+            else:
+                at = f"{self.decision.host_limit if self.decision is not None else self.host_pages} host pages"
+            drop = (f"; drops past {at} ({self.drop_mode}); dropped {self.dropped_pages} pages per "
+                    f"layer ({self.pages_dropped_now} now), recomputed {self.recomputed}")
         return (f"host tier: {self.host_pages_in_use}/{self.host_pages} host pages per layer in use, "
                 f"{t.num_pages - int(t.n_free)}/{t.num_pages} GPU pages; moved up "
                 f"{self.moved_up}, down {self.moved_down} pages per layer{drop}")

@@ -32,7 +32,8 @@ import math
 from dataclasses import dataclass, replace
 from typing import Optional
 
-__all__ = ["MachineCosts", "Workload", "TierPlan", "plan", "measure_machine", "fit_recompute", "with_recompute"]
+__all__ = ["MachineCosts", "Workload", "TierPlan", "plan", "measure_machine", "fit_recompute", "with_recompute",
+           "DropPolicy", "DropDecision", "DROP_MODES", "machine_costs"]
 
 
 @dataclass(frozen=True)
@@ -362,3 +363,131 @@ def workload_for(pattern, *, batch: int, context: int, head_dim: int, hidden: in
                  block=pattern.block, hidden=hidden, read_pages=read, topk_pages=min(top, read), churn=churn,
                  layers=layers, kv_bytes=kv_bytes, hidden_bytes=hidden_bytes)
     return with_int8(w) if kv_int8 else w
+
+
+#: how a tier that can drop chooses where: ``"cost"`` at the host budget the cost model chose
+#: (``DropPolicy``, never above ``host_pages``), ``"budget"`` only past ``host_pages``
+DROP_MODES = ("cost", "budget")
+
+_MACHINE = {}
+
+
+def machine_costs(device) -> MachineCosts:
+    """``measure_machine`` once per CUDA device (cached); the model's defaults elsewhere."""
+    import torch
+    device = torch.device(device)
+    if device.type != "cuda":
+        return MachineCosts()
+    if str(device) not in _MACHINE:
+        _MACHINE[str(device)] = measure_machine(device)
+    return _MACHINE[str(device)]
+
+
+@dataclass(frozen=True)
+class DropDecision:
+    """The drop point a tier applies: ``host_limit`` host pages per layer (of ``host_pages``)
+    before the oldest pages are dropped instead of moved down, from ``plan`` (None when the
+    model could not plan: then ``host_limit == host_pages`` and ``reason`` says why), planned
+    for ``batch`` sequences at ``context`` tokens (the length bucket's end)."""
+
+    host_limit: int
+    host_pages: int
+    batch: int
+    context: int
+    plan: Optional[TierPlan]
+    reason: str
+
+    def report(self) -> str:
+        phase = f"phase {self.plan.phase}" if self.plan is not None else "no plan"
+        return (f"in force: drop past {self.host_limit} of {self.host_pages} host pages per layer ({phase}, "
+                f"planned for batch {self.batch} at {self.context} tokens): {self.reason}")
+
+
+class DropPolicy:
+    """Applies ``plan``'s choice between phases 2 and 3 to a ``HostTier`` (``drop="cost"``): the
+    host pages the plan keeps (``TierPlan.host_bytes`` in pages per layer) become the tier's drop
+    threshold, never above the tier's ``host_pages``. Phase 1 or 2, or a plan that fails, keep
+    the threshold at ``host_pages``; phase 3 by choice lowers it (to 0 when dropping everything
+    off the GPU is cheapest), phase 3 by force leaves it at ``host_pages``.
+
+    The tier asks only when its GPU pool is short (a step that moves pages), never on a quiet
+    step; the decision is planned once per (batch, length bucket: four per doubling of the pages
+    per sequence, planned at the bucket's end) and shared by every tier of one shape (the
+    layers of a model), so a generation plans a handful of times.
+
+    ``costs``: ``MachineCosts`` (default ``machine_costs`` of the pool's device). Without a
+    measured recompute (``recompute_page_ms``), ``fit()`` (if given) is asked for one at each
+    planning until it returns it (``S2Cache`` fits through the first layer's recompute path,
+    ``fit_recompute``); until then the recompute is modelled. ``hidden`` / ``hidden_bytes``: the
+    model's width and bytes per hidden-state number (default ``2 · kv_heads · head_dim`` and the
+    pool's element size); ``churn``, ``overlap_ms``: as in ``Workload`` / ``plan``."""
+
+    def __init__(self, costs: Optional[MachineCosts] = None, *, hidden: Optional[int] = None,
+                 hidden_bytes: Optional[float] = None, churn: float = 0.1, overlap_ms: float = 0.0, fit=None):
+        if costs is not None and not isinstance(costs, MachineCosts):
+            raise TypeError(f"costs must be a tiering.MachineCosts, got {type(costs).__name__}")
+        if hidden is not None and hidden < 1:
+            raise ValueError(f"hidden must be >= 1, got {hidden}")
+        if not 0.0 <= churn <= 1.0:
+            raise ValueError(f"churn must lie in [0, 1], got {churn}")
+        if not overlap_ms >= 0:
+            raise ValueError(f"overlap_ms must be >= 0, got {overlap_ms}")
+        self.costs, self.hidden, self.hidden_bytes = costs, hidden, hidden_bytes
+        self.churn, self.overlap_ms, self.fit = churn, overlap_ms, fit
+        self._fitted = None
+        self._decisions = {}
+
+    def machine(self, device) -> MachineCosts:
+        """The costs planned with: given or measured, with the recompute fit once there is one."""
+        costs = self.costs if self.costs is not None else machine_costs(device)
+        if costs.recompute_measured:
+            return costs
+        if self._fitted is None and self.fit is not None:
+            self._fitted = self.fit()
+        return with_recompute(costs, self._fitted) if self._fitted is not None else costs
+
+    @staticmethod
+    def bucket(pages: int) -> int:
+        """The end of ``pages``' length bucket: rounded up to a multiple of a quarter of its
+        power of two (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, ...)."""
+        pages = max(int(pages), 1)
+        step = 1 << max(pages.bit_length() - 3, 0)
+        return -(-pages // step) * step
+
+    def decide(self, tier) -> DropDecision:
+        """The decision for ``tier``'s sequences now (planned once per shape, batch and bucket)."""
+        t = tier.table
+        cache = tier.members[0]
+        seqs = list(t._seqs.values())
+        batch = max(len(seqs), 1)
+        # the KV after the step being planned (its token included), in pages, at its bucket's end
+        context = self.bucket(-(-(max((s.length for s in seqs), default=0) + 1) // t.block)) * t.block
+        layers = sum(len(x.members) for x in tier.group.tiers) or 1
+        kv_bytes = cache._k_all.element_size()
+        costs = self.machine(t.device)
+        key = (t.pattern.fingerprint(), t.num_pages, tier.host_pages, layers, batch, context, cache.head_dim,
+               cache.quantized, kv_bytes, costs)
+        got = self._decisions.get(key)
+        if got is not None:
+            return got
+        w = workload_for(t.pattern, batch=batch, context=context, head_dim=cache.head_dim,
+                         hidden=self.hidden or 2 * t.kv_heads * cache.head_dim, layers=layers,
+                         kv_int8=cache.quantized, churn=self.churn, kv_bytes=kv_bytes,
+                         hidden_bytes=self.hidden_bytes or cache.dtype.itemsize)
+        per_page = w.page_bytes * layers  # one page of every layer: budgets and host use in these units
+        host = tier.host_pages
+        try:
+            p = plan(w, t.num_pages * per_page, host * per_page, costs, overlap_ms=self.overlap_ms, can_drop=True)
+        except ValueError as exc:
+            got = DropDecision(host, host, batch, context, None,
+                               f"the cost model cannot plan this ({exc}); the tier drops only past host_pages")
+        else:
+            if p.phase == 3:
+                limit = min(host, int(p.host_bytes / per_page + 1e-9))
+                why = ("the cost model drops before the host is full" if limit < host
+                       else "the host budget forces the drop")
+            else:
+                limit, why = host, "moving pages to the host is cheaper: nothing is dropped before the host is full"
+            got = DropDecision(limit, host, batch, context, p, f"{why}. {p.report()}")
+        self._decisions[key] = got
+        return got
