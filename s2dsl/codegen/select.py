@@ -41,7 +41,7 @@ from __future__ import annotations
 from .lower import KernelPlan
 from .snippets import static_keeps
 
-SELECT_CODEGEN_VERSION = "sel-4"
+SELECT_CODEGEN_VERSION = "sel-5"
 
 
 def generate_select(plan: KernelPlan, *, name: str = "pattern", fingerprint: str = "") -> str:
@@ -133,6 +133,10 @@ SEL_ROWS = 16    # query blocks per program of select_kernel (tl.dot wants 16 ro
 POOL_J = 16      # kv blocks per program of pool_kernel
 FUSED_K = 128    # the largest K (rounded up to a power of two) select_kernel keeps in registers
 NONE = tl.constexpr(-9223372036854775808)  # below every key
+FLOOR = tl.constexpr(-9223372036854775808 + 4096)  # below every real key, above every empty-slot sentinel
+TOP = tl.constexpr(9223372036854775807)
+SELECT_MERGE = "insert"  # select_kernel's running top K: "insert" (_insert_best) or "extract" (_keep_best)
+LONG_FIRST = True        # launch the longest (causal: last) query tiles first: no long program starts last
 
 
 def pool_step(device):
@@ -202,13 +206,56 @@ def _keep_best(run, s, j, drop, k_h, K_PAD: tl.constexpr):
 
 
 @triton.jit
+def _insert_best(run, s, j, drop, k_h, K_PAD: tl.constexpr):
+    # as _keep_best, but the running list is a set (slots in no order; best first only at the end,
+    # _best_first) and a tile costs min(K, the most keys of one row beating that row's K-th best)
+    # insertions, not K extractions: each inserts the row's best remaining key in place of the
+    # row's worst kept one if it beats it. A row needs at most that many (its keys beating the
+    # K-th best, best first; after K of them the rest lose to all of them). Past the first tiles
+    # few keys beat the K-th best, so most tiles take a few rounds, not K.
+    s = tl.where(s == 0.0, 0.0, s)  # -0.0 ties with 0.0
+    bits = s.to(tl.int32, bitcast=True)
+    key = (tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64) << 32) | j[None, :].to(tl.int64)
+    key = tl.where(drop, NONE, key)
+    kk = tl.arange(0, K_PAD)[None, :]
+    used = kk < k_h
+    kth = tl.min(tl.where(used, run, TOP), 1)[:, None]
+    rounds = tl.minimum(tl.max(tl.sum((key > kth).to(tl.int32), 1), 0), k_h)
+    if rounds > 0:  # (the loop bare, not under this if, spilled kilobytes per thread in ptxas for sm_90)
+        for t in range(0, rounds):
+            m = tl.max(key, 1)[:, None]
+            worst = tl.min(tl.where(used, run, TOP), 1)[:, None]
+            # slots hold distinct values (empty ones distinct sentinels): one slot per row matches
+            run = tl.where(used & (run == worst) & (m > worst), m, run)
+            key = tl.where(key == m, NONE, key)
+    return run
+
+
+@triton.jit
+def _best_first(run, k_h, K_PAD: tl.constexpr):
+    # the set _insert_best keeps, best first, empty slots NONE (once per program: K maxima of K keys)
+    kk = tl.arange(0, K_PAD)[None, :]
+    run = tl.where(kk < k_h, run, NONE)
+    best = tl.full(run.shape, NONE, tl.int64)
+    for t in range(0, k_h):
+        m = tl.max(run, 1)[:, None]
+        best = tl.where(kk == t, tl.where(m >= FLOOR, m, NONE), best)
+        run = tl.where(run == m, NONE, run)
+    return best
+
+
+@triton.jit
 def select_kernel(Q, KPool, Scores, Sel, HeadTable, Heads, TopK, QOff, QLen, KLen,
                   q_len, kv_len, n_rows, n_cols, row0, rows_here, n_head_rows, stride_qb, stride_qh, stride_qm,
                   FROM_SCORES: tl.constexpr, PACKED: tl.constexpr, CAUSAL: tl.constexpr, HEADS: tl.constexpr,
                   KV: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
                   D_PAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, K_MAX: tl.constexpr,
-                  K_PAD: tl.constexpr, TABLE_WIDTH: tl.constexpr, SUB: tl.constexpr):
+                  K_PAD: tl.constexpr, TABLE_WIDTH: tl.constexpr, SUB: tl.constexpr, INSERT: tl.constexpr,
+                  LONG_FIRST: tl.constexpr):
     pid = tl.program_id(0)   # (batch entry, head row)
+    tile = tl.program_id(1)  # tile of query blocks
+    if LONG_FIRST:  # the grid runs in order: the tiles that walk the most kv blocks start first
+        tile = tl.num_programs(1) - 1 - tile
     b = pid // n_head_rows
     h = tl.load(Heads + pid % n_head_rows)
     k_h = tl.load(TopK + h)
@@ -224,11 +271,14 @@ def select_kernel(Q, KPool, Scores, Sel, HeadTable, Heads, TopK, QOff, QLen, KLe
     first = past // BLOCK
     rows_b = tl.where(nq > 0, (nk - 1) // BLOCK - first + 1, 0)
     cols_b = (nk + BLOCK - 1) // BLOCK
-    rr = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)  # rows of this launch
+    rr = tile * BLOCK_R + tl.arange(0, BLOCK_R)  # rows of this launch
     r = row0 + rr                                           # rows of the selection
     live = (rr < rows_here) & (r < rows_b)
     i = first + r                                           # absolute query blocks
-    run = tl.full([BLOCK_R, K_PAD], NONE, tl.int64)
+    if INSERT:  # empty slots: distinct sentinels below every real key (one slot per row matches the worst)
+        run = NONE + 1 + tl.zeros([BLOCK_R, K_PAD], tl.int64) + tl.arange(0, K_PAD)[None, :]
+    else:
+        run = tl.full([BLOCK_R, K_PAD], NONE, tl.int64)
     if k_h > 0:
         if not FROM_SCORES:
             # the mean query of each query block (the rows it holds)
@@ -237,7 +287,7 @@ def select_kernel(Q, KPool, Scores, Sel, HeadTable, Heads, TopK, QOff, QLen, KLe
             k_base = KPool + (b * KV + h // GROUP).to(tl.int64) * n_cols * D_PAD
         hi = cols_b
         if CAUSAL:  # nothing past the diagonal of the program's last row
-            hi = tl.minimum(hi, first + row0 + tl.program_id(1) * BLOCK_R + BLOCK_R)
+            hi = tl.minimum(hi, first + row0 + tile * BLOCK_R + BLOCK_R)
         for c0 in range(0, hi, BLOCK_C):
             j = c0 + tl.arange(0, BLOCK_C)
             if FROM_SCORES:
@@ -251,7 +301,12 @@ def select_kernel(Q, KPool, Scores, Sel, HeadTable, Heads, TopK, QOff, QLen, KLe
             if CAUSAL:
                 drop = drop | (j[None, :] > i[:, None])
             drop = drop | static_keeps(HeadTable, h, i[:, None], j[None, :], TABLE_WIDTH)
-            run = _keep_best(run, s, j, drop, k_h, K_PAD)
+            if INSERT:
+                run = _insert_best(run, s, j, drop, k_h, K_PAD)
+            else:
+                run = _keep_best(run, s, j, drop, k_h, K_PAD)
+    if INSERT:
+        run = _best_first(run, k_h, K_PAD)
     kk = tl.arange(0, K_PAD)
     picked = tl.where((run != NONE) & (kk[None, :] < k_h), run.to(tl.int32), -1)  # the low word: the block
     out = Sel + ((b * HEADS + h).to(tl.int64) * n_rows + r[:, None]) * K_MAX + kk[None, :]
@@ -281,7 +336,8 @@ def _launch_select(q, pooled, scores, sel, heads_t, packed, q_len, kv_len, n_col
                         *strides, FROM_SCORES=from_scores, PACKED=packed is not None, CAUSAL=CAUSAL, HEADS=HEADS,
                         KV=kv, GROUP=HEADS // kv, BLOCK=BLOCK, HEAD_DIM=d, D_PAD=max(16, triton.next_power_of_2(d)),
                         BLOCK_R=SEL_ROWS, BLOCK_C=max(64, k_pad), K_MAX=k_max, K_PAD=k_pad, TABLE_WIDTH=TABLE_WIDTH,
-                        SUB=pool_step(sel.device), num_warps=8 if k_pad >= 128 else 4)  # (K 128: no spills at 8)
+                        SUB=pool_step(sel.device), INSERT=SELECT_MERGE == "insert", LONG_FIRST=LONG_FIRST,
+                        num_warps=8 if k_pad >= 128 else 4)  # (K 128: no spills at 8)
 
 
 def select_pooled(q, k, sel, q_len, kv_len, packed=None):
