@@ -137,6 +137,10 @@ FLOOR = tl.constexpr(-9223372036854775808 + 4096)  # below every real key, above
 TOP = tl.constexpr(9223372036854775807)
 SELECT_MERGE = "insert"  # select_kernel's running top K: "insert" (_insert_best) or "extract" (_keep_best)
 LONG_FIRST = True        # launch the longest (causal: last) query tiles first: no long program starts last
+# the pooled scores' dot: "ieee" is float32 on the CUDA cores, the products torch.matmul makes in
+# float32 (the same picks up to summation order); "tf32x3" (three tf32 tensor-core products, about
+# float32's accuracy, near-ties may swap) is there for timing against it
+SELECT_DOT = "ieee"
 
 
 def pool_step(device):
@@ -251,7 +255,7 @@ def select_kernel(Q, KPool, Scores, Sel, HeadTable, Heads, TopK, QOff, QLen, KLe
                   KV: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
                   D_PAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, K_MAX: tl.constexpr,
                   K_PAD: tl.constexpr, TABLE_WIDTH: tl.constexpr, SUB: tl.constexpr, INSERT: tl.constexpr,
-                  LONG_FIRST: tl.constexpr):
+                  LONG_FIRST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     pid = tl.program_id(0)   # (batch entry, head row)
     tile = tl.program_id(1)  # tile of query blocks
     if LONG_FIRST:  # the grid runs in order: the tiles that walk the most kv blocks start first
@@ -296,7 +300,7 @@ def select_kernel(Q, KPool, Scores, Sel, HeadTable, Heads, TopK, QOff, QLen, KLe
             else:
                 kt = tl.load(k_base + j[None, :].to(tl.int64) * D_PAD + d[:, None], mask=j[None, :] < n_cols,
                              other=0.0)
-                s = tl.dot(qp, kt, input_precision="ieee")  # float32 as torch.matmul: same ranking
+                s = tl.dot(qp, kt, input_precision=DOT_PRECISION)  # "ieee": float32 as torch.matmul
             drop = (j[None, :] >= cols_b) | (live[:, None] == 0) | (s != s) | (s == float("-inf"))
             if CAUSAL:
                 drop = drop | (j[None, :] > i[:, None])
@@ -337,6 +341,7 @@ def _launch_select(q, pooled, scores, sel, heads_t, packed, q_len, kv_len, n_col
                         KV=kv, GROUP=HEADS // kv, BLOCK=BLOCK, HEAD_DIM=d, D_PAD=max(16, triton.next_power_of_2(d)),
                         BLOCK_R=SEL_ROWS, BLOCK_C=max(64, k_pad), K_MAX=k_max, K_PAD=k_pad, TABLE_WIDTH=TABLE_WIDTH,
                         SUB=pool_step(sel.device), INSERT=SELECT_MERGE == "insert", LONG_FIRST=LONG_FIRST,
+                        DOT_PRECISION=SELECT_DOT,
                         num_warps=8 if k_pad >= 128 else 4)  # (K 128: no spills at 8)
 
 
@@ -352,24 +357,34 @@ def select_pooled(q, k, sel, q_len, kv_len, packed=None):
     if sel.numel() == 0:
         return sel
     d = q.shape[-1]
+    q_strides = (q.stride(0), q.stride(1), q.stride(2)) if packed is None else (0, q.stride(1), q.stride(0))
+    pooled = pool_keys(k, kv_len, packed)
+    _launch_select(q, pooled, pooled, sel, prefill_tables(q.device)[0], packed, q_len, kv_len, pooled.shape[2], 0,
+                   n_rows, q_strides, False, k.shape[1], d)
+    return sel
+
+
+def pool_keys(k, kv_len, packed=None):
+    """The mean key of every kv block, float32 (batch, kv heads, kv blocks, head dim padded), as
+    ``select_pooled`` takes k and ``packed``."""
+    d = k.shape[-1]
     d_pad = max(16, triton.next_power_of_2(d))
     kv = k.shape[1]
     n_cols = triton.cdiv(kv_len, BLOCK)
-    if packed is None:
-        q_strides = (q.stride(0), q.stride(1), q.stride(2))
-        k_strides = (k.stride(0), k.stride(1), k.stride(2))
-    else:
-        q_strides = (0, q.stride(1), q.stride(0))
-        k_strides = (0, k.stride(1), k.stride(0))
-    pooled = torch.empty(batch, kv, n_cols, d_pad, dtype=torch.float32, device=q.device)
-    k_off, k_lens = (packed[2], packed[3]) if packed is not None else (sel, sel)
+    batch = k.shape[0] if packed is None else packed[0].shape[0]
+    k_strides = (k.stride(0), k.stride(1), k.stride(2)) if packed is None else (0, k.stride(1), k.stride(0))
+    pooled = torch.empty(batch, kv, n_cols, d_pad, dtype=torch.float32, device=k.device)
+    k_off, k_lens = (packed[2], packed[3]) if packed is not None else (packed_dummy(k.device),) * 2
     pool_kernel[(batch * kv, triton.cdiv(n_cols, POOL_J))](k, pooled, k_off, k_lens, kv_len, n_cols, *k_strides,
                                                            KV=kv, PACKED=packed is not None, BLOCK=BLOCK,
                                                            HEAD_DIM=d, D_PAD=d_pad, BLOCK_J=POOL_J,
-                                                           SUB=pool_step(q.device))
-    _launch_select(q, pooled, pooled, sel, prefill_tables(q.device)[0], packed, q_len, kv_len, n_cols, 0, n_rows,
-                   q_strides, False, kv, d)
-    return sel
+                                                           SUB=pool_step(k.device))
+    return pooled
+
+
+def packed_dummy(device):
+    # an int32 pointer for the packed-only arguments of unpacked launches (never read)
+    return prefill_tables(device)[1]
 
 
 def select_scores(scores, sel, heads, row0, q_len, kv_len):
