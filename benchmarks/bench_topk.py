@@ -133,9 +133,9 @@ def _torch_path(pattern):
 
 #: select_kernel variants timed side by side (--select-variants): (SELECT_MERGE, LONG_FIRST, SELECT_DOT)
 SELECT_VARIANTS = {"old": ("extract", False, "ieee"),           # K max-extractions per tile, grid in order
-                   "extract_long_first": ("extract", True, "ieee"),
-                   "insert": ("insert", True, "ieee"),          # the default
-                   "insert_tf32x3": ("insert", True, "tf32x3")}
+                   "insert": ("insert", True, "ieee"),          # threshold-gated insertions, longest tiles first
+                   "bitonic": ("bitonic", True, "ieee"),        # the GPU default: bitonic top-k + merge per tile
+                   "bitonic_tf32x3": ("bitonic", True, "tf32x3")}
 
 
 def _variant(pattern, name):

@@ -255,19 +255,20 @@ print(r.stderr)
 def test_prefill_selection_kernels_compile_for_sm90():
     """The prefill selection's generated kernels as the GPU runs them (bf16, head dim 128, block 64,
     the GPU's pooling step): pooled keys, pooled top-k per query tile (padded and packed batches,
-    causal and bidirectional, K 16 and the largest K kept in registers, both running top-K merges and
-    both dot precisions) and the score mode the bound / last-row estimators use; and select_kernel at
+    causal and bidirectional, K 16 and the largest K kept in registers, the three running top-K merges
+    and both dot precisions) and the score mode the bound / last-row estimators use; and select_kernel at
     K 16 and 128 spills no registers (ptxas: a bare data-dependent loop in the merge once spilled
     6.8 KB per thread)."""
     from s2dsl.runtime import topk as topk_mod
 
     jobs = []
-    cases = [("causal heads * { window 16 sink 1 topk 16 }", "pooled", "insert", "ieee"),
+    cases = [("causal heads * { window 16 sink 1 topk 16 }", "pooled", "bitonic", "ieee"),  # the GPU's default
+             ("causal heads * { window 16 sink 1 topk 16 }", "pooled", "insert", "ieee"),
              ("causal heads * { window 16 sink 1 topk 16 }", "pooled", "extract", "ieee"),
-             ("causal heads * { window 16 sink 1 topk 16 }", "pooled", "insert", "tf32x3"),
-             ("causal heads * { window 16 sink 1 topk 16 }", "bound", "insert", "ieee"),
+             ("causal heads * { window 16 sink 1 topk 16 }", "pooled", "bitonic", "tf32x3"),
+             ("causal heads * { window 16 sink 1 topk 16 }", "bound", "bitonic", "ieee"),
              ("causal heads 0..1 { window 4 topk 128 } heads 2..3 { window 4 stride 8 }", "pooled", "insert", "ieee"),
-             ("bidirectional heads * { window 2 topk 3 }", "pooled", "insert", "ieee")]
+             ("bidirectional heads * { window 2 topk 3 }", "pooled", "bitonic", "ieee")]
     for body, estimator, merge, dot in cases:
         pattern = s2dsl.parse(f"pattern s {{ block = 64 heads = 4 kv_heads = 2 {body} }}")["s"]
         module = topk_mod._prefill_info(pattern)[0]
@@ -293,15 +294,15 @@ def test_prefill_selection_kernels_compile_for_sm90():
     selects = [j for j in unique if j["name"] == "select_kernel"]
     assert {(j["consts"]["FROM_SCORES"], j["consts"]["PACKED"]) for j in selects} \
         >= {(False, False), (False, True), (True, False)}
-    assert {(j["consts"]["INSERT"], j["consts"]["DOT_PRECISION"]) for j in selects} \
-        == {(True, "ieee"), (False, "ieee"), (True, "tf32x3")}
+    assert {(j["consts"]["MERGE"], j["consts"]["DOT_PRECISION"]) for j in selects} \
+        == {(2, "ieee"), (1, "ieee"), (0, "ieee"), (2, "tf32x3")}
     for job, shared in zip(unique, _compile_sm90(unique)):
         assert shared <= 232448, (job["name"], job["consts"], shared)
-    # register spills of the default (insert) merge's unpacked causal launches, K 16 and 128
+    # register spills of the insert and bitonic merges' unpacked causal launches (K 16; insert also K 128, the GPU's merge there)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     for job in selects:
         c = job["consts"]
-        if c["PACKED"] or c["FROM_SCORES"] or c["DOT_PRECISION"] != "ieee" or not c["INSERT"] or not c["CAUSAL"]:
+        if c["PACKED"] or c["FROM_SCORES"] or c["DOT_PRECISION"] != "ieee" or c["MERGE"] == 0 or not c["CAUSAL"]:
             continue
         ptx = subprocess.run([sys.executable, "-c", _COMPILE.replace("out.append(c.metadata.shared)",
                                                                      "out.append(c.asm['ptx'])")],
@@ -310,7 +311,7 @@ def test_prefill_selection_kernels_compile_for_sm90():
         info = subprocess.run([sys.executable, "-c", _SPILLS], input=json.loads(ptx.stdout.strip().splitlines()[-1])[0],
                               text=True, env=env, capture_output=True, timeout=600).stdout
         spilled = [int(n) for n in re.findall(r"(\d+) bytes spill stores", info)]
-        assert spilled and max(spilled) <= 64, (job["consts"]["K_PAD"], job["consts"]["INSERT"], info)
+        assert spilled and max(spilled) <= 64, (c["K_PAD"], c["MERGE"], info)
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), reason="captures interpreted launches")
