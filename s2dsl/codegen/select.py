@@ -124,8 +124,9 @@ def exclude(scores, heads, row_block, n_valid):
 # bits made order-preserving in the high word and the kv block in the low word: a key orders by
 # score, then by block (equal scores: the later block wins, as in the decode kernels), keys are
 # distinct, and one max per slot picks score and block together. Excluded blocks (static, beyond
-# the causal cut or the context, NaN or -inf scores) are NONE, below every key. (tl.topk's bitonic
-# network would do the merge too; the Triton interpreter runs it ~50x slower than these maxima.)
+# the causal cut or the context, NaN or -inf scores) are NONE, below every key. Three merges of the
+# running list with each tile (SELECT_MERGE): _bitonic_best (the GPU's, K <= 32), _insert_best,
+# _keep_best; all keep the same keys, so they pick the same blocks.
 _PREFILL = '''
 
 TOPK = {topk}
