@@ -298,7 +298,8 @@ def test_prefill_selection_kernels_compile_for_sm90():
         == {(2, "ieee"), (1, "ieee"), (0, "ieee"), (2, "tf32x3")}
     for job, shared in zip(unique, _compile_sm90(unique)):
         assert shared <= 232448, (job["name"], job["consts"], shared)
-    # register spills of the insert and bitonic merges' unpacked causal launches (K 16; insert also K 128, the GPU's merge there)
+    # register spills of the insert and bitonic merges' unpacked causal launches (K 16; insert also K 128,
+    # the GPU's merge there)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     for job in selects:
         c = job["consts"]
