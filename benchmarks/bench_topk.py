@@ -29,6 +29,7 @@ would start too late (listed under "skipped"); ``--scorers bound mass`` runs the
 rows at every length before the mass ones.
 
     python benchmarks/bench_topk.py --seqs 32768 131072 --out benchmarks/results/topk.json
+    python benchmarks/bench_topk.py --seqs 32768 131072 --no-decode --select-variants old bitonic  # a quick A/B
 """
 from __future__ import annotations
 
@@ -131,7 +132,49 @@ def _torch_path(pattern):
     return ctx()
 
 
-def prefill_rows(pattern, window: int, n: int, no_flex: bool) -> dict:
+#: select_kernel variants timed side by side (--select-variants): (SELECT_MERGE, LONG_FIRST, SELECT_DOT)
+SELECT_VARIANTS = {"old": ("extract", False, "ieee"),           # K max-extractions per tile, grid in order
+                   "insert": ("insert", True, "ieee"),          # threshold-gated insertions, longest tiles first
+                   "bitonic": ("bitonic", True, "ieee"),        # the GPU default: bitonic top-k + merge per tile
+                   "bitonic_tf32x3": ("bitonic", True, "tf32x3")}
+
+
+def _variant(pattern, name):
+    """Context: select_blocks with select_kernel variant ``name`` (module settings, restored after)."""
+    import contextlib
+    from s2dsl.runtime import topk as topk_mod
+
+    @contextlib.contextmanager
+    def ctx():
+        module = topk_mod._prefill_info(pattern)[0]
+        saved = module.SELECT_MERGE, module.LONG_FIRST, module.SELECT_DOT
+        module.SELECT_MERGE, module.LONG_FIRST, module.SELECT_DOT = SELECT_VARIANTS[name]
+        try:
+            yield
+        finally:
+            module.SELECT_MERGE, module.LONG_FIRST, module.SELECT_DOT = saved
+    return ctx()
+
+
+def select_variant_rows(pattern, q, k, sel, variants, row):
+    """Each select_kernel variant on the same inputs: its picks' agreement with the default's, its time;
+    and the key pooling launch alone (shared by all)."""
+    from s2dsl.runtime import topk as topk_mod
+
+    module = topk_mod._prefill_info(pattern)[0]
+    row["select_pool_keys_ms"] = bench(lambda: module.pool_keys(k, k.shape[2]))
+    for name in variants:
+        with _variant(pattern, name):
+            got = select_blocks(q, k, pattern)
+            row[f"select_{name}_same_as_default"] = (got.sort(-1).values == sel.sort(-1).values).float().mean().item()
+            row[f"select_{name}_ms"] = bench(lambda: select_blocks(q, k, pattern))
+        if SELECT_VARIANTS[name][2] == "ieee" and row[f"select_{name}_same_as_default"] != 1.0:
+            # the float32 variants must pick exactly the same blocks: recorded loudly, the timings kept
+            row.setdefault("select_variants_differing", []).append(name)
+            print(f"WRONG: select_kernel variant {name} picks differ from the default's", flush=True)
+
+
+def prefill_rows(pattern, window: int, n: int, no_flex: bool, variants=()) -> dict:
     torch.manual_seed(1)
     q = torch.randn(1, HEADS, n, DIM, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(1, KV_HEADS, n, DIM, device="cuda", dtype=torch.bfloat16) for _ in range(2))
@@ -145,6 +188,7 @@ def prefill_rows(pattern, window: int, n: int, no_flex: bool) -> dict:
     row["select_same_as_torch_path"] = same
     assert same > 0.99, row
     row["s2dsl_select_ms"] = bench(lambda: select_blocks(q, k, pattern))
+    select_variant_rows(pattern, q, k, sel, variants, row)
     row["s2dsl_kernel_ms"] = bench(lambda: forward(q, k, v, pattern, selection=sel))
     row["s2dsl_total_ms"] = bench(lambda: forward(q, k, v, pattern))
     # the 'bound' estimator (Quest's q.k upper bound per kv block, max over the query block's rows)
@@ -315,6 +359,8 @@ def main():
     ap.add_argument("--budget-s", type=float, default=0,
                     help="skip the parts that would start too late to end within this many seconds (0: none)")
     ap.add_argument("--out", type=str, default="")
+    ap.add_argument("--select-variants", nargs="*", default=list(SELECT_VARIANTS), choices=list(SELECT_VARIANTS),
+                    help="prefill: select_kernel variants timed side by side with the default (A/B in one run)")
     args = ap.parse_args()
     start = time.perf_counter()
     if any(n % BLOCK for n in args.seqs):
@@ -349,8 +395,8 @@ def main():
         torch.cuda.empty_cache()
 
     for n in [] if args.no_prefill else args.seqs:
-        if room(f"prefill {n}", 40):
-            add("prefill", prefill_rows(pattern, args.window, n, args.no_flex))
+        if room(f"prefill {n}", 25):  # (the 128K row took ~8 s on an H200, its kernels compiled at 32K)
+            add("prefill", prefill_rows(pattern, args.window, n, args.no_flex, args.select_variants))
     decode_patterns = {"mass": pattern, "bound": quest(args.window, args.topk)}
     result["decode_patterns"] = {s: decode_patterns[s].to_source() for s in args.scorers}
     for scorer in args.scorers:  # one scorer at every length first: --scorers bound mass puts bound first
@@ -367,6 +413,14 @@ def main():
                   f"| {r['s2dsl_select_torch_path_ms']:.3f} | {r['s2dsl_select_bound_ms']:.2f} "
                   f"| {r['sdpa_flash_ms']:.2f} | {r.get('flex_same_mask_ms', nan):.2f} "
                   f"| {r.get('s2dsl_total_over_flex', nan):.3f} | {r.get('kept_block_fraction', nan):.3f} |")
+    if result["prefill"] and args.select_variants:
+        print("\nselect_kernel variants (ms; the keys' pooling launch alone; same picks as the default)")
+        print("| seq | pool keys | " + " | ".join(args.select_variants) + " |")
+        print("|---|---|" + "---|" * len(args.select_variants))
+        for r in result["prefill"]:
+            print(f"| {r['seq']} | {r['select_pool_keys_ms']:.3f} | " + " | ".join(
+                f"{r[f'select_{v}_ms']:.3f} ({r[f'select_{v}_same_as_default']:.4f})" for v in args.select_variants)
+                + " |")
     if result["decode"]:
         print("\ndecode (ms, batch %d)\n| seq | scorer | kernel (graph) | selection (update / bound) | step eager "
               "| step graph | step/kernel | cached_attention graph | SDPA dense |" % args.batch)

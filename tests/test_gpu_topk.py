@@ -59,6 +59,33 @@ def test_forward_bf16_matches_reference(pattern, lq, lk):
     torch.testing.assert_close(lse[finite], ref_lse[finite], atol=2e-2, rtol=1e-3)
 
 
+@pytest.mark.parametrize("pattern", [ALISA, MIXED], ids=lambda p: p.name)
+def test_generated_prefill_selection_variants_pick_the_same_blocks(pattern):
+    """select_kernel's running top-K merges (bitonic, insert, extract) and launch orders, on bf16 inputs long
+    enough for many kv tiles per row: identical selections, order included (the same float32 keys);
+    the tf32x3 dot: the same picks but for near-ties."""
+    from s2dsl.runtime import topk as topk_mod
+
+    q, k, _ = _inputs(pattern, 1, 12000, 16384, 128, seed=9)
+    module = topk_mod._prefill_info(pattern)[0]
+    saved = module.SELECT_MERGE, module.LONG_FIRST, module.SELECT_DOT
+    got = {}
+    try:
+        for variant in [("bitonic", True, "ieee"), ("insert", True, "ieee"), ("insert", False, "ieee"),
+                        ("extract", False, "ieee"), ("bitonic", True, "tf32x3")]:
+            module.SELECT_MERGE, module.LONG_FIRST, module.SELECT_DOT = variant
+            got[variant] = select_blocks(q, k, pattern)
+    finally:
+        module.SELECT_MERGE, module.LONG_FIRST, module.SELECT_DOT = saved
+    base = got[("bitonic", True, "ieee")]
+    assert (base >= 0).sum() > 0
+    for variant, sel in got.items():
+        if variant[2] == "ieee":
+            assert torch.equal(sel, base), variant
+    assert torch.equal(base, select_blocks(q, k, pattern))  # the default on the GPU
+    assert (got[("bitonic", True, "tf32x3")].sort(-1).values == base.sort(-1).values).float().mean() >= 0.99
+
+
 @pytest.mark.parametrize("pattern", [ALISA, MIXED, BIDIR], ids=lambda p: p.name)
 @pytest.mark.parametrize("lq,lk", [(3000, 3000), (333, 2000)])
 def test_generated_prefill_selection_is_the_top_k_of_the_pooled_scores(pattern, lq, lk):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -238,26 +239,45 @@ def test_forward_variants_compile_for_sm90():
         assert shared <= 232448, (job["file"], shared)
 
 
+_SPILLS = """
+import subprocess, sys, tempfile
+import triton
+ptx = sys.stdin.read()
+with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+    f.write(ptx)
+r = subprocess.run([triton.__path__[0] + "/backends/nvidia/bin/ptxas", "-arch=sm_90a", "-v", f.name, "-o", "/dev/null"],
+                   capture_output=True, text=True)
+print(r.stderr)
+"""
+
+
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), reason="captures interpreted launches")
 def test_prefill_selection_kernels_compile_for_sm90():
     """The prefill selection's generated kernels as the GPU runs them (bf16, head dim 128, block 64,
     the GPU's pooling step): pooled keys, pooled top-k per query tile (padded and packed batches,
-    causal and bidirectional, K 16 and the largest K kept in registers) and the score mode the
-    bound / last-row estimators use."""
+    causal and bidirectional, K 16 and the largest K kept in registers, the three running top-K merges
+    and both dot precisions) and the score mode the bound / last-row estimators use; and select_kernel at
+    K 16 and 128 spills no registers (ptxas: a bare data-dependent loop in the merge once spilled
+    6.8 KB per thread)."""
     from s2dsl.runtime import topk as topk_mod
 
     jobs = []
-    cases = [("causal heads * { window 16 sink 1 topk 16 }", "pooled"),
-             ("causal heads * { window 16 sink 1 topk 16 }", "bound"),
-             ("causal heads 0..1 { window 4 topk 128 } heads 2..3 { window 4 stride 8 }", "pooled"),
-             ("bidirectional heads * { window 2 topk 3 }", "pooled")]
-    for body, estimator in cases:
+    cases = [("causal heads * { window 16 sink 1 topk 16 }", "pooled", "bitonic", "ieee"),  # the GPU's default
+             ("causal heads * { window 16 sink 1 topk 16 }", "pooled", "insert", "ieee"),
+             ("causal heads * { window 16 sink 1 topk 16 }", "pooled", "extract", "ieee"),
+             ("causal heads * { window 16 sink 1 topk 16 }", "pooled", "bitonic", "tf32x3"),
+             ("causal heads * { window 16 sink 1 topk 16 }", "bound", "bitonic", "ieee"),
+             ("causal heads 0..1 { window 4 topk 128 } heads 2..3 { window 4 stride 8 }", "pooled", "insert", "ieee"),
+             ("bidirectional heads * { window 2 topk 3 }", "pooled", "bitonic", "ieee")]
+    for body, estimator, merge, dot in cases:
         pattern = s2dsl.parse(f"pattern s {{ block = 64 heads = 4 kv_heads = 2 {body} }}")["s"]
         module = topk_mod._prefill_info(pattern)[0]
-        saved = {n: getattr(module, n) for n in ("pool_kernel", "select_kernel", "pool_step")}
+        saved = {n: getattr(module, n) for n in ("pool_kernel", "select_kernel", "pool_step", "SELECT_MERGE",
+                                                 "SELECT_DOT")}
         module.pool_kernel, module.select_kernel = (_Capture(saved[n], jobs, run=False)
                                                     for n in ("pool_kernel", "select_kernel"))
         module.pool_step = lambda device: min(4, pattern.block)  # the GPU's, not the interpreter's whole block
+        module.SELECT_MERGE, module.SELECT_DOT = merge, dot
         try:
             q = torch.zeros(1, 4, 1024, 128, dtype=torch.bfloat16)
             k = torch.zeros(1, 2, 1024, 128, dtype=torch.bfloat16)
@@ -271,10 +291,28 @@ def test_prefill_selection_kernels_compile_for_sm90():
                 setattr(module, n, v)
     unique = list({json.dumps([j["name"], j["consts"]], sort_keys=True): j for j in jobs}.values())
     assert {j["name"] for j in unique} == {"pool_kernel", "select_kernel"}
-    assert {(j["consts"]["FROM_SCORES"], j["consts"]["PACKED"]) for j in unique if j["name"] == "select_kernel"} \
+    selects = [j for j in unique if j["name"] == "select_kernel"]
+    assert {(j["consts"]["FROM_SCORES"], j["consts"]["PACKED"]) for j in selects} \
         >= {(False, False), (False, True), (True, False)}
+    assert {(j["consts"]["MERGE"], j["consts"]["DOT_PRECISION"]) for j in selects} \
+        == {(2, "ieee"), (1, "ieee"), (0, "ieee"), (2, "tf32x3")}
     for job, shared in zip(unique, _compile_sm90(unique)):
         assert shared <= 232448, (job["name"], job["consts"], shared)
+    # register spills of the insert and bitonic merges' unpacked causal launches (K 16; insert also K 128,
+    # the GPU's merge there)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    for job in selects:
+        c = job["consts"]
+        if c["PACKED"] or c["FROM_SCORES"] or c["DOT_PRECISION"] != "ieee" or c["MERGE"] == 0 or not c["CAUSAL"]:
+            continue
+        ptx = subprocess.run([sys.executable, "-c", _COMPILE.replace("out.append(c.metadata.shared)",
+                                                                     "out.append(c.asm['ptx'])")],
+                             input=json.dumps([job]), text=True, env=env, capture_output=True, timeout=600)
+        assert ptx.returncode == 0, ptx.stderr[-2000:]
+        info = subprocess.run([sys.executable, "-c", _SPILLS], input=json.loads(ptx.stdout.strip().splitlines()[-1])[0],
+                              text=True, env=env, capture_output=True, timeout=600).stdout
+        spilled = [int(n) for n in re.findall(r"(\d+) bytes spill stores", info)]
+        assert spilled and max(spilled) <= 64, (c["K_PAD"], c["MERGE"], info)
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), reason="captures interpreted launches")

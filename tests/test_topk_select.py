@@ -102,17 +102,18 @@ def test_equal_scores_pick_the_later_blocks_and_nan_or_inf_blocks_never():
     k = torch.ones(1, 1, 128, 16)
     k[:, :, 32:48] = float("nan")
     k[:, :, 70, 0] = float("-inf")
-    for fused in (True, False):
+    for fused, merge in ((True, "insert"), (True, "bitonic"), (True, "extract"), (False, None)):
         module = topk_mod._prefill_info(pattern)[0]
-        saved = module.FUSED_K
-        module.FUSED_K = saved if fused else 0
+        saved = module.FUSED_K, module.SELECT_MERGE
+        module.FUSED_K = saved[0] if fused else 0
+        module.SELECT_MERGE = merge
         try:
             sel = select_blocks(q, k, pattern)
         finally:
-            module.FUSED_K = saved
+            module.FUSED_K, module.SELECT_MERGE = saved
         for i in range(8):
             want = [j for j in range(i, 0, -1) if j not in (2, 4)][:3]
-            assert sel[0, 0, i].tolist() == want + [-1] * (3 - len(want)), (fused, i)
+            assert sel[0, 0, i].tolist() == want + [-1] * (3 - len(want)), (fused, merge, i)
         assert torch.equal(sel[0, 0], sel[0, 1])
 
 
@@ -186,3 +187,23 @@ def test_pooled_selection_is_two_launches_and_no_torch_work():
             setattr(module, name, kernel)
     assert [x for x in launches if not x.startswith("aten.empty")] == ["pool_kernel", "select_kernel"], launches
     assert sum(x.startswith("aten.empty") for x in launches) == 2
+
+
+@pytest.mark.parametrize("merge, long_first, lq", [("insert", True, 150), ("insert", False, 150),
+                                                   ("extract", False, 150), ("bitonic", True, 16)])
+def test_running_top_k_over_many_kv_tiles_matches_brute_force(merge, long_first, lq):
+    """Hundreds of kv blocks (several 64-block tiles per row, so the running list is merged tile after
+    tile), few distinct scores (ties across tiles), a decode-like tail (q shorter than k) and two
+    K: both merges of select_kernel, and either launch order, pick what brute force picks."""
+    pattern = s2dsl.parse("pattern p { block = 16 heads = 2 kv_heads = 1 heads 0..0 { window 2 sink 1 topk 3 } "
+                          "heads 1..1 { window 3 topk 37 } }")["p"]
+    q, k = _exact_inputs(pattern, 1, 16 * lq, 16 * 200, 16, seed=5, per_block=True)
+    want = _brute(pattern, q, k)
+    module = topk_mod._prefill_info(pattern)[0]
+    saved = module.SELECT_MERGE, module.LONG_FIRST
+    module.SELECT_MERGE, module.LONG_FIRST = merge, long_first
+    try:
+        got = select_blocks(q, k, pattern)
+    finally:
+        module.SELECT_MERGE, module.LONG_FIRST = saved
+    assert (want[0, 1, -1] >= 0).sum() == 37 and torch.equal(got, want)

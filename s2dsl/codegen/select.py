@@ -41,7 +41,7 @@ from __future__ import annotations
 from .lower import KernelPlan
 from .snippets import static_keeps
 
-SELECT_CODEGEN_VERSION = "sel-4"
+SELECT_CODEGEN_VERSION = "sel-5"
 
 
 def generate_select(plan: KernelPlan, *, name: str = "pattern", fingerprint: str = "") -> str:
@@ -124,8 +124,9 @@ def exclude(scores, heads, row_block, n_valid):
 # bits made order-preserving in the high word and the kv block in the low word: a key orders by
 # score, then by block (equal scores: the later block wins, as in the decode kernels), keys are
 # distinct, and one max per slot picks score and block together. Excluded blocks (static, beyond
-# the causal cut or the context, NaN or -inf scores) are NONE, below every key. (tl.topk's bitonic
-# network would do the merge too; the Triton interpreter runs it ~50x slower than these maxima.)
+# the causal cut or the context, NaN or -inf scores) are NONE, below every key. Three merges of the
+# running list with each tile (SELECT_MERGE): _bitonic_best (the GPU's, K <= 32), _insert_best,
+# _keep_best; all keep the same keys, so they pick the same blocks.
 _PREFILL = '''
 
 TOPK = {topk}
@@ -133,6 +134,23 @@ SEL_ROWS = 16    # query blocks per program of select_kernel (tl.dot wants 16 ro
 POOL_J = 16      # kv blocks per program of pool_kernel
 FUSED_K = 128    # the largest K (rounded up to a power of two) select_kernel keeps in registers
 NONE = tl.constexpr(-9223372036854775808)  # below every key
+FLOOR = tl.constexpr(-9223372036854775808 + 4096)  # below every real key, above every empty-slot sentinel
+TOP = tl.constexpr(9223372036854775807)
+# select_kernel's running top K: "bitonic" (_bitonic_best), "insert" (_insert_best) or "extract"
+# (_keep_best); None: bitonic on the GPU up to K 32 (fixed cost, ~2.5x fewer instructions per tile
+# than extract at K 16 in the sm_90 SASS; at K 128 its sorting network spills), else insert; insert
+# in the interpreter (which runs sorting networks ~50x slower)
+SELECT_MERGE = None
+MERGES = {{"extract": 0, "insert": 1, "bitonic": 2}}
+
+
+def select_merge(device, k_pad):
+    return SELECT_MERGE or ("insert" if device.type == "cpu" or k_pad > 32 else "bitonic")
+LONG_FIRST = True        # launch the longest (causal: last) query tiles first: no long program starts last
+# the pooled scores' dot: "ieee" is float32 on the CUDA cores, the products torch.matmul makes in
+# float32 (the same picks up to summation order); "tf32x3" (three tf32 tensor-core products, about
+# float32's accuracy, near-ties may swap) is there for timing against it
+SELECT_DOT = "ieee"
 
 
 def pool_step(device):
@@ -202,13 +220,72 @@ def _keep_best(run, s, j, drop, k_h, K_PAD: tl.constexpr):
 
 
 @triton.jit
+def _insert_best(run, s, j, drop, k_h, K_PAD: tl.constexpr):
+    # as _keep_best, but the running list is a set (slots in no order; best first only at the end,
+    # _best_first) and a tile costs min(K, the most keys of one row beating that row's K-th best)
+    # insertions, not K extractions: each inserts the row's best remaining key in place of the
+    # row's worst kept one if it beats it. A row needs at most that many (its keys beating the
+    # K-th best, best first; after K of them the rest lose to all of them). Past the first tiles
+    # few keys beat the K-th best, so most tiles take a few rounds, not K.
+    s = tl.where(s == 0.0, 0.0, s)  # -0.0 ties with 0.0
+    bits = s.to(tl.int32, bitcast=True)
+    key = (tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64) << 32) | j[None, :].to(tl.int64)
+    key = tl.where(drop, NONE, key)
+    kk = tl.arange(0, K_PAD)[None, :]
+    used = kk < k_h
+    kth = tl.min(tl.where(used, run, TOP), 1)[:, None]
+    rounds = tl.minimum(tl.max(tl.sum((key > kth).to(tl.int32), 1), 0), k_h)
+    if rounds > 0:  # (the loop bare, not under this if, spilled kilobytes per thread in ptxas for sm_90)
+        for t in range(0, rounds):
+            m = tl.max(key, 1)[:, None]
+            worst = tl.min(tl.where(used, run, TOP), 1)[:, None]
+            # slots hold distinct values (empty ones distinct sentinels): one slot per row matches
+            run = tl.where(used & (run == worst) & (m > worst), m, run)
+            key = tl.where(key == m, NONE, key)
+    return run
+
+
+@triton.jit
+def _bitonic_best(run, s, j, drop, K_PAD: tl.constexpr):
+    # as _keep_best with a fixed cost per tile: the running list holds the K_PAD best keys in
+    # ascending order; the tile's K_PAD best come from a bitonic top-k (descending), the larger of
+    # the two lists slot by slot is the K_PAD best of both (a bitonic half-cleaner), and a bitonic
+    # merge sorts it again. ~log2(K_PAD) * (log2(K_PAD) + 1) / 2 + 2 * log2(K_PAD) compare-exchange passes.
+    s = tl.where(s == 0.0, 0.0, s)  # -0.0 ties with 0.0
+    bits = s.to(tl.int32, bitcast=True)
+    key = (tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64) << 32) | j[None, :].to(tl.int64)
+    key = tl.where(drop, NONE, key)
+    top = tl.topk(key, K_PAD, dim=1)
+    return tl.bitonic_merge(tl.maximum(run, top), dim=1, descending=False)
+
+
+@triton.jit
+def _best_first(run, k_h, K_PAD: tl.constexpr, ALL_SLOTS: tl.constexpr):
+    # the k_h best of the keys _insert_best (its first k_h slots) or _bitonic_best (all slots) keeps,
+    # best first, empty slots NONE (once per program: k_h maxima)
+    kk = tl.arange(0, K_PAD)[None, :]
+    if not ALL_SLOTS:
+        run = tl.where(kk < k_h, run, NONE)
+    best = tl.full(run.shape, NONE, tl.int64)
+    for t in range(0, k_h):
+        m = tl.max(run, 1)[:, None]
+        best = tl.where(kk == t, tl.where(m >= FLOOR, m, NONE), best)
+        run = tl.where(run == m, NONE, run)
+    return best
+
+
+@triton.jit
 def select_kernel(Q, KPool, Scores, Sel, HeadTable, Heads, TopK, QOff, QLen, KLen,
                   q_len, kv_len, n_rows, n_cols, row0, rows_here, n_head_rows, stride_qb, stride_qh, stride_qm,
                   FROM_SCORES: tl.constexpr, PACKED: tl.constexpr, CAUSAL: tl.constexpr, HEADS: tl.constexpr,
                   KV: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
                   D_PAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, K_MAX: tl.constexpr,
-                  K_PAD: tl.constexpr, TABLE_WIDTH: tl.constexpr, SUB: tl.constexpr):
+                  K_PAD: tl.constexpr, TABLE_WIDTH: tl.constexpr, SUB: tl.constexpr, MERGE: tl.constexpr,
+                  LONG_FIRST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     pid = tl.program_id(0)   # (batch entry, head row)
+    tile = tl.program_id(1)  # tile of query blocks
+    if LONG_FIRST:  # the grid runs in order: the tiles that walk the most kv blocks start first
+        tile = tl.num_programs(1) - 1 - tile
     b = pid // n_head_rows
     h = tl.load(Heads + pid % n_head_rows)
     k_h = tl.load(TopK + h)
@@ -224,11 +301,14 @@ def select_kernel(Q, KPool, Scores, Sel, HeadTable, Heads, TopK, QOff, QLen, KLe
     first = past // BLOCK
     rows_b = tl.where(nq > 0, (nk - 1) // BLOCK - first + 1, 0)
     cols_b = (nk + BLOCK - 1) // BLOCK
-    rr = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)  # rows of this launch
+    rr = tile * BLOCK_R + tl.arange(0, BLOCK_R)  # rows of this launch
     r = row0 + rr                                           # rows of the selection
     live = (rr < rows_here) & (r < rows_b)
     i = first + r                                           # absolute query blocks
-    run = tl.full([BLOCK_R, K_PAD], NONE, tl.int64)
+    if MERGE == 1:  # empty slots: distinct sentinels below every real key (one slot per row matches the worst)
+        run = NONE + 1 + tl.zeros([BLOCK_R, K_PAD], tl.int64) + tl.arange(0, K_PAD)[None, :]
+    else:
+        run = tl.full([BLOCK_R, K_PAD], NONE, tl.int64)
     if k_h > 0:
         if not FROM_SCORES:
             # the mean query of each query block (the rows it holds)
@@ -237,7 +317,7 @@ def select_kernel(Q, KPool, Scores, Sel, HeadTable, Heads, TopK, QOff, QLen, KLe
             k_base = KPool + (b * KV + h // GROUP).to(tl.int64) * n_cols * D_PAD
         hi = cols_b
         if CAUSAL:  # nothing past the diagonal of the program's last row
-            hi = tl.minimum(hi, first + row0 + tl.program_id(1) * BLOCK_R + BLOCK_R)
+            hi = tl.minimum(hi, first + row0 + tile * BLOCK_R + BLOCK_R)
         for c0 in range(0, hi, BLOCK_C):
             j = c0 + tl.arange(0, BLOCK_C)
             if FROM_SCORES:
@@ -246,12 +326,19 @@ def select_kernel(Q, KPool, Scores, Sel, HeadTable, Heads, TopK, QOff, QLen, KLe
             else:
                 kt = tl.load(k_base + j[None, :].to(tl.int64) * D_PAD + d[:, None], mask=j[None, :] < n_cols,
                              other=0.0)
-                s = tl.dot(qp, kt, input_precision="ieee")  # float32 as torch.matmul: same ranking
+                s = tl.dot(qp, kt, input_precision=DOT_PRECISION)  # "ieee": float32 as torch.matmul
             drop = (j[None, :] >= cols_b) | (live[:, None] == 0) | (s != s) | (s == float("-inf"))
             if CAUSAL:
                 drop = drop | (j[None, :] > i[:, None])
             drop = drop | static_keeps(HeadTable, h, i[:, None], j[None, :], TABLE_WIDTH)
-            run = _keep_best(run, s, j, drop, k_h, K_PAD)
+            if MERGE == 1:
+                run = _insert_best(run, s, j, drop, k_h, K_PAD)
+            elif MERGE == 2:
+                run = _bitonic_best(run, s, j, drop, K_PAD)
+            else:
+                run = _keep_best(run, s, j, drop, k_h, K_PAD)
+    if MERGE != 0:
+        run = _best_first(run, k_h, K_PAD, MERGE == 2)
     kk = tl.arange(0, K_PAD)
     picked = tl.where((run != NONE) & (kk[None, :] < k_h), run.to(tl.int32), -1)  # the low word: the block
     out = Sel + ((b * HEADS + h).to(tl.int64) * n_rows + r[:, None]) * K_MAX + kk[None, :]
@@ -281,7 +368,9 @@ def _launch_select(q, pooled, scores, sel, heads_t, packed, q_len, kv_len, n_col
                         *strides, FROM_SCORES=from_scores, PACKED=packed is not None, CAUSAL=CAUSAL, HEADS=HEADS,
                         KV=kv, GROUP=HEADS // kv, BLOCK=BLOCK, HEAD_DIM=d, D_PAD=max(16, triton.next_power_of_2(d)),
                         BLOCK_R=SEL_ROWS, BLOCK_C=max(64, k_pad), K_MAX=k_max, K_PAD=k_pad, TABLE_WIDTH=TABLE_WIDTH,
-                        SUB=pool_step(sel.device), num_warps=8 if k_pad >= 128 else 4)  # (K 128: no spills at 8)
+                        SUB=pool_step(sel.device), MERGE=MERGES[select_merge(sel.device, k_pad)], LONG_FIRST=LONG_FIRST,
+                        DOT_PRECISION=SELECT_DOT,
+                        num_warps=8 if k_pad >= 128 else 4)  # (K 128: no spills at 8)
 
 
 def select_pooled(q, k, sel, q_len, kv_len, packed=None):
@@ -296,24 +385,34 @@ def select_pooled(q, k, sel, q_len, kv_len, packed=None):
     if sel.numel() == 0:
         return sel
     d = q.shape[-1]
+    q_strides = (q.stride(0), q.stride(1), q.stride(2)) if packed is None else (0, q.stride(1), q.stride(0))
+    pooled = pool_keys(k, kv_len, packed)
+    _launch_select(q, pooled, pooled, sel, prefill_tables(q.device)[0], packed, q_len, kv_len, pooled.shape[2], 0,
+                   n_rows, q_strides, False, k.shape[1], d)
+    return sel
+
+
+def pool_keys(k, kv_len, packed=None):
+    """The mean key of every kv block, float32 (batch, kv heads, kv blocks, head dim padded), as
+    ``select_pooled`` takes k and ``packed``."""
+    d = k.shape[-1]
     d_pad = max(16, triton.next_power_of_2(d))
     kv = k.shape[1]
     n_cols = triton.cdiv(kv_len, BLOCK)
-    if packed is None:
-        q_strides = (q.stride(0), q.stride(1), q.stride(2))
-        k_strides = (k.stride(0), k.stride(1), k.stride(2))
-    else:
-        q_strides = (0, q.stride(1), q.stride(0))
-        k_strides = (0, k.stride(1), k.stride(0))
-    pooled = torch.empty(batch, kv, n_cols, d_pad, dtype=torch.float32, device=q.device)
-    k_off, k_lens = (packed[2], packed[3]) if packed is not None else (sel, sel)
+    batch = k.shape[0] if packed is None else packed[0].shape[0]
+    k_strides = (k.stride(0), k.stride(1), k.stride(2)) if packed is None else (0, k.stride(1), k.stride(0))
+    pooled = torch.empty(batch, kv, n_cols, d_pad, dtype=torch.float32, device=k.device)
+    k_off, k_lens = (packed[2], packed[3]) if packed is not None else (packed_dummy(k.device),) * 2
     pool_kernel[(batch * kv, triton.cdiv(n_cols, POOL_J))](k, pooled, k_off, k_lens, kv_len, n_cols, *k_strides,
                                                            KV=kv, PACKED=packed is not None, BLOCK=BLOCK,
                                                            HEAD_DIM=d, D_PAD=d_pad, BLOCK_J=POOL_J,
-                                                           SUB=pool_step(q.device))
-    _launch_select(q, pooled, pooled, sel, prefill_tables(q.device)[0], packed, q_len, kv_len, n_cols, 0, n_rows,
-                   q_strides, False, kv, d)
-    return sel
+                                                           SUB=pool_step(k.device))
+    return pooled
+
+
+def packed_dummy(device):
+    # an int32 pointer for the packed-only arguments of unpacked launches (never read)
+    return prefill_tables(device)[1]
 
 
 def select_scores(scores, sel, heads, row0, q_len, kv_len):
