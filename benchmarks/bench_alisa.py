@@ -157,11 +157,11 @@ def run_s2dsl(model, plan, ids, steps, gpu_pages, host_pages, kv_dtype=None, rec
               graph=False, overlap=True):
     """``overlap=False``: graph steps wait for every copy up before each replay (``HostTier.graph_overlap``)."""
     from s2dsl.runtime.host_tier import HostTier
-    HostTier.graph_overlap = overlap
+    saved, HostTier.graph_overlap = HostTier.graph_overlap, overlap
     try:
         return _run_s2dsl(model, plan, ids, steps, gpu_pages, host_pages, kv_dtype, recompute, time_from, graph)
     finally:
-        HostTier.graph_overlap = True
+        HostTier.graph_overlap = saved
 
 
 def _run_s2dsl(model, plan, ids, steps, gpu_pages, host_pages, kv_dtype, recompute, time_from, graph):

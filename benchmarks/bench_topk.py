@@ -135,7 +135,7 @@ def _torch_path(pattern):
 #: select_kernel variants timed side by side (--select-variants): (SELECT_MERGE, LONG_FIRST, SELECT_DOT)
 SELECT_VARIANTS = {"old": ("extract", False, "ieee"),           # K max-extractions per tile, grid in order
                    "insert": ("insert", True, "ieee"),          # threshold-gated insertions, longest tiles first
-                   "bitonic": ("bitonic", True, "ieee"),        # the GPU default: bitonic top-k + merge per tile
+                   "bitonic": ("bitonic", True, "ieee"),        # opt-in: bitonic top-k + merge per tile
                    "bitonic_tf32x3": ("bitonic", True, "tf32x3")}
 
 

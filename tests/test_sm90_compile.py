@@ -262,9 +262,9 @@ def test_prefill_selection_kernels_compile_for_sm90():
     from s2dsl.runtime import topk as topk_mod
 
     jobs = []
-    cases = [("causal heads * { window 16 sink 1 topk 16 }", "pooled", "bitonic", "ieee"),  # the GPU's default
+    cases = [("causal heads * { window 16 sink 1 topk 16 }", "pooled", "bitonic", "ieee"),
              ("causal heads * { window 16 sink 1 topk 16 }", "pooled", "insert", "ieee"),
-             ("causal heads * { window 16 sink 1 topk 16 }", "pooled", "extract", "ieee"),
+             ("causal heads * { window 16 sink 1 topk 16 }", "pooled", "extract", "ieee"),  # the GPU's default
              ("causal heads * { window 16 sink 1 topk 16 }", "pooled", "bitonic", "tf32x3"),
              ("causal heads * { window 16 sink 1 topk 16 }", "bound", "bitonic", "ieee"),
              ("causal heads 0..1 { window 4 topk 128 } heads 2..3 { window 4 stride 8 }", "pooled", "insert", "ieee"),
@@ -298,8 +298,8 @@ def test_prefill_selection_kernels_compile_for_sm90():
         == {(2, "ieee"), (1, "ieee"), (0, "ieee"), (2, "tf32x3")}
     for job, shared in zip(unique, _compile_sm90(unique)):
         assert shared <= 232448, (job["name"], job["consts"], shared)
-    # register spills of the insert and bitonic merges' unpacked causal launches (K 16; insert also K 128,
-    # the GPU's merge there)
+    # register spills of the opt-in insert and bitonic merges' unpacked causal launches (K 16; insert
+    # also K 128); extract, the GPU's default, ran there
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     for job in selects:
         c = job["consts"]

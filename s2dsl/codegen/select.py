@@ -137,16 +137,20 @@ NONE = tl.constexpr(-9223372036854775808)  # below every key
 FLOOR = tl.constexpr(-9223372036854775808 + 4096)  # below every real key, above every empty-slot sentinel
 TOP = tl.constexpr(9223372036854775807)
 # select_kernel's running top K: "bitonic" (_bitonic_best), "insert" (_insert_best) or "extract"
-# (_keep_best); None: bitonic on the GPU up to K 32 (fixed cost, ~2.5x fewer instructions per tile
-# than extract at K 16 in the sm_90 SASS; at K 128 its sorting network spills), else insert; insert
-# in the interpreter (which runs sorting networks ~50x slower)
+# (_keep_best); None: extract on the GPU, insert in the interpreter (which runs sorting networks
+# ~50x slower). Extract is the merge the GPU ran against the reference (2026-12-07); bitonic (up to
+# K 32: fixed cost, ~2.5x fewer instructions per tile than extract at K 16 in the sm_90 SASS; at K
+# 128 its sorting network spills) and insert are opt-in until a GPU run checks and times them
+# (tests/test_gpu_topk.py, bench_topk.py --select-variants)
 SELECT_MERGE = None
 MERGES = {{"extract": 0, "insert": 1, "bitonic": 2}}
 
 
 def select_merge(device, k_pad):
-    return SELECT_MERGE or ("insert" if device.type == "cpu" or k_pad > 32 else "bitonic")
-LONG_FIRST = True        # launch the longest (causal: last) query tiles first: no long program starts last
+    return SELECT_MERGE or ("insert" if device.type == "cpu" else "extract")
+# True: launch the longest (causal: last) query tiles first, so no long program starts last; off
+# by default, like bitonic, until a GPU run has checked it
+LONG_FIRST = False
 # the pooled scores' dot: "ieee" is float32 on the CUDA cores, the products torch.matmul makes in
 # float32 (the same picks up to summation order); "tf32x3" (three tf32 tensor-core products, about
 # float32's accuracy, near-ties may swap) is there for timing against it

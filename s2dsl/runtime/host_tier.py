@@ -41,8 +41,8 @@ recomputed in place in the pools and tables the graph reads; the captured step i
 nothing. The copies up overlap the replay: each layer's copies end with a record of that
 layer's own event, made ``external`` (``torch.cuda.Event(external=True)``), and the layer's
 ``wait`` inside the captured step becomes a graph node that waits for that event, so a replay
-waits for layer L's pages only where layer L reads them (``graph_overlap``; without it, or
-before a step was captured that way, ``settle`` makes the whole step wait for every copy).
+waits for layer L's pages only where layer L reads them (``graph_overlap``, opt-in until a GPU
+run has checked it; without it, or before a step was captured that way, ``settle`` makes the whole step wait for every copy).
 Pages moving down and pages recomputed are done before the replay starts in either case (a
 copy down makes room the step's own pages need; a recompute runs on the compute stream).
 
@@ -124,7 +124,8 @@ class TierGroup:
 class HostTier:
     """Host pages for the caches sharing ``table`` (see the module docstring).
 
-    ``graph_overlap`` (class-wide; benchmarks turn it off to time the difference): captured
+    ``graph_overlap`` (class-wide; off by default until a GPU run has checked it — the external
+    event waits it captures cannot run on the CPU; bench_alisa times it on and off): captured
     steps wait per layer for that layer's copies up instead of waiting for all before a replay.
 
     ``host_pages``: host slots per layer. ``drop``: drop the oldest pages instead of moving them
@@ -135,7 +136,7 @@ class HostTier:
     ``HostFullError``. ``poison``: write NaN into GPU pages as they move down or are dropped
     (tests: a kernel reading a page that is not resident would produce NaN)."""
 
-    graph_overlap = True
+    graph_overlap = False
 
     def __init__(self, table: PageTable, host_pages: int, *, drop=False, poison: bool = False,
                  group: Optional["TierGroup"] = None, policy=None):
