@@ -78,3 +78,28 @@ def test_decode_graph_compiled_by_inductor_once():
     assert dict(counters["stats"]).get("unique_graphs") == graphs
     torch.testing.assert_close(runs[1], runs[0], rtol=1e-4, atol=1e-4)
     assert torch.equal(runs[1].argmax(-1), runs[0].argmax(-1))
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
+def test_a_copied_cache_steps_itself_under_compile():
+    """copy.deepcopy of a prefilled S2Cache (transformers' way to reuse a prompt) gives layers with
+    their own opaque-op handles: a compiled step over the copy advances the copy, and the
+    original stays as it was (with the handle copied, the step would land in the original)."""
+    import copy
+
+    from torch import _dynamo
+    from s2dsl.runtime import graphs
+    model = tiny_llama(PLAN, layers=2, attn=hf.ATTN_IMPLEMENTATION)
+    ids = torch.randint(1, 100, (1, 20), generator=torch.Generator().manual_seed(5))
+    cache = hf.S2Cache(model, max_length=40, batch_size=1)
+    with torch.no_grad():
+        tok = model(ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        twin = copy.deepcopy(cache)
+        for a, b in zip(cache.layers, twin.layers):
+            assert a._opaque != b._opaque and graphs._STEPS[b._opaque]().__self__ is b
+        compiled = torch.compile(model.forward, backend="eager")
+        got = compiled(input_ids=tok, past_key_values=twin, use_cache=True).logits
+        want = model(input_ids=tok, past_key_values=cache, use_cache=True).logits  # the original, eagerly
+    assert twin.get_seq_length() == 21 and cache.get_seq_length() == 21
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    _dynamo.reset()

@@ -33,6 +33,7 @@ functions here, never by ``import s2dsl``.
 """
 from __future__ import annotations
 
+import copy
 import os
 from typing import List, NamedTuple, Optional, Sequence, Union
 
@@ -417,6 +418,18 @@ def _classes():
             self.siblings = (self,)  # every layer of the cache (S2Cache sets it): a refused step rolls them back
             from ..runtime.graphs import opaque_handle
             self._opaque = opaque_handle(self._attend_opaque)  # how a compiled graph calls this layer's step
+
+        def __deepcopy__(self, memo):
+            # a compiled graph reaches a layer through its handle (an int it holds as a constant):
+            # a copy (transformers' way to reuse a prompt's cache) registers its own, or a compiled
+            # step over the copy would write into this layer's cache
+            from ..runtime.graphs import opaque_handle
+            new = self.__class__.__new__(self.__class__)
+            memo[id(self)] = new
+            for name, value in self.__dict__.items():
+                setattr(new, name, copy.deepcopy(value, memo))
+            new._opaque = opaque_handle(new._attend_opaque)
+            return new
 
         @property
         def seq_ids(self) -> tuple:
