@@ -45,6 +45,20 @@ def test_write_kv_tokens_refuses_mismatched_dest():
 
 
 @interpreted
+def test_write_kv_rows_refuses_what_its_grid_would_overrun():
+    """The decode write's grid is one program per row of k: a dest of another length, a v of
+    another shape or a pool of another width would read or write out of bounds, so it is refused."""
+    pool, rows = torch.zeros(16, 8), torch.zeros(4, 8)
+    for k, v, dest, width in ((rows, rows, torch.zeros(3, dtype=torch.long), 8),
+                              (rows, torch.zeros(5, 8), torch.zeros(4, dtype=torch.long), 8),
+                              (rows, rows, torch.zeros(4, dtype=torch.long), 16)):
+        with pytest.raises(ValueError, match="must agree"):
+            kv_write.write_kv_rows(torch.zeros(16, width), torch.zeros(16, width), k, v, dest)
+    kv_write.write_kv_rows(pool, pool.clone(), rows + 1, rows + 2, torch.tensor([3, 0, 9, 15]))
+    assert (pool[[3, 0, 9, 15]] == 1).all() and (pool[[1, 2]] == 0).all()
+
+
+@interpreted
 def test_first_prefill_is_one_write_launch_per_layer_and_keeps_what_index_copy_keeps(monkeypatch):
     """8 layers sharing a table: every layer's write is one token-kernel launch and no other
     device op; the pages hold what the index_copy_ path writes (the reference: the token kernel

@@ -41,6 +41,9 @@ def write_kv_rows(k_pool: torch.Tensor, v_pool: torch.Tensor, k_rows: torch.Tens
     """``k_pool[dest[i]] = k_rows[i]`` and the same for V, pools viewed as (rows, d), in one launch.
     ``k_rows``/``v_rows``: (m, d) in the pools' dtype with a contiguous last dim; ``dest``: (m,) int."""
     m, d = k_rows.shape
+    if v_rows.shape != k_rows.shape or dest.numel() != m or k_pool.shape[-1] != d or v_pool.shape[-1] != d:
+        raise ValueError(f"write_kv_rows: k_rows {tuple(k_rows.shape)}, v_rows {tuple(v_rows.shape)} and dest "
+                         f"({dest.numel()} rows) must agree, with the pools' row width {k_pool.shape[-1]}")
     if m == 0:
         return
     kv_rows_kernel[(m,)](k_rows, v_rows, k_pool, v_pool, dest.contiguous(), k_rows.stride(0), v_rows.stride(0),
@@ -77,10 +80,10 @@ def write_kv_tokens(k_pool: torch.Tensor, v_pool: torch.Tensor, k: torch.Tensor,
     rows = b * h * n
     if rows == 0:
         return
-    if dest.numel() != rows or k.stride(3) != 1 or v.stride(3) != 1:
+    if dest.numel() != rows or v.shape != k.shape or k.stride(3) != 1 or v.stride(3) != 1 or k_pool.shape[-1] != d:
         raise ValueError(f"write_kv_tokens: dest has {dest.numel()} rows for k of shape {tuple(k.shape)}, or the "
                          "last dim of k, v is strided")
     grid = (triton.cdiv(rows, block_rows),)
-    kv_tokens_kernel[grid](k, v, k_pool, v_pool, dest, rows, n, h, skip,
+    kv_tokens_kernel[grid](k, v, k_pool, v_pool, dest.contiguous(), rows, n, h, skip,
                            k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
                            D=d, BLOCK_R=block_rows, BLOCK_D=triton.next_power_of_2(d), num_warps=4)
