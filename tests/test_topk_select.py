@@ -207,3 +207,17 @@ def test_running_top_k_over_many_kv_tiles_matches_brute_force(merge, long_first,
     finally:
         module.SELECT_MERGE, module.LONG_FIRST = saved
     assert (want[0, 1, -1] >= 0).sum() == 37 and torch.equal(got, want)
+
+
+def test_select_blocks_refuses_tensors_the_kernels_would_misread():
+    """The generated selection takes heads, kv heads and head dim from the pattern and the
+    shapes unchecked: q with another head count, k with another batch or head dim, or mixed
+    dtypes are refused before any launch."""
+    from s2dsl.runtime.validate import InputError
+    pattern = s2dsl.parse("pattern s { block = 16 heads = 4 kv_heads = 2 causal heads * { window 2 topk 2 } }")["s"]
+    q, k = torch.randn(1, 4, 64, 16), torch.randn(1, 2, 64, 16)
+    assert select_blocks(q, k, pattern).shape[1] == 4
+    for bad_q, bad_k in ((torch.randn(1, 8, 64, 16), k), (q, torch.randn(2, 2, 64, 16)),
+                         (q, torch.randn(1, 2, 64, 32)), (q, k.half())):
+        with pytest.raises(InputError):
+            select_blocks(bad_q, bad_k, pattern)

@@ -42,6 +42,7 @@ from ..codegen.lower import lower
 from ..codegen.select import SELECT_CODEGEN_VERSION, generate_select
 from ..pattern import Pattern
 from .cache import cache_key, codegen_fingerprint, default_cache
+from .validate import check_attention_inputs
 
 __all__ = ["ESTIMATORS", "selection_shape", "select_blocks", "check_selection", "topk_heads", "exclusion_module",
            "pooled_blocks", "SCORE_CHUNK_ELEMENTS", "packed_lengths", "first_blocks", "order_keys", "NONE_KEY"]
@@ -226,6 +227,9 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, pattern: Pattern, *, layout:
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    # the generated kernels take heads, kv heads and head dim from the pattern and the tensors'
+    # shapes unchecked: a mismatch is refused here (shapes, dtypes, devices only: no device read)
+    check_attention_inputs(q, k, k, pattern, layout, cu_seqlens_q, cu_seqlens_k, static_only=True)
     module, _, dyn, k_max = _prefill_info(pattern)
     if cu_seqlens_q is not None:
         q_lens, kv_lens = packed_lengths(cu_seqlens_q, cu_seqlens_k)
