@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import warnings
 
 import pytest
 import torch
@@ -255,3 +256,23 @@ def test_drop_modes_are_checked():
         DropPolicy(overlap_ms=-1)
     tier = HostTier(cache.table, host_pages=1, drop=True)  # True keeps its old meaning: past host_pages
     assert tier.drop_mode == "budget" and tier.drop_limit() == 1
+
+
+def test_a_cost_plan_that_fails_mid_step_falls_back_to_the_host_budget():
+    """Deciding may measure the machine and fit the recompute path inside a step; if that raises
+    (out of memory, an error in the recompute callback), the tier warns once and drops past
+    host_pages, as drop="budget" would, instead of leaving the step's layers half-stepped."""
+    cache = PagedKVCache(SWA, num_pages=16, head_dim=D, dtype=torch.float32)
+
+    class Failing(DropPolicy):
+        def decide(self, tier):
+            raise RuntimeError("recompute callback failed")
+
+    tier = HostTier(cache.table, host_pages=4, drop="cost", policy=Failing())
+    tier.attach(cache, recompute=lambda *a: None)
+    _lengths(cache, [79, 79])
+    with pytest.warns(RuntimeWarning, match="could not plan.*host_pages=4"):
+        assert tier.drop_limit() == 4
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert tier.drop_limit() == 4  # warned once

@@ -51,6 +51,7 @@ batch's prompt (its kept blocks); sequences spill from the next step on.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -228,7 +229,17 @@ class HostTier:
         once per bucket; ``host_pages=0`` needs no plan)."""
         if self.drop_mode != "cost" or self.host_pages == 0:
             return self.host_pages
-        self.decision = self.policy.decide(self)
+        try:
+            self.decision = self.policy.decide(self)
+        except Exception as exc:  # noqa: BLE001 - a failed plan must not break the step half-way
+            # deciding may measure the machine and fit the recompute path (first plan): if that
+            # fails mid-step (out of memory, an error in the recompute callback), the step goes on
+            # with the user's budget, as drop="budget" would, instead of leaving layers half-stepped
+            if not getattr(self, "_decide_warned", False):
+                warnings.warn(f"s2dsl host tier: the cost model could not plan ({type(exc).__name__}: {exc}); "
+                              f"dropping past host_pages={self.host_pages} instead", RuntimeWarning, stacklevel=2)
+                self._decide_warned = True
+            return self.host_pages
         return self.decision.host_limit
 
     @property
