@@ -169,6 +169,20 @@ def test_gpu_int8_decode_write_kernel_matches_the_torch_quantiser(monkeypatch):
         assert ((deq[0] - deq[1]).abs() <= 1.01 * ref._qparams[sc].unsqueeze(1) + 1e-6).all()
 
 
+def _graph_tokens(model, ids, cache, steps: int = 60):
+    """Greedy tokens of ``model`` after prefilling ``ids`` into ``cache``: the prefill's, then
+    ``steps`` captured decode steps (``decode_graph``)."""
+    with torch.no_grad():
+        tok = model(ids, past_key_values=cache).logits[:, -1:].argmax(-1)
+        step = cache.decode_graph(model)
+        out = [tok]
+        for _ in range(steps):
+            tok = step(tok)[:, -1:].argmax(-1)
+            out.append(tok)
+    torch.cuda.synchronize()
+    return torch.cat(out, 1)
+
+
 @pytest.mark.parametrize("host_pages,recompute,overlap", [(24, None, True), (24, None, False), (0, "hidden", True)],
                          ids=["host", "host-copies-before-replay", "drop"])
 def test_gpu_captured_steps_over_a_tier_move_and_recompute_pages_losslessly(host_pages, recompute, overlap,
@@ -190,20 +204,9 @@ def test_gpu_captured_steps_over_a_tier_move_and_recompute_pages_losslessly(host
     model = tiny_llama(plan, seed=1, attn=hf.ATTN_IMPLEMENTATION).to("cuda", dtype)
     ids = torch.randint(0, 100, (2, 40), device="cuda", generator=torch.Generator(device="cuda").manual_seed(5))
 
-    def run(cache):
-        with torch.no_grad():
-            tok = model(ids, past_key_values=cache).logits[:, -1:].argmax(-1)
-            step = cache.decode_graph(model)
-            out = [tok]
-            for _ in range(60):
-                tok = step(tok)[:, -1:].argmax(-1)
-                out.append(tok)
-        torch.cuda.synchronize()
-        return torch.cat(out, 1)
-
-    ref = run(hf.S2Cache(model, max_length=110, batch_size=2))
+    ref = _graph_tokens(model, ids, hf.S2Cache(model, max_length=110, batch_size=2))
     cache = hf.S2Cache(model, max_length=110, batch_size=2, gpu_pages=16, host_pages=host_pages, recompute=recompute)
-    out = run(cache)
+    out = _graph_tokens(model, ids, cache)
     tier = cache.paged[0].table.tier
     assert (tier.recomputed if recompute else tier.moved_up) > 0, tier.report()
     assert torch.equal(out, ref)
@@ -225,22 +228,11 @@ def test_gpu_tiers_drop_where_the_cost_model_says(slow_link):
     model = tiny_llama(plan, seed=1, attn=hf.ATTN_IMPLEMENTATION).to("cuda", torch.float32)
     ids = torch.randint(0, 100, (2, 40), device="cuda", generator=torch.Generator(device="cuda").manual_seed(5))
 
-    def run(cache):
-        with torch.no_grad():
-            tok = model(ids, past_key_values=cache).logits[:, -1:].argmax(-1)
-            step = cache.decode_graph(model)
-            out = [tok]
-            for _ in range(60):
-                tok = step(tok)[:, -1:].argmax(-1)
-                out.append(tok)
-        torch.cuda.synchronize()
-        return torch.cat(out, 1)
-
-    ref = run(hf.S2Cache(model, max_length=110, batch_size=2))
+    ref = _graph_tokens(model, ids, hf.S2Cache(model, max_length=110, batch_size=2))
     costs = MachineCosts(h2d_gbps=1e-6, recompute_page_ms=1e-3) if slow_link else None
     cache = hf.S2Cache(model, max_length=110, batch_size=2, gpu_pages=12, host_pages=24, recompute="hidden",
                        costs=costs)
-    out = run(cache)
+    out = _graph_tokens(model, ids, cache)
     assert torch.equal(out, ref)
     tiers = [p.table.tier for p in cache.paged]
     applied = [t.decision for t in tiers]  # at each tier's last short step

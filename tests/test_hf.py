@@ -273,6 +273,20 @@ def _gpu_model(max_positions: int):
     return m
 
 
+def _fed_steps(step, tok, feed, n: int):
+    """``n`` decode steps: greedy from ``tok``, or fed ``feed``'s tokens one per step when given
+    (so a second run sees the first run's tokens). Returns (float32 logits, tokens fed), each
+    concatenated over the steps."""
+    logits, toks = [], []
+    for i in range(n):
+        t = tok if feed is None else feed[:, i:i + 1]
+        out = step(t).float().clone()
+        logits.append(out)
+        toks.append(t)
+        tok = out[:, -1:].argmax(-1)
+    return torch.cat(logits, 1), torch.cat(toks, 1)
+
+
 @pytest.mark.gpu
 def test_gpu_compiled_cuda_graph_step():
     """bf16 on the GPU: the step compiled by inductor and captured in a CUDA graph, fed the
@@ -288,14 +302,8 @@ def test_gpu_compiled_cuda_graph_step():
         with torch.no_grad():
             tok = m(ids, past_key_values=cache, logits_to_keep=1).logits[:, -1:].argmax(-1)
             step = cache.decode_graph(m, compile=compiled, capture=compiled)
-            feed = runs[0][1] if runs else None
-            logits, toks = [], []
-            for i in range(12):
-                out = step(tok if feed is None else feed[:, i:i + 1]).float().clone()
-                logits.append(out)
-                toks.append(tok if feed is None else feed[:, i:i + 1])
-                tok = out[:, -1:].argmax(-1)
-        runs.append((torch.cat(logits, 1), torch.cat(toks, 1)))
+            logits, toks = _fed_steps(step, tok, runs[0][1] if runs else None, 12)
+        runs.append((logits, toks))
     _dynamo.reset()
     ref, got = runs[0][0], runs[1][0]
     assert torch.isfinite(got).all()
@@ -320,16 +328,9 @@ def test_gpu_tuned_splits_compiled_graph_gives_the_untuned_tokens():
         with torch.no_grad():
             tok = m(ids, past_key_values=cache, logits_to_keep=1).logits[:, -1:].argmax(-1)
             step = cache.decode_graph(m, compile=True, tune_splits=tune)
-            feed = runs[0][1] if runs else None
-            logits, toks = [], []
-            for i in range(10):
-                t = tok if feed is None else feed[:, i:i + 1]
-                out = step(t).float().clone()
-                logits.append(out)
-                toks.append(t)
-                tok = out[:, -1:].argmax(-1)
+            logits, toks = _fed_steps(step, tok, runs[0][1] if runs else None, 10)
             step.graph.close()
-        runs.append((torch.cat(logits, 1), torch.cat(toks, 1), cache))
+        runs.append((logits, toks, cache))
     _dynamo.reset()
     ref, got, cache = runs[0][0], runs[1][0], runs[1][2]
     choices = [c for layer in cache.layers for c in split_choices(layer.paged).values()]
