@@ -362,6 +362,10 @@ def test_tuned_split_choice_picks_the_fastest_once_and_never_while_capturing(mon
     assert calls == [(16, 32, 64)]
     monkeypatch.setattr(dec, "_capturing", lambda: True)  # a later capture reuses the measured count
     assert dec._tuned_choice(memo, key, 64, timer) == 32 and len(calls) == 1
+    monkeypatch.setattr(dec, "_capturing", lambda: False)
+    # a longer context in the same power-of-two bucket of blocks reuses the measurement; the next bucket re-times
+    assert dec._tuned_choice(memo, ("splits", 1, 1, 300, 1), 64, timer) == 32 and len(calls) == 1
+    assert dec._tuned_choice(memo, ("splits", 1, 1, 513, 1), 64, timer) == 32 and len(calls) == 2
     # a candidate within the noise margin of the policy's count does not replace it
     assert dec.pick_splits(64, lambda c: {s: 1.0 - 0.01 * (s == 32) for s in c}) == 64
     assert dec.pick_splits(64, lambda c: {s: 1.0 - 0.1 * (s == 16) for s in c}) == 16

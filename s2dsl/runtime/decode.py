@@ -222,10 +222,10 @@ def enable_split_tuning(cache: PagedKVCache, on: bool = True) -> None:
 
 
 def split_choices(cache: PagedKVCache) -> dict:
-    """{(batch, n_tiles, max_blocks, q_len): (policy's splits, measured splits)} for the shapes tuned so far."""
+    """{(batch, n_tiles, max_blocks bucket, q_len): (policy's splits, measured splits)} for the shapes
+    tuned so far (``_tuned_choice`` buckets the longest sequence's blocks by powers of two)."""
     memo = cache._decode_memo
-    return {k[1:]: (memo.get(("splits",) + k[1:]), v) for k, v in memo.items()
-            if isinstance(k, tuple) and k and k[0] == "tuned"}
+    return {k[1:5]: (k[5], v) for k, v in memo.items() if isinstance(k, tuple) and k and k[0] == "tuned"}
 
 
 def split_candidates(policy: int) -> Tuple[int, ...]:
@@ -255,7 +255,10 @@ def _capturing() -> bool:
 
 
 def _tuned_choice(memo: dict, key: tuple, policy: int, timer) -> int:
-    tkey = ("tuned",) + key[1:]
+    # one measurement per power-of-two bucket of the longest sequence's blocks (and per policy
+    # count): keyed by the exact block count, an eager decode re-timed every block's worth of tokens
+    _, b, n_tiles, max_blocks, q_len = key
+    tkey = ("tuned", b, n_tiles, _pow2(max(1, max_blocks)), q_len, policy)
     hit = memo.get(tkey)
     if hit is None:
         if _capturing():  # launches can't be timed (or synced) inside a capture: the policy's count
