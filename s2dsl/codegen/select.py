@@ -192,10 +192,10 @@ def pool_kernel(K, KPool, KOff, KLen, kv_len, n_cols, stride_kb, stride_kh, stri
     g = pid % KV
     if PACKED:
         n = tl.load(KLen + b)
-        base = K + tl.load(KOff + b).to(tl.int64) * stride_km + g * stride_kh
+        base = K + tl.load(KOff + b).to(tl.int64) * stride_km + g.to(tl.int64) * stride_kh
     else:
         n = kv_len
-        base = K + b.to(tl.int64) * stride_kb + g * stride_kh
+        base = K + b.to(tl.int64) * stride_kb + g.to(tl.int64) * stride_kh
     j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
     pooled = _pool(base, stride_km, j, 0, n, j < n_cols, BLOCK_J, BLOCK, HEAD_DIM, D_PAD, SUB)
     d = tl.arange(0, D_PAD)
@@ -203,12 +203,18 @@ def pool_kernel(K, KPool, KOff, KLen, kv_len, n_cols, stride_kb, stride_kh, stri
 
 
 @triton.jit
-def _keep_best(run, s, j, drop, k_h, K_PAD: tl.constexpr):
-    # the k_h largest keys of the running list (best first) and of the tile of scores s (rows, columns j)
+def _keys(s, j, drop):
+    # one int64 per score, ordered as the scores and then by block (the later block wins a tie; the
+    # low word is the block): the float's bits made monotonic as a signed integer; dropped ones NONE
     s = tl.where(s == 0.0, 0.0, s)  # -0.0 ties with 0.0
     bits = s.to(tl.int32, bitcast=True)
     key = (tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64) << 32) | j[None, :].to(tl.int64)
-    key = tl.where(drop, NONE, key)
+    return tl.where(drop, NONE, key)
+
+
+@triton.jit
+def _keep_best(run, key, k_h, K_PAD: tl.constexpr):
+    # the k_h largest of the running list (best first) and of the tile's keys (``_keys``)
     # most tiles past the first few change no row's list: skip the merge when no key beats a row's last
     kk = tl.arange(0, K_PAD)[None, :]
     last = tl.min(tl.where(kk < k_h, run, -(NONE + 1)), 1)
@@ -224,17 +230,13 @@ def _keep_best(run, s, j, drop, k_h, K_PAD: tl.constexpr):
 
 
 @triton.jit
-def _insert_best(run, s, j, drop, k_h, K_PAD: tl.constexpr):
+def _insert_best(run, key, k_h, K_PAD: tl.constexpr):
     # as _keep_best, but the running list is a set (slots in no order; best first only at the end,
     # _best_first) and a tile costs min(K, the most keys of one row beating that row's K-th best)
     # insertions, not K extractions: each inserts the row's best remaining key in place of the
     # row's worst kept one if it beats it. A row needs at most that many (its keys beating the
     # K-th best, best first; after K of them the rest lose to all of them). Past the first tiles
     # few keys beat the K-th best, so most tiles take a few rounds, not K.
-    s = tl.where(s == 0.0, 0.0, s)  # -0.0 ties with 0.0
-    bits = s.to(tl.int32, bitcast=True)
-    key = (tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64) << 32) | j[None, :].to(tl.int64)
-    key = tl.where(drop, NONE, key)
     kk = tl.arange(0, K_PAD)[None, :]
     used = kk < k_h
     kth = tl.min(tl.where(used, run, TOP), 1)[:, None]
@@ -250,15 +252,11 @@ def _insert_best(run, s, j, drop, k_h, K_PAD: tl.constexpr):
 
 
 @triton.jit
-def _bitonic_best(run, s, j, drop, K_PAD: tl.constexpr):
+def _bitonic_best(run, key, K_PAD: tl.constexpr):
     # as _keep_best with a fixed cost per tile: the running list holds the K_PAD best keys in
     # ascending order; the tile's K_PAD best come from a bitonic top-k (descending), the larger of
     # the two lists slot by slot is the K_PAD best of both (a bitonic half-cleaner), and a bitonic
     # merge sorts it again. ~log2(K_PAD) * (log2(K_PAD) + 1) / 2 + 2 * log2(K_PAD) compare-exchange passes.
-    s = tl.where(s == 0.0, 0.0, s)  # -0.0 ties with 0.0
-    bits = s.to(tl.int32, bitcast=True)
-    key = (tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64) << 32) | j[None, :].to(tl.int64)
-    key = tl.where(drop, NONE, key)
     top = tl.topk(key, K_PAD, dim=1)
     return tl.bitonic_merge(tl.maximum(run, top), dim=1, descending=False)
 
@@ -296,11 +294,11 @@ def select_kernel(Q, KPool, Scores, Sel, HeadTable, Heads, TopK, QOff, QLen, KLe
     if PACKED:
         nq = tl.load(QLen + b)
         nk = tl.load(KLen + b)
-        q_base = Q + tl.load(QOff + b).to(tl.int64) * stride_qm + h * stride_qh
+        q_base = Q + tl.load(QOff + b).to(tl.int64) * stride_qm + h.to(tl.int64) * stride_qh
     else:
         nq = q_len
         nk = kv_len
-        q_base = Q + b.to(tl.int64) * stride_qb + h * stride_qh
+        q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     past = nk - nq
     first = past // BLOCK
     rows_b = tl.where(nq > 0, (nk - 1) // BLOCK - first + 1, 0)
@@ -335,12 +333,13 @@ def select_kernel(Q, KPool, Scores, Sel, HeadTable, Heads, TopK, QOff, QLen, KLe
             if CAUSAL:
                 drop = drop | (j[None, :] > i[:, None])
             drop = drop | static_keeps(HeadTable, h, i[:, None], j[None, :], TABLE_WIDTH)
+            key = _keys(s, j, drop)
             if MERGE == 1:
-                run = _insert_best(run, s, j, drop, k_h, K_PAD)
+                run = _insert_best(run, key, k_h, K_PAD)
             elif MERGE == 2:
-                run = _bitonic_best(run, s, j, drop, K_PAD)
+                run = _bitonic_best(run, key, K_PAD)
             else:
-                run = _keep_best(run, s, j, drop, k_h, K_PAD)
+                run = _keep_best(run, key, k_h, K_PAD)
     if MERGE != 0:
         run = _best_first(run, k_h, K_PAD, MERGE == 2)
     kk = tl.arange(0, K_PAD)
