@@ -57,6 +57,7 @@ import math
 import os
 import statistics
 import time
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -612,11 +613,29 @@ def layer_call_vs_kernel(pattern, context: int, batch: int = 8, calls: int = 100
                 shared_over_kernel=shared_ms / kernel_ms, graph_call_ms=graph_ms, graph_over_kernel=graph_ms / kernel_ms)
 
 
-def split_sweep(pattern, context: int, batch: int, device, dtype, d: int = 64, splits=(8, 16, 32, 64, 128)):
+#: decode kernel variants the split sweep times beside the default (label -> DecodeSpecialization
+#: fields): at batch 1 a dense layer's pages are read at ~2.4 TB/s (H200, 2026-12-07), and
+#: the decode step's target (3x HF at 32K) is ~0.06 ms short, about what that layer's bandwidth leaves
+SPLIT_SWEEP_VARIANTS = {
+    "flat_pages2": {"flat": True, "pages_per_step": 2},
+    "flat_pages4": {"flat": True, "pages_per_step": 4},
+    "early_v": {"early_v": True},
+    "stages2": {"num_stages": 2},
+    "stages4": {"num_stages": 4},
+    "warps2": {"num_warps": 2},
+    "warps8": {"num_warps": 8},
+    "fused_combine": {"fused_combine": True},
+}
+
+
+def split_sweep(pattern, context: int, batch: int, device, dtype, d: int = 64, splits=(8, 16, 32, 64, 128),
+                variants: Optional[dict] = None):
     """The decode kernel (with its combine) of one layer at ``context`` tokens, batch ``batch``,
     for the pattern and the dense pattern, at each split count against the default's choice: is
-    the split policy leaving bandwidth unused where a step is long (batch 1, few programs)?"""
-    from s2dsl.runtime.decode import _module, _splits
+    the split policy leaving bandwidth unused where a step is long (batch 1, few programs)?
+    ``variants`` (label -> decode tuning): each also timed at every split count, its output
+    checked against the default's first; ``{label}_ms_{splits}`` in the row, or ``{label}_error``."""
+    from s2dsl.runtime.decode import _module, _splits, choose_decode, decode_module
     from s2dsl.runtime.kv_cache import PagedKVCache, dense_pattern
     free()
     rows = []
@@ -644,7 +663,20 @@ def split_sweep(pattern, context: int, batch: int, device, dtype, d: int = 64, s
                 ref = out.float().clone()
             err = (out.float() - ref).abs().max().item()
             assert err < 2e-2, f"split sweep: {n_splits} splits differ from {min(splits)} by {err}"
-        best = min((k for k in row if k.startswith("ms_")), key=row.get)
+        for label, tuning in (variants or {}).items():
+            try:
+                vmod = decode_module(pat, choose_decode(pat, dtype, d, 1, device, tuning))
+                for n_splits in sorted(set(splits) | {default}):
+                    out.fill_(float("nan"))
+                    row[f"{label}_ms_{n_splits}"] = bench_ms(
+                        lambda: vmod.launch(q, out, lse, cache.k_pages, cache.v_pages, cache.block_tables, bt.slots,
+                                            bt.seq_lens, 1, n_splits, 1 / math.sqrt(d)), warmup=10, rep=50)
+                    err = (out.float() - ref).abs().max().item()
+                    if not err < 2e-2:  # NaN (a row left unwritten) fails too
+                        raise AssertionError(f"{n_splits} splits differ from the default's output by {err}")
+            except Exception as exc:  # a variant that fails to compile or check is recorded, not fatal
+                row[f"{label}_error"] = f"{type(exc).__name__}: {exc}"[:300]
+        best = min((k for k in row if "ms_" in k and not k.startswith("default")), key=row.get)
         row["best"], row["default_ms"] = best, row[f"ms_{default}"]
         row["gb_per_s_default"] = cache.memory_bytes() / row["default_ms"] / 1e6
         rows.append(row)
@@ -766,6 +798,9 @@ def main():
     ap.add_argument("--split-sweep", action="store_true",
                     help="at each point: one layer's decode kernel (+ combine) at split counts 8..128 against the "
                          "default choice, for the sparse and the dense pattern (a few seconds)")
+    ap.add_argument("--split-variants", default=None, metavar="JSON",
+                    help="with --split-sweep: decode variants timed beside the default, a JSON object label -> "
+                         "tuning ('{}' for none; default: SPLIT_SWEEP_VARIANTS)")
     ap.add_argument("--budget-s", type=float, default=300.0,
                     help="seconds the points may take; what would not fit is skipped (and listed)")
     ap.add_argument("--quick", action="store_true", help="small points (smoke run)")
@@ -820,9 +855,10 @@ def main():
         results["split_sweep"] = []
         for point in args.points:
             n, b = parse_point(point)
-            if budget.allow(f"split sweep at {point}", 10, 0):
+            variants = SPLIT_SWEEP_VARIANTS if args.split_variants is None else json.loads(args.split_variants)
+            if budget.allow(f"split sweep at {point}", 10 + 4 * len(variants), 0):
                 for r in split_sweep(sparse, n, b, device, dtype, d, splits=(2, 4) if args.tiny else
-                                     (8, 16, 32, 64, 128)):
+                                     (8, 16, 32, 64, 128), variants=variants):
                     results["split_sweep"].append(r)
                     print("split sweep:", json.dumps(r), flush=True)
     for point in args.points:  # each point's: the write and the kernels grow differently with length

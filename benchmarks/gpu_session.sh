@@ -2,7 +2,7 @@
 # What the next GPU run is to check and time, as named stages, so that one device call runs
 # several of them within its 10 minutes and everything returns even when a stage fails or is cut.
 #
-#   bash benchmarks/gpu_session.sh tests generate          # one call (~470 s of device time)
+#   bash benchmarks/gpu_session.sh tests generate          # one call (~530 s of device time)
 #   bash benchmarks/gpu_session.sh sweep topk               # another (~400 s)
 #   bash benchmarks/gpu_session.sh alisa generate8          # another (~420 s)
 #
@@ -32,12 +32,12 @@ stage() {  # stage NAME SECONDS COMMAND...
 run_stage() {
     case $1 in
     tests)  # every GPU test of code merged since the last GPU run (kv write kernel, tuned splits, ALISA, selection)
-        stage tests 260 python3 -m pytest -q -m gpu -p no:cacheprovider \
+        stage tests 250 python3 -m pytest -q -m gpu -p no:cacheprovider \
             tests/test_kv_write.py tests/test_decode.py tests/test_hf.py tests/test_alisa_gpu.py \
             tests/test_gpu_topk.py ;;
-    generate)  # generate() batch 1 at 32K and 128K: compiled graph, tuned splits, prefill parts, HF in the same run
-        stage generate 230 python3 benchmarks/bench_generate.py --points 32768x1 131072x1 --skip dynamic \
-            --no-generate-probe --graph-compile --layer-contexts --split-sweep --budget-s 210 \
+    generate)  # generate() batch 1 at 32K and 128K: compiled graph, tuned splits, decode variants x splits, prefill parts, HF in the same run
+        stage generate 280 python3 benchmarks/bench_generate.py --points 32768x1 131072x1 --skip dynamic \
+            --no-generate-probe --graph-compile --layer-contexts --split-sweep --budget-s 255 \
             --out "$OUT/generate.json" ;;
     generate8)  # batch 8 (128K x8 never ran)
         stage generate8 300 python3 benchmarks/bench_generate.py --points 32768x8 131072x8 --skip dynamic \
