@@ -311,7 +311,7 @@ def test_generate_drops_where_the_cost_model_says(swa_model, swa_ref, drop):
 
 def test_drop_arguments_are_checked(swa_model):
     from s2dsl.runtime.tiering import MachineCosts
-    with pytest.raises(ValueError, match="drop must be"):
+    with pytest.raises(ValueError, match="not a drop mode"):
         hf.S2Cache(swa_model, max_length=40, gpu_pages=8, host_pages=2, recompute="hidden", drop="early")
     with pytest.raises(ValueError, match="recompute='hidden'"):
         hf.S2Cache(swa_model, max_length=40, gpu_pages=8, host_pages=2, drop="cost")
