@@ -113,9 +113,9 @@ def kv_page_bytes(block: int, head_dim: int, elem_bytes: int, quantized: bool) -
 
 
 def format_bytes(n: float) -> str:
-    """Bytes in the largest unit that leaves at least 0.01 of it (GiB, MiB, KiB), else in bytes."""
+    """Bytes in the largest unit that leaves at least 1 of it (GiB, MiB, KiB), else in bytes."""
     for unit, scale in (("GiB", GIB), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if abs(n) >= scale / 100:
+        if abs(n) >= scale:
             return f"{n / scale:.2f} {unit}"
     return f"{n:.0f} B"
 
