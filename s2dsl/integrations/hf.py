@@ -763,6 +763,22 @@ def _classes():
         the model's defaults on the CPU; the recompute fitted through the first layer's own
         recompute path unless given). ``debug_report()`` says where the pages are and the
         decision in force.
+
+        ``gpu_pages="auto"`` (needs ``model`` and ``max_length``; ``host_pages`` then defaults to
+        ``"auto"`` too): the library chooses the split (``runtime.split.choose_split``, ALISA's
+        phases at ``max_length``). The GPU budget is ``free_memory - headroom``: ``free_memory``
+        (bytes, or a callable of the device; default: read from the CUDA device, refused where it
+        cannot be read) less ``headroom`` (bytes; default ``activation_headroom``: the model's
+        activations for a forward of ``batch_size`` x ``prefill_chunk_size`` tokens, or
+        ``max_length`` without chunking, see ``runtime.split.activation_headroom``). If every
+        layer's need (``pages_needed``) fits, phase 1: the plain cache, no host tier. Otherwise
+        each layer keeps one decode step's pages (``tiering.step_pages``; refused below) and the
+        rest of the budget is shared in proportion to what each would spill; the host takes the
+        rest within ``host_memory`` (bytes or a callable; default half the host's available memory,
+        less the hidden-state log with ``recompute``): phase 2, else, with ``recompute``, phase 3
+        with the host pages scaled to the budget (and refused without). ``host_pages="auto"``
+        with a given ``gpu_pages`` sizes only the host. The cost model still chooses the drop
+        point. ``split`` holds the choice; ``debug_report()`` opens with it.
         """
 
         def __init__(self, model=None, *, max_length: Optional[int] = None, batch_size: int = 1,
@@ -798,7 +814,7 @@ def _classes():
                 raise ValueError(f"host_pages must be >= 0, got {host_pages}")
             rec = [None] * len(patterns)
             from ..runtime import tiering
-            off = "no recompute= (an S2Cache drops only with recompute='hidden'), or drop=False"
+            off = "leave out recompute= (an S2Cache drops only with recompute='hidden')"
             mode = tiering.drop_mode("cost" if drop is None else drop, off=off)
             if mode is not None and drop is not None and recompute is None:
                 raise ValueError(f"drop={drop!r} chooses when pages are dropped; dropping needs recompute='hidden' "

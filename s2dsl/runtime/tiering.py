@@ -389,7 +389,7 @@ def step_pages(pattern, context: int, batch: int = 1) -> int:
 DROP_MODES = ("cost", "budget")
 
 
-def drop_mode(drop, *, off: str = "drop=False") -> Optional[str]:
+def drop_mode(drop, *, off: str = "pass drop=False") -> Optional[str]:
     """``drop`` as a mode: ``"cost"`` / ``"budget"`` as given, ``True`` = ``"budget"``, ``False`` =
     None (never drop). Anything else is refused with what ``drop`` takes and how to turn dropping
     off (``off``: the caller's way to say so). Identity, not equality, decides: 0 and 1 are not
@@ -405,7 +405,7 @@ def drop_mode(drop, *, off: str = "drop=False") -> Optional[str]:
         hint = " drop is a mode, not a page count (the count is host_pages: 0 drops whatever leaves the GPU pool);"
     raise ValueError(f"drop={drop!r} is not a drop mode. drop takes 'cost' (drop where the cost model says, never "
                      f"past host_pages), 'budget' or True (drop only past host_pages);{hint} to turn dropping off "
-                     f"pass {off} (a full host then raises HostFullError)")
+                     f"{off} (a full host then raises HostFullError)")
 
 _MACHINE = {}
 
