@@ -193,9 +193,10 @@ def choose_split(need: Sequence[int], step: Sequence[int], page_bytes: Sequence[
         if least > gpu_budget:
             worst = max(range(n), key=lambda i: step[i])
             raise ValueError(
-                f"gpu_pages='auto': the GPU budget {format_bytes(gpu_budget)} ({gpu_source}) is below what one decode step "
-                f"needs on the GPU: {format_bytes(least)} ({_per_layer(step)} pages/layer, e.g. layer {worst}: {step[worst]:,} "
-                f"pages of {page_bytes[worst]:,} B). Free device memory, pass a smaller headroom= or free_memory=, "
+                f"gpu_pages='auto': the GPU budget {format_bytes(gpu_budget)} ({gpu_source}) is below what one "
+                f"decode step needs on the GPU: {format_bytes(least)} ({_per_layer(step)} pages/layer, e.g. layer "
+                f"{worst}: {step[worst]:,} pages of {page_bytes[worst]:,} B). Free device memory, pass a smaller "
+                f"headroom= or free_memory=, "
                 f"lower batch_size or max_length, or pass gpu_pages={max(step)} (per layer) with host_pages")
         spare = sum((d - s) * b for d, s, b in zip(need, step, page_bytes))
         f = (gpu_budget - least) / spare  # < 1: the total did not fit
@@ -233,10 +234,10 @@ def choose_split(need: Sequence[int], step: Sequence[int], page_bytes: Sequence[
                                                           "is full." if can_drop else "."))
     if not can_drop:
         raise ValueError(f"{off} and the host budget ({format_bytes(host_budget)}: {host_source}) holds "
-                         f"{format_bytes(rest_bytes - host_budget)} less: pass recompute='hidden' (drop the oldest pages and "
-                         "recompute them, phase 3), raise host_memory=, or lower batch_size or max_length")
+                         f"{format_bytes(rest_bytes - host_budget)} less: pass recompute='hidden' (drop the oldest "
+                         "pages and recompute them, phase 3), raise host_memory=, or lower batch_size or max_length")
     host = [int(r * host_budget / rest_bytes) for r in rest]
     return TierSplit(3, tuple(gpu), tuple(host), tuple(need), tuple(step), tuple(page_bytes), gpu_budget,
                      host_budget, gpu_source, host_source,
-                     f"{off} and the host budget holds {format_bytes(host_budget)} of them: past it the oldest pages are "
-                     "dropped and recomputed when read (the cost model may drop earlier).")
+                     f"{off} and the host budget holds {format_bytes(host_budget)} of them: past it the oldest pages "
+                     "are dropped and recomputed when read (the cost model may drop earlier).")
