@@ -266,8 +266,8 @@ def test_gpu_auto_split_reads_the_device_and_its_headroom_covers_a_prefill(kv_dt
     batch, prompt = 4, 4096
     cache = hf.S2Cache(model, max_length=prompt + 64, batch_size=batch, gpu_pages="auto", kv_dtype=kv_dtype,
                        prefill_chunk_size=0)
-    assert cache.split.phase == 1 and all(p is None for p in cache.paged), cache.split.report()
-    assert "free " in cache.debug_report()
+    assert cache.split.phase == 1, cache.split.report()
+    assert cache.debug_report().startswith("split (auto): phase 1: need ")
     ids = torch.randint(0, 32000, (batch, prompt), device="cuda")
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -275,8 +275,8 @@ def test_gpu_auto_split_reads_the_device_and_its_headroom_covers_a_prefill(kv_dt
         logits = model(ids, past_key_values=cache, logits_to_keep=1).logits
     torch.cuda.synchronize()
     taken = torch.cuda.max_memory_allocated() - torch.cuda.memory_allocated()
-    room = hf.activation_headroom(model, batch, prompt + 64)
+    room = hf.activation_headroom(model, batch, prompt)
     print(f"prefill {batch} x {prompt}: forward took {taken / 2 ** 20:.1f} MiB beside the cache; headroom "
           f"{room / 2 ** 20:.1f} MiB ({(room - 256 * 2 ** 20) / 2 ** 20:.1f} MiB without the fixed part)")
-    assert logits.shape == (batch, 1, 32000)
+    assert logits.shape == (batch, 1, 32000) and all(p.table.tier is None for p in cache.paged)
     assert taken <= room

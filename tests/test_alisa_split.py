@@ -102,7 +102,7 @@ def test_step_pages_count_the_reads_with_the_querys_own_block():
 def test_activation_headroom_follows_its_formula():
     kw = dict(batch=2, tokens=100, hidden=64, intermediate=128, heads=4, kv_heads=2, head_dim=16, vocab=100,
               dtype_bytes=4)
-    live = 2 * 100 * 4 * (2 * 64 + 2 * 8 * 16 + 3 * 128) + 2 * 100 * 8
+    live = 2 * 100 * 4 * (4 * 64 + 2 * 8 * 16 + 3 * 128) + 2 * 100 * 8
     assert split.activation_headroom(**kw) == int(split.HEADROOM_SLACK * live) + split.HEADROOM_FIXED
     with pytest.raises(ValueError, match="tokens"):
         split.activation_headroom(**dict(kw, tokens=0))

@@ -85,12 +85,13 @@ def activation_headroom(*, batch: int, tokens: int, hidden: int, intermediate: i
                         head_dim: int, vocab: int, dtype_bytes: int) -> int:
     """Device bytes a decoder forward of ``batch`` x ``tokens`` needs beside its KV cache and weights:
 
-        HEADROOM_SLACK * (batch * tokens * dtype_bytes * (2 * hidden + 2 * (heads + 2 * kv_heads) * head_dim
+        HEADROOM_SLACK * (batch * tokens * dtype_bytes * (4 * hidden + 2 * (heads + 2 * kv_heads) * head_dim
                                                          + 3 * intermediate)
                           + batch * vocab * (dtype_bytes + 4))
         + HEADROOM_FIXED
 
-    Per token of the layer being run: the residual stream and its normed copy (2 hidden), q, k, v
+    Per token of the layer being run: the embeddings (the model's layer loop keeps them), the
+    layer's input (its residual), its normed copy and the sum being formed (4 hidden), q, k, v
     and their rotary-embedded copies (2 (heads + 2 kv_heads) head_dim), and the MLP's gate, up and
     their product alive together (3 intermediate); layers run one after another, so one layer's
     worth. Logits of the last position per sequence (what ``generate`` keeps), and its float32
@@ -101,7 +102,7 @@ def activation_headroom(*, batch: int, tokens: int, hidden: int, intermediate: i
                     ("dtype_bytes", dtype_bytes)):
         if v < 1:
             raise ValueError(f"{name} must be >= 1, got {v}")
-    per_token = dtype_bytes * (2 * hidden + 2 * (heads + 2 * kv_heads) * head_dim + 3 * intermediate)
+    per_token = dtype_bytes * (4 * hidden + 2 * (heads + 2 * kv_heads) * head_dim + 3 * intermediate)
     live = batch * tokens * per_token + batch * vocab * (dtype_bytes + 4)
     return int(HEADROOM_SLACK * live) + HEADROOM_FIXED
 
