@@ -758,7 +758,9 @@ def _classes():
         ``rotary_emb`` at each token's index in its sequence). ``drop`` (with ``recompute``):
         ``"cost"`` (the default) drops where ALISA's cost model says (``tiering.DropPolicy``:
         before the host budget is full when recomputing a page costs less than fetching it,
-        re-planned per batch and length bucket), ``"budget"`` only past ``host_pages``.
+        re-planned per batch and length bucket), ``"budget"`` (or True) only past ``host_pages``;
+        dropping is off without ``recompute`` (``drop=False`` says the same, and contradicts
+        ``recompute``).
         ``costs``: the ``tiering.MachineCosts`` it plans with (default: measured once on the GPU,
         the model's defaults on the CPU; the recompute fitted through the first layer's own
         recompute path unless given). ``debug_report()`` says where the pages are and the

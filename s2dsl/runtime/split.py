@@ -23,6 +23,11 @@ a top-k head may select again), ``step`` (what one decode step cannot do without
 3. else (only with a recompute source) each layer's host pages are its rest scaled to the host
    budget, and the tier drops past them (phase 3).
 
+Why the GPU gets all it can: the cost model never predicts a faster step with less GPU
+(``tiering.plan``; ``tests/test_tiering.py::test_less_gpu_never_predicts_faster``), so the split
+is decided by what fits, and the choice left — keep the rest on the host or drop it — is
+``DropPolicy``'s, per batch and length bucket, within the host pages chosen here.
+
 Refused, with what is needed and what to pass: a GPU budget below ``sum(step * page)``, and a
 rest beyond the host budget with nothing to recompute from.
 """
