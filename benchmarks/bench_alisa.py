@@ -26,10 +26,10 @@ sparsity).
    * s2dsl SWA all on the GPU (no budget), eager and in a CUDA graph: what tiering costs;
    * s2dsl SWA, GPU pool = the budget, the rest on the host (16-bit and INT8), eager
      (``generate()``'s path) and in a CUDA graph (``S2Cache.decode_graph``);
-   * s2dsl SWA with ``gpu_pages="auto"`` (graph): the library's GPU/host split under a GPU budget
-     forced by ``--gpu-budget-gib`` (``free_memory`` = it, no headroom; default: the bytes of the
-     rows above's pools, so the two splits are timed at one budget), the host's share chosen from
-     the host's memory; the split (phase, pages per layer, budgets) is in the row's ``split``;
+   * s2dsl SWA with ``gpu_pages="auto"`` (graph, every point): the library's GPU/host split under a
+     forced GPU budget (``free_memory`` = it, no headroom): the bytes of the rows above's pools
+     (the two splits timed at one budget) and each ``--gpu-budget-gib``; the host's share chosen
+     from the host's memory; the split (phase, pages per layer, budgets) is in the row's ``split``;
    * s2dsl SWA, GPU pool = the budget, host = half the rest, the oldest dropped and recomputed
      (phase 3), in a CUDA graph (phase 3's eager path is checked in part 1);
    * the moving pattern, all on the GPU / host tier / phase 3 (graph): pages moved up and
@@ -58,7 +58,7 @@ dense KV 2.7x the budget) and 256 x 8 x 1024 (top-1: reads 4 of 20 blocks, budge
 
     python benchmarks/bench_alisa.py --out benchmarks/results/alisa.json
     python benchmarks/bench_alisa.py --points 512x8x2048 --out /tmp/a.json
-    python benchmarks/bench_alisa.py --gpu-budget-gib 0.05 --out /tmp/a.json  # the auto split at another budget
+    python benchmarks/bench_alisa.py --gpu-budget-gib 0.1 --out /tmp/a.json  # + the auto split at 0.1 GiB
     TRITON_INTERPRET=1 python benchmarks/bench_alisa.py --tiny --out /tmp/tiny.json  # CPU smoke run
     TRITON_INTERPRET=1 python benchmarks/bench_alisa.py --tiny --no-correctness --points 40x2x8 \
         --budget-s 100000 --out /tmp/rows.json  # CPU smoke run of the throughput rows
@@ -261,9 +261,10 @@ def recompute_error(model, plan, ids, prompt, device):
     return worst
 
 
+#: gpu_pages="auto" rows (graph steps), one per GPU budget; every point runs them
+AUTO = "s2dsl swa auto split graph"
 #: the runs of the second and later points (the first runs all): the fast ones and the baselines
-LARGE_POINT_RUNS = ("s2dsl swa resident graph", "s2dsl swa + host tier graph", "s2dsl swa auto split graph",
-                    "s2dsl swa + host tier int8 graph",
+LARGE_POINT_RUNS = ("s2dsl swa resident graph", "s2dsl swa + host tier graph", "s2dsl swa + host tier int8 graph",
                     "s2dsl swa drop/recompute graph", "moving resident graph", "moving + host tier graph")
 
 
@@ -275,10 +276,10 @@ def main():
     ap.add_argument("--tiny", action="store_true", help="tiny model (CPU smoke run under TRITON_INTERPRET=1)")
     ap.add_argument("--budget-s", type=float, default=230.0,
                     help="skip the runs not started after this many seconds (recorded as skipped)")
-    ap.add_argument("--gpu-budget-gib", type=float, default=None,
-                    help="the 'auto split' rows' GPU KV budget (gpu_pages='auto' with free_memory = this, headroom "
-                         "0; the host's share chosen from host memory); default: each point's own budget, the bytes "
-                         "of the host tier rows' pools")
+    ap.add_argument("--gpu-budget-gib", type=float, nargs="*", default=[],
+                    help="one more 'auto split' row per value: gpu_pages='auto' under this GPU KV budget "
+                         "(free_memory = it, headroom 0; the host's share chosen from host memory), beside the row "
+                         "at each point's own budget (the bytes of the host tier rows' pools)")
     ap.add_argument("--rows", nargs="*", default=None,
                     help="run only the s2dsl rows whose name contains one of these (default: all)")
     ap.add_argument("--out", required=True)
@@ -426,20 +427,19 @@ def throughput(model, args, device, tiny, block, points, results, save, t0, hf_r
                      moving_read_share=reads_per_step(mpattern, final) / n_final, rows=[])
         tier = dict(host_pages=total)
         # gpu_pages="auto" under a forced GPU budget (free_memory, no headroom: the budget is the KV's):
-        # by default the bytes of the explicit rows' pools (their spare page each included), so the
-        # library's split is timed beside the hand-made one at the same budget
+        # the bytes of the explicit rows' pools (their spare page each included), so the library's
+        # split is timed beside the hand-made one at the same budget, and each --gpu-budget-gib
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
         page = kv_split.kv_page_bytes(block, head_dim, next(model.parameters()).dtype.itemsize, False)
-        budget = (int(args.gpu_budget_gib * 2 ** 30) if args.gpu_budget_gib is not None
-                  else layers * (gpu + 1) * page)
-        auto = dict(host_pages="auto", free_memory=budget, headroom=0)
-        point["auto_gpu_budget_bytes"] = budget
+        budgets = [("", layers * (gpu + 1) * page)] + [(f" @{g:g} GiB", int(g * 2 ** 30)) for g in args.gpu_budget_gib]
+        point["auto_gpu_budget_bytes"] = {AUTO + suffix: b for suffix, b in budgets}
         drop = dict(host_pages=max((total - gpu) // 2, 0), recompute="hidden")
         runs = [("s2dsl swa resident", plan, resident, dict(host_pages=None), False),
                 ("s2dsl swa resident graph", plan, resident, dict(host_pages=None), True),
                 ("s2dsl swa + host tier", plan, gpu, tier, False),
                 ("s2dsl swa + host tier graph", plan, gpu, tier, True),
-                ("s2dsl swa auto split graph", plan, "auto", auto, True),
+                *[(AUTO + suffix, plan, "auto", dict(host_pages="auto", free_memory=b, headroom=0), True)
+                  for suffix, b in budgets],
                 ("s2dsl swa + host tier int8", plan, gpu, dict(tier, kv_dtype=torch.int8), False),
                 ("s2dsl swa + host tier int8 graph", plan, gpu, dict(tier, kv_dtype=torch.int8), True),
                 ("s2dsl swa drop/recompute graph", plan, gpu, drop, True),
@@ -448,7 +448,8 @@ def throughput(model, args, device, tiny, block, points, results, save, t0, hf_r
                 ("moving + host tier graph, no overlap", mplan, mgpu, dict(tier, overlap=False), True),
                 ("moving drop/recompute graph", mplan, mgpu, dict(host_pages=max((total - mgpu) // 2, 0),
                                                                   recompute="hidden"), True)]
-        wanted = (lambda name: True) if n_point == 0 else (lambda name: name in LARGE_POINT_RUNS)
+        wanted = (lambda name: True) if n_point == 0 else \
+            (lambda name: name in LARGE_POINT_RUNS or name.startswith(AUTO))
         for name, p, pool, kw, graph in runs:
             if not wanted(name) or (args.rows is not None and not any(r in name for r in args.rows)):
                 continue
@@ -469,7 +470,7 @@ def throughput(model, args, device, tiny, block, points, results, save, t0, hf_r
         point["rows"].append(again)
         by = {r["impl"]: r for r in point["rows"]}
         for name, base in (("s2dsl swa + host tier graph", "s2dsl swa resident graph"),
-                           ("s2dsl swa auto split graph", "s2dsl swa resident graph"),
+                           *[(AUTO + suffix, "s2dsl swa resident graph") for suffix, _ in budgets],
                            ("moving + host tier graph", "moving resident graph"),
                            ("moving + host tier graph, no overlap", "moving resident graph"),
                            ("moving drop/recompute graph", "moving resident graph")):
