@@ -2,6 +2,8 @@
 the budgets it must respect, the phases, the refusals; and the counts it is built on."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -60,6 +62,18 @@ def test_the_gpu_budget_goes_to_the_layers_that_would_spill():
     assert got.phase == 2 and got.gpu_pages == (10, 30, 50) and got.host_pages == (0, 20, 40)
 
 
+def test_given_pools_are_kept_and_only_the_rest_is_chosen():
+    # a given GPU pool: the host takes what it leaves (phase 2), or none when it holds the need
+    got = split.choose_split([20, 20], [12, 12], [1, 1], gpu_pages=[14, 14], host_budget=1 << 20)
+    assert (got.phase, got.gpu_pages, got.host_pages, got.gpu_budget) == (2, (14, 14), (6, 6), None)
+    assert split.choose_split([20], [12], [1], gpu_pages=[20], host_budget=0).host_pages is None
+    # given host pages: phase 2 when they hold the rest, phase 3 (dropping) when they do not
+    got = split.choose_split([20], [12], [1], gpu_budget=14, host_pages=[6])
+    assert (got.phase, got.gpu_pages, got.host_pages) == (2, (14,), (6,))
+    got = split.choose_split([20], [12], [1], gpu_budget=14, host_pages=[2], can_drop=True)
+    assert (got.phase, got.host_pages) == (3, (2,)) and "(given)" in got.report()
+
+
 def test_refusals_say_what_is_needed_and_what_to_pass():
     with pytest.raises(ValueError, match=r"one decode step needs.*gpu_pages=12"):
         split.choose_split([20, 20], [12, 12], [2048, 2048], gpu_budget=23 * 2048, host_budget=1 << 30)
@@ -80,7 +94,6 @@ def test_free_memory_of_a_device_that_cannot_report_it_is_refused():
 
 def test_host_memory_is_read_from_the_machine():
     avail = split.host_available_bytes()
-    import os
     total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     assert 0 < avail <= total
 
