@@ -26,6 +26,10 @@ sparsity).
    * s2dsl SWA all on the GPU (no budget), eager and in a CUDA graph: what tiering costs;
    * s2dsl SWA, GPU pool = the budget, the rest on the host (16-bit and INT8), eager
      (``generate()``'s path) and in a CUDA graph (``S2Cache.decode_graph``);
+   * s2dsl SWA with ``gpu_pages="auto"`` (graph, every point): the library's GPU/host split under a
+     forced GPU budget (``free_memory`` = it, no headroom): the bytes of the rows above's pools
+     (the two splits timed at one budget) and each ``--gpu-budget-gib``; the host's share chosen
+     from the host's memory; the split (phase, pages per layer, budgets) is in the row's ``split``;
    * s2dsl SWA, GPU pool = the budget, host = half the rest, the oldest dropped and recomputed
      (phase 3), in a CUDA graph (phase 3's eager path is checked in part 1);
    * the moving pattern, all on the GPU / host tier / phase 3 (graph): pages moved up and
@@ -54,6 +58,7 @@ dense KV 2.7x the budget) and 256 x 8 x 1024 (top-1: reads 4 of 20 blocks, budge
 
     python benchmarks/bench_alisa.py --out benchmarks/results/alisa.json
     python benchmarks/bench_alisa.py --points 512x8x2048 --out /tmp/a.json
+    python benchmarks/bench_alisa.py --gpu-budget-gib 0.1 --out /tmp/a.json  # + the auto split at 0.1 GiB
     TRITON_INTERPRET=1 python benchmarks/bench_alisa.py --tiny --out /tmp/tiny.json  # CPU smoke run
     TRITON_INTERPRET=1 python benchmarks/bench_alisa.py --tiny --no-correctness --points 40x2x8 \
         --budget-s 100000 --out /tmp/rows.json  # CPU smoke run of the throughput rows
@@ -69,6 +74,7 @@ import torch
 
 import s2dsl
 from s2dsl.integrations import hf
+from s2dsl.runtime import split as kv_split
 from s2dsl.runtime import tiering
 from common import make_alisa_model as make_model
 
@@ -154,23 +160,25 @@ def budget_pages(pattern, prompt: int, batch: int, final: int) -> int:
 
 
 def run_s2dsl(model, plan, ids, steps, gpu_pages, host_pages, kv_dtype=None, recompute=None, time_from=0,
-              graph=False, overlap=True):
-    """``overlap=False``: graph steps wait for every copy up before each replay (``HostTier.graph_overlap``)."""
+              graph=False, overlap=True, **split_kw):
+    """``overlap=False``: graph steps wait for every copy up before each replay (``HostTier.graph_overlap``).
+    ``split_kw``: ``S2Cache``'s keywords of ``gpu_pages="auto"`` (``free_memory``, ``headroom``, ``host_memory``)."""
     from s2dsl.runtime.host_tier import HostTier
     saved, HostTier.graph_overlap = HostTier.graph_overlap, overlap
     try:
-        return _run_s2dsl(model, plan, ids, steps, gpu_pages, host_pages, kv_dtype, recompute, time_from, graph)
+        return _run_s2dsl(model, plan, ids, steps, gpu_pages, host_pages, kv_dtype, recompute, time_from, graph,
+                          split_kw)
     finally:
         HostTier.graph_overlap = saved
 
 
-def _run_s2dsl(model, plan, ids, steps, gpu_pages, host_pages, kv_dtype, recompute, time_from, graph):
+def _run_s2dsl(model, plan, ids, steps, gpu_pages, host_pages, kv_dtype, recompute, time_from, graph, split_kw):
     hf.apply(model, plan, model_name="bench")
     model.set_attn_implementation(hf.ATTN_IMPLEMENTATION)
     free()
     b, n = ids.shape
     cache = hf.S2Cache(model, max_length=n + steps + 8, batch_size=b, gpu_pages=gpu_pages, host_pages=host_pages,
-                       kv_dtype=kv_dtype, recompute=recompute)
+                       kv_dtype=kv_dtype, recompute=recompute, **split_kw)
     tokens, secs = greedy(model, ids, cache, steps, time_from, graph)
     tiers = [p.table.tier for p in cache.paged if p.table.tier is not None]
     report = cache.debug_report()
@@ -183,6 +191,14 @@ def _run_s2dsl(model, plan, ids, steps, gpu_pages, host_pages, kv_dtype, recompu
                dropped=sum(t.dropped_pages for t in tiers), recomputed=sum(t.recomputed for t in tiers),
                gpu_pool_pages=gpu_pages, host_pages=host_pages, phase=phase, drop_point=drop_point,
                graph=graph, gpu_kv_gib=sum(p.num_pages * p.page_bytes for p in cache.paged) / 2 ** 30)
+    if cache.split is not None:  # gpu_pages="auto": the split the library chose, per layer
+        sp = cache.split
+        row.update(gpu_pool_pages=list(sp.gpu_pages), host_pages=None if sp.host_pages is None else list(sp.host_pages),
+                   split=dict(phase=sp.phase, gpu_pages=list(sp.gpu_pages), need_pages=list(sp.need_pages),
+                              step_pages=list(sp.step_pages),
+                              host_pages=None if sp.host_pages is None else list(sp.host_pages),
+                              gpu_budget_bytes=sp.gpu_budget, host_budget_bytes=sp.host_budget,
+                              prefill_tokens=sp.prefill_tokens, report=sp.report()))
     # per step over the whole decode (all layers): what the moving pattern brings back
     row["moved_up_per_step"] = row["moved_up"] / steps
     row["recomputed_per_step"] = row["recomputed"] / steps
@@ -245,6 +261,8 @@ def recompute_error(model, plan, ids, prompt, device):
     return worst
 
 
+#: gpu_pages="auto" rows (graph steps), one per GPU budget; every point runs them
+AUTO = "s2dsl swa auto split graph"
 #: the runs of the second and later points (the first runs all): the fast ones and the baselines
 LARGE_POINT_RUNS = ("s2dsl swa resident graph", "s2dsl swa + host tier graph", "s2dsl swa + host tier int8 graph",
                     "s2dsl swa drop/recompute graph", "moving resident graph", "moving + host tier graph")
@@ -258,6 +276,12 @@ def main():
     ap.add_argument("--tiny", action="store_true", help="tiny model (CPU smoke run under TRITON_INTERPRET=1)")
     ap.add_argument("--budget-s", type=float, default=230.0,
                     help="skip the runs not started after this many seconds (recorded as skipped)")
+    ap.add_argument("--gpu-budget-gib", type=float, nargs="*", default=[],
+                    help="one more 'auto split' row per value: gpu_pages='auto' under this GPU KV budget "
+                         "(free_memory = it, headroom 0; the host's share chosen from host memory), beside the row "
+                         "at each point's own budget (the bytes of the host tier rows' pools)")
+    ap.add_argument("--rows", nargs="*", default=None,
+                    help="run only the s2dsl rows whose name contains one of these (default: all)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -402,11 +426,20 @@ def throughput(model, args, device, tiny, block, points, results, save, t0, hf_r
                      moving_dense_over_budget=total / mgpu,
                      moving_read_share=reads_per_step(mpattern, final) / n_final, rows=[])
         tier = dict(host_pages=total)
+        # gpu_pages="auto" under a forced GPU budget (free_memory, no headroom: the budget is the KV's):
+        # the bytes of the explicit rows' pools (their spare page each included), so the library's
+        # split is timed beside the hand-made one at the same budget, and each --gpu-budget-gib
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        page = kv_split.kv_page_bytes(block, head_dim, next(model.parameters()).dtype.itemsize, False)
+        budgets = [("", layers * (gpu + 1) * page)] + [(f" @{g:g} GiB", int(g * 2 ** 30)) for g in args.gpu_budget_gib]
+        point["auto_gpu_budget_bytes"] = {AUTO + suffix: b for suffix, b in budgets}
         drop = dict(host_pages=max((total - gpu) // 2, 0), recompute="hidden")
         runs = [("s2dsl swa resident", plan, resident, dict(host_pages=None), False),
                 ("s2dsl swa resident graph", plan, resident, dict(host_pages=None), True),
                 ("s2dsl swa + host tier", plan, gpu, tier, False),
                 ("s2dsl swa + host tier graph", plan, gpu, tier, True),
+                *[(AUTO + suffix, plan, "auto", dict(host_pages="auto", free_memory=b, headroom=0), True)
+                  for suffix, b in budgets],
                 ("s2dsl swa + host tier int8", plan, gpu, dict(tier, kv_dtype=torch.int8), False),
                 ("s2dsl swa + host tier int8 graph", plan, gpu, dict(tier, kv_dtype=torch.int8), True),
                 ("s2dsl swa drop/recompute graph", plan, gpu, drop, True),
@@ -415,9 +448,10 @@ def throughput(model, args, device, tiny, block, points, results, save, t0, hf_r
                 ("moving + host tier graph, no overlap", mplan, mgpu, dict(tier, overlap=False), True),
                 ("moving drop/recompute graph", mplan, mgpu, dict(host_pages=max((total - mgpu) // 2, 0),
                                                                   recompute="hidden"), True)]
-        wanted = (lambda name: True) if n_point == 0 else (lambda name: name in LARGE_POINT_RUNS)
+        wanted = (lambda name: True) if n_point == 0 else \
+            (lambda name: name in LARGE_POINT_RUNS or name.startswith(AUTO))
         for name, p, pool, kw, graph in runs:
-            if not wanted(name):
+            if not wanted(name) or (args.rows is not None and not any(r in name for r in args.rows)):
                 continue
             if time.perf_counter() - t0 > args.budget_s:
                 row = dict(skipped=f"time budget ({args.budget_s:.0f} s) spent")
@@ -436,6 +470,7 @@ def throughput(model, args, device, tiny, block, points, results, save, t0, hf_r
         point["rows"].append(again)
         by = {r["impl"]: r for r in point["rows"]}
         for name, base in (("s2dsl swa + host tier graph", "s2dsl swa resident graph"),
+                           *[(AUTO + suffix, "s2dsl swa resident graph") for suffix, _ in budgets],
                            ("moving + host tier graph", "moving resident graph"),
                            ("moving + host tier graph, no overlap", "moving resident graph"),
                            ("moving drop/recompute graph", "moving resident graph")):
@@ -446,6 +481,10 @@ def throughput(model, args, device, tiny, block, points, results, save, t0, hf_r
             if row.get("drop_point"):  # phase 3 rows: where the tiers drop (the cost model's point)
                 dp = row["drop_point"]
                 phase = dp[dp.find("drop past"):].split(" per layer")[0] + " | " + phase[:60]
+            if row.get("split"):  # gpu_pages="auto": the split chosen
+                sp = row["split"]
+                phase = (f"split: phase {sp['phase']}, GPU {max(sp['gpu_pages'])} host "
+                         f"{max(sp['host_pages'] or [0])} of {max(sp['need_pages'])} pages/layer | " + phase[:50])
             tps = f"{row['tokens_per_s']:9.1f}" if "tokens_per_s" in row else f"{'-':>9}"
             ms = f"{row['ms_per_step']:8.2f}" if "ms_per_step" in row else f"{'-':>8}"
             up = f"{row['moved_up_per_step']:8.2f}" if "moved_up_per_step" in row else f"{'':>8}"

@@ -246,3 +246,37 @@ def test_gpu_tiers_drop_where_the_cost_model_says(slow_link):
         assert limit == 0 and all(t.dropped_pages > 0 and t.moved_down == 0 for t in tiers), report
     else:
         assert "measured on this machine" in report, report
+
+
+@pytest.mark.parametrize("kv_dtype", [None, torch.int8], ids=["bf16", "int8"])
+def test_gpu_auto_split_reads_the_device_and_its_headroom_covers_a_prefill(kv_dtype):
+    """gpu_pages="auto" on a real device: the free memory is read (phase 1 for a cache this small),
+    and the headroom estimated for a forward of batch x prompt tokens is at least what the first
+    prefill's forward takes beside the cache (the peak over what stays allocated after it: pools,
+    tables and logits), on a Llama of 4 layers, hidden 1024, MLP 2816, 16 q / 4 kv heads of 64."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from s2dsl.integrations import hf
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
+                      num_attention_heads=16, num_key_value_heads=4, head_dim=64, max_position_embeddings=8192)
+    model = LlamaForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
+    plan = s2dsl.parse("pattern swa { block = 64 heads = 16 kv_heads = 4 causal "
+                       "heads * { window 4 sink 1 topk 4 recent 8 } }\nmodel m { layers = 4 rest -> swa }")
+    hf.apply(model, plan, model_name="m")
+    batch, prompt = 4, 4096
+    cache = hf.S2Cache(model, max_length=prompt + 64, batch_size=batch, gpu_pages="auto", kv_dtype=kv_dtype,
+                       prefill_chunk_size=0)
+    assert cache.split.phase == 1, cache.split.report()
+    assert cache.debug_report().startswith("split (auto): phase 1: need ")
+    ids = torch.randint(0, 32000, (batch, prompt), device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    with torch.no_grad():
+        logits = model(ids, past_key_values=cache, logits_to_keep=1).logits
+    torch.cuda.synchronize()
+    taken = torch.cuda.max_memory_allocated() - torch.cuda.memory_allocated()
+    room = hf.activation_headroom(model, batch, prompt)
+    print(f"prefill {batch} x {prompt}: forward took {taken / 2 ** 20:.1f} MiB beside the cache; headroom "
+          f"{room / 2 ** 20:.1f} MiB ({(room - 256 * 2 ** 20) / 2 ** 20:.1f} MiB without the fixed part)")
+    assert logits.shape == (batch, 1, 32000) and all(p.table.tier is None for p in cache.paged)
+    assert taken <= room

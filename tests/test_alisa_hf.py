@@ -311,7 +311,7 @@ def test_generate_drops_where_the_cost_model_says(swa_model, swa_ref, drop):
 
 def test_drop_arguments_are_checked(swa_model):
     from s2dsl.runtime.tiering import MachineCosts
-    with pytest.raises(ValueError, match="drop must be"):
+    with pytest.raises(ValueError, match="not a drop mode"):
         hf.S2Cache(swa_model, max_length=40, gpu_pages=8, host_pages=2, recompute="hidden", drop="early")
     with pytest.raises(ValueError, match="recompute='hidden'"):
         hf.S2Cache(swa_model, max_length=40, gpu_pages=8, host_pages=2, drop="cost")
@@ -320,3 +320,116 @@ def test_drop_arguments_are_checked(swa_model):
     cache = hf.S2Cache(swa_model, max_length=40, gpu_pages=8, host_pages=2, recompute="hidden", drop="budget",
                        costs=MachineCosts())
     assert cache.drop_policy is not None and all(layer.drop_policy is None for layer in cache.layers)
+
+
+# ---------------------------------------------------------------- gpu_pages="auto": the split
+# both tiers on the CPU: the "device" memory is given (free_memory=), never read
+PAGE = 2 * 16 * 16 * 4  # one float32 page of K and V (block 16, head dim 16)
+
+
+def _auto(model, **kw):
+    return hf.S2Cache(model, max_length=60, batch_size=2, gpu_pages="auto", **kw)
+
+
+@pytest.fixture(scope="module")
+def auto_ref(swa_model):
+    """A 47-token prompt (3 blocks) and 4 greedy tokens: the second opens block 4, where a GPU pool
+    of 3 pages per (sequence, kv head) must move one down. The resident cache's tokens."""
+    ids = torch.randint(0, 100, (2, 47), generator=torch.Generator().manual_seed(9))
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        ref = swa_model.generate(ids, past_key_values=hf.S2Cache(swa_model, max_length=60, batch_size=2), **kw)
+    return ids, kw, ref
+
+
+@kernels
+def test_auto_split_phase_1_when_the_device_has_room(swa_model, auto_ref):
+    """Ample free memory: every page on the GPU, no host tier at all (not even for recompute),
+    the plain cache's tokens; the report names the phase and the budget's parts."""
+    ids, kw, ref = auto_ref
+    seen = []
+    cache = _auto(swa_model, free_memory=lambda device: seen.append(device) or 1 << 30, recompute="hidden")
+    assert seen == [torch.device("cpu")] and cache.split.phase == 1
+    with torch.no_grad():
+        out = swa_model.generate(ids, past_key_values=cache, **kw)
+    assert torch.equal(out, ref)
+    assert all(p.table.tier is None for p in cache.paged) and all(layer.hidden_log is None for layer in cache.layers)
+    assert [p.num_pages for p in cache.paged] == [hf.pages_needed(p, 60, 2) for p in swa_model.s2dsl_patterns]
+    report = cache.debug_report()
+    assert report.startswith("split (auto): phase 1: need 20 pages/layer, GPU 20 (budget ") and \
+        "free 1.00 GiB - headroom 256.51 MiB (forward of 2 x 60 tokens)" in report, report
+
+
+@kernels
+def test_auto_split_phase_2_when_the_device_is_short_is_lossless(swa_model, auto_ref):
+    """Free memory = the estimated headroom + one step's pages (12 of 20 per layer): the GPU pools
+    get exactly one step's pages, the host the rest, and the tokens are the all-resident ones."""
+    ids, kw, ref = auto_ref
+    room = hf.activation_headroom(swa_model, 2, 60)
+    cache = _auto(swa_model, free_memory=room + (2 * 12 + 2) * PAGE)
+    assert cache.split.phase == 2 and cache.split.gpu_pages == (12, 12) and cache.split.host_pages == (8, 8)
+    with torch.no_grad():
+        out = swa_model.generate(ids, past_key_values=cache, **kw)
+    assert torch.equal(out, ref)
+    tiers = [p.table.tier for p in cache.paged]
+    assert all(t.host_pages == 8 and t.moved_down > 0 and not t.drop for t in tiers), tiers[0].report()
+    assert all(p.pages_in_use <= 12 == p.num_pages for p in cache.paged)
+    report = cache.debug_report()
+    assert "split (auto): phase 2: need 20 pages/layer, GPU 12 (budget 48.00 KiB = free" in report, report
+    assert "host 8 (budget" in report and "available) pages/layer" in report and "up to 48 tokens" in report, report
+
+
+@kernels
+def test_auto_split_phase_3_when_the_host_is_short_too(swa_model, auto_ref):
+    """The host may hold 3 of the 8 pages per layer left off the GPU (after the hidden-state log):
+    phase 3, the tiers drop the oldest pages (the cost model may drop earlier), tokens unchanged."""
+    ids, kw, ref = auto_ref
+    log = 2 * 2 * 60 * 64 * 4  # layers x batch x max_length x hidden x float32: 60 KiB
+    cache = _auto(swa_model, free_memory=(2 * 12 + 2) * PAGE, headroom=0, host_memory=log + 2 * 3 * PAGE,
+                  recompute="hidden")
+    assert cache.split.phase == 3 and cache.split.host_pages == (3, 3)
+    with torch.no_grad():
+        out = swa_model.generate(ids, past_key_values=cache, **kw)
+    assert torch.equal(out, ref)
+    tiers = [p.table.tier for p in cache.paged]
+    assert all(t.host_pages == 3 and t.dropped_pages > 0 and t.host_pages_in_use <= 3 for t in tiers), \
+        tiers[0].report()
+    report = cache.debug_report()
+    assert "split (auto): phase 3: need 20 pages/layer, GPU 12" in report and "host 3 (budget 12.00 KiB: " \
+        "host_memory 72.00 KiB - hidden-state log 60.00 KiB)" in report and "drop='cost' in force" in report, report
+
+
+def test_auto_split_arguments_are_checked(swa_model):
+    with pytest.raises(ValueError, match="'auto'.*'atuo'"):
+        hf.S2Cache(swa_model, max_length=60, gpu_pages="atuo")
+    with pytest.raises(ValueError, match="host_pages must be"):
+        hf.S2Cache(swa_model, max_length=60, gpu_pages=12, host_pages="all")
+    with pytest.raises(ValueError, match="cannot be read.*free_memory=BYTES"):
+        _auto(swa_model)  # the CPU reports no free device memory
+    with pytest.raises(ValueError, match=r"one decode step needs.*12 pages/layer.*gpu_pages=12"):
+        _auto(swa_model, free_memory=(2 * 12 + 1) * PAGE, headroom=0)
+    with pytest.raises(ValueError, match=r"recompute='hidden'.*host_memory="):
+        _auto(swa_model, free_memory=(2 * 12 + 2) * PAGE, headroom=0, host_memory=PAGE)
+    with pytest.raises(ValueError, match="free_memory must be"):
+        _auto(swa_model, free_memory=-1)
+    with pytest.raises(ValueError, match="max_length"):
+        hf.S2Cache(swa_model, gpu_pages="auto", free_memory=1 << 30)
+    with pytest.raises(ValueError, match="needs the model"):
+        hf.S2Cache(patterns=swa_model.s2dsl_patterns, max_length=60, gpu_pages="auto", free_memory=1 << 30)
+    with pytest.raises(ValueError, match="do nothing"):
+        hf.S2Cache(swa_model, max_length=60, gpu_pages=12, free_memory=1 << 30)
+    with pytest.raises(ValueError, match="host_pages needs gpu_pages"):
+        hf.S2Cache(swa_model, max_length=60, host_pages="auto")
+    # a given GPU pool with the host's share chosen: the rest of the need, no more
+    cache = hf.S2Cache(swa_model, max_length=60, batch_size=2, gpu_pages=14, host_pages="auto", host_memory=1 << 20)
+    assert cache.split.phase == 2 and cache.split.host_pages == (6, 6)
+    assert [layer.host_pages for layer in cache.layers] == [6, 6]
+
+
+@pytest.mark.parametrize("drop", [0, False])
+def test_s2cache_drop_errors_say_how_to_turn_dropping_off(swa_model, drop):
+    # drop=False without recompute keeps every page (the default); with recompute it contradicts it
+    if drop is False:
+        assert hf.S2Cache(swa_model, max_length=40, gpu_pages=8, host_pages=2, drop=False).drop_policy is None
+    with pytest.raises(ValueError, match="leave out recompute" if drop is False else "not a page count.*recompute="):
+        hf.S2Cache(swa_model, max_length=40, gpu_pages=8, host_pages=2, recompute="hidden", drop=drop)

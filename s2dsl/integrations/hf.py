@@ -34,6 +34,7 @@ functions here, never by ``import s2dsl``.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 from typing import List, NamedTuple, Optional, Sequence, Union
 
@@ -248,6 +249,107 @@ def pages_needed(pattern: Pattern, max_length: int, batch_size: int, lookahead: 
     rules = KeepRules(pattern, kv_efficient_heads(pattern), "cpu")
     per_seq = sum(rules.count_needed(max_length, lookahead + max(chunk, pattern.block))) + pattern.kv_heads
     return batch_size * per_seq
+
+
+def _bytes_of(value, name: str, *args) -> int:
+    """``value`` as bytes: an int as given, a callable asked with ``args``."""
+    got = value(*args) if callable(value) else value
+    if isinstance(got, bool) or not isinstance(got, (int, float)) or got < 0:
+        raise ValueError(f"{name} must be a number of bytes >= 0 (or a callable returning one), got {got!r}")
+    return int(got)
+
+
+def activation_headroom(model, batch_size: int, tokens: int) -> int:
+    """``runtime.split.activation_headroom`` for ``model``'s config: the device bytes a forward of
+    ``batch_size`` x ``tokens`` needs beside the KV cache (see its formula)."""
+    from ..runtime.split import activation_headroom as headroom
+    cfg = getattr(model, "config", None)
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    hidden, heads = getattr(cfg, "hidden_size", None), getattr(cfg, "num_attention_heads", None)
+    if not hidden or not heads:
+        raise ValueError("gpu_pages='auto' estimates the forward's activations from the model's config "
+                         "(hidden_size, num_attention_heads, ...); this model has none: pass headroom=BYTES")
+    dtype = next(model.parameters()).dtype
+    return headroom(batch=batch_size, tokens=tokens, hidden=hidden,
+                    intermediate=getattr(cfg, "intermediate_size", None) or 4 * hidden, heads=heads,
+                    kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+                    head_dim=getattr(cfg, "head_dim", None) or hidden // heads,
+                    vocab=getattr(cfg, "vocab_size", None) or 1, dtype_bytes=dtype.itemsize)
+
+
+def _auto_split(model, patterns, *, max_length, batch_size, max_rollback, chunk, kv_dtype, gpu_pages, host_pages,
+                can_drop, free_memory, headroom, host_memory):
+    """``S2Cache``'s ``gpu_pages`` / ``host_pages="auto"``: per layer the need (``pages_needed``) and
+    one step's pages (``tiering.step_pages``), the budgets from the device's free memory less the
+    forward's headroom and from the host's, then ``runtime.split.choose_split``."""
+    from ..runtime import split, tiering
+    from ..runtime.paging import KeepRules, kv_efficient_heads
+    if model is None:
+        raise ValueError("gpu_pages/host_pages='auto' needs the model: its device, dtype and config size the split")
+    if max_length is None:
+        raise ValueError("gpu_pages/host_pages='auto' sizes the cache for max_length tokens per sequence: give "
+                         "max_length")
+    param = next(model.parameters(), None)
+    if param is None:
+        raise ValueError("gpu_pages/host_pages='auto' reads the model's device from its parameters; it has none")
+    device, dtype = param.device, param.dtype
+    elem = 1 if kv_dtype == torch.int8 else dtype.itemsize
+    modules = attention_modules(model)
+    dims = {getattr(m, "head_dim", None) for m in modules} - {None}
+    if len(dims) != 1:
+        cfg = model.config
+        dims = {getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads}
+    head_dim = dims.pop()
+    need = [pages_needed(p, max_length, batch_size, max_rollback, chunk) for p in patterns]
+    step = [tiering.step_pages(p, max_length, batch_size) for p in patterns]
+    page = [split.kv_page_bytes(p.block, head_dim, elem, kv_dtype == torch.int8) for p in patterns]
+    gpu_budget = gpu_source = None
+    if gpu_pages is None:
+        free = _bytes_of(split.device_free_bytes if free_memory is None else free_memory, "free_memory", device)
+        tokens = min(chunk, max_length) if chunk else max_length
+        room = activation_headroom(model, batch_size, tokens) if headroom is None else _bytes_of(headroom, "headroom")
+        # each pool holds one page more than its size (the write's spare page)
+        gpu_budget = free - room - sum(page)
+        gpu_source = (f"free {split.format_bytes(free)} - headroom {split.format_bytes(room)}"
+                      + (f" (forward of {batch_size} x {tokens} tokens)" if headroom is None else "")
+                      + f" - {len(page)} spare pages")
+    elif isinstance(gpu_pages, int):
+        gpu_pages = [gpu_pages] * len(patterns)
+    host_budget = host_source = None
+    if host_pages is None:
+        if host_memory is None:
+            avail = split.host_available_bytes()
+            allowed = int(split.HOST_FRACTION * avail)
+            host_source = f"{split.HOST_FRACTION:g} x {split.format_bytes(avail)} available"
+        else:
+            allowed = _bytes_of(host_memory, "host_memory")
+            host_source = f"host_memory {split.format_bytes(allowed)}"
+        host_budget = allowed
+        if can_drop:  # the hidden-state log of recompute='hidden' lives there too (per layer, sequence, token)
+            width = getattr(getattr(model, "config", None), "hidden_size", None) or 0
+            log = len(modules) * batch_size * max_length * width * dtype.itemsize
+            host_budget -= log
+            host_source += f" - hidden-state log {split.format_bytes(log)}"
+    else:
+        host_pages = [host_pages] * len(patterns)
+    got = split.choose_split(need, step, page, gpu_budget=gpu_budget, gpu_pages=gpu_pages, host_budget=host_budget,
+                             host_pages=host_pages, can_drop=can_drop, gpu_source=gpu_source or "",
+                             host_source=host_source or "")
+    if got.host_pages is None:
+        return got
+    # a tier does not spill during a first prefill: the longest prompt every layer's pool holds
+    longest = max_length
+    for p, g in zip(patterns, got.gpu_pages):
+        rules = KeepRules(p, kv_efficient_heads(p), "cpu")
+        lo, hi = 0, longest
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if batch_size * sum(rules.count_needed(mid, max_rollback)) <= g:
+                lo = mid
+            else:
+                hi = mid - 1
+        longest = lo
+    return dataclasses.replace(got, prefill_tokens=longest)
 
 
 class _HiddenLog:
@@ -656,41 +758,75 @@ def _classes():
         ``rotary_emb`` at each token's index in its sequence). ``drop`` (with ``recompute``):
         ``"cost"`` (the default) drops where ALISA's cost model says (``tiering.DropPolicy``:
         before the host budget is full when recomputing a page costs less than fetching it,
-        re-planned per batch and length bucket), ``"budget"`` only past ``host_pages``.
+        re-planned per batch and length bucket), ``"budget"`` (or True) only past ``host_pages``;
+        dropping is off without ``recompute`` (``drop=False`` says the same, and contradicts
+        ``recompute``).
         ``costs``: the ``tiering.MachineCosts`` it plans with (default: measured once on the GPU,
         the model's defaults on the CPU; the recompute fitted through the first layer's own
         recompute path unless given). ``debug_report()`` says where the pages are and the
         decision in force.
+
+        ``gpu_pages="auto"`` (needs ``model`` and ``max_length``; ``host_pages`` then defaults to
+        ``"auto"`` too): the library chooses the split (``runtime.split.choose_split``, ALISA's
+        phases at ``max_length``). The GPU budget is ``free_memory - headroom``: ``free_memory``
+        (bytes, or a callable of the device; default: read from the CUDA device, refused where it
+        cannot be read) less ``headroom`` (bytes; default ``activation_headroom``: the model's
+        activations for a forward of ``batch_size`` x ``prefill_chunk_size`` tokens, or
+        ``max_length`` without chunking, see ``runtime.split.activation_headroom``). If every
+        layer's need (``pages_needed``) fits, phase 1: the plain cache, no host tier. Otherwise
+        each layer keeps one decode step's pages (``tiering.step_pages``; refused below) and the
+        rest of the budget is shared in proportion to what each would spill; the host takes the
+        rest within ``host_memory`` (bytes or a callable; default half the host's available memory,
+        less the hidden-state log with ``recompute``): phase 2, else, with ``recompute``, phase 3
+        with the host pages scaled to the budget (and refused without). ``host_pages="auto"``
+        with a given ``gpu_pages`` sizes only the host. The cost model still chooses the drop
+        point. ``split`` holds the choice; ``debug_report()`` opens with it.
         """
 
         def __init__(self, model=None, *, max_length: Optional[int] = None, batch_size: int = 1,
                      num_pages: Union[int, Sequence[int], None] = None, patterns: Optional[Sequence[Pattern]] = None,
                      max_rollback: int = 64, kv_dtype: Optional[torch.dtype] = None,
-                     gpu_pages: Union[int, Sequence[int], None] = None, host_pages: Optional[int] = None,
+                     gpu_pages: Union[int, Sequence[int], str, None] = None, host_pages: Union[int, str, None] = None,
                      recompute: Optional[str] = None, prefill_chunk_size: Optional[int] = None,
-                     drop: Optional[str] = None, costs=None):
+                     drop: Union[str, bool, None] = None, costs=None, free_memory=None, headroom: Optional[int] = None,
+                     host_memory=None):
             if patterns is None:
                 patterns = getattr(model, "s2dsl_patterns", None)
                 if patterns is None:
                     raise ValueError("S2Cache needs a model prepared by s2dsl.integrations.hf.apply, or patterns=...")
             patterns = list(patterns)
+            for name, v in (("gpu_pages", gpu_pages), ("host_pages", host_pages)):
+                if isinstance(v, str) and v != "auto":
+                    raise ValueError(f"{name} must be a number of pages per layer or 'auto' (chosen from the "
+                                     f"machine's memory), got {v!r}")
+            auto_gpu, auto_host = gpu_pages == "auto", host_pages == "auto"
+            if auto_gpu and host_pages is None:  # the library chooses the split: the host's share included
+                host_pages, auto_host = "auto", True
+            if not auto_gpu and (free_memory is not None or headroom is not None):
+                raise ValueError("free_memory and headroom size gpu_pages='auto'; with a given pool they do nothing")
+            if not auto_host and host_memory is not None:
+                raise ValueError("host_memory sizes host_pages='auto'; with given host_pages it does nothing")
             if gpu_pages is not None:
                 if num_pages is not None:
                     raise ValueError("give gpu_pages or num_pages (the same pool size), not both")
                 num_pages = gpu_pages
             elif host_pages is not None:
                 raise ValueError("host_pages needs gpu_pages: the GPU pool the host tier backs")
-            if host_pages is not None and host_pages < 0:
+            if not auto_host and host_pages is not None and host_pages < 0:
                 raise ValueError(f"host_pages must be >= 0, got {host_pages}")
             rec = [None] * len(patterns)
             from ..runtime import tiering
-            if drop is not None and recompute is None:
+            off = "leave out recompute= (an S2Cache drops only with recompute='hidden')"
+            mode = tiering.drop_mode("cost" if drop is None else drop, off=off)
+            if mode is not None and drop is not None and recompute is None:
                 raise ValueError(f"drop={drop!r} chooses when pages are dropped; dropping needs recompute='hidden' "
-                                 "(what a dropped page is made again from)")
-            drop = "cost" if drop is None else drop
-            if drop not in tiering.DROP_MODES:
-                raise ValueError(f"drop must be 'cost' (where the cost model says, never past host_pages) or "
-                                 f"'budget' (only past host_pages); got {drop!r}")
+                                 "(what a dropped page is made again from). To keep every page, leave out drop "
+                                 "(or pass drop=False)")
+            if mode is None and recompute is not None:
+                raise ValueError(f"drop={drop!r} turns dropping off, but recompute={recompute!r} is there to drop "
+                                 "pages (ALISA's phase 3): to turn dropping off leave out recompute (a full host "
+                                 "then raises HostFullError); to drop only past host_pages pass drop='budget'")
+            drop = mode or "cost"
             if costs is not None and not isinstance(costs, tiering.MachineCosts):
                 raise TypeError(f"costs must be a tiering.MachineCosts, got {type(costs).__name__}")
             self.costs = costs
@@ -702,6 +838,20 @@ def _classes():
             if prefill_chunk_size < 0:
                 raise ValueError(f"prefill_chunk_size must be >= 0 tokens, got {prefill_chunk_size}")
             self.prefill_chunk_size = prefill_chunk_size
+            if kv_dtype is not None and kv_dtype != torch.int8 and not kv_dtype.is_floating_point:
+                raise ValueError(f"kv_dtype must be torch.int8 or a floating-point dtype; got {kv_dtype}")
+            self.split = None
+            if auto_gpu or auto_host:
+                self.split = _auto_split(model, patterns, max_length=max_length, batch_size=batch_size,
+                                         max_rollback=max_rollback, chunk=prefill_chunk_size, kv_dtype=kv_dtype,
+                                         gpu_pages=None if auto_gpu else num_pages,
+                                         host_pages=None if auto_host else host_pages,
+                                         can_drop=recompute is not None, free_memory=free_memory,
+                                         headroom=headroom, host_memory=host_memory)
+                num_pages = list(self.split.gpu_pages)
+                host_pages = None if self.split.host_pages is None else list(self.split.host_pages)
+                if host_pages is None:  # phase 1: nothing leaves the GPU, nothing to recompute
+                    recompute, rec = None, [None] * len(patterns)
             if num_pages is None:
                 if max_length is None:
                     raise ValueError("give max_length (tokens per sequence) or num_pages to size the page pools")
@@ -712,21 +862,22 @@ def _classes():
             num_pages = list(num_pages)
             if len(num_pages) != len(patterns):
                 raise ValueError(f"{len(num_pages)} pool sizes for {len(patterns)} layers")
+            tiered = host_pages is not None
+            host_per_layer = (host_pages if isinstance(host_pages, list) else [host_pages] * len(patterns)) \
+                if tiered else [None] * len(patterns)
             # with a host tier every layer has its own page table: a layer's step reads its own top-k
             # selection, and a table shared by L layers would have to keep the union of L selections
             # on the GPU (the tiers still prepare a step together: runtime.host_tier.TierGroup)
-            keys = [(p.fingerprint(), n, i if host_pages is not None else None)
+            keys = [(p.fingerprint(), n, i if tiered else None)
                     for i, (p, n) in enumerate(zip(patterns, num_pages))]
             groups = {key: _Group(keys.count(key)) for key in keys}
             for g in groups.values():
                 g.max_length = max_length
-            if kv_dtype is not None and kv_dtype != torch.int8 and not kv_dtype.is_floating_point:
-                raise ValueError(f"kv_dtype must be torch.int8 or a floating-point dtype; got {kv_dtype}")
-            super().__init__(layers=[S2CacheLayer(p, n, groups[key], max_rollback, kv_dtype, host_pages, r)
-                                     for p, n, key, r in zip(patterns, num_pages, keys, rec)])
+            super().__init__(layers=[S2CacheLayer(p, n, groups[key], max_rollback, kv_dtype, h, r)
+                                     for p, n, key, h, r in zip(patterns, num_pages, keys, host_per_layer, rec)])
             for layer in self.layers:
                 layer.siblings = tuple(self.layers)
-            if host_pages is not None:
+            if tiered:
                 from ..runtime.host_tier import TierGroup
                 tiers = TierGroup()
                 for layer in self.layers:
@@ -909,6 +1060,8 @@ def _classes():
             when the tiers plan with their own)."""
             from ..runtime import tiering
             lines, seen = [], set()
+            if self.split is not None:  # gpu_pages / host_pages="auto": the split chosen, its phase and why
+                lines.append(f"split (auto): {self.split.report()}")
             for i, layer in enumerate(self.layers):
                 p = layer.paged
                 if p is None:

@@ -58,7 +58,7 @@ import torch
 
 from .paging import KeepRules, OutOfPagesError, PageTable
 from .quant import quantize_pages
-from .tiering import DROP_MODES, DropPolicy
+from .tiering import DropPolicy, drop_mode
 
 __all__ = ["HostTier", "TierGroup", "HostFullError", "Recompute", "StepReads"]
 
@@ -144,11 +144,7 @@ class HostTier:
         self._graph_waits = False  # a captured step waits per layer (see settle)
         if host_pages < 0:
             raise ValueError(f"host_pages must be >= 0, got {host_pages}")
-        if drop is True:
-            drop = "budget"
-        if drop is not False and drop not in DROP_MODES:
-            raise ValueError(f"drop must be False, True (= 'budget'), 'budget' (drop only past host_pages) or "
-                             f"'cost' (drop where the cost model says, never past host_pages); got {drop!r}")
+        drop = drop_mode(drop) or False
         if drop == "cost" and not isinstance(policy, DropPolicy):
             raise ValueError("drop='cost' needs policy=tiering.DropPolicy(costs, ...): the cost model that "
                              "chooses the drop point")

@@ -33,7 +33,7 @@ from dataclasses import dataclass, replace
 from typing import Optional
 
 __all__ = ["MachineCosts", "Workload", "TierPlan", "plan", "measure_machine", "fit_recompute", "with_recompute",
-           "DropPolicy", "DropDecision", "DROP_MODES", "machine_costs"]
+           "DropPolicy", "DropDecision", "DROP_MODES", "machine_costs", "step_pages", "drop_mode"]
 
 
 @dataclass(frozen=True)
@@ -346,6 +346,17 @@ def workload_for(pattern, *, batch: int, context: int, head_dim: int, hidden: in
     pages a step reads per kv head are the decode kernel's own count of its static blocks (largest
     over kv heads) plus the pattern's top-k. ``kv_bytes`` / ``hidden_bytes``: bytes per element
     of the cache's K/V and of the model's hidden states (``kv_int8`` overrides the first)."""
+    read, top = _reads(pattern, context)
+    w = Workload(batch=batch, context=max(context, 1), kv_heads=pattern.kv_heads, head_dim=head_dim,
+                 block=pattern.block, hidden=hidden, read_pages=read, topk_pages=min(top, read), churn=churn,
+                 layers=layers, kv_bytes=kv_bytes, hidden_bytes=hidden_bytes)
+    return with_int8(w) if kv_int8 else w
+
+
+def _reads(pattern, context: int, own: bool = False):
+    """(pages one (sequence, kv head) reads in a one-token step at ``context`` tokens, largest
+    over kv heads; of them the pattern's top-k); ``own``: and whether every kv head reads the
+    query's own block."""
     import torch
     from ..codegen.lower import lower
     from .decode import kept_blocks_for_query
@@ -358,16 +369,43 @@ def workload_for(pattern, *, batch: int, context: int, head_dim: int, hidden: in
     tier_reads = StepReads(pattern).needed(torch.full((1, 1, 1), last // pattern.block),
                                            torch.arange(pages).view(1, 1, -1))
     static = max(static, int(tier_reads.sum(-1).max()))
-    read = min(static + top, pages)
-    w = Workload(batch=batch, context=max(context, 1), kv_heads=pattern.kv_heads, head_dim=head_dim,
-                 block=pattern.block, hidden=hidden, read_pages=read, topk_pages=min(top, read), churn=churn,
-                 layers=layers, kv_bytes=kv_bytes, hidden_bytes=hidden_bytes)
-    return with_int8(w) if kv_int8 else w
+    if own:
+        return min(static + top, pages), top, bool(tier_reads[..., -1].all())
+    return min(static + top, pages), top
+
+
+def step_pages(pattern, context: int, batch: int = 1) -> int:
+    """GPU pages one decode step at ``context`` tokens cannot do without, for ``batch`` sequences:
+    per (sequence, kv head) the pages it reads (static blocks at the query and the top-k, as
+    ``workload_for`` counts them), the query's own block among them — the page a step opens when
+    its token starts a block is that block — or one more where a kv head does not read its own
+    block. A tier's GPU pool below this fails such a step (``OutOfPagesError``)."""
+    read, _, own = _reads(pattern, context, own=True)
+    return batch * pattern.kv_heads * (read + (0 if own else 1))
 
 
 #: how a tier that can drop chooses where: ``"cost"`` at the host budget the cost model chose
 #: (``DropPolicy``, never above ``host_pages``), ``"budget"`` only past ``host_pages``
 DROP_MODES = ("cost", "budget")
+
+
+def drop_mode(drop, *, off: str = "pass drop=False") -> Optional[str]:
+    """``drop`` as a mode: ``"cost"`` / ``"budget"`` as given, ``True`` = ``"budget"``, ``False`` =
+    None (never drop). Anything else is refused with what ``drop`` takes and how to turn dropping
+    off (``off``: the caller's way to say so). Identity, not equality, decides: 0 and 1 are not
+    False and True here, since ``drop=0`` reads as "drop past 0 host pages" as easily as "off"."""
+    if drop is True:
+        return "budget"
+    if drop is False:
+        return None
+    if isinstance(drop, str) and drop in DROP_MODES:
+        return drop
+    hint = ""
+    if isinstance(drop, (int, float)) and not isinstance(drop, bool):
+        hint = " drop is a mode, not a page count (the count is host_pages: 0 drops whatever leaves the GPU pool);"
+    raise ValueError(f"drop={drop!r} is not a drop mode. drop takes 'cost' (drop where the cost model says, never "
+                     f"past host_pages), 'budget' or True (drop only past host_pages);{hint} to turn dropping off "
+                     f"{off} (a full host then raises HostFullError)")
 
 _MACHINE = {}
 
