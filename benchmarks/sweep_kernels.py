@@ -7,7 +7,8 @@ at every (stride, length), twice (``--rounds``) to show the spread; each row has
 blocks the pattern keeps and the compiler's resource report of each variant; ``--ablate`` adds
 copies of the default kernel whose residue, unmasked-window or masked loops run zero times.
 Forward+backward: ``s2dsl.attention`` + backward and the kernels alone, DKernel's f+b beside.
-Backward: ``backward()`` alone per ``--bwd`` tuning (none by default), gradients checked first.
+Backward: ``backward()`` alone per ``--bwd`` tuning, gradients checked first (``BWD_DEFAULT``: issue
+14's backward variants, timed in the train section unless ``--train-bwd`` narrows them).
 Decode: every ``--decode`` variant (DecodeSpecialization fields: ``flat``, ``pages_per_step``,
 ``prefetch``, ``force_dot``, warps) checked at batch 1 and 3 with 1, 4 and 16 splits, then
 timed at batch 1 and 8, 32K and 128K, with the split count of each policy
@@ -58,9 +59,22 @@ FWD_DEFAULT = {
     "persist2": {"persistent": 2},
     "persist1": {"persistent": 1},
 }
-# the backward's knobs were timed on 2026-11-27 (the default stayed): by default only its default
-# is compiled and gradient-checked in the pool (the train section times it), not timed alone
-BWD_DEFAULT = {"default": {}}
+# the backward's knobs were timed on 2026-11-27 (the default stayed). Issue 14's fifth session
+# (benchmarks/RESULTS.md, "Backward (issue 14), fifth session"): tensor-descriptor loads of Q/dO
+# (dK/dV) and K/V (dQ), the dK/dV product query-major, 32-row dK/dV query steps (no spills with
+# descriptors), and two launches with a dQ kernel small enough for three programs per SM. Each is
+# gradient-checked in the pool, then the train section times the backward alone and forward+backward
+# (default forward) beside the default and DKernel (--train-bwd picks which)
+BWD_DEFAULT = {
+    "default": {},
+    "tma": {"dq_load": "tma", "dkdv_load": "tma"},
+    "tma_dkdv": {"dkdv_load": "tma"},
+    "qmajor": {"dkdv_query_major": True},
+    "qmajor_tma": {"dkdv_query_major": True, "dq_load": "tma", "dkdv_load": "tma"},
+    "m32_tma": {"dkdv_block_m": 32, "dq_load": "tma", "dkdv_load": "tma"},
+    "streams_dq3": {"one_grid": False, "two_streams": True, "dq_load": "tma", "dkdv_load": "tma", "block_n": 32,
+                    "num_stages": 1},
+}
 # decode (issue 14): the segmented loops (default) against V's load issued with K's (the sm_90
 # SASS of the default waits for K, reduces, then loads V), one flat loop over the split's kept
 # blocks, several pages per step, the next page's K/V prefetched into registers, and the
@@ -184,7 +198,7 @@ def _bwd_job(job):
     pattern = pattern_for(stride)
     try:
         errs = {}
-        for n in (2048, 2048 + 64):
+        for n in (2048, 2048 + 37):  # and a partial last block (descriptor rows past kv_len)
             torch.manual_seed(n)
             q, k, v, do = (rand(1, HEADS, n, DIM) for _ in range(4))
             out, lse = forward(q, k, v, pattern)
@@ -383,9 +397,10 @@ def sweep_decode(args, dec, checks, rows):
                 write(args, rows, checks)
 
 
-def sweep_train(args, fwd, checks, rows):
+def sweep_train(args, fwd, bwd, checks, rows):
     """Forward+backward: s2dsl.attention + out.backward (the user's path), the kernels alone per
-    forward variant (``--train-fwd``), and DKernel's forward+backward, same inputs."""
+    forward variant (``--train-fwd``) and per backward variant (``--train-bwd``, default forward;
+    also the backward alone), and DKernel's forward+backward, same inputs."""
     import dkernel_baseline
     import s2dsl
     from s2dsl.runtime.attention import forward
@@ -409,6 +424,18 @@ def sweep_train(args, fwd, checks, rows):
                         out, lse = forward(q, k, v, pattern, tuning=fwd[label])
                         backward(q, k, v, out, lse, do, pattern)
                     row[f"s2dsl_kernels_ms {label}"] = bench(kernels, 150)
+            out, lse = forward(q, k, v, pattern)
+            for label in args.train_bwd:
+                tuning = bwd.get(label)
+                if tuning is None or not checks.get(("bwd", stride, label), {}).get("ok"):
+                    continue
+                row[f"bwd_ms {label}"] = bench(lambda: backward(q, k, v, out, lse, do, pattern, tuning=tuning), 150)
+                if label != "default":  # the default's f+b is s2dsl_kernels_ms default
+                    def kernels():
+                        o, m = forward(q, k, v, pattern)
+                        backward(q, k, v, o, m, do, pattern, tuning=tuning)
+                    row[f"s2dsl_kernels_ms bwd:{label}"] = bench(kernels, 150)
+            del out, lse
             try:
                 dk = dkernel_baseline.local_stride(HEADS, n, block=BLOCK, local_blocks=WINDOW, vert_stride=stride)
                 row["dkernel_ms"] = triton.testing.do_bench(lambda: dk(qg, kg, vg).backward(do), warmup=20, rep=150,
@@ -448,6 +475,9 @@ def main():
     ap.add_argument("--rounds", type=int, default=2, help="forward sweeps (the second shows the spread)")
     ap.add_argument("--train-fwd", nargs="*", default=["default"],
                     help="forward variants timed with the backward (kernels alone)")
+    ap.add_argument("--train-bwd", nargs="*", default=None,
+                    help="backward variants (labels of --bwd or BWD_DEFAULT) timed in the train section, alone and "
+                         "with the default forward; default: all that passed their check")
     args = ap.parse_args()
     fwd = json.loads(args.fwd) if args.fwd else FWD_DEFAULT
     bwd = json.loads(args.bwd) if args.bwd else BWD_DEFAULT
@@ -468,8 +498,10 @@ def main():
     sweep_forward(args, fwd, checks, rows)
     if dec:
         sweep_decode(args, dec, checks, rows)
+    if args.train_bwd is None:
+        args.train_bwd = list(bwd)
     if args.train_fwd:
-        sweep_train(args, fwd, checks, rows)
+        sweep_train(args, fwd, bwd, checks, rows)
     if args.bwd:  # timed alone only when asked for
         sweep_backward(args, bwd, checks, rows)
     for round_ in range(2, args.rounds + 1):
@@ -516,6 +548,11 @@ def summary(rows):
             print(f"f+b s{r['stride']} {r['seq'] // 1024}K DKernel {dk:.3f} | autograd {r['s2dsl_autograd_ms']:.3f} "
                   f"({dk / r['s2dsl_autograd_ms']:.2f}x) | " + " ".join(
                       f"{a[17:]} {b:.3f} ({dk / b:.2f}x)" for a, b in r.items() if a.startswith("s2dsl_kernels_ms")))
+            alone = {a[7:]: b for a, b in r.items() if a.startswith("bwd_ms ")}
+            if alone:
+                base = alone.get("default", float("nan"))
+                print(f"    bwd alone s{r['stride']} {r['seq'] // 1024}K | " + " ".join(
+                    f"{a} {b:.3f} ({base / b:.2f}x)" for a, b in alone.items()))
         else:
             print(f"bwd s{r['stride']} {r['seq'] // 1024}K fwd {r['fwd_ms']:.3f} | " + " ".join(
                 f"{a[7:]} {b:.3f}" for a, b in r.items() if a.startswith("bwd_ms")))
