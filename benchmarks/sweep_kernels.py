@@ -61,15 +61,14 @@ FWD_DEFAULT = {
 }
 # the backward's knobs were timed on 2026-11-27 (the default stayed). Issue 14's fifth session
 # (benchmarks/RESULTS.md, "Backward (issue 14), fifth session"): tensor-descriptor loads of Q/dO
-# (dK/dV) and K/V (dQ), the dK/dV product query-major, 32-row dK/dV query steps (no spills with
-# descriptors), and two launches with a dQ kernel small enough for three programs per SM. Each is
+# (dK/dV) and K/V (dQ), with the dK/dV product query-major, with 32-row dK/dV query steps (no
+# spills), and two launches with a dQ kernel small enough for three programs per SM. Each is
 # gradient-checked in the pool, then the train section times the backward alone and forward+backward
 # (default forward) beside the default and DKernel (--train-bwd picks which)
 BWD_DEFAULT = {
     "default": {},
     "tma": {"dq_load": "tma", "dkdv_load": "tma"},
     "tma_dkdv": {"dkdv_load": "tma"},
-    "qmajor": {"dkdv_query_major": True},
     "qmajor_tma": {"dkdv_query_major": True, "dq_load": "tma", "dkdv_load": "tma"},
     "m32_tma": {"dkdv_block_m": 32, "dq_load": "tma", "dkdv_load": "tma"},
     "streams_dq3": {"one_grid": False, "two_streams": True, "dq_load": "tma", "dkdv_load": "tma", "block_n": 32,
