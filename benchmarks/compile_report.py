@@ -117,8 +117,10 @@ def compile_decode(pattern, tuning: dict, head_dim: int, dtype: str, tmp: Path):
 
 _BWD_CONSTS = ("HEADS KV_HEADS GROUP BLOCK CAUSAL TABLE_WIDTH HEAD_DIM D_PAD BLOCK_M BLOCK_N DQ_BLOCK_M DQ_BLOCK_N "
                "DKDV_BLOCK_M DKDV_BLOCK_N").split()
-# the backward kernels' constexprs by kernel: BLOCK_M/BLOCK_N are each pass's own tile sizes
-_BWD_TILES = {"dq_kernel": ("DQ_", "DQ_NUM_"), "dkdv_kernel": ("DKDV_", "DKDV_NUM_"), "backward_kernel": ("", "DQ_NUM_")}
+# per backward kernel: the prefix of its BLOCK_M/BLOCK_N module constants (each pass has its own
+# tiles) and of its NUM_WARPS/NUM_STAGES (the one-grid kernel runs with the dQ kernel's)
+_BWD_TILES = {"dq_kernel": ("DQ_", "DQ_NUM_"), "dkdv_kernel": ("DKDV_", "DKDV_NUM_"),
+              "backward_kernel": ("", "DQ_NUM_")}
 
 
 def compile_backward(pattern, tuning: dict, head_dim: int, dtype: str, tmp: Path) -> dict:

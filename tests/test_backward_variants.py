@@ -48,7 +48,8 @@ def _assert_close(got, want, dtype):
     for name, g, r in zip(("dq", "dk", "dv"), got, want):
         assert torch.isfinite(g).all(), f"{name}: NaN/inf"
         scale = max(1.0, r.abs().max().item()) if r.numel() else 1.0
-        torch.testing.assert_close(g.double(), r, atol=TOL[dtype] * scale, rtol=TOL[dtype], msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(g.double(), r, atol=TOL[dtype] * scale, rtol=TOL[dtype],
+                                   msg=lambda m: f"{name}: {m}")
 
 
 @interpreter
