@@ -65,7 +65,7 @@ def test_variants_match_reference(pattern, data):
     layout = data.draw(st.sampled_from(["bhsd", "bshd"]), label="layout")
     tuning = dict(data.draw(st.sampled_from(list(VARIANTS.values())), label="variant"),
                   one_grid=data.draw(st.booleans(), label="one_grid"),
-                  dkdv_block_m=data.draw(st.sampled_from([16]), label="dkdv_block_m"))
+                  flat_steps=data.draw(st.booleans(), label="flat_steps"))
     q, k, v, do = random_inputs(1, pattern.heads, pattern.kv_heads, lq, lk, d, dtype, layout, seed=lq * 13 + lk,
                                 grad_out=True)
     _assert_close(_check(pattern, q, k, v, do, tuning, layout), _reference_grads(q, k, v, do, pattern, layout), dtype)
