@@ -3,7 +3,8 @@
 Triton compiles for a named target (``GPUTarget("cuda", 90, 32)``) with its bundled ptxas, so
 registers, stack (spill) bytes and shared memory of every variant can be read before any GPU
 time is spent; ``cuobjdump``/``nvdisasm`` (bundled too) count the SASS instructions that tell
-the paths apart (HGMMA: wgmma; LDGSTS: cp.async pipelining; UTMALDG: TMA loads; STL: spills).
+the paths apart (HGMMA: wgmma; LDGSTS: cp.async pipelining; UTMALDG: TMA loads; STL/LDL: spill
+stores/loads; BAR: CTA barriers; MUFU.EX2: exponentials), each counted in the whole kernel's SASS.
 The integer arguments are marked 16-divisible and the pointers 16-aligned, as Triton's JIT
 marks them at a launch over torch tensors with lengths that are multiples of 16.
 
@@ -12,6 +13,11 @@ marks them at a launch over torch tensors with lengths that are multiples of 16.
 
 ``--decode``: the decode kernel's GPU specialisation (one query, 64-token pages, the split
 path) instead, with ``--kv-heads`` q-head groups (32: MHA, one row per program).
+``--backward``: the backward's GPU specialisation (``choose_backward_for_gpu``; it does not
+depend on the sequence length), one line per kernel of the generated module: ``dq``, ``dkdv``
+and, for one-grid specialisations (the default), ``both`` (the kernel that runs).
+
+    python benchmarks/compile_report.py --backward --stride 8 --variants '[{}, {"qdo_load": "tma"}]'
 """
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ import argparse
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -108,6 +115,52 @@ def compile_decode(pattern, tuning: dict, head_dim: int, dtype: str, tmp: Path):
                           options={"num_warps": module.NUM_WARPS, "num_stages": module.NUM_STAGES})
 
 
+_BWD_CONSTS = ("HEADS KV_HEADS GROUP BLOCK CAUSAL TABLE_WIDTH HEAD_DIM D_PAD BLOCK_M BLOCK_N DQ_BLOCK_M DQ_BLOCK_N "
+               "DKDV_BLOCK_M DKDV_BLOCK_N").split()
+# per backward kernel: the prefix of its BLOCK_M/BLOCK_N module constants (each pass has its own
+# tiles) and of its NUM_WARPS/NUM_STAGES (the one-grid kernel runs with the dQ kernel's)
+_BWD_TILES = {"dq_kernel": ("DQ_", "DQ_NUM_"), "dkdv_kernel": ("DKDV_", "DKDV_NUM_"),
+              "backward_kernel": ("", "DQ_NUM_")}
+
+
+def compile_backward(pattern, tuning: dict, head_dim: int, dtype: str, tmp: Path) -> dict:
+    """Triton's compiled backward kernels (name -> compiled) for the GPU specialisation with ``tuning``:
+    ``dq`` and ``dkdv`` always, ``both`` too when the specialisation runs them in one grid."""
+    from s2dsl.codegen.backward import generate_backward
+    from s2dsl.runtime.backward import choose_backward_for_gpu
+    spec = replace(choose_backward_for_gpu(pattern, head_dim), dtype=dtype, head_dim=head_dim, layout="bhsd",
+                   capability=(9, 0), **tuning)
+    module = _module(generate_backward(lower(pattern), spec), tmp)
+    elem = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[dtype]
+    kernels = {"dq": "dq_kernel", "dkdv": "dkdv_kernel"}
+    if module.ONE_GRID:
+        kernels["both"] = "backward_kernel"
+    out = {}
+    for label, kname in kernels.items():
+        kernel = getattr(module, kname)
+        names = kernel.arg_names
+        prefix, warps_prefix = _BWD_TILES[kname]
+        sig, consts = {}, {}
+        for name in names:
+            if name in _BWD_CONSTS:
+                value = getattr(module, prefix + name if name in ("BLOCK_M", "BLOCK_N") else name)
+                sig[name], consts[(names.index(name),)] = "constexpr", value
+            elif name in ("Q", "K", "V", "DO", "DQ", "DK", "DV"):
+                sig[name] = "*" + elem
+            elif name in ("Lse", "Delta"):
+                sig[name] = "*fp32"
+            elif name in ("HeadTable", "CuSeqQ", "CuSeqK"):
+                sig[name] = "*i32"
+            else:
+                sig[name] = "fp32" if name in ("qk_scale", "sm_scale") else "i32"
+        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if sig[n] not in ("constexpr", "fp32")}
+        src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs)
+        out[label] = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                                    options={"num_warps": getattr(module, warps_prefix + "WARPS"),
+                                             "num_stages": getattr(module, warps_prefix + "STAGES")})
+    return out
+
+
 def report(compiled) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
@@ -117,7 +170,9 @@ def report(compiled) -> dict:
     fields = dict(part.split(":", 1) for line in usage.splitlines() if "REG:" in line for part in line.split())
     return {"regs": int(fields.get("REG", -1)), "stack_bytes": int(fields.get("STACK", -1)),
             "shared_bytes": compiled.metadata.shared,
-            **{op: sass.count(op) for op in ("HGMMA", "LDGSTS", "UTMALDG", "STL", "LDL")}}
+            **{op: sass.count(op) for op in ("HGMMA", "LDGSTS", "UTMALDG", "STL", "LDL")},
+            # CTA barriers (BAR.SYNC / BAR.ARV), not DEPBAR / MEMBAR; MUFU.EX2: the exponentials
+            "BAR": len(re.findall(r"\bBAR\.", sass)), "MUFU.EX2": sass.count("MUFU.EX2")}
 
 
 def main():
@@ -127,16 +182,18 @@ def main():
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--variants", default='[{}]', help="JSON list of Specialization overrides")
     ap.add_argument("--decode", action="store_true", help="the decode kernel (DecodeSpecialization overrides)")
-    ap.add_argument("--kv-heads", type=int, default=32, help="decode: kv heads of the 32 q heads")
+    ap.add_argument("--backward", action="store_true", help="the backward kernels (BackwardSpecialization overrides)")
+    ap.add_argument("--kv-heads", type=int, default=32, help="decode, backward: kv heads of the 32 q heads")
     args = ap.parse_args()
     pattern = s2dsl.local_stride(block=64, local_blocks=16, vert_stride=args.stride, heads=32,
-                                 kv_heads=args.kv_heads if args.decode else None)
-    build = compile_decode if args.decode else compile_forward
+                                 kv_heads=args.kv_heads if args.decode or args.backward else None)
+    build = compile_backward if args.backward else compile_decode if args.decode else compile_forward
     with tempfile.TemporaryDirectory() as tmp:
         for tuning in json.loads(args.variants):
             try:
-                print(json.dumps(tuning), json.dumps(report(build(pattern, tuning, args.head_dim, args.dtype,
-                                                                  Path(tmp)))))
+                built = build(pattern, tuning, args.head_dim, args.dtype, Path(tmp))
+                for label, compiled in (built.items() if isinstance(built, dict) else [("", built)]):
+                    print(json.dumps(tuning), label, json.dumps(report(compiled)), flush=True)
             except Exception as exc:  # noqa: BLE001 - a variant that does not compile is a result
                 print(json.dumps(tuning), f"{type(exc).__name__}: {str(exc)[:200]}")
 

@@ -7,7 +7,9 @@ at every (stride, length), twice (``--rounds``) to show the spread; each row has
 blocks the pattern keeps and the compiler's resource report of each variant; ``--ablate`` adds
 copies of the default kernel whose residue, unmasked-window or masked loops run zero times.
 Forward+backward: ``s2dsl.attention`` + backward and the kernels alone, DKernel's f+b beside.
-Backward: ``backward()`` alone per ``--bwd`` tuning (none by default), gradients checked first.
+Backward: ``backward()`` alone per ``--bwd`` tuning, gradients checked first (``BWD_DEFAULT``: issue
+14's backward variants, timed in the train section unless ``--train-bwd`` narrows them; with
+``--bwd-kv-heads``, also alone on the GQA pattern).
 Decode: every ``--decode`` variant (DecodeSpecialization fields: ``flat``, ``pages_per_step``,
 ``prefetch``, ``force_dot``, warps) checked at batch 1 and 3 with 1, 4 and 16 splits, then
 timed at batch 1 and 8, 32K and 128K, with the split count of each policy
@@ -58,9 +60,21 @@ FWD_DEFAULT = {
     "persist2": {"persistent": 2},
     "persist1": {"persistent": 1},
 }
-# the backward's knobs were timed on 2026-11-27 (the default stayed): by default only its default
-# is compiled and gradient-checked in the pool (the train section times it), not timed alone
-BWD_DEFAULT = {"default": {}}
+# the backward's knobs were timed on 2026-11-27 (the default stayed). Issue 14's fifth session
+# (benchmarks/RESULTS.md, "Backward (issue 14), fifth session"): tensor-descriptor loads of Q/dO
+# (dK/dV) and K/V (dQ), with the dK/dV product query-major, with 32-row dK/dV query steps (no
+# spills), and two launches with a dQ kernel small enough for three programs per SM. Each is
+# gradient-checked in the pool, then the train section times the backward alone and forward+backward
+# (default forward) beside the default and DKernel (--train-bwd picks which)
+BWD_DEFAULT = {
+    "default": {},
+    "tma": {"dq_load": "tma", "dkdv_load": "tma"},
+    "tma_dkdv": {"dkdv_load": "tma"},
+    "qmajor_tma": {"dkdv_query_major": True, "dq_load": "tma", "dkdv_load": "tma"},
+    "m32_tma": {"dkdv_block_m": 32, "dq_load": "tma", "dkdv_load": "tma"},
+    "streams_dq3": {"one_grid": False, "two_streams": True, "dq_load": "tma", "dkdv_load": "tma", "block_n": 32,
+                    "num_stages": 1},
+}
 # decode (issue 14): the segmented loops (default) against V's load issued with K's (the sm_90
 # SASS of the default waits for K, reduces, then loads V), one flat loop over the split's kept
 # blocks, several pages per step, the next page's K/V prefetched into registers, and the
@@ -81,10 +95,10 @@ DECODE_DEFAULT = {
 }
 
 
-def pattern_for(stride: int):
+def pattern_for(stride: int, kv_heads=None):
     import s2dsl
-    return s2dsl.local_stride(block=BLOCK, local_blocks=WINDOW, vert_stride=stride, heads=HEADS,
-                              name=f"local16_stride{stride}")
+    return s2dsl.local_stride(block=BLOCK, local_blocks=WINDOW, vert_stride=stride, heads=HEADS, kv_heads=kv_heads,
+                              name=f"local16_stride{stride}" + (f"_kv{kv_heads}" if kv_heads else ""))
 
 
 def elapsed() -> float:
@@ -178,23 +192,26 @@ def _ref_grads(q, k, v, do, pattern):
 
 
 def _bwd_job(job):
-    _, stride, label, tuning = job
+    """Check one backward variant: kind "bwd" on the MHA pattern, "bwdg" on (tuning, kv heads)."""
+    kind, stride, label, payload = job
     from s2dsl.runtime.attention import forward
     from s2dsl.runtime.backward import backward
-    pattern = pattern_for(stride)
+    tuning, kv_heads = payload if kind == "bwdg" else (payload, None)
+    pattern = pattern_for(stride, kv_heads)
     try:
         errs = {}
-        for n in (2048, 2048 + 64):
+        for n in (2048, 2048 + 37):  # and a partial last block (descriptor rows past kv_len)
             torch.manual_seed(n)
-            q, k, v, do = (rand(1, HEADS, n, DIM) for _ in range(4))
+            q, do = (rand(1, HEADS, n, DIM) for _ in range(2))
+            k, v = (rand(1, pattern.kv_heads, n, DIM) for _ in range(2))
             out, lse = forward(q, k, v, pattern)
             got = backward(q, k, v, out, lse, do, pattern, tuning=tuning)
             want = _ref_grads(q, k, v, do, pattern)
             errs[n] = max(((g.float() - w).norm() / w.norm()).item() for g, w in zip(got, want))
         ok = all(math.isfinite(e) and e < 3e-2 for e in errs.values())
-        return ("bwd", stride, label), {"ok": ok, "rel_err": errs}
+        return (kind, stride, label), {"ok": ok, "rel_err": errs}
     except Exception as exc:  # noqa: BLE001
-        return ("bwd", stride, label), {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:400]}
+        return (kind, stride, label), {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:400]}
 
 
 def _decode_setup(pattern, context, batch_n):
@@ -245,7 +262,7 @@ def _decode_job(job):
 
 
 def _job(job):
-    return {"bwd": _bwd_job, "dec": _decode_job}.get(job[0], _fwd_job)(job)
+    return {"bwd": _bwd_job, "bwdg": _bwd_job, "dec": _decode_job}.get(job[0], _fwd_job)(job)
 
 
 # ---- timing in the main process ----
@@ -313,21 +330,25 @@ def sweep_forward(args, fwd, checks, rows, round_=1):
             torch.cuda.empty_cache()
 
 
-def sweep_backward(args, bwd, checks, rows):
+def sweep_backward(args, bwd, checks, rows, kv_heads=None):
+    """``backward()`` alone per variant (MHA, or ``kv_heads`` kv heads: checks of kind "bwdg")."""
     from s2dsl.runtime.attention import forward
     from s2dsl.runtime.backward import backward
+    kind = "bwdg" if kv_heads else "bwd"
     for stride in args.strides:
-        pattern = pattern_for(stride)
+        pattern = pattern_for(stride, kv_heads)
         for n in [s for s in args.seqs if s <= 32768]:
             if elapsed() > args.budget_s:
-                print(f"backward: budget spent, skipping stride {stride} n {n}", flush=True)
+                print(f"backward: budget spent, skipping stride {stride} n {n} kv heads {kv_heads}", flush=True)
                 continue
             torch.manual_seed(n)
-            q, k, v, do = (rand(1, HEADS, n, DIM) for _ in range(4))
+            q, do = (rand(1, HEADS, n, DIM) for _ in range(2))
+            k, v = (rand(1, pattern.kv_heads, n, DIM) for _ in range(2))
             out, lse = forward(q, k, v, pattern)
-            row = {"section": "backward", "stride": stride, "seq": n, "fwd_ms": bench(lambda: forward(q, k, v, pattern))}
+            row = {"section": "backward", "stride": stride, "seq": n, "kv_heads": pattern.kv_heads,
+                   "fwd_ms": bench(lambda: forward(q, k, v, pattern))}
             for label, tuning in bwd.items():
-                if checks.get(("bwd", stride, label), {}).get("ok"):
+                if checks.get((kind, stride, label), {}).get("ok"):
                     row[f"bwd_ms {label}"] = bench(lambda: backward(q, k, v, out, lse, do, pattern, tuning=tuning))
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -383,9 +404,10 @@ def sweep_decode(args, dec, checks, rows):
                 write(args, rows, checks)
 
 
-def sweep_train(args, fwd, checks, rows):
+def sweep_train(args, fwd, bwd, checks, rows):
     """Forward+backward: s2dsl.attention + out.backward (the user's path), the kernels alone per
-    forward variant (``--train-fwd``), and DKernel's forward+backward, same inputs."""
+    forward variant (``--train-fwd``) and per backward variant (``--train-bwd``, default forward;
+    also the backward alone), and DKernel's forward+backward, same inputs."""
     import dkernel_baseline
     import s2dsl
     from s2dsl.runtime.attention import forward
@@ -409,6 +431,18 @@ def sweep_train(args, fwd, checks, rows):
                         out, lse = forward(q, k, v, pattern, tuning=fwd[label])
                         backward(q, k, v, out, lse, do, pattern)
                     row[f"s2dsl_kernels_ms {label}"] = bench(kernels, 150)
+            out, lse = forward(q, k, v, pattern)
+            for label in args.train_bwd:
+                tuning = bwd.get(label)
+                if tuning is None or not checks.get(("bwd", stride, label), {}).get("ok"):
+                    continue
+                row[f"bwd_ms {label}"] = bench(lambda: backward(q, k, v, out, lse, do, pattern, tuning=tuning), 150)
+                if label != "default":  # the default's f+b is s2dsl_kernels_ms default
+                    def kernels():
+                        o, m = forward(q, k, v, pattern)
+                        backward(q, k, v, o, m, do, pattern, tuning=tuning)
+                    row[f"s2dsl_kernels_ms bwd:{label}"] = bench(kernels, 150)
+            del out, lse
             try:
                 dk = dkernel_baseline.local_stride(HEADS, n, block=BLOCK, local_blocks=WINDOW, vert_stride=stride)
                 row["dkernel_ms"] = triton.testing.do_bench(lambda: dk(qg, kg, vg).backward(do), warmup=20, rep=150,
@@ -448,6 +482,12 @@ def main():
     ap.add_argument("--rounds", type=int, default=2, help="forward sweeps (the second shows the spread)")
     ap.add_argument("--train-fwd", nargs="*", default=["default"],
                     help="forward variants timed with the backward (kernels alone)")
+    ap.add_argument("--bwd-kv-heads", type=int, default=0,
+                    help="also check and time the backward variants alone with this many kv heads (GQA; "
+                         "Phi-3-small: 8), no DKernel beside them")
+    ap.add_argument("--train-bwd", nargs="*", default=None,
+                    help="backward variants (labels of --bwd or BWD_DEFAULT) timed in the train section, alone and "
+                         "with the default forward; default: all that passed their check")
     args = ap.parse_args()
     fwd = json.loads(args.fwd) if args.fwd else FWD_DEFAULT
     bwd = json.loads(args.bwd) if args.bwd else BWD_DEFAULT
@@ -456,6 +496,8 @@ def main():
     jobs = [("fwd", s, label, t) for s in args.strides for label, t in fwd.items()]
     jobs += [("ablate", s, which, None) for s in args.strides for which in (ABLATIONS if args.ablate else ())]
     jobs += [("bwd", s, label, t) for s in args.strides for label, t in bwd.items()]
+    jobs += [("bwdg", s, label, (t, args.bwd_kv_heads)) for s in args.strides for label, t in bwd.items()
+             if args.bwd_kv_heads]
     splits = sorted({1, 4, 16, *args.decode_splits})
     # decode checks at 4K tokens (batch 1 and 3): the kernels are the same at every length
     jobs += [("dec", s, label, (t, 4096, splits)) for s in args.strides for label, t in dec.items()]
@@ -468,10 +510,14 @@ def main():
     sweep_forward(args, fwd, checks, rows)
     if dec:
         sweep_decode(args, dec, checks, rows)
+    if args.train_bwd is None:
+        args.train_bwd = list(bwd)
     if args.train_fwd:
-        sweep_train(args, fwd, checks, rows)
+        sweep_train(args, fwd, bwd, checks, rows)
     if args.bwd:  # timed alone only when asked for
         sweep_backward(args, bwd, checks, rows)
+    if args.bwd_kv_heads:
+        sweep_backward(args, bwd, checks, rows, args.bwd_kv_heads)
     for round_ in range(2, args.rounds + 1):
         sweep_forward(args, fwd, checks, rows, round_)
     write(args, rows, checks)
@@ -516,9 +562,14 @@ def summary(rows):
             print(f"f+b s{r['stride']} {r['seq'] // 1024}K DKernel {dk:.3f} | autograd {r['s2dsl_autograd_ms']:.3f} "
                   f"({dk / r['s2dsl_autograd_ms']:.2f}x) | " + " ".join(
                       f"{a[17:]} {b:.3f} ({dk / b:.2f}x)" for a, b in r.items() if a.startswith("s2dsl_kernels_ms")))
+            alone = {a[7:]: b for a, b in r.items() if a.startswith("bwd_ms ")}
+            if alone:
+                base = alone.get("default", float("nan"))
+                print(f"    bwd alone s{r['stride']} {r['seq'] // 1024}K | " + " ".join(
+                    f"{a} {b:.3f} ({base / b:.2f}x)" for a, b in alone.items()))
         else:
-            print(f"bwd s{r['stride']} {r['seq'] // 1024}K fwd {r['fwd_ms']:.3f} | " + " ".join(
-                f"{a[7:]} {b:.3f}" for a, b in r.items() if a.startswith("bwd_ms")))
+            print(f"bwd s{r['stride']} {r['seq'] // 1024}K kv{r.get('kv_heads', HEADS)} fwd {r['fwd_ms']:.3f} | "
+                  + " ".join(f"{a[7:]} {b:.3f}" for a, b in r.items() if a.startswith("bwd_ms")))
 
 
 if __name__ == "__main__":

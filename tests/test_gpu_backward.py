@@ -76,6 +76,23 @@ def test_launch_variants(tuning):
     _check(PHI3, 1, 2048, 2048, 128, torch.bfloat16, tuning=tuning)
 
 
+# issue 14's opt-in variants (benchmarks/sweep_kernels.py BWD_DEFAULT times them): descriptor
+# rows before the first query (lq < lk, past not block-aligned) and past the last must read as zeros
+BWD_VARIANTS = [
+    {"dq_load": "tma", "dkdv_load": "tma"},
+    {"dkdv_query_major": True, "dq_load": "tma", "dkdv_load": "tma"},
+    {"dkdv_query_major": True},
+    {"dkdv_block_m": 32, "dq_load": "tma", "dkdv_load": "tma"},
+    {"one_grid": False, "two_streams": True, "dq_load": "tma", "dkdv_load": "tma", "block_n": 32, "num_stages": 1},
+]
+
+
+@pytest.mark.parametrize("tuning", BWD_VARIANTS, ids=str)
+@pytest.mark.parametrize("lq,lk", [(2085, 2085), (333, 2000)])
+def test_issue14_variants(tuning, lq, lk):
+    _check(PHI3, 1, lq, lk, 128, torch.bfloat16, tuning=tuning)
+
+
 def test_packed_variable_length():
     lens = [1000, 17, 1500, 640]
     cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device="cuda")

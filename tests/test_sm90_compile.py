@@ -351,3 +351,49 @@ def test_kv_token_write_kernel_compiles_for_sm90(monkeypatch):
         assert torch.equal(cache.gather(ids[0])[0][:, -1], k[0, :, -1])
     assert len(jobs) == 2
     _compile_sm90(jobs)
+
+
+#: the backward variants timed by benchmarks/sweep_kernels.py (BWD_DEFAULT, issue 14)
+BACKWARD_VARIANTS = ({"dq_load": "tma", "dkdv_load": "tma"}, {"dkdv_load": "tma"},
+                     {"dkdv_query_major": True, "dq_load": "tma", "dkdv_load": "tma"},
+                     {"dkdv_block_m": 32, "dq_load": "tma", "dkdv_load": "tma"},
+                     {"one_grid": False, "two_streams": True, "dq_load": "tma", "dkdv_load": "tma", "block_n": 32,
+                      "num_stages": 1})
+
+
+def _backward_jobs(tunings) -> list:
+    """The captured launches (delta, then the one-grid or the dK/dV and dQ kernels) of the GPU
+    backward specialisation with each of ``tunings``, bf16, head dim 128, block 64, 4 kv heads."""
+    from dataclasses import replace
+    from s2dsl.runtime.backward import backward_module, choose_backward_for_gpu
+
+    pattern = s2dsl.local_stride(block=64, local_blocks=16, vert_stride=8, heads=4)
+    base = replace(choose_backward_for_gpu(pattern, 128), dtype="bfloat16", layout="bhsd")
+    n = 1024
+    q = torch.zeros(1, 4, n, 128, dtype=torch.bfloat16)
+    lse = torch.zeros(1, 4, n)
+    st = (q.stride(0), q.stride(1), q.stride(2))
+    jobs = []
+    for tuning in tunings:
+        module = backward_module(pattern, replace(base, **tuning))
+        space = module.launch.__globals__
+        names = ("preprocess_kernel", "backward_kernel", "dkdv_kernel", "dq_kernel")
+        saved = {name: space[name] for name in names}
+        space.update({name: _Capture(kernel, jobs, run=False) for name, kernel in saved.items()})
+        try:
+            module.launch(q, q, q, q, q, lse, q, q, q, st, st, st, st, st, st, st, st, (lse.stride(0), lse.stride(1)),
+                          1, n, n, None, None, 0.1)
+        finally:
+            space.update(saved)
+    return jobs
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), reason="captures interpreted launches")
+def test_backward_variants_compile_for_sm90():
+    """Every backward variant of the sweep compiles for sm_90 and fits its shared memory (two
+    programs per SM need <= 113 KB each; benchmarks/compile_report.py --backward has the counts)."""
+    jobs = [job for job in _backward_jobs(BACKWARD_VARIANTS) if job["name"] != "preprocess_kernel"]
+    assert len(jobs) == len(BACKWARD_VARIANTS) + 1  # the two-launch variant has two kernels
+    for job, shared in zip(jobs, _compile_sm90(jobs)):
+        assert shared <= 113 * 1024, (job["name"], job["file"], shared)

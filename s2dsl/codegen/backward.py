@@ -66,6 +66,32 @@ class BackwardSpecialization(Specialization):
     flat_steps: bool = False  # dK/dV: loop over BLOCK_M-row query steps, not over query blocks
     two_streams: bool = False  # dQ on a second CUDA stream beside dK/dV (each with its own tiles)
     one_grid: bool = False  # dK/dV and dQ programs in one launch (with the dQ kernel's warps and stages)
+    # "pointer" or "tma": the dQ kernel's K/V tiles (dq_load) and the dK/dV kernel's Q/dO tiles
+    # (dkdv_load) through tensor descriptors, as the forward's kv_load="tma": the descriptor bounds
+    # the rows (zeros past the sequence) and pads the head dim, so no load masks or pointer tensors
+    # (sm_90: the default dK/dV body spills at 255 registers; benchmarks/RESULTS.md, issue 14)
+    dq_load: str = "pointer"
+    dkdv_load: str = "pointer"
+    # dK/dV: P and dS computed [query rows, kv rows] (as the forward and the dQ kernel do) and
+    # fed to the dV and dK products transposed through shared memory, instead of P^T and dS^T
+    # [kv rows, query rows] in registers: a row's lse and delta then take 2 registers a thread
+    # instead of 16 each (sm_90: the default body spills at 255 registers, issue 14)
+    dkdv_query_major: bool = False
+
+
+_LOAD_FIELDS = ("dq_load", "dkdv_load")
+_NEW_FLAGS = ("dkdv_query_major",)
+
+
+def _describe(spec) -> str:
+    """The specialisation as the generated header shows it: the fields added for issue 14's
+    variants only when not at their defaults, so the measured default's source stays as timed."""
+    text = repr(spec)
+    for name in _LOAD_FIELDS:
+        text = text.replace(f", {name}='pointer'", "")
+    for name in _NEW_FLAGS:
+        text = text.replace(f", {name}=False", "")
+    return text
 
 
 # Parameters of the two program bodies; a name starting with '*' is a tl.constexpr. The three
@@ -217,6 +243,112 @@ _DQ_PAIR_MASK = """\
             keep = pair_keep(HeadTable, h, rows[:, None], cols[None, :]) & (cols[None, :] < kv_len)"""
 _DKDV_PAIR_MASK = """\
             keep = valid[None, :] & pair_keep(HeadTable, h, rows[None, :], cols[:, None])"""
+# dkdv_query_major: the same, [query rows, kv rows]
+_DKDV_MASK_QM = """\
+            keep = valid[:, None]
+            if CAUSAL:
+                keep = keep & (cols[None, :] <= rows[:, None])"""
+_DKDV_PAIR_MASK_QM = """\
+            keep = valid[:, None] & pair_keep(HeadTable, h, rows[:, None], cols[None, :])"""
+
+
+_DKDV_KV_MAJOR = """\
+        qkt = tl.dot(k, qt)  # [BLOCK_N, BLOCK_M]
+        pt = tl.math.exp2(qkt * qk_scale - lse2[None, :])
+        if MASKED:
+{mask}
+            pt = tl.where(keep, pt, 0.0)
+        dv = tl.dot(pt.to(do.dtype), do, dv)
+        dpt = tl.dot(v, tl.trans(do))
+        dst = pt * (dpt - delta[None, :])
+        dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk)"""
+# dkdv_query_major: P and dS [BLOCK_M, BLOCK_N] (lse2 and delta per row), transposed for the
+# dV and dK products
+_DKDV_QUERY_MAJOR = """\
+        qk = tl.dot(q, tl.trans(k))  # [BLOCK_M, BLOCK_N]
+        p = tl.math.exp2(qk * qk_scale - lse2[:, None])
+        if MASKED:
+{mask}
+            p = tl.where(keep, p, 0.0)
+        dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv)
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk)"""
+
+
+# ---- the tiles' loads: pointers (the default) or tensor descriptors (dq_load / dkdv_load "tma")
+_DQ_POINTER_LOADS = """\
+        # K and V read transposed, [D_PAD, BLOCK_N]: column n is key row cols[n]
+        kt_ptrs = k_base + cols[None, :] * stride_kn + offs_d[:, None]
+        vt_ptrs = v_base + cols[None, :] * stride_vn + offs_d[:, None]
+        if MASKED:
+            kv_mask = (cols[None, :] < kv_len) & (offs_d[:, None] < HEAD_DIM)
+            kt = tl.load(kt_ptrs, mask=kv_mask, other=0.0)
+            vt = tl.load(vt_ptrs, mask=kv_mask, other=0.0)
+        elif HEAD_DIM != D_PAD:
+            kt = tl.load(kt_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
+            vt = tl.load(vt_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
+        else:
+            kt = tl.load(kt_ptrs)
+            vt = tl.load(vt_ptrs)"""
+# k_base / v_base are descriptors over this sequence's kv rows: rows past kv_len read as zeros
+_DQ_TMA_LOADS = """\
+        # K and V rows cols[0] .. cols[0] + BLOCK_N - 1, read [BLOCK_N, D_PAD] and used transposed
+        kt = k_base.load([j * BLOCK + s * BLOCK_N, 0]).T
+        vt = v_base.load([j * BLOCK + s * BLOCK_N, 0]).T"""
+# the dK/dV loads; {q} names Q's tile: "qt" [D_PAD, BLOCK_M] (kv-major), "q" [BLOCK_M, D_PAD]
+_DKDV_POINTER_LOADS = """\
+{note}        {q}_ptrs = q_base + {q_offsets} * stride_qm + {d_offsets}
+        do_ptrs = do_base + t[:, None] * stride_dom + offs_d[None, :]
+        if MASKED:
+            valid = (rows >= past) & (rows < kv_len)
+            {q} = tl.load({q}_ptrs, mask={q_valid} & ({d_offsets} < HEAD_DIM), other=0.0)
+            do = tl.load(do_ptrs, mask=valid[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+            lse = tl.load(lse_base + t, mask=valid, other=float("inf"))
+            delta = tl.load(delta_base + t, mask=valid, other=0.0)
+            # an empty row (lse -inf) keeps nothing: +inf makes its p exactly 0
+            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        else:
+            if HEAD_DIM != D_PAD:
+                {q} = tl.load({q}_ptrs, mask={d_offsets} < HEAD_DIM, other=0.0)
+                do = tl.load(do_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+            else:
+                {q} = tl.load({q}_ptrs)
+                do = tl.load(do_ptrs)
+            lse2 = tl.load(lse_base + t) * 1.4426950408889634
+            delta = tl.load(delta_base + t)"""
+_KV_MAJOR_Q = dict(q="qt", q_offsets="t[None, :]", d_offsets="offs_d[:, None]", q_valid="valid[None, :]",
+                   note="        # Q read transposed, [D_PAD, BLOCK_M]: column m is query row t[m]\n")
+_QUERY_MAJOR_Q = dict(q="q", q_offsets="t[:, None]", d_offsets="offs_d[None, :]", q_valid="valid[:, None]", note="")
+# q_base / do_base are descriptors over this sequence's query rows: rows outside it (before
+# ``past`` or from kv_len on) read as zeros, and the mask zeroes their p anyway
+_DKDV_TMA_LOADS = """\
+        {q} = q_base.load([row0 + s * BLOCK_M - past, 0]){transpose}
+        do = do_base.load([row0 + s * BLOCK_M - past, 0])
+        if MASKED:
+            valid = (rows >= past) & (rows < kv_len)
+            lse = tl.load(lse_base + t, mask=valid, other=float("inf"))
+            delta = tl.load(delta_base + t, mask=valid, other=0.0)
+            # an empty row (lse -inf) keeps nothing: +inf makes its p exactly 0
+            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        else:
+            lse2 = tl.load(lse_base + t) * 1.4426950408889634
+            delta = tl.load(delta_base + t)"""
+_DQ_DESCRIPTORS = """
+k_base = tl.make_tensor_descriptor(k_base, shape=[kv_len, HEAD_DIM], strides=[stride_kn, 1],
+                                   block_shape=[BLOCK_N, D_PAD])
+v_base = tl.make_tensor_descriptor(v_base, shape=[kv_len, HEAD_DIM], strides=[stride_vn, 1],
+                                   block_shape=[BLOCK_N, D_PAD])"""
+_DKDV_DESCRIPTORS = """
+q_base = tl.make_tensor_descriptor(q_base, shape=[q_len, HEAD_DIM], strides=[stride_qm, 1],
+                                   block_shape=[BLOCK_M, D_PAD])
+do_base = tl.make_tensor_descriptor(do_base, shape=[q_len, HEAD_DIM], strides=[stride_dom, 1],
+                                    block_shape=[BLOCK_M, D_PAD])"""
+_SCRATCH = """
+
+def _scratch(size, alignment, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+"""
 
 
 def generate_backward(plan: KernelPlan, spec: Specialization, *, name: str = "pattern", fingerprint: str = "") -> str:
@@ -227,6 +359,24 @@ def generate_backward(plan: KernelPlan, spec: Specialization, *, name: str = "pa
             raise ValueError(f"{label}={value} must be a power of two >= 16 dividing the pattern block {plan.block}")
     if spec.block_m < 16 or spec.block_m & (spec.block_m - 1):
         raise ValueError(f"block_m={spec.block_m} must be a power of two >= 16")
+    for label in _LOAD_FIELDS:
+        if getattr(spec, label, "pointer") not in ("pointer", "tma"):
+            raise ValueError(f"{label} must be 'pointer' or 'tma', got {getattr(spec, label)!r}")
+    dq_tma = getattr(spec, "dq_load", "pointer") == "tma"
+    dkdv_tma = getattr(spec, "dkdv_load", "pointer") == "tma"
+    dq_loads = _DQ_TMA_LOADS if dq_tma else _DQ_POINTER_LOADS
+    query_major = getattr(spec, "dkdv_query_major", False)
+    if dkdv_tma:
+        dkdv_loads = _DKDV_TMA_LOADS.format(q="q" if query_major else "qt",
+                                            transpose="" if query_major else ".T  # [D_PAD, BLOCK_M]")
+    else:
+        dkdv_loads = _DKDV_POINTER_LOADS.format(**(_QUERY_MAJOR_Q if query_major else _KV_MAJOR_Q))
+    dq_descriptors = _DQ_DESCRIPTORS if dq_tma else ""
+    dkdv_descriptors = _DKDV_DESCRIPTORS if dkdv_tma else ""
+    scratch = _SCRATCH if dq_tma or dkdv_tma else ""
+    launch_alloc = """
+    triton.set_allocator(_scratch)  # device-side descriptors take a little global scratch per program""" \
+        if dq_tma or dkdv_tma else ""
     table_width = plan.table_width
     unroll = getattr(spec, "dkdv_unroll_group", False) and plan.group_size > 1
     group_loop = "tl.static_range(GROUP)" if unroll else "range(0, GROUP)"
@@ -313,6 +463,12 @@ for j in range(edge, first_block):  # inside every row's window: no mask{_dq_cal
         if plan.has_global and spec.order != "tile_major":
             dq_order = general.tile_order(plan, "h = hh", pid="# global tiles first")
 
+    if query_major:
+        dkdv_mask = _DKDV_PAIR_MASK_QM if plan.extended else _DKDV_MASK_QM
+        dkdv_math = _DKDV_QUERY_MAJOR.format(mask=dkdv_mask)
+    else:
+        dkdv_math = _DKDV_KV_MAJOR.format(mask=dkdv_mask)
+
     # ---------------------------------------------------------------- dK/dV enumeration
     dkdv_call = """
     dk, dv = _dkdv_visit(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, {row0}, cols,
@@ -392,7 +548,7 @@ delta_base = Delta + b * stride_lb + h * stride_lh"""
 # Generated by s2dsl codegen {BACKWARD_CODEGEN_VERSION}: backward kernels (delta, dQ, dK/dV). Do not edit.
 # pattern: {name}  fingerprint: {fingerprint}
 # block {plan.block}, heads {plan.heads}, kv_heads {plan.kv_heads}, {"causal" if plan.causal else "bidirectional"}
-# specialisation: {spec}
+# specialisation: {_describe(spec)}
 import contextlib
 
 import torch
@@ -454,19 +610,7 @@ def _dq_visit(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, j, r
     offs_d = tl.arange(0, D_PAD)
     for s in tl.static_range(BLOCK // BLOCK_N):
         cols = j * BLOCK + s * BLOCK_N + tl.arange(0, BLOCK_N)
-        # K and V read transposed, [D_PAD, BLOCK_N]: column n is key row cols[n]
-        kt_ptrs = k_base + cols[None, :] * stride_kn + offs_d[:, None]
-        vt_ptrs = v_base + cols[None, :] * stride_vn + offs_d[:, None]
-        if MASKED:
-            kv_mask = (cols[None, :] < kv_len) & (offs_d[:, None] < HEAD_DIM)
-            kt = tl.load(kt_ptrs, mask=kv_mask, other=0.0)
-            vt = tl.load(vt_ptrs, mask=kv_mask, other=0.0)
-        elif HEAD_DIM != D_PAD:
-            kt = tl.load(kt_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
-            vt = tl.load(vt_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
-        else:
-            kt = tl.load(kt_ptrs)
-            vt = tl.load(vt_ptrs)
+{dq_loads}
         qk = tl.dot(q, kt)
         # lse2 is +inf on rows that are not queries or kept nothing: p = 0 there, never NaN
         p = tl.math.exp2(qk * qk_scale - lse2[:, None])
@@ -487,7 +631,7 @@ def _dq_program(pid, b, {_params(dq_params)}):
 {_at(locate_q, 1)}
 {_at(q_bases, 1)}
 {_at(dq_base, 1)}
-{_at(kv_bases, 1)}
+{_at(kv_bases + dq_descriptors, 1)}
     past = kv_len - q_len  # the queries are the last q_len of kv_len positions
     rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     first_row = tl.maximum(tile * BLOCK_M, past)
@@ -523,35 +667,8 @@ def _dkdv_visit(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, 
     for s in tl.static_range(STEPS):
         rows = row0 + s * BLOCK_M + tl.arange(0, BLOCK_M)  # absolute positions
         t = rows - past                                        # query index
-        # Q read transposed, [D_PAD, BLOCK_M]: column m is query row t[m]
-        qt_ptrs = q_base + t[None, :] * stride_qm + offs_d[:, None]
-        do_ptrs = do_base + t[:, None] * stride_dom + offs_d[None, :]
-        if MASKED:
-            valid = (rows >= past) & (rows < kv_len)
-            qt = tl.load(qt_ptrs, mask=valid[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
-            do = tl.load(do_ptrs, mask=valid[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
-            lse = tl.load(lse_base + t, mask=valid, other=float("inf"))
-            delta = tl.load(delta_base + t, mask=valid, other=0.0)
-            # an empty row (lse -inf) keeps nothing: +inf makes its p exactly 0
-            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-        else:
-            if HEAD_DIM != D_PAD:
-                qt = tl.load(qt_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
-                do = tl.load(do_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-            else:
-                qt = tl.load(qt_ptrs)
-                do = tl.load(do_ptrs)
-            lse2 = tl.load(lse_base + t) * 1.4426950408889634
-            delta = tl.load(delta_base + t)
-        qkt = tl.dot(k, qt)  # [BLOCK_N, BLOCK_M]
-        pt = tl.math.exp2(qkt * qk_scale - lse2[None, :])
-        if MASKED:
-{dkdv_mask}
-            pt = tl.where(keep, pt, 0.0)
-        dv = tl.dot(pt.to(do.dtype), do, dv)
-        dpt = tl.dot(v, tl.trans(do))
-        dst = pt * (dpt - delta[None, :])
-        dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk)
+{dkdv_loads}
+{dkdv_math}
     return dk, dv
 
 
@@ -578,7 +695,7 @@ def _dkdv_program(pid, b, {_params(dkdv_params)}):
             h = kv_h * GROUP + g
             # ---- this head's pattern (generated) ----
 {_at(head_params, 3)}
-{_at(q_bases, 3)}
+{_at(q_bases + dkdv_descriptors, 3)}
             # ---- the query blocks keeping kv block j{range_note} (generated) ----
 {_at(query_range, 3) + chr(10) if query_range else ""}{_at(query_loops, 3)}{dkdv_topk}
         dk_ptrs = dk_base + cols[:, None] * stride_dkn + offs_d[None, :]
@@ -609,7 +726,7 @@ def backward_kernel({_params(both_params)}):
         _dq_program(pid - n_kv_programs, tl.program_id(1), {_args(dq_params, _RENAME_DQ)})
 
 
-{tables}
+{tables}{scratch}
 
 def _side_stream(device):
     """The second stream the dQ kernel runs on."""
@@ -630,7 +747,7 @@ def launch(q, k, v, out, dout, lse, dq, dk, dv, q_strides, k_strides, v_strides,
     dummy = table  # stands in for the cu_seqlens pointers when they are unused
     cu_q = cu_seqlens_q if cu_seqlens_q is not None else dummy
     cu_k = cu_seqlens_k if cu_seqlens_k is not None else dummy
-    qk_scale = sm_scale * LOG2E
+    qk_scale = sm_scale * LOG2E{launch_alloc}
     delta = torch.empty_like(lse)
     if max_q_len > 0:
         preprocess_kernel[(triton.cdiv(max_q_len, PRE_BLOCK), HEADS, batch)](

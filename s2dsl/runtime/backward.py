@@ -13,7 +13,7 @@ from ..codegen.forward import Specialization
 from ..pattern import Pattern
 from .attention import InputError, _check, _strides
 from .cache import KernelCache, cache_key, codegen_fingerprint, default_cache
-from .kernels import _DTYPES
+from .kernels import _DTYPES, kv_tma_ready
 from .validate import check_scale, interpreter_compute_dtype
 
 _TILE_FIELDS = ("block_n", "dkdv_block_n", "dkdv_block_m")
@@ -49,8 +49,10 @@ def choose_backward(pattern: Pattern, dtype: torch.dtype, head_dim: int, layout:
     rows per program, kv rows per step), ``dkdv_block_n``/``dkdv_block_m``/
     ``dkdv_num_warps``/``dkdv_num_stages`` for the dK/dV kernel (kv rows per program,
     query rows per step), ``dkdv_unroll_group`` (unroll the dK/dV kernel's loop over the q
-    heads of a kv head). ``block_n``, ``dkdv_block_n`` and ``dkdv_block_m`` must divide
-    the pattern block.
+    heads of a kv head), ``dq_load``/``dkdv_load`` ("tma": the dQ kernel's K/V, the dK/dV
+    kernel's Q/dO through tensor descriptors; needs 16-byte aligned tensors, see ``backward``),
+    ``dkdv_query_major`` (the dK/dV product computed [query, kv] and transposed for dV/dK).
+    ``block_n``, ``dkdv_block_n`` and ``dkdv_block_m`` must divide the pattern block.
     """
     capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else (0, 0)
     block = pattern.block
@@ -69,7 +71,7 @@ def choose_backward(pattern: Pattern, dtype: torch.dtype, head_dim: int, layout:
     changed = [name for name, default in _FORWARD_ONLY.items() if getattr(spec, name) != default]
     if changed:
         raise InputError(f"{', '.join(changed)}: forward-only variants; the backward has none (tune it with "
-                         "block_m/block_n/dkdv_*/num_warps/num_stages/one_grid/two_streams/flat_steps)")
+                         "block_m/block_n/dkdv_*/num_warps/num_stages/one_grid/two_streams/flat_steps/dq_load)")
     return spec
 
 
@@ -172,6 +174,12 @@ def backward(q, k, v, out, lse, dout, pattern: Pattern, *, scale: Optional[float
     if q.numel() == 0:
         return dq, dk.zero_(), dv.zero_()
     spec = choose_backward(pattern, q.dtype, head_dim, layout, q.device, tuning)
+    # descriptors: the dQ kernel reads K/V through them, the dK/dV kernel Q/dO
+    described = {"dq_load": ("k and v", (k, v)), "dkdv_load": ("q and dout", (q, dout))}
+    for name, (what, tensors) in described.items():
+        if getattr(spec, name) == "tma" and q.is_cuda and not kv_tma_ready(*tensors):
+            raise InputError(f"{name}='tma' needs 16-byte aligned data and row strides in {what}: "
+                             f"use {name}='pointer' for these tensors")
     module = backward_module(pattern, spec)
     lse_strides = (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
     extra = {}
