@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Optional, Tuple
 
+from ..memo import per_object
 from ..pattern import Pattern
 
 # An "unbounded" window; small enough that i - UNBOUNDED + 1 never overflows int32.
@@ -181,8 +182,13 @@ class UnsupportedPattern(NotImplementedError):
     pass
 
 
-@lru_cache(maxsize=1024)  # patterns are frozen; every launch and decode step lowers its pattern
 def lower(pattern: Pattern) -> KernelPlan:
+    """The kernel plan of ``pattern`` (memoised per pattern object: every launch lowers its pattern)."""
+    return per_object(pattern, "plan", lambda: _lower(pattern))
+
+
+@lru_cache(maxsize=1024)  # equal patterns made apart share one plan
+def _lower(pattern: Pattern) -> KernelPlan:
     params = []
     for h, spec in enumerate(pattern.head_specs):
         topk = recent = 0

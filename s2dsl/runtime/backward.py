@@ -12,6 +12,7 @@ from ..codegen.backward import BACKWARD_CODEGEN_VERSION, BackwardSpecialization,
 from ..codegen.forward import Specialization
 from ..pattern import Pattern
 from .attention import InputError, _check, _strides
+from ..memo import per_object
 from .cache import KernelCache, cache_key, codegen_fingerprint, default_cache
 from .kernels import _DTYPES, kv_tma_ready
 from .validate import check_scale, interpreter_compute_dtype
@@ -97,7 +98,8 @@ def choose_backward_for_gpu(pattern: Pattern, head_dim: int) -> BackwardSpeciali
 
 
 def backward_module(pattern: Pattern, spec: Specialization, cache: Optional[KernelCache] = None) -> ModuleType:
-    cache = cache or default_cache()
+    if cache is None:  # the default cache's module, memoised per pattern object (its key costs ~75 us)
+        return per_object(pattern, ("bwd", spec), lambda: backward_module(pattern, spec, default_cache()))
     plan = lower(pattern)
     spec = _as_backward(spec)
     key = cache_key(BACKWARD_CODEGEN_VERSION, codegen_fingerprint(), "bwd", plan, spec)

@@ -32,6 +32,7 @@ from ..codegen.lower import UnsupportedPattern, lower
 from ..pattern import Pattern
 from .attention import InputError
 from .validate import check_device, check_scale, interpreter_compute_dtype
+from ..memo import per_object
 from .cache import KernelCache, cache_key, codegen_fingerprint, default_cache
 from .kernels import _DTYPES
 from .kv_cache import PagedKVCache, padding_counts
@@ -80,7 +81,8 @@ GPU_DECODE_LOOPS: dict = {}
 
 
 def decode_module(pattern: Pattern, spec: DecodeSpecialization, cache: Optional[KernelCache] = None) -> ModuleType:
-    cache = cache or default_cache()
+    if cache is None:  # the default cache's module, memoised per pattern object (its key costs ~75 us)
+        return per_object(pattern, ("decode", spec), lambda: decode_module(pattern, spec, default_cache()))
     plan = lower(pattern)
     key = cache_key(DECODE_CODEGEN_VERSION, codegen_fingerprint(), "decode", plan, spec)
     return cache.get(key, lambda: generate_decode(plan, spec, name=pattern.name, fingerprint=pattern.fingerprint()))

@@ -10,9 +10,9 @@ import torch
 
 from ..codegen import Specialization, generate_forward, lower
 from ..codegen.forward import CODEGEN_VERSION
-from .cache import codegen_fingerprint
+from ..memo import per_object
 from ..pattern import Pattern
-from .cache import KernelCache, cache_key, default_cache
+from .cache import KernelCache, cache_key, codegen_fingerprint, default_cache
 
 _DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 
@@ -109,7 +109,8 @@ def choose_forward_for_gpu(pattern: Pattern, head_dim: int, seq_len: Optional[in
 
 
 def forward_module(pattern: Pattern, spec: Specialization, cache: Optional[KernelCache] = None) -> ModuleType:
-    cache = cache or default_cache()
+    if cache is None:  # the default cache's module, memoised per pattern object (its key costs ~75 us)
+        return per_object(pattern, ("fwd", spec), lambda: forward_module(pattern, spec, default_cache()))
     plan = lower(pattern)
     key = cache_key(CODEGEN_VERSION, codegen_fingerprint(), "fwd", plan, spec)
     return cache.get(key, lambda: generate_forward(plan, spec, name=pattern.name, fingerprint=pattern.fingerprint()))
