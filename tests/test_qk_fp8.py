@@ -226,3 +226,19 @@ def test_gpu_fp8(n):
         out, _ = forward(q, k, v, STRIDE8, tuning=dict(tuning, qk_fp8=True))
         assert ((out.float() - ref_q).norm() / ref_q.norm()).item() < 1e-2
         assert ((out.float() - ref).norm() / ref.norm()).item() < 6e-2
+
+
+def test_sm90_fp8_wgmma(tmp_path, root):
+    """The 64-row TMA tiles (the default up to 32K) compile for sm_90 with QK^T as FP8 wgmma
+    (QGMMA, half HGMMA's instruction count for the same product) and PV as 16-bit wgmma, without
+    spills; no GPU needed (Triton's bundled ptxas, as benchmarks/compile_report.py)."""
+    import sys
+    sys.path.insert(0, str(root / "benchmarks"))
+    import compile_report
+    m64 = {"kv_load": "tma", "block_m": 64, "num_warps": 4, "window_span": 1}
+    base = compile_report.report(compile_report.compile_forward(STRIDE8, m64, 128, "bfloat16", tmp_path))
+    fp8 = compile_report.report(compile_report.compile_forward(STRIDE8, dict(m64, qk_fp8=True), 128, "bfloat16",
+                                                               tmp_path))
+    assert base["QGMMA"] == 0 and fp8["QGMMA"] > 0
+    assert fp8["QGMMA"] * 2 + fp8["HGMMA"] == base["HGMMA"]  # QK^T: 32-deep steps instead of 16
+    assert fp8["stack_bytes"] == 0 and fp8["STL"] == 0 and fp8["UTMALDG"] > 0
