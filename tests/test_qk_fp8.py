@@ -110,6 +110,30 @@ def test_fp8_multi_block_steps(body, lk, tuning):
     torch.testing.assert_close(out.double(), ref, atol=2e-3, rtol=2e-3)
 
 
+ROUND2 = {
+    "token window and sink": "heads * { window 20 tokens sink 4 tokens stride 3 offset h }",
+    "two-sided window, relative stride": "bidirectional heads * { window 2 ahead 1 stride 3 relative }",
+    "global rows": "bidirectional heads * { window 2 global 1 sink 1 }",
+    "prefix": "causal prefix 2 heads * { window 2 stride 3 offset h }",
+    "dynamic top-k": "heads * { window 1 topk 2 }",
+}
+
+
+@interpreter
+@pytest.mark.parametrize("body", ROUND2.values(), ids=list(ROUND2))
+def test_fp8_round2_constructs(body):
+    """Every loop the round-2 constructs add reaches _visit with the row and block factors (the
+    top-k selection is made from the unquantised q, k and held fixed)."""
+    from s2dsl.runtime.topk import select_blocks
+    pattern = s2dsl.parse(f"pattern p {{ block = 16 heads = 2 {body} }}")["p"]
+    q, k, v = random_inputs(1, 2, 2, 101, 101, 16, torch.float16, seed=5)
+    selection = None if pattern.is_static else select_blocks(q, k, pattern)
+    out, _ = forward(q, k, v, pattern, tuning={"qk_fp8": True, "kv_load": "tma", "block_m": 16}, selection=selection)
+    qd, kd = quantised(q.float(), k.float(), pattern.block)
+    ref = s2dsl.reference_attention(qd, kd, v.float(), pattern, dtype=torch.float64, selection=selection)
+    torch.testing.assert_close(out.double(), ref, atol=2e-3, rtol=2e-3)
+
+
 @interpreter
 @pytest.mark.parametrize("body,lk", [("window 3 stride 4 offset h", 160), ("window 2 sink 1", 100)],
                          ids=["window+stride", "window+sink"])
@@ -228,17 +252,25 @@ def test_gpu_fp8(n):
         assert ((out.float() - ref).norm() / ref.norm()).item() < 6e-2
 
 
-def test_sm90_fp8_wgmma(tmp_path, root):
+def test_sm90_fp8_wgmma(root):
     """The 64-row TMA tiles (the default up to 32K) compile for sm_90 with QK^T as FP8 wgmma
     (QGMMA, half HGMMA's instruction count for the same product) and PV as 16-bit wgmma, without
-    spills; no GPU needed (Triton's bundled ptxas, as benchmarks/compile_report.py)."""
+    spills; no GPU needed (benchmarks/compile_report.py, in a process without the interpreter)."""
+    import json
+    import subprocess
     import sys
-    sys.path.insert(0, str(root / "benchmarks"))
-    import compile_report
     m64 = {"kv_load": "tma", "block_m": 64, "num_warps": 4, "window_span": 1}
-    base = compile_report.report(compile_report.compile_forward(STRIDE8, m64, 128, "bfloat16", tmp_path))
-    fp8 = compile_report.report(compile_report.compile_forward(STRIDE8, dict(m64, qk_fp8=True), 128, "bfloat16",
-                                                               tmp_path))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, str(root / "benchmarks" / "compile_report.py"), "--stride", "8",
+                          "--variants", json.dumps([m64, dict(m64, qk_fp8=True)])],
+                         capture_output=True, text=True, env=env, timeout=300)
+    decode = json.JSONDecoder().raw_decode
+    reports = []
+    for line in run.stdout.splitlines():
+        _, end = decode(line)
+        reports.append(decode(line[end:].strip())[0])
+    assert len(reports) == 2, run.stdout + run.stderr
+    base, fp8 = reports
     assert base["QGMMA"] == 0 and fp8["QGMMA"] > 0
     assert fp8["QGMMA"] * 2 + fp8["HGMMA"] == base["HGMMA"]  # QK^T: 32-deep steps instead of 16
     assert fp8["stack_bytes"] == 0 and fp8["STL"] == 0 and fp8["UTMALDG"] > 0

@@ -577,7 +577,7 @@ def _to_e4m3(x, EXACT: tl.constexpr):
 
 @triton.jit
 def _quantize_k(K, K8, KScale, stride_kb, stride_kh, stride_kn, stride_8b, stride_8h, stride_8n,
-                stride_sb, stride_sh, kv_len, BLOCK: tl.constexpr, B_PAD: tl.constexpr,
+                stride_ksb, stride_ksh, kv_len, BLOCK: tl.constexpr, B_PAD: tl.constexpr,
                 HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, FP8_EXACT: tl.constexpr):
     """K's block jb of one (sequence, kv head) as e4m3 with its dequantisation factor."""
     jb = tl.program_id(0)
@@ -595,7 +595,7 @@ def _quantize_k(K, K8, KScale, stride_kb, stride_kh, stride_kn, stride_8b, strid
     mul = tl.math.div_rn(tl.full([B_PAD], 448.0, tl.float32), tl.full([B_PAD], 1.0, tl.float32) * amax)
     k8 = _to_e4m3(k * mul[:, None], FP8_EXACT)
     tl.store(K8 + b * stride_8b + h * stride_8h + rows[:, None] * stride_8n + offs_d[None, :], k8, mask=inside)
-    tl.store(KScale + b * stride_sb + h * stride_sh + jb, tl.where(live, amax / 448.0, 0.0))
+    tl.store(KScale + b * stride_ksb + h * stride_ksh + jb, tl.where(live, amax / 448.0, 0.0))
 
 
 '''
@@ -608,7 +608,7 @@ _FP8_QUANTIZE_Q = '''
         q = _to_e4m3(q.to(tl.float32) * tl.math.div_rn(tl.full([BLOCK_M], 448.0, tl.float32), q_amax)[:, None],
                      FP8_EXACT)
         qk_row = tl.where(q_live, qk_scale * (q_amax / 448.0), 0.0)
-        ks_base = KScale + b * stride_sb + kv_h * stride_sh  # this (sequence, kv head)'s K block factors'''
+        ks_base = KScale + b * stride_ksb + kv_h * stride_ksh  # this (sequence, kv head)'s K block factors'''
 
 _FP8_SCALE_SCORES = '''
         if BLOCK_N <= BLOCK:  # the chunk is inside one block: its K factor joins the row factors
@@ -655,7 +655,7 @@ def _qk_fp8(source: str, plan: KernelPlan) -> str:
     s, calls = re.subn(r"\bqk_scale, (True|False), CAUSAL", r"qk_row, ks_base, \1, CAUSAL", s)
     assert calls == visits, f"qk_fp8: {visits} _visit calls but {calls} took the row scale"
     s = _replace(s, "def kernel(Q, K, V, Out, Lse, HeadTable, CuSeqQ, CuSeqK, ",
-                 "def kernel(Q, K, V, Out, Lse, HeadTable, CuSeqQ, CuSeqK, KScale, stride_sb, stride_sh, ")
+                 "def kernel(Q, K, V, Out, Lse, HeadTable, CuSeqQ, CuSeqK, KScale, stride_ksb, stride_ksh, ")
     s = _replace(s, "RES_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):",
                  "RES_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,\n"
                  "           FP8_EXACT: tl.constexpr):")
