@@ -58,7 +58,9 @@ def check(pattern, n: int, dtype=torch.bfloat16, tuning=None) -> float:
     out, lse = forward(q, k, v, pattern, tuning=tuning)
     ref = s2dsl.reference_attention(q.float(), k.float(), v.float(), pattern)
     err = ((out.float() - ref).norm() / ref.norm()).item()
-    assert math.isfinite(err) and err < 2e-2, f"{pattern.name} n={n}: relative error {err}"
+    # e4m3 scores (qk_fp8) are off by ~3.3e-2 on these inputs (sweep_kernels.FP8_TOLERANCE)
+    tol = 6e-2 if (tuning or {}).get("qk_fp8") else 2e-2
+    assert math.isfinite(err) and err < tol, f"{pattern.name} n={n} {tuning}: relative error {err}"
     return err
 
 
@@ -145,15 +147,18 @@ def main():
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--no-dkernel", action="store_true")
     ap.add_argument("--variants", type=str, default="", help="json list of tuning dicts to time too")
+    ap.add_argument("--fp8", action="store_true", help="time FP8 QK^T ({'qk_fp8': true}) beside the default")
     ap.add_argument("--json", type=str, default="")
     ap.add_argument("--hetero", type=int, default=0, help="also time a heterogeneous pattern at this length")
     args = ap.parse_args()
     variants = json.loads(args.variants) if args.variants else [None]
+    if args.fp8:
+        variants.append({"qk_fp8": True})
     rows = []
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
     for stride in args.strides:
         pattern = pattern_for(stride)
-        usable = []
+        usable, check_errors = [], {}
         for tuning in variants:
             try:
                 err = check(pattern, 2048 + 37, tuning=tuning)
@@ -162,11 +167,12 @@ def main():
                 continue
             err2 = check(pattern, 4096, torch.float16, tuning=tuning)
             usable.append(tuning)
+            check_errors[json.dumps(tuning)] = {"bf16_2085": err, "fp16_4096": err2}
             print(f"check {pattern.name} {tuning}: rel err bf16 {err:.2e}, fp16 {err2:.2e}")
         for n in args.seqs:
             torch.manual_seed(0)
             q, k, v = (torch.randn(1, HEADS, n, DIM, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-            row = {"pattern": pattern.name, "seq": n}
+            row = {"pattern": pattern.name, "seq": n, "check_rel_err": check_errors}
             with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
                 row["sdpa_flash_ms"] = bench(lambda a, b, c: torch.nn.functional.scaled_dot_product_attention(
                     a, b, c, is_causal=True), q, k, v)

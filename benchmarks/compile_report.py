@@ -3,13 +3,17 @@
 Triton compiles for a named target (``GPUTarget("cuda", 90, 32)``) with its bundled ptxas, so
 registers, stack (spill) bytes and shared memory of every variant can be read before any GPU
 time is spent; ``cuobjdump``/``nvdisasm`` (bundled too) count the SASS instructions that tell
-the paths apart (HGMMA: wgmma; LDGSTS: cp.async pipelining; UTMALDG: TMA loads; STL/LDL: spill
-stores/loads; BAR: CTA barriers; MUFU.EX2: exponentials), each counted in the whole kernel's SASS.
+the paths apart (HGMMA: wgmma, QGMMA: its FP8 form; LDGSTS: cp.async pipelining; UTMALDG: TMA loads;
+STL/LDL: spill stores/loads; BAR: CTA barriers; MUFU.EX2: exponentials), each counted in the whole kernel's SASS.
 The integer arguments are marked 16-divisible and the pointers 16-aligned, as Triton's JIT
 marks them at a launch over torch tensors with lengths that are multiples of 16.
 
     python benchmarks/compile_report.py --stride 32 --variants '[{}, {"kv_load": "tma", "block_m": 64}]'
     python benchmarks/compile_report.py --decode --variants '[{}, {"flat": true, "pages_per_step": 2}]'
+    python benchmarks/compile_report.py --stride 8 --variants '[{"kv_load": "tma", "block_m": 64, "num_warps": 4,
+        "window_span": 1}, {"qk_fp8": true, "kv_load": "tma", "block_m": 64, "num_warps": 4, "window_span": 1}]'
+
+``qk_fp8``: K is the e4m3 copy (``*fp8e4nv``) and ``QGMMA`` counts the FP8 wgmma.
 
 ``--decode``: the decode kernel's GPU specialisation (one query, 64-token pages, the split
 path) instead, with ``--kv-heads`` q-head groups (32: MHA, one row per program).
@@ -65,9 +69,13 @@ def compile_forward(pattern, tuning: dict, head_dim: int, dtype: str, tmp: Path)
     for name in names:
         if name in _CONSTS:
             sig[name], consts[(names.index(name),)] = "constexpr", getattr(module, name)
+        elif name == "FP8_EXACT":  # the interpreter's rounding: off on a GPU
+            sig[name], consts[(names.index(name),)] = "constexpr", False
+        elif name == "K" and spec.qk_fp8:  # the e4m3 copy quantize_k writes
+            sig[name] = "*fp8e4nv"
         elif name in ("Q", "K", "V", "Out"):
             sig[name] = "*" + elem
-        elif name == "Lse":
+        elif name in ("Lse", "KScale"):
             sig[name] = "*fp32"
         elif name in ("HeadTable", "CuSeqQ", "CuSeqK"):
             sig[name] = "*i32"
@@ -170,9 +178,13 @@ def report(compiled) -> dict:
     fields = dict(part.split(":", 1) for line in usage.splitlines() if "REG:" in line for part in line.split())
     return {"regs": int(fields.get("REG", -1)), "stack_bytes": int(fields.get("STACK", -1)),
             "shared_bytes": compiled.metadata.shared,
-            **{op: sass.count(op) for op in ("HGMMA", "LDGSTS", "UTMALDG", "STL", "LDL")},
+            # QGMMA: sm_90's wgmma on 8-bit float operands (qk_fp8's QK^T: 64xNx32 per instruction,
+            # half as many as HGMMA's 64xNx16 for the same product); HGMMA: 16-bit operands
+            **{op: sass.count(op) for op in ("HGMMA", "QGMMA", "LDGSTS", "UTMALDG", "STL", "LDL")},
             # CTA barriers (BAR.SYNC / BAR.ARV), not DEPBAR / MEMBAR; MUFU.EX2: the exponentials
-            "BAR": len(re.findall(r"\bBAR\.", sass)), "MUFU.EX2": sass.count("MUFU.EX2")}
+            "BAR": len(re.findall(r"\bBAR\.", sass)), "MUFU.EX2": sass.count("MUFU.EX2"),
+            # float32 -> e4m3 conversions (qk_fp8's in-kernel Q quantisation)
+            "F2FP_E4M3": sum("F2FP" in line and "E4M3" in line for line in sass.splitlines())}
 
 
 def main():

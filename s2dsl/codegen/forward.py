@@ -18,7 +18,7 @@ Every kept block is visited once, and no block outside the pattern is loaded.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from textwrap import indent
 
 from . import general
@@ -52,10 +52,23 @@ class Specialization:
     # persistent programs (issue 14): 0 = one program per (tile, head); P = P programs per SM,
     # each taking every P*SMs-th work item of the longest-first order (grid-stride)
     persistent: int = 0
+    # QK^T as an FP8 (e4m3) product with float32 accumulation, PV in the input dtype (issue 14;
+    # forward only: see ``_qk_fp8`` for the scaling, the runtime for what is refused)
+    qk_fp8: bool = False
 
     @property
     def d_pad(self) -> int:
         return max(16, 1 << (self.head_dim - 1).bit_length())
+
+    def __repr__(self) -> str:
+        # the generated source's header and the kernel cache key are this repr: a field that is
+        # off by default is left out when off, so that adding it changes no default kernel
+        shown = [f"{f.name}={getattr(self, f.name)!r}" for f in fields(self)
+                 if not (f.name in _HIDDEN_WHEN_DEFAULT and getattr(self, f.name) == f.default)]
+        return f"{type(self).__qualname__}({', '.join(shown)})"
+
+
+_HIDDEN_WHEN_DEFAULT = ("qk_fp8",)
 
 
 
@@ -432,6 +445,10 @@ def launch(q, k, v, out, lse, q_strides, k_strides, v_strides, o_strides, lse_st
                  HEAD_DIM=HEAD_DIM, D_PAD=D_PAD,
                  num_warps=NUM_WARPS, num_stages=NUM_STAGES)
 '''
+    if spec.qk_fp8:
+        if varlen:
+            raise ValueError("qk_fp8 takes padded batches (layout bhsd or bshd); packed sequences are not supported")
+        source = _qk_fp8(source, plan)
     if spec.persistent:
         source = _persistent(source, spec.persistent)
     return source
@@ -516,3 +533,144 @@ def _tma_descriptors(wide: bool) -> str:
         v_wide = tl.make_tensor_descriptor(v_base, shape=[kv_len, HEAD_DIM], strides=[stride_vn, 1],
                                            block_shape=[WIDE_N, D_PAD])""" + code
     return code
+
+
+# ---------------------------------------------------------------- FP8 QK^T (Specialization.qk_fp8)
+#
+# Scores come from e4m3 operands (``tl.float8e4nv``: 3 mantissa bits, largest finite 448) with a
+# float32 accumulator; P·V stays in the input dtype. Each operand is scaled so that its absolute
+# maximum maps to 448 and the two dequantisation factors multiply the softmax scale, so the
+# online softmax (max, exp2, sums) runs on float32 scores as before.
+#
+# * Q: one factor per query row, from the tile the program has loaded anyway (an absmax across
+#   the head dim): no pass over Q, and a row vector in place of the scalar softmax scale, which
+#   costs nothing per score (``qk * scale - m`` is one FMA whether ``scale`` is a scalar or a row).
+# * K: one factor per (sequence, kv head, pattern block), written with the e4m3 copy of K by one
+#   pass before the launch (``_quantize_k``: reads K once, writes 1 byte per element). A kv head
+#   wide factor would need a second pass over K for its absmax (2.5x K's bytes instead of 1.5x:
+#   ~56 against ~34 us at 8K, d 128, 32 heads, on ~3 TB/s), and the error is the same: e4m3's
+#   relative rounding (2^-4) does not depend on the scale as long as values stay out of the
+#   subnormals, and a block's range rarely spans 2^15. Where a kv step is one block (every step of
+#   the 64-row tiles, the short-sequence default) the block's factor joins the row factor: no cost
+#   per score; a step over two blocks (the 128-row tiles' window spans and residue pairs) scales
+#   its columns, one multiply per score.
+#
+# Under the Triton 3.6 interpreter the float32 -> e4m3 cast is wrong: it rounds half up and adds
+# the rounding carry into the exponent with an OR (1.99 -> 1.0, 7.84 -> 4.0); the dot on e4m3
+# operands and the e4m3 -> float16 conversion it uses are exact. With FP8_EXACT (set at launch
+# when the tensors are not on a GPU) ``_to_e4m3`` rounds to nearest even in float32 arithmetic
+# first, so the cast only meets e4m3 values; on a GPU the cast (cvt.rn.satfinite) is used alone.
+
+_FP8_HELPERS = '''@triton.jit
+def _to_e4m3(x, EXACT: tl.constexpr):
+    """float32 x (|x| <= 448) as e4m3, rounded to nearest even."""
+    if EXACT:  # the interpreter (see codegen/forward.py): round in float32, then cast exact values
+        bits = x.to(tl.int32, bitcast=True)
+        # keep 3 mantissa bits, to nearest even; a carry moves into the exponent as it should
+        bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576
+        mag = tl.abs(x)
+        # below 2^-6 e4m3 is subnormal, steps of 2^-9: adding 2^14 rounds there (float32 ulp 2^-9)
+        sub = (mag + 16384.0) - 16384.0
+        x = tl.where(mag < 0.015625, tl.where(x < 0, -sub, sub), bits.to(tl.float32, bitcast=True))
+    return x.to(tl.float8e4nv)
+
+
+@triton.jit
+def _quantize_k(K, K8, KScale, stride_kb, stride_kh, stride_kn, stride_8b, stride_8h, stride_8n,
+                stride_ksb, stride_ksh, kv_len, BLOCK: tl.constexpr, B_PAD: tl.constexpr,
+                HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, FP8_EXACT: tl.constexpr):
+    """K's block jb of one (sequence, kv head) as e4m3 with its dequantisation factor."""
+    jb = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    rel = tl.arange(0, B_PAD)
+    rows = jb * BLOCK + rel
+    offs_d = tl.arange(0, D_PAD)
+    inside = ((rel < BLOCK) & (rows < kv_len))[:, None] & (offs_d[None, :] < HEAD_DIM)
+    k = tl.load(K + b * stride_kb + h * stride_kh + rows[:, None] * stride_kn + offs_d[None, :], mask=inside,
+                other=0.0).to(tl.float32)
+    amax = tl.max(tl.max(tl.abs(k), 1), 0)
+    live = amax > 0.0
+    amax = tl.where(live, amax, 1.0)  # an all-zero block: zeros, factor 0
+    mul = tl.math.div_rn(tl.full([B_PAD], 448.0, tl.float32), tl.full([B_PAD], 1.0, tl.float32) * amax)
+    k8 = _to_e4m3(k * mul[:, None], FP8_EXACT)
+    tl.store(K8 + b * stride_8b + h * stride_8h + rows[:, None] * stride_8n + offs_d[None, :], k8, mask=inside)
+    tl.store(KScale + b * stride_ksb + h * stride_ksh + jb, tl.where(live, amax / 448.0, 0.0))
+
+
+'''
+
+_FP8_QUANTIZE_Q = '''
+        # e4m3 Q, per row: its absmax maps to 448; the row's factor joins the softmax scale
+        q_amax = tl.max(tl.abs(q.to(tl.float32)), 1)
+        q_live = q_amax > 0.0
+        q_amax = tl.where(q_live, q_amax, 1.0)  # an all-zero row (or one not stored): zeros, factor 0
+        q = _to_e4m3(q.to(tl.float32) * tl.math.div_rn(tl.full([BLOCK_M], 448.0, tl.float32), q_amax)[:, None],
+                     FP8_EXACT)
+        qk_row = tl.where(q_live, qk_scale * (q_amax / 448.0), 0.0)
+        ks_base = KScale + b * stride_ksb + kv_h * stride_ksh  # this (sequence, kv head)'s K block factors'''
+
+_FP8_SCALE_SCORES = '''
+        if BLOCK_N <= BLOCK:  # the chunk is inside one block: its K factor joins the row factors
+            rs = qk_scale * tl.load(ks_base + j + (s * BLOCK_N // BLOCK) * step)
+        else:  # a chunk over blocks step apart (window span, residue pair): a factor per column
+            qk = qk * tl.load(ks_base + cols // BLOCK, mask=cols < kv_len, other=0.0)[None, :]
+            rs = qk_scale'''
+
+_FP8_HOST = '''
+
+def quantize_k(k, k_strides, batch, kv_len):
+    """K as e4m3, (batch, kv heads, kv_len, head dim rounded up to 16: 16-byte rows for tensor
+    descriptors), with float32 factors (batch, kv heads, blocks); one pass over K."""
+    d16 = -(-HEAD_DIM // 16) * 16
+    n_blocks = max(1, triton.cdiv(kv_len, BLOCK))
+    k8 = torch.empty(batch, KV_HEADS, kv_len, d16, dtype=torch.float8_e4m3fn, device=k.device)
+    scale = torch.empty(batch, KV_HEADS, n_blocks, dtype=torch.float32, device=k.device)
+    if k8.numel():
+        _quantize_k[(n_blocks, KV_HEADS, batch)](k, k8, scale, *k_strides, k8.stride(0), k8.stride(1), k8.stride(2),
+                                                 scale.stride(0), scale.stride(1), kv_len, BLOCK=BLOCK,
+                                                 B_PAD=triton.next_power_of_2(BLOCK), HEAD_DIM=HEAD_DIM, D_PAD=D_PAD,
+                                                 FP8_EXACT=k.device.type != "cuda")
+    return k8, scale
+'''
+
+
+def _replace(source: str, old: str, new: str, count: int = 1) -> str:
+    found = source.count(old)
+    assert found == count, f"qk_fp8: expected {count} of {old!r} in the generated source, found {found}"
+    return source.replace(old, new)
+
+
+def _qk_fp8(source: str, plan: KernelPlan) -> str:
+    """The generated module with QK^T in e4m3 (see the notes above): K quantised by ``quantize_k``
+    in ``launch``, Q in the kernel, the factors folded into the softmax scale."""
+    import re
+    visits = source.count("_visit(") - 1  # calls, not the definition
+    s = _replace(source, "@triton.jit\ndef _visit(", _FP8_HELPERS + "@triton.jit\ndef _visit(")
+    s = _replace(s, "qk_scale, MASKED: tl.constexpr", "qk_scale, ks_base, MASKED: tl.constexpr")
+    s = _replace(s, "        qk = tl.dot(q, k)\n", "        qk = tl.dot(q, k)" + _FP8_SCALE_SCORES + "\n")
+    s = _replace(s, 'qk = tl.where(keep, qk * qk_scale, float("-inf"))', 'qk = tl.where(keep, qk * rs[:, None], float("-inf"))')
+    s = _replace(s, "tl.max(qk, 1) * qk_scale)", "tl.max(qk, 1) * rs)")
+    s = _replace(s, "tl.math.exp2(qk * qk_scale - m_new[:, None])", "tl.math.exp2(qk * rs[:, None] - m_new[:, None])")
+    s, calls = re.subn(r"\bqk_scale, (True|False), CAUSAL", r"qk_row, ks_base, \1, CAUSAL", s)
+    assert calls == visits, f"qk_fp8: {visits} _visit calls but {calls} took the row scale"
+    s = _replace(s, "def kernel(Q, K, V, Out, Lse, HeadTable, CuSeqQ, CuSeqK, ",
+                 "def kernel(Q, K, V, Out, Lse, HeadTable, CuSeqQ, CuSeqK, KScale, stride_ksb, stride_ksh, ")
+    s = _replace(s, "RES_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):",
+                 "RES_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,\n"
+                 "           FP8_EXACT: tl.constexpr):")
+    s = _replace(s, "        q = tl.load(q_ptrs, mask=valid[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)\n",
+                 "        q = tl.load(q_ptrs, mask=valid[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)"
+                 + _FP8_QUANTIZE_Q + "\n")
+    s = _replace(s, "VARLEN = False\n", f"VARLEN = False\nKV_HEADS = {plan.kv_heads}\n")
+    s = _replace(s, '    """Run the kernel. Strides are (batch, head, token) in elements; the last dim is contiguous."""\n',
+                 '    """Run the kernel. Strides are (batch, head, token) in elements; the last dim is contiguous.\n'
+                 '    K (16-bit) is quantised to e4m3 first (``quantize_k``)."""\n'
+                 "    k, k_scale = quantize_k(k, k_strides, batch, kv_len)\n"
+                 "    k_strides = k.stride()[:3]\n")
+    s = _replace(s, "cu_seqlens_k if cu_seqlens_k is not None else dummy, ",
+                 "cu_seqlens_k if cu_seqlens_k is not None else dummy, k_scale, k_scale.stride(0), k_scale.stride(1), ")
+    # the interpreter's e4m3 cast needs the rounding of _to_e4m3 (see above); a GPU's does not
+    s = _replace(s, "HEAD_DIM=HEAD_DIM, D_PAD=D_PAD,\n",
+                 'HEAD_DIM=HEAD_DIM, D_PAD=D_PAD, FP8_EXACT=q.device.type != "cuda",\n')
+    return s + _FP8_HOST

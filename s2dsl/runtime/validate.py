@@ -194,3 +194,29 @@ def interpreter_compute_dtype(dtype: torch.dtype) -> Optional[torch.dtype]:
     results back: correct, only slower, and only on the CPU path that is slow anyway.
     """
     return torch.float32 if dtype == torch.bfloat16 and interpreting() else None
+
+
+# ------------------------------------------------------------------ FP8 QK^T
+FP8_DTYPES = (torch.float16, torch.bfloat16)
+FP8_CAPABILITY = (8, 9)
+
+
+def check_qk_fp8(dtype: torch.dtype, device_type: str, capability: Optional[Tuple[int, int]], varlen: bool,
+                 needs_grad: bool) -> None:
+    """Refuse the FP8 QK^T forward (``tuning={"qk_fp8": True}``) where it cannot be right.
+
+    ``capability`` is the GPU's (None off the GPU: the interpreter, which ``check_device`` has
+    already required). ``needs_grad``: autograd would want gradients of this output, and the
+    backward recomputes the scores in 16-bit, which would disagree with the FP8 ones."""
+    if dtype not in FP8_DTYPES:
+        raise InputError(f"qk_fp8 takes float16 or bfloat16 q, k, v (PV runs in the input dtype); got {dtype}")
+    if device_type == "cuda" and (capability is None or tuple(capability) < FP8_CAPABILITY):
+        raise InputError(f"qk_fp8 needs a GPU with FP8 tensor cores (compute capability >= 8.9: Ada, Hopper or "
+                         f"newer); this one is {capability}: leave qk_fp8 off")
+    if varlen:
+        raise InputError("qk_fp8 takes padded batches (layout bhsd or bshd); packed sequences (cu_seqlens) are not "
+                         "supported: leave qk_fp8 off for them")
+    if needs_grad:
+        raise InputError("qk_fp8 is forward-only (inference / prefill): the backward recomputes the attention "
+                         "scores in 16-bit, which would not match this FP8 output. Call it under torch.no_grad() "
+                         "or torch.inference_mode(), on tensors that do not require grad, or leave qk_fp8 off")
