@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # What the next GPU run is to check and time, as named stages, so that one device call runs
 # several of them within its 10 minutes and everything returns even when a stage fails or is cut.
+# In priority order (a session's 30 device minutes hold about three such calls):
 #
-#   bash benchmarks/gpu_session.sh tests generate          # one call (~530 s of device time)
-#   bash benchmarks/gpu_session.sh sweep topk               # another (~400 s)
-#   bash benchmarks/gpu_session.sh alisa generate8          # another (~420 s)
+#   bash benchmarks/gpu_session.sh tests generate    # ~560 s: every new GPU test; generate() at batch 1
+#   bash benchmarks/gpu_session.sh sweep topk        # ~500 s: issue 14 variants beside DKernel / SDPA; top-k merges
+#   bash benchmarks/gpu_session.sh alisa generate8   # ~500 s: ALISA with the auto split; generate() at batch 8
 #
 # Each stage runs under its own `timeout` and writes <stage>.log (and its JSON) into $OUT (the
 # device tool's return folder; benchmarks/results/gpu-session here otherwise). A stage that
@@ -31,30 +32,37 @@ stage() {  # stage NAME SECONDS COMMAND...
 
 run_stage() {
     case $1 in
-    tests)  # every GPU test of code merged since the last GPU run (kv write kernel, tuned splits, ALISA, selection)
-        stage tests 250 python3 -m pytest -q -m gpu -p no:cacheprovider \
-            tests/test_kv_write.py tests/test_decode.py tests/test_hf.py tests/test_alisa_gpu.py \
-            tests/test_gpu_topk.py ;;
-    generate)  # generate() batch 1 at 32K and 128K: compiled graph, tuned splits, decode variants x splits, prefill parts, HF in the same run
+    tests)  # every GPU test of code merged since the last GPU run: the prefill K/V write kernel, tuned
+            # splits, the selection merges, FP8 QK^T, the backward variants, ALISA (auto split included)
+        stage tests 270 python3 -m pytest -q -m gpu -p no:cacheprovider \
+            tests/test_kv_write.py tests/test_decode.py tests/test_hf.py tests/test_gpu_topk.py \
+            tests/test_qk_fp8.py tests/test_gpu_backward.py tests/test_alisa_gpu.py ;;
+    generate)  # generate() batch 1 at 32K and 128K: compiled graph, tuned splits, decode variants x
+               # splits (bench_generate.SPLIT_SWEEP_VARIANTS), prefill parts, HF in the same run
         stage generate 280 python3 benchmarks/bench_generate.py --points 32768x1 131072x1 --skip dynamic \
             --no-generate-probe --graph-compile --layer-contexts --split-sweep --budget-s 255 \
             --out "$OUT/generate.json" ;;
     generate8)  # batch 8 (128K x8 never ran)
-        stage generate8 300 python3 benchmarks/bench_generate.py --points 32768x8 131072x8 --skip dynamic \
-            --no-generate-probe --graph-compile --budget-s 280 --out "$OUT/generate8.json" ;;
+        stage generate8 240 python3 benchmarks/bench_generate.py --points 32768x8 131072x8 --skip dynamic \
+            --no-generate-probe --graph-compile --budget-s 220 --out "$OUT/generate8.json" ;;
+    sweep)  # issue 14: forward default vs FP8 QK^T beside DKernel (six points, two rounds), the
+            # backward variants (MHA with DKernel, and GQA), decode variants beside SDPA
+        stage sweep 380 python3 benchmarks/sweep_kernels.py \
+            --fwd '{"default": {}, "fp8": {"qk_fp8": true}, "fp8_span1": {"qk_fp8": true, "window_span": 1, "residue_span": 1}}' \
+            --rounds 2 --bwd-kv-heads 8 --budget-s 350 --out "$OUT/sweep.json" ;;
     topk)  # prefill selection merges (extract = the GPU default, insert, bitonic) beside Flex given the same blocks
         stage topk 110 python3 benchmarks/bench_topk.py --seqs 32768 131072 --no-decode --budget-s 90 \
             --select-variants old insert bitonic bitonic_tf32x3 --out "$OUT/topk.json" ;;
-    alisa)  # ALISA throughput at both points, HF offloaded rows first in a fresh process
-        stage alisa 190 python3 benchmarks/bench_alisa.py --no-correctness --budget-s 170 --out "$OUT/alisa.json" ;;
-    sweep)  # issue 14: forward and backward variants beside DKernel, decode variants beside SDPA
-        stage sweep 240 python3 benchmarks/sweep_kernels.py --budget-s 220 --out "$OUT/sweep.json" ;;
+    alisa)  # ALISA throughput at both points (HF offloaded rows first, fresh process), the auto split's
+            # rows at each point's budget and at 0.1 GiB
+        stage alisa 250 python3 benchmarks/bench_alisa.py --no-correctness --gpu-budget-gib 0.1 --budget-s 230 \
+            --out "$OUT/alisa.json" ;;
     *)
-        echo "unknown stage '$1' (tests generate generate8 topk alisa sweep)" | tee -a "$OUT/session.log"
+        echo "unknown stage '$1' (tests generate generate8 sweep topk alisa)" | tee -a "$OUT/session.log"
         return 2 ;;
     esac
 }
 
-[ $# -gt 0 ] || { echo "usage: $0 STAGE... (tests generate generate8 topk alisa sweep)"; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 STAGE... (tests generate generate8 sweep topk alisa)"; exit 2; }
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader 2>/dev/null | tee -a "$OUT/session.log"
 for s in "$@"; do run_stage "$s"; done
