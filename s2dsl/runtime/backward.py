@@ -99,7 +99,8 @@ def choose_backward_for_gpu(pattern: Pattern, head_dim: int) -> BackwardSpeciali
 
 def backward_module(pattern: Pattern, spec: Specialization, cache: Optional[KernelCache] = None) -> ModuleType:
     if cache is None:  # the default cache's module, memoised per pattern object (its key costs ~75 us)
-        return per_object(pattern, ("bwd", spec), lambda: backward_module(pattern, spec, default_cache()))
+        cache = default_cache()
+        return per_object(pattern, ("bwd", spec, id(cache)), lambda: backward_module(pattern, spec, cache))
     plan = lower(pattern)
     spec = _as_backward(spec)
     key = cache_key(BACKWARD_CODEGEN_VERSION, codegen_fingerprint(), "bwd", plan, spec)

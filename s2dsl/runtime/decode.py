@@ -82,7 +82,8 @@ GPU_DECODE_LOOPS: dict = {}
 
 def decode_module(pattern: Pattern, spec: DecodeSpecialization, cache: Optional[KernelCache] = None) -> ModuleType:
     if cache is None:  # the default cache's module, memoised per pattern object (its key costs ~75 us)
-        return per_object(pattern, ("decode", spec), lambda: decode_module(pattern, spec, default_cache()))
+        cache = default_cache()
+        return per_object(pattern, ("decode", spec, id(cache)), lambda: decode_module(pattern, spec, cache))
     plan = lower(pattern)
     key = cache_key(DECODE_CODEGEN_VERSION, codegen_fingerprint(), "decode", plan, spec)
     return cache.get(key, lambda: generate_decode(plan, spec, name=pattern.name, fingerprint=pattern.fingerprint()))

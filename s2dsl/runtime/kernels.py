@@ -110,7 +110,8 @@ def choose_forward_for_gpu(pattern: Pattern, head_dim: int, seq_len: Optional[in
 
 def forward_module(pattern: Pattern, spec: Specialization, cache: Optional[KernelCache] = None) -> ModuleType:
     if cache is None:  # the default cache's module, memoised per pattern object (its key costs ~75 us)
-        return per_object(pattern, ("fwd", spec), lambda: forward_module(pattern, spec, default_cache()))
+        cache = default_cache()
+        return per_object(pattern, ("fwd", spec, id(cache)), lambda: forward_module(pattern, spec, cache))
     plan = lower(pattern)
     key = cache_key(CODEGEN_VERSION, codegen_fingerprint(), "fwd", plan, spec)
     return cache.get(key, lambda: generate_forward(plan, spec, name=pattern.name, fingerprint=pattern.fingerprint()))
