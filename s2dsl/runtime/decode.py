@@ -29,15 +29,16 @@ import torch.nn.functional as F
 
 from ..codegen.decode import DECODE_CODEGEN_VERSION, DecodeSpecialization, generate_decode, group_params
 from ..codegen.lower import UnsupportedPattern, lower
+from ..memo import per_object
 from ..pattern import Pattern
 from .attention import InputError
 from .validate import check_device, check_scale, interpreter_compute_dtype
-from ..memo import per_object
 from .cache import KernelCache, cache_key, codegen_fingerprint, default_cache
 from .kernels import _DTYPES
 from .kv_cache import PagedKVCache, padding_counts
 from .paging import DecodeBatch, StepPlan
 from .padding import padded_attention, right_align
+from .timing import event_ms
 from .topk_state import state_for
 
 __all__ = ["paged_attention", "cached_attention", "choose_decode", "decode_module", "decode_source",
@@ -271,24 +272,11 @@ def _tuned_choice(memo: dict, key: tuple, policy: int, timer) -> int:
 
 
 def _time_launches(launch, cands) -> dict:
-    """Seconds per launch of each candidate split count, by CUDA events. Each candidate's launches
-    queue behind a device-side sleep, so that they run back to back (a launch costs the host
-    more than a short kernel runs)."""
+    """Seconds per launch of each candidate split count, by CUDA events (back to back: a launch
+    costs the host more than a short kernel runs)."""
     for s in cands:  # compiles each variant, outside the timing
         launch(s)
-    torch.cuda.synchronize()
-    times = {}
-    for s in cands:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        if hasattr(torch.cuda, "_sleep"):
-            torch.cuda._sleep(2_000_000)  # ~1 ms: longer than the host takes to queue TUNE_REPS launches
-        start.record()
-        for _ in range(TUNE_REPS):
-            launch(s)
-        end.record()
-        end.synchronize()
-        times[s] = start.elapsed_time(end) / 1e3 / TUNE_REPS
-    return times
+    return {s: event_ms(lambda s=s: launch(s), reps=1, per_call=TUNE_REPS) / 1e3 for s in cands}
 
 
 def paged_attention(q: torch.Tensor, cache: PagedKVCache, seqs: Union[Sequence[Hashable], DecodeBatch], *,

@@ -32,6 +32,8 @@ import math
 from dataclasses import dataclass, replace
 from typing import Optional
 
+from .timing import event_ms, wall_ms
+
 __all__ = ["MachineCosts", "Workload", "TierPlan", "plan", "measure_machine", "fit_recompute", "with_recompute",
            "DropPolicy", "DropDecision", "DROP_MODES", "machine_costs", "step_pages", "drop_mode"]
 
@@ -263,24 +265,6 @@ def plan(w: Workload, gpu_budget_bytes: float, host_budget_bytes: float, costs: 
                     f"({rec:.1f} pages per layer step); {reason_mem}", **common)
 
 
-def _time_ms(fn, device, reps: int) -> float:
-    """Median wall time of ``fn()`` in ms after one warm-up call (CUDA: synchronised around it)."""
-    import time
-    import torch
-    cuda = torch.device(device).type == "cuda"
-    fn()
-    times = []
-    for _ in range(reps):
-        if cuda:
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        if cuda:
-            torch.cuda.synchronize(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return sorted(times)[len(times) // 2]
-
-
 def fit_recompute(recompute, slots, kv_heads, blocks, device="cpu", reps: int = 5) -> MachineCosts:
     """Fit the recompute's cost on this machine by running the recompute path itself:
     ``recompute(slots, kv_heads, blocks)`` (a ``host_tier.Recompute``: int64 CPU tensors of m
@@ -292,8 +276,8 @@ def fit_recompute(recompute, slots, kv_heads, blocks, device="cpu", reps: int = 
     m = int(slots.numel())
     if m < 2 or kv_heads.numel() != m or blocks.numel() != m:
         raise ValueError("fit_recompute needs m >= 2 pages (slots, kv_heads, blocks of m entries each)")
-    one = _time_ms(lambda: recompute(slots[:1], kv_heads[:1], blocks[:1]), device, reps)
-    many = _time_ms(lambda: recompute(slots, kv_heads, blocks), device, reps)
+    one = wall_ms(lambda: recompute(slots[:1], kv_heads[:1], blocks[:1]), device, reps)
+    many = wall_ms(lambda: recompute(slots, kv_heads, blocks), device, reps)
     per_page = max((many - one) / (m - 1), 1e-6)  # a flat line (noise) still counts a page as something
     return MachineCosts(recompute_page_ms=per_page, recompute_fixed_ms=max(one - per_page, 0.0))
 
@@ -311,26 +295,14 @@ def measure_machine(device="cuda", nbytes: int = 256 << 20) -> MachineCosts:
     if torch.device(device).type != "cuda":
         raise ValueError("measure_machine times a CUDA device; on the CPU pass MachineCosts(...) yourself")
 
-    def timed(fn, reps: int = 5) -> float:
-        fn()
-        times = []
-        for _ in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        return sorted(times)[len(times) // 2]
-
     host = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
     dev = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    h2d = nbytes / (timed(lambda: dev.copy_(host, non_blocking=True)) * 1e-3) / 1e9
+    h2d = nbytes / (event_ms(lambda: dev.copy_(host, non_blocking=True)) * 1e-3) / 1e9
     other = torch.empty_like(dev)
-    hbm = 2 * nbytes / (timed(lambda: other.copy_(dev)) * 1e-3) / 1e12  # read + write
+    hbm = 2 * nbytes / (event_ms(lambda: other.copy_(dev)) * 1e-3) / 1e12  # read + write
     a = torch.randn(4096, 4096, device=device, dtype=torch.bfloat16)
     b = torch.randn(4096, 1024, device=device, dtype=torch.bfloat16)
-    tflops = 2 * 4096 * 4096 * 1024 / (timed(lambda: a @ b) * 1e-3) / 1e12
+    tflops = 2 * 4096 * 4096 * 1024 / (event_ms(lambda: a @ b) * 1e-3) / 1e12
     return MachineCosts(h2d_gbps=h2d, hbm_tbps=hbm, matmul_tflops=tflops)
 
 
