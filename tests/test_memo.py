@@ -48,3 +48,21 @@ def test_plans_and_modules_are_shared_per_pattern_and_equal_across_equal_pattern
     assert forward_module(q, spec) is forward_module(p, spec)  # the kernel cache's one module for the key
     other = Specialization(head_dim=32, block_m=16, block_n=16)
     assert forward_module(p, other).HEAD_DIM == 32 and forward_module(p, spec).HEAD_DIM == 16
+
+
+def test_a_pattern_first_lowered_inside_torch_compile_compiles_once():
+    """The memo is skipped inside a trace: dynamo does not guard on it (a pattern first used
+    inside a compiled function made the second call recompile)."""
+    import torch
+    import torch._dynamo.testing
+    torch._dynamo.reset()
+    p = s2dsl.local_stride(block=16, local_blocks=3, vert_stride=5, heads=2)  # never lowered before
+    counts = torch._dynamo.testing.CompileCounter()
+
+    @torch.compile(backend=counts, fullgraph=True)
+    def f(x):
+        return x * lower(p).heads
+
+    x = torch.ones(3)
+    assert torch.equal(f(x), 2 * x) and torch.equal(f(x), 2 * x)
+    assert counts.frame_count == 1

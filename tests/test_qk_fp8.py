@@ -232,6 +232,10 @@ def test_refusals_through_forward():
         forward(q[0].transpose(0, 1).detach(), k[0].transpose(0, 1), v[0].transpose(0, 1), pattern,
                 cu_seqlens_q=cu, cu_seqlens_k=cu, tuning=fp8)
 
+    from s2dsl.runtime.backward import choose_backward
+    with pytest.raises(InputError, match="qk_fp8: forward-only"):  # the backward recomputes P in 16-bit
+        choose_backward(pattern, torch.float16, 16, "bhsd", q.device, tuning=fp8)
+
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("n", [1000, 4096])

@@ -80,7 +80,7 @@ class BackwardSpecialization(Specialization):
 
 
 _LOAD_FIELDS = ("dq_load", "dkdv_load")
-_NEW_FLAGS = ("dkdv_query_major",)
+_NEW_FLAGS = ("dkdv_query_major", "qk_fp8")  # qk_fp8: a forward field, always off here
 
 
 def _describe(spec) -> str:

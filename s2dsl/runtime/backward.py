@@ -32,7 +32,8 @@ def _divisor(block: int, target: int) -> int:
 
 
 #: forward-only fields of Specialization (the backward's loads and loops have no such variants)
-_FORWARD_ONLY = {"kv_load": "pointer", "window_ws": False, "fuse_diagonal": False, "persistent": 0}
+_FORWARD_ONLY = {"kv_load": "pointer", "window_ws": False, "fuse_diagonal": False, "persistent": 0,
+                 "qk_fp8": False}
 
 
 def _as_backward(spec: Specialization) -> BackwardSpecialization:
@@ -72,7 +73,8 @@ def choose_backward(pattern: Pattern, dtype: torch.dtype, head_dim: int, layout:
     changed = [name for name, default in _FORWARD_ONLY.items() if getattr(spec, name) != default]
     if changed:
         raise InputError(f"{', '.join(changed)}: forward-only variants; the backward has none (tune it with "
-                         "block_m/block_n/dkdv_*/num_warps/num_stages/one_grid/two_streams/flat_steps/dq_load)")
+                         "block_m/block_n/dkdv_*/num_warps/num_stages/one_grid/two_streams/flat_steps/dq_load/dkdv_load/"
+                         "dkdv_query_major)")
     return spec
 
 
