@@ -173,14 +173,17 @@ def test_k_pass_rounds_as_torch():
     k[1, 0, 16:32] = 0.0  # an all-zero block
     k[1, 1, :16] *= 1e-3  # small values: subnormal after scaling only if the block's range is wide
     k[1, 1, 3, 5] = 200.0
+    k[0, 1, 32:45] = 1e-40  # a block of float32 subnormals: 448 / amax would overflow to inf
     k8, scale = module.quantize_k(k, k.stride()[:3], 2, 45)
     assert k8.dtype == F8 and k8.shape == (2, 2, 45, 32) and scale.shape == (2, 2, 3)
     padded = torch.cat([k, k.new_zeros(2, 2, 3, 24)], 2).view(2, 2, 3, 16, 24)
     amax = padded.abs().amax((-1, -2))
-    torch.testing.assert_close(scale, torch.where(amax > 0, amax / 448.0, 0.0), atol=0, rtol=0)
-    live = torch.where(amax > 0, amax, 1.0)[..., None, None]
+    floor = amax.clamp_min(1e-30)  # the pass raises a subnormal maximum (448 / amax stays finite)
+    torch.testing.assert_close(scale, torch.where(amax > 0, floor / 448.0, 0.0), atol=0, rtol=0)
+    live = torch.where(amax > 0, floor, 1.0)[..., None, None]
     want = (padded * (torch.full_like(live, 448.0) / live)).to(F8).view(2, 2, 48, 24)[:, :, :45]
     assert torch.equal(k8[..., :24].float(), want.float())  # -0.0 == 0.0: the sign of a zero is free
+    assert k8[..., :24].float().isfinite().all() and scale.isfinite().all()  # (the pad columns are never read)
 
 
 def test_default_kernels_unchanged():

@@ -591,7 +591,9 @@ def _quantize_k(K, K8, KScale, stride_kb, stride_kh, stride_kn, stride_8b, strid
                 other=0.0).to(tl.float32)
     amax = tl.max(tl.max(tl.abs(k), 1), 0)
     live = amax > 0.0
-    amax = tl.where(live, amax, 1.0)  # an all-zero block: zeros, factor 0
+    # an all-zero block: zeros, factor 0; a subnormal maximum (bf16 holds ~1e-40) is raised so that 448 / amax
+    # stays finite (its values then use a few of e4m3's codes; the factor below is the same amax)
+    amax = tl.where(live, tl.maximum(amax, 1e-30), 1.0)
     mul = tl.math.div_rn(tl.full([B_PAD], 448.0, tl.float32), tl.full([B_PAD], 1.0, tl.float32) * amax)
     k8 = _to_e4m3(k * mul[:, None], FP8_EXACT)
     tl.store(K8 + b * stride_8b + h * stride_8h + rows[:, None] * stride_8n + offs_d[None, :], k8, mask=inside)
@@ -604,7 +606,8 @@ _FP8_QUANTIZE_Q = '''
         # e4m3 Q, per row: its absmax maps to 448; the row's factor joins the softmax scale
         q_amax = tl.max(tl.abs(q.to(tl.float32)), 1)
         q_live = q_amax > 0.0
-        q_amax = tl.where(q_live, q_amax, 1.0)  # an all-zero row (or one not stored): zeros, factor 0
+        # an all-zero row (or one not stored): zeros, factor 0; a subnormal maximum raised as K's is
+        q_amax = tl.where(q_live, tl.maximum(q_amax, 1e-30), 1.0)
         q = _to_e4m3(q.to(tl.float32) * tl.math.div_rn(tl.full([BLOCK_M], 448.0, tl.float32), q_amax)[:, None],
                      FP8_EXACT)
         qk_row = tl.where(q_live, qk_scale * (q_amax / 448.0), 0.0)
