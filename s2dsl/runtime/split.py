@@ -55,17 +55,18 @@ GIB = 1 << 30
 
 
 def device_free_bytes(device) -> int:
-    """Bytes the device can still give: ``torch.cuda.mem_get_info``'s free memory plus the bytes
-    PyTorch's caching allocator holds reserved but unallocated (free to this process, invisible to
-    the driver's count). Only CUDA devices can be read; elsewhere a ValueError says what to pass."""
+    """Bytes the device can still give: ``torch.cuda.mem_get_info``'s free memory after PyTorch's
+    caching allocator has returned its unused blocks (``empty_cache``: counted as free while
+    cached, fragments of them could not hold a pool of gigabytes). Only CUDA devices can be read;
+    elsewhere a ValueError says what to pass."""
     import torch
     device = torch.device(device)
     if device.type != "cuda":
         raise ValueError(f"the free memory of device {device} cannot be read (only CUDA devices report it): pass "
                          "free_memory=BYTES (or a callable of the device) for gpu_pages='auto', or gpu_pages=N")
+    torch.cuda.empty_cache()
     free, _total = torch.cuda.mem_get_info(device)
-    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    return int(free + max(cached, 0))
+    return int(free)
 
 
 def host_available_bytes() -> int:
