@@ -280,3 +280,5 @@ def test_gpu_auto_split_reads_the_device_and_its_headroom_covers_a_prefill(kv_dt
           f"{room / 2 ** 20:.1f} MiB ({(room - 256 * 2 ** 20) / 2 ** 20:.1f} MiB without the fixed part)")
     assert logits.shape == (batch, 1, 32000) and all(p.table.tier is None for p in cache.paged)
     assert taken <= room
+    # and not grossly inflated (an inflated headroom sends caches that fit into phase 2 for nothing)
+    assert room - 256 * 2 ** 20 <= 4 * taken
