@@ -825,6 +825,12 @@ def main():
     results = {"device": torch.cuda.get_device_name() if on_gpu else "cpu", "torch": torch.__version__,
                "transformers": transformers.__version__, "plan": PLAN if not args.tiny else "tiny", "points": [],
                "layer": [], "prefill_parts": []}
+
+    def save():  # after every section: a run cut by a time limit keeps what it measured
+        if args.out:
+            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+            with open(args.out, "w") as fh:
+                json.dump(results, fh, indent=1)
     t0 = time.perf_counter()
     results["check"] = check(model, plan, name, device, args.tiny)
     print("check:", results["check"], flush=True)
@@ -860,12 +866,14 @@ def main():
                 for r in split_sweep(sparse, n, b, device, dtype, d, splits=(2, 4) if args.tiny else
                                      (8, 16, 32, 64, 128), variants=variants):
                     results["split_sweep"].append(r)
+                    save()
                     print("split sweep:", json.dumps(r), flush=True)
     for point in args.points:  # each point's: the write and the kernels grow differently with length
         n, b = parse_point(point)
         if not budget.allow(f"prefill parts at {point}", 15 * max(n * b // 32768, 1) ** 0.5, 0):
             continue
         results["prefill_parts"].append(prefill_parts(sparse, n, b, device, dtype, d))
+        save()
         print("prefill parts:", json.dumps(results["prefill_parts"][-1]), flush=True)
     for point in args.points:
         n, b = parse_point(point)
@@ -901,6 +909,7 @@ def main():
             r.update(prompt=n, batch=b, chunk=chunk)
             print(json.dumps(r), flush=True)
         results["points"].append(dict(prompt=n, batch=b, rows=rows, **extra))
+        save()
         if extra:
             print("static-cache SDPA probe:", json.dumps(extra["static_probe"]), flush=True)
         del ids
@@ -917,14 +926,12 @@ def main():
         row = layer_call_vs_kernel(sparse, context, batch=2 if args.tiny else 8, calls=3 if args.tiny else 100,
                                    device=device, dtype=dtype, d=d)
         results["layer"].append(row)
+        save()
         print(json.dumps(row), flush=True)
     results["skipped"] = budget.skipped
     results["wall_s"] = time.perf_counter() - t0
     report(results)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as fh:
-            json.dump(results, fh, indent=1)
+    save()
 
 
 def report(results):

@@ -3,21 +3,30 @@
 # several of them within its 10 minutes and everything returns even when a stage fails or is cut.
 # In priority order (a session's 30 device minutes hold about three such calls):
 #
-#   bash benchmarks/gpu_session.sh tests generate    # ~560 s: every new GPU test; generate() at batch 1
+#   bash benchmarks/gpu_session.sh tests generate    # ~530 s: every new GPU test; generate() at batch 1
 #   bash benchmarks/gpu_session.sh sweep topk        # ~500 s: issue 14 variants beside DKernel / SDPA; top-k merges
 #   bash benchmarks/gpu_session.sh alisa generate8   # ~500 s: ALISA with the auto split; generate() at batch 8
 #
 # Each stage runs under its own `timeout` and writes <stage>.log (and its JSON) into $OUT (the
 # device tool's return folder; benchmarks/results/gpu-session here otherwise). A stage that
-# fails does not stop the next. Seconds in [] are each stage's limit. A machine without network
-# access and without lark/hypothesis installs wheels downloaded beforehand into a git-ignored
-# folder that travels with the tree, e.g. (here) `pip download -d .whl lark hypothesis` and (there)
-# `pip install --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD`.
+# fails does not stop the next. Seconds in [] are each stage's limit. The device machine has no
+# network and no lark: download the wheels here first (`pip download -d .whl lark hypothesis`,
+# a git-ignored folder) and pass `carry: [".whl"]`; the script installs them when .whl exists
+# and stops at once, before any stage, when `import lark, s2dsl` fails.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/gpu-session}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+if [ -d .whl ] && ! python3 -c "import lark" 2>/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=${PYTHONPATH:-$PWD}
+python3 -c "import lark, s2dsl" || { echo "lark or s2dsl does not import: carry .whl (see the top of this file)" \
+    | tee -a "$OUT/session.log"; exit 3; }
+# pytest-xdist, where installed, runs the GPU tests two files at a time
+XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 2 --dist loadfile")
 
 stage() {  # stage NAME SECONDS COMMAND...
     local name=$1 limit=$2
@@ -32,24 +41,29 @@ stage() {  # stage NAME SECONDS COMMAND...
 
 run_stage() {
     case $1 in
-    tests)  # every GPU test of code merged since the last GPU run: the prefill K/V write kernel, tuned
-            # splits, the selection merges, FP8 QK^T, the backward variants, ALISA (auto split included)
-        stage tests 270 python3 -m pytest -q -m gpu -p no:cacheprovider \
+    tests)  # every GPU test of code merged since the last GPU run, the newest first (FP8 QK^T, the
+            # backward variants, the auto split, the timers), then the prefill K/V write kernel, tuned
+            # splits, the selection merges and the rest of the serving and ALISA GPU tests
+        stage tests-new 90 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=15 \
+            tests/test_qk_fp8.py tests/test_timing.py "tests/test_gpu_backward.py::test_issue14_variants" \
+            tests/test_alisa_gpu.py -k "fp8 or issue14 or auto_split or event_ms"
+        stage tests 150 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=25 $XDIST \
             tests/test_kv_write.py tests/test_decode.py tests/test_hf.py tests/test_gpu_topk.py \
-            tests/test_qk_fp8.py tests/test_gpu_backward.py tests/test_alisa_gpu.py ;;
+            tests/test_alisa_gpu.py -k "not auto_split" ;;
     generate)  # generate() batch 1 at 32K and 128K: compiled graph, tuned splits, decode variants x
                # splits (bench_generate.SPLIT_SWEEP_VARIANTS), prefill parts, HF in the same run
-        stage generate 280 python3 benchmarks/bench_generate.py --points 32768x1 131072x1 --skip dynamic \
-            --no-generate-probe --graph-compile --layer-contexts --split-sweep --budget-s 255 \
+        # (--layer-contexts with no values: the per-layer call section is skipped)
+        stage generate 270 python3 benchmarks/bench_generate.py --points 32768x1 131072x1 --skip dynamic \
+            --no-generate-probe --graph-compile --layer-contexts --split-sweep --budget-s 245 \
             --out "$OUT/generate.json" ;;
     generate8)  # batch 8 (128K x8 never ran)
         stage generate8 240 python3 benchmarks/bench_generate.py --points 32768x8 131072x8 --skip dynamic \
             --no-generate-probe --graph-compile --budget-s 220 --out "$OUT/generate8.json" ;;
     sweep)  # issue 14: forward default vs FP8 QK^T beside DKernel (six points, two rounds), the
-            # backward variants (MHA with DKernel, and GQA), decode variants beside SDPA
+            # backward variants (MHA with DKernel, and GQA); decode variants are the generate stage's
         stage sweep 380 python3 benchmarks/sweep_kernels.py \
             --fwd '{"default": {}, "fp8": {"qk_fp8": true}, "fp8_span1": {"qk_fp8": true, "window_span": 1, "residue_span": 1}}' \
-            --rounds 2 --bwd-kv-heads 8 --budget-s 350 --out "$OUT/sweep.json" ;;
+            --decode '{}' --rounds 2 --bwd-kv-heads 8 --budget-s 350 --out "$OUT/sweep.json" ;;
     topk)  # prefill selection merges (extract = the GPU default, insert, bitonic) beside Flex given the same blocks
         stage topk 110 python3 benchmarks/bench_topk.py --seqs 32768 131072 --no-decode --budget-s 90 \
             --select-variants old insert bitonic bitonic_tf32x3 --out "$OUT/topk.json" ;;
