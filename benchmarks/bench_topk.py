@@ -174,7 +174,34 @@ def select_variant_rows(pattern, q, k, sel, variants, row):
             print(f"WRONG: select_kernel variant {name} picks differ from the default's", flush=True)
 
 
-def prefill_rows(pattern, window: int, n: int, no_flex: bool, variants=()) -> dict:
+#: forward-kernel tile variants timed beside the default for top-k plans (label -> tuning):
+#: the default's 64-row tiles (a tile takes its one query block's selection) keep two-block
+#: window steps, 3 stages and pointer loads: 255 registers and 208 KB of shared memory on sm_90,
+#: one program per SM. One block per step with K/V through tensor descriptors is the static
+#: patterns' default up to 32K (4-17% faster there): 168 registers, 113 KB, two programs per SM;
+#: with 2 stages 166 / 81 KB (benchmarks/compile_report.py evidence, RESULTS.md fifth session)
+KERNEL_VARIANTS = {
+    "m64_tma": {"window_span": 1, "kv_load": "tma"},
+    "m64_tma_s2": {"window_span": 1, "kv_load": "tma", "num_stages": 2},
+    "m64_ptr": {"window_span": 1},
+}
+
+
+def kernel_variant_rows(pattern, q, k, v, sel, ref, variants: dict, row: dict) -> None:
+    """Each forward tile variant with the same selection: checked against the default kernel's
+    output, then timed; ``s2dsl_kernel_{label}_ms`` or ``kernel_{label}_error``."""
+    for label, tuning in variants.items():
+        try:
+            got = forward(q, k, v, pattern, selection=sel, tuning=tuning)[0]
+            err = rel(got, ref)
+            if not err < 1e-2:
+                raise AssertionError(f"differs from the default kernel by {err:.2e}")
+            row[f"s2dsl_kernel_{label}_ms"] = bench(lambda: forward(q, k, v, pattern, selection=sel, tuning=tuning))
+        except Exception as exc:  # noqa: BLE001 - a variant that fails is a result, not the end of the run
+            row[f"kernel_{label}_error"] = f"{type(exc).__name__}: {exc}"[:300]
+
+
+def prefill_rows(pattern, window: int, n: int, no_flex: bool, variants=(), kernel_variants=None) -> dict:
     torch.manual_seed(1)
     q = torch.randn(1, HEADS, n, DIM, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(1, KV_HEADS, n, DIM, device="cuda", dtype=torch.bfloat16) for _ in range(2))
@@ -190,6 +217,8 @@ def prefill_rows(pattern, window: int, n: int, no_flex: bool, variants=()) -> di
     row["s2dsl_select_ms"] = bench(lambda: select_blocks(q, k, pattern))
     select_variant_rows(pattern, q, k, sel, variants, row)
     row["s2dsl_kernel_ms"] = bench(lambda: forward(q, k, v, pattern, selection=sel))
+    if kernel_variants:
+        kernel_variant_rows(pattern, q, k, v, sel, forward(q, k, v, pattern, selection=sel)[0], kernel_variants, row)
     row["s2dsl_total_ms"] = bench(lambda: forward(q, k, v, pattern))
     # the 'bound' estimator (Quest's q.k upper bound per kv block, max over the query block's rows)
     row["s2dsl_select_bound_ms"] = bench(lambda: select_blocks(q, k, pattern, estimator="bound"))
@@ -359,6 +388,9 @@ def main():
     ap.add_argument("--budget-s", type=float, default=0,
                     help="skip the parts that would start too late to end within this many seconds (0: none)")
     ap.add_argument("--out", type=str, default="")
+    ap.add_argument("--kernel-variants", default=None, metavar="JSON",
+                    help="forward tile variants timed with the same selection beside the default kernel, a JSON "
+                         "object label -> tuning ('{}' for none; default: KERNEL_VARIANTS)")
     ap.add_argument("--select-variants", nargs="*", default=list(SELECT_VARIANTS), choices=list(SELECT_VARIANTS),
                     help="prefill: select_kernel variants timed side by side with the default (A/B in one run)")
     args = ap.parse_args()
@@ -396,7 +428,9 @@ def main():
 
     for n in [] if args.no_prefill else args.seqs:
         if room(f"prefill {n}", 25):  # (the 128K row took ~8 s on an H200, its kernels compiled at 32K)
-            add("prefill", prefill_rows(pattern, args.window, n, args.no_flex, args.select_variants))
+            add("prefill", prefill_rows(pattern, args.window, n, args.no_flex, args.select_variants,
+                                        KERNEL_VARIANTS if args.kernel_variants is None
+                                        else json.loads(args.kernel_variants)))
     decode_patterns = {"mass": pattern, "bound": quest(args.window, args.topk)}
     result["decode_patterns"] = {s: decode_patterns[s].to_source() for s in args.scorers}
     for scorer in args.scorers:  # one scorer at every length first: --scorers bound mass puts bound first
@@ -413,6 +447,17 @@ def main():
                   f"| {r['s2dsl_select_torch_path_ms']:.3f} | {r['s2dsl_select_bound_ms']:.2f} "
                   f"| {r['sdpa_flash_ms']:.2f} | {r.get('flex_same_mask_ms', nan):.2f} "
                   f"| {r.get('s2dsl_total_over_flex', nan):.3f} | {r.get('kept_block_fraction', nan):.3f} |")
+    labels = sorted({key[len("s2dsl_kernel_"):-len("_ms")] for r in result["prefill"] for key in r
+                     if key.startswith("s2dsl_kernel_") and key != "s2dsl_kernel_ms"})
+    if labels:
+        print("\nprefill kernel tile variants, same selection (ms; select + kernel over Flex in parentheses)")
+        print("| seq | default | " + " | ".join(labels) + " |")
+        print("|---|---|" + "---|" * len(labels))
+        for r in result["prefill"]:
+            flex = r.get("flex_same_mask_ms", nan)
+            cells = [f"{r[f's2dsl_kernel_{x}_ms']:.2f} ({(r['s2dsl_select_ms'] + r[f's2dsl_kernel_{x}_ms']) / flex:.3f})"
+                     if f"s2dsl_kernel_{x}_ms" in r else r.get(f"kernel_{x}_error", "-")[:40] for x in labels]
+            print(f"| {r['seq']} | {r['s2dsl_kernel_ms']:.2f} | " + " | ".join(cells) + " |")
     if result["prefill"] and args.select_variants:
         print("\nselect_kernel variants (ms; the keys' pooling launch alone; same picks as the default)")
         print("| seq | pool keys | " + " | ".join(args.select_variants) + " |")

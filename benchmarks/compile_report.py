@@ -77,7 +77,7 @@ def compile_forward(pattern, tuning: dict, head_dim: int, dtype: str, tmp: Path)
             sig[name] = "*" + elem
         elif name in ("Lse", "KScale"):
             sig[name] = "*fp32"
-        elif name in ("HeadTable", "CuSeqQ", "CuSeqK"):
+        elif name in ("HeadTable", "CuSeqQ", "CuSeqK", "Sel"):  # Sel: a top-k pattern's selected blocks
             sig[name] = "*i32"
         else:
             sig[name] = "fp32" if name == "qk_scale" else "i32"

@@ -4,7 +4,7 @@
 # In priority order (a session's 30 device minutes hold about three such calls):
 #
 #   bash benchmarks/gpu_session.sh tests generate    # ~530 s: every new GPU test; generate() at batch 1
-#   bash benchmarks/gpu_session.sh sweep topk        # ~500 s: issue 14 variants beside DKernel / SDPA; top-k merges
+#   bash benchmarks/gpu_session.sh sweep topk        # ~530 s: issue 14 variants beside DKernel; top-k merges, tiles
 #   bash benchmarks/gpu_session.sh alisa generate8   # ~500 s: ALISA with the auto split; generate() at batch 8
 #
 # Each stage runs under its own `timeout` and writes <stage>.log (and its JSON) into $OUT (the
@@ -64,8 +64,10 @@ run_stage() {
         stage sweep 380 python3 benchmarks/sweep_kernels.py \
             --fwd '{"default": {}, "fp8": {"qk_fp8": true}, "fp8_span1": {"qk_fp8": true, "window_span": 1, "residue_span": 1}}' \
             --decode '{}' --rounds 2 --bwd-kv-heads 8 --budget-s 350 --out "$OUT/sweep.json" ;;
-    topk)  # prefill selection merges (extract = the GPU default, insert, bitonic) beside Flex given the same blocks
-        stage topk 110 python3 benchmarks/bench_topk.py --seqs 32768 131072 --no-decode --budget-s 90 \
+    topk)  # prefill selection merges (extract = the GPU default, insert, bitonic) and the forward's tile
+           # variants for top-k plans (bench_topk.KERNEL_VARIANTS: two programs per SM), beside Flex
+           # given the same blocks
+        stage topk 150 python3 benchmarks/bench_topk.py --seqs 32768 131072 --no-decode --budget-s 130 \
             --select-variants old insert bitonic bitonic_tf32x3 --out "$OUT/topk.json" ;;
     alisa)  # ALISA throughput at both points (HF offloaded rows first, fresh process), the auto split's
             # rows at each point's budget and at 0.1 GiB

@@ -132,6 +132,25 @@ def test_forward_matches_reference_with_the_same_selection(pattern, data):
     torch.testing.assert_close(lse, ref_lse, atol=1e-3, rtol=1e-4)
 
 
+@pytest.mark.parametrize("tuning", [{"kv_load": "tma", "window_span": 1}, {"kv_load": "tma", "num_stages": 2},
+                                    {"window_span": 1, "block_n": 16}])
+def test_forward_tile_variants_visit_the_same_selection(tuning):
+    """The GPU variants bench_topk times for top-k plans (tensor-descriptor loads, one block per
+    window step, fewer stages: 64-row tiles that fit two programs per SM on sm_90) against the
+    reference with the same selection, a ragged length and a past (q shorter than k)."""
+    from s2dsl.runtime.attention import forward
+    pattern = s2dsl.parse("pattern p { block = 16 heads = 4 kv_heads = 2 causal "
+                          "heads * { window 2 sink 1 topk 2 recent 4 } }")["p"]
+    for lq, lk in ((75, 75), (29, 83)):
+        q, k, v = random_inputs(2, 4, 2, lq, lk, 16, torch.float16, "bhsd", seed=lq + lk)
+        sel = select_blocks(q, k, pattern)
+        out = torch.full_like(q, float("nan"))
+        _, lse = forward(q, k, v, pattern, selection=sel, tuning=dict(tuning, block_m=16), out=out)
+        ref, ref_lse = s2dsl.reference_attention(q, k, v, pattern, selection=sel, return_lse=True)
+        torch.testing.assert_close(out.float(), ref, atol=TOL[torch.float16], rtol=TOL[torch.float16])
+        torch.testing.assert_close(lse, ref_lse, atol=1e-3, rtol=1e-4)
+
+
 def test_a_given_selection_is_used_and_bad_ones_are_refused():
     pattern = s2dsl.parse("pattern p { block = 16 heads = 2 kv_heads = 1 heads * { window 1 sink 1 topk 2 } }")["p"]
     q, k, v = random_inputs(1, 2, 1, 64, 80, 16, torch.float32, seed=5)
