@@ -179,7 +179,8 @@ def select_variant_rows(pattern, q, k, sel, variants, row):
 #: window steps, 3 stages and pointer loads: 255 registers and 208 KB of shared memory on sm_90,
 #: one program per SM. One block per step with K/V through tensor descriptors is the static
 #: patterns' default up to 32K (4-17% faster there): 168 registers, 113 KB, two programs per SM;
-#: with 2 stages 166 / 81 KB (benchmarks/compile_report.py evidence, RESULTS.md fifth session)
+#: with 2 stages 166 / 81 KB (benchmarks/compile_report.py evidence, RESULTS.md fifth session);
+#: "m64_tma" is what kernels.TOPK_SHORT_TILES switches on
 KERNEL_VARIANTS = {
     "m64_tma": {"window_span": 1, "kv_load": "tma"},
     "m64_tma_s2": {"window_span": 1, "kv_load": "tma", "num_stages": 2},

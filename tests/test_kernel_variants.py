@@ -115,6 +115,19 @@ def test_length_aware_choice():
         assert choose_forward_for_gpu(other, 128, 8192, True) == choose_forward_for_gpu(other, 128)
 
 
+def test_topk_plans_take_the_short_tiles_only_when_switched_on(monkeypatch):
+    from s2dsl.runtime import kernels
+    topk = s2dsl.parse("pattern p { block = 64 heads = 4 kv_heads = 2 heads * { window 16 sink 1 topk 16 } }")["p"]
+    old = choose_forward_for_gpu(topk, 128)
+    assert choose_forward_for_gpu(topk, 128, 8192, True) == old  # the default: the tiles of before
+    monkeypatch.setattr(kernels, "TOPK_SHORT_TILES", True)
+    short = choose_forward_for_gpu(topk, 128, SHORT_SEQ, True)
+    assert (short.block_m, short.num_warps, short.window_span, short.kv_load, short.residue_span) == \
+        (64, 4, 1, "tma", 1)
+    assert choose_forward_for_gpu(topk, 128, 8192, False) == old  # unaligned K/V: pointers
+    assert choose_forward_for_gpu(topk, 128, 2 * SHORT_SEQ, True) == old
+
+
 def test_kv_tma_ready():
     base = torch.randn(2, 4, 64, 32, dtype=torch.float16)
     assert kv_tma_ready(base, base.transpose(1, 2))

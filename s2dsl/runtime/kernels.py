@@ -71,6 +71,12 @@ LONG_SEQ = 65536
 #: pipelined loop (benchmarks/sweep_kernels.py "m64_tma_fused" times it beside the default;
 #: flipping the default is this one line, issue 14)
 SHORT_FUSE_DIAGONAL = False
+#: top-k plans (window/sink/stride heads plus topk) up to SHORT_SEQ take the short-sequence
+#: tiles too (one block per window step, K/V by tensor descriptors: two programs per SM on sm_90
+#: where their old tiles, 255 registers and 208 KB of shared memory, hold one); bench_topk's
+#: "m64_tma" times it beside the old tiles with the same selection, and flipping the default is
+#: this one line (issue 11)
+TOPK_SHORT_TILES = False
 #: persistent programs per SM by tile rows (0: one program per tile), for the plans the
 #: length rules apply to; the sweep's "persist2" / "persist1" time 2 and 1 (issue 14), and
 #: flipping the default is this one line, e.g. {64: 2, 128: 1}
@@ -99,7 +105,11 @@ def choose_forward_for_gpu(pattern: Pattern, head_dim: int, seq_len: Optional[in
                           block_n=min(pattern.block, 32 if big else 64),
                           window_span=2 if pattern.block <= 64 and not big else 1,
                           num_warps=4 if block_m == 64 else 8, num_stages=2 if big else 3)
-    if seq_len is None or big or plan.extended or plan.has_topk:  # measured on window/sink/stride heads only
+    if seq_len is None or big or plan.extended or (plan.has_topk and not TOPK_SHORT_TILES):
+        return spec  # the length rules were measured on window/sink/stride heads only
+    if plan.has_topk:  # (TOPK_SHORT_TILES) one query block per tile: nothing to pair past LONG_SEQ
+        if seq_len <= SHORT_SEQ and kv_tma and pattern.block == 64:
+            spec = replace(spec, block_m=64, window_span=1, num_warps=4, kv_load="tma")
         return spec
     if seq_len <= SHORT_SEQ and kv_tma and pattern.block >= 64 and pattern.block % 64 == 0:
         spec = replace(spec, block_m=64, window_span=1, num_warps=4, kv_load="tma", fuse_diagonal=SHORT_FUSE_DIAGONAL)
