@@ -581,8 +581,8 @@ def _quantize_k(K, K8, KScale, stride_kb, stride_kh, stride_kn, stride_8b, strid
                 HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, FP8_EXACT: tl.constexpr):
     """K's block jb of one (sequence, kv head) as e4m3 with its dequantisation factor."""
     jb = tl.program_id(0)
-    h = tl.program_id(1)
-    b = tl.program_id(2)
+    h = tl.program_id(1).to(tl.int64)  # b * stride_kb passes 2^31 at 128K tokens x 8 kv heads x d 128 x batch 16
+    b = tl.program_id(2).to(tl.int64)
     rel = tl.arange(0, B_PAD)
     rows = jb * BLOCK + rel
     offs_d = tl.arange(0, D_PAD)
