@@ -32,6 +32,12 @@ import dkernel_baseline
 from common import bench, flex_block_attention
 
 BLOCK, LOCAL, HEADS, DIM = 64, 16, 32, 128
+#: forward tile variants timed beside the default at every point (label -> tuning): plans with
+#: round-2 constructs keep 64-row tiles with two-block window steps, 3 stages and pointer loads
+#: (253 registers, 208 KB of shared memory on sm_90: one program per SM); "m64_tma" is the causal
+#: local-stride default up to 32K (one block per step, tensor descriptors: 156 / 113 KB, two per
+#: SM), what kernels.EXTENDED_SHORT_TILES switches on
+TILE_VARIANTS = {"m64_tma": {"block_m": 64, "num_warps": 4, "window_span": 1, "kv_load": "tma"}}
 
 
 def bidirectional(stride: int):
@@ -135,10 +141,27 @@ def time_training(row: dict, pattern, stride: int, n: int, use_flex: bool):
             row[key.replace("_ms", "_over_s2dsl")] = row[key] / row["s2dsl_fwd_bwd_ms"]
 
 
-def run_point(pattern, stride: int, n: int, is_causal: bool, use_flex: bool, use_dkernel: bool) -> dict:
+def tile_variant_rows(row: dict, pattern, q, k, v, variants: dict) -> None:
+    """Each forward tile variant, checked against the default's output, then timed:
+    ``s2dsl_{label}_ms`` or ``{label}_error``."""
+    ref = forward(q, k, v, pattern)[0].float()
+    for label, tuning in variants.items():
+        try:
+            got = forward(q, k, v, pattern, tuning=tuning)[0].float()
+            err = ((got - ref).norm() / ref.norm()).item()
+            if not err < 1e-2:
+                raise AssertionError(f"differs from the default tiles' output by {err:.2e}")
+            row[f"s2dsl_{label}_ms"] = bench(lambda a, b, c: forward(a, b, c, pattern, tuning=tuning), q, k, v)
+        except Exception as exc:  # noqa: BLE001 - a variant failing is a result too
+            row[f"{label}_error"] = f"{type(exc).__name__}: {exc}"[:200]
+
+
+def run_point(pattern, stride: int, n: int, is_causal: bool, use_flex: bool, use_dkernel: bool,
+              variants: dict = None) -> dict:
     q, k, v = inputs(n)
     row = {"pattern": pattern.name, "seq": n, "causal": is_causal}
     row["s2dsl_ms"] = bench(lambda a, b, c: forward(a, b, c, pattern), q, k, v)
+    tile_variant_rows(row, pattern, q, k, v, TILE_VARIANTS if variants is None else variants)
     with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
         row["sdpa_flash_ms"] = bench(lambda a, b, c: torch.nn.functional.scaled_dot_product_attention(
             a, b, c, is_causal=is_causal), q, k, v)
@@ -183,7 +206,11 @@ def main():
     ap.add_argument("--backward-seqs", type=int, nargs="*", default=[32768],
                     help="lengths at which the bidirectional points also time fwd+bwd")
     ap.add_argument("--out", type=str, default="")
+    ap.add_argument("--tile-variants", default=None, metavar="JSON",
+                    help="forward tile variants timed beside the default at every point, a JSON object label -> "
+                         "tuning ('{}' for none; default: TILE_VARIANTS)")
     args = ap.parse_args()
+    variants = TILE_VARIANTS if args.tile_variants is None else json.loads(args.tile_variants)
     ok, why = dkernel_baseline.available()
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}"
           f"  dkernel: {'yes' if ok else why}")
@@ -197,7 +224,7 @@ def main():
                 checks[pattern.name + "_grads"] = check_backward(pattern, 2048 + 37)
                 print(f"check {pattern.name} gradients: worst rel err bf16 {checks[pattern.name + '_grads']:.2e}")
             for n in args.seqs:
-                row = run_point(pattern, stride, n, is_causal, not args.no_flex, not args.no_dkernel and ok)
+                row = run_point(pattern, stride, n, is_causal, not args.no_flex, not args.no_dkernel and ok, variants)
                 if not is_causal and not args.no_backward and n in args.backward_seqs:
                     time_training(row, pattern, stride, n, not args.no_flex)
                 rows.append(row)
@@ -207,7 +234,7 @@ def main():
         checks[pattern.name] = check(pattern, 2048 + 37 + tokens)
         print(f"check {pattern.name}: rel err bf16 {checks[pattern.name]:.2e}")
         for n in args.seqs:
-            row = run_point(pattern, 0, n, True, False, False)
+            row = run_point(pattern, 0, n, True, False, False, variants)
             if not args.no_flex:
                 try:
                     q, k, v = inputs(n)
@@ -218,13 +245,16 @@ def main():
                     row["flex_error"] = f"{type(exc).__name__}: {exc}"[:200]
             rows.append(row)
             print(json.dumps(row))
-    print("\n| pattern | seq | s2dsl ms | Flex ms (x) | DKernel ms (x) | SDPA flash ms (x) |")
-    print("|---|---|---|---|---|---|")
+    print("\n| pattern | seq | s2dsl ms | Flex ms (x) | DKernel ms (x) | SDPA flash ms (x) | "
+          + " | ".join(f"s2dsl {label} ms" for label in variants) + " |")
+    print("|---|---|---|---|---|---|" + "---|" * len(variants))
     for r in rows:
         def cell(key):
             return f"{r[key + '_ms']:.3f} ({r[key + '_over_s2dsl']:.2f})" if key + "_ms" in r else "-"
+        tiles = " | ".join(f"{r[f's2dsl_{x}_ms']:.3f}" if f"s2dsl_{x}_ms" in r else r.get(f"{x}_error", "-")[:30]
+                           for x in variants)
         print(f"| {r['pattern']} | {r['seq']} | {r['s2dsl_ms']:.3f} | {cell('flex')} | {cell('dkernel')} | "
-              f"{cell('sdpa_flash')} |")
+              f"{cell('sdpa_flash')} | {tiles} |")
     trained = [r for r in rows if "s2dsl_fwd_bwd_ms" in r]
     if trained:
         print("\n| pattern | seq | s2dsl fwd+bwd ms | Flex fwd+bwd ms (x) | SDPA flash fwd+bwd ms (x) |")

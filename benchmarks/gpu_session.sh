@@ -6,6 +6,7 @@
 #   bash benchmarks/gpu_session.sh tests generate    # ~530 s: every new GPU test; generate() at batch 1
 #   bash benchmarks/gpu_session.sh sweep topk        # ~530 s: issue 14 variants beside DKernel; top-k merges, tiles
 #   bash benchmarks/gpu_session.sh alisa generate8   # ~500 s: ALISA with the auto split; generate() at batch 8
+#   bash benchmarks/gpu_session.sh language          # ~200 s: round-2 constructs' forward tiles (if time is left)
 #
 # Each stage runs under its own `timeout` and writes <stage>.log (and its JSON) into $OUT (the
 # device tool's return folder; benchmarks/results/gpu-session here otherwise). A stage that
@@ -14,6 +15,7 @@
 # a git-ignored folder) and pass `carry: [".whl"]`; the script installs them when .whl exists
 # and stops at once, before any stage, when `import lark, s2dsl` fails.
 set -u
+[ $# -gt 0 ] || { echo "usage: $0 STAGE... (tests generate generate8 sweep topk alisa language)"; exit 2; }
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/gpu-session}
 mkdir -p "$OUT"
@@ -69,16 +71,19 @@ run_stage() {
            # given the same blocks
         stage topk 150 python3 benchmarks/bench_topk.py --seqs 32768 131072 --no-decode --budget-s 130 \
             --select-variants old insert bitonic bitonic_tf32x3 --out "$OUT/topk.json" ;;
+    language)  # round-2 constructs' forward tiles: the default beside one block per step with descriptors
+               # (bench_language.TILE_VARIANTS, kernels.EXTENDED_SHORT_TILES), Flex, DKernel, SDPA
+        stage language 200 python3 benchmarks/bench_language.py --seqs 8192 32768 --no-backward \
+            --out "$OUT/language.json" ;;
     alisa)  # ALISA throughput at both points (HF offloaded rows first, fresh process), the auto split's
             # rows at each point's budget and at 0.1 GiB
         stage alisa 250 python3 benchmarks/bench_alisa.py --no-correctness --gpu-budget-gib 0.1 --budget-s 230 \
             --out "$OUT/alisa.json" ;;
     *)
-        echo "unknown stage '$1' (tests generate generate8 sweep topk alisa)" | tee -a "$OUT/session.log"
+        echo "unknown stage '$1' (tests generate generate8 sweep topk alisa language)" | tee -a "$OUT/session.log"
         return 2 ;;
     esac
 }
 
-[ $# -gt 0 ] || { echo "usage: $0 STAGE... (tests generate generate8 sweep topk alisa)"; exit 2; }
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader 2>/dev/null | tee -a "$OUT/session.log"
 for s in "$@"; do run_stage "$s"; done

@@ -115,17 +115,33 @@ def test_length_aware_choice():
         assert choose_forward_for_gpu(other, 128, 8192, True) == choose_forward_for_gpu(other, 128)
 
 
-def test_topk_plans_take_the_short_tiles_only_when_switched_on(monkeypatch):
+@pytest.mark.parametrize("flag,body", [("TOPK_SHORT_TILES", "heads * { window 16 sink 1 topk 16 }"),
+                                       ("EXTENDED_SHORT_TILES", "heads * { window 1020 tokens sink 4 tokens }"),
+                                       ("EXTENDED_SHORT_TILES", "bidirectional heads * { window 2 ahead 1 stride 3 relative }")])
+def test_other_plans_take_the_short_tiles_only_when_switched_on(monkeypatch, flag, body):
     from s2dsl.runtime import kernels
-    topk = s2dsl.parse("pattern p { block = 64 heads = 4 kv_heads = 2 heads * { window 16 sink 1 topk 16 } }")["p"]
-    old = choose_forward_for_gpu(topk, 128)
-    assert choose_forward_for_gpu(topk, 128, 8192, True) == old  # the default: the tiles of before
-    monkeypatch.setattr(kernels, "TOPK_SHORT_TILES", True)
-    short = choose_forward_for_gpu(topk, 128, SHORT_SEQ, True)
+    plan = s2dsl.parse(f"pattern p {{ block = 64 heads = 4 kv_heads = 2 {body} }}")["p"]
+    old = choose_forward_for_gpu(plan, 128)
+    assert choose_forward_for_gpu(plan, 128, 8192, True) == old  # the default: the tiles of before
+    monkeypatch.setattr(kernels, flag, True)
+    short = choose_forward_for_gpu(plan, 128, SHORT_SEQ, True)
     assert (short.block_m, short.num_warps, short.window_span, short.kv_load, short.residue_span) == \
         (64, 4, 1, "tma", 1)
-    assert choose_forward_for_gpu(topk, 128, 8192, False) == old  # unaligned K/V: pointers
-    assert choose_forward_for_gpu(topk, 128, 2 * SHORT_SEQ, True) == old
+    assert choose_forward_for_gpu(plan, 128, 8192, False) == old  # unaligned K/V: pointers
+    assert choose_forward_for_gpu(plan, 128, 2 * SHORT_SEQ, True) == old
+
+
+@interpreter
+@pytest.mark.parametrize("name", [n for n in ROUND2 if n != "dynamic top-k"])  # (test_topk has its own)
+def test_short_tiles_on_round2_constructs_match_reference(name):
+    """One block per window step with tensor-descriptor loads (EXTENDED_SHORT_TILES' tiles) on every
+    round-2 construct, a ragged length and (causal plans) a past."""
+    pattern = s2dsl.parse(f"pattern p {{ block = 16 heads = 4 kv_heads = 2 {ROUND2[name]} }}")["p"]
+    for lq, lk in ((70, 70), (33, 81)) if pattern.causal else ((70, 70),):
+        q, k, v = random_inputs(2, 4, 2, lq, lk, 16, torch.float16, "bhsd", seed=lq)
+        out = torch.full_like(q, float("nan"))
+        _, lse = forward(q, k, v, pattern, tuning={"window_span": 1, "kv_load": "tma", "block_m": 16}, out=out)
+        _check(out, lse, q, k, v, pattern, "bhsd", 2e-3)
 
 
 def test_kv_tma_ready():

@@ -77,6 +77,10 @@ SHORT_FUSE_DIAGONAL = False
 #: "m64_tma" times it beside the old tiles with the same selection, and flipping the default is
 #: this one line (issue 11)
 TOPK_SHORT_TILES = False
+#: the same for plans with round-2 constructs (token edges, relative strides, two-sided windows,
+#: global rows, prefixes): their old tiles compile to 253 registers / 208 KB (a StreamingLLM-style
+#: plan), the short ones to 156 / 113 KB; bench_language's "m64_tma" row times it (flip: this line)
+EXTENDED_SHORT_TILES = False
 #: persistent programs per SM by tile rows (0: one program per tile), for the plans the
 #: length rules apply to; the sweep's "persist2" / "persist1" time 2 and 1 (issue 14), and
 #: flipping the default is this one line, e.g. {64: 2, 128: 1}
@@ -105,9 +109,10 @@ def choose_forward_for_gpu(pattern: Pattern, head_dim: int, seq_len: Optional[in
                           block_n=min(pattern.block, 32 if big else 64),
                           window_span=2 if pattern.block <= 64 and not big else 1,
                           num_warps=4 if block_m == 64 else 8, num_stages=2 if big else 3)
-    if seq_len is None or big or plan.extended or (plan.has_topk and not TOPK_SHORT_TILES):
+    if (seq_len is None or big or (plan.extended and not EXTENDED_SHORT_TILES)
+            or (plan.has_topk and not TOPK_SHORT_TILES)):
         return spec  # the length rules were measured on window/sink/stride heads only
-    if plan.has_topk:  # (TOPK_SHORT_TILES) one query block per tile: nothing to pair past LONG_SEQ
+    if plan.has_topk or plan.extended:  # (switched on above) no residue pairs past LONG_SEQ for them
         if seq_len <= SHORT_SEQ and kv_tma and pattern.block == 64:
             spec = replace(spec, block_m=64, window_span=1, num_warps=4, kv_load="tma")
         return spec
