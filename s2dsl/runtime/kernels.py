@@ -72,7 +72,7 @@ LONG_SEQ = 65536
 #: flipping the default is this one line, issue 14)
 SHORT_FUSE_DIAGONAL = False
 #: top-k plans (window/sink/stride heads plus topk) up to SHORT_SEQ take the short-sequence
-#: tiles too (one block per window step, K/V by tensor descriptors: two programs per SM on sm_90
+#: tiles too (block a multiple of 64, K/V fit for descriptors) (one block per window step, K/V by tensor descriptors: two programs per SM on sm_90
 #: where their old tiles, 255 registers and 208 KB of shared memory, hold one); bench_topk's
 #: "m64_tma" times it beside the old tiles with the same selection, and flipping the default is
 #: this one line (issue 11)
@@ -112,15 +112,15 @@ def choose_forward_for_gpu(pattern: Pattern, head_dim: int, seq_len: Optional[in
     if (seq_len is None or big or (plan.extended and not EXTENDED_SHORT_TILES)
             or (plan.has_topk and not TOPK_SHORT_TILES)):
         return spec  # the length rules were measured on window/sink/stride heads only
-    if plan.has_topk or plan.extended:  # (switched on above) no residue pairs past LONG_SEQ for them
-        if seq_len <= SHORT_SEQ and kv_tma and pattern.block == 64:
-            spec = replace(spec, block_m=64, window_span=1, num_warps=4, kv_load="tma")
-        return spec
+    # top-k and round-2 plans (switched on above) take the short tiles alone: no fused diagonal,
+    # residue pairs or persistent programs, which were timed on window/sink/stride heads only
+    static = not (plan.extended or plan.has_topk)
     if seq_len <= SHORT_SEQ and kv_tma and pattern.block >= 64 and pattern.block % 64 == 0:
-        spec = replace(spec, block_m=64, window_span=1, num_warps=4, kv_load="tma", fuse_diagonal=SHORT_FUSE_DIAGONAL)
-    elif seq_len > LONG_SEQ and plan.max_residues == 1:
+        spec = replace(spec, block_m=64, window_span=1, num_warps=4, kv_load="tma",
+                       fuse_diagonal=SHORT_FUSE_DIAGONAL and static)
+    elif seq_len > LONG_SEQ and plan.max_residues == 1 and static:
         spec = replace(spec, residue_span=2)
-    return replace(spec, persistent=FORWARD_PERSISTENT.get(spec.block_m, 0))
+    return replace(spec, persistent=FORWARD_PERSISTENT.get(spec.block_m, 0) if static else 0)
 
 
 def forward_module(pattern: Pattern, spec: Specialization, cache: Optional[KernelCache] = None) -> ModuleType:
