@@ -655,25 +655,24 @@ def split_sweep(pattern, context: int, batch: int, device, dtype, d: int = 64, s
         row = dict(pattern=pat.name, context=context, batch=batch, default_splits=default,
                    kv_mb=cache.memory_bytes() / 2 ** 20)
         ref = None
-        for n_splits in sorted(set(splits) | {default}):
-            row[f"ms_{n_splits}"] = bench_ms(lambda: module.launch(q, out, lse, cache.k_pages, cache.v_pages,
-                                                                   cache.block_tables, bt.slots, bt.seq_lens, 1,
-                                                                   n_splits, 1 / math.sqrt(d)), warmup=10, rep=50)
-            if ref is None:
-                ref = out.float().clone()
-            err = (out.float() - ref).abs().max().item()
-            assert err < 2e-2, f"split sweep: {n_splits} splits differ from {min(splits)} by {err}"
+
+        def sweep(mod, prefix):  # every split count, each checked against the default's first output
+            nonlocal ref
+            for n_splits in sorted(set(splits) | {default}):
+                out.fill_(float("nan"))
+                row[f"{prefix}ms_{n_splits}"] = bench_ms(
+                    lambda: mod.launch(q, out, lse, cache.k_pages, cache.v_pages, cache.block_tables, bt.slots,
+                                       bt.seq_lens, 1, n_splits, 1 / math.sqrt(d)), warmup=10, rep=50)
+                if ref is None:
+                    ref = out.float().clone()
+                err = (out.float() - ref).abs().max().item()
+                if not err < 2e-2:  # NaN (a row left unwritten) fails too
+                    raise AssertionError(f"split sweep: {prefix}{n_splits} splits differ from the default's "
+                                         f"{min(splits)} by {err}")
+        sweep(module, "")  # the default failing is fatal
         for label, tuning in (variants or {}).items():
             try:
-                vmod = decode_module(pat, choose_decode(pat, dtype, d, 1, device, tuning))
-                for n_splits in sorted(set(splits) | {default}):
-                    out.fill_(float("nan"))
-                    row[f"{label}_ms_{n_splits}"] = bench_ms(
-                        lambda: vmod.launch(q, out, lse, cache.k_pages, cache.v_pages, cache.block_tables, bt.slots,
-                                            bt.seq_lens, 1, n_splits, 1 / math.sqrt(d)), warmup=10, rep=50)
-                    err = (out.float() - ref).abs().max().item()
-                    if not err < 2e-2:  # NaN (a row left unwritten) fails too
-                        raise AssertionError(f"{n_splits} splits differ from the default's output by {err}")
+                sweep(decode_module(pat, choose_decode(pat, dtype, d, 1, device, tuning)), f"{label}_")
             except Exception as exc:  # a variant that fails to compile or check is recorded, not fatal
                 row[f"{label}_error"] = f"{type(exc).__name__}: {exc}"[:300]
         best = min((k for k in row if "ms_" in k and not k.startswith("default")), key=row.get)
