@@ -46,6 +46,8 @@ import s2dsl
 from s2dsl.runtime.attention import forward
 from s2dsl.runtime.topk import select_blocks
 
+from common import time_variants
+
 HEADS, KV_HEADS, DIM, BLOCK, SINK = 32, 8, 128, 64, 1
 
 
@@ -188,20 +190,6 @@ KERNEL_VARIANTS = {
 }
 
 
-def kernel_variant_rows(pattern, q, k, v, sel, ref, variants: dict, row: dict) -> None:
-    """Each forward tile variant with the same selection: checked against the default kernel's
-    output, then timed; ``s2dsl_kernel_{label}_ms`` or ``kernel_{label}_error``."""
-    for label, tuning in variants.items():
-        try:
-            got = forward(q, k, v, pattern, selection=sel, tuning=tuning)[0]
-            err = rel(got, ref)
-            if not err < 1e-2:
-                raise AssertionError(f"differs from the default kernel by {err:.2e}")
-            row[f"s2dsl_kernel_{label}_ms"] = bench(lambda: forward(q, k, v, pattern, selection=sel, tuning=tuning))
-        except Exception as exc:  # noqa: BLE001 - a variant that fails is a result, not the end of the run
-            row[f"kernel_{label}_error"] = f"{type(exc).__name__}: {exc}"[:300]
-
-
 def prefill_rows(pattern, window: int, n: int, no_flex: bool, variants=(), kernel_variants=None) -> dict:
     torch.manual_seed(1)
     q = torch.randn(1, HEADS, n, DIM, device="cuda", dtype=torch.bfloat16)
@@ -218,8 +206,10 @@ def prefill_rows(pattern, window: int, n: int, no_flex: bool, variants=(), kerne
     row["s2dsl_select_ms"] = bench(lambda: select_blocks(q, k, pattern))
     select_variant_rows(pattern, q, k, sel, variants, row)
     row["s2dsl_kernel_ms"] = bench(lambda: forward(q, k, v, pattern, selection=sel))
-    if kernel_variants:
-        kernel_variant_rows(pattern, q, k, v, sel, forward(q, k, v, pattern, selection=sel)[0], kernel_variants, row)
+    if kernel_variants:  # the same selection: only the tiles differ
+        time_variants(row, kernel_variants, lambda t: forward(q, k, v, pattern, selection=sel, tuning=t)[0],
+                      forward(q, k, v, pattern, selection=sel)[0],
+                      lambda t: bench(lambda: forward(q, k, v, pattern, selection=sel, tuning=t)), "s2dsl_kernel_{}")
     row["s2dsl_total_ms"] = bench(lambda: forward(q, k, v, pattern))
     # the 'bound' estimator (Quest's q.k upper bound per kv block, max over the query block's rows)
     row["s2dsl_select_bound_ms"] = bench(lambda: select_blocks(q, k, pattern, estimator="bound"))
@@ -448,8 +438,9 @@ def main():
                   f"| {r['s2dsl_select_torch_path_ms']:.3f} | {r['s2dsl_select_bound_ms']:.2f} "
                   f"| {r['sdpa_flash_ms']:.2f} | {r.get('flex_same_mask_ms', nan):.2f} "
                   f"| {r.get('s2dsl_total_over_flex', nan):.3f} | {r.get('kept_block_fraction', nan):.3f} |")
-    labels = sorted({key[len("s2dsl_kernel_"):-len("_ms")] for r in result["prefill"] for key in r
-                     if key.startswith("s2dsl_kernel_") and key != "s2dsl_kernel_ms"})
+    labels = sorted({key[len("s2dsl_kernel_"):].rsplit("_", 1)[0] for r in result["prefill"] for key in r
+                     if key.startswith("s2dsl_kernel_") and key.endswith(("_ms", "_error"))
+                     and key != "s2dsl_kernel_ms"})
     if labels:
         print("\nprefill kernel tile variants, same selection (ms; select + kernel over Flex in parentheses)")
         print("| seq | default | " + " | ".join(labels) + " |")
@@ -457,7 +448,7 @@ def main():
         for r in result["prefill"]:
             flex = r.get("flex_same_mask_ms", nan)
             cells = [f"{r[f's2dsl_kernel_{x}_ms']:.2f} ({(r['s2dsl_select_ms'] + r[f's2dsl_kernel_{x}_ms']) / flex:.3f})"
-                     if f"s2dsl_kernel_{x}_ms" in r else r.get(f"kernel_{x}_error", "-")[:40] for x in labels]
+                     if f"s2dsl_kernel_{x}_ms" in r else r.get(f"s2dsl_kernel_{x}_error", "-")[:40] for x in labels]
             print(f"| {r['seq']} | {r['s2dsl_kernel_ms']:.2f} | " + " | ".join(cells) + " |")
     if result["prefill"] and args.select_variants:
         print("\nselect_kernel variants (ms; the keys' pooling launch alone; same picks as the default)")

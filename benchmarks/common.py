@@ -56,3 +56,20 @@ def bench(fn, *args, warmup: int = 50, rep: int = 200) -> float:
     """Median milliseconds of ``fn(*args)`` by triton.testing.do_bench."""
     import triton
     return triton.testing.do_bench(lambda: fn(*args), warmup=warmup, rep=rep, return_mode="median")
+
+
+def time_variants(row: dict, variants: dict, run, ref: torch.Tensor, time, name: str, tol: float = 1e-2) -> None:
+    """Kernel variants beside the default, in one run: for each ``label -> tuning``, ``run(tuning)``
+    (its output) is checked against ``ref`` (the default's output; relative L2 below ``tol``), then
+    ``time(tuning)`` (ms) goes to ``row[name.format(label) + "_ms"]``. A variant that fails to
+    compile or to check is recorded as ``row[name.format(label) + "_error"]``, not fatal."""
+    ref = ref.float()
+    for label, tuning in variants.items():
+        key = name.format(label)
+        try:
+            err = ((run(tuning).float() - ref).norm() / ref.norm()).item()
+            if not err < tol:  # NaN fails too
+                raise AssertionError(f"differs from the default's output by {err:.2e}")
+            row[key + "_ms"] = time(tuning)
+        except Exception as exc:  # noqa: BLE001 - a variant that fails is a result, not the end of the run
+            row[key + "_error"] = f"{type(exc).__name__}: {exc}"[:300]
