@@ -271,13 +271,18 @@ def test_tier_arguments_are_checked(swa_model):
         hf.S2Cache(swa_model, num_pages=4, gpu_pages=4)
 
 
+def _resident_run(model, prompt: int, new: int, seed: int):
+    """(ids, generate kwargs, tokens) of a greedy run on the all-resident cache: two prompts."""
+    ids = torch.randint(0, 100, (2, prompt), generator=torch.Generator().manual_seed(seed))
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        ref = model.generate(ids, past_key_values=hf.S2Cache(model, max_length=60, batch_size=2), **kw)
+    return ids, kw, ref
+
+
 @pytest.fixture(scope="module")
 def swa_ref(swa_model):
-    ids = torch.randint(0, 100, (2, 40), generator=torch.Generator().manual_seed(5))
-    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False, pad_token_id=0)
-    with torch.no_grad():
-        ref = swa_model.generate(ids, past_key_values=hf.S2Cache(swa_model, max_length=60, batch_size=2), **kw)
-    return ids, kw, ref
+    return _resident_run(swa_model, 40, 12, seed=5)
 
 
 @kernels
@@ -335,11 +340,7 @@ def _auto(model, **kw):
 def auto_ref(swa_model):
     """A 47-token prompt (3 blocks) and 4 greedy tokens: the second opens block 4, where a GPU pool
     of 3 pages per (sequence, kv head) must move one down. The resident cache's tokens."""
-    ids = torch.randint(0, 100, (2, 47), generator=torch.Generator().manual_seed(9))
-    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False, pad_token_id=0)
-    with torch.no_grad():
-        ref = swa_model.generate(ids, past_key_values=hf.S2Cache(swa_model, max_length=60, batch_size=2), **kw)
-    return ids, kw, ref
+    return _resident_run(swa_model, 47, 4, seed=9)
 
 
 @kernels
