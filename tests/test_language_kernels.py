@@ -215,6 +215,14 @@ def test_decode_refuses_bidirectional_with_a_message():
         generate_decode(lower(q), DecodeSpecialization(block_n=16))
 
 
+def test_decode_relative_stride_without_a_window_visits_blocks_below_a_later_tile():
+    """Found by the random test below: with every window <= 1 the decode kernel's source was cut
+    after the diagonal loop, and the relative strides' loop went with it, so a step's second query
+    tile (here the 17th token of a 17-token step, block 1) never visited block 0."""
+    pattern = s2dsl.parse("pattern p { block = 16 heads = 1 kv_heads = 1 causal heads 0..0 { stride 2 relative } }")["p"]
+    _decode_run(pattern, [17, 1], prompt=1)
+
+
 @settings(max_examples=int(os.environ.get("S2_EXAMPLES", 4)), deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 @given(pattern=st.sampled_from(["causal", "prefix"]).flatmap(lambda mode: distance_patterns(prefix=mode)),

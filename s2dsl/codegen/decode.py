@@ -570,7 +570,6 @@ acc, l_i, m_i = _visit(acc, l_i, m_i, q, KPages, VPages, page, j, keep, pos, kv_
         for j in range(tl.maximum(w_begin, i0), w_end):
             {load_page}
 {_at(visit_masked, 3)}"""
-    loops += rel_loop
     if max(gp.window for gp in groups) <= 1 and not (plan.has_global or plan.prefix):
         # window <= 1 for every kv head: lo = i0, so the window range is the diagonal blocks and
         # the two loops before them could never run; not emitted (as in forward.py, issue 16)
@@ -578,6 +577,8 @@ acc, l_i, m_i = _visit(acc, l_i, m_i, q, KPages, VPages, page, j, keep, pos, kv_
         for j in range(tl.maximum(w_begin, i0), w_end):
             {load_page}
 {_at(visit_masked, 3)}"""
+    # after the cut above: the relative strides' loop visits blocks below lo whatever the window
+    loops += rel_loop
 
     pages = spec.pages_per_step
     if pages < 1 or pages & (pages - 1):
